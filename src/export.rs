@@ -1,0 +1,61 @@
+//! `export`: a checkpoint's weights as PyTorch-layout safetensors, with a `config.json`
+//! beside it that describes the architecture completely (enough to rebuild the model in
+//! another framework; `scripts/check_export.py` does so with numpy).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::model::LanguageModelConfig;
+use crate::run::Run;
+
+/// Write `out` and `config.json` in the same folder; returns the config path.
+pub fn export(run: &Run, step: Option<u64>, out: &Path) -> anyhow::Result<PathBuf> {
+    let (model, ckpt) = run.load_model(step, &burn::prelude::Device::flex())?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    crate::weights::save(&model, out)?;
+    let config_path = out.with_file_name("config.json");
+    let mut config = config_json(&run.model_config());
+    config["vocab"] = json!(run.tokenizer.chars.iter().map(|c| c.to_string()).collect::<Vec<_>>());
+    config["trained_steps"] = json!(ckpt.step);
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    Ok(config_path)
+}
+
+/// Every field needed to rebuild the model. Conventions a reimplementation must follow are
+/// spelled out rather than implied.
+pub fn config_json(c: &LanguageModelConfig) -> serde_json::Value {
+    let m = &c.model;
+    json!({
+        "architecture": "metamix.MetaFormerLM",
+        "vocab_size": c.vocab_size,
+        "d_model": m.d_model,
+        "n_layers": m.n_layers,
+        "n_heads": m.n_heads,
+        "head_dim": m.d_model / m.n_heads,
+        "mlp_hidden": (m.mlp_ratio * m.d_model as f64).round() as usize,
+        "activation": m.activation,
+        "norm": m.norm,
+        "norm_eps": m.norm_eps,
+        "bias": m.bias,
+        "layer_scale": m.layer_scale_init.is_some(),
+        "position": m.position,
+        "max_seq_len": c.max_seq_len,
+        "tie_embeddings": m.tie_embeddings,
+        "mixers": c.mixers.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        "conventions": {
+            "block": "x = x + layer_scale1 * mixer(norm1(x)); x = x + layer_scale2 * mlp(norm2(x))",
+            "linear": "y = x @ weight.T + bias, weight is [out, in] (torch.nn.Linear)",
+            "embedding": "token_embedding.weight [vocab, d]; position_embedding.weight [max_seq_len, d] added at positions 0..t",
+            "lm_head": "logits = final_norm(x) @ token_embedding.weight.T when tie_embeddings, else lm_head.weight",
+            "softmax_mixer": "q,k,v = q_proj(x),k_proj(x),v_proj(x) split into n_heads; causal softmax(q k^T / sqrt(head_dim)) v; out_proj",
+            "mlp": "fc2(activation(fc1(x)))",
+            "gelu": "exact erf gelu; gelu_tanh is the tanh approximation"
+        }
+    })
+}

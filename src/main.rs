@@ -1,0 +1,167 @@
+//! The `metamix` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use metamix::data::Corpus;
+use metamix::recipe::Recipe;
+use metamix::run::Run;
+use metamix::sample::{SampleOptions, generate};
+use metamix::train::{TrainOptions, train, trainer::evaluate};
+
+#[derive(Parser)]
+#[command(name = "metamix", version, about = "Train efficient MetaFormer transformers from a TOML recipe")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train the model a recipe describes (checkpoints and logs go to runs/<name>).
+    Train {
+        recipe: PathBuf,
+        /// Continue from the newest intact checkpoint of the run.
+        #[arg(long)]
+        resume: bool,
+        /// Start from weights in a safetensors file written by `export`.
+        #[arg(long, value_name = "FILE")]
+        init_from: Option<PathBuf>,
+        /// Override a recipe key, e.g. --set training.lr=3e-4 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Write a checkpoint's weights as PyTorch-layout safetensors plus config.json.
+    Export {
+        run: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// A checkpoint step (default: the newest intact one).
+        #[arg(long)]
+        step: Option<u64>,
+    },
+    /// Generate text from a run's checkpoint.
+    Sample {
+        run: PathBuf,
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        tokens: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long, default_value_t = 200)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        #[arg(long)]
+        step: Option<u64>,
+    },
+    /// Validation loss and perplexity of a run's checkpoint.
+    Eval {
+        run: PathBuf,
+        #[arg(long)]
+        step: Option<u64>,
+        /// Batches to average (default: the recipe's training.eval_batches).
+        #[arg(long)]
+        batches: Option<usize>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train {
+            recipe,
+            resume,
+            init_from,
+            overrides,
+            quiet,
+        } => {
+            let recipe = Recipe::load(&recipe, &overrides)?;
+            let s = train(
+                &recipe,
+                &TrainOptions {
+                    resume,
+                    init_from,
+                    stop_after: None,
+                    quiet,
+                },
+            )?;
+            println!(
+                "done: step {} | train loss {:.4} | val loss {} | {:.0} tokens/s | {:.1} s | {}",
+                s.step,
+                s.train_loss,
+                s.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+                s.tokens_per_s,
+                s.wall_s,
+                s.run_dir.display()
+            );
+        }
+        Command::Export { run, out, step } => {
+            let run = Run::open(&run)?;
+            let config = metamix::export::export(&run, step, &out)?;
+            println!("wrote {} and {}", out.display(), config.display());
+        }
+        Command::Sample {
+            run,
+            prompt,
+            tokens,
+            temperature,
+            top_k,
+            seed,
+            step,
+        } => {
+            let run = Run::open(&run)?;
+            let device = metamix::device::select(&run.recipe.training)?;
+            let (model, _) = run.load_model(step, &device)?;
+            let text = generate(
+                &model,
+                &run.tokenizer,
+                &prompt,
+                &SampleOptions {
+                    max_new_tokens: tokens,
+                    temperature,
+                    top_k,
+                    seed,
+                },
+                &device,
+            )?;
+            println!("{text}");
+        }
+        Command::Eval { run, step, batches } => {
+            let run = Run::open(&run)?;
+            let r = &run.recipe;
+            let device = metamix::device::select(&r.training)?;
+            let (model, ckpt) = run.load_model(step, &device)?;
+            let corpus = Corpus::load(&r.data.path, r.data.val_fraction, Some(run.tokenizer.clone()))?;
+            let loss = evaluate(
+                &model,
+                &corpus.val,
+                batches.unwrap_or(r.training.eval_batches),
+                r.micro_batch_size(),
+                r.training.seq_len,
+                r.training.seed ^ metamix::train::trainer::EVAL_SEED_SALT,
+                &device,
+            );
+            println!(
+                "step {}: val loss {loss:.4} | perplexity {:.3}",
+                ckpt.step,
+                loss.exp()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! Token mixers: the part of a MetaFormer block that moves information between positions.
+//!
+//! Each mixer lives in its own file, has a plain reference form next to any fast form, and
+//! implements [`TokenMixer`]. The block holds a [`Mixer`] and calls it through the trait,
+//! so adding a mixer means: a new file, a variant in [`MixerKind`] and [`Mixer`], and the
+//! two `match`es below. Nothing in the block or the trainer changes.
+
+pub mod softmax_attention;
+
+use burn::module::Module;
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use serde::{Deserialize, Serialize};
+
+use crate::recipe::ModelConfig;
+pub use softmax_attention::{SoftmaxAttention, SoftmaxAttentionConfig};
+
+/// What every token mixer does: map `[batch, seq, d_model]` to the same shape, causally
+/// (position t sees positions ≤ t) unless the mixer says otherwise.
+pub trait TokenMixer {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3>;
+}
+
+/// The mixer names a recipe may use (`mixer = "softmax"`, `mixers = [...]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MixerKind {
+    /// Causal multi-head softmax attention.
+    Softmax,
+}
+
+impl MixerKind {
+    /// Build this mixer for a layer of the given model.
+    pub fn init(self, model: &ModelConfig, device: &Device) -> Mixer {
+        match self {
+            MixerKind::Softmax => Mixer::Softmax(
+                SoftmaxAttentionConfig {
+                    d_model: model.d_model,
+                    n_heads: model.n_heads,
+                    bias: model.bias,
+                    dropout: model.dropout,
+                    init_std: model.init_std,
+                    out_init_std: residual_init_std(model),
+                }
+                .init(device),
+            ),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MixerKind::Softmax => "softmax",
+        }
+    }
+}
+
+/// One of the mixers, as a Burn module. Exports drop the variant name from parameter paths,
+/// so `layers.0.mixer.q_proj.weight` is the same whichever mixer sits there.
+#[derive(Module, Debug)]
+pub enum Mixer {
+    Softmax(SoftmaxAttention),
+}
+
+impl TokenMixer for Mixer {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            Mixer::Softmax(m) => m.forward(x),
+        }
+    }
+}
+
+/// GPT-2's scaled init for projections that write into the residual stream:
+/// std / sqrt(2 · n_layers), so the residual's variance does not grow with depth.
+pub fn residual_init_std(model: &ModelConfig) -> f64 {
+    model.init_std / (2.0 * model.n_layers as f64).sqrt()
+}
+
+/// A linear layer with N(0, std²) weights and zero bias (GPT-2 / nanoGPT init).
+pub fn normal_linear(d_in: usize, d_out: usize, bias: bool, std: f64, device: &Device) -> Linear {
+    Linear {
+        weight: Param::from_tensor(Tensor::random(
+            [d_in, d_out],
+            Distribution::Normal(0.0, std),
+            device,
+        )),
+        bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+    }
+}

@@ -1,0 +1,133 @@
+//! A decoder-only language model built from MetaFormer blocks (nanoGPT's `GPT`, with the
+//! attention replaced by whatever mixer each layer names).
+
+use std::sync::Mutex;
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::activation::log_softmax;
+
+use super::{MetaFormerBlock, MetaFormerBlockConfig, Norm};
+use crate::mixers::{MixerKind, normal_linear};
+use crate::recipe::{ModelConfig, PositionKind};
+
+/// Everything needed to build the model: the `[model]` section with the vocabulary filled
+/// in, the sequence length the position table covers, and each layer's mixer.
+#[derive(Debug, Clone)]
+pub struct LanguageModelConfig {
+    pub model: ModelConfig,
+    pub vocab_size: usize,
+    pub max_seq_len: usize,
+    pub mixers: Vec<MixerKind>,
+}
+
+#[derive(Module, Debug)]
+pub struct LanguageModel {
+    pub token_embedding: Embedding,
+    pub position_embedding: Option<Embedding>,
+    pub layers: Vec<MetaFormerBlock>,
+    pub final_norm: Norm,
+    /// Absent when the head is tied to the token embedding.
+    pub lm_head: Option<Linear>,
+    embed_dropout: Dropout,
+}
+
+/// Flex has one process-wide RNG; initialisation holds it so that concurrent inits (tests,
+/// several models in one process) cannot interleave draws and break seeding.
+static INIT_RNG: Mutex<()> = Mutex::new(());
+
+impl LanguageModelConfig {
+    /// Build the model with weights fixed by `seed`: drawn on the CPU, then moved to
+    /// `device`, so every backend starts from the same weights.
+    pub fn init_seeded(&self, seed: u64, device: &Device) -> LanguageModel {
+        let cpu = Device::flex();
+        let model = {
+            let _guard = INIT_RNG.lock().unwrap_or_else(|e| e.into_inner());
+            cpu.seed(seed);
+            self.init(&cpu)
+        };
+        let model = model.to_device(device);
+        // Parameters made on a plain device become trainable when moved onto autodiff.
+        if device.is_autodiff() {
+            model.train()
+        } else {
+            model
+        }
+    }
+
+    pub fn init(&self, device: &Device) -> LanguageModel {
+        let m = &self.model;
+        let embedding = |n: usize| Embedding {
+            weight: Param::from_tensor(Tensor::random(
+                [n, m.d_model],
+                Distribution::Normal(0.0, m.init_std),
+                device,
+            )),
+        };
+        LanguageModel {
+            token_embedding: embedding(self.vocab_size),
+            position_embedding: match m.position {
+                PositionKind::Learned => Some(embedding(self.max_seq_len)),
+                PositionKind::None => None,
+            },
+            layers: self
+                .mixers
+                .iter()
+                .map(|&mixer| {
+                    MetaFormerBlockConfig {
+                        model: m.clone(),
+                        mixer,
+                    }
+                    .init(device)
+                })
+                .collect(),
+            final_norm: Norm::new(m.norm, m.d_model, m.norm_eps, m.bias, device),
+            lm_head: (!m.tie_embeddings)
+                .then(|| normal_linear(m.d_model, self.vocab_size, false, m.init_std, device)),
+            embed_dropout: DropoutConfig::new(m.dropout).init(),
+        }
+    }
+}
+
+impl LanguageModel {
+    /// Token ids `[batch, seq]` → logits `[batch, seq, vocab]`.
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let [_, t] = tokens.dims();
+        let mut x = self.token_embedding.forward(tokens.clone());
+        if let Some(pos) = &self.position_embedding {
+            let positions = Tensor::<1, Int>::arange(0..t as i64, &tokens.device()).unsqueeze::<2>();
+            x = x + pos.forward(positions);
+        }
+        let mut x = self.embed_dropout.forward(x);
+        for layer in &self.layers {
+            x = layer.forward(x);
+        }
+        let x = self.final_norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.token_embedding.weight.val().transpose().unsqueeze::<3>()),
+        }
+    }
+
+    /// Mean next-token cross-entropy of `targets` `[batch, seq]` under the logits.
+    pub fn loss(&self, tokens: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
+        cross_entropy(self.forward(tokens), targets)
+    }
+
+    /// Longest sequence the model accepts (the learned position table), if bounded.
+    pub fn max_seq_len(&self) -> Option<usize> {
+        self.position_embedding
+            .as_ref()
+            .map(|p| p.weight.val().dims()[0])
+    }
+}
+
+/// Mean cross-entropy of integer targets under `[batch, seq, vocab]` logits.
+pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+    let [b, t, v] = logits.dims();
+    let log_probs = log_softmax(logits.reshape([b * t, v]), 1);
+    let picked = log_probs.gather(1, targets.reshape([b * t, 1]));
+    picked.mean().neg()
+}

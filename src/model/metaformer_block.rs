@@ -1,0 +1,88 @@
+//! The MetaFormer block, as the MetaFormer paper codes it:
+//! `x = x + ls1·mixer(norm1(x)); x = x + ls2·mlp(norm2(x))`.
+//! It knows the mixer only through [`TokenMixer`].
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+
+use super::{Mlp, MlpConfig, Norm};
+use crate::mixers::{Mixer, MixerKind, TokenMixer, residual_init_std};
+use crate::recipe::ModelConfig;
+
+/// MetaFormer's `Scale`: a learned per-channel multiplier on a residual branch.
+#[derive(Module, Debug)]
+pub struct LayerScale {
+    pub scale: Param<Tensor<1>>,
+}
+
+impl LayerScale {
+    fn new(d_model: usize, init: f64, device: &Device) -> Self {
+        Self {
+            scale: Param::from_tensor(Tensor::full([d_model], init, device)),
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        x * self.scale.val().unsqueeze::<3>()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MetaFormerBlockConfig {
+    pub model: ModelConfig,
+    pub mixer: MixerKind,
+}
+
+#[derive(Module, Debug)]
+pub struct MetaFormerBlock {
+    pub norm1: Norm,
+    pub mixer: Mixer,
+    pub layer_scale1: Option<LayerScale>,
+    pub norm2: Norm,
+    pub mlp: Mlp,
+    pub layer_scale2: Option<LayerScale>,
+}
+
+impl MetaFormerBlockConfig {
+    pub fn init(&self, device: &Device) -> MetaFormerBlock {
+        let m = &self.model;
+        let norm = || Norm::new(m.norm, m.d_model, m.norm_eps, m.bias, device);
+        let scale = || {
+            m.layer_scale_init
+                .map(|init| LayerScale::new(m.d_model, init, device))
+        };
+        MetaFormerBlock {
+            norm1: norm(),
+            mixer: self.mixer.init(m, device),
+            layer_scale1: scale(),
+            norm2: norm(),
+            mlp: MlpConfig {
+                d_model: m.d_model,
+                d_hidden: (m.mlp_ratio * m.d_model as f64).round() as usize,
+                activation: m.activation,
+                bias: m.bias,
+                dropout: m.dropout,
+                init_std: m.init_std,
+                out_init_std: residual_init_std(m),
+            }
+            .init(device),
+            layer_scale2: scale(),
+        }
+    }
+}
+
+impl MetaFormerBlock {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.mixer.forward(self.norm1.forward(x.clone()));
+        let x = x + scaled(&self.layer_scale1, h);
+        let h = self.mlp.forward(self.norm2.forward(x.clone()));
+        x + scaled(&self.layer_scale2, h)
+    }
+}
+
+fn scaled(scale: &Option<LayerScale>, h: Tensor<3>) -> Tensor<3> {
+    match scale {
+        Some(s) => s.forward(h),
+        None => h,
+    }
+}

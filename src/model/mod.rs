@@ -1,0 +1,11 @@
+//! The MetaFormer language model: embeddings → blocks → final norm → LM head.
+
+pub mod language_model;
+pub mod metaformer_block;
+pub mod mlp;
+pub mod norm;
+
+pub use language_model::{LanguageModel, LanguageModelConfig};
+pub use metaformer_block::{MetaFormerBlock, MetaFormerBlockConfig};
+pub use mlp::{Mlp, MlpConfig};
+pub use norm::Norm;

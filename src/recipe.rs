@@ -1,0 +1,699 @@
+//! The recipe: every option a run has, with its default, in one place.
+//!
+//! A recipe is a TOML file in sections, in the spirit of torchtitan's job config. Every
+//! struct here denies unknown fields, so a typo fails before any work with the file, the
+//! key path and what would be valid. `--set section.key=value` overrides any key.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::mixers::MixerKind;
+
+/// A whole recipe. Sections may be left out; every key has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Recipe {
+    /// Run name: the run lives in `<checkpoint.folder>/<name>`. Default: the recipe's file stem.
+    pub name: String,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub training: TrainingConfig,
+    pub optimizer: OptimizerConfig,
+    pub lr_scheduler: LrSchedulerConfig,
+    pub checkpoint: CheckpointConfig,
+    pub metrics: MetricsConfig,
+    pub parallelism: ParallelismConfig,
+}
+
+/// `[model]`: the MetaFormer language model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Vocabulary size. 0 (the default) takes it from the data's tokenizer.
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    /// Hidden width of the channel MLP as a multiple of d_model.
+    pub mlp_ratio: f64,
+    pub activation: Activation,
+    pub norm: NormKind,
+    pub norm_eps: f64,
+    /// Bias in the linear layers and norms (nanoGPT's `bias`).
+    pub bias: bool,
+    /// Initial value of MetaFormer's per-channel layer scale; absent = no layer scale.
+    pub layer_scale_init: Option<f64>,
+    pub dropout: f64,
+    /// The token mixer of every layer...
+    pub mixer: MixerKind,
+    /// ...or one per layer (overrides `mixer`), so hybrids are one line.
+    pub mixers: Option<Vec<MixerKind>>,
+    /// Positional information added to the token embedding.
+    pub position: PositionKind,
+    /// Largest sequence a learned position table covers. 0 = `training.seq_len`.
+    pub max_seq_len: usize,
+    /// Share the token embedding with the LM head (nanoGPT, GPT-2).
+    pub tie_embeddings: bool,
+    /// Std of the normal initialisation of linear and embedding weights (GPT-2: 0.02).
+    pub init_std: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Gelu,
+    /// The tanh approximation GPT-2 used.
+    GeluTanh,
+    Relu,
+    Silu,
+    /// relu(x)², as in Primer and MetaFormer's StarReLU without its affine part.
+    SquaredRelu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    LayerNorm,
+    RmsNorm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionKind {
+    /// A learned absolute position table (GPT-2, nanoGPT).
+    Learned,
+    /// No positional embedding: for mixers that are order-aware themselves (ssm, pool).
+    None,
+}
+
+/// `[data]`: the corpus and how it is split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A UTF-8 text file, relative to the working directory.
+    pub path: PathBuf,
+    pub tokenizer: TokenizerKind,
+    /// Fraction of the text, taken from its end, held out for validation.
+    pub val_fraction: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerKind {
+    Char,
+}
+
+/// `[training]`: the loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    /// Fixes initialisation, data order, dropout and sampling.
+    pub seed: u64,
+    /// Sequences per optimizer step.
+    pub batch_size: usize,
+    /// Sequences per forward/backward; batch_size / micro_batch_size steps of gradient
+    /// accumulation. 0 = batch_size (no accumulation).
+    pub micro_batch_size: usize,
+    pub seq_len: usize,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Clip the global gradient norm to this; 0 disables.
+    pub grad_clip: f64,
+    /// Evaluate on the validation split every this many steps (and at the end); 0 = only at the end.
+    pub eval_interval: u64,
+    /// Batches averaged for each validation loss.
+    pub eval_batches: usize,
+    pub backend: BackendKind,
+    /// Device index for GPU backends.
+    pub device: usize,
+    pub precision: Precision,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Burn's flex backend, pure Rust, always available.
+    Cpu,
+    Wgpu,
+    Libtorch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// `[optimizer]`: AdamW with decoupled weight decay, not applied to norms, biases,
+/// embeddings or layer scales.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    pub name: OptimizerKind,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    Adamw,
+}
+
+/// `[lr_scheduler]`: linear warmup, then decay to `min_lr`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LrSchedulerConfig {
+    pub warmup_steps: u64,
+    pub decay: DecayKind,
+    /// Step at which the decay reaches min_lr. 0 = training.steps.
+    pub decay_steps: u64,
+    pub min_lr: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecayKind {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// `[checkpoint]`: where and how often.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Runs live in `<folder>/<name>`.
+    pub folder: PathBuf,
+    /// Save every this many steps (and at the end); 0 = only at the end.
+    pub interval: u64,
+    /// Keep this many newest checkpoints; older ones are deleted.
+    pub keep_latest_k: usize,
+}
+
+/// `[metrics]`: console and TensorBoard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Log training scalars every this many steps.
+    pub log_interval: u64,
+    pub tensorboard: bool,
+}
+
+/// `[parallelism]`: reserved for sequence and data parallelism; only 1 is supported yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelismConfig {
+    pub data_parallel_degree: usize,
+    pub sequence_parallel_degree: usize,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            training: TrainingConfig::default(),
+            optimizer: OptimizerConfig::default(),
+            lr_scheduler: LrSchedulerConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+            metrics: MetricsConfig::default(),
+            parallelism: ParallelismConfig::default(),
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 0,
+            d_model: 128,
+            n_layers: 4,
+            n_heads: 4,
+            mlp_ratio: 4.0,
+            activation: Activation::Gelu,
+            norm: NormKind::LayerNorm,
+            norm_eps: 1e-5,
+            bias: true,
+            layer_scale_init: None,
+            dropout: 0.0,
+            mixer: MixerKind::Softmax,
+            mixers: None,
+            position: PositionKind::Learned,
+            max_seq_len: 0,
+            tie_embeddings: true,
+            init_std: 0.02,
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data/shakespeare.txt"),
+            tokenizer: TokenizerKind::Char,
+            val_fraction: 0.1,
+        }
+    }
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            seed: 1337,
+            batch_size: 12,
+            micro_batch_size: 0,
+            seq_len: 64,
+            steps: 2000,
+            grad_clip: 1.0,
+            eval_interval: 250,
+            eval_batches: 20,
+            backend: BackendKind::Cpu,
+            device: 0,
+            precision: Precision::F32,
+        }
+    }
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            name: OptimizerKind::Adamw,
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+impl Default for LrSchedulerConfig {
+    fn default() -> Self {
+        Self {
+            warmup_steps: 100,
+            decay: DecayKind::Cosine,
+            decay_steps: 0,
+            min_lr: 1e-4,
+        }
+    }
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            folder: PathBuf::from("runs"),
+            interval: 500,
+            keep_latest_k: 3,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            log_interval: 10,
+            tensorboard: true,
+        }
+    }
+}
+
+impl Default for ParallelismConfig {
+    fn default() -> Self {
+        Self {
+            data_parallel_degree: 1,
+            sequence_parallel_degree: 1,
+        }
+    }
+}
+
+/// A recipe that cannot be used: which file, which key, what is wrong and what would do.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct RecipeError {
+    pub file: String,
+    /// Dotted key path, e.g. `training.lr`; `(file)` or `(toml)` when no key applies.
+    pub key: String,
+    pub message: String,
+}
+
+impl Recipe {
+    /// Read, override, type-check and validate a recipe file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| RecipeError {
+            file: file.clone(),
+            key: "(file)".into(),
+            message: format!("cannot read the recipe: {e}"),
+        })?;
+        let default_name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into());
+        Self::from_toml_str(&text, &file, &default_name, overrides)
+    }
+
+    /// Parse recipe text; `file` names it in errors.
+    pub fn from_toml_str(
+        text: &str,
+        file: &str,
+        default_name: &str,
+        overrides: &[String],
+    ) -> Result<Self, RecipeError> {
+        let err = |key: &str, message: String| RecipeError {
+            file: file.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| err("(toml)", one_line(&e.to_string())))?;
+        for ov in overrides {
+            apply_override(&mut table, ov).map_err(|m| err(&format!("--set {ov}"), m))?;
+        }
+        let mut recipe: Recipe = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                err(
+                    if key == "." { "(top level)" } else { &key },
+                    one_line(&e.inner().to_string()),
+                )
+            })?;
+        if recipe.name.is_empty() {
+            recipe.name = default_name.to_string();
+        }
+        recipe
+            .validate()
+            .map_err(|(key, message)| err(&key, message))?;
+        Ok(recipe)
+    }
+
+    /// The mixer of each layer.
+    pub fn layer_mixers(&self) -> Vec<MixerKind> {
+        match &self.model.mixers {
+            Some(list) => list.clone(),
+            None => vec![self.model.mixer; self.model.n_layers],
+        }
+    }
+
+    /// Micro-batch size after defaulting.
+    pub fn micro_batch_size(&self) -> usize {
+        match self.training.micro_batch_size {
+            0 => self.training.batch_size,
+            m => m,
+        }
+    }
+
+    /// Folder of this run.
+    pub fn run_dir(&self) -> PathBuf {
+        self.checkpoint.folder.join(&self.name)
+    }
+
+    /// The resolved recipe as TOML (what the run directory keeps).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a recipe always serialises")
+    }
+
+    /// Impossible values, as (key path, message naming what is valid).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let m = &self.model;
+        let t = &self.training;
+        let o = &self.optimizer;
+        let s = &self.lr_scheduler;
+        let fail = |k: &str, msg: String| Err((k.to_string(), msg));
+
+        if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
+            return fail(
+                "name",
+                format!(
+                    "{:?} is not a usable run name: use letters, digits, '-' or '_'",
+                    self.name
+                ),
+            );
+        }
+        if m.d_model == 0 {
+            return fail("model.d_model", "must be at least 1".into());
+        }
+        if m.n_layers == 0 {
+            return fail("model.n_layers", "must be at least 1".into());
+        }
+        if m.n_heads == 0 || m.d_model % m.n_heads != 0 {
+            return fail(
+                "model.n_heads",
+                format!(
+                    "{} heads do not divide d_model = {}: pick a divisor of {} (e.g. {})",
+                    m.n_heads,
+                    m.d_model,
+                    m.d_model,
+                    divisors(m.d_model)
+                ),
+            );
+        }
+        if !(m.mlp_ratio > 0.0) || (m.mlp_ratio * m.d_model as f64).round() < 1.0 {
+            return fail(
+                "model.mlp_ratio",
+                format!("must be > 0 (got {}); 4.0 is usual", m.mlp_ratio),
+            );
+        }
+        if !(m.norm_eps > 0.0) {
+            return fail("model.norm_eps", format!("must be > 0 (got {})", m.norm_eps));
+        }
+        if !(0.0..1.0).contains(&m.dropout) {
+            return fail(
+                "model.dropout",
+                format!("must be in [0, 1) (got {})", m.dropout),
+            );
+        }
+        if let Some(ls) = m.layer_scale_init
+            && !(ls > 0.0)
+        {
+            return fail(
+                "model.layer_scale_init",
+                format!("must be > 0 (got {ls}); leave it out for no layer scale"),
+            );
+        }
+        if !(m.init_std > 0.0) {
+            return fail("model.init_std", format!("must be > 0 (got {})", m.init_std));
+        }
+        if let Some(list) = &m.mixers
+            && list.len() != m.n_layers
+        {
+            return fail(
+                "model.mixers",
+                format!(
+                    "lists {} mixers for n_layers = {}: give exactly one per layer, or use `mixer` for all",
+                    list.len(),
+                    m.n_layers
+                ),
+            );
+        }
+        if m.max_seq_len != 0 && m.max_seq_len < t.seq_len {
+            return fail(
+                "model.max_seq_len",
+                format!(
+                    "{} is shorter than training.seq_len = {}: use 0 (= seq_len) or at least {}",
+                    m.max_seq_len, t.seq_len, t.seq_len
+                ),
+            );
+        }
+        if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
+            return fail(
+                "data.val_fraction",
+                format!("must be in (0, 1) (got {}); 0.1 is usual", self.data.val_fraction),
+            );
+        }
+        if t.batch_size == 0 {
+            return fail("training.batch_size", "must be at least 1".into());
+        }
+        let micro = self.micro_batch_size();
+        if micro > t.batch_size || t.batch_size % micro != 0 {
+            return fail(
+                "training.micro_batch_size",
+                format!(
+                    "{micro} does not divide batch_size = {}: use a divisor of {} (e.g. {}) or 0 for no accumulation",
+                    t.batch_size,
+                    t.batch_size,
+                    divisors(t.batch_size)
+                ),
+            );
+        }
+        if t.seq_len < 2 {
+            return fail("training.seq_len", format!("must be at least 2 (got {})", t.seq_len));
+        }
+        if t.steps == 0 {
+            return fail("training.steps", "must be at least 1".into());
+        }
+        if !(t.grad_clip >= 0.0) {
+            return fail(
+                "training.grad_clip",
+                format!("must be >= 0 (got {}); 0 disables clipping", t.grad_clip),
+            );
+        }
+        if t.eval_batches == 0 {
+            return fail("training.eval_batches", "must be at least 1".into());
+        }
+        if t.backend == BackendKind::Cpu && t.device != 0 {
+            return fail(
+                "training.device",
+                format!("the cpu backend has a single device 0 (got {})", t.device),
+            );
+        }
+        if t.precision != Precision::F32 {
+            return fail(
+                "training.precision",
+                format!(
+                    "{:?} is not supported yet: use \"f32\" (mixed precision is planned)",
+                    t.precision
+                )
+                .to_lowercase(),
+            );
+        }
+        if !(o.lr > 0.0) {
+            return fail("optimizer.lr", format!("must be > 0 (got {})", o.lr));
+        }
+        for (k, b) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return fail(k, format!("must be in [0, 1) (got {b})"));
+            }
+        }
+        if !(o.eps > 0.0) {
+            return fail("optimizer.eps", format!("must be > 0 (got {})", o.eps));
+        }
+        if !(o.weight_decay >= 0.0) {
+            return fail(
+                "optimizer.weight_decay",
+                format!("must be >= 0 (got {})", o.weight_decay),
+            );
+        }
+        if s.warmup_steps > t.steps {
+            return fail(
+                "lr_scheduler.warmup_steps",
+                format!(
+                    "{} is more than training.steps = {}",
+                    s.warmup_steps, t.steps
+                ),
+            );
+        }
+        if s.decay_steps != 0 && s.decay_steps < s.warmup_steps {
+            return fail(
+                "lr_scheduler.decay_steps",
+                format!(
+                    "{} ends before warmup_steps = {}: use 0 (= training.steps) or at least {}",
+                    s.decay_steps, s.warmup_steps, s.warmup_steps
+                ),
+            );
+        }
+        if !(s.min_lr >= 0.0 && s.min_lr <= o.lr) {
+            return fail(
+                "lr_scheduler.min_lr",
+                format!("must be in [0, optimizer.lr = {}] (got {})", o.lr, s.min_lr),
+            );
+        }
+        if self.checkpoint.keep_latest_k == 0 {
+            return fail(
+                "checkpoint.keep_latest_k",
+                "must be at least 1: resume needs a checkpoint".into(),
+            );
+        }
+        if self.metrics.log_interval == 0 {
+            return fail("metrics.log_interval", "must be at least 1".into());
+        }
+        let p = &self.parallelism;
+        for (k, v) in [
+            ("parallelism.data_parallel_degree", p.data_parallel_degree),
+            ("parallelism.sequence_parallel_degree", p.sequence_parallel_degree),
+        ] {
+            if v != 1 {
+                return fail(
+                    k,
+                    format!("{v} is not supported yet: only 1 (a single device) is"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Apply `section.key=value` to a parsed recipe. The value is read as TOML (numbers,
+/// booleans, arrays, quoted strings); anything else is taken as a bare string.
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), String> {
+    let (path, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| "expected KEY=VALUE, e.g. training.lr=3e-4".to_string())?;
+    let path = path.trim();
+    let raw = raw.trim();
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let keys: Vec<&str> = path.split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(format!("{path:?} is not a key path like training.lr"));
+    }
+    let (last, sections) = keys.split_last().expect("split yields one key at least");
+    let mut node = table;
+    for section in sections {
+        node = node
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("{section} is a value, not a section"))?;
+    }
+    node.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn divisors(n: usize) -> String {
+    let d: Vec<String> = (1..=n).filter(|k| n % k == 0).map(|k| k.to_string()).collect();
+    if d.len() > 8 {
+        format!("{}, ..., {}", d[..6].join(", "), d[d.len() - 1])
+    } else {
+        d.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_roundtrip() {
+        let r = Recipe::from_toml_str("", "x.toml", "x", &[]).unwrap();
+        assert_eq!(r.name, "x");
+        let again = Recipe::from_toml_str(&r.to_toml(), "y.toml", "y", &[]).unwrap();
+        assert_eq!(r, again);
+    }
+
+    #[test]
+    fn overrides_reach_nested_keys() {
+        let r = Recipe::from_toml_str(
+            "[optimizer]\nlr = 1e-3\n",
+            "x.toml",
+            "x",
+            &[
+                "optimizer.lr=3e-4".into(),
+                "model.mixers=[\"softmax\",\"softmax\"]".into(),
+                "model.n_layers=2".into(),
+                "name=other".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.optimizer.lr, 3e-4);
+        assert_eq!(r.model.n_layers, 2);
+        assert_eq!(r.layer_mixers().len(), 2);
+        assert_eq!(r.name, "other");
+    }
+}

@@ -1,0 +1,173 @@
+//! Checkpoints: `<run>/checkpoints/step-N/` holding the model, the optimizer state and the
+//! trainer state (step, tokens seen, data sampler RNG), with a SHA-256 of every file.
+//!
+//! A checkpoint is written into a hidden temporary folder and renamed into place, so a
+//! crash mid-save leaves no `step-N` that resume would trust. Resume verifies the hashes
+//! and falls back to the previous checkpoint when one is damaged.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::data::WindowSampler;
+use crate::model::LanguageModel;
+use crate::train::AdamW;
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer_state.json";
+
+/// Everything besides tensors that a resumed run needs to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub sampler: WindowSampler,
+    /// SHA-256 of each tensor file in the folder.
+    pub files: BTreeMap<String, String>,
+}
+
+/// A checkpoint folder on disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub step: u64,
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+impl Checkpoint {
+    /// Write a checkpoint for `state.step`, then prune all but the newest `keep_latest_k`.
+    pub fn save(
+        run_dir: &Path,
+        model: &LanguageModel,
+        optimizer: &AdamW,
+        state: &TrainerState,
+        keep_latest_k: usize,
+    ) -> anyhow::Result<Checkpoint> {
+        let root = checkpoints_dir(run_dir);
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        let final_dir = root.join(format!("step-{}", state.step));
+        let tmp = root.join(format!(".tmp-step-{}", state.step));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+
+        crate::weights::save(model, &tmp.join(MODEL_FILE))?;
+        optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
+        let mut state = state.clone();
+        state.files = [MODEL_FILE, OPTIMIZER_FILE]
+            .into_iter()
+            .map(|f| Ok((f.to_string(), sha256_file(&tmp.join(f))?)))
+            .collect::<anyhow::Result<_>>()?;
+        let json = serde_json::to_string_pretty(&state)?;
+        write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
+        for f in [MODEL_FILE, OPTIMIZER_FILE] {
+            std::fs::File::open(tmp.join(f))?.sync_all()?;
+        }
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir)?;
+        }
+        std::fs::rename(&tmp, &final_dir)
+            .with_context(|| format!("moving checkpoint into {}", final_dir.display()))?;
+        if let Ok(d) = std::fs::File::open(&root) {
+            let _ = d.sync_all();
+        }
+
+        for old in Self::list(run_dir)?.into_iter().skip(keep_latest_k) {
+            std::fs::remove_dir_all(&old.dir)
+                .with_context(|| format!("pruning {}", old.dir.display()))?;
+        }
+        Ok(Checkpoint {
+            dir: final_dir,
+            step: state.step,
+        })
+    }
+
+    /// Complete checkpoints of a run, newest first (temporary folders are ignored).
+    pub fn list(run_dir: &Path) -> anyhow::Result<Vec<Checkpoint>> {
+        let root = checkpoints_dir(run_dir);
+        if !root.is_dir() {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&root)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse().ok()) {
+                found.push(Checkpoint {
+                    dir: entry.path(),
+                    step,
+                });
+            }
+        }
+        found.sort_by(|a, b| b.step.cmp(&a.step));
+        Ok(found)
+    }
+
+    /// Read the trainer state and check every file against its recorded hash.
+    pub fn verify(&self) -> anyhow::Result<TrainerState> {
+        let state_path = self.dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&state_path)
+            .with_context(|| format!("reading {}", state_path.display()))?;
+        let state: TrainerState = serde_json::from_str(&text)
+            .with_context(|| format!("{} is damaged", state_path.display()))?;
+        if state.step != self.step {
+            bail!(
+                "{} says step {} but the folder is step-{}",
+                state_path.display(),
+                state.step,
+                self.step
+            );
+        }
+        for f in [MODEL_FILE, OPTIMIZER_FILE] {
+            let expected = state
+                .files
+                .get(f)
+                .with_context(|| format!("{} lists no hash for {f}", state_path.display()))?;
+            let path = self.dir.join(f);
+            let actual = sha256_file(&path)?;
+            if &actual != expected {
+                bail!(
+                    "{} is corrupt or truncated (SHA-256 {actual}, expected {expected})",
+                    path.display()
+                );
+            }
+        }
+        Ok(state)
+    }
+
+    /// The newest checkpoint that verifies, warning about each damaged one skipped.
+    pub fn latest_valid(run_dir: &Path) -> anyhow::Result<Option<(Checkpoint, TrainerState)>> {
+        for ckpt in Self::list(run_dir)? {
+            match ckpt.verify() {
+                Ok(state) => return Ok(Some((ckpt, state))),
+                Err(e) => eprintln!(
+                    "warning: skipping checkpoint {}: {e:#}; falling back to the previous one",
+                    ckpt.dir.display()
+                ),
+            }
+        }
+        Ok(None)
+    }
+}
+
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}

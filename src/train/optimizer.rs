@@ -1,0 +1,243 @@
+//! AdamW (Loshchilov & Hutter) with PyTorch's update rule, global-norm gradient clipping,
+//! and no weight decay on norms, biases, embeddings or layer scales.
+//!
+//! Burn's own AdamW decays every parameter alike and keys its state by random parameter
+//! ids; this one keys its state by parameter path (`layers.0.mixer.q_proj.weight`), so a
+//! checkpoint's optimizer state is readable, survives re-initialisation of the model, and
+//! a resumed run continues bit for bit.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+
+use crate::recipe::OptimizerConfig;
+
+/// First and second moments of one parameter, flattened.
+#[derive(Clone, Debug)]
+struct Moments {
+    exp_avg: Tensor<1>,
+    exp_avg_sq: Tensor<1>,
+}
+
+pub struct AdamW {
+    config: OptimizerConfig,
+    /// Updates taken so far (PyTorch's `step`), for bias correction.
+    step: u64,
+    moments: BTreeMap<String, Moments>,
+}
+
+/// Whether a parameter gets weight decay: matrices do; vectors (norm weights, biases, layer
+/// scales) and embedding tables do not.
+pub fn decays(path: &str, rank: usize) -> bool {
+    rank >= 2 && !path.contains("embedding")
+}
+
+impl AdamW {
+    pub fn new(config: OptimizerConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            moments: BTreeMap::new(),
+        }
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of every parameter that has a gradient. `grad_scale` multiplies the
+    /// gradients first (clipping, accumulation averaging).
+    pub fn step<M: Module>(
+        &mut self,
+        lr: f64,
+        model: M,
+        grads: &mut GradientsParams,
+        grad_scale: f64,
+    ) -> M {
+        self.step += 1;
+        let mut mapper = UpdateMapper {
+            opt: self,
+            lr,
+            grad_scale,
+            grads,
+            path: Vec::new(),
+        };
+        model.map(&mut mapper)
+    }
+
+    /// Save moments and step count to a safetensors file (PyTorch's names: `exp_avg`,
+    /// `exp_avg_sq`), exact f32.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let mut named: Vec<(String, Vec<u8>, usize)> = Vec::new();
+        for (name, m) in &self.moments {
+            for (suffix, t) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
+                let values = t.to_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                named.push((format!("{name}.{suffix}"), bytes, values.len()));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = named
+            .iter()
+            .map(|(n, bytes, len)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], bytes)
+                        .expect("shape matches bytes");
+                (n.clone(), view)
+            })
+            .collect();
+        let metadata = std::collections::HashMap::from([("step".to_string(), self.step.to_string())]);
+        safetensors::serialize_to_file(views, Some(metadata), path)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Load what [`AdamW::save`] wrote.
+    pub fn load(config: OptimizerConfig, path: &Path, device: &Device) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+        let step: u64 = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("step"))
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("{}: no `step` in the metadata", path.display()))?;
+        let read = |name: &str| -> anyhow::Result<Tensor<1>> {
+            let view = st.tensor(name)?;
+            if view.dtype() != safetensors::Dtype::F32 {
+                bail!("{name}: expected f32, found {:?}", view.dtype());
+            }
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let n = values.len();
+            Ok(Tensor::from_data(TensorData::new(values, [n]), device))
+        };
+        let mut moments = BTreeMap::new();
+        for name in st.names() {
+            if let Some(param) = name.strip_suffix(".exp_avg") {
+                moments.insert(
+                    param.to_string(),
+                    Moments {
+                        exp_avg: read(name)?,
+                        exp_avg_sq: read(&format!("{param}.exp_avg_sq"))
+                            .with_context(|| format!("{}: {param}", path.display()))?,
+                    },
+                );
+            }
+        }
+        Ok(Self {
+            config,
+            step,
+            moments,
+        })
+    }
+}
+
+struct UpdateMapper<'a> {
+    opt: &'a mut AdamW,
+    lr: f64,
+    grad_scale: f64,
+    grads: &'a mut GradientsParams,
+    path: Vec<String>,
+}
+
+impl ModuleMapper for UpdateMapper<'_> {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(grad) = self.grads.remove::<D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let c = &self.opt.config;
+        let path = self.path.join(".");
+        let dims = tensor.dims();
+        let n: usize = dims.iter().product();
+        let require_grad = tensor.is_require_grad();
+        let p = tensor.inner().reshape([n]);
+        let g = grad.reshape([n]).mul_scalar(self.grad_scale);
+
+        let moments = match self.opt.moments.remove(&path) {
+            Some(m) => Moments {
+                exp_avg: m.exp_avg.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1),
+                exp_avg_sq: m.exp_avg_sq.mul_scalar(c.beta2)
+                    + g.square().mul_scalar(1.0 - c.beta2),
+            },
+            None => Moments {
+                exp_avg: g.clone().mul_scalar(1.0 - c.beta1),
+                exp_avg_sq: g.square().mul_scalar(1.0 - c.beta2),
+            },
+        };
+        let t = self.opt.step as i32;
+        let bias1 = 1.0 - c.beta1.powi(t);
+        let bias2 = 1.0 - c.beta2.powi(t);
+        let denom = moments
+            .exp_avg_sq
+            .clone()
+            .sqrt()
+            .div_scalar(bias2.sqrt())
+            .add_scalar(c.eps);
+        let update = moments.exp_avg.clone().div(denom).mul_scalar(self.lr / bias1);
+        let decayed = if decays(&path, D) && c.weight_decay > 0.0 {
+            p.mul_scalar(1.0 - self.lr * c.weight_decay)
+        } else {
+            p
+        };
+        let updated = (decayed - update).reshape(dims);
+        self.opt.moments.insert(path, moments);
+
+        let mut updated = Tensor::from_inner(updated);
+        if require_grad {
+            updated = updated.require_grad();
+        }
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+/// The global L2 norm of all gradients (one number over every parameter, as
+/// `torch.nn.utils.clip_grad_norm_` computes it).
+pub fn global_grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
+    struct SumSquares<'a> {
+        grads: &'a GradientsParams,
+        total: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for SumSquares<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let s = g.square().sum();
+                self.total = Some(match self.total.take() {
+                    Some(t) => t + s,
+                    None => s,
+                });
+            }
+        }
+    }
+    let mut v = SumSquares { grads, total: None };
+    model.visit(&mut v);
+    v.total
+        .map(|t| (t.into_scalar::<f32>() as f64).sqrt())
+        .unwrap_or(0.0)
+}
+
+/// The factor that brings a gradient of norm `norm` within `max_norm` (1 when it already is,
+/// or when clipping is off).
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
