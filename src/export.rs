@@ -20,7 +20,13 @@ pub fn export(run: &Run, step: Option<u64>, out: &Path) -> anyhow::Result<PathBu
     crate::weights::save(&model, out)?;
     let config_path = out.with_file_name("config.json");
     let mut config = config_json(&run.model_config());
-    config["vocab"] = json!(run.tokenizer.chars.iter().map(|c| c.to_string()).collect::<Vec<_>>());
+    config["vocab"] = json!(
+        run.tokenizer
+            .chars
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+    );
     config["trained_steps"] = json!(ckpt.step);
     std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("writing {}", config_path.display()))?;

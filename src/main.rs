@@ -11,7 +11,11 @@ use metamix::sample::{SampleOptions, generate};
 use metamix::train::{TrainOptions, train, trainer::evaluate};
 
 #[derive(Parser)]
-#[command(name = "metamix", version, about = "Train efficient MetaFormer transformers from a TOML recipe")]
+#[command(
+    name = "metamix",
+    version,
+    about = "Train efficient MetaFormer transformers from a TOML recipe"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -59,6 +63,16 @@ enum Command {
         seed: u64,
         #[arg(long)]
         step: Option<u64>,
+    },
+    /// Training throughput of a recipe's model (no checkpoints, no eval).
+    Bench {
+        recipe: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
     },
     /// Validation loss and perplexity of a run's checkpoint.
     Eval {
@@ -141,12 +155,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             println!("{text}");
         }
+        Command::Bench {
+            recipe,
+            warmup,
+            steps,
+            overrides,
+        } => {
+            let recipe = Recipe::load(&recipe, &overrides)?;
+            let r = metamix::train::bench::bench(&recipe, warmup, steps)?;
+            println!(
+                "bench {}: {} parameters | {} tokens/step | {:.1} ms/step | {:.0} tokens/s ({} timed steps after {warmup} warm-up)",
+                recipe.name,
+                r.parameters,
+                r.tokens_per_step,
+                r.seconds_per_step * 1e3,
+                r.tokens_per_s,
+                r.steps
+            );
+        }
         Command::Eval { run, step, batches } => {
             let run = Run::open(&run)?;
             let r = &run.recipe;
             let device = metamix::device::select(&r.training)?;
             let (model, ckpt) = run.load_model(step, &device)?;
-            let corpus = Corpus::load(&r.data.path, r.data.val_fraction, Some(run.tokenizer.clone()))?;
+            let corpus = Corpus::load(
+                &r.data.path,
+                r.data.val_fraction,
+                Some(run.tokenizer.clone()),
+            )?;
             let loss = evaluate(
                 &model,
                 &corpus.val,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::mixers::MixerKind;
 
 /// A whole recipe. Sections may be left out; every key has a default.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Recipe {
     /// Run name: the run lives in `<checkpoint.folder>/<name>`. Default: the recipe's file stem.
@@ -213,22 +213,6 @@ pub struct MetricsConfig {
 pub struct ParallelismConfig {
     pub data_parallel_degree: usize,
     pub sequence_parallel_degree: usize,
-}
-
-impl Default for Recipe {
-    fn default() -> Self {
-        Self {
-            name: String::new(),
-            model: ModelConfig::default(),
-            data: DataConfig::default(),
-            training: TrainingConfig::default(),
-            optimizer: OptimizerConfig::default(),
-            lr_scheduler: LrSchedulerConfig::default(),
-            checkpoint: CheckpointConfig::default(),
-            metrics: MetricsConfig::default(),
-            parallelism: ParallelismConfig::default(),
-        }
-    }
 }
 
 impl Default for ModelConfig {
@@ -445,7 +429,7 @@ impl Recipe {
         if m.n_layers == 0 {
             return fail("model.n_layers", "must be at least 1".into());
         }
-        if m.n_heads == 0 || m.d_model % m.n_heads != 0 {
+        if m.n_heads == 0 || !m.d_model.is_multiple_of(m.n_heads) {
             return fail(
                 "model.n_heads",
                 format!(
@@ -457,14 +441,17 @@ impl Recipe {
                 ),
             );
         }
-        if !(m.mlp_ratio > 0.0) || (m.mlp_ratio * m.d_model as f64).round() < 1.0 {
+        if !positive(m.mlp_ratio) || (m.mlp_ratio * m.d_model as f64).round() < 1.0 {
             return fail(
                 "model.mlp_ratio",
                 format!("must be > 0 (got {}); 4.0 is usual", m.mlp_ratio),
             );
         }
-        if !(m.norm_eps > 0.0) {
-            return fail("model.norm_eps", format!("must be > 0 (got {})", m.norm_eps));
+        if !positive(m.norm_eps) {
+            return fail(
+                "model.norm_eps",
+                format!("must be > 0 (got {})", m.norm_eps),
+            );
         }
         if !(0.0..1.0).contains(&m.dropout) {
             return fail(
@@ -473,15 +460,18 @@ impl Recipe {
             );
         }
         if let Some(ls) = m.layer_scale_init
-            && !(ls > 0.0)
+            && !positive(ls)
         {
             return fail(
                 "model.layer_scale_init",
                 format!("must be > 0 (got {ls}); leave it out for no layer scale"),
             );
         }
-        if !(m.init_std > 0.0) {
-            return fail("model.init_std", format!("must be > 0 (got {})", m.init_std));
+        if !positive(m.init_std) {
+            return fail(
+                "model.init_std",
+                format!("must be > 0 (got {})", m.init_std),
+            );
         }
         if let Some(list) = &m.mixers
             && list.len() != m.n_layers
@@ -507,14 +497,17 @@ impl Recipe {
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
             return fail(
                 "data.val_fraction",
-                format!("must be in (0, 1) (got {}); 0.1 is usual", self.data.val_fraction),
+                format!(
+                    "must be in (0, 1) (got {}); 0.1 is usual",
+                    self.data.val_fraction
+                ),
             );
         }
         if t.batch_size == 0 {
             return fail("training.batch_size", "must be at least 1".into());
         }
         let micro = self.micro_batch_size();
-        if micro > t.batch_size || t.batch_size % micro != 0 {
+        if micro > t.batch_size || !t.batch_size.is_multiple_of(micro) {
             return fail(
                 "training.micro_batch_size",
                 format!(
@@ -526,12 +519,15 @@ impl Recipe {
             );
         }
         if t.seq_len < 2 {
-            return fail("training.seq_len", format!("must be at least 2 (got {})", t.seq_len));
+            return fail(
+                "training.seq_len",
+                format!("must be at least 2 (got {})", t.seq_len),
+            );
         }
         if t.steps == 0 {
             return fail("training.steps", "must be at least 1".into());
         }
-        if !(t.grad_clip >= 0.0) {
+        if !non_negative(t.grad_clip) {
             return fail(
                 "training.grad_clip",
                 format!("must be >= 0 (got {}); 0 disables clipping", t.grad_clip),
@@ -556,7 +552,7 @@ impl Recipe {
                 .to_lowercase(),
             );
         }
-        if !(o.lr > 0.0) {
+        if !positive(o.lr) {
             return fail("optimizer.lr", format!("must be > 0 (got {})", o.lr));
         }
         for (k, b) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
@@ -564,10 +560,10 @@ impl Recipe {
                 return fail(k, format!("must be in [0, 1) (got {b})"));
             }
         }
-        if !(o.eps > 0.0) {
+        if !positive(o.eps) {
             return fail("optimizer.eps", format!("must be > 0 (got {})", o.eps));
         }
-        if !(o.weight_decay >= 0.0) {
+        if !non_negative(o.weight_decay) {
             return fail(
                 "optimizer.weight_decay",
                 format!("must be >= 0 (got {})", o.weight_decay),
@@ -609,7 +605,10 @@ impl Recipe {
         let p = &self.parallelism;
         for (k, v) in [
             ("parallelism.data_parallel_degree", p.data_parallel_degree),
-            ("parallelism.sequence_parallel_degree", p.sequence_parallel_degree),
+            (
+                "parallelism.sequence_parallel_degree",
+                p.sequence_parallel_degree,
+            ),
         ] {
             if v != 1 {
                 return fail(
@@ -652,12 +651,25 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), Strin
     Ok(())
 }
 
+/// `x > 0`, false for NaN (so NaN in a recipe is rejected, not let through).
+fn positive(x: f64) -> bool {
+    x > 0.0
+}
+
+/// `x >= 0`, false for NaN.
+fn non_negative(x: f64) -> bool {
+    x >= 0.0
+}
+
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn divisors(n: usize) -> String {
-    let d: Vec<String> = (1..=n).filter(|k| n % k == 0).map(|k| k.to_string()).collect();
+    let d: Vec<String> = (1..=n)
+        .filter(|k| n.is_multiple_of(*k))
+        .map(|k| k.to_string())
+        .collect();
     if d.len() > 8 {
         format!("{}, ..., {}", d[..6].join(", "), d[d.len() - 1])
     } else {

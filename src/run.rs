@@ -25,7 +25,11 @@ pub fn model_config(recipe: &Recipe, vocab_size: usize) -> LanguageModelConfig {
     let m = &recipe.model;
     LanguageModelConfig {
         model: m.clone(),
-        vocab_size: if m.vocab_size == 0 { vocab_size } else { m.vocab_size },
+        vocab_size: if m.vocab_size == 0 {
+            vocab_size
+        } else {
+            m.vocab_size
+        },
         max_seq_len: if m.max_seq_len == 0 {
             recipe.training.seq_len
         } else {

@@ -37,7 +37,10 @@ pub fn generate(
     for _ in 0..opts.max_new_tokens {
         let window = &ids[ids.len().saturating_sub(context)..];
         let input = Tensor::<2, Int>::from_data(
-            TensorData::new(window.iter().map(|&i| i as i64).collect(), [1, window.len()]),
+            TensorData::new(
+                window.iter().map(|&i| i as i64).collect(),
+                [1, window.len()],
+            ),
             device,
         );
         let logits = model.forward(input);
@@ -50,7 +53,11 @@ pub fn generate(
 }
 
 fn pick(logits: Tensor<1>, opts: &SampleOptions, rng: &mut ChaCha8Rng) -> u32 {
-    let mut logits: Vec<f32> = logits.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
+    let mut logits: Vec<f32> = logits
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32");
     if opts.top_k > 0 && opts.top_k < logits.len() {
         let mut sorted = logits.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
@@ -67,12 +74,18 @@ fn pick(logits: Tensor<1>, opts: &SampleOptions, rng: &mut ChaCha8Rng) -> u32 {
     let n = logits.len();
     let scaled = Tensor::<1>::from_data(
         TensorData::new(
-            logits.iter().map(|l| l / opts.temperature as f32).collect::<Vec<_>>(),
+            logits
+                .iter()
+                .map(|l| l / opts.temperature as f32)
+                .collect::<Vec<_>>(),
             [n],
         ),
         &Device::flex(),
     );
-    let probs: Vec<f32> = softmax(scaled, 0).into_data().try_to_vec::<f32>().expect("f32");
+    let probs: Vec<f32> = softmax(scaled, 0)
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32");
     let mut u: f32 = rng.random();
     for (i, p) in probs.iter().enumerate() {
         if u < *p {

@@ -5,9 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use burn_store::{
-    BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
-};
+use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 
 use crate::model::LanguageModel;
 
@@ -32,9 +30,22 @@ pub fn load(mut model: LanguageModel, path: &Path) -> anyhow::Result<LanguageMod
         .with_from_adapter(PyTorchToBurnAdapter)
         .skip_enum_variants(true)
         .allow_partial(true);
-    let result = model
-        .load_from(&mut store)
-        .map_err(|e| anyhow::anyhow!("{}: cannot read weights: {e}", path.display()))?;
+    let result = model.load_from(&mut store).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("Mismatch") {
+            anyhow::anyhow!(
+                "{} does not fit this model's architecture: {}",
+                path.display(),
+                shorten(&msg, 600)
+            )
+        } else {
+            anyhow::anyhow!(
+                "{}: cannot read weights: {}",
+                path.display(),
+                shorten(&msg, 600)
+            )
+        }
+    })?;
     let mut problems = Vec::new();
     for e in &result.errors {
         problems.push(format!("{e:?}"));
@@ -49,7 +60,7 @@ pub fn load(mut model: LanguageModel, path: &Path) -> anyhow::Result<LanguageMod
         bail!(
             "{} does not fit this model's architecture: {}",
             path.display(),
-            problems.join("; ")
+            shorten(&problems.join("; "), 600)
         );
     }
     Ok(model)
@@ -61,4 +72,12 @@ pub fn check_file(path: &Path) -> anyhow::Result<()> {
     safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     Ok(())
+}
+
+/// Long burn-store reports (one entry per tensor) cut to a readable length.
+fn shorten(msg: &str, max: usize) -> String {
+    match msg.char_indices().nth(max) {
+        Some((i, _)) => format!("{} … ({} more characters)", &msg[..i], msg.len() - i),
+        None => msg.to_string(),
+    }
 }

@@ -23,7 +23,11 @@ impl CharTokenizer {
     }
 
     pub fn from_chars(chars: Vec<char>) -> Self {
-        let ids = chars.iter().enumerate().map(|(i, &c)| (c, i as u32)).collect();
+        let ids = chars
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| (c, i as u32))
+            .collect();
         Self { chars, ids }
     }
 

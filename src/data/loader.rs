@@ -120,6 +120,9 @@ mod tests {
         let saved = serde_json::to_string(&a).unwrap();
         let mut b: WindowSampler = serde_json::from_str(&saved).unwrap();
         assert_eq!(a.offsets(1000, 8, 16), b.offsets(1000, 8, 16));
-        assert_ne!(WindowSampler::new(8).offsets(1000, 8, 16), b.offsets(1000, 8, 16));
+        assert_ne!(
+            WindowSampler::new(8).offsets(1000, 8, 16),
+            b.offsets(1000, 8, 16)
+        );
     }
 }

@@ -92,22 +92,39 @@ impl LanguageModelConfig {
 }
 
 impl LanguageModel {
-    /// Token ids `[batch, seq]` → logits `[batch, seq, vocab]`.
-    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+    /// Token ids `[batch, seq]` → the residual stream entering the first block.
+    pub fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let [_, t] = tokens.dims();
-        let mut x = self.token_embedding.forward(tokens.clone());
+        let device = tokens.device();
+        let mut x = self.token_embedding.forward(tokens);
         if let Some(pos) = &self.position_embedding {
-            let positions = Tensor::<1, Int>::arange(0..t as i64, &tokens.device()).unsqueeze::<2>();
+            let positions = Tensor::<1, Int>::arange(0..t as i64, &device).unsqueeze::<2>();
             x = x + pos.forward(positions);
         }
-        let mut x = self.embed_dropout.forward(x);
+        self.embed_dropout.forward(x)
+    }
+
+    /// Token ids `[batch, seq]` → logits `[batch, seq, vocab]`.
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let mut x = self.embed(tokens);
         for layer in &self.layers {
             x = layer.forward(x);
         }
+        self.head(x)
+    }
+
+    /// Final norm and LM head: residual stream → logits.
+    pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
         let x = self.final_norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => x.matmul(self.token_embedding.weight.val().transpose().unsqueeze::<3>()),
+            None => x.matmul(
+                self.token_embedding
+                    .weight
+                    .val()
+                    .transpose()
+                    .unsqueeze::<3>(),
+            ),
         }
     }
 

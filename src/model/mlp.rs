@@ -32,8 +32,20 @@ pub struct Mlp {
 impl MlpConfig {
     pub fn init(&self, device: &Device) -> Mlp {
         Mlp {
-            fc1: normal_linear(self.d_model, self.d_hidden, self.bias, self.init_std, device),
-            fc2: normal_linear(self.d_hidden, self.d_model, self.bias, self.out_init_std, device),
+            fc1: normal_linear(
+                self.d_model,
+                self.d_hidden,
+                self.bias,
+                self.init_std,
+                device,
+            ),
+            fc2: normal_linear(
+                self.d_hidden,
+                self.d_model,
+                self.bias,
+                self.out_init_std,
+                device,
+            ),
             dropout: DropoutConfig::new(self.dropout).init(),
             activation: self.activation,
         }

@@ -108,7 +108,7 @@ impl Checkpoint {
                 });
             }
         }
-        found.sort_by(|a, b| b.step.cmp(&a.step));
+        found.sort_by_key(|c| std::cmp::Reverse(c.step));
         Ok(found)
     }
 
@@ -166,7 +166,8 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     Ok(())

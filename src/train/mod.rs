@@ -1,6 +1,7 @@
 //! The trainer, split by concern as torchtitan does: checkpoint, lr schedule, metrics,
 //! optimizer, and the loop that ties them.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod lr_schedule;
 pub mod metrics;

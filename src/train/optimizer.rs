@@ -75,7 +75,11 @@ impl AdamW {
         let mut named: Vec<(String, Vec<u8>, usize)> = Vec::new();
         for (name, m) in &self.moments {
             for (suffix, t) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
-                let values = t.to_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+                let values = t
+                    .to_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .expect("f32 data");
                 let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
                 named.push((format!("{name}.{suffix}"), bytes, values.len()));
             }
@@ -83,13 +87,17 @@ impl AdamW {
         let views: Vec<(String, safetensors::tensor::TensorView)> = named
             .iter()
             .map(|(n, bytes, len)| {
-                let view =
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], bytes)
-                        .expect("shape matches bytes");
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    vec![*len],
+                    bytes,
+                )
+                .expect("shape matches bytes");
                 (n.clone(), view)
             })
             .collect();
-        let metadata = std::collections::HashMap::from([("step".to_string(), self.step.to_string())]);
+        let metadata =
+            std::collections::HashMap::from([("step".to_string(), self.step.to_string())]);
         safetensors::serialize_to_file(views, Some(metadata), path)
             .with_context(|| format!("writing {}", path.display()))
     }
@@ -173,8 +181,7 @@ impl ModuleMapper for UpdateMapper<'_> {
         let moments = match self.opt.moments.remove(&path) {
             Some(m) => Moments {
                 exp_avg: m.exp_avg.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1),
-                exp_avg_sq: m.exp_avg_sq.mul_scalar(c.beta2)
-                    + g.square().mul_scalar(1.0 - c.beta2),
+                exp_avg_sq: m.exp_avg_sq.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2),
             },
             None => Moments {
                 exp_avg: g.clone().mul_scalar(1.0 - c.beta1),
@@ -190,7 +197,11 @@ impl ModuleMapper for UpdateMapper<'_> {
             .sqrt()
             .div_scalar(bias2.sqrt())
             .add_scalar(c.eps);
-        let update = moments.exp_avg.clone().div(denom).mul_scalar(self.lr / bias1);
+        let update = moments
+            .exp_avg
+            .clone()
+            .div(denom)
+            .mul_scalar(self.lr / bias1);
         let decayed = if decays(&path, D) && c.weight_decay > 0.0 {
             p.mul_scalar(1.0 - self.lr * c.weight_decay)
         } else {
@@ -239,5 +250,106 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
         max_norm / (norm + 1e-6)
     } else {
         1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::Linear;
+
+    fn linear(w: [[f32; 2]; 3], b: [f32; 2], device: &Device) -> Linear {
+        Linear {
+            weight: Param::from_tensor(Tensor::from_data(TensorData::from(w), device)),
+            bias: Some(Param::from_tensor(Tensor::from_data(
+                TensorData::from(b),
+                device,
+            ))),
+        }
+    }
+
+    /// PyTorch's AdamW on one scalar, in f64.
+    fn reference(mut p: f64, grads: &[f64], c: &OptimizerConfig, lr: f64, decay: bool) -> f64 {
+        let (mut m, mut v) = (0.0, 0.0);
+        for (i, g) in grads.iter().enumerate() {
+            let t = (i + 1) as i32;
+            if decay {
+                p *= 1.0 - lr * c.weight_decay;
+            }
+            m = c.beta1 * m + (1.0 - c.beta1) * g;
+            v = c.beta2 * v + (1.0 - c.beta2) * g * g;
+            let denom = (v.sqrt() / (1.0 - c.beta2.powi(t)).sqrt()) + c.eps;
+            p -= lr / (1.0 - c.beta1.powi(t)) * m / denom;
+        }
+        p
+    }
+
+    #[test]
+    fn matches_pytorch_adamw_and_skips_decay_on_vectors() {
+        let device = Device::flex();
+        let config = OptimizerConfig {
+            weight_decay: 0.5,
+            ..Default::default()
+        };
+        let w0 = [[0.5f32, -0.25], [0.125, 1.0], [-2.0, 0.75]];
+        let b0 = [0.3f32, -0.6];
+        let mut model = linear(w0, b0, &device);
+        let mut opt = AdamW::new(config.clone());
+        let gw = |k: f32| [[0.1 * k, -0.2], [0.3, 0.05 * k], [-0.4, 0.2]];
+        let gb = |k: f32| [0.7 * k, -0.1];
+        let lr = 0.01;
+        for k in 1..=3 {
+            let mut grads = GradientsParams::new();
+            grads.register(
+                model.weight.id,
+                Tensor::<2>::from_data(TensorData::from(gw(k as f32)), &device),
+            );
+            grads.register(
+                model.bias.as_ref().unwrap().id,
+                Tensor::<1>::from_data(TensorData::from(gb(k as f32)), &device),
+            );
+            model = opt.step(lr, model, &mut grads, 1.0);
+        }
+        let w: Vec<f32> = model.weight.val().into_data().try_to_vec().unwrap();
+        let b: Vec<f32> = model.bias.unwrap().val().into_data().try_to_vec().unwrap();
+        for i in 0..3 {
+            for j in 0..2 {
+                let g: Vec<f64> = (1..=3).map(|k| gw(k as f32)[i][j] as f64).collect();
+                let want = reference(w0[i][j] as f64, &g, &config, lr, true);
+                assert!(
+                    (w[i * 2 + j] as f64 - want).abs() < 1e-6,
+                    "weight[{i}][{j}]"
+                );
+            }
+        }
+        for j in 0..2 {
+            let g: Vec<f64> = (1..=3).map(|k| gb(k as f32)[j] as f64).collect();
+            let want = reference(b0[j] as f64, &g, &config, lr, false);
+            assert!((b[j] as f64 - want).abs() < 1e-6, "bias[{j}]");
+        }
+        assert_eq!(opt.step_count(), 3);
+    }
+
+    #[test]
+    fn decay_rule_and_global_norm() {
+        assert!(decays("layers.0.mixer.q_proj.weight", 2));
+        assert!(!decays("layers.0.mixer.q_proj.bias", 1));
+        assert!(!decays("layers.0.norm1.gamma", 1));
+        assert!(!decays("token_embedding.weight", 2));
+        assert!(!decays("layers.1.layer_scale1.scale", 1));
+
+        let device = Device::flex();
+        let model = linear([[0.0; 2]; 3], [0.0; 2], &device);
+        let mut grads = GradientsParams::new();
+        grads.register(model.weight.id, Tensor::<2>::full([3, 2], 2.0, &device));
+        grads.register(
+            model.bias.as_ref().unwrap().id,
+            Tensor::<1>::full([2], 3.0, &device),
+        );
+        let norm = global_grad_norm(&model, &grads);
+        assert!((norm - (6.0f64 * 4.0 + 2.0 * 9.0).sqrt()).abs() < 1e-9);
+        assert!((clip_factor(norm, 1.0) * norm - 1.0).abs() < 1e-5);
+        assert_eq!(clip_factor(0.5, 1.0), 1.0);
+        assert_eq!(clip_factor(10.0, 0.0), 1.0);
     }
 }

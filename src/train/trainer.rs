@@ -11,10 +11,10 @@ use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{Checkpoint, OPTIMIZER_FILE, TrainerState};
+use super::lr_schedule::LrSchedule;
 use super::metrics::Metrics;
 use super::optimizer::{AdamW, clip_factor, global_grad_norm};
-use super::lr_schedule::LrSchedule;
-use crate::data::{Corpus, WindowSampler, CharTokenizer};
+use crate::data::{CharTokenizer, Corpus, WindowSampler};
 use crate::model::LanguageModel;
 use crate::recipe::Recipe;
 use crate::run::{RECIPE_FILE, VOCAB_FILE, model_config};
@@ -56,7 +56,10 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     let resume_from = if opts.resume {
         let found = Checkpoint::latest_valid(&run_dir)?;
         if found.is_none() && !opts.quiet {
-            eprintln!("note: {} has no intact checkpoint; starting fresh", run_dir.display());
+            eprintln!(
+                "note: {} has no intact checkpoint; starting fresh",
+                run_dir.display()
+            );
         }
         found
     } else if !existing.is_empty() {
@@ -76,8 +79,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     };
     let corpus = Corpus::load(&recipe.data.path, recipe.data.val_fraction, tokenizer)?;
     corpus.check_seq_len(t.seq_len, &recipe.data.path)?;
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("creating {}", run_dir.display()))?;
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     std::fs::write(run_dir.join(RECIPE_FILE), recipe.to_toml())?;
     corpus.tokenizer.save(&run_dir.join(VOCAB_FILE))?;
 
@@ -88,10 +90,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     }
     let (mut optimizer, mut state) = match &resume_from {
         Some((ckpt, state)) => {
-            model = crate::weights::load(
-                model,
-                &ckpt.dir.join(super::checkpoint::MODEL_FILE),
-            )?;
+            model = crate::weights::load(model, &ckpt.dir.join(super::checkpoint::MODEL_FILE))?;
             let opt = AdamW::load(
                 recipe.optimizer.clone(),
                 &ckpt.dir.join(OPTIMIZER_FILE),
@@ -116,7 +115,6 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     let schedule = LrSchedule::new(&recipe.lr_scheduler, recipe.optimizer.lr, t.steps);
     let mut metrics = Metrics::new(&run_dir, recipe.metrics.tensorboard);
     let micro = recipe.micro_batch_size();
-    let accum = t.batch_size / micro;
     let tokens_per_step = (t.batch_size * t.seq_len) as u64;
     let n_params = model.num_params();
 
@@ -160,23 +158,24 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
             device.seed(t.seed ^ (step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         }
 
-        let mut accumulator = GradientsAccumulator::<LanguageModel>::new();
-        let mut loss_sum = 0.0;
-        for _ in 0..accum {
-            let batch = state
-                .sampler
-                .batch(&corpus.train, micro, t.seq_len, &device);
-            let loss = model.loss(batch.inputs, batch.targets);
-            loss_sum += loss.clone().into_scalar::<f32>() as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
-        }
-        let loss = loss_sum / accum as f64;
-        let mut grads = accumulator.grads();
-        let grad_norm = global_grad_norm(&model, &grads) / accum as f64;
-        if !loss.is_finite() || !grad_norm.is_finite() {
+        let (next, out) = train_step(
+            model,
+            &mut optimizer,
+            &mut state.sampler,
+            &corpus.train,
+            recipe,
+            lr,
+            &device,
+        );
+        model = next;
+        let (loss, grad_norm) = (out.loss, out.grad_norm);
+        if !out.finite() {
             bar.abandon();
-            let what = if loss.is_finite() { "gradient norm" } else { "loss" };
+            let what = if loss.is_finite() {
+                "gradient norm"
+            } else {
+                "loss"
+            };
             let kept = match last_saved {
                 Some(s) => format!(
                     "the last good checkpoint, step-{s} in {}, is intact",
@@ -191,8 +190,6 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
                 if loss.is_finite() { grad_norm } else { loss }
             );
         }
-        let scale = clip_factor(grad_norm, t.grad_clip) / accum as f64;
-        model = optimizer.step(lr, model, &mut grads, scale);
         state.step += 1;
         state.tokens_seen += tokens_per_step;
         window_tokens += tokens_per_step;
@@ -208,12 +205,9 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
             metrics.scalar("lr", lr, s);
             metrics.scalar("grad_norm", grad_norm, s);
             metrics.scalar("tokens_per_s", tps, s);
-            bar.set_message(format!(
-                "loss {loss:.4} | lr {lr:.2e} | {tps:.0} tok/s"
-            ));
+            bar.set_message(format!("loss {loss:.4} | lr {lr:.2e} | {tps:.0} tok/s"));
         }
-        let eval_now =
-            (t.eval_interval > 0 && s % t.eval_interval == 0) || s == t.steps;
+        let eval_now = (t.eval_interval > 0 && s % t.eval_interval == 0) || s == t.steps;
         if eval_now {
             let val = evaluate(
                 &model.valid(),
@@ -250,13 +244,67 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         step: state.step,
         train_loss: last_loss,
         val_loss: last_val,
-        tokens_per_s: (state.step.saturating_sub(resume_from.map_or(0, |(c, _)| c.step))
+        tokens_per_s: (state
+            .step
+            .saturating_sub(resume_from.map_or(0, |(c, _)| c.step))
             * tokens_per_step) as f64
             / wall_s,
         wall_s,
         run_dir,
     };
     Ok(summary)
+}
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutput {
+    /// Mean loss over the step's micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+impl StepOutput {
+    pub fn finite(&self) -> bool {
+        self.loss.is_finite() && self.grad_norm.is_finite()
+    }
+}
+
+/// One optimizer step: forward/backward over `batch_size / micro_batch_size` micro-batches,
+/// accumulate, clip to the global norm, update. A non-finite loss or gradient leaves the
+/// model and optimizer untouched, so the caller can stop with nothing corrupted.
+pub fn train_step(
+    model: LanguageModel,
+    optimizer: &mut AdamW,
+    sampler: &mut WindowSampler,
+    tokens: &[u32],
+    recipe: &Recipe,
+    lr: f64,
+    device: &Device,
+) -> (LanguageModel, StepOutput) {
+    let t = &recipe.training;
+    let micro = recipe.micro_batch_size();
+    let accum = t.batch_size / micro;
+    let mut accumulator = GradientsAccumulator::<LanguageModel>::new();
+    let mut loss_sum = 0.0;
+    for _ in 0..accum {
+        let batch = sampler.batch(tokens, micro, t.seq_len, device);
+        let loss = model.loss(batch.inputs, batch.targets);
+        loss_sum += loss.clone().into_scalar::<f32>() as f64;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        accumulator.accumulate(&model, grads);
+    }
+    let mut grads = accumulator.grads();
+    let out = StepOutput {
+        loss: loss_sum / accum as f64,
+        // The gradient of the mean loss is the accumulated sum over accum.
+        grad_norm: global_grad_norm(&model, &grads) / accum as f64,
+    };
+    if !out.finite() {
+        return (model, out);
+    }
+    let scale = clip_factor(out.grad_norm, t.grad_clip) / accum as f64;
+    (optimizer.step(lr, model, &mut grads, scale), out)
 }
 
 /// Mean loss over `batches` windows drawn with a fresh sampler of `seed` (so the same
@@ -274,9 +322,7 @@ pub fn evaluate(
     let mut total = 0.0;
     for _ in 0..batches {
         let b = sampler.batch(tokens, batch_size, seq_len, device);
-        total += model
-            .loss(b.inputs, b.targets)
-            .into_scalar::<f32>() as f64;
+        total += model.loss(b.inputs, b.targets).into_scalar::<f32>() as f64;
     }
     total / batches as f64
 }

@@ -1,0 +1,59 @@
+//! `bench`: steady-state training throughput of a recipe's model, without checkpoints or
+//! eval: a few warm-up steps, then timed steps. Speed lives here, never in tests.
+
+use std::time::Instant;
+
+use crate::data::{Corpus, WindowSampler};
+use crate::recipe::Recipe;
+use crate::run::model_config;
+use crate::train::AdamW;
+use crate::train::trainer::train_step;
+
+#[derive(Debug, Clone)]
+pub struct BenchResult {
+    pub parameters: usize,
+    pub steps: usize,
+    pub tokens_per_step: usize,
+    pub seconds_per_step: f64,
+    pub tokens_per_s: f64,
+}
+
+pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<BenchResult> {
+    use burn::module::Module;
+    let t = &recipe.training;
+    let device = crate::device::select(t)?.autodiff();
+    let corpus = Corpus::load(&recipe.data.path, recipe.data.val_fraction, None)?;
+    corpus.check_seq_len(t.seq_len, &recipe.data.path)?;
+    let config = model_config(recipe, corpus.tokenizer.vocab_size());
+    let mut model = config.init_seeded(t.seed, &device);
+    let parameters = model.num_params();
+    let mut optimizer = AdamW::new(recipe.optimizer.clone());
+    let mut sampler = WindowSampler::new(t.seed);
+    let lr = recipe.optimizer.lr;
+    let mut timed = 0.0;
+    for i in 0..warmup + steps {
+        let start = Instant::now();
+        let (next, out) = train_step(
+            model,
+            &mut optimizer,
+            &mut sampler,
+            &corpus.train,
+            recipe,
+            lr,
+            &device,
+        );
+        model = next;
+        anyhow::ensure!(out.finite(), "bench step {i}: non-finite loss {}", out.loss);
+        if i >= warmup {
+            timed += start.elapsed().as_secs_f64();
+        }
+    }
+    let tokens_per_step = t.batch_size * t.seq_len;
+    Ok(BenchResult {
+        parameters,
+        steps,
+        tokens_per_step,
+        seconds_per_step: timed / steps as f64,
+        tokens_per_s: (tokens_per_step * steps) as f64 / timed,
+    })
+}
