@@ -57,6 +57,141 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     /// Std of the normal initialisation of linear and embedding weights (GPT-2: 0.02).
     pub init_std: f64,
+    /// Options of each mixer, used by the layers that pick it.
+    pub softmax: SoftmaxOptions,
+    pub linear: LinearAttentionOptions,
+    pub ssm: SsmOptions,
+    pub pool: PoolOptions,
+}
+
+/// `[model.softmax]`: causal softmax attention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SoftmaxOptions {
+    /// Compute attention tiled over key blocks with an online softmax (memory linear in
+    /// sequence length) instead of materialising the full score matrix.
+    pub tiled: bool,
+    /// Key block size of the tiled form.
+    pub block_size: usize,
+}
+
+/// `[model.linear]`: kernelised linear attention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinearAttentionOptions {
+    pub feature_map: FeatureMap,
+    /// Divide by φ(q)ᵀΣφ(k) (Katharopoulos et al.); off is RetNet/GLA style.
+    pub normalize: bool,
+    pub decay: DecayMode,
+    /// Which form trains: `chunkwise` (fast), `recurrent` or `quadratic` (references).
+    pub form: LinearForm,
+    pub chunk_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureMap {
+    /// elu(x) + 1 (Katharopoulos et al. 2020).
+    EluPlusOne,
+    Relu,
+    Identity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecayMode {
+    /// Plain cumulative sum: S_t = S_{t-1} + φ(k_t) v_tᵀ.
+    None,
+    /// RetNet's fixed per-head γ_h = 1 − 2^(−5−h).
+    Retnet,
+    /// A learned, data-dependent per-head gate, as in GLA: γ_t = sigmoid(w·x_t + b)^(1/16).
+    Gated,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearForm {
+    Chunkwise,
+    Recurrent,
+    Quadratic,
+}
+
+/// `[model.ssm]`: a Mamba (S6) block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SsmOptions {
+    pub d_state: usize,
+    pub d_conv: usize,
+    /// d_inner = expand · d_model.
+    pub expand: usize,
+    /// Rank of Δ's projection; 0 = ⌈d_model / 16⌉.
+    pub dt_rank: usize,
+    pub dt_min: f64,
+    pub dt_max: f64,
+    /// Which scan trains: `chunked` (fast) or `sequential` (reference).
+    pub scan: ScanForm,
+    pub chunk_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScanForm {
+    Chunked,
+    Sequential,
+}
+
+/// `[model.pool]`: PoolFormer's pooling mixer, `avgpool(x) − x`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolOptions {
+    pub pool_size: usize,
+    /// Average a trailing window (language modelling) rather than a centred one.
+    pub causal: bool,
+}
+
+impl Default for SoftmaxOptions {
+    fn default() -> Self {
+        Self {
+            tiled: false,
+            block_size: 64,
+        }
+    }
+}
+
+impl Default for LinearAttentionOptions {
+    fn default() -> Self {
+        Self {
+            feature_map: FeatureMap::EluPlusOne,
+            normalize: true,
+            decay: DecayMode::None,
+            form: LinearForm::Chunkwise,
+            chunk_size: 16,
+        }
+    }
+}
+
+impl Default for SsmOptions {
+    fn default() -> Self {
+        Self {
+            d_state: 16,
+            d_conv: 4,
+            expand: 2,
+            dt_rank: 0,
+            dt_min: 1e-3,
+            dt_max: 0.1,
+            scan: ScanForm::Chunked,
+            chunk_size: 8,
+        }
+    }
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 3,
+            causal: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,6 +370,10 @@ impl Default for ModelConfig {
             max_seq_len: 0,
             tie_embeddings: true,
             init_std: 0.02,
+            softmax: SoftmaxOptions::default(),
+            linear: LinearAttentionOptions::default(),
+            ssm: SsmOptions::default(),
+            pool: PoolOptions::default(),
         }
     }
 }
@@ -451,6 +590,34 @@ impl Recipe {
             return fail(
                 "model.norm_eps",
                 format!("must be > 0 (got {})", m.norm_eps),
+            );
+        }
+        for (k, v) in [
+            ("model.softmax.block_size", m.softmax.block_size),
+            ("model.linear.chunk_size", m.linear.chunk_size),
+            ("model.ssm.d_state", m.ssm.d_state),
+            ("model.ssm.d_conv", m.ssm.d_conv),
+            ("model.ssm.expand", m.ssm.expand),
+            ("model.ssm.chunk_size", m.ssm.chunk_size),
+            ("model.pool.pool_size", m.pool.pool_size),
+        ] {
+            if v == 0 {
+                return fail(k, "must be at least 1".into());
+            }
+        }
+        if !(positive(m.ssm.dt_min) && m.ssm.dt_min <= m.ssm.dt_max) {
+            return fail(
+                "model.ssm.dt_min",
+                format!(
+                    "must be in (0, dt_max = {}] (got {}); Mamba uses 1e-3",
+                    m.ssm.dt_max, m.ssm.dt_min
+                ),
+            );
+        }
+        if !m.pool.causal && self.layer_mixers().contains(&MixerKind::Pool) {
+            return fail(
+                "model.pool.causal",
+                "false (a centred window) sees future tokens, which a language model must not: use true".into(),
             );
         }
         if !(0.0..1.0).contains(&m.dropout) {

@@ -5,7 +5,10 @@
 //! so adding a mixer means: a new file, a variant in [`MixerKind`] and [`Mixer`], and the
 //! two `match`es below. Nothing in the block or the trainer changes.
 
+pub mod linear_attention;
+pub mod pool;
 pub mod softmax_attention;
+pub mod ssm;
 
 use burn::module::Module;
 use burn::module::Param;
@@ -15,7 +18,10 @@ use burn::tensor::Distribution;
 use serde::{Deserialize, Serialize};
 
 use crate::recipe::ModelConfig;
+pub use linear_attention::{LinearAttention, LinearAttentionConfig};
+pub use pool::{Pool, PoolConfig};
 pub use softmax_attention::{SoftmaxAttention, SoftmaxAttentionConfig};
+pub use ssm::{Ssm, SsmConfig};
 
 /// What every token mixer does: map `[batch, seq, d_model]` to the same shape, causally
 /// (position t sees positions ≤ t) unless the mixer says otherwise.
@@ -27,8 +33,14 @@ pub trait TokenMixer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MixerKind {
-    /// Causal multi-head softmax attention.
+    /// Causal multi-head softmax attention (`[model.softmax]`).
     Softmax,
+    /// Kernelised linear attention, optionally decayed (`[model.linear]`).
+    Linear,
+    /// A Mamba selective state-space block (`[model.ssm]`).
+    Ssm,
+    /// PoolFormer's pooling, `avgpool(x) − x` (`[model.pool]`).
+    Pool,
 }
 
 impl MixerKind {
@@ -43,8 +55,36 @@ impl MixerKind {
                     dropout: model.dropout,
                     init_std: model.init_std,
                     out_init_std: residual_init_std(model),
+                    options: model.softmax.clone(),
                 }
                 .init(device),
+            ),
+            MixerKind::Linear => Mixer::Linear(
+                LinearAttentionConfig {
+                    d_model: model.d_model,
+                    n_heads: model.n_heads,
+                    bias: model.bias,
+                    init_std: model.init_std,
+                    out_init_std: residual_init_std(model),
+                    options: model.linear.clone(),
+                }
+                .init(device),
+            ),
+            MixerKind::Ssm => Mixer::Ssm(
+                SsmConfig {
+                    d_model: model.d_model,
+                    init_std: model.init_std,
+                    out_init_std: residual_init_std(model),
+                    options: model.ssm.clone(),
+                }
+                .init(device),
+            ),
+            MixerKind::Pool => Mixer::Pool(
+                PoolConfig {
+                    pool_size: model.pool.pool_size,
+                    causal: model.pool.causal,
+                }
+                .init(),
             ),
         }
     }
@@ -52,6 +92,9 @@ impl MixerKind {
     pub fn name(self) -> &'static str {
         match self {
             MixerKind::Softmax => "softmax",
+            MixerKind::Linear => "linear",
+            MixerKind::Ssm => "ssm",
+            MixerKind::Pool => "pool",
         }
     }
 }
@@ -61,12 +104,18 @@ impl MixerKind {
 #[derive(Module, Debug)]
 pub enum Mixer {
     Softmax(SoftmaxAttention),
+    Linear(LinearAttention),
+    Ssm(Ssm),
+    Pool(Pool),
 }
 
 impl TokenMixer for Mixer {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         match self {
             Mixer::Softmax(m) => m.forward(x),
+            Mixer::Linear(m) => m.forward(x),
+            Mixer::Ssm(m) => m.forward(x),
+            Mixer::Pool(m) => m.forward(x),
         }
     }
 }

@@ -31,9 +31,9 @@ pub struct AdamW {
 }
 
 /// Whether a parameter gets weight decay: matrices do; vectors (norm weights, biases, layer
-/// scales) and embedding tables do not.
+/// scales, the SSM's D), embedding tables and the SSM's A_log (as in mamba_ssm) do not.
 pub fn decays(path: &str, rank: usize) -> bool {
-    rank >= 2 && !path.contains("embedding")
+    rank >= 2 && !path.contains("embedding") && !path.ends_with("A_log")
 }
 
 impl AdamW {

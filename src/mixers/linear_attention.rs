@@ -1,0 +1,261 @@
+//! Kernelised linear attention (Katharopoulos et al. 2020), with optional per-head decay
+//! (RetNet's fixed γ, or a GLA-style learned gate):
+//!
+//! `S_t = γ_t S_{t-1} + φ(k_t) v_tᵀ`,  `o_t = φ(q_t)ᵀ S_t` (÷ `φ(q_t)ᵀ z_t` when normalised,
+//! `z_t = γ_t z_{t-1} + φ(k_t)`).
+//!
+//! Three forms of the same function, as flash-linear-attention keeps them: the recurrent one
+//! (a loop over time), the quadratic one (a decay-masked `QKᵀ`), and the chunkwise-parallel
+//! one that trains (quadratic inside chunks, the recurrent state between them). All take
+//! per-head log-decays `a_t = ln γ_t ≤ 0`, so decay products are sums of logs.
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::activation::{elu, log_sigmoid, relu};
+
+use super::{TokenMixer, normal_linear};
+use crate::recipe::{DecayMode, FeatureMap, LinearAttentionOptions, LinearForm};
+
+/// Added to the normaliser so a near-zero denominator cannot blow up.
+const NORM_EPS: f64 = 1e-6;
+/// GLA's gate temperature: γ = sigmoid(·)^(1/16) keeps decays close to 1.
+const GATE_TEMPERATURE: f64 = 16.0;
+
+#[derive(Debug, Clone)]
+pub struct LinearAttentionConfig {
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub bias: bool,
+    pub init_std: f64,
+    pub out_init_std: f64,
+    pub options: LinearAttentionOptions,
+}
+
+#[derive(Module, Debug)]
+pub struct LinearAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    /// Present with `decay = "gated"`: x → one gate logit per head.
+    pub gate_proj: Option<Linear>,
+    n_heads: usize,
+    #[module(skip)]
+    options: LinearAttentionOptions,
+}
+
+impl LinearAttentionConfig {
+    pub fn init(&self, device: &Device) -> LinearAttention {
+        let d = self.d_model;
+        let gate_proj = (self.options.decay == DecayMode::Gated)
+            .then(|| normal_linear(d, self.n_heads, true, self.init_std, device));
+        LinearAttention {
+            q_proj: normal_linear(d, d, self.bias, self.init_std, device),
+            k_proj: normal_linear(d, d, self.bias, self.init_std, device),
+            v_proj: normal_linear(d, d, self.bias, self.init_std, device),
+            out_proj: normal_linear(d, d, self.bias, self.out_init_std, device),
+            gate_proj,
+            n_heads: self.n_heads,
+            options: self.options.clone(),
+        }
+    }
+}
+
+/// Queries, keys (already feature-mapped), values and log-decays of one call, split by head:
+/// q, k `[b, h, t, dk]`, v `[b, h, t, dv]`, log_decay `[b, h, t]` (all ≤ 0).
+pub struct LinearInputs {
+    pub q: Tensor<4>,
+    pub k: Tensor<4>,
+    pub v: Tensor<4>,
+    pub log_decay: Tensor<3>,
+}
+
+impl LinearAttention {
+    fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
+        let [b, t, d] = x.dims();
+        x.reshape([b, t, self.n_heads, d / self.n_heads])
+            .swap_dims(1, 2)
+    }
+
+    fn feature_map(&self, x: Tensor<4>) -> Tensor<4> {
+        match self.options.feature_map {
+            FeatureMap::EluPlusOne => elu(x, 1.0).add_scalar(1.0),
+            FeatureMap::Relu => relu(x),
+            FeatureMap::Identity => x,
+        }
+    }
+
+    /// Project, feature-map and compute the decays for `x` `[b, t, d]`.
+    pub fn inputs(&self, x: Tensor<3>) -> LinearInputs {
+        let [b, t, _] = x.dims();
+        let h = self.n_heads;
+        let device = x.device();
+        let log_decay = match self.options.decay {
+            DecayMode::None => Tensor::zeros([b, h, t], &device),
+            DecayMode::Retnet => {
+                let gammas: Vec<f32> = (0..h)
+                    .map(|i| (1.0 - 2f64.powi(-5 - i as i32)).ln() as f32)
+                    .collect();
+                Tensor::<1>::from_data(TensorData::new(gammas, [h]), &device)
+                    .reshape([1, h, 1])
+                    .expand([b, h, t])
+            }
+            DecayMode::Gated => {
+                let gate = self.gate_proj.as_ref().expect("gated decay has a gate");
+                log_sigmoid(gate.forward(x.clone()))
+                    .div_scalar(GATE_TEMPERATURE)
+                    .swap_dims(1, 2)
+            }
+        };
+        LinearInputs {
+            q: self.feature_map(self.split_heads(self.q_proj.forward(x.clone()))),
+            k: self.feature_map(self.split_heads(self.k_proj.forward(x.clone()))),
+            v: self.split_heads(self.v_proj.forward(x)),
+            log_decay,
+        }
+    }
+
+    /// Mix with the configured form.
+    pub fn mix(&self, inputs: LinearInputs) -> Tensor<4> {
+        let normalize = self.options.normalize;
+        match self.options.form {
+            LinearForm::Chunkwise => chunkwise(inputs, normalize, self.options.chunk_size),
+            LinearForm::Recurrent => recurrent(inputs, normalize),
+            LinearForm::Quadratic => quadratic(inputs, normalize),
+        }
+    }
+}
+
+impl TokenMixer for LinearAttention {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, t, d] = x.dims();
+        let o = self.mix(self.inputs(x));
+        self.out_proj.forward(o.swap_dims(1, 2).reshape([b, t, d]))
+    }
+}
+
+/// Reference: the recurrence, one time step at a time.
+pub fn recurrent(inputs: LinearInputs, normalize: bool) -> Tensor<4> {
+    let LinearInputs { q, k, v, log_decay } = inputs;
+    let [b, h, t, dk] = q.dims();
+    let dv = v.dims()[3];
+    let device = q.device();
+    let mut state = Tensor::<4>::zeros([b, h, dk, dv], &device);
+    let mut z = Tensor::<4>::zeros([b, h, 1, dk], &device);
+    let mut outputs = Vec::with_capacity(t);
+    for i in 0..t {
+        let gamma = log_decay
+            .clone()
+            .slice([0..b, 0..h, i..i + 1])
+            .exp()
+            .unsqueeze_dim::<4>(3);
+        let q_i = q.clone().slice([0..b, 0..h, i..i + 1, 0..dk]);
+        let k_i = k.clone().slice([0..b, 0..h, i..i + 1, 0..dk]);
+        let v_i = v.clone().slice([0..b, 0..h, i..i + 1, 0..dv]);
+        state = state * gamma.clone() + k_i.clone().transpose().matmul(v_i);
+        let mut o = q_i.clone().matmul(state.clone());
+        if normalize {
+            z = z * gamma + k_i;
+            let den = (q_i * z.clone()).sum_dim(3);
+            o = o / den.add_scalar(NORM_EPS);
+        }
+        outputs.push(o);
+    }
+    Tensor::cat(outputs, 2)
+}
+
+/// `exp(c_i − c_j)` for `j ≤ i`, 0 above the diagonal: the decay from step j to step i, from
+/// cumulative log-decays `c` `[.., n]`. Differences are taken before `exp`, so it is stable.
+fn decay_matrix<const D: usize, const D1: usize>(cum: Tensor<D>) -> Tensor<D1> {
+    let n = cum.dims()[D - 1];
+    let diff: Tensor<D1> = cum.clone().unsqueeze_dim(D) - cum.unsqueeze_dim(D - 1);
+    let future = Tensor::<2, Bool>::tril_mask([n, n], 0, &diff.device());
+    diff.mask_fill(future.unsqueeze::<D1>(), f32::NEG_INFINITY)
+        .exp()
+}
+
+/// Reference: the masked quadratic form `(φ(Q)φ(K)ᵀ ⊙ D) V`.
+pub fn quadratic(inputs: LinearInputs, normalize: bool) -> Tensor<4> {
+    let LinearInputs { q, k, v, log_decay } = inputs;
+    let weights = q.matmul(k.transpose()) * decay_matrix::<3, 4>(log_decay.cumsum(2));
+    let o = weights.clone().matmul(v);
+    if normalize {
+        o / weights.sum_dim(3).add_scalar(NORM_EPS)
+    } else {
+        o
+    }
+}
+
+/// Fast form: chunks of `chunk` steps use the quadratic form inside and pass the recurrent
+/// state `S` (and `z`) between them, so work is linear in sequence length.
+pub fn chunkwise(inputs: LinearInputs, normalize: bool, chunk: usize) -> Tensor<4> {
+    let LinearInputs { q, k, v, log_decay } = inputs;
+    let [b, h, t, dk] = q.dims();
+    let dv = v.dims()[3];
+    let device = q.device();
+    let c = chunk.min(t);
+    let n = t.div_ceil(c);
+    let pad = n * c - t;
+    // Zero padding at the end: zero keys/values add nothing, zero log-decay decays nothing.
+    let pad4 = |x: Tensor<4>, d: usize| {
+        if pad == 0 {
+            x
+        } else {
+            Tensor::cat(vec![x, Tensor::zeros([b, h, pad, d], &device)], 2)
+        }
+    };
+    let q = pad4(q, dk).reshape([b, h, n, c, dk]);
+    let k = pad4(k, dk).reshape([b, h, n, c, dk]);
+    let v = pad4(v, dv).reshape([b, h, n, c, dv]);
+    let a = if pad == 0 {
+        log_decay
+    } else {
+        Tensor::cat(vec![log_decay, Tensor::zeros([b, h, pad], &device)], 2)
+    }
+    .reshape([b, h, n, c]);
+
+    // Within each chunk: cumulative log-decay from the chunk's start.
+    let cum = a.cumsum(3);
+    let last = cum.clone().slice([0..b, 0..h, 0..n, c - 1..c]); // [b, h, n, 1]
+    let intra = q.clone().matmul(k.clone().swap_dims(3, 4)) * decay_matrix::<4, 5>(cum.clone());
+
+    // What each chunk adds to the state, decayed to the chunk's end.
+    let k_to_end = k * (last.clone() - cum.clone()).exp().unsqueeze_dim::<5>(4);
+    let chunk_state = k_to_end.clone().swap_dims(3, 4).matmul(v.clone()); // [b, h, n, dk, dv]
+    let chunk_z = k_to_end.sum_dim(3); // [b, h, n, 1, dk]
+    let chunk_decay = last.exp().unsqueeze_dim::<5>(4); // [b, h, n, 1, 1]
+
+    // The state entering each chunk: a short scan over chunks.
+    let mut s = Tensor::<4>::zeros([b, h, dk, dv], &device);
+    let mut z = Tensor::<4>::zeros([b, h, 1, dk], &device);
+    let (mut s_in, mut z_in) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        s_in.push(s.clone().unsqueeze_dim::<5>(2));
+        z_in.push(z.clone().unsqueeze_dim::<5>(2));
+        let g = chunk_decay
+            .clone()
+            .slice([0..b, 0..h, i..i + 1, 0..1, 0..1])
+            .squeeze_dim::<4>(2);
+        s = s * g.clone()
+            + chunk_state
+                .clone()
+                .slice([0..b, 0..h, i..i + 1, 0..dk, 0..dv])
+                .squeeze_dim::<4>(2);
+        z = z * g
+            + chunk_z
+                .clone()
+                .slice([0..b, 0..h, i..i + 1, 0..1, 0..dk])
+                .squeeze_dim::<4>(2);
+    }
+    let s_in = Tensor::cat(s_in, 2); // [b, h, n, dk, dv]
+    let q_decayed = q * cum.exp().unsqueeze_dim::<5>(4);
+    let mut o = intra.clone().matmul(v) + q_decayed.clone().matmul(s_in);
+    if normalize {
+        let z_in = Tensor::cat(z_in, 2); // [b, h, n, 1, dk]
+        let den = intra.sum_dim(4) + (q_decayed * z_in).sum_dim(4);
+        o = o / den.add_scalar(NORM_EPS);
+    }
+    o.reshape([b, h, n * c, dv])
+        .slice([0..b, 0..h, 0..t, 0..dv])
+}

@@ -1,0 +1,82 @@
+//! PoolFormer's pooling mixer (Yu et al., "MetaFormer Is Actually What You Need"):
+//! `avgpool(x) − x`, no parameters. The causal form averages a trailing window of
+//! `pool_size` tokens (fewer at the start: padding is not counted, as in PoolFormer's
+//! `count_include_pad=False`); the symmetric form averages a centred window, for
+//! bidirectional tasks.
+
+use burn::module::Module;
+use burn::prelude::*;
+
+use super::TokenMixer;
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub pool_size: usize,
+    pub causal: bool,
+}
+
+#[derive(Module, Debug)]
+pub struct Pool {
+    pool_size: usize,
+    causal: bool,
+}
+
+impl PoolConfig {
+    pub fn init(&self) -> Pool {
+        Pool {
+            pool_size: self.pool_size,
+            causal: self.causal,
+        }
+    }
+}
+
+impl Pool {
+    /// Window `[lo, hi)` of position `t` in a sequence of `len`.
+    fn window(&self, t: usize, len: usize) -> (usize, usize) {
+        let k = self.pool_size;
+        if self.causal {
+            ((t + 1).saturating_sub(k), t + 1)
+        } else {
+            let before = (k - 1) / 2;
+            (t.saturating_sub(before), (t + k - before).min(len))
+        }
+    }
+
+    /// Fast form: window sums as differences of one prefix sum over time.
+    pub fn forward_cumsum(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, t, d] = x.dims();
+        let device = x.device();
+        let zero = Tensor::<3>::zeros([b, 1, d], &device);
+        // prefix[i] = Σ_{s<i} x_s, i = 0..=t
+        let prefix = Tensor::cat(vec![zero, x.clone().cumsum(1)], 1);
+        let (lo, hi): (Vec<i64>, Vec<i64>) = (0..t)
+            .map(|i| {
+                let (l, h) = self.window(i, t);
+                (l as i64, h as i64)
+            })
+            .unzip();
+        let counts: Vec<f32> = lo.iter().zip(&hi).map(|(l, h)| (h - l) as f32).collect();
+        let idx = |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v, [t]), &device);
+        let sums = prefix.clone().select(1, idx(hi)) - prefix.select(1, idx(lo));
+        let counts = Tensor::<1>::from_data(TensorData::new(counts, [t]), &device);
+        sums / counts.reshape([1, t, 1]) - x
+    }
+
+    /// Reference form: average each window with a slice, one position at a time.
+    pub fn forward_loop(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, t, d] = x.dims();
+        let rows: Vec<Tensor<3>> = (0..t)
+            .map(|i| {
+                let (lo, hi) = self.window(i, t);
+                x.clone().slice([0..b, lo..hi, 0..d]).mean_dim(1)
+            })
+            .collect();
+        Tensor::cat(rows, 1) - x
+    }
+}
+
+impl TokenMixer for Pool {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_cumsum(x)
+    }
+}

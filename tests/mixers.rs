@@ -1,0 +1,292 @@
+//! Every mixer's fast form equals its plain reference form on random inputs, forward and
+//! gradients; and every mixer, inside the language model, is causal.
+
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use metamix::mixers::linear_attention::{self, LinearInputs};
+use metamix::mixers::softmax_attention::{SoftmaxAttention, attend_tiled};
+use metamix::mixers::ssm::{self, ScanInputs};
+use metamix::mixers::{MixerKind, PoolConfig};
+use metamix::recipe::{DecayMode, ModelConfig};
+use metamix::run::model_config;
+
+fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+fn leaf<const D: usize>(shape: [usize; D], dist: Distribution) -> Tensor<D> {
+    Tensor::random(shape, dist, &device()).require_grad()
+}
+
+fn normal<const D: usize>(shape: [usize; D]) -> Tensor<D> {
+    leaf(shape, Distribution::Normal(0.0, 1.0))
+}
+
+/// Max |a − b| over max(1, max |b|): relative for large values, absolute near zero.
+fn rel_err<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    let scale = b.clone().abs().max().into_scalar::<f32>().max(1.0);
+    (a - b).abs().max().into_scalar::<f32>() / scale
+}
+
+fn assert_close<const D: usize>(a: Tensor<D>, b: Tensor<D>, tol: f32, what: &str) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    let e = rel_err(a, b);
+    assert!(e < tol, "{what}: relative error {e:e} ≥ {tol:e}");
+}
+
+/// Run `f` on the leaves and return its output and the gradients of a fixed random
+/// projection of the output with respect to each leaf.
+fn with_grads<const D: usize, const L: usize>(
+    leaves: &[Tensor<L>],
+    probe: &Tensor<D>,
+    f: impl Fn(&[Tensor<L>]) -> Tensor<D>,
+) -> (Tensor<D>, Vec<Tensor<L>>) {
+    let out = f(leaves);
+    let grads = (out.clone() * probe.clone()).sum().backward();
+    let g = leaves
+        .iter()
+        .map(|x| x.grad(&grads).expect("leaf has a gradient"))
+        .collect();
+    (out.detach(), g)
+}
+
+fn compare_forms<const D: usize, const L: usize>(
+    name: &str,
+    leaves: &[Tensor<L>],
+    out_shape: [usize; D],
+    reference: impl Fn(&[Tensor<L>]) -> Tensor<D>,
+    fast: impl Fn(&[Tensor<L>]) -> Tensor<D>,
+    tol: f32,
+) {
+    let probe = Tensor::<D>::random(out_shape, Distribution::Normal(0.0, 1.0), &device());
+    let (out_ref, g_ref) = with_grads(leaves, &probe, reference);
+    let (out_fast, g_fast) = with_grads(leaves, &probe, fast);
+    assert_close(out_fast, out_ref, tol, &format!("{name}: output"));
+    for (i, (a, b)) in g_fast.into_iter().zip(g_ref).enumerate() {
+        assert_close(a, b, tol, &format!("{name}: gradient of input {i}"));
+    }
+}
+
+#[test]
+fn tiled_softmax_equals_naive() {
+    let no_dropout = burn::nn::DropoutConfig::new(0.0).init();
+    for (t, block) in [(23, 8), (16, 16), (5, 2), (40, 64)] {
+        let leaves = [
+            normal([2, 3, t, 8]),
+            normal([2, 3, t, 8]),
+            normal([2, 3, t, 8]),
+        ];
+        compare_forms(
+            &format!("softmax t={t} block={block}"),
+            &leaves,
+            [2, 3, t, 8],
+            |x| {
+                SoftmaxAttention::attend_naive(
+                    x[0].clone(),
+                    x[1].clone(),
+                    x[2].clone(),
+                    &no_dropout,
+                )
+            },
+            |x| attend_tiled(x[0].clone(), x[1].clone(), x[2].clone(), block),
+            1e-5,
+        );
+    }
+}
+
+fn linear_inputs(x: &[Tensor<4>], decay: &Tensor<3>) -> LinearInputs {
+    // Positive features, as elu+1 gives, so the normaliser is well conditioned.
+    LinearInputs {
+        q: x[0].clone(),
+        k: x[1].clone(),
+        v: x[2].clone(),
+        log_decay: decay.clone(),
+    }
+}
+
+#[test]
+fn linear_attention_chunkwise_recurrent_and_quadratic_agree() {
+    let (b, h, t, dk, dv) = (2, 2, 21, 4, 5);
+    for decay in ["none", "fixed", "data-dependent"] {
+        for normalize in [false, true] {
+            let pos = Distribution::Uniform(0.1, 1.0);
+            let leaves = [
+                leaf([b, h, t, dk], pos),
+                leaf([b, h, t, dk], pos),
+                normal([b, h, t, dv]),
+            ];
+            let log_decay = match decay {
+                "none" => Tensor::zeros([b, h, t], &device()),
+                "fixed" => Tensor::full([b, h, t], (0.9f32).ln(), &device()),
+                _ => leaf([b, h, t], Distribution::Uniform(-0.5, 0.0)),
+            };
+            for chunk in [1, 4, 8, 32] {
+                let name = format!("linear decay={decay} normalize={normalize} chunk={chunk}");
+                compare_forms(
+                    &name,
+                    &leaves,
+                    [b, h, t, dv],
+                    |x| linear_attention::recurrent(linear_inputs(x, &log_decay), normalize),
+                    |x| linear_attention::chunkwise(linear_inputs(x, &log_decay), normalize, chunk),
+                    1e-5,
+                );
+            }
+            compare_forms(
+                &format!("linear quadratic decay={decay} normalize={normalize}"),
+                &leaves,
+                [b, h, t, dv],
+                |x| linear_attention::recurrent(linear_inputs(x, &log_decay), normalize),
+                |x| linear_attention::quadratic(linear_inputs(x, &log_decay), normalize),
+                1e-5,
+            );
+            if decay == "data-dependent" {
+                // The gate is learned: its gradient must match too.
+                let probe =
+                    Tensor::<4>::random([b, h, t, dv], Distribution::Normal(0.0, 1.0), &device());
+                let grad_of = |f: &dyn Fn() -> Tensor<4>| {
+                    let g = (f() * probe.clone()).sum().backward();
+                    log_decay.grad(&g).unwrap()
+                };
+                let a = grad_of(&|| {
+                    linear_attention::recurrent(linear_inputs(&leaves, &log_decay), normalize)
+                });
+                let c = grad_of(&|| {
+                    linear_attention::chunkwise(linear_inputs(&leaves, &log_decay), normalize, 8)
+                });
+                assert_close(c, a, 1e-5, "linear: gradient of the log-decay");
+            }
+        }
+    }
+}
+
+#[test]
+fn ssm_chunked_scan_equals_sequential() {
+    let (b, t, di, n) = (2, 19, 6, 4);
+    let u = normal([b, t, di]);
+    let delta = leaf([b, t, di], Distribution::Uniform(0.001, 0.5));
+    let b_in = normal([b, t, n]);
+    let c_in = normal([b, t, n]);
+    let a = leaf([di, n], Distribution::Uniform(-4.0, -0.5));
+    let inputs = || ScanInputs {
+        u: u.clone(),
+        delta: delta.clone(),
+        a: a.clone(),
+        b: b_in.clone(),
+        c: c_in.clone(),
+    };
+    let probe = Tensor::<3>::random([b, t, di], Distribution::Normal(0.0, 1.0), &device());
+    let run = |f: &dyn Fn(ScanInputs) -> Tensor<3>| {
+        let y = f(inputs());
+        let g = (y.clone() * probe.clone()).sum().backward();
+        let g3 = |x: &Tensor<3>| x.grad(&g).unwrap();
+        (
+            y.detach(),
+            [g3(&u), g3(&delta), g3(&b_in), g3(&c_in)],
+            a.grad(&g).unwrap(),
+        )
+    };
+    let (y_ref, g_ref, ga_ref) = run(&ssm::scan_sequential);
+    for chunk in [1, 4, 8, 64] {
+        let (y, g, ga) = run(&|s| ssm::scan_chunked(s, chunk));
+        assert_close(
+            y,
+            y_ref.clone(),
+            1e-5,
+            &format!("ssm chunk={chunk}: output"),
+        );
+        for (i, (x, r)) in g.into_iter().zip(g_ref.clone()).enumerate() {
+            assert_close(x, r, 1e-5, &format!("ssm chunk={chunk}: gradient {i}"));
+        }
+        assert_close(
+            ga,
+            ga_ref.clone(),
+            1e-5,
+            &format!("ssm chunk={chunk}: gradient of A"),
+        );
+    }
+}
+
+#[test]
+fn pool_cumsum_equals_direct_loop() {
+    for causal in [true, false] {
+        for k in [1, 2, 3, 4, 7] {
+            let pool = PoolConfig {
+                pool_size: k,
+                causal,
+            }
+            .init();
+            let x = [normal([2, 9, 5])];
+            compare_forms(
+                &format!("pool k={k} causal={causal}"),
+                &x,
+                [2, 9, 5],
+                |x| pool.forward_loop(x[0].clone()),
+                |x| pool.forward_cumsum(x[0].clone()),
+                1e-5,
+            );
+        }
+    }
+    // By hand: causal window 2 over [1, 3, 5] averages [1], [1, 3], [3, 5].
+    let pool = PoolConfig {
+        pool_size: 2,
+        causal: true,
+    }
+    .init();
+    let x = Tensor::<3>::from_data(
+        TensorData::new(vec![1.0f32, 3.0, 5.0], [1, 3, 1]),
+        &Device::flex(),
+    );
+    let y: Vec<f32> = pool.forward_cumsum(x).into_data().try_to_vec().unwrap();
+    assert_eq!(y, vec![0.0, -1.0, -1.0]);
+}
+
+/// For every mixer (and a hybrid), logits at position t do not change when a later token
+/// changes: the model is causal end to end.
+#[test]
+fn every_mixer_is_causal_in_the_language_model() {
+    let device = Device::flex();
+    for mixers in [
+        vec![MixerKind::Softmax, MixerKind::Softmax],
+        vec![MixerKind::Linear, MixerKind::Linear],
+        vec![MixerKind::Ssm, MixerKind::Ssm],
+        vec![MixerKind::Pool, MixerKind::Pool],
+        vec![MixerKind::Ssm, MixerKind::Softmax],
+    ] {
+        let mut recipe = metamix::recipe::Recipe {
+            name: "causal".into(),
+            model: ModelConfig {
+                d_model: 16,
+                n_layers: 2,
+                n_heads: 2,
+                mixers: Some(mixers.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        recipe.model.softmax.tiled = true;
+        recipe.model.softmax.block_size = 4;
+        recipe.model.linear.decay = DecayMode::Gated;
+        recipe.model.linear.chunk_size = 4;
+        recipe.model.ssm.chunk_size = 4;
+        recipe.training.seq_len = 12;
+        let model = model_config(&recipe, 11).init_seeded(3, &device);
+        let ids = |last: i64| {
+            let mut v: Vec<i64> = (0..12).map(|i| (i * 7 % 11) as i64).collect();
+            v[8] = last;
+            Tensor::<2, Int>::from_data(TensorData::new(v, [1, 12]), &device)
+        };
+        let a = model.forward(ids(1)).slice([0..1, 0..8, 0..11]);
+        let b = model.forward(ids(9)).slice([0..1, 0..8, 0..11]);
+        assert_eq!(
+            a.clone().into_data(),
+            b.into_data(),
+            "{mixers:?}: the past changed"
+        );
+        let a_all = model.forward(ids(1)).slice([0..1, 8..12, 0..11]);
+        let b_all = model.forward(ids(9)).slice([0..1, 8..12, 0..11]);
+        assert!(
+            rel_err(a_all, b_all) > 0.0,
+            "{mixers:?}: the change had no effect at all"
+        );
+    }
+}
