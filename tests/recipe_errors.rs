@@ -22,7 +22,7 @@ const CASES: &[(&str, &[&str], &str, &str)] = &[
         "[model]\nmixer = \"sofmax\"\n",
         &[],
         "model.mixer",
-        "unknown variant `sofmax`, expected `softmax`",
+        "unknown variant `sofmax`, expected one of `softmax`, `linear`, `ssm`, `pool`",
     ),
     (
         "[model]\nn_layers = 2\nmixers = [\"softmax\", \"attn\"]\n",
@@ -53,6 +53,31 @@ const CASES: &[(&str, &[&str], &str, &str)] = &[
         &[],
         "lr_scheduler.decay",
         "expected one of `cosine`, `linear`, `constant`",
+    ),
+    // Mixer options.
+    (
+        "[model.linear]\nfeature_map = \"softplus\"\n",
+        &[],
+        "model.linear.feature_map",
+        "expected one of `elu_plus_one`, `relu`, `identity`",
+    ),
+    (
+        "[model.ssm]\nd_stat = 8\n",
+        &[],
+        "model.ssm.d_stat",
+        "unknown field `d_stat`, expected one of `d_state`",
+    ),
+    (
+        "[model]\nmixer = \"pool\"\n[model.pool]\ncausal = false\n",
+        &[],
+        "model.pool.causal",
+        "sees future tokens",
+    ),
+    (
+        "[model.ssm]\ndt_min = 0.5\n",
+        &[],
+        "model.ssm.dt_min",
+        "must be in (0, dt_max = 0.1]",
     ),
     // Wrong types.
     (

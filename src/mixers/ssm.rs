@@ -3,10 +3,13 @@
 //! (S4D-real init), the selective scan `h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t x_t`,
 //! `y_t = C_t h_t + D x_t`, gated by SiLU(z), out_proj. Parameter names follow mamba_ssm.
 //!
-//! The scan has a sequential reference (a loop over time) and a chunked form that trains:
-//! inside a chunk every state is a decay-weighted sum of the chunk's inputs (computed in
-//! parallel from differences of cumulative log-decays, which keeps it stable), and only
-//! the state at chunk ends is carried from chunk to chunk.
+//! The scan has a sequential form (a loop over time) and a chunked form: inside a chunk every
+//! state is a decay-weighted sum of the chunk's inputs (computed in parallel from differences
+//! of cumulative log-decays, which keeps it stable), and only the state at chunk ends is
+//! carried from chunk to chunk. Tests hold them equal. On the CPU backend the sequential
+//! form is the faster one (the chunked form does `chunk`× more exp/multiply work to save
+//! steps, which pays only where steps are expensive, e.g. a GPU's kernel launches), so it
+//! is the default; `[model.ssm] scan = "chunked"` selects the other.
 
 #![allow(non_snake_case)] // A_log, D: mamba_ssm's names, kept for checkpoint compatibility
 
@@ -175,85 +178,86 @@ impl TokenMixer for Ssm {
     }
 }
 
-/// `Δ·A` (log-decays) and `Δ·B·u` (inputs), `[b, t, d_inner, d_state]` each.
-fn discretize(s: &ScanInputs) -> (Tensor<4>, Tensor<4>) {
-    let delta = s.delta.clone().unsqueeze_dim::<4>(3);
-    let log_decay = delta.clone() * s.a.clone().unsqueeze::<4>();
-    let input = (delta * s.u.clone().unsqueeze_dim::<4>(3)) * s.b.clone().unsqueeze_dim::<4>(2);
-    (log_decay, input)
-}
-
 /// Reference: `h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t`, `y_t = C_t · h_t`, step by step.
+/// Each step slices only the small per-step inputs (`[b, 1, d_inner]`, `[b, 1, d_state]`),
+/// never the `[b, t, d_inner, d_state]` products, whose slices would each back-propagate
+/// into a zero tensor of the full size.
 pub fn scan_sequential(s: ScanInputs) -> Tensor<3> {
     let [bsz, t, di] = s.u.dims();
     let n = s.a.dims()[1];
-    let (log_decay, input) = discretize(&s);
+    let a = s.a.unsqueeze::<3>(); // [1, di, n]
     let mut h = Tensor::<3>::zeros([bsz, di, n], &s.u.device());
     let mut ys = Vec::with_capacity(t);
     for i in 0..t {
-        let step = |x: &Tensor<4>| {
-            x.clone()
-                .slice([0..bsz, i..i + 1, 0..di, 0..n])
-                .reshape([bsz, di, n])
-        };
-        h = step(&log_decay).exp() * h + step(&input);
-        let c = s.c.clone().slice([0..bsz, i..i + 1, 0..n]); // [b, 1, n]
+        let delta = s
+            .delta
+            .clone()
+            .slice([0..bsz, i..i + 1, 0..di])
+            .reshape([bsz, di, 1]);
+        let u =
+            s.u.clone()
+                .slice([0..bsz, i..i + 1, 0..di])
+                .reshape([bsz, di, 1]);
+        let b = s.b.clone().slice([0..bsz, i..i + 1, 0..n]); // [b, 1, n]
+        let c = s.c.clone().slice([0..bsz, i..i + 1, 0..n]);
+        h = (delta.clone() * a.clone()).exp() * h + (delta * u) * b;
         ys.push((h.clone() * c).sum_dim(2).reshape([bsz, 1, di]));
     }
     Tensor::cat(ys, 1)
 }
 
-/// Fast form: chunks of `chunk` steps in parallel, states carried between chunks.
+/// Fast form: chunks of `chunk` steps. Inside a chunk every state is a decay-weighted sum
+/// of the chunk's inputs, all positions at once; only the chunk-end state is carried on.
+/// Like the reference, it slices only the small per-step inputs.
 pub fn scan_chunked(s: ScanInputs, chunk: usize) -> Tensor<3> {
     let [bsz, t, di] = s.u.dims();
     let n = s.a.dims()[1];
-    let device = s.u.device();
-    let c = chunk.min(t);
-    let nc = t.div_ceil(c);
-    let pad = nc * c - t;
-    let (log_decay, input) = discretize(&s);
-    // Zero padding at the end: no decay, no input, no readout.
-    let pad_time = |x: Tensor<4>, last: usize| {
-        if pad == 0 {
-            x
-        } else {
-            Tensor::cat(vec![x, Tensor::zeros([bsz, pad, di, last], &device)], 1)
-        }
-    };
-    let cum = pad_time(log_decay, n)
-        .reshape([bsz, nc, c, di, n])
-        .cumsum(2);
-    let input = pad_time(input, n).reshape([bsz, nc, c, di, n]);
-    let readout = if pad == 0 {
-        s.c
-    } else {
-        Tensor::cat(vec![s.c, Tensor::zeros([bsz, pad, n], &device)], 1)
+    let a = s.a.unsqueeze::<4>(); // [1, 1, di, n]
+    let mut h = Tensor::<4>::zeros([bsz, 1, di, n], &s.u.device());
+    let mut ys = Vec::with_capacity(t.div_ceil(chunk));
+    for t0 in (0..t).step_by(chunk) {
+        let t1 = (t0 + chunk).min(t);
+        let len = t1 - t0;
+        let delta = s
+            .delta
+            .clone()
+            .slice([0..bsz, t0..t1, 0..di])
+            .unsqueeze_dim::<4>(3);
+        let u =
+            s.u.clone()
+                .slice([0..bsz, t0..t1, 0..di])
+                .unsqueeze_dim::<4>(3);
+        let b =
+            s.b.clone()
+                .slice([0..bsz, t0..t1, 0..n])
+                .unsqueeze_dim::<4>(2);
+        let c =
+            s.c.clone()
+                .slice([0..bsz, t0..t1, 0..n])
+                .unsqueeze_dim::<4>(2);
+        // [b, len, di, n]: log-decay from the chunk start through each step, and inputs.
+        let cum = (delta.clone() * a.clone()).cumsum(1);
+        let input = (delta * u) * b;
+        // states_i = Σ_{j≤i} exp(cum_i − cum_j) input_j + exp(cum_i) h_in
+        let local = (decay_matrix_over::<4, 5>(cum.clone(), 1) * input.unsqueeze_dim::<5>(1))
+            .sum_dim(2)
+            .reshape([bsz, len, di, n]);
+        let states = local + cum.exp() * h;
+        h = states.clone().slice([0..bsz, len - 1..len, 0..di, 0..n]);
+        ys.push((states * c).sum_dim(3).reshape([bsz, len, di]));
     }
-    .reshape([bsz, nc, c, 1, n]);
+    Tensor::cat(ys, 1)
+}
 
-    // decay[.., i, j, ..] = exp(cum_i − cum_j) for j ≤ i, else 0: [b, nc, c, c, di, n].
-    let diff: Tensor<6> = cum.clone().unsqueeze_dim(3) - cum.clone().unsqueeze_dim(2);
-    let future = Tensor::<2, Bool>::tril_mask([c, c], 0, &device).reshape([1, 1, c, c, 1, 1]);
-    let decay = diff.mask_fill(future, f32::NEG_INFINITY).exp();
-    // States from this chunk's own inputs: [b, nc, c, di, n].
-    let local = (decay * input.unsqueeze_dim::<6>(2))
-        .sum_dim(3)
-        .reshape([bsz, nc, c, di, n]);
-
-    // Carry chunk-end states: h_in(k+1) = exp(cum_last(k)) h_in(k) + local_last(k).
-    let last = |x: &Tensor<5>| x.clone().slice([0..bsz, 0..nc, c - 1..c, 0..di, 0..n]);
-    let (end_decay, end_local) = (last(&cum).exp(), last(&local));
-    let mut h = Tensor::<5>::zeros([bsz, 1, 1, di, n], &device);
-    let mut h_in = Vec::with_capacity(nc);
-    for k in 0..nc {
-        h_in.push(h.clone());
-        let pick = |x: &Tensor<5>| x.clone().slice([0..bsz, k..k + 1, 0..1, 0..di, 0..n]);
-        h = pick(&end_decay) * h + pick(&end_local);
-    }
-    let h_in = Tensor::cat(h_in, 1); // [b, nc, 1, di, n]
-    let states = local + cum.exp() * h_in;
-    (states * readout)
-        .sum_dim(4)
-        .reshape([bsz, nc * c, di])
-        .slice([0..bsz, 0..t, 0..di])
+/// From cumulative log-decays `cum` with time along `dim`, the matrix
+/// `exp(cum_i − cum_j)` for `j ≤ i` (0 for `j > i`), with `i` at `dim` and `j` at `dim + 1`.
+/// Differences are taken before `exp`, so it never overflows.
+fn decay_matrix_over<const D: usize, const D1: usize>(cum: Tensor<D>, dim: usize) -> Tensor<D1> {
+    let len = cum.dims()[dim];
+    let diff: Tensor<D1> = cum.clone().unsqueeze_dim(dim + 1) - cum.unsqueeze_dim(dim);
+    let mut mask_shape = [1usize; D1];
+    mask_shape[dim] = len;
+    mask_shape[dim + 1] = len;
+    let future = Tensor::<2, Bool>::tril_mask([len, len], 0, &diff.device()).reshape(mask_shape);
+    diff.mask_fill(future, f32::NEG_INFINITY).exp()
 }

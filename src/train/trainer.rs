@@ -222,7 +222,12 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
             metrics.flush();
             last_val = Some(val);
             if !opts.quiet {
-                bar.suspend(|| eprintln!("step {s}: train loss {loss:.4}, val loss {val:.4}"));
+                bar.suspend(|| {
+                    eprintln!(
+                        "step {s} ({:.1} s): train loss {loss:.4}, val loss {val:.4}",
+                        start.elapsed().as_secs_f64()
+                    )
+                });
             }
         }
         let interval = recipe.checkpoint.interval;
