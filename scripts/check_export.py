@@ -74,7 +74,135 @@ def softmax_mixer(cfg, W, prefix, x):
     return linear(W, prefix + ".out_proj", y)
 
 
-MIXERS = {"softmax": softmax_mixer}
+def split_heads(cfg, y):
+    t, d = y.shape
+    h = cfg["n_heads"]
+    return y.reshape(t, h, d // h).transpose(1, 0, 2)  # [h, t, hd]
+
+
+def merge_heads(y):
+    h, t, hd = y.shape
+    return y.transpose(1, 0, 2).reshape(t, h * hd)
+
+
+def log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def softmax_last(x):
+    x = x - x.max(-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(-1, keepdims=True)
+
+
+def linear_mixer(cfg, W, prefix, x):
+    """Linear attention, recurrent form: S_t = g_t S_{t-1} + phi(k_t) v_t^T, o_t = phi(q_t)^T S_t."""
+    o = cfg["mixer_options"]["linear"]
+    t, _ = x.shape
+    fm = {
+        "elu_plus_one": lambda z: np.where(z > 0, z + 1.0, np.exp(np.minimum(z, 0.0))),
+        "relu": lambda z: np.maximum(z, 0.0),
+        "identity": lambda z: z,
+    }[o["feature_map"]]
+    q = fm(split_heads(cfg, linear(W, prefix + ".q_proj", x)))
+    k = fm(split_heads(cfg, linear(W, prefix + ".k_proj", x)))
+    v = split_heads(cfg, linear(W, prefix + ".v_proj", x))
+    h, _, hd = q.shape
+    if o["decay"] == "none":
+        a = np.zeros((h, t))
+    elif o["decay"] == "retnet":
+        a = np.repeat(np.log(1.0 - 2.0 ** (-5.0 - np.arange(h)))[:, None], t, axis=1)
+    else:  # gated: log sigmoid(gate_proj(x)) / 16
+        a = (log_sigmoid(linear(W, prefix + ".gate_proj", x)) / 16.0).T
+    S = np.zeros((h, hd, v.shape[2]))
+    z = np.zeros((h, hd))
+    outs = []
+    for i in range(t):
+        g = np.exp(a[:, i])
+        S = S * g[:, None, None] + k[:, i, :, None] * v[:, i, None, :]
+        oi = np.einsum("hd,hde->he", q[:, i], S)
+        if o["normalize"]:
+            z = z * g[:, None] + k[:, i]
+            oi = oi / ((q[:, i] * z).sum(-1, keepdims=True) + 1e-6)
+        outs.append(oi)
+    return linear(W, prefix + ".out_proj", merge_heads(np.stack(outs, 1)))
+
+
+def ssm_mixer(cfg, W, prefix, x):
+    """Mamba (S6): in_proj, causal depthwise conv + SiLU, x_proj, dt_proj + softplus, scan, gate."""
+    o = cfg["mixer_options"]["ssm"]
+    t, d = x.shape
+    di = o["expand"] * d
+    n = o["d_state"]
+    r = cfg["ssm_dt_rank"]
+    xz = linear(W, prefix + ".in_proj", x)
+    u, zg = xz[:, :di], xz[:, di:]
+    w = W[prefix + ".conv1d.weight"][:, 0, :]  # [di, kernel]
+    kernel = w.shape[1]
+    up = np.concatenate([np.zeros((kernel - 1, di)), u], 0)
+    u = silu(W[prefix + ".conv1d.bias"] + sum(up[i : i + t] * w[:, i] for i in range(kernel)))
+    dbc = linear(W, prefix + ".x_proj", u)
+    dt, B, C = dbc[:, :r], dbc[:, r : r + n], dbc[:, r + n :]
+    delta = softplus(linear(W, prefix + ".dt_proj", dt))
+    A = -np.exp(W[prefix + ".A_log"])
+    h = np.zeros((di, n))
+    ys = []
+    for i in range(t):
+        h = np.exp(delta[i][:, None] * A) * h + (delta[i] * u[i])[:, None] * B[i][None, :]
+        ys.append(h @ C[i])
+    y = (np.stack(ys) + u * W[prefix + ".D"]) * silu(zg)
+    return linear(W, prefix + ".out_proj", y)
+
+
+def pool_mixer(cfg, W, prefix, x):
+    """PoolFormer, causal: mean of the trailing window (padding not counted) minus x."""
+    k = cfg["mixer_options"]["pool"]["pool_size"]
+    means = np.stack([x[max(0, i + 1 - k) : i + 1].mean(0) for i in range(len(x))])
+    return means - x
+
+
+def moh_mixer(cfg, W, prefix, x):
+    """Mixture-of-head attention: per-token two-stage head gates on causal softmax attention."""
+    o = cfg["mixer_options"]["moh"]
+    t, d = x.shape
+    h = cfg["n_heads"]
+    hd = d // h
+    q = split_heads(cfg, linear(W, prefix + ".q_proj", x))
+    k = split_heads(cfg, linear(W, prefix + ".k_proj", x))
+    v = split_heads(cfg, linear(W, prefix + ".v_proj", x))
+    scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd)
+    scores = np.where(np.triu(np.ones((t, t), dtype=bool), 1), -np.inf, scores)
+    heads = softmax_last(scores) @ v  # [h, t, hd]
+    shared, routed = o["shared_heads"], h - o["shared_heads"]
+    alpha = softmax_last(linear(W, prefix + ".head_type_router", x)) if shared and routed else None
+    parts = []
+    if shared:
+        g = softmax_last(linear(W, prefix + ".shared_router", x))
+        parts.append(g * alpha[:, :1] if alpha is not None else g)
+    if routed:
+        p = softmax_last(linear(W, prefix + ".routed_router", x))
+        kth = np.sort(p, -1)[:, -min(o["top_k"], routed)][:, None]
+        g = p * (p >= kth)
+        parts.append(g * alpha[:, 1:2] if alpha is not None else g)
+    gates = np.concatenate(parts, 1).T[:, :, None]  # [h, t, 1]
+    return linear(W, prefix + ".out_proj", merge_heads(heads * gates))
+
+
+MIXERS = {
+    "softmax": softmax_mixer,
+    "linear": linear_mixer,
+    "ssm": ssm_mixer,
+    "pool": pool_mixer,
+    "moh": moh_mixer,
+}
 
 
 def block(cfg, W, i, x):

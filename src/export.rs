@@ -54,12 +54,24 @@ pub fn config_json(c: &LanguageModelConfig) -> serde_json::Value {
         "max_seq_len": c.max_seq_len,
         "tie_embeddings": m.tie_embeddings,
         "mixers": c.mixers.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        "mixer_options": {
+            "softmax": m.softmax,
+            "linear": m.linear,
+            "ssm": m.ssm,
+            "pool": m.pool,
+            "moh": m.moh,
+        },
+        "ssm_dt_rank": if m.ssm.dt_rank == 0 { m.d_model.div_ceil(16) } else { m.ssm.dt_rank },
         "conventions": {
             "block": "x = x + layer_scale1 * mixer(norm1(x)); x = x + layer_scale2 * mlp(norm2(x))",
             "linear": "y = x @ weight.T + bias, weight is [out, in] (torch.nn.Linear)",
             "embedding": "token_embedding.weight [vocab, d]; position_embedding.weight [max_seq_len, d] added at positions 0..t",
             "lm_head": "logits = final_norm(x) @ token_embedding.weight.T when tie_embeddings, else lm_head.weight",
             "softmax_mixer": "q,k,v = q_proj(x),k_proj(x),v_proj(x) split into n_heads; causal softmax(q k^T / sqrt(head_dim)) v; out_proj",
+            "linear_mixer": "S_t = g_t S_(t-1) + phi(k_t) v_t^T, o_t = phi(q_t)^T S_t [/ (phi(q_t)^T z_t + 1e-6)]; g: 1, 1 - 2^(-5-h) (retnet), or sigmoid(gate_proj(x))^(1/16) (gated)",
+            "ssm_mixer": "mamba_ssm's Mamba block: in_proj -> (x, z); x = silu(causal depthwise conv1d(x)); x_proj -> (dt, B, C); delta = softplus(dt_proj(dt)); A = -exp(A_log); h_t = exp(delta A) h + delta B x; y = C h + D x; out_proj(y * silu(z))",
+            "pool_mixer": "mean over the trailing pool_size tokens (fewer at the start) minus x",
+            "moh_mixer": "softmax attention heads weighted per token: shared heads alpha1*softmax(shared_router(x)), routed heads alpha2*softmax(routed_router(x)) kept for the top_k, [alpha1, alpha2] = softmax(head_type_router(x))",
             "mlp": "fc2(activation(fc1(x)))",
             "gelu": "exact erf gelu; gelu_tanh is the tanh approximation"
         }

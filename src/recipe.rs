@@ -62,6 +62,29 @@ pub struct ModelConfig {
     pub linear: LinearAttentionOptions,
     pub ssm: SsmOptions,
     pub pool: PoolOptions,
+    pub moh: MohOptions,
+}
+
+/// `[model.moh]`: mixture-of-head attention (uses `n_heads` heads in all).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MohOptions {
+    /// Heads every token uses.
+    pub shared_heads: usize,
+    /// Routed heads each token picks (of n_heads − shared_heads).
+    pub top_k: usize,
+    /// Weight of the load-balance loss in the training loss.
+    pub aux_loss_coef: f64,
+}
+
+impl Default for MohOptions {
+    fn default() -> Self {
+        Self {
+            shared_heads: 2,
+            top_k: 1,
+            aux_loss_coef: 0.01,
+        }
+    }
 }
 
 /// `[model.softmax]`: causal softmax attention.
@@ -374,6 +397,7 @@ impl Default for ModelConfig {
             linear: LinearAttentionOptions::default(),
             ssm: SsmOptions::default(),
             pool: PoolOptions::default(),
+            moh: MohOptions::default(),
         }
     }
 }
@@ -619,6 +643,27 @@ impl Recipe {
                 "model.pool.causal",
                 "false (a centred window) sees future tokens, which a language model must not: use true".into(),
             );
+        }
+        if self.layer_mixers().contains(&MixerKind::Moh) {
+            let routed = m.n_heads.saturating_sub(m.moh.shared_heads);
+            if m.moh.shared_heads > m.n_heads {
+                return fail(
+                    "model.moh.shared_heads",
+                    format!("{} is more than n_heads = {}", m.moh.shared_heads, m.n_heads),
+                );
+            }
+            if routed > 0 && !(1..=routed).contains(&m.moh.top_k) {
+                return fail(
+                    "model.moh.top_k",
+                    format!(
+                        "{} is not in 1..={routed} (the routed heads: n_heads {} − shared_heads {})",
+                        m.moh.top_k, m.n_heads, m.moh.shared_heads
+                    ),
+                );
+            }
+            if !non_negative(m.moh.aux_loss_coef) {
+                return fail("model.moh.aux_loss_coef", "must be >= 0".into());
+            }
         }
         if !(0.0..1.0).contains(&m.dropout) {
             return fail(

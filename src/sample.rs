@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::CharTokenizer;
-use crate::model::LanguageModel;
+use crate::model::{DecodeState, LanguageModel};
 
 #[derive(Debug, Clone)]
 pub struct SampleOptions {
@@ -18,7 +18,10 @@ pub struct SampleOptions {
     pub seed: u64,
 }
 
-/// Continue `prompt`. The model sees at most its position table's length of context.
+/// Continue `prompt`, one token at a time through each mixer's recurrent form. A model
+/// with a learned position table re-reads the last half-table of tokens into a fresh state
+/// when the table runs out (nanoGPT crops its context the same way), so generation never
+/// stops; models without one are unbounded.
 pub fn generate(
     model: &LanguageModel,
     tokenizer: &CharTokenizer,
@@ -34,20 +37,28 @@ pub fn generate(
     let context = model.max_seq_len().unwrap_or(usize::MAX);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let first_new = ids.len();
+    let token = |id: u32| {
+        Tensor::<2, Int>::from_data(TensorData::new(vec![id as i64], [1, 1]), device)
+    };
+    // Read the prompt (its last `context` tokens).
+    let mut state = DecodeState::default();
+    let mut logits = None;
+    for &id in &ids[ids.len().saturating_sub(context)..] {
+        logits = Some(model.step(token(id), &mut state));
+    }
     for _ in 0..opts.max_new_tokens {
-        let window = &ids[ids.len().saturating_sub(context)..];
-        let input = Tensor::<2, Int>::from_data(
-            TensorData::new(
-                window.iter().map(|&i| i as i64).collect(),
-                [1, window.len()],
-            ),
-            device,
-        );
-        let logits = model.forward(input);
-        let [_, t, v] = logits.dims();
-        let last = logits.slice([0..1, t - 1..t, 0..v]).reshape([v]);
-        let next = pick(last, opts, &mut rng);
+        let last = logits.take().expect("the prompt has at least one token");
+        let v = last.dims()[2];
+        let next = pick(last.reshape([v]), opts, &mut rng);
         ids.push(next);
+        if state.position >= context {
+            state = DecodeState::default();
+            let keep = (context / 2).max(1);
+            for &id in &ids[ids.len() - keep..ids.len() - 1] {
+                model.step(token(id), &mut state);
+            }
+        }
+        logits = Some(model.step(token(next), &mut state));
     }
     Ok(format!("{prompt}{}", tokenizer.decode(&ids[first_new..])))
 }

@@ -163,4 +163,17 @@ fn numpy_reimplementation_reproduces_layer_and_logits() {
         "model.tie_embeddings=false",
         "model.layer_scale_init=0.5",
     ]);
+    // Every other mixer, in hybrids.
+    numpy_reproduces(&[
+        "model.mixers=[\"linear\", \"ssm\"]",
+        "model.linear.decay=\"gated\"",
+        "model.position=\"none\"",
+    ]);
+    numpy_reproduces(&[
+        "model.mixers=[\"moh\", \"pool\"]",
+        "model.n_heads=4",
+        "model.moh.shared_heads=1",
+        "model.moh.top_k=2",
+    ]);
+    numpy_reproduces(&["model.mixers=[\"linear\", \"linear\"]", "model.linear.decay=\"retnet\""]);
 }

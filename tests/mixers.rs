@@ -251,18 +251,21 @@ fn every_mixer_is_causal_in_the_language_model() {
         vec![MixerKind::Ssm, MixerKind::Ssm],
         vec![MixerKind::Pool, MixerKind::Pool],
         vec![MixerKind::Ssm, MixerKind::Softmax],
+        vec![MixerKind::Moh, MixerKind::Pool],
     ] {
         let mut recipe = metamix::recipe::Recipe {
             name: "causal".into(),
             model: ModelConfig {
                 d_model: 16,
                 n_layers: 2,
-                n_heads: 2,
+                n_heads: 4,
                 mixers: Some(mixers.clone()),
                 ..Default::default()
             },
             ..Default::default()
         };
+        recipe.model.moh.shared_heads = 1;
+        recipe.model.moh.top_k = 2;
         recipe.model.softmax.tiled = true;
         recipe.model.softmax.block_size = 4;
         recipe.model.linear.decay = DecayMode::Gated;
@@ -289,4 +292,131 @@ fn every_mixer_is_causal_in_the_language_model() {
             "{mixers:?}: the change had no effect at all"
         );
     }
+}
+
+/// Decoding token by token through each mixer's recurrent form (KV cache, running state,
+/// conv window + scan state, pool window) gives the full forward pass's logits.
+#[test]
+fn token_by_token_decoding_matches_the_full_forward() {
+    let device = Device::flex();
+    for mixers in [
+        vec![MixerKind::Softmax, MixerKind::Softmax],
+        vec![MixerKind::Linear, MixerKind::Linear],
+        vec![MixerKind::Ssm, MixerKind::Ssm],
+        vec![MixerKind::Pool, MixerKind::Pool],
+        vec![MixerKind::Ssm, MixerKind::Softmax],
+        vec![MixerKind::Moh, MixerKind::Pool],
+    ] {
+        for gated in [false, true] {
+            let mut recipe = metamix::recipe::Recipe {
+                name: "decode".into(),
+                model: ModelConfig {
+                    d_model: 16,
+                    n_layers: 2,
+                    n_heads: 4,
+                    mixers: Some(mixers.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            if gated {
+                recipe.model.linear.decay = DecayMode::Gated;
+                recipe.model.linear.normalize = false;
+            }
+            recipe.model.pool.pool_size = 3;
+            recipe.model.moh.shared_heads = 1;
+            recipe.model.moh.top_k = 2;
+            recipe.training.seq_len = 10;
+            let model = model_config(&recipe, 11).init_seeded(5, &device);
+            let ids: Vec<i64> = (0..10).map(|i| (i * 5 % 11) as i64).collect();
+            let full = model.forward(Tensor::from_data(TensorData::new(ids.clone(), [1, 10]), &device));
+            let mut state = metamix::model::DecodeState::default();
+            let steps: Vec<Tensor<3>> = ids
+                .iter()
+                .map(|&id| model.step(Tensor::from_data(TensorData::new(vec![id], [1, 1]), &device), &mut state))
+                .collect();
+            let stepped = Tensor::cat(steps, 1);
+            let err = (stepped - full).abs().max().into_scalar::<f32>();
+            assert!(err < 1e-4, "{mixers:?} gated={gated}: max difference {err:e}");
+        }
+    }
+}
+
+fn moh(n_heads: usize, shared_heads: usize, top_k: usize) -> metamix::mixers::Moh {
+    metamix::mixers::MohConfig {
+        d_model: 12,
+        n_heads,
+        bias: true,
+        init_std: 0.3,
+        out_init_std: 0.3,
+        options: metamix::recipe::MohOptions {
+            shared_heads,
+            top_k,
+            aux_loss_coef: 0.01,
+        },
+        block_size: 0,
+    }
+    .init(&Device::flex())
+}
+
+#[test]
+fn moh_with_every_head_shared_is_weighted_multi_head_attention() {
+    use burn::tensor::activation::softmax;
+    use metamix::mixers::TokenMixer;
+    let device = Device::flex();
+    let m = moh(3, 3, 0);
+    let x = Tensor::<3>::random([2, 7, 12], Distribution::Normal(0.0, 1.0), &device);
+    let split = |y: Tensor<3>| y.reshape([2, 7, 3, 4]).swap_dims(1, 2);
+    let heads = SoftmaxAttention::attend_naive(
+        split(m.q_proj.forward(x.clone())),
+        split(m.k_proj.forward(x.clone())),
+        split(m.v_proj.forward(x.clone())),
+        &burn::nn::DropoutConfig::new(0.0).init(),
+    );
+    let weights = softmax(m.shared_router.as_ref().unwrap().forward(x.clone()), 2)
+        .swap_dims(1, 2)
+        .unsqueeze_dim::<4>(3);
+    let expected = m
+        .out_proj
+        .forward((heads * weights).swap_dims(1, 2).reshape([2, 7, 12]));
+    let (y, aux) = m.forward_with_aux(x);
+    assert!(aux.is_none(), "no routed heads, no balance loss");
+    assert_close(y, expected, 1e-5, "moh, all heads shared");
+}
+
+#[test]
+fn moh_router_picks_exactly_k_routed_heads() {
+    let device = Device::flex();
+    for (n_heads, shared, k) in [(6, 2, 2), (6, 0, 3), (4, 1, 1)] {
+        let m = moh(n_heads, shared, k);
+        let x = Tensor::<3>::random([3, 9, 12], Distribution::Normal(0.0, 1.0), &device);
+        let gates = m.gates(x);
+        let routed = gates.gates.clone().slice([0..3, shared..n_heads, 0..9, 0..1]);
+        let active = routed.greater_elem(0.0).int().sum_dim(1); // [3, 1, 9, 1]
+        let counts: Vec<i64> = active.into_data().convert::<i64>().try_to_vec().unwrap();
+        assert!(counts.iter().all(|&c| c == k as i64), "({n_heads}, {shared}, {k}): {counts:?}");
+        // Shared heads are always on; all gates of a token sum to 1.
+        if shared > 0 {
+            let s = gates.gates.clone().slice([0..3, 0..shared, 0..9, 0..1]);
+            assert!(s.min().into_scalar::<f32>() > 0.0);
+        }
+        assert!(gates.balance_loss.is_some());
+    }
+}
+
+#[test]
+fn moh_balance_loss_has_the_documented_value() {
+    use metamix::mixers::moh::{load_balance_loss, top_k_mask};
+    let device = Device::flex();
+    // Two tokens, three routed heads.
+    let probs = Tensor::<3>::from_data(
+        TensorData::new(vec![0.5f32, 0.3, 0.2, 0.1, 0.6, 0.3], [1, 2, 3]),
+        &device,
+    );
+    // top-1: token 0 → head 0, token 1 → head 1: f = [½, ½, 0], P = [0.3, 0.45, 0.25].
+    let l1 = load_balance_loss(probs.clone(), top_k_mask(probs.clone(), 1)).into_scalar::<f32>();
+    assert!((l1 - (0.5 * 0.3 + 0.5 * 0.45)).abs() < 1e-6, "{l1}");
+    // top-2: {0, 1} and {1, 2}: f = [½, 1, ½].
+    let l2 = load_balance_loss(probs.clone(), top_k_mask(probs, 2)).into_scalar::<f32>();
+    assert!((l2 - (0.5 * 0.3 + 1.0 * 0.45 + 0.5 * 0.25)).abs() < 1e-6, "{l2}");
 }

@@ -127,7 +127,36 @@ impl LinearAttention {
     }
 }
 
+/// The recurrent state: `S = Σ γ·φ(k) vᵀ` `[b, h, dk, dv]` and `z = Σ γ·φ(k)` `[b, h, 1, dk]`.
+#[derive(Clone, Debug)]
+pub struct LinearState {
+    pub s: Tensor<4>,
+    pub z: Tensor<4>,
+}
+
+impl LinearState {
+    pub fn zeros(b: usize, h: usize, dk: usize, dv: usize, device: &Device) -> Self {
+        Self {
+            s: Tensor::zeros([b, h, dk, dv], device),
+            z: Tensor::zeros([b, h, 1, dk], device),
+        }
+    }
+}
+
 impl TokenMixer for LinearAttention {
+    type State = LinearState;
+
+    fn step(&self, x: Tensor<3>, state: Option<LinearState>) -> (Tensor<3>, LinearState) {
+        let [b, _, d] = x.dims();
+        let i = self.inputs(x);
+        let (dk, dv) = (i.q.dims()[3], i.v.dims()[3]);
+        let state = state
+            .unwrap_or_else(|| LinearState::zeros(b, self.n_heads, dk, dv, &i.q.device()));
+        let (o, state) =
+            recurrent_step(i.q, i.k, i.v, i.log_decay, self.options.normalize, state);
+        (self.out_proj.forward(o.swap_dims(1, 2).reshape([b, 1, d])), state)
+    }
+
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = x.dims();
         let o = self.mix(self.inputs(x));
@@ -135,31 +164,45 @@ impl TokenMixer for LinearAttention {
     }
 }
 
+/// One step of the recurrence: q, k `[b, h, 1, dk]`, v `[b, h, 1, dv]`, log-decay `[b, h, 1]`.
+pub fn recurrent_step(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    log_decay: Tensor<3>,
+    normalize: bool,
+    state: LinearState,
+) -> (Tensor<4>, LinearState) {
+    let gamma = log_decay.exp().unsqueeze_dim::<4>(3);
+    let s = state.s * gamma.clone() + k.clone().transpose().matmul(v);
+    let mut o = q.clone().matmul(s.clone());
+    let z = if normalize {
+        let z = state.z * gamma + k;
+        o = o / (q * z.clone()).sum_dim(3).add_scalar(NORM_EPS);
+        z
+    } else {
+        state.z
+    };
+    (o, LinearState { s, z })
+}
+
 /// Reference: the recurrence, one time step at a time.
 pub fn recurrent(inputs: LinearInputs, normalize: bool) -> Tensor<4> {
     let LinearInputs { q, k, v, log_decay } = inputs;
     let [b, h, t, dk] = q.dims();
     let dv = v.dims()[3];
-    let device = q.device();
-    let mut state = Tensor::<4>::zeros([b, h, dk, dv], &device);
-    let mut z = Tensor::<4>::zeros([b, h, 1, dk], &device);
+    let mut state = LinearState::zeros(b, h, dk, dv, &q.device());
     let mut outputs = Vec::with_capacity(t);
     for i in 0..t {
-        let gamma = log_decay
-            .clone()
-            .slice([0..b, 0..h, i..i + 1])
-            .exp()
-            .unsqueeze_dim::<4>(3);
-        let q_i = q.clone().slice([0..b, 0..h, i..i + 1, 0..dk]);
-        let k_i = k.clone().slice([0..b, 0..h, i..i + 1, 0..dk]);
-        let v_i = v.clone().slice([0..b, 0..h, i..i + 1, 0..dv]);
-        state = state * gamma.clone() + k_i.clone().transpose().matmul(v_i);
-        let mut o = q_i.clone().matmul(state.clone());
-        if normalize {
-            z = z * gamma + k_i;
-            let den = (q_i * z.clone()).sum_dim(3);
-            o = o / den.add_scalar(NORM_EPS);
-        }
+        let (o, next) = recurrent_step(
+            q.clone().slice([0..b, 0..h, i..i + 1, 0..dk]),
+            k.clone().slice([0..b, 0..h, i..i + 1, 0..dk]),
+            v.clone().slice([0..b, 0..h, i..i + 1, 0..dv]),
+            log_decay.clone().slice([0..b, 0..h, i..i + 1]),
+            normalize,
+            state,
+        );
+        state = next;
         outputs.push(o);
     }
     Tensor::cat(outputs, 2)

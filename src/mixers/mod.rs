@@ -6,6 +6,7 @@
 //! two `match`es below. Nothing in the block or the trainer changes.
 
 pub mod linear_attention;
+pub mod moh;
 pub mod pool;
 pub mod softmax_attention;
 pub mod ssm;
@@ -19,14 +20,31 @@ use serde::{Deserialize, Serialize};
 
 use crate::recipe::ModelConfig;
 pub use linear_attention::{LinearAttention, LinearAttentionConfig};
+pub use moh::{Moh, MohConfig};
 pub use pool::{Pool, PoolConfig};
 pub use softmax_attention::{SoftmaxAttention, SoftmaxAttentionConfig};
 pub use ssm::{Ssm, SsmConfig};
 
 /// What every token mixer does: map `[batch, seq, d_model]` to the same shape, causally
-/// (position t sees positions ≤ t) unless the mixer says otherwise.
+/// (position t sees positions ≤ t) unless the mixer says otherwise; and, for generation,
+/// the same map one token at a time with its recurrent form.
 pub trait TokenMixer {
+    /// What decoding carries from one token to the next: a KV cache, a recurrent state, a
+    /// window of recent inputs.
+    type State: Clone;
+
     fn forward(&self, x: Tensor<3>) -> Tensor<3>;
+
+    /// `forward` plus the mixer's auxiliary training loss, if it has one (MoH's load
+    /// balance); the trainer adds it, scaled by the mixer's coefficient.
+    fn forward_with_aux(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
+        (self.forward(x), None)
+    }
+
+    /// Mix one new token `[batch, 1, d_model]` given the state of the tokens before it
+    /// (`None` at the start). Returns its output and the state including it. Feeding a
+    /// sequence token by token gives what `forward` gives for the whole sequence.
+    fn step(&self, x: Tensor<3>, state: Option<Self::State>) -> (Tensor<3>, Self::State);
 }
 
 /// The mixer names a recipe may use (`mixer = "softmax"`, `mixers = [...]`).
@@ -41,6 +59,8 @@ pub enum MixerKind {
     Ssm,
     /// PoolFormer's pooling, `avgpool(x) − x` (`[model.pool]`).
     Pool,
+    /// Mixture-of-head attention: shared heads plus top-k routed heads (`[model.moh]`).
+    Moh,
 }
 
 impl MixerKind {
@@ -86,6 +106,22 @@ impl MixerKind {
                 }
                 .init(),
             ),
+            MixerKind::Moh => Mixer::Moh(
+                MohConfig {
+                    d_model: model.d_model,
+                    n_heads: model.n_heads,
+                    bias: model.bias,
+                    init_std: model.init_std,
+                    out_init_std: residual_init_std(model),
+                    options: model.moh.clone(),
+                    block_size: if model.softmax.tiled {
+                        model.softmax.block_size
+                    } else {
+                        0
+                    },
+                }
+                .init(device),
+            ),
         }
     }
 
@@ -95,6 +131,7 @@ impl MixerKind {
             MixerKind::Linear => "linear",
             MixerKind::Ssm => "ssm",
             MixerKind::Pool => "pool",
+            MixerKind::Moh => "moh",
         }
     }
 }
@@ -107,17 +144,88 @@ pub enum Mixer {
     Linear(LinearAttention),
     Ssm(Ssm),
     Pool(Pool),
+    Moh(Moh),
+}
+
+/// The decoding state of whichever mixer a layer has.
+#[derive(Clone, Debug)]
+pub enum MixerState {
+    Softmax(softmax_attention::KvCache),
+    Linear(linear_attention::LinearState),
+    Ssm(ssm::SsmState),
+    Pool(pool::PoolWindow),
+    Moh(softmax_attention::KvCache),
 }
 
 impl TokenMixer for Mixer {
+    type State = MixerState;
+
+    fn step(&self, x: Tensor<3>, state: Option<MixerState>) -> (Tensor<3>, MixerState) {
+        match self {
+            Mixer::Softmax(m) => {
+                let s = state.map(|s| match s {
+                    MixerState::Softmax(s) => s,
+                    _ => wrong_state(),
+                });
+                let (y, s) = m.step(x, s);
+                (y, MixerState::Softmax(s))
+            }
+            Mixer::Linear(m) => {
+                let s = state.map(|s| match s {
+                    MixerState::Linear(s) => s,
+                    _ => wrong_state(),
+                });
+                let (y, s) = m.step(x, s);
+                (y, MixerState::Linear(s))
+            }
+            Mixer::Ssm(m) => {
+                let s = state.map(|s| match s {
+                    MixerState::Ssm(s) => s,
+                    _ => wrong_state(),
+                });
+                let (y, s) = m.step(x, s);
+                (y, MixerState::Ssm(s))
+            }
+            Mixer::Pool(m) => {
+                let s = state.map(|s| match s {
+                    MixerState::Pool(s) => s,
+                    _ => wrong_state(),
+                });
+                let (y, s) = m.step(x, s);
+                (y, MixerState::Pool(s))
+            }
+            Mixer::Moh(m) => {
+                let s = state.map(|s| match s {
+                    MixerState::Moh(s) => s,
+                    _ => wrong_state(),
+                });
+                let (y, s) = m.step(x, s);
+                (y, MixerState::Moh(s))
+            }
+        }
+    }
+
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         match self {
             Mixer::Softmax(m) => m.forward(x),
             Mixer::Linear(m) => m.forward(x),
             Mixer::Ssm(m) => m.forward(x),
             Mixer::Pool(m) => m.forward(x),
+            Mixer::Moh(m) => m.forward(x),
         }
     }
+
+    fn forward_with_aux(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
+        match self {
+            Mixer::Moh(m) => m.forward_with_aux(x),
+            other => (other.forward(x), None),
+        }
+    }
+}
+
+/// Each layer only ever gets back the state its own mixer made; anything else is a bug.
+fn wrong_state() -> ! {
+    panic!("a layer was given another mixer's decoding state")
 }
 
 /// GPT-2's scaled init for projections that write into the residual stream:

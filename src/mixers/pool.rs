@@ -75,7 +75,29 @@ impl Pool {
     }
 }
 
+/// The last `pool_size − 1` inputs, `[b, ≤ pool_size − 1, d]` (none while pool_size is 1).
+#[derive(Clone, Debug)]
+pub struct PoolWindow {
+    pub recent: Option<Tensor<3>>,
+}
+
 impl TokenMixer for Pool {
+    type State = PoolWindow;
+
+    /// Decoding is causal: a centred window would need tokens not generated yet.
+    fn step(&self, x: Tensor<3>, state: Option<PoolWindow>) -> (Tensor<3>, PoolWindow) {
+        let [b, _, d] = x.dims();
+        let window = match state.and_then(|s| s.recent) {
+            Some(recent) => Tensor::cat(vec![recent, x.clone()], 1),
+            None => x.clone(),
+        };
+        let y = window.clone().mean_dim(1) - x;
+        let len = window.dims()[1];
+        let keep = (self.pool_size - 1).min(len);
+        let recent = (keep > 0).then(|| window.slice([0..b, len - keep..len, 0..d]));
+        (y, PoolWindow { recent })
+    }
+
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.forward_cumsum(x)
     }

@@ -75,7 +75,33 @@ impl SoftmaxAttention {
     }
 }
 
+/// Keys and values of every token so far, `[b, heads, t, head_dim]`.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    pub k: Tensor<4>,
+    pub v: Tensor<4>,
+}
+
 impl TokenMixer for SoftmaxAttention {
+    type State = KvCache;
+
+    fn step(&self, x: Tensor<3>, cache: Option<KvCache>) -> (Tensor<3>, KvCache) {
+        let [b, t, d] = x.dims();
+        let q = self.split_heads(self.q_proj.forward(x.clone()));
+        let k = self.split_heads(self.k_proj.forward(x.clone()));
+        let v = self.split_heads(self.v_proj.forward(x));
+        let (k, v) = match cache {
+            Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
+            None => (k, v),
+        };
+        // The new token is the last: every cached key is in its past, so no mask.
+        let head_dim = d / self.n_heads;
+        let scores = q.matmul(k.clone().transpose()).mul_scalar(1.0 / (head_dim as f64).sqrt());
+        let y = softmax(scores, 3).matmul(v.clone());
+        let y = self.out_proj.forward(y.swap_dims(1, 2).reshape([b, t, d]));
+        (y, KvCache { k, v })
+    }
+
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = x.dims();
         let q = self.split_heads(self.q_proj.forward(x.clone()));

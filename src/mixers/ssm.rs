@@ -39,6 +39,13 @@ pub struct CausalConv1d {
 }
 
 impl CausalConv1d {
+    /// The output at the last position of `window` `[b, kernel, channels]`.
+    fn step(&self, window: Tensor<3>) -> Tensor<3> {
+        let [_, kernel, ch] = window.dims();
+        let w = self.weight.val().reshape([ch, kernel]).transpose().unsqueeze::<3>();
+        (window * w).sum_dim(1) + self.bias.val().reshape([1, 1, ch])
+    }
+
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, ch] = x.dims();
         let [_, _, kernel] = self.weight.dims();
@@ -169,7 +176,42 @@ impl Ssm {
     }
 }
 
+/// Decoding state: the last `d_conv − 1` conv inputs `[b, d_conv − 1, d_inner]` and the
+/// scan state `h` `[b, d_inner, d_state]`.
+#[derive(Clone, Debug)]
+pub struct SsmState {
+    pub conv: Tensor<3>,
+    pub h: Tensor<3>,
+}
+
 impl TokenMixer for Ssm {
+    type State = SsmState;
+
+    fn step(&self, x: Tensor<3>, state: Option<SsmState>) -> (Tensor<3>, SsmState) {
+        let [bsz, _, _] = x.dims();
+        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
+        let device = x.device();
+        let kernel = self.conv1d.weight.dims()[2];
+        let state = state.unwrap_or_else(|| SsmState {
+            conv: Tensor::zeros([bsz, kernel - 1, di], &device),
+            h: Tensor::zeros([bsz, di, n], &device),
+        });
+        let xz = self.in_proj.forward(x);
+        let z = xz.clone().slice([0..bsz, 0..1, di..2 * di]);
+        let window = Tensor::cat(vec![state.conv, xz.slice([0..bsz, 0..1, 0..di])], 1);
+        let u = silu(self.conv1d.step(window.clone()));
+        let dbc = self.x_proj.forward(u.clone());
+        let dt = dbc.clone().slice([0..bsz, 0..1, 0..r]);
+        let b = dbc.clone().slice([0..bsz, 0..1, r..r + n]);
+        let c = dbc.slice([0..bsz, 0..1, r + n..r + 2 * n]);
+        let delta = softplus(self.dt_proj.forward(dt), 1.0);
+        let a = self.A_log.val().exp().neg().unsqueeze::<3>();
+        let (y, h) = scan_step(state.h, delta, u.clone(), a, b, c);
+        let y = (y + u * self.D.val().unsqueeze::<3>()) * silu(z);
+        let conv = window.slice([0..bsz, 1..kernel, 0..di]);
+        (self.out_proj.forward(y), SsmState { conv, h })
+    }
+
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let (inputs, z) = self.scan_inputs(x);
         let skip = inputs.u.clone() * self.D.val().unsqueeze::<3>();
@@ -189,21 +231,36 @@ pub fn scan_sequential(s: ScanInputs) -> Tensor<3> {
     let mut h = Tensor::<3>::zeros([bsz, di, n], &s.u.device());
     let mut ys = Vec::with_capacity(t);
     for i in 0..t {
-        let delta = s
-            .delta
-            .clone()
-            .slice([0..bsz, i..i + 1, 0..di])
-            .reshape([bsz, di, 1]);
-        let u =
-            s.u.clone()
-                .slice([0..bsz, i..i + 1, 0..di])
-                .reshape([bsz, di, 1]);
-        let b = s.b.clone().slice([0..bsz, i..i + 1, 0..n]); // [b, 1, n]
-        let c = s.c.clone().slice([0..bsz, i..i + 1, 0..n]);
-        h = (delta.clone() * a.clone()).exp() * h + (delta * u) * b;
-        ys.push((h.clone() * c).sum_dim(2).reshape([bsz, 1, di]));
+        let (y, next) = scan_step(
+            h,
+            s.delta.clone().slice([0..bsz, i..i + 1, 0..di]),
+            s.u.clone().slice([0..bsz, i..i + 1, 0..di]),
+            a.clone(),
+            s.b.clone().slice([0..bsz, i..i + 1, 0..n]),
+            s.c.clone().slice([0..bsz, i..i + 1, 0..n]),
+        );
+        h = next;
+        ys.push(y);
     }
     Tensor::cat(ys, 1)
+}
+
+/// One scan step: Δ, u `[b, 1, d_inner]`; A `[1, d_inner, d_state]`; B, C `[b, 1, d_state]`;
+/// h `[b, d_inner, d_state]`. Returns `y = C·h'` `[b, 1, d_inner]` and the new h'.
+pub fn scan_step(
+    h: Tensor<3>,
+    delta: Tensor<3>,
+    u: Tensor<3>,
+    a: Tensor<3>,
+    b: Tensor<3>,
+    c: Tensor<3>,
+) -> (Tensor<3>, Tensor<3>) {
+    let [bsz, _, di] = u.dims();
+    let delta = delta.reshape([bsz, di, 1]);
+    let u = u.reshape([bsz, di, 1]);
+    let h = (delta.clone() * a).exp() * h + (delta * u) * b;
+    let y = (h.clone() * c).sum_dim(2).reshape([bsz, 1, di]);
+    (y, h)
 }
 
 /// Fast form: chunks of `chunk` steps. Inside a chunk every state is a decay-weighted sum

@@ -10,7 +10,7 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::log_softmax;
 
 use super::{MetaFormerBlock, MetaFormerBlockConfig, Norm};
-use crate::mixers::{MixerKind, normal_linear};
+use crate::mixers::{MixerKind, MixerState, normal_linear};
 use crate::recipe::{ModelConfig, PositionKind};
 
 /// Everything needed to build the model: the `[model]` section with the vocabulary filled
@@ -32,6 +32,8 @@ pub struct LanguageModel {
     /// Absent when the head is tied to the token embedding.
     pub lm_head: Option<Linear>,
     embed_dropout: Dropout,
+    /// Weight of the mixers' auxiliary losses in the training loss.
+    aux_loss_coef: f64,
 }
 
 /// Flex has one process-wide RNG; initialisation holds it so that concurrent inits (tests,
@@ -87,6 +89,7 @@ impl LanguageModelConfig {
             lm_head: (!m.tie_embeddings)
                 .then(|| normal_linear(m.d_model, self.vocab_size, false, m.init_std, device)),
             embed_dropout: DropoutConfig::new(m.dropout).init(),
+            aux_loss_coef: m.moh.aux_loss_coef,
         }
     }
 }
@@ -106,10 +109,58 @@ impl LanguageModel {
 
     /// Token ids `[batch, seq]` → logits `[batch, seq, vocab]`.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.forward_with_aux(tokens).0
+    }
+
+    /// Logits and the sum of the layers' auxiliary losses (MoH's load balance), if any.
+    pub fn forward_with_aux(&self, tokens: Tensor<2, Int>) -> (Tensor<3>, Option<Tensor<1>>) {
         let mut x = self.embed(tokens);
+        let mut aux: Option<Tensor<1>> = None;
         for layer in &self.layers {
-            x = layer.forward(x);
+            let (y, a) = layer.forward_with_aux(x);
+            x = y;
+            aux = match (aux, a) {
+                (Some(s), Some(a)) => Some(s + a),
+                (s, a) => s.or(a),
+            };
         }
+        (self.head(x), aux)
+    }
+
+    /// The training objective: cross-entropy plus `aux_loss_coef` × auxiliary loss.
+    pub fn training_loss(&self, tokens: Tensor<2, Int>, targets: Tensor<2, Int>) -> TrainingLoss {
+        let (logits, aux) = self.forward_with_aux(tokens);
+        let cross_entropy = cross_entropy(logits, targets);
+        let total = match &aux {
+            Some(a) => cross_entropy.clone() + a.clone().mul_scalar(self.aux_loss_coef),
+            None => cross_entropy.clone(),
+        };
+        TrainingLoss {
+            total,
+            cross_entropy,
+            aux,
+        }
+    }
+
+    /// Logits `[b, 1, vocab]` for one new token `[b, 1]` at `state.position`, using each
+    /// mixer's recurrent form (KV cache, running state, window) instead of the whole prefix.
+    pub fn step(&self, token: Tensor<2, Int>, state: &mut DecodeState) -> Tensor<3> {
+        let device = token.device();
+        let mut x = self.token_embedding.forward(token);
+        if let Some(pos) = &self.position_embedding {
+            let at = Tensor::<2, Int>::from_data(
+                TensorData::new(vec![state.position as i64], [1, 1]),
+                &device,
+            );
+            x = x + pos.forward(at);
+        }
+        state.layers.resize(self.layers.len(), None);
+        for (layer, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
+            let (y, next) = layer.step(x, layer_state.take());
+            x = y;
+            *layer_state = Some(next);
+        }
+        state.position += 1;
         self.head(x)
     }
 
@@ -139,6 +190,20 @@ impl LanguageModel {
             .as_ref()
             .map(|p| p.weight.val().dims()[0])
     }
+}
+
+/// The parts of the training loss, for backward (`total`) and logging.
+pub struct TrainingLoss {
+    pub total: Tensor<1>,
+    pub cross_entropy: Tensor<1>,
+    pub aux: Option<Tensor<1>>,
+}
+
+/// What decoding carries between tokens: the next position and each layer's mixer state.
+#[derive(Clone, Debug, Default)]
+pub struct DecodeState {
+    pub position: usize,
+    pub layers: Vec<Option<MixerState>>,
 }
 
 /// Mean cross-entropy of integer targets under `[batch, seq, vocab]` logits.

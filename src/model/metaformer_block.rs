@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 
 use super::{Mlp, MlpConfig, Norm};
-use crate::mixers::{Mixer, MixerKind, TokenMixer, residual_init_std};
+use crate::mixers::{Mixer, MixerKind, MixerState, TokenMixer, residual_init_std};
 use crate::recipe::ModelConfig;
 
 /// MetaFormer's `Scale`: a learned per-channel multiplier on a residual branch.
@@ -73,10 +73,23 @@ impl MetaFormerBlockConfig {
 
 impl MetaFormerBlock {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.mixer.forward(self.norm1.forward(x.clone()));
+        self.forward_with_aux(x).0
+    }
+
+    /// `forward` plus the mixer's auxiliary loss, if any.
+    pub fn forward_with_aux(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
+        let (h, aux) = self.mixer.forward_with_aux(self.norm1.forward(x.clone()));
         let x = x + scaled(&self.layer_scale1, h);
         let h = self.mlp.forward(self.norm2.forward(x.clone()));
-        x + scaled(&self.layer_scale2, h)
+        (x + scaled(&self.layer_scale2, h), aux)
+    }
+
+    /// `forward` for one new token `[b, 1, d]`, given the mixer's decoding state.
+    pub fn step(&self, x: Tensor<3>, state: Option<MixerState>) -> (Tensor<3>, MixerState) {
+        let (h, state) = self.mixer.step(self.norm1.forward(x.clone()), state);
+        let x = x + scaled(&self.layer_scale1, h);
+        let h = self.mlp.forward(self.norm2.forward(x.clone()));
+        (x + scaled(&self.layer_scale2, h), state)
     }
 }
 

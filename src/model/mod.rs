@@ -5,7 +5,7 @@ pub mod metaformer_block;
 pub mod mlp;
 pub mod norm;
 
-pub use language_model::{LanguageModel, LanguageModelConfig};
+pub use language_model::{DecodeState, LanguageModel, LanguageModelConfig};
 pub use metaformer_block::{MetaFormerBlock, MetaFormerBlockConfig};
 pub use mlp::{Mlp, MlpConfig};
 pub use norm::Norm;

@@ -202,6 +202,9 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
             window_start = Instant::now();
             window_tokens = 0;
             metrics.scalar("train/loss", loss, s);
+            if out.aux_loss != 0.0 {
+                metrics.scalar("train/aux_loss", out.aux_loss, s);
+            }
             metrics.scalar("lr", lr, s);
             metrics.scalar("grad_norm", grad_norm, s);
             metrics.scalar("tokens_per_s", tps, s);
@@ -263,8 +266,10 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy)]
 pub struct StepOutput {
-    /// Mean loss over the step's micro-batches.
+    /// Mean cross-entropy over the step's micro-batches.
     pub loss: f64,
+    /// Mean auxiliary loss (MoH load balance; 0 without it), before its coefficient.
+    pub aux_loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
 }
@@ -291,17 +296,21 @@ pub fn train_step(
     let micro = recipe.micro_batch_size();
     let accum = t.batch_size / micro;
     let mut accumulator = GradientsAccumulator::<LanguageModel>::new();
-    let mut loss_sum = 0.0;
+    let (mut loss_sum, mut aux_sum) = (0.0, 0.0);
     for _ in 0..accum {
         let batch = sampler.batch(tokens, micro, t.seq_len, device);
-        let loss = model.loss(batch.inputs, batch.targets);
-        loss_sum += loss.clone().into_scalar::<f32>() as f64;
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let loss = model.training_loss(batch.inputs, batch.targets);
+        loss_sum += loss.cross_entropy.into_scalar::<f32>() as f64;
+        if let Some(aux) = loss.aux {
+            aux_sum += aux.into_scalar::<f32>() as f64;
+        }
+        let grads = GradientsParams::from_grads(loss.total.backward(), &model);
         accumulator.accumulate(&model, grads);
     }
     let mut grads = accumulator.grads();
     let out = StepOutput {
         loss: loss_sum / accum as f64,
+        aux_loss: aux_sum / accum as f64,
         // The gradient of the mean loss is the accumulated sum over accum.
         grad_norm: global_grad_norm(&model, &grads) / accum as f64,
     };

@@ -1,0 +1,195 @@
+//! Mixture-of-head attention (Jin et al. 2024, "MoH: Multi-Head Attention as
+//! Mixture-of-Head Attention"): causal softmax attention whose heads are weighted per token.
+//! `shared_heads` heads are always on; each token routes to `top_k` of the remaining
+//! `routed` heads. Gates are two-stage:
+//!
+//! `g_i = α₁ · softmax(W_s x)_i` for shared heads,
+//! `g_i = α₂ · softmax(W_r x)_i` for routed heads in the token's top-k (0 otherwise),
+//! `[α₁, α₂] = softmax(W_h x)`,
+//!
+//! and the output is `out_proj(concat_i g_i · head_i)`. The load-balance loss over routed
+//! heads is `L_b = Σ_i f_i P_i`, with `f_i` the fraction of tokens that select head i and
+//! `P_i` the mean routing probability `softmax(W_r x)_i`; the trainer adds it times
+//! `[model.moh] aux_loss_coef`.
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+
+use super::softmax_attention::{KvCache, SoftmaxAttention, attend_tiled};
+use super::{TokenMixer, normal_linear};
+use crate::recipe::MohOptions;
+
+#[derive(Debug, Clone)]
+pub struct MohConfig {
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub bias: bool,
+    pub init_std: f64,
+    pub out_init_std: f64,
+    pub options: MohOptions,
+    /// Key block of the tiled attention form; 0 = naive.
+    pub block_size: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct Moh {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    /// x → logits over the shared heads (absent with no shared heads).
+    pub shared_router: Option<Linear>,
+    /// x → logits over the routed heads (absent with no routed heads).
+    pub routed_router: Option<Linear>,
+    /// x → [α₁, α₂] logits (absent unless both kinds of heads exist).
+    pub head_type_router: Option<Linear>,
+    n_heads: usize,
+    shared_heads: usize,
+    top_k: usize,
+    block_size: usize,
+}
+
+/// Per-token head gates `[b, heads, t, 1]` and the load-balance loss of the routed heads.
+pub struct Gates {
+    pub gates: Tensor<4>,
+    pub balance_loss: Option<Tensor<1>>,
+}
+
+impl MohConfig {
+    pub fn init(&self, device: &Device) -> Moh {
+        let d = self.d_model;
+        let shared = self.options.shared_heads;
+        let routed = self.n_heads - shared;
+        let router = |n: usize| (n > 0).then(|| normal_linear(d, n, false, self.init_std, device));
+        Moh {
+            q_proj: normal_linear(d, d, self.bias, self.init_std, device),
+            k_proj: normal_linear(d, d, self.bias, self.init_std, device),
+            v_proj: normal_linear(d, d, self.bias, self.init_std, device),
+            out_proj: normal_linear(d, d, self.bias, self.out_init_std, device),
+            shared_router: router(shared),
+            routed_router: router(routed),
+            head_type_router: (shared > 0 && routed > 0).then(|| router(2).expect("2 > 0")),
+            n_heads: self.n_heads,
+            shared_heads: shared,
+            top_k: self.options.top_k.min(routed),
+            block_size: self.block_size,
+        }
+    }
+}
+
+impl Moh {
+    fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
+        let [b, t, d] = x.dims();
+        x.reshape([b, t, self.n_heads, d / self.n_heads])
+            .swap_dims(1, 2)
+    }
+
+    /// The two-stage gates of every head for `x` `[b, t, d]`.
+    pub fn gates(&self, x: Tensor<3>) -> Gates {
+        let [b, t, _] = x.dims();
+        let (alpha_shared, alpha_routed) = match &self.head_type_router {
+            Some(r) => {
+                let alpha = softmax(r.forward(x.clone()), 2);
+                (
+                    Some(alpha.clone().slice([0..b, 0..t, 0..1])),
+                    Some(alpha.slice([0..b, 0..t, 1..2])),
+                )
+            }
+            None => (None, None),
+        };
+        let mut parts = Vec::new();
+        if let Some(r) = &self.shared_router {
+            let g = softmax(r.forward(x.clone()), 2);
+            parts.push(match alpha_shared {
+                Some(a) => g * a,
+                None => g,
+            });
+        }
+        let mut balance_loss = None;
+        if let Some(r) = &self.routed_router {
+            let probs = softmax(r.forward(x), 2); // [b, t, routed]
+            let selected = top_k_mask(probs.clone(), self.top_k);
+            balance_loss = Some(load_balance_loss(probs.clone(), selected.clone()));
+            let g = probs * selected.float();
+            parts.push(match alpha_routed {
+                Some(a) => g * a,
+                None => g,
+            });
+        }
+        let gates = Tensor::cat(parts, 2).swap_dims(1, 2).unsqueeze_dim::<4>(3);
+        Gates {
+            gates,
+            balance_loss,
+        }
+    }
+
+    /// Forward pass and the load-balance loss.
+    pub fn forward_with_balance(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
+        let [b, t, d] = x.dims();
+        let Gates {
+            gates,
+            balance_loss,
+        } = self.gates(x.clone());
+        let q = self.split_heads(self.q_proj.forward(x.clone()));
+        let k = self.split_heads(self.k_proj.forward(x.clone()));
+        let v = self.split_heads(self.v_proj.forward(x));
+        let no_dropout = burn::nn::DropoutConfig::new(0.0).init();
+        let heads = if self.block_size > 0 {
+            attend_tiled(q, k, v, self.block_size)
+        } else {
+            SoftmaxAttention::attend_naive(q, k, v, &no_dropout)
+        };
+        let y = (heads * gates).swap_dims(1, 2).reshape([b, t, d]);
+        (self.out_proj.forward(y), balance_loss)
+    }
+}
+
+/// Which of `probs` `[b, t, n]` are among each token's `k` largest (ties broken upward,
+/// which continuous router outputs make measure-zero).
+pub fn top_k_mask(probs: Tensor<3>, k: usize) -> Tensor<3, Bool> {
+    let kth = probs.clone().topk(k, 2).min_dim(2); // [b, t, 1]
+    probs.greater_equal(kth)
+}
+
+/// `L_b = Σ_i f_i P_i` over routed heads, with `f_i` the fraction of tokens whose top-k
+/// contains head i and `P_i` the mean of `softmax(W_r x)_i` over tokens.
+pub fn load_balance_loss(probs: Tensor<3>, selected: Tensor<3, Bool>) -> Tensor<1> {
+    let [b, t, n] = probs.dims();
+    let tokens = (b * t) as f64;
+    let f = selected.float().reshape([b * t, n]).sum_dim(0).div_scalar(tokens);
+    let p = probs.reshape([b * t, n]).sum_dim(0).div_scalar(tokens);
+    (f * p).sum()
+}
+
+impl TokenMixer for Moh {
+    type State = KvCache;
+
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_with_balance(x).0
+    }
+
+    fn forward_with_aux(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
+        self.forward_with_balance(x)
+    }
+
+    fn step(&self, x: Tensor<3>, cache: Option<KvCache>) -> (Tensor<3>, KvCache) {
+        let [b, t, d] = x.dims();
+        let gates = self.gates(x.clone()).gates;
+        let q = self.split_heads(self.q_proj.forward(x.clone()));
+        let k = self.split_heads(self.k_proj.forward(x.clone()));
+        let v = self.split_heads(self.v_proj.forward(x));
+        let (k, v) = match cache {
+            Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
+            None => (k, v),
+        };
+        let head_dim = d / self.n_heads;
+        let scores = q
+            .matmul(k.clone().transpose())
+            .mul_scalar(1.0 / (head_dim as f64).sqrt());
+        let heads = softmax(scores, 3).matmul(v.clone());
+        let y = (heads * gates).swap_dims(1, 2).reshape([b, t, d]);
+        (self.out_proj.forward(y), KvCache { k, v })
+    }
+}
