@@ -4,7 +4,7 @@ a table (val loss, tokens/s, peak memory, parameters, wall time) and a plot of v
 against wall-clock time, so you can see which mixer learns best per second.
 
 Usage: python3 scripts/compare_mixers.py [--steps N] [--out results/mixers] [RECIPE ...]
-Default recipes: recipes/shakespeare_{char,linear,gla,ssm,pool,hybrid}.toml, 2000 steps.
+Default recipes: recipes/shakespeare_{char,linear,gla,ssm,pool,moh,hybrid}.toml, 2000 steps.
 Each run goes to runs/compare-<recipe> (replaced). The plot needs matplotlib
 (pip install matplotlib); without it the table is still written.
 """
@@ -18,7 +18,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT = ["char", "linear", "gla", "ssm", "pool", "hybrid"]
+DEFAULT = ["char", "linear", "gla", "ssm", "pool", "moh", "hybrid"]
 EVAL = re.compile(r"^step (\d+) \(([\d.]+) s\): train loss ([\d.]+), val loss ([\d.]+)")
 DONE = re.compile(r"^done: step (\d+) \| train loss ([\d.]+) \| val loss ([\d.]+) \| (\d+) tokens/s \| ([\d.]+) s")
 PARAMS = re.compile(r"^training \S+ \((\d+) parameters, mixers (.*)\) for")

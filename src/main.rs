@@ -74,6 +74,22 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Forward+backward time of one token mixer alone (the recipe's first layer's) on a
+    /// random `[batch, seq_len, d_model]` input. Peak memory: measure the process (see
+    /// scripts/sweep_seq_len.py).
+    BenchMixer {
+        recipe: PathBuf,
+        #[arg(long)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Validation loss and perplexity of a run's checkpoint.
     Eval {
         run: PathBuf,
@@ -171,6 +187,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.seconds_per_step * 1e3,
                 r.tokens_per_s,
                 r.steps
+            );
+        }
+        Command::BenchMixer {
+            recipe,
+            seq_len,
+            batch,
+            warmup,
+            iters,
+            overrides,
+        } => {
+            let recipe = Recipe::load(&recipe, &overrides)?;
+            let r = metamix::train::bench::bench_mixer(&recipe, batch, seq_len, warmup, iters)?;
+            println!(
+                "bench-mixer {} seq_len {seq_len} batch {batch}: {:.2} ms per forward+backward",
+                recipe.layer_mixers()[0].name(),
+                r.seconds_per_iter * 1e3
             );
         }
         Command::Eval { run, step, batches } => {

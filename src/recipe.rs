@@ -649,7 +649,10 @@ impl Recipe {
             if m.moh.shared_heads > m.n_heads {
                 return fail(
                     "model.moh.shared_heads",
-                    format!("{} is more than n_heads = {}", m.moh.shared_heads, m.n_heads),
+                    format!(
+                        "{} is more than n_heads = {}",
+                        m.moh.shared_heads, m.n_heads
+                    ),
                 );
             }
             if routed > 0 && !(1..=routed).contains(&m.moh.top_k) {

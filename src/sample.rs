@@ -37,9 +37,8 @@ pub fn generate(
     let context = model.max_seq_len().unwrap_or(usize::MAX);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let first_new = ids.len();
-    let token = |id: u32| {
-        Tensor::<2, Int>::from_data(TensorData::new(vec![id as i64], [1, 1]), device)
-    };
+    let token =
+        |id: u32| Tensor::<2, Int>::from_data(TensorData::new(vec![id as i64], [1, 1]), device);
     // Read the prompt (its last `context` tokens).
     let mut state = DecodeState::default();
     let mut logits = None;

@@ -175,5 +175,8 @@ fn numpy_reimplementation_reproduces_layer_and_logits() {
         "model.moh.shared_heads=1",
         "model.moh.top_k=2",
     ]);
-    numpy_reproduces(&["model.mixers=[\"linear\", \"linear\"]", "model.linear.decay=\"retnet\""]);
+    numpy_reproduces(&[
+        "model.mixers=[\"linear\", \"linear\"]",
+        "model.linear.decay=\"retnet\"",
+    ]);
 }

@@ -329,15 +329,26 @@ fn token_by_token_decoding_matches_the_full_forward() {
             recipe.training.seq_len = 10;
             let model = model_config(&recipe, 11).init_seeded(5, &device);
             let ids: Vec<i64> = (0..10).map(|i| (i * 5 % 11) as i64).collect();
-            let full = model.forward(Tensor::from_data(TensorData::new(ids.clone(), [1, 10]), &device));
+            let full = model.forward(Tensor::from_data(
+                TensorData::new(ids.clone(), [1, 10]),
+                &device,
+            ));
             let mut state = metamix::model::DecodeState::default();
             let steps: Vec<Tensor<3>> = ids
                 .iter()
-                .map(|&id| model.step(Tensor::from_data(TensorData::new(vec![id], [1, 1]), &device), &mut state))
+                .map(|&id| {
+                    model.step(
+                        Tensor::from_data(TensorData::new(vec![id], [1, 1]), &device),
+                        &mut state,
+                    )
+                })
                 .collect();
             let stepped = Tensor::cat(steps, 1);
             let err = (stepped - full).abs().max().into_scalar::<f32>();
-            assert!(err < 1e-4, "{mixers:?} gated={gated}: max difference {err:e}");
+            assert!(
+                err < 1e-4,
+                "{mixers:?} gated={gated}: max difference {err:e}"
+            );
         }
     }
 }
@@ -391,10 +402,16 @@ fn moh_router_picks_exactly_k_routed_heads() {
         let m = moh(n_heads, shared, k);
         let x = Tensor::<3>::random([3, 9, 12], Distribution::Normal(0.0, 1.0), &device);
         let gates = m.gates(x);
-        let routed = gates.gates.clone().slice([0..3, shared..n_heads, 0..9, 0..1]);
+        let routed = gates
+            .gates
+            .clone()
+            .slice([0..3, shared..n_heads, 0..9, 0..1]);
         let active = routed.greater_elem(0.0).int().sum_dim(1); // [3, 1, 9, 1]
         let counts: Vec<i64> = active.into_data().convert::<i64>().try_to_vec().unwrap();
-        assert!(counts.iter().all(|&c| c == k as i64), "({n_heads}, {shared}, {k}): {counts:?}");
+        assert!(
+            counts.iter().all(|&c| c == k as i64),
+            "({n_heads}, {shared}, {k}): {counts:?}"
+        );
         // Shared heads are always on; all gates of a token sum to 1.
         if shared > 0 {
             let s = gates.gates.clone().slice([0..3, 0..shared, 0..9, 0..1]);
@@ -418,5 +435,8 @@ fn moh_balance_loss_has_the_documented_value() {
     assert!((l1 - (0.5 * 0.3 + 0.5 * 0.45)).abs() < 1e-6, "{l1}");
     // top-2: {0, 1} and {1, 2}: f = [½, 1, ½].
     let l2 = load_balance_loss(probs.clone(), top_k_mask(probs, 2)).into_scalar::<f32>();
-    assert!((l2 - (0.5 * 0.3 + 1.0 * 0.45 + 0.5 * 0.25)).abs() < 1e-6, "{l2}");
+    assert!(
+        (l2 - (0.5 * 0.3 + 1.0 * 0.45 + 0.5 * 0.25)).abs() < 1e-6,
+        "{l2}"
+    );
 }

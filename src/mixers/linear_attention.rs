@@ -150,11 +150,13 @@ impl TokenMixer for LinearAttention {
         let [b, _, d] = x.dims();
         let i = self.inputs(x);
         let (dk, dv) = (i.q.dims()[3], i.v.dims()[3]);
-        let state = state
-            .unwrap_or_else(|| LinearState::zeros(b, self.n_heads, dk, dv, &i.q.device()));
-        let (o, state) =
-            recurrent_step(i.q, i.k, i.v, i.log_decay, self.options.normalize, state);
-        (self.out_proj.forward(o.swap_dims(1, 2).reshape([b, 1, d])), state)
+        let state =
+            state.unwrap_or_else(|| LinearState::zeros(b, self.n_heads, dk, dv, &i.q.device()));
+        let (o, state) = recurrent_step(i.q, i.k, i.v, i.log_decay, self.options.normalize, state);
+        (
+            self.out_proj.forward(o.swap_dims(1, 2).reshape([b, 1, d])),
+            state,
+        )
     }
 
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {

@@ -158,7 +158,11 @@ pub fn top_k_mask(probs: Tensor<3>, k: usize) -> Tensor<3, Bool> {
 pub fn load_balance_loss(probs: Tensor<3>, selected: Tensor<3, Bool>) -> Tensor<1> {
     let [b, t, n] = probs.dims();
     let tokens = (b * t) as f64;
-    let f = selected.float().reshape([b * t, n]).sum_dim(0).div_scalar(tokens);
+    let f = selected
+        .float()
+        .reshape([b * t, n])
+        .sum_dim(0)
+        .div_scalar(tokens);
     let p = probs.reshape([b * t, n]).sum_dim(0).div_scalar(tokens);
     (f * p).sum()
 }

@@ -96,7 +96,9 @@ impl TokenMixer for SoftmaxAttention {
         };
         // The new token is the last: every cached key is in its past, so no mask.
         let head_dim = d / self.n_heads;
-        let scores = q.matmul(k.clone().transpose()).mul_scalar(1.0 / (head_dim as f64).sqrt());
+        let scores = q
+            .matmul(k.clone().transpose())
+            .mul_scalar(1.0 / (head_dim as f64).sqrt());
         let y = softmax(scores, 3).matmul(v.clone());
         let y = self.out_proj.forward(y.swap_dims(1, 2).reshape([b, t, d]));
         (y, KvCache { k, v })

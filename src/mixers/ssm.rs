@@ -42,7 +42,12 @@ impl CausalConv1d {
     /// The output at the last position of `window` `[b, kernel, channels]`.
     fn step(&self, window: Tensor<3>) -> Tensor<3> {
         let [_, kernel, ch] = window.dims();
-        let w = self.weight.val().reshape([ch, kernel]).transpose().unsqueeze::<3>();
+        let w = self
+            .weight
+            .val()
+            .reshape([ch, kernel])
+            .transpose()
+            .unsqueeze::<3>();
         (window * w).sum_dim(1) + self.bias.val().reshape([1, 1, ch])
     }
 

@@ -57,3 +57,46 @@ pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<Ben
         tokens_per_s: (tokens_per_step * steps) as f64 / timed,
     })
 }
+
+/// Forward + backward time of one mixer alone on a `[batch, seq_len, d_model]` input, the
+/// mixer built as `recipe` builds layer 0's.
+#[derive(Debug, Clone)]
+pub struct MixerBenchResult {
+    pub seconds_per_iter: f64,
+}
+
+pub fn bench_mixer(
+    recipe: &Recipe,
+    batch: usize,
+    seq_len: usize,
+    warmup: usize,
+    iters: usize,
+) -> anyhow::Result<MixerBenchResult> {
+    use crate::mixers::TokenMixer;
+    use burn::prelude::*;
+    use burn::tensor::Distribution;
+    let device = crate::device::select(&recipe.training)?.autodiff();
+    let kind = recipe.layer_mixers()[0];
+    let mixer = kind.init(&recipe.model, &device);
+    let d = recipe.model.d_model;
+    let mut timed = 0.0;
+    for i in 0..warmup + iters {
+        let x = Tensor::<3>::random([batch, seq_len, d], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        let start = Instant::now();
+        let grads = mixer.forward(x.clone()).sum().backward();
+        // Read a gradient back so the work is done, not just queued.
+        let g = x
+            .grad(&grads)
+            .expect("input gradient")
+            .sum()
+            .into_scalar::<f32>();
+        anyhow::ensure!(g.is_finite(), "{}: non-finite gradient", kind.name());
+        if i >= warmup {
+            timed += start.elapsed().as_secs_f64();
+        }
+    }
+    Ok(MixerBenchResult {
+        seconds_per_iter: timed / iters as f64,
+    })
+}
