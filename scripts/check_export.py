@@ -57,16 +57,40 @@ def norm(cfg, W, prefix, x):
     return rms_norm(x, W[prefix + ".weight"], cfg["norm_eps"])
 
 
+def rope(x, theta):
+    """Rotary positions on [heads, t, hd], interleaved pairs (x[2i], x[2i+1]) rotated by
+    position * theta^(-2i/hd), as LLaMA's original code and Burn's RotaryEncoding do."""
+    _, t, hd = x.shape
+    freq = theta ** (-np.arange(0, hd, 2) / hd)  # [hd/2]
+    angle = np.arange(t)[:, None] * freq[None, :]  # [t, hd/2]
+    cos, sin = np.cos(angle), np.sin(angle)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
+    return out
+
+
 def softmax_mixer(cfg, W, prefix, x):
+    o = cfg["mixer_options"]["softmax"]
     t, d = x.shape
     h = cfg["n_heads"]
     hd = d // h
-    split = lambda y: y.reshape(t, h, hd).transpose(1, 0, 2)  # [h, t, hd]
-    q = split(linear(W, prefix + ".q_proj", x))
-    k = split(linear(W, prefix + ".k_proj", x))
-    v = split(linear(W, prefix + ".v_proj", x))
+    kvh = o["n_kv_heads"] or h
+    heads = lambda y, n: y.reshape(t, n, hd).transpose(1, 0, 2)  # [n, t, hd]
+    q = heads(linear(W, prefix + ".q_proj", x), h)
+    k = heads(linear(W, prefix + ".k_proj", x), kvh)
+    v = heads(linear(W, prefix + ".v_proj", x), kvh)
+    if o["rotary"]:
+        q, k = rope(q, o["rope_theta"]), rope(k, o["rope_theta"])
+    # Grouped-query attention: query head i uses key/value head i // (h / kvh).
+    k, v = np.repeat(k, h // kvh, axis=0), np.repeat(v, h // kvh, axis=0)
     scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd)
-    scores = np.where(np.triu(np.ones((t, t), dtype=bool), 1), -np.inf, scores)
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    hidden = j > i
+    if o["window"]:
+        hidden |= j <= i - o["window"]
+    scores = np.where(hidden, -np.inf, scores)
     scores = scores - scores.max(-1, keepdims=True)
     p = np.exp(scores)
     p = p / p.sum(-1, keepdims=True)

@@ -96,6 +96,13 @@ pub struct SoftmaxOptions {
     pub tiled: bool,
     /// Key block size of the tiled form.
     pub block_size: usize,
+    /// Key/value heads for grouped-query attention; 0 = n_heads (plain multi-head).
+    pub n_kv_heads: usize,
+    /// Rotary position embedding on queries and keys (pair with `model.position = "none"`).
+    pub rotary: bool,
+    pub rope_theta: f64,
+    /// Sliding window: each query sees its last `window` keys, itself included; 0 = all.
+    pub window: usize,
 }
 
 /// `[model.linear]`: kernelised linear attention.
@@ -177,6 +184,10 @@ impl Default for SoftmaxOptions {
         Self {
             tiled: false,
             block_size: 64,
+            n_kv_heads: 0,
+            rotary: false,
+            rope_theta: 10000.0,
+            window: 0,
         }
     }
 }
@@ -628,6 +639,33 @@ impl Recipe {
             if v == 0 {
                 return fail(k, "must be at least 1".into());
             }
+        }
+        let kv = m.softmax.n_kv_heads;
+        if kv != 0 && (kv > m.n_heads || !m.n_heads.is_multiple_of(kv)) {
+            return fail(
+                "model.softmax.n_kv_heads",
+                format!(
+                    "{kv} does not divide n_heads = {}: use a divisor of {} (e.g. {}), or 0 for one per head",
+                    m.n_heads,
+                    m.n_heads,
+                    divisors(m.n_heads)
+                ),
+            );
+        }
+        if m.softmax.rotary && !(m.d_model / m.n_heads.max(1)).is_multiple_of(2) {
+            return fail(
+                "model.softmax.rotary",
+                format!(
+                    "needs an even head dimension; d_model / n_heads = {}",
+                    m.d_model / m.n_heads.max(1)
+                ),
+            );
+        }
+        if !positive(m.softmax.rope_theta) {
+            return fail(
+                "model.softmax.rope_theta",
+                "must be > 0 (10000 is usual)".into(),
+            );
         }
         if !(positive(m.ssm.dt_min) && m.ssm.dt_min <= m.ssm.dt_max) {
             return fail(

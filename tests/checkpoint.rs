@@ -111,3 +111,26 @@ fn nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
     assert!(err.contains(&format!("step-{}", good.step)), "{err}");
     assert!(err.contains(&format!("step {}", good.step + 1)), "{err}");
 }
+
+#[test]
+fn resume_refuses_to_start_over_when_every_checkpoint_is_damaged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tiny_recipe(tmp.path(), &["training.steps=2", "checkpoint.interval=1"]);
+    train(&r, &quiet()).unwrap();
+    for c in Checkpoint::list(&r.run_dir()).unwrap() {
+        std::fs::write(c.dir.join("optimizer.safetensors"), b"garbage").unwrap();
+    }
+    let err = train(
+        &r,
+        &TrainOptions {
+            resume: true,
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("none of the 2 checkpoints"), "{err}");
+    // The damaged checkpoints are still there for the user to inspect.
+    assert_eq!(Checkpoint::list(&r.run_dir()).unwrap().len(), 2);
+}

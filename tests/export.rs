@@ -179,4 +179,12 @@ fn numpy_reimplementation_reproduces_layer_and_logits() {
         "model.mixers=[\"linear\", \"linear\"]",
         "model.linear.decay=\"retnet\"",
     ]);
+    // Grouped-query attention with rotary positions and a sliding window.
+    numpy_reproduces(&[
+        "model.n_heads=4",
+        "model.softmax.n_kv_heads=2",
+        "model.softmax.rotary=true",
+        "model.softmax.window=5",
+        "model.position=\"none\"",
+    ]);
 }

@@ -70,14 +70,23 @@ fn compare_forms<const D: usize, const L: usize>(
 #[test]
 fn tiled_softmax_equals_naive() {
     let no_dropout = burn::nn::DropoutConfig::new(0.0).init();
-    for (t, block) in [(23, 8), (16, 16), (5, 2), (40, 64)] {
+    for (t, block, window) in [
+        (23, 8, 0),
+        (16, 16, 0),
+        (5, 2, 0),
+        (40, 64, 0),
+        (23, 4, 5),
+        (30, 8, 9),
+        (17, 4, 1),
+        (12, 3, 12),
+    ] {
         let leaves = [
             normal([2, 3, t, 8]),
             normal([2, 3, t, 8]),
             normal([2, 3, t, 8]),
         ];
         compare_forms(
-            &format!("softmax t={t} block={block}"),
+            &format!("softmax t={t} block={block} window={window}"),
             &leaves,
             [2, 3, t, 8],
             |x| {
@@ -85,10 +94,11 @@ fn tiled_softmax_equals_naive() {
                     x[0].clone(),
                     x[1].clone(),
                     x[2].clone(),
+                    window,
                     &no_dropout,
                 )
             },
-            |x| attend_tiled(x[0].clone(), x[1].clone(), x[2].clone(), block),
+            |x| attend_tiled(x[0].clone(), x[1].clone(), x[2].clone(), block, window),
             1e-5,
         );
     }
@@ -267,6 +277,9 @@ fn every_mixer_is_causal_in_the_language_model() {
         recipe.model.moh.shared_heads = 1;
         recipe.model.moh.top_k = 2;
         recipe.model.softmax.tiled = true;
+        recipe.model.softmax.n_kv_heads = 2;
+        recipe.model.softmax.rotary = true;
+        recipe.model.softmax.window = 5;
         recipe.model.softmax.block_size = 4;
         recipe.model.linear.decay = DecayMode::Gated;
         recipe.model.linear.chunk_size = 4;
@@ -307,7 +320,7 @@ fn token_by_token_decoding_matches_the_full_forward() {
         vec![MixerKind::Ssm, MixerKind::Softmax],
         vec![MixerKind::Moh, MixerKind::Pool],
     ] {
-        for gated in [false, true] {
+        for variant in [false, true] {
             let mut recipe = metamix::recipe::Recipe {
                 name: "decode".into(),
                 model: ModelConfig {
@@ -319,9 +332,14 @@ fn token_by_token_decoding_matches_the_full_forward() {
                 },
                 ..Default::default()
             };
-            if gated {
+            if variant {
                 recipe.model.linear.decay = DecayMode::Gated;
                 recipe.model.linear.normalize = false;
+                // Grouped-query attention, rotary positions and a sliding window.
+                recipe.model.softmax.n_kv_heads = 2;
+                recipe.model.softmax.rotary = true;
+                recipe.model.softmax.window = 4;
+                recipe.model.position = metamix::recipe::PositionKind::None;
             }
             recipe.model.pool.pool_size = 3;
             recipe.model.moh.shared_heads = 1;
@@ -347,7 +365,7 @@ fn token_by_token_decoding_matches_the_full_forward() {
             let err = (stepped - full).abs().max().into_scalar::<f32>();
             assert!(
                 err < 1e-4,
-                "{mixers:?} gated={gated}: max difference {err:e}"
+                "{mixers:?} variant={variant}: max difference {err:e}"
             );
         }
     }
@@ -382,6 +400,7 @@ fn moh_with_every_head_shared_is_weighted_multi_head_attention() {
         split(m.q_proj.forward(x.clone())),
         split(m.k_proj.forward(x.clone())),
         split(m.v_proj.forward(x.clone())),
+        0,
         &burn::nn::DropoutConfig::new(0.0).init(),
     );
     let weights = softmax(m.shared_router.as_ref().unwrap().forward(x.clone()), 2)

@@ -79,6 +79,12 @@ const CASES: &[(&str, &[&str], &str, &str)] = &[
         "model.ssm.dt_min",
         "must be in (0, dt_max = 0.1]",
     ),
+    (
+        "[model]\nn_heads = 4\n[model.softmax]\nn_kv_heads = 3\n",
+        &[],
+        "model.softmax.n_kv_heads",
+        "3 does not divide n_heads = 4: use a divisor of 4 (e.g. 1, 2, 4)",
+    ),
     // Wrong types.
     (
         "[training]\nsteps = \"many\"\n",

@@ -64,8 +64,9 @@ pub enum MixerKind {
 }
 
 impl MixerKind {
-    /// Build this mixer for a layer of the given model.
-    pub fn init(self, model: &ModelConfig, device: &Device) -> Mixer {
+    /// Build this mixer for a layer of the given model, whose sequences are at most
+    /// `max_seq_len` long.
+    pub fn init(self, model: &ModelConfig, max_seq_len: usize, device: &Device) -> Mixer {
         match self {
             MixerKind::Softmax => Mixer::Softmax(
                 SoftmaxAttentionConfig {
@@ -75,6 +76,7 @@ impl MixerKind {
                     dropout: model.dropout,
                     init_std: model.init_std,
                     out_init_std: residual_init_std(model),
+                    max_seq_len,
                     options: model.softmax.clone(),
                 }
                 .init(device),

@@ -137,9 +137,9 @@ impl Moh {
         let v = self.split_heads(self.v_proj.forward(x));
         let no_dropout = burn::nn::DropoutConfig::new(0.0).init();
         let heads = if self.block_size > 0 {
-            attend_tiled(q, k, v, self.block_size)
+            attend_tiled(q, k, v, self.block_size, 0)
         } else {
-            SoftmaxAttention::attend_naive(q, k, v, &no_dropout)
+            SoftmaxAttention::attend_naive(q, k, v, 0, &no_dropout)
         };
         let y = (heads * gates).swap_dims(1, 2).reshape([b, t, d]);
         (self.out_proj.forward(y), balance_loss)
@@ -184,6 +184,7 @@ impl TokenMixer for Moh {
         let q = self.split_heads(self.q_proj.forward(x.clone()));
         let k = self.split_heads(self.k_proj.forward(x.clone()));
         let v = self.split_heads(self.v_proj.forward(x));
+        let position = cache.as_ref().map_or(0, |c| c.position) + t;
         let (k, v) = match cache {
             Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
             None => (k, v),
@@ -194,6 +195,6 @@ impl TokenMixer for Moh {
             .mul_scalar(1.0 / (head_dim as f64).sqrt());
         let heads = softmax(scores, 3).matmul(v.clone());
         let y = (heads * gates).swap_dims(1, 2).reshape([b, t, d]);
-        (self.out_proj.forward(y), KvCache { k, v })
+        (self.out_proj.forward(y), KvCache { k, v, position })
     }
 }

@@ -1,7 +1,13 @@
-//! Causal multi-head softmax attention (Vaswani et al.; GPT-2's `CausalSelfAttention`).
+//! Causal multi-head softmax attention (Vaswani et al.; GPT-2's `CausalSelfAttention`), with
+//! grouped-query attention (`n_kv_heads` < `n_heads` key/value heads, each shared by a group
+//! of query heads), optional rotary positions (RoPE, interleaved pairs as in the original
+//! LLaMA code) and an optional sliding window (each query sees its last `window` keys).
+//!
+//! Two forms: the naive one materialises the `[t, t]` score matrix; the tiled one streams
+//! key blocks with an online softmax, so memory grows linearly with sequence length.
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
@@ -18,114 +24,199 @@ pub struct SoftmaxAttentionConfig {
     pub init_std: f64,
     /// Init std of `out_proj`, which writes into the residual stream.
     pub out_init_std: f64,
+    /// Longest sequence (sizes the rotary table).
+    pub max_seq_len: usize,
     pub options: SoftmaxOptions,
 }
 
 #[derive(Module, Debug)]
 pub struct SoftmaxAttention {
     pub q_proj: Linear,
+    /// `d_model → n_kv_heads · head_dim`.
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub out_proj: Linear,
+    rope: Option<RotaryEncoding>,
     attn_dropout: Dropout,
     resid_dropout: Dropout,
     n_heads: usize,
+    n_kv_heads: usize,
     /// Key/query block of the tiled form; 0 = the naive form.
     block_size: usize,
+    /// Keys each query sees, itself included; 0 = all.
+    window: usize,
 }
 
 impl SoftmaxAttentionConfig {
     pub fn init(&self, device: &Device) -> SoftmaxAttention {
         let d = self.d_model;
+        let o = &self.options;
+        let n_kv_heads = if o.n_kv_heads == 0 {
+            self.n_heads
+        } else {
+            o.n_kv_heads
+        };
+        let head_dim = d / self.n_heads;
+        let d_kv = n_kv_heads * head_dim;
         SoftmaxAttention {
             q_proj: normal_linear(d, d, self.bias, self.init_std, device),
-            k_proj: normal_linear(d, d, self.bias, self.init_std, device),
-            v_proj: normal_linear(d, d, self.bias, self.init_std, device),
+            k_proj: normal_linear(d, d_kv, self.bias, self.init_std, device),
+            v_proj: normal_linear(d, d_kv, self.bias, self.init_std, device),
             out_proj: normal_linear(d, d, self.bias, self.out_init_std, device),
+            rope: o.rotary.then(|| {
+                RotaryEncodingConfig::new(self.max_seq_len, head_dim)
+                    .with_theta(o.rope_theta as f32)
+                    .init(device)
+            }),
             attn_dropout: DropoutConfig::new(self.dropout).init(),
             resid_dropout: DropoutConfig::new(self.dropout).init(),
             n_heads: self.n_heads,
-            block_size: if self.options.tiled {
-                self.options.block_size
-            } else {
-                0
-            },
+            n_kv_heads,
+            block_size: if o.tiled { o.block_size } else { 0 },
+            window: o.window,
         }
     }
 }
 
-impl SoftmaxAttention {
-    /// `[b, t, d]` → `[b, heads, t, head_dim]`
-    fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
-        let [b, t, d] = x.dims();
-        x.reshape([b, t, self.n_heads, d / self.n_heads])
-            .swap_dims(1, 2)
-    }
-
-    /// The reference form: materialise the `[t, t]` score matrix, mask the future, softmax.
-    pub fn attend_naive(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, dropout: &Dropout) -> Tensor<4> {
-        let [_, _, t, head_dim] = q.dims();
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let scores = q.matmul(k.transpose()).mul_scalar(scale);
-        // tril_mask is true strictly above the diagonal: the future.
-        let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &scores.device());
-        let scores = scores.mask_fill(future.unsqueeze::<4>(), f32::NEG_INFINITY);
-        let weights = dropout.forward(softmax(scores, 3));
-        weights.matmul(v)
-    }
-}
-
-/// Keys and values of every token so far, `[b, heads, t, head_dim]`.
+/// Keys and values so far, `[b, n_kv_heads, cached, head_dim]` (at most `window` of them),
+/// and the position of the next token.
 #[derive(Clone, Debug)]
 pub struct KvCache {
     pub k: Tensor<4>,
     pub v: Tensor<4>,
+    pub position: usize,
+}
+
+impl SoftmaxAttention {
+    /// `[b, t, heads · head_dim]` → `[b, heads, t, head_dim]`
+    fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
+        let [b, t, d] = x.dims();
+        x.reshape([b, t, heads, d / heads]).swap_dims(1, 2)
+    }
+
+    /// Queries, keys and values of `x`, rotated from position `start` when RoPE is on.
+    fn qkv(&self, x: Tensor<3>, start: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let q = Self::split_heads(self.q_proj.forward(x.clone()), self.n_heads);
+        let k = Self::split_heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
+        let v = Self::split_heads(self.v_proj.forward(x), self.n_kv_heads);
+        match &self.rope {
+            Some(rope) => (rope.apply(q, start), rope.apply(k, start), v),
+            None => (q, k, v),
+        }
+    }
+
+    /// The reference form: materialise the `[t, t]` score matrix, mask what a query may not
+    /// see (the future, and keys `window` or more steps back), softmax.
+    pub fn attend_naive(
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        window: usize,
+        dropout: &Dropout,
+    ) -> Tensor<4> {
+        let [_, _, t, head_dim] = q.dims();
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scores = q.matmul(k.transpose()).mul_scalar(scale);
+        let hidden = hidden_mask(0, t, 0, t, window, &scores.device());
+        let scores = scores.mask_fill(hidden, f32::NEG_INFINITY);
+        dropout.forward(softmax(scores, 3)).matmul(v)
+    }
 }
 
 impl TokenMixer for SoftmaxAttention {
     type State = KvCache;
 
-    fn step(&self, x: Tensor<3>, cache: Option<KvCache>) -> (Tensor<3>, KvCache) {
-        let [b, t, d] = x.dims();
-        let q = self.split_heads(self.q_proj.forward(x.clone()));
-        let k = self.split_heads(self.k_proj.forward(x.clone()));
-        let v = self.split_heads(self.v_proj.forward(x));
-        let (k, v) = match cache {
-            Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
-            None => (k, v),
-        };
-        // The new token is the last: every cached key is in its past, so no mask.
-        let head_dim = d / self.n_heads;
-        let scores = q
-            .matmul(k.clone().transpose())
-            .mul_scalar(1.0 / (head_dim as f64).sqrt());
-        let y = softmax(scores, 3).matmul(v.clone());
-        let y = self.out_proj.forward(y.swap_dims(1, 2).reshape([b, t, d]));
-        (y, KvCache { k, v })
-    }
-
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = x.dims();
-        let q = self.split_heads(self.q_proj.forward(x.clone()));
-        let k = self.split_heads(self.k_proj.forward(x.clone()));
-        let v = self.split_heads(self.v_proj.forward(x));
+        let (q, k, v) = self.qkv(x, 0);
+        let groups = self.n_heads / self.n_kv_heads;
+        let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
         let y = if self.block_size > 0 {
             // Attention dropout needs the full weight matrix, which the tiled form never builds.
-            attend_tiled(q, k, v, self.block_size)
+            attend_tiled(q, k, v, self.block_size, self.window)
         } else {
-            Self::attend_naive(q, k, v, &self.attn_dropout)
+            Self::attend_naive(q, k, v, self.window, &self.attn_dropout)
         };
         let y = y.swap_dims(1, 2).reshape([b, t, d]);
         self.resid_dropout.forward(self.out_proj.forward(y))
     }
+
+    fn step(&self, x: Tensor<3>, cache: Option<KvCache>) -> (Tensor<3>, KvCache) {
+        let [b, t, d] = x.dims();
+        let position = cache.as_ref().map_or(0, |c| c.position);
+        let (q, k, v) = self.qkv(x, position);
+        let (k, v) = match cache {
+            Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
+            None => (k, v),
+        };
+        // A sliding window only ever needs its last `window` keys.
+        let cached = k.dims()[2];
+        let (k, v) = if self.window > 0 && cached > self.window {
+            let [_, kvh, _, hd] = k.dims();
+            let keep = cached - self.window..cached;
+            (
+                k.slice([0..b, 0..kvh, keep.clone(), 0..hd]),
+                v.slice([0..b, 0..kvh, keep, 0..hd]),
+            )
+        } else {
+            (k, v)
+        };
+        // The new token is the last: every cached key is in its past and window.
+        let groups = self.n_heads / self.n_kv_heads;
+        let head_dim = d / self.n_heads;
+        let scores = q
+            .matmul(repeat_kv(k.clone(), groups).transpose())
+            .mul_scalar(1.0 / (head_dim as f64).sqrt());
+        let y = softmax(scores, 3).matmul(repeat_kv(v.clone(), groups));
+        let y = self.out_proj.forward(y.swap_dims(1, 2).reshape([b, t, d]));
+        let position = position + t;
+        (y, KvCache { k, v, position })
+    }
+}
+
+/// Grouped-query attention: each of `[b, kv_heads, t, hd]`'s heads serves `groups`
+/// consecutive query heads.
+pub fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
+    if groups == 1 {
+        return x;
+    }
+    let [b, kvh, t, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kvh, groups, t, hd])
+        .reshape([b, kvh * groups, t, hd])
+}
+
+/// True where key position `k0 + j` is hidden from query position `q0 + i`: in its future,
+/// or (with a window) `window` or more steps back. `[1, 1, q1 − q0, k1 − k0]`.
+fn hidden_mask(
+    q0: usize,
+    q1: usize,
+    k0: usize,
+    k1: usize,
+    window: usize,
+    device: &Device,
+) -> Tensor<4, Bool> {
+    let qi = Tensor::<1, Int>::arange(q0 as i64..q1 as i64, device).reshape([q1 - q0, 1]);
+    let kj = Tensor::<1, Int>::arange(k0 as i64..k1 as i64, device).reshape([1, k1 - k0]);
+    let mut hidden = kj.clone().greater(qi.clone());
+    if window > 0 {
+        hidden = hidden.bool_or(kj.add_scalar(window as i64).lower_equal(qi));
+    }
+    hidden.unsqueeze::<4>()
 }
 
 /// The memory-efficient form (FlashAttention's algorithm, in tensor ops): queries and keys
-/// in blocks of `block`; each query block streams over the key blocks up to the diagonal
-/// (later ones are all future and skipped), keeping a running max `m`, normaliser `l` and
-/// unnormalised output, rescaled whenever the max grows. Scores exist one block pair at a
-/// time, so memory grows linearly with sequence length.
-pub fn attend_tiled(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, block: usize) -> Tensor<4> {
+/// in blocks of `block`; each query block streams over the key blocks it can see (blocks
+/// wholly in the future or, with a window, wholly too old are skipped), keeping a running
+/// max `m`, normaliser `l` and unnormalised output, rescaled whenever the max grows. Scores
+/// exist one block pair at a time, so memory grows linearly with sequence length.
+pub fn attend_tiled(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    block: usize,
+    window: usize,
+) -> Tensor<4> {
     let [b, h, t, dk] = q.dims();
     let dv = v.dims()[3];
     let device = q.device();
@@ -140,20 +231,31 @@ pub fn attend_tiled(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, block: usize) -> T
         let mut m = Tensor::<4>::full([b, h, q1 - q0, 1], f32::NEG_INFINITY, &device);
         let mut l = Tensor::<4>::zeros([b, h, q1 - q0, 1], &device);
         let mut acc = Tensor::<4>::zeros([b, h, q1 - q0, dv], &device);
-        // Key block 0 comes first and every query sees key 0, so `m` is finite after it.
-        for k0 in (0..q1).step_by(block) {
+        // The oldest key any query of this block sees.
+        let first_key = if window > 0 {
+            (q0 + 1).saturating_sub(window)
+        } else {
+            0
+        };
+        for k0 in (first_key / block * block..q1).step_by(block) {
             let k1 = (k0 + block).min(q1);
             let k_blk = k.clone().slice([0..b, 0..h, k0..k1, 0..dk]);
             let v_blk = v.clone().slice([0..b, 0..h, k0..k1, 0..dv]);
             let mut scores = q_blk.clone().matmul(k_blk.transpose());
-            if k1 > q0 + 1 {
-                // The block touches the diagonal: mask key j > query i.
-                let future = causal_block_mask(q0, q1, k0, k1, &device);
-                scores = scores.mask_fill(future, f32::NEG_INFINITY);
+            let touches_diagonal = k1 > q0 + 1;
+            let touches_window_edge = window > 0 && k0 + window <= q1 - 1;
+            if touches_diagonal || touches_window_edge {
+                let hidden = hidden_mask(q0, q1, k0, k1, window, &device);
+                scores = scores.mask_fill(hidden, f32::NEG_INFINITY);
             }
             let m_new = m.clone().max_pair(scores.clone().max_dim(3));
-            let p = (scores - m_new.clone()).exp();
-            let correction = (m - m_new.clone()).exp();
+            // Rows that have seen no visible key yet keep m = −inf; shift them by 0 instead
+            // so exp(−inf − (−inf)) never makes a NaN (their p and l are 0 either way).
+            let m_shift = m_new
+                .clone()
+                .mask_fill(m_new.clone().equal_elem(f32::NEG_INFINITY), 0.0);
+            let p = (scores - m_shift.clone()).exp();
+            let correction = (m - m_shift).exp();
             l = l * correction.clone() + p.clone().sum_dim(3);
             acc = acc * correction + p.matmul(v_blk);
             m = m_new;
@@ -161,17 +263,4 @@ pub fn attend_tiled(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, block: usize) -> T
         outputs.push(acc / l);
     }
     Tensor::cat(outputs, 2)
-}
-
-/// True where key position (k0 + j) lies after query position (q0 + i).
-fn causal_block_mask(
-    q0: usize,
-    q1: usize,
-    k0: usize,
-    k1: usize,
-    device: &Device,
-) -> Tensor<4, Bool> {
-    let qi = Tensor::<1, Int>::arange(q0 as i64..q1 as i64, device).reshape([q1 - q0, 1]);
-    let kj = Tensor::<1, Int>::arange(k0 as i64..k1 as i64, device).reshape([1, k1 - k0]);
-    kj.greater(qi).unsqueeze::<4>()
 }

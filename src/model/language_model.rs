@@ -34,6 +34,9 @@ pub struct LanguageModel {
     embed_dropout: Dropout,
     /// Weight of the mixers' auxiliary losses in the training loss.
     aux_loss_coef: f64,
+    /// Longest sequence the model handles (a learned position table or a rotary table
+    /// bounds it); 0 = unbounded.
+    context: usize,
 }
 
 /// Flex has one process-wide RNG; initialisation holds it so that concurrent inits (tests,
@@ -81,6 +84,7 @@ impl LanguageModelConfig {
                     MetaFormerBlockConfig {
                         model: m.clone(),
                         mixer,
+                        max_seq_len: self.max_seq_len,
                     }
                     .init(device)
                 })
@@ -90,6 +94,14 @@ impl LanguageModelConfig {
                 .then(|| normal_linear(m.d_model, self.vocab_size, false, m.init_std, device)),
             embed_dropout: DropoutConfig::new(m.dropout).init(),
             aux_loss_coef: m.moh.aux_loss_coef,
+            context: {
+                let rotary = m.softmax.rotary && self.mixers.contains(&MixerKind::Softmax);
+                if m.position == PositionKind::Learned || rotary {
+                    self.max_seq_len
+                } else {
+                    0
+                }
+            },
         }
     }
 }
@@ -184,11 +196,9 @@ impl LanguageModel {
         cross_entropy(self.forward(tokens), targets)
     }
 
-    /// Longest sequence the model accepts (the learned position table), if bounded.
+    /// Longest sequence the model accepts (its position tables), if bounded.
     pub fn max_seq_len(&self) -> Option<usize> {
-        self.position_embedding
-            .as_ref()
-            .map(|p| p.weight.val().dims()[0])
+        (self.context > 0).then_some(self.context)
     }
 }
 

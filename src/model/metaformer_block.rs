@@ -31,6 +31,7 @@ impl LayerScale {
 pub struct MetaFormerBlockConfig {
     pub model: ModelConfig,
     pub mixer: MixerKind,
+    pub max_seq_len: usize,
 }
 
 #[derive(Module, Debug)]
@@ -53,7 +54,7 @@ impl MetaFormerBlockConfig {
         };
         MetaFormerBlock {
             norm1: norm(),
-            mixer: self.mixer.init(m, device),
+            mixer: self.mixer.init(m, self.max_seq_len, device),
             layer_scale1: scale(),
             norm2: norm(),
             mlp: MlpConfig {

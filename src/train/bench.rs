@@ -77,7 +77,7 @@ pub fn bench_mixer(
     use burn::tensor::Distribution;
     let device = crate::device::select(&recipe.training)?.autodiff();
     let kind = recipe.layer_mixers()[0];
-    let mixer = kind.init(&recipe.model, &device);
+    let mixer = kind.init(&recipe.model, seq_len, &device);
     let d = recipe.model.d_model;
     let mut timed = 0.0;
     for i in 0..warmup + iters {

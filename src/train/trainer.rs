@@ -55,9 +55,19 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     let existing = super::Checkpoint::list(&run_dir)?;
     let resume_from = if opts.resume {
         let found = Checkpoint::latest_valid(&run_dir)?;
+        if found.is_none() && !existing.is_empty() {
+            // Never train over checkpoints that exist but could not be read: they may be
+            // recoverable by hand, and starting fresh would overwrite them.
+            bail!(
+                "none of the {} checkpoints in {} is intact (see the warnings above); move \
+                 them away to start this run fresh",
+                existing.len(),
+                super::checkpoint::checkpoints_dir(&run_dir).display()
+            );
+        }
         if found.is_none() && !opts.quiet {
             eprintln!(
-                "note: {} has no intact checkpoint; starting fresh",
+                "note: {} has no checkpoint yet; starting fresh",
                 run_dir.display()
             );
         }
@@ -139,6 +149,16 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     );
     bar.set_position(state.step);
 
+    if state.step >= t.steps && !opts.quiet {
+        eprintln!(
+            "{} is already trained to step {} (training.steps = {}): raise training.steps \
+             (e.g. --set training.steps={}) to continue it",
+            run_dir.display(),
+            state.step,
+            t.steps,
+            t.steps * 2
+        );
+    }
     let start = Instant::now();
     let mut window_start = Instant::now();
     let mut window_tokens = 0u64;
