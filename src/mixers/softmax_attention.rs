@@ -243,7 +243,7 @@ pub fn attend_tiled(
             let v_blk = v.clone().slice([0..b, 0..h, k0..k1, 0..dv]);
             let mut scores = q_blk.clone().matmul(k_blk.transpose());
             let touches_diagonal = k1 > q0 + 1;
-            let touches_window_edge = window > 0 && k0 + window <= q1 - 1;
+            let touches_window_edge = window > 0 && k0 + window < q1;
             if touches_diagonal || touches_window_edge {
                 let hidden = hidden_mask(q0, q1, k0, k1, window, &device);
                 scores = scores.mask_fill(hidden, f32::NEG_INFINITY);
