@@ -4,26 +4,8 @@
 
 mod common;
 
-use common::{tensors, tiny_recipe};
+use common::{final_files, quiet, tiny_recipe};
 use metamix::train::{Checkpoint, TrainOptions, train};
-
-fn quiet() -> TrainOptions {
-    TrainOptions {
-        quiet: true,
-        ..Default::default()
-    }
-}
-
-fn final_files(run_dir: &std::path::Path, step: u64) -> (Vec<u8>, Vec<u8>) {
-    let dir = run_dir.join("checkpoints").join(format!("step-{step}"));
-    let flat = |f: &str| {
-        tensors(&dir.join(f))
-            .into_iter()
-            .flat_map(|(n, _, _, b)| n.into_bytes().into_iter().chain(b))
-            .collect::<Vec<u8>>()
-    };
-    (flat("model.safetensors"), flat("optimizer.safetensors"))
-}
 
 #[test]
 fn corrupt_newest_checkpoint_falls_back_to_previous_and_still_matches() {

@@ -8,16 +8,9 @@ use std::path::Path;
 use std::process::Command;
 
 use burn::prelude::*;
-use common::{tensors, tiny_recipe};
+use common::{quiet, tensors, tiny_recipe};
 use metamix::run::Run;
-use metamix::train::{TrainOptions, train};
-
-fn quiet() -> TrainOptions {
-    TrainOptions {
-        quiet: true,
-        ..Default::default()
-    }
-}
+use metamix::train::train;
 
 fn export_tiny(dir: &Path, overrides: &[&str]) -> (Run, std::path::PathBuf) {
     let mut all = vec!["training.steps=2", "training.eval_interval=0"];

@@ -250,60 +250,82 @@ fn pool_cumsum_equals_direct_loop() {
     assert_eq!(y, vec![0.0, -1.0, -1.0]);
 }
 
+/// Mixer lists that cover every mixer and a hybrid.
+fn mixer_lists() -> Vec<Vec<MixerKind>> {
+    vec![
+        vec![MixerKind::Softmax, MixerKind::Softmax],
+        vec![MixerKind::Linear, MixerKind::Linear],
+        vec![MixerKind::Ssm, MixerKind::Ssm],
+        vec![MixerKind::Pool, MixerKind::Pool],
+        vec![MixerKind::Moh, MixerKind::Moh],
+        vec![MixerKind::Ssm, MixerKind::Softmax],
+    ]
+}
+
+/// A two-layer, d_model 16 language model recipe with these mixers; MoH routes 2 of 3
+/// heads. `variant` turns on the options that change each mixer's structure: gated linear
+/// decay, grouped-query rotary attention with a sliding window.
+fn tiny_lm(mixers: &[MixerKind], seq_len: usize, variant: bool) -> metamix::recipe::Recipe {
+    let mut recipe = metamix::recipe::Recipe {
+        name: "tiny-lm".into(),
+        model: ModelConfig {
+            d_model: 16,
+            n_layers: 2,
+            n_heads: 4,
+            mixers: Some(mixers.to_vec()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    recipe.training.seq_len = seq_len;
+    recipe.model.moh.shared_heads = 1;
+    recipe.model.moh.top_k = 2;
+    recipe.model.pool.pool_size = 3;
+    if variant {
+        recipe.model.linear.decay = DecayMode::Gated;
+        recipe.model.linear.normalize = false;
+        recipe.model.softmax.n_kv_heads = 2;
+        recipe.model.softmax.rotary = true;
+        recipe.model.softmax.window = 5;
+        recipe.model.position = metamix::recipe::PositionKind::None;
+    }
+    recipe
+}
+
 /// For every mixer (and a hybrid), logits at position t do not change when a later token
 /// changes: the model is causal end to end.
 #[test]
 fn every_mixer_is_causal_in_the_language_model() {
     let device = Device::flex();
-    for mixers in [
-        vec![MixerKind::Softmax, MixerKind::Softmax],
-        vec![MixerKind::Linear, MixerKind::Linear],
-        vec![MixerKind::Ssm, MixerKind::Ssm],
-        vec![MixerKind::Pool, MixerKind::Pool],
-        vec![MixerKind::Ssm, MixerKind::Softmax],
-        vec![MixerKind::Moh, MixerKind::Pool],
-    ] {
-        let mut recipe = metamix::recipe::Recipe {
-            name: "causal".into(),
-            model: ModelConfig {
-                d_model: 16,
-                n_layers: 2,
-                n_heads: 4,
-                mixers: Some(mixers.clone()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        recipe.model.moh.shared_heads = 1;
-        recipe.model.moh.top_k = 2;
-        recipe.model.softmax.tiled = true;
-        recipe.model.softmax.n_kv_heads = 2;
-        recipe.model.softmax.rotary = true;
-        recipe.model.softmax.window = 5;
-        recipe.model.softmax.block_size = 4;
-        recipe.model.linear.decay = DecayMode::Gated;
-        recipe.model.linear.chunk_size = 4;
-        recipe.model.ssm.chunk_size = 4;
-        recipe.training.seq_len = 12;
-        let model = model_config(&recipe, 11).init_seeded(3, &device);
-        let ids = |last: i64| {
-            let mut v: Vec<i64> = (0..12).map(|i| (i * 7 % 11) as i64).collect();
-            v[8] = last;
-            Tensor::<2, Int>::from_data(TensorData::new(v, [1, 12]), &device)
-        };
-        let a = model.forward(ids(1)).slice([0..1, 0..8, 0..11]);
-        let b = model.forward(ids(9)).slice([0..1, 0..8, 0..11]);
-        assert_eq!(
-            a.clone().into_data(),
-            b.into_data(),
-            "{mixers:?}: the past changed"
-        );
-        let a_all = model.forward(ids(1)).slice([0..1, 8..12, 0..11]);
-        let b_all = model.forward(ids(9)).slice([0..1, 8..12, 0..11]);
-        assert!(
-            rel_err(a_all, b_all) > 0.0,
-            "{mixers:?}: the change had no effect at all"
-        );
+    for mixers in mixer_lists() {
+        for variant in [false, true] {
+            let mut recipe = tiny_lm(&mixers, 12, variant);
+            // The fast forms, with blocks and chunks smaller than the sequence.
+            recipe.model.softmax.tiled = true;
+            recipe.model.softmax.block_size = 4;
+            recipe.model.linear.chunk_size = 4;
+            recipe.model.ssm.scan = metamix::recipe::ScanForm::Chunked;
+            recipe.model.ssm.chunk_size = 4;
+            let model = model_config(&recipe, 11).init_seeded(3, &device);
+            let ids = |last: i64| {
+                let mut v: Vec<i64> = (0..12).map(|i| (i * 7 % 11) as i64).collect();
+                v[8] = last;
+                Tensor::<2, Int>::from_data(TensorData::new(v, [1, 12]), &device)
+            };
+            let a = model.forward(ids(1)).slice([0..1, 0..8, 0..11]);
+            let b = model.forward(ids(9)).slice([0..1, 0..8, 0..11]);
+            assert_eq!(
+                a.clone().into_data(),
+                b.into_data(),
+                "{mixers:?}: the past changed"
+            );
+            let a_all = model.forward(ids(1)).slice([0..1, 8..12, 0..11]);
+            let b_all = model.forward(ids(9)).slice([0..1, 8..12, 0..11]);
+            assert!(
+                rel_err(a_all, b_all) > 0.0,
+                "{mixers:?}: the change had no effect at all"
+            );
+        }
     }
 }
 
@@ -312,39 +334,9 @@ fn every_mixer_is_causal_in_the_language_model() {
 #[test]
 fn token_by_token_decoding_matches_the_full_forward() {
     let device = Device::flex();
-    for mixers in [
-        vec![MixerKind::Softmax, MixerKind::Softmax],
-        vec![MixerKind::Linear, MixerKind::Linear],
-        vec![MixerKind::Ssm, MixerKind::Ssm],
-        vec![MixerKind::Pool, MixerKind::Pool],
-        vec![MixerKind::Ssm, MixerKind::Softmax],
-        vec![MixerKind::Moh, MixerKind::Pool],
-    ] {
+    for mixers in mixer_lists() {
         for variant in [false, true] {
-            let mut recipe = metamix::recipe::Recipe {
-                name: "decode".into(),
-                model: ModelConfig {
-                    d_model: 16,
-                    n_layers: 2,
-                    n_heads: 4,
-                    mixers: Some(mixers.clone()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            if variant {
-                recipe.model.linear.decay = DecayMode::Gated;
-                recipe.model.linear.normalize = false;
-                // Grouped-query attention, rotary positions and a sliding window.
-                recipe.model.softmax.n_kv_heads = 2;
-                recipe.model.softmax.rotary = true;
-                recipe.model.softmax.window = 4;
-                recipe.model.position = metamix::recipe::PositionKind::None;
-            }
-            recipe.model.pool.pool_size = 3;
-            recipe.model.moh.shared_heads = 1;
-            recipe.model.moh.top_k = 2;
-            recipe.training.seq_len = 10;
+            let recipe = tiny_lm(&mixers, 10, variant);
             let model = model_config(&recipe, 11).init_seeded(5, &device);
             let ids: Vec<i64> = (0..10).map(|i| (i * 5 % 11) as i64).collect();
             let full = model.forward(Tensor::from_data(

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use metamix::recipe::Recipe;
+use metamix::train::TrainOptions;
 
 /// A model small enough to train a few steps in well under a second.
 pub const TINY: &str = include_str!("tiny.toml");
@@ -34,4 +35,25 @@ pub fn tensors(path: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// Train without a progress bar or log lines.
+pub fn quiet() -> TrainOptions {
+    TrainOptions {
+        quiet: true,
+        ..Default::default()
+    }
+}
+
+/// The names and bytes of every tensor of checkpoint `step`'s model and optimizer files, for
+/// bitwise comparison.
+pub fn final_files(run_dir: &Path, step: u64) -> (Vec<u8>, Vec<u8>) {
+    let dir = run_dir.join("checkpoints").join(format!("step-{step}"));
+    let flat = |f: &str| {
+        tensors(&dir.join(f))
+            .into_iter()
+            .flat_map(|(n, _, _, b)| n.into_bytes().into_iter().chain(b))
+            .collect::<Vec<u8>>()
+    };
+    (flat("model.safetensors"), flat("optimizer.safetensors"))
 }
