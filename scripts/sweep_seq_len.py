@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Sweep sequence length for each token mixer alone: forward+backward time and peak memory
-(the process's peak RSS, one process per point), d_model 128, 4 heads, batch 1, CPU.
+(the process's peak RSS, one process per point), d_model 128, 4 heads, batch 1, CPU; plus
+softmax attention forward-only (inference), naive and tiled.
 
 Usage: python3 scripts/sweep_seq_len.py [--max 8192] [--out results/seq_len_sweep]
 Writes OUT.md (table) and OUT.png (log-log plots; needs matplotlib). A mixer stops growing
@@ -23,15 +24,19 @@ MIXERS = {
     "ssm (sequential scan)": ["model.mixer=\"ssm\""],
     "pool": ["model.mixer=\"pool\""],
     "moh": ["model.mixer=\"moh\""],
+    # Inference (no autodiff): the tiled form keeps one block of scores at a time.
+    "softmax (naive), forward only": ["model.mixer=\"softmax\"", "--forward-only"],
+    "softmax (tiled), forward only": ["model.mixer=\"softmax\"", "model.softmax.tiled=true",
+                                      "model.softmax.block_size=128", "--forward-only"],
 }
-MS = re.compile(r"([\d.]+) ms per forward\+backward")
+MS = re.compile(r"([\d.]+) ms per forward")
 
 
 def point(binary, sets, t):
     cmd = [str(binary), "bench-mixer", "recipes/shakespeare_char.toml", "--seq-len", str(t),
            "--warmup", "1", "--iters", "2"]
     for s in sets:
-        cmd += ["--set", s]
+        cmd += [s] if s.startswith("--") else ["--set", s]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -69,7 +74,8 @@ def main():
     for name, pts in results.items():
         cells = [f"{pts[t][0]:.0f} ms / {pts[t][1]:.0f} MiB" if t in pts else "-" for t in lengths]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "forward+backward time / peak RSS of the process, d_model 128, 4 heads, batch 1\n\n" + "\n".join(rows) + "\n"
+    table = ("time per forward+backward (forward only where marked) / peak RSS of the process, "
+             "d_model 128, 4 heads, batch 1\n\n") + "\n".join(rows) + "\n"
     out.with_suffix(".md").write_text(table)
     print(table)
     try:
@@ -84,7 +90,7 @@ def main():
         ts = sorted(pts)
         a1.plot(ts, [pts[t][0] for t in ts], marker="o", ms=3, label=name)
         a2.plot(ts, [pts[t][1] for t in ts], marker="o", ms=3, label=name)
-    for ax, label in [(a1, "forward+backward (ms)"), (a2, "peak RSS (MiB)")]:
+    for ax, label in [(a1, "forward+backward, or forward only (ms)"), (a2, "peak RSS (MiB)")]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length")

@@ -74,7 +74,7 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
-    /// Forward+backward time of one token mixer alone (the recipe's first layer's) on a
+    /// Forward(+backward) time of one token mixer alone (the recipe's first layer's) on a
     /// random `[batch, seq_len, d_model]` input. Peak memory: measure the process (see
     /// scripts/sweep_seq_len.py).
     BenchMixer {
@@ -87,6 +87,9 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 3)]
         iters: usize,
+        /// Forward only, without autodiff (what inference costs).
+        #[arg(long)]
+        forward_only: bool,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
@@ -195,14 +198,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
             warmup,
             iters,
+            forward_only,
             overrides,
         } => {
             let recipe = Recipe::load(&recipe, &overrides)?;
-            let r = metamix::train::bench::bench_mixer(&recipe, batch, seq_len, warmup, iters)?;
+            let r = metamix::train::bench::bench_mixer(
+                &recipe,
+                batch,
+                seq_len,
+                warmup,
+                iters,
+                forward_only,
+            )?;
             println!(
-                "bench-mixer {} seq_len {seq_len} batch {batch}: {:.2} ms per forward+backward",
+                "bench-mixer {} seq_len {seq_len} batch {batch}: {:.2} ms per {}",
                 recipe.layer_mixers()[0].name(),
-                r.seconds_per_iter * 1e3
+                r.seconds_per_iter * 1e3,
+                if forward_only {
+                    "forward"
+                } else {
+                    "forward+backward"
+                }
             );
         }
         Command::Eval { run, step, batches } => {

@@ -65,33 +65,43 @@ pub struct MixerBenchResult {
     pub seconds_per_iter: f64,
 }
 
+/// With `forward_only`, no autodiff: what inference costs.
 pub fn bench_mixer(
     recipe: &Recipe,
     batch: usize,
     seq_len: usize,
     warmup: usize,
     iters: usize,
+    forward_only: bool,
 ) -> anyhow::Result<MixerBenchResult> {
     use crate::mixers::TokenMixer;
     use burn::prelude::*;
     use burn::tensor::Distribution;
-    let device = crate::device::select(&recipe.training)?.autodiff();
+    let plain = crate::device::select(&recipe.training)?;
+    let device = if forward_only {
+        plain
+    } else {
+        plain.autodiff()
+    };
     let kind = recipe.layer_mixers()[0];
     let mixer = kind.init(&recipe.model, seq_len, &device);
     let d = recipe.model.d_model;
     let mut timed = 0.0;
     for i in 0..warmup + iters {
-        let x = Tensor::<3>::random([batch, seq_len, d], Distribution::Normal(0.0, 1.0), &device)
-            .require_grad();
+        let x = Tensor::<3>::random([batch, seq_len, d], Distribution::Normal(0.0, 1.0), &device);
         let start = Instant::now();
-        let grads = mixer.forward(x.clone()).sum().backward();
-        // Read a gradient back so the work is done, not just queued.
-        let g = x
-            .grad(&grads)
-            .expect("input gradient")
-            .sum()
-            .into_scalar::<f32>();
-        anyhow::ensure!(g.is_finite(), "{}: non-finite gradient", kind.name());
+        // Read a number back so the work is done, not just queued.
+        let check = if forward_only {
+            mixer.forward(x).sum().into_scalar::<f32>()
+        } else {
+            let x = x.require_grad();
+            let grads = mixer.forward(x.clone()).sum().backward();
+            x.grad(&grads)
+                .expect("input gradient")
+                .sum()
+                .into_scalar::<f32>()
+        };
+        anyhow::ensure!(check.is_finite(), "{}: non-finite result", kind.name());
         if i >= warmup {
             timed += start.elapsed().as_secs_f64();
         }
