@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::{final_files, quiet, tiny_recipe};
-use metamix::train::{Checkpoint, TrainOptions, train};
+use common::{final_files, killed_after, quiet, resuming, tiny_recipe};
+use metamix::train::{Checkpoint, train};
 
 #[test]
 fn corrupt_newest_checkpoint_falls_back_to_previous_and_still_matches() {
@@ -14,15 +14,7 @@ fn corrupt_newest_checkpoint_falls_back_to_previous_and_still_matches() {
     train(&straight, &quiet()).unwrap();
 
     let split = tiny_recipe(&tmp.path().join("b"), &[]);
-    train(
-        &split,
-        &TrainOptions {
-            stop_after: Some(6),
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    train(&split, &killed_after(6)).unwrap();
     // Truncate step-6's weights, as a crash or a bad disk might.
     let model = split.run_dir().join("checkpoints/step-6/model.safetensors");
     let len = std::fs::metadata(&model).unwrap().len();
@@ -42,15 +34,7 @@ fn corrupt_newest_checkpoint_falls_back_to_previous_and_still_matches() {
 
     let (ckpt, _) = Checkpoint::latest_valid(&split.run_dir()).unwrap().unwrap();
     assert_eq!(ckpt.step, 4);
-    train(
-        &split,
-        &TrainOptions {
-            resume: true,
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    train(&split, &resuming()).unwrap();
     assert!(final_files(&straight.run_dir(), 8) == final_files(&split.run_dir(), 8));
 }
 
@@ -102,16 +86,7 @@ fn resume_refuses_to_start_over_when_every_checkpoint_is_damaged() {
     for c in Checkpoint::list(&r.run_dir()).unwrap() {
         std::fs::write(c.dir.join("optimizer.safetensors"), b"garbage").unwrap();
     }
-    let err = train(
-        &r,
-        &TrainOptions {
-            resume: true,
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let err = train(&r, &resuming()).unwrap_err().to_string();
     assert!(err.contains("none of the 2 checkpoints"), "{err}");
     // The damaged checkpoints are still there for the user to inspect.
     assert_eq!(Checkpoint::list(&r.run_dir()).unwrap().len(), 2);

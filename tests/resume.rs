@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::{final_files, quiet, tiny_recipe};
-use metamix::train::{TrainOptions, train};
+use common::{final_files, killed_after, quiet, resuming, tiny_recipe};
+use metamix::train::train;
 
 /// Dropout and gradient accumulation are on, so their seeding is covered too.
 const EXTRA: &[&str] = &["model.dropout=0.1", "training.micro_batch_size=2"];
@@ -20,29 +20,13 @@ fn resumed_run_matches_uninterrupted_run_bitwise() {
     assert_eq!(s.step, 8);
 
     let split = tiny_recipe(&tmp.path().join("b"), EXTRA);
-    let first = train(
-        &split,
-        &TrainOptions {
-            stop_after: Some(4),
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let first = train(&split, &killed_after(4)).unwrap();
     assert_eq!(first.step, 4);
     // Without --resume an existing run is refused rather than overwritten.
     let refused = train(&split, &quiet()).unwrap_err().to_string();
     assert!(refused.contains("--resume"), "{refused}");
 
-    let resumed = train(
-        &split,
-        &TrainOptions {
-            resume: true,
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let resumed = train(&split, &resuming()).unwrap();
     assert_eq!(resumed.step, 8);
 
     let a = final_files(&straight.run_dir(), 8);

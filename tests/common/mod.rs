@@ -45,6 +45,22 @@ pub fn quiet() -> TrainOptions {
     }
 }
 
+/// Quietly continue from the newest intact checkpoint (`--resume`).
+pub fn resuming() -> TrainOptions {
+    TrainOptions {
+        resume: true,
+        ..quiet()
+    }
+}
+
+/// Quietly train, stopping after `step` as if killed there.
+pub fn killed_after(step: u64) -> TrainOptions {
+    TrainOptions {
+        stop_after: Some(step),
+        ..quiet()
+    }
+}
+
 /// The names and bytes of every tensor of checkpoint `step`'s model and optimizer files, for
 /// bitwise comparison.
 pub fn final_files(run_dir: &Path, step: u64) -> (Vec<u8>, Vec<u8>) {
