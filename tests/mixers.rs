@@ -4,7 +4,7 @@
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use metamix::mixers::linear_attention::{self, LinearInputs};
-use metamix::mixers::softmax_attention::{SoftmaxAttention, attend_tiled};
+use metamix::mixers::softmax_attention::{SoftmaxAttention, attend_tiled, attend_tiled_ops};
 use metamix::mixers::ssm::{self, ScanInputs};
 use metamix::mixers::{MixerKind, PoolConfig};
 use metamix::recipe::{DecayMode, ModelConfig};
@@ -99,6 +99,23 @@ fn tiled_softmax_equals_naive() {
                 )
             },
             |x| attend_tiled(x[0].clone(), x[1].clone(), x[2].clone(), block, window),
+            1e-5,
+        );
+        // The tensor-op form other backends use.
+        compare_forms(
+            &format!("softmax (tensor ops) t={t} block={block} window={window}"),
+            &leaves,
+            [2, 3, t, 8],
+            |x| {
+                SoftmaxAttention::attend_naive(
+                    x[0].clone(),
+                    x[1].clone(),
+                    x[2].clone(),
+                    window,
+                    &no_dropout,
+                )
+            },
+            |x| attend_tiled_ops(x[0].clone(), x[1].clone(), x[2].clone(), block, window),
             1e-5,
         );
     }

@@ -5,6 +5,7 @@
 //! so adding a mixer means: a new file, a variant in [`MixerKind`] and [`Mixer`], and the
 //! two `match`es below. Nothing in the block or the trainer changes.
 
+pub mod flash_attention;
 pub mod linear_attention;
 pub mod moh;
 pub mod pool;

@@ -205,12 +205,43 @@ fn hidden_mask(
     hidden.unsqueeze::<4>()
 }
 
-/// The memory-efficient form (FlashAttention's algorithm, in tensor ops): queries and keys
+/// The memory-efficient form. On flex (the CPU backend) it runs as a backend extension with
+/// FlashAttention's recomputing backward ([`super::flash_attention`]), so training memory is
+/// linear in sequence length too; elsewhere, as [`attend_tiled_ops`].
+pub fn attend_tiled(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    block: usize,
+    window: usize,
+) -> Tensor<4> {
+    use super::flash_attention::FlashAttentionBackend;
+    let device = q.device();
+    let plain = if device.is_autodiff() {
+        device.without_autodiff()
+    } else {
+        device
+    };
+    if plain == Device::flex() {
+        let out = <burn::backend::Dispatch as FlashAttentionBackend>::flash_attention(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            block,
+            window,
+        );
+        Tensor::from_dispatch(out)
+    } else {
+        attend_tiled_ops(q, k, v, block, window)
+    }
+}
+
+/// The memory-efficient form in tensor ops (FlashAttention's forward): queries and keys
 /// in blocks of `block`; each query block streams over the key blocks it can see (blocks
 /// wholly in the future or, with a window, wholly too old are skipped), keeping a running
 /// max `m`, normaliser `l` and unnormalised output, rescaled whenever the max grows. Scores
 /// exist one block pair at a time, so memory grows linearly with sequence length.
-pub fn attend_tiled(
+pub fn attend_tiled_ops(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
