@@ -85,39 +85,29 @@ fn tiled_softmax_equals_naive() {
             normal([2, 3, t, 8]),
             normal([2, 3, t, 8]),
         ];
-        compare_forms(
-            &format!("softmax t={t} block={block} window={window}"),
-            &leaves,
-            [2, 3, t, 8],
-            |x| {
-                SoftmaxAttention::attend_naive(
-                    x[0].clone(),
-                    x[1].clone(),
-                    x[2].clone(),
-                    window,
-                    &no_dropout,
-                )
-            },
-            |x| attend_tiled(x[0].clone(), x[1].clone(), x[2].clone(), block, window),
-            1e-5,
-        );
-        // The tensor-op form other backends use.
-        compare_forms(
-            &format!("softmax (tensor ops) t={t} block={block} window={window}"),
-            &leaves,
-            [2, 3, t, 8],
-            |x| {
-                SoftmaxAttention::attend_naive(
-                    x[0].clone(),
-                    x[1].clone(),
-                    x[2].clone(),
-                    window,
-                    &no_dropout,
-                )
-            },
-            |x| attend_tiled_ops(x[0].clone(), x[1].clone(), x[2].clone(), block, window),
-            1e-5,
-        );
+        let naive = |x: &[Tensor<4>]| {
+            let (q, k, v) = (x[0].clone(), x[1].clone(), x[2].clone());
+            SoftmaxAttention::attend_naive(q, k, v, window, &no_dropout)
+        };
+        // FlashAttention (custom backward, flex) and the tensor-op form other backends use.
+        let flash =
+            |x: &[Tensor<4>]| attend_tiled(x[0].clone(), x[1].clone(), x[2].clone(), block, window);
+        let ops = |x: &[Tensor<4>]| {
+            attend_tiled_ops(x[0].clone(), x[1].clone(), x[2].clone(), block, window)
+        };
+        for (form, fast) in [
+            ("flash", &flash as &dyn Fn(&[Tensor<4>]) -> Tensor<4>),
+            ("tensor ops", &ops),
+        ] {
+            compare_forms(
+                &format!("softmax {form} t={t} block={block} window={window}"),
+                &leaves,
+                [2, 3, t, 8],
+                naive,
+                fast,
+                1e-5,
+            );
+        }
     }
 }
 
