@@ -1,8 +1,9 @@
 //! `sample`: autoregressive generation with temperature and top-k, seeded.
 
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
+use rand::distr::Distribution;
+use rand::distr::weighted::WeightedIndex;
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::CharTokenizer;
@@ -81,29 +82,16 @@ fn pick(logits: Tensor<1>, opts: &SampleOptions, rng: &mut ChaCha8Rng) -> u32 {
     if opts.temperature <= 0.0 {
         return argmax(&logits);
     }
-    let n = logits.len();
-    let scaled = Tensor::<1>::from_data(
-        TensorData::new(
-            logits
-                .iter()
-                .map(|l| l / opts.temperature as f32)
-                .collect::<Vec<_>>(),
-            [n],
-        ),
-        &Device::flex(),
-    );
-    let probs: Vec<f32> = softmax(scaled, 0)
-        .into_data()
-        .try_to_vec::<f32>()
-        .expect("f32");
-    let mut u: f32 = rng.random();
-    for (i, p) in probs.iter().enumerate() {
-        if u < *p {
-            return i as u32;
-        }
-        u -= p;
+    // Softmax of logits / temperature, shifted by the max so exp cannot overflow.
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = logits
+        .iter()
+        .map(|&l| (((l - max) as f64) / opts.temperature).exp())
+        .collect();
+    match WeightedIndex::new(&weights) {
+        Ok(dist) => dist.sample(rng) as u32,
+        Err(_) => argmax(&logits),
     }
-    argmax(&probs)
 }
 
 fn argmax(v: &[f32]) -> u32 {

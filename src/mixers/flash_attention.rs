@@ -152,7 +152,8 @@ fn bias<B: Backend>(
     device: &<FloatTensor<B> as TensorMetadata>::Device,
 ) -> Option<FloatTensor<B>> {
     let hidden = |i: usize, j: usize| j > i || (window > 0 && j + window <= i);
-    let any_hidden = (q0..q1).any(|i| (k0..k1).any(|j| hidden(i, j)));
+    // The newest key past the first query, or the oldest key out of the last query's window.
+    let any_hidden = hidden(q0, k1 - 1) || hidden(q1 - 1, k0);
     any_hidden.then(|| {
         let values: Vec<f32> = (q0..q1)
             .flat_map(|i| (k0..k1).map(move |j| if hidden(i, j) { f32::NEG_INFINITY } else { 0.0 }))
