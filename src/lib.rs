@@ -9,6 +9,7 @@ pub mod data;
 pub mod device;
 pub mod export;
 pub mod mixers;
+pub mod parallel;
 pub mod model;
 pub mod recipe;
 pub mod run;

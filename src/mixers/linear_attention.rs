@@ -14,6 +14,8 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::{elu, log_sigmoid, relu};
 
+use crate::parallel::SequenceParallel;
+use crate::parallel::state_passing::pass_state;
 use super::{TokenMixer, normal_linear};
 use crate::recipe::{DecayMode, FeatureMap, LinearAttentionOptions, LinearForm};
 
@@ -164,6 +166,37 @@ impl TokenMixer for LinearAttention {
         let o = self.mix(self.inputs(x));
         self.out_proj.forward(o.swap_dims(1, 2).reshape([b, t, d]))
     }
+
+    /// LASP: the chunkwise form per chunk, the state `(S, z)` passed from rank to rank.
+    fn forward_sharded(
+        ranks: &[&Self],
+        xs: Vec<Tensor<3>>,
+        sp: &SequenceParallel,
+    ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
+        let ys = pass_state(
+            xs,
+            sp,
+            |r, x, state| ranks[r].forward_from(x, state),
+            |state: LinearState, r| LinearState {
+                s: sp.transport.send(state.s, r),
+                z: sp.transport.send(state.z, r),
+            },
+        );
+        (ys, None)
+    }
+}
+
+impl LinearAttention {
+    /// `forward` of positions that follow those summarised by `state`, and the state after.
+    pub fn forward_from(&self, x: Tensor<3>, state: Option<LinearState>) -> (Tensor<3>, LinearState) {
+        let [b, t, d] = x.dims();
+        let o = &self.options;
+        let (y, state) = chunkwise_from(self.inputs(x), o.normalize, o.chunk_size, state);
+        (
+            self.out_proj.forward(y.swap_dims(1, 2).reshape([b, t, d])),
+            state,
+        )
+    }
 }
 
 /// One step of the recurrence: q, k `[b, h, 1, dk]`, v `[b, h, 1, dv]`, log-decay `[b, h, 1]`.
@@ -235,6 +268,17 @@ pub fn quadratic(inputs: LinearInputs, normalize: bool) -> Tensor<4> {
 /// Fast form: chunks of `chunk` steps use the quadratic form inside and pass the recurrent
 /// state `S` (and `z`) between them, so work is linear in sequence length.
 pub fn chunkwise(inputs: LinearInputs, normalize: bool, chunk: usize) -> Tensor<4> {
+    chunkwise_from(inputs, normalize, chunk, None).0
+}
+
+/// [`chunkwise`] continuing from `state` (the state after earlier positions; `None` = the
+/// start), returning the state after the last position too.
+pub fn chunkwise_from(
+    inputs: LinearInputs,
+    normalize: bool,
+    chunk: usize,
+    state: Option<LinearState>,
+) -> (Tensor<4>, LinearState) {
     let LinearInputs { q, k, v, log_decay } = inputs;
     let [b, h, t, dk] = q.dims();
     let dv = v.dims()[3];
@@ -272,8 +316,8 @@ pub fn chunkwise(inputs: LinearInputs, normalize: bool, chunk: usize) -> Tensor<
     let chunk_decay = last.exp().unsqueeze_dim::<5>(4); // [b, h, n, 1, 1]
 
     // The state entering each chunk: a short scan over chunks.
-    let mut s = Tensor::<4>::zeros([b, h, dk, dv], &device);
-    let mut z = Tensor::<4>::zeros([b, h, 1, dk], &device);
+    let LinearState { mut s, mut z } =
+        state.unwrap_or_else(|| LinearState::zeros(b, h, dk, dv, &device));
     let (mut s_in, mut z_in) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n {
         s_in.push(s.clone().unsqueeze_dim::<5>(2));
@@ -301,6 +345,9 @@ pub fn chunkwise(inputs: LinearInputs, normalize: bool, chunk: usize) -> Tensor<
         let den = intra.sum_dim(4) + (q_decayed * z_in).sum_dim(4);
         o = o / den.add_scalar(NORM_EPS);
     }
-    o.reshape([b, h, n * c, dv])
-        .slice([0..b, 0..h, 0..t, 0..dv])
+    // Padding decays nothing and adds nothing, so the state after it is the final one.
+    let o = o
+        .reshape([b, h, n * c, dv])
+        .slice([0..b, 0..h, 0..t, 0..dv]);
+    (o, LinearState { s, z })
 }

@@ -19,6 +19,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use serde::{Deserialize, Serialize};
 
+use crate::parallel::SequenceParallel;
 use crate::recipe::ModelConfig;
 pub use linear_attention::{LinearAttention, LinearAttentionConfig};
 pub use moh::{Moh, MohConfig};
@@ -46,6 +47,18 @@ pub trait TokenMixer {
     /// (`None` at the start). Returns its output and the state including it. Feeding a
     /// sequence token by token gives what `forward` gives for the whole sequence.
     fn step(&self, x: Tensor<3>, state: Option<Self::State>) -> (Tensor<3>, Self::State);
+
+    /// Sequence parallelism: the same map on a sequence split across ranks. `ranks[r]` is
+    /// this mixer on rank r and `xs[r]` rank r's shard `[batch, t_r, d_model]` (positions as
+    /// `sp.layout` gives them); returns each rank's output and the auxiliary loss. Equal to
+    /// `forward_with_aux` on the whole sequence, with no rank holding all of it.
+    fn forward_sharded(
+        ranks: &[&Self],
+        xs: Vec<Tensor<3>>,
+        sp: &SequenceParallel,
+    ) -> (Vec<Tensor<3>>, Option<Tensor<1>>)
+    where
+        Self: Sized;
 }
 
 /// The mixer names a recipe may use (`mixer = "softmax"`, `mixers = [...]`).
@@ -224,6 +237,33 @@ impl TokenMixer for Mixer {
         match self {
             Mixer::Moh(m) => m.forward_with_aux(x),
             other => (other.forward(x), None),
+        }
+    }
+
+    fn forward_sharded(
+        ranks: &[&Self],
+        xs: Vec<Tensor<3>>,
+        sp: &SequenceParallel,
+    ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
+        // Every rank holds the same layer, so the same variant.
+        macro_rules! each {
+            ($variant:ident, $ty:ty) => {{
+                let typed: Vec<&$ty> = ranks
+                    .iter()
+                    .map(|m| match m {
+                        Mixer::$variant(m) => m,
+                        _ => panic!("ranks hold different mixers for one layer"),
+                    })
+                    .collect();
+                <$ty>::forward_sharded(&typed, xs, sp)
+            }};
+        }
+        match ranks[0] {
+            Mixer::Softmax(_) => each!(Softmax, SoftmaxAttention),
+            Mixer::Linear(_) => each!(Linear, LinearAttention),
+            Mixer::Ssm(_) => each!(Ssm, Ssm),
+            Mixer::Pool(_) => each!(Pool, Pool),
+            Mixer::Moh(_) => each!(Moh, Moh),
         }
     }
 }

@@ -19,6 +19,8 @@ use burn::tensor::activation::softmax;
 
 use super::softmax_attention::{KvCache, SoftmaxAttention, attend_tiled};
 use super::{TokenMixer, normal_linear};
+use crate::parallel::SequenceParallel;
+use crate::parallel::ring_attention::{Visibility, ring_attention};
 use crate::recipe::MohOptions;
 
 #[derive(Debug, Clone)]
@@ -51,10 +53,47 @@ pub struct Moh {
     block_size: usize,
 }
 
-/// Per-token head gates `[b, heads, t, 1]` and the load-balance loss of the routed heads.
+/// Per-token head gates `[b, heads, t, 1]` and the load-balance loss of the routed heads,
+/// with the token sums it is made of (a sharded sequence adds them up across ranks).
 pub struct Gates {
     pub gates: Tensor<4>,
     pub balance_loss: Option<Tensor<1>>,
+    pub balance_sums: Option<BalanceSums>,
+}
+
+/// Over some tokens: how often each routed head was selected, its summed router
+/// probability `[routed]`, and the token count.
+#[derive(Clone, Debug)]
+pub struct BalanceSums {
+    pub selected: Tensor<1>,
+    pub probs: Tensor<1>,
+    pub tokens: usize,
+}
+
+impl BalanceSums {
+    pub fn of(probs: Tensor<3>, selected: Tensor<3, Bool>) -> Self {
+        let [b, t, n] = probs.dims();
+        Self {
+            selected: selected.float().reshape([b * t, n]).sum_dim(0).reshape([n]),
+            probs: probs.reshape([b * t, n]).sum_dim(0).reshape([n]),
+            tokens: b * t,
+        }
+    }
+
+    /// `L_b = Σ_i f_i P_i` (see [`load_balance_loss`]).
+    pub fn loss(&self) -> Tensor<1> {
+        let tokens = self.tokens as f64;
+        (self.selected.clone().div_scalar(tokens) * self.probs.clone().div_scalar(tokens))
+            .sum()
+    }
+
+    pub fn add(self, other: BalanceSums) -> Self {
+        Self {
+            selected: self.selected + other.selected,
+            probs: self.probs + other.probs,
+            tokens: self.tokens + other.tokens,
+        }
+    }
 }
 
 impl MohConfig {
@@ -107,11 +146,11 @@ impl Moh {
                 None => g,
             });
         }
-        let mut balance_loss = None;
+        let mut balance_sums = None;
         if let Some(r) = &self.routed_router {
             let probs = softmax(r.forward(x), 2); // [b, t, routed]
             let selected = top_k_mask(probs.clone(), self.top_k);
-            balance_loss = Some(load_balance_loss(probs.clone(), selected.clone()));
+            balance_sums = Some(BalanceSums::of(probs.clone(), selected.clone()));
             let g = probs * selected.float();
             parts.push(match alpha_routed {
                 Some(a) => g * a,
@@ -121,7 +160,8 @@ impl Moh {
         let gates = Tensor::cat(parts, 2).swap_dims(1, 2).unsqueeze_dim::<4>(3);
         Gates {
             gates,
-            balance_loss,
+            balance_loss: balance_sums.as_ref().map(BalanceSums::loss),
+            balance_sums,
         }
     }
 
@@ -131,6 +171,7 @@ impl Moh {
         let Gates {
             gates,
             balance_loss,
+            ..
         } = self.gates(x.clone());
         let q = self.split_heads(self.q_proj.forward(x.clone()));
         let k = self.split_heads(self.k_proj.forward(x.clone()));
@@ -156,15 +197,7 @@ pub fn top_k_mask(probs: Tensor<3>, k: usize) -> Tensor<3, Bool> {
 /// `L_b = Σ_i f_i P_i` over routed heads, with `f_i` the fraction of tokens whose top-k
 /// contains head i and `P_i` the mean of `softmax(W_r x)_i` over tokens.
 pub fn load_balance_loss(probs: Tensor<3>, selected: Tensor<3, Bool>) -> Tensor<1> {
-    let [b, t, n] = probs.dims();
-    let tokens = (b * t) as f64;
-    let f = selected
-        .float()
-        .reshape([b * t, n])
-        .sum_dim(0)
-        .div_scalar(tokens);
-    let p = probs.reshape([b * t, n]).sum_dim(0).div_scalar(tokens);
-    (f * p).sum()
+    BalanceSums::of(probs, selected).loss()
 }
 
 impl TokenMixer for Moh {
@@ -176,6 +209,52 @@ impl TokenMixer for Moh {
 
     fn forward_with_aux(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
         self.forward_with_balance(x)
+    }
+
+    /// Ring attention over every head; the gates are per token, and the load-balance sums
+    /// are added up across ranks (on rank 0) before the loss is formed.
+    fn forward_sharded(
+        ranks: &[&Self],
+        xs: Vec<Tensor<3>>,
+        sp: &SequenceParallel,
+    ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
+        let dims: Vec<[usize; 3]> = xs.iter().map(|x| x.dims()).collect();
+        let (mut q, mut k, mut v, mut gates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut sums: Option<BalanceSums> = None;
+        for (m, x) in ranks.iter().zip(xs) {
+            let g = m.gates(x.clone());
+            gates.push(g.gates);
+            if let Some(s) = g.balance_sums {
+                let s = BalanceSums {
+                    selected: sp.transport.send(s.selected, 0),
+                    probs: sp.transport.send(s.probs, 0),
+                    tokens: s.tokens,
+                };
+                sums = Some(match sums {
+                    Some(acc) => acc.add(s),
+                    None => s,
+                });
+            }
+            q.push(m.split_heads(m.q_proj.forward(x.clone())));
+            k.push(m.split_heads(m.k_proj.forward(x.clone())));
+            v.push(m.split_heads(m.v_proj.forward(x)));
+        }
+        let visibility = Visibility {
+            causal: true,
+            window: 0,
+        };
+        let ys = ring_attention(q, k, v, visibility, sp)
+            .into_iter()
+            .zip(gates)
+            .zip(dims)
+            .enumerate()
+            .map(|(r, ((heads, g), [b, t, d]))| {
+                ranks[r]
+                    .out_proj
+                    .forward((heads * g).swap_dims(1, 2).reshape([b, t, d]))
+            })
+            .collect();
+        (ys, sums.map(|s| s.loss()))
     }
 
     fn step(&self, x: Tensor<3>, cache: Option<KvCache>) -> (Tensor<3>, KvCache) {

@@ -7,7 +7,11 @@
 use burn::module::Module;
 use burn::prelude::*;
 
+use std::ops::Range;
+
 use super::TokenMixer;
+use crate::parallel::SequenceParallel;
+use crate::parallel::state_passing::gather_shards;
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -44,22 +48,44 @@ impl Pool {
 
     /// Fast form: window sums as differences of one prefix sum over time.
     pub fn forward_cumsum(&self, x: Tensor<3>) -> Tensor<3> {
-        let [b, t, d] = x.dims();
+        let t = x.dims()[1];
+        self.pool_span(x, 0, 0..t, t)
+    }
+
+    /// The outputs at positions `out` of a sequence of `len`, from `x` holding positions
+    /// `x_start..` (which must cover every window of `out`): window sums as differences of
+    /// one prefix sum over `x`.
+    fn pool_span(&self, x: Tensor<3>, x_start: usize, out: Range<usize>, len: usize) -> Tensor<3> {
+        let [b, _, d] = x.dims();
+        let n = out.len();
         let device = x.device();
         let zero = Tensor::<3>::zeros([b, 1, d], &device);
-        // prefix[i] = Σ_{s<i} x_s, i = 0..=t
+        // prefix[i] = Σ_{s<i} x_s over x's own positions, i = 0..=x's length
         let prefix = Tensor::cat(vec![zero, x.clone().cumsum(1)], 1);
-        let (lo, hi): (Vec<i64>, Vec<i64>) = (0..t)
+        let (lo, hi): (Vec<i64>, Vec<i64>) = out
+            .clone()
             .map(|i| {
-                let (l, h) = self.window(i, t);
-                (l as i64, h as i64)
+                let (l, h) = self.window(i, len);
+                ((l - x_start) as i64, (h - x_start) as i64)
             })
             .unzip();
         let counts: Vec<f32> = lo.iter().zip(&hi).map(|(l, h)| (h - l) as f32).collect();
-        let idx = |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v, [t]), &device);
+        let idx = |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v, [n]), &device);
         let sums = prefix.clone().select(1, idx(hi)) - prefix.select(1, idx(lo));
-        let counts = Tensor::<1>::from_data(TensorData::new(counts, [t]), &device);
-        sums / counts.reshape([1, t, 1]) - x
+        let counts = Tensor::<1>::from_data(TensorData::new(counts, [n]), &device);
+        sums / counts.reshape([1, n, 1]) - x.narrow(1, out.start - x_start, n)
+    }
+
+    /// Positions a window reaches before and after its own: the halo each chunk needs from
+    /// its neighbours under sequence parallelism.
+    pub fn halo(&self) -> (usize, usize) {
+        let k = self.pool_size;
+        if self.causal {
+            (k - 1, 0)
+        } else {
+            let before = (k - 1) / 2;
+            (before, k - 1 - before)
+        }
     }
 
     /// Reference form: average each window with a slice, one position at a time.
@@ -100,5 +126,48 @@ impl TokenMixer for Pool {
 
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.forward_cumsum(x)
+    }
+
+    /// Halo exchange: each chunk gets the few positions its windows reach into the chunks
+    /// beside it (the recipe keeps chunks at least `pool_size` long), then pools locally.
+    fn forward_sharded(
+        ranks: &[&Self],
+        xs: Vec<Tensor<3>>,
+        sp: &SequenceParallel,
+    ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
+        let layout = &sp.layout;
+        let (before, after) = ranks[0].halo();
+        let len = layout.chunk_len();
+        assert!(before.max(after) <= len, "pooling halo longer than a chunk");
+        let mut chunks: Vec<Option<Tensor<3>>> = vec![None; layout.n_chunks()];
+        for (r, x) in xs.into_iter().enumerate() {
+            for (c, x) in layout.split_shard(r, x, 1) {
+                chunks[c] = Some(x);
+            }
+        }
+        let chunks: Vec<Tensor<3>> = chunks.into_iter().map(Option::unwrap).collect();
+        let outputs = (0..layout.n_chunks())
+            .map(|c| {
+                let (rank, _) = layout.owner(c);
+                let mut parts = Vec::new();
+                if c > 0 && before > 0 {
+                    let prev = chunks[c - 1].clone().narrow(1, len - before, before);
+                    parts.push(sp.transport.send(prev, rank));
+                }
+                parts.push(chunks[c].clone());
+                if c + 1 < chunks.len() && after > 0 {
+                    parts.push(sp.transport.send(chunks[c + 1].clone().narrow(1, 0, after), rank));
+                }
+                let start = layout.chunk_positions(c).start;
+                let x_start = if c > 0 { start - before } else { start };
+                Some(ranks[rank].pool_span(
+                    Tensor::cat(parts, 1),
+                    x_start,
+                    start..start + len,
+                    layout.seq_len,
+                ))
+            })
+            .collect();
+        (gather_shards(outputs, sp), None)
     }
 }

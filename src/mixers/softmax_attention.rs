@@ -12,6 +12,8 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use super::{TokenMixer, normal_linear};
+use crate::parallel::SequenceParallel;
+use crate::parallel::ring_attention::{Visibility, ring_attention};
 use crate::recipe::SoftmaxOptions;
 
 /// Options of [`SoftmaxAttention`].
@@ -105,6 +107,24 @@ impl SoftmaxAttention {
         }
     }
 
+    /// Queries, keys and values of rank `rank`'s shard, each chunk rotated from its global
+    /// start.
+    pub fn qkv_sharded(
+        &self,
+        x: Tensor<3>,
+        rank: usize,
+        sp: &SequenceParallel,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+        for (c, x) in sp.layout.split_shard(rank, x, 1) {
+            let (q, k, v) = self.qkv(x, sp.layout.chunk_positions(c).start);
+            qs.push(q);
+            ks.push(k);
+            vs.push(v);
+        }
+        (Tensor::cat(qs, 2), Tensor::cat(ks, 2), Tensor::cat(vs, 2))
+    }
+
     /// The reference form: materialise the `[t, t]` score matrix, mask what a query may not
     /// see (the future, and keys `window` or more steps back), softmax.
     pub fn attend_naive(
@@ -139,6 +159,36 @@ impl TokenMixer for SoftmaxAttention {
         };
         let y = y.swap_dims(1, 2).reshape([b, t, d]);
         self.resid_dropout.forward(self.out_proj.forward(y))
+    }
+
+    /// Ring attention. Attention-weight dropout is not applied (as in the tiled form).
+    fn forward_sharded(
+        ranks: &[&Self],
+        xs: Vec<Tensor<3>>,
+        sp: &SequenceParallel,
+    ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
+        let dims: Vec<[usize; 3]> = xs.iter().map(|x| x.dims()).collect();
+        let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, x) in xs.into_iter().enumerate() {
+            let (qr, kr, vr) = ranks[r].qkv_sharded(x, r, sp);
+            q.push(qr);
+            k.push(kr);
+            v.push(vr);
+        }
+        let visibility = Visibility {
+            causal: true,
+            window: ranks[0].window,
+        };
+        let ys = ring_attention(q, k, v, visibility, sp)
+            .into_iter()
+            .zip(dims)
+            .enumerate()
+            .map(|(r, (y, [b, t, d]))| {
+                let y = y.swap_dims(1, 2).reshape([b, t, d]);
+                ranks[r].resid_dropout.forward(ranks[r].out_proj.forward(y))
+            })
+            .collect();
+        (ys, None)
     }
 
     fn step(&self, x: Tensor<3>, cache: Option<KvCache>) -> (Tensor<3>, KvCache) {

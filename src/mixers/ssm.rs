@@ -20,6 +20,8 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::{silu, softplus};
 
 use super::{TokenMixer, normal_linear};
+use crate::parallel::SequenceParallel;
+use crate::parallel::state_passing::pass_state;
 use crate::recipe::{ScanForm, SsmOptions};
 
 #[derive(Debug, Clone)]
@@ -51,11 +53,14 @@ impl CausalConv1d {
         (window * w).sum_dim(1) + self.bias.val().reshape([1, 1, ch])
     }
 
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    /// Over `x` `[b, t, ch]`, the `kernel − 1` inputs before it in `history` (zeros at the
+    /// start of a sequence).
+    fn forward(&self, x: Tensor<3>, history: Option<Tensor<3>>) -> Tensor<3> {
         let [b, t, ch] = x.dims();
         let [_, _, kernel] = self.weight.dims();
         let device = x.device();
-        let padded = Tensor::cat(vec![Tensor::zeros([b, kernel - 1, ch], &device), x], 1);
+        let history = history.unwrap_or_else(|| Tensor::zeros([b, kernel - 1, ch], &device));
+        let padded = Tensor::cat(vec![history, x], 1);
         let w = self.weight.val().reshape([ch, kernel]).transpose(); // [kernel, ch]
         let mut y = self.bias.val().reshape([1, 1, ch]).expand([b, t, ch]);
         for i in 0..kernel {
@@ -158,19 +163,34 @@ pub struct ScanInputs {
 impl Ssm {
     /// Everything before the scan: projections, conv, Δ, A, B, C; and the gate z.
     pub fn scan_inputs(&self, x: Tensor<3>) -> (ScanInputs, Tensor<3>) {
+        let (inputs, z, _) = self.scan_inputs_from(x, None);
+        (inputs, z)
+    }
+
+    /// [`Self::scan_inputs`] after the conv inputs `history` `[b, d_conv − 1, d_inner]`;
+    /// also returns the last `d_conv − 1` conv inputs, the next chunk's history.
+    fn scan_inputs_from(
+        &self,
+        x: Tensor<3>,
+        history: Option<Tensor<3>>,
+    ) -> (ScanInputs, Tensor<3>, Tensor<3>) {
         let [bsz, t, _] = x.dims();
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
+        let kernel = self.conv1d.weight.dims()[2];
         let xz = self.in_proj.forward(x);
         let u = xz.clone().slice([0..bsz, 0..t, 0..di]);
         let z = xz.slice([0..bsz, 0..t, di..2 * di]);
-        let u = silu(self.conv1d.forward(u));
+        let history = history.unwrap_or_else(|| Tensor::zeros([bsz, kernel - 1, di], &u.device()));
+        let window = Tensor::cat(vec![history.clone(), u.clone()], 1);
+        let next_history = window.narrow(1, t, kernel - 1);
+        let u = silu(self.conv1d.forward(u, Some(history)));
         let dbc = self.x_proj.forward(u.clone());
         let dt = dbc.clone().slice([0..bsz, 0..t, 0..r]);
         let b = dbc.clone().slice([0..bsz, 0..t, r..r + n]);
         let c = dbc.slice([0..bsz, 0..t, r + n..r + 2 * n]);
         let delta = softplus(self.dt_proj.forward(dt), 1.0);
         let a = self.A_log.val().exp().neg();
-        (ScanInputs { u, delta, a, b, c }, z)
+        (ScanInputs { u, delta, a, b, c }, z, next_history)
     }
 
     pub fn scan(&self, inputs: ScanInputs) -> Tensor<3> {
@@ -223,6 +243,42 @@ impl TokenMixer for Ssm {
         let y = (self.scan(inputs) + skip) * silu(z);
         self.out_proj.forward(y)
     }
+
+    /// State passing: the scan state and the conv's last inputs go from rank to rank.
+    fn forward_sharded(
+        ranks: &[&Self],
+        xs: Vec<Tensor<3>>,
+        sp: &SequenceParallel,
+    ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
+        let ys = pass_state(
+            xs,
+            sp,
+            |r, x, state| ranks[r].forward_from(x, state),
+            |state: SsmState, r| SsmState {
+                conv: sp.transport.send(state.conv, r),
+                h: sp.transport.send(state.h, r),
+            },
+        );
+        (ys, None)
+    }
+}
+
+impl Ssm {
+    /// `forward` of positions that follow those summarised by `state`, and the state after.
+    pub fn forward_from(&self, x: Tensor<3>, state: Option<SsmState>) -> (Tensor<3>, SsmState) {
+        let (history, h) = match state {
+            Some(s) => (Some(s.conv), Some(s.h)),
+            None => (None, None),
+        };
+        let (inputs, z, conv) = self.scan_inputs_from(x, history);
+        let skip = inputs.u.clone() * self.D.val().unsqueeze::<3>();
+        let (y, h) = match self.scan {
+            ScanForm::Chunked => scan_chunked_from(inputs, self.chunk_size, h),
+            ScanForm::Sequential => scan_sequential_from(inputs, h),
+        };
+        let y = (y + skip) * silu(z);
+        (self.out_proj.forward(y), SsmState { conv, h })
+    }
 }
 
 /// Reference: `h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t`, `y_t = C_t · h_t`, step by step.
@@ -230,10 +286,16 @@ impl TokenMixer for Ssm {
 /// never the `[b, t, d_inner, d_state]` products, whose slices would each back-propagate
 /// into a zero tensor of the full size.
 pub fn scan_sequential(s: ScanInputs) -> Tensor<3> {
+    scan_sequential_from(s, None).0
+}
+
+/// [`scan_sequential`] from state `h` `[b, d_inner, d_state]` (`None` = zeros), returning
+/// the final state too.
+pub fn scan_sequential_from(s: ScanInputs, h: Option<Tensor<3>>) -> (Tensor<3>, Tensor<3>) {
     let [bsz, t, di] = s.u.dims();
     let n = s.a.dims()[1];
     let a = s.a.unsqueeze::<3>(); // [1, di, n]
-    let mut h = Tensor::<3>::zeros([bsz, di, n], &s.u.device());
+    let mut h = h.unwrap_or_else(|| Tensor::<3>::zeros([bsz, di, n], &s.u.device()));
     let mut blocks = Vec::with_capacity(t.div_ceil(SLICE_BLOCK));
     // Slice and concatenate in two levels: a slice's backward writes a zero tensor the size
     // of what it was cut from, so cutting each step from the whole sequence costs O(t²).
@@ -258,7 +320,7 @@ pub fn scan_sequential(s: ScanInputs) -> Tensor<3> {
         }
         blocks.push(Tensor::cat(ys, 1));
     }
-    Tensor::cat(blocks, 1)
+    (Tensor::cat(blocks, 1), h)
 }
 
 /// Steps cut from the sequence at once by the sequential scan.
@@ -286,10 +348,19 @@ pub fn scan_step(
 /// of the chunk's inputs, all positions at once; only the chunk-end state is carried on.
 /// Like the reference, it slices only the small per-step inputs.
 pub fn scan_chunked(s: ScanInputs, chunk: usize) -> Tensor<3> {
+    scan_chunked_from(s, chunk, None).0
+}
+
+/// [`scan_chunked`] from state `h` `[b, d_inner, d_state]` (`None` = zeros), returning the
+/// final state too.
+pub fn scan_chunked_from(s: ScanInputs, chunk: usize, h: Option<Tensor<3>>) -> (Tensor<3>, Tensor<3>) {
     let [bsz, t, di] = s.u.dims();
     let n = s.a.dims()[1];
     let a = s.a.unsqueeze::<4>(); // [1, 1, di, n]
-    let mut h = Tensor::<4>::zeros([bsz, 1, di, n], &s.u.device());
+    let mut h = match h {
+        Some(h) => h.unsqueeze_dim::<4>(1),
+        None => Tensor::<4>::zeros([bsz, 1, di, n], &s.u.device()),
+    };
     let mut ys = Vec::with_capacity(t.div_ceil(chunk));
     for t0 in (0..t).step_by(chunk) {
         let t1 = (t0 + chunk).min(t);
@@ -322,7 +393,7 @@ pub fn scan_chunked(s: ScanInputs, chunk: usize) -> Tensor<3> {
         h = states.clone().slice([0..bsz, len - 1..len, 0..di, 0..n]);
         ys.push((states * c).sum_dim(3).reshape([bsz, len, di]));
     }
-    Tensor::cat(ys, 1)
+    (Tensor::cat(ys, 1), h.reshape([bsz, di, n]))
 }
 
 /// From cumulative log-decays `cum` with time along `dim`, the matrix

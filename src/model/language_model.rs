@@ -11,6 +11,7 @@ use burn::tensor::activation::log_softmax;
 
 use super::{MetaFormerBlock, MetaFormerBlockConfig, Norm};
 use crate::mixers::{MixerKind, MixerState, normal_linear};
+use crate::parallel::SequenceParallel;
 use crate::recipe::{ModelConfig, PositionKind};
 
 /// Everything needed to build the model: the `[model]` section with the vocabulary filled
@@ -111,12 +112,76 @@ impl LanguageModel {
     pub fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let [_, t] = tokens.dims();
         let device = tokens.device();
+        self.embed_at(tokens, Tensor::<1, Int>::arange(0..t as i64, &device))
+    }
+
+    /// [`Self::embed`] of tokens at the given global `positions` `[seq]`.
+    fn embed_at(&self, tokens: Tensor<2, Int>, positions: Tensor<1, Int>) -> Tensor<3> {
         let mut x = self.token_embedding.forward(tokens);
         if let Some(pos) = &self.position_embedding {
-            let positions = Tensor::<1, Int>::arange(0..t as i64, &device).unsqueeze::<2>();
-            x = x + pos.forward(positions);
+            x = x + pos.forward(positions.unsqueeze::<2>());
         }
         self.embed_dropout.forward(x)
+    }
+
+    /// [`Self::training_loss`] of sequences split across ranks (sequence parallelism):
+    /// `ranks[r]` is the model on rank r (see [`crate::parallel::replicate`]); `tokens` and
+    /// `targets` `[batch, seq]` are cut by `sp.layout` and sent to their ranks. The same
+    /// loss, and through autodiff the same gradients, as on one device.
+    pub fn training_loss_sharded(
+        ranks: &[Self],
+        tokens: Tensor<2, Int>,
+        targets: Tensor<2, Int>,
+        sp: &SequenceParallel,
+    ) -> TrainingLoss {
+        let [b, t] = tokens.dims();
+        let tokens = sp.layout.shard(tokens, 1, sp.transport);
+        let targets = sp.layout.shard(targets, 1, sp.transport);
+        let mut xs: Vec<Tensor<3>> = ranks
+            .iter()
+            .zip(tokens)
+            .enumerate()
+            .map(|(r, (m, tok))| {
+                let positions: Vec<i64> = sp.layout.positions(r).iter().map(|&p| p as i64).collect();
+                let n = positions.len();
+                let positions =
+                    Tensor::<1, Int>::from_data(TensorData::new(positions, [n]), &tok.device());
+                m.embed_at(tok, positions)
+            })
+            .collect();
+        let mut aux: Option<Tensor<1>> = None;
+        for i in 0..ranks[0].layers.len() {
+            let layer: Vec<&MetaFormerBlock> = ranks.iter().map(|m| &m.layers[i]).collect();
+            let (ys, a) = MetaFormerBlock::forward_sharded(&layer, xs, sp);
+            xs = ys;
+            aux = match (aux, a.map(|a| sp.transport.send(a, 0))) {
+                (Some(s), Some(a)) => Some(s + a),
+                (s, a) => s.or(a),
+            };
+        }
+        // Σ over every rank's tokens of −log p, gathered on rank 0, over the token count.
+        let mut nll_sum: Option<Tensor<1>> = None;
+        for ((m, x), tgt) in ranks.iter().zip(xs).zip(targets) {
+            let [_, tr] = tgt.dims();
+            let part = cross_entropy(m.head(x), tgt).mul_scalar((b * tr) as f64);
+            let part = sp.transport.send(part, 0);
+            nll_sum = Some(match nll_sum {
+                Some(s) => s + part,
+                None => part,
+            });
+        }
+        let cross_entropy = nll_sum
+            .expect("at least one rank")
+            .div_scalar((b * t) as f64);
+        let total = match &aux {
+            Some(a) => cross_entropy.clone() + a.clone().mul_scalar(ranks[0].aux_loss_coef),
+            None => cross_entropy.clone(),
+        };
+        TrainingLoss {
+            total,
+            cross_entropy,
+            aux,
+        }
     }
 
     /// Token ids `[batch, seq]` → logits `[batch, seq, vocab]`.

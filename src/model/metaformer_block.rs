@@ -7,6 +7,7 @@ use burn::prelude::*;
 
 use super::{Mlp, MlpConfig, Norm};
 use crate::mixers::{Mixer, MixerKind, MixerState, TokenMixer, residual_init_std};
+use crate::parallel::SequenceParallel;
 use crate::recipe::ModelConfig;
 
 /// MetaFormer's `Scale`: a learned per-channel multiplier on a residual branch.
@@ -83,6 +84,32 @@ impl MetaFormerBlock {
         let x = x + scaled(&self.layer_scale1, h);
         let h = self.mlp.forward(self.norm2.forward(x.clone()));
         (x + scaled(&self.layer_scale2, h), aux)
+    }
+
+    /// `forward_with_aux` on a sequence sharded across ranks (`ranks[r]`: this block on
+    /// rank r). Norms, MLP and residuals are per token, so only the mixer communicates.
+    pub fn forward_sharded(
+        ranks: &[&Self],
+        xs: Vec<Tensor<3>>,
+        sp: &SequenceParallel,
+    ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
+        let normed = ranks
+            .iter()
+            .zip(&xs)
+            .map(|(b, x)| b.norm1.forward(x.clone()))
+            .collect();
+        let mixers: Vec<&Mixer> = ranks.iter().map(|b| &b.mixer).collect();
+        let (hs, aux) = Mixer::forward_sharded(&mixers, normed, sp);
+        let ys = ranks
+            .iter()
+            .zip(xs.into_iter().zip(hs))
+            .map(|(b, (x, h))| {
+                let x = x + scaled(&b.layer_scale1, h);
+                let h = b.mlp.forward(b.norm2.forward(x.clone()));
+                x + scaled(&b.layer_scale2, h)
+            })
+            .collect();
+        (ys, aux)
     }
 
     /// `forward` for one new token `[b, 1, d]`, given the mixer's decoding state.

@@ -1,0 +1,187 @@
+//! Ring attention (Liu et al. 2023): softmax attention over a sequence sharded across
+//! ranks. Each rank keeps its queries; the key/value shards travel round the ring, one hop
+//! per step, and after N steps every rank has attended to every shard. Each block's output
+//! merges into the running output with the log-sum-exp rule (in f32):
+//! `out ← out − σ(lse_blk − lse)·(out − out_blk)`, `lse ← lse − log σ(lse − lse_blk)`.
+//! Blocks wholly in a query chunk's future (or wholly outside its window) are skipped.
+//!
+//! Backward is autodiff through the same graph: the K/V hops are `to_device`s, whose
+//! backward sends dK/dV back along the ring to their owner. No rank ever holds another
+//! rank's queries or more than one `[chunk, chunk]` block of scores at a time in forward;
+//! for its backward it keeps each visited K/V shard (O(seq · d) per rank) and each block's
+//! probabilities (the naive block form; see `attend_block`).
+
+use burn::prelude::*;
+use burn::tensor::activation::{log_sigmoid, sigmoid};
+
+use super::SequenceParallel;
+use crate::mixers::softmax_attention::repeat_kv;
+
+/// Masked scores: finite, so a row that sees no key of a block gets a finite, negligible
+/// log-sum-exp (≈ −1e30) that the merge weighs by exactly 0, instead of a NaN.
+const HIDDEN: f32 = -1.0e30;
+
+/// Which keys a query sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Visibility {
+    /// Keys at or before the query only.
+    pub causal: bool,
+    /// With `causal`, only the last `window` keys (itself included); 0 = all.
+    pub window: usize,
+}
+
+impl Visibility {
+    fn hidden(&self, i: usize, j: usize) -> bool {
+        (self.causal && j > i) || (self.window > 0 && j + self.window <= i)
+    }
+
+    /// No query of `[q0, q1)` sees any key of `[k0, k1)`: the keys lie wholly in the
+    /// future, or wholly before the window. (Any other block is attended; a block that
+    /// hides everything anyway only costs work, its merge weight is 0.)
+    pub fn all_hidden(&self, (q0, q1): (usize, usize), (k0, k1): (usize, usize)) -> bool {
+        let future = self.causal && k0 > q1 - 1;
+        let too_old = self.window > 0 && k1 - 1 + self.window <= q0;
+        future || too_old
+    }
+
+    /// `[1, 1, q, k]`, true where hidden; `None` when every key is visible.
+    fn mask(&self, q: (usize, usize), k: (usize, usize), device: &Device) -> Option<Tensor<4, Bool>> {
+        let (q0, q1) = q;
+        let (k0, k1) = k;
+        let any = self.hidden(q0, k1 - 1) || self.hidden(q1 - 1, k0);
+        any.then(|| {
+            let qi = Tensor::<1, Int>::arange(q0 as i64..q1 as i64, device).reshape([q1 - q0, 1]);
+            let kj = Tensor::<1, Int>::arange(k0 as i64..k1 as i64, device).reshape([1, k1 - k0]);
+            let mut hidden = if self.causal {
+                kj.clone().greater(qi.clone())
+            } else {
+                kj.clone().lower(kj.clone().sub_scalar(1)) // all false
+            };
+            if self.window > 0 {
+                hidden = hidden.bool_or(kj.add_scalar(self.window as i64).lower_equal(qi));
+            }
+            hidden.unsqueeze::<4>()
+        })
+    }
+}
+
+/// Attention of queries at global positions `q_start..` over keys at `k_start..`:
+/// the output `[b, h, tq, dv]` and each row's log-sum-exp `[b, h, tq, 1]`. Also the plain
+/// reference form: on a whole sequence (both starts 0) it is ordinary softmax attention.
+pub fn attend_block(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    q_start: usize,
+    k_start: usize,
+    visibility: Visibility,
+) -> (Tensor<4>, Tensor<4>) {
+    let [_, _, tq, dk] = q.dims();
+    let tk = k.dims()[2];
+    let device = q.device();
+    let mut s = q
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (dk as f64).sqrt());
+    if let Some(hidden) =
+        visibility.mask((q_start, q_start + tq), (k_start, k_start + tk), &device)
+    {
+        s = s.mask_fill(hidden, HIDDEN);
+    }
+    // The max only stabilises exp; it cancels from both results, so it needs no gradient.
+    let m = s.clone().max_dim(3).detach();
+    let p = (s - m.clone()).exp();
+    let l = p.clone().sum_dim(3);
+    (p.matmul(v) / l.clone(), m + l.log())
+}
+
+/// Fold one block's `(out, lse)` into the running `(out, lse)` of the same queries. The
+/// first block of every row must see at least one key (see `ring_attention`'s order).
+pub fn merge(acc: Option<(Tensor<4>, Tensor<4>)>, block: (Tensor<4>, Tensor<4>)) -> (Tensor<4>, Tensor<4>) {
+    let Some((out, lse)) = acc else {
+        return block;
+    };
+    let (out_b, lse_b) = block;
+    let w = sigmoid(lse_b.clone() - lse.clone());
+    let out = out.clone() - w * (out - out_b);
+    let lse = lse.clone() - log_sigmoid(lse - lse_b);
+    (out, lse)
+}
+
+/// Per rank: q `[b, h, t_r, dk]`, k `[b, kv_h, t_r, dk]`, v `[b, kv_h, t_r, dv]` of the
+/// positions the layout gives it (kv heads shared by `h / kv_h` query heads) → its output
+/// `[b, h, t_r, dv]`.
+pub fn ring_attention(
+    q: Vec<Tensor<4>>,
+    k: Vec<Tensor<4>>,
+    v: Vec<Tensor<4>>,
+    visibility: Visibility,
+    sp: &SequenceParallel,
+) -> Vec<Tensor<4>> {
+    let layout = &sp.layout;
+    let n = layout.ranks;
+    let groups = q[0].dims()[1] / k[0].dims()[1];
+    let span = |c: usize| {
+        let p = layout.chunk_positions(c);
+        (p.start, p.end)
+    };
+    let q_chunks: Vec<Vec<(usize, Tensor<4>)>> = q
+        .into_iter()
+        .enumerate()
+        .map(|(r, q)| layout.split_shard(r, q, 2))
+        .collect();
+    let mut acc: Vec<Vec<Option<(Tensor<4>, Tensor<4>)>>> =
+        q_chunks.iter().map(|c| vec![None; c.len()]).collect();
+    // (k, v, the rank whose positions they are), as held by each rank.
+    let mut held: Vec<(Tensor<4>, Tensor<4>, usize)> =
+        k.into_iter().zip(v).enumerate().map(|(r, (k, v))| (k, v, r)).collect();
+    for step in 0..n {
+        for (r, (k, v, owner)) in held.iter().enumerate() {
+            let kv: Vec<(usize, Tensor<4>, Tensor<4>)> = layout
+                .split_shard(*owner, k.clone(), 2)
+                .into_iter()
+                .zip(layout.split_shard(*owner, v.clone(), 2))
+                .map(|((c, k), (_, v))| (c, repeat_kv(k, groups), repeat_kv(v, groups)))
+                .collect();
+            for (slot, (qc, q)) in q_chunks[r].iter().enumerate() {
+                // A query chunk's own keys come first (step 0): every row sees itself, so
+                // the running log-sum-exp is finite before any merge.
+                let mut order: Vec<&(usize, Tensor<4>, Tensor<4>)> = kv.iter().collect();
+                order.sort_by_key(|(kc, _, _)| kc != qc);
+                for (kc, k, v) in order {
+                    if visibility.all_hidden(span(*qc), span(*kc)) {
+                        continue;
+                    }
+                    let block = attend_block(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        span(*qc).0,
+                        span(*kc).0,
+                        visibility,
+                    );
+                    acc[r][slot] = Some(merge(acc[r][slot].take(), block));
+                }
+            }
+        }
+        if step + 1 < n {
+            // One hop: rank r passes what it holds to rank r + 1.
+            let mut next: Vec<Option<(Tensor<4>, Tensor<4>, usize)>> = vec![None; n];
+            for (r, (k, v, owner)) in held.into_iter().enumerate() {
+                let to = (r + 1) % n;
+                next[to] = Some((sp.transport.send(k, to), sp.transport.send(v, to), owner));
+            }
+            held = next.into_iter().map(Option::unwrap).collect();
+        }
+    }
+    acc.into_iter()
+        .map(|chunks| {
+            Tensor::cat(
+                chunks
+                    .into_iter()
+                    .map(|a| a.expect("every query chunk sees its own keys").0)
+                    .collect(),
+                2,
+            )
+        })
+        .collect()
+}
