@@ -1,31 +1,99 @@
-//! From the recipe's `training.backend` / `training.device` to a Burn device.
+//! From the recipe's `training.backend` / `training.device` (and `parallelism.devices`) to
+//! Burn devices, and whether a device can run the recipe's precision.
 
 use anyhow::bail;
 use burn::prelude::Device;
+use burn::tensor::FloatDType;
 
-use crate::recipe::{BackendKind, TrainingConfig};
+use crate::recipe::{BackendKind, DeviceSpec, Precision, Recipe};
 
-/// The plain (non-autodiff) device a run computes on.
-pub fn select(training: &TrainingConfig) -> anyhow::Result<Device> {
-    match training.backend {
-        BackendKind::Cpu => Ok(Device::flex()),
-        BackendKind::Wgpu => wgpu(training.device),
-        BackendKind::Libtorch => libtorch(training.device),
+/// The plain (non-autodiff) device a run computes on (rank 0's, under parallelism).
+pub fn select(recipe: &Recipe) -> anyhow::Result<Device> {
+    Ok(select_ranks(recipe)?.remove(0))
+}
+
+/// One plain device per rank (`parallelism.devices`, or every rank on `training.device`),
+/// each checked to support `training.precision`.
+pub fn select_ranks(recipe: &Recipe) -> anyhow::Result<Vec<Device>> {
+    let t = &recipe.training;
+    let p = &recipe.parallelism;
+    let specs = if p.devices.is_empty() {
+        vec![t.device; p.ranks()]
+    } else {
+        p.devices.clone()
+    };
+    specs
+        .into_iter()
+        .map(|spec| {
+            let device = on(t.backend, spec)?;
+            check_precision(&device, t.backend, spec, t.precision)?;
+            Ok(device)
+        })
+        .collect()
+}
+
+/// The device `spec` names on `backend`.
+pub fn on(backend: BackendKind, spec: DeviceSpec) -> anyhow::Result<Device> {
+    match backend {
+        BackendKind::Cpu => match spec {
+            DeviceSpec::Default | DeviceSpec::Cpu => Ok(Device::flex()),
+            DeviceSpec::Gpu(k) => bail!(
+                "training.device = {k}: the cpu backend has one device; use \"default\""
+            ),
+        },
+        BackendKind::Wgpu => wgpu(spec),
+        BackendKind::Libtorch => libtorch(spec),
     }
 }
 
+/// The low-precision working dtype of `precision`, if any.
+pub fn working_dtype(precision: Precision) -> Option<FloatDType> {
+    match precision {
+        Precision::F32 => None,
+        Precision::Bf16 => Some(FloatDType::BF16),
+        Precision::F16 => Some(FloatDType::F16),
+    }
+}
+
+/// Fail at start, not mid-run, when the device cannot compute in the recipe's precision.
+fn check_precision(
+    device: &Device,
+    backend: BackendKind,
+    spec: DeviceSpec,
+    precision: Precision,
+) -> anyhow::Result<()> {
+    let Some(dtype) = working_dtype(precision) else {
+        return Ok(());
+    };
+    if device.supports_dtype(dtype) {
+        return Ok(());
+    }
+    let name = format!("{precision:?}").to_lowercase();
+    let other = match precision {
+        Precision::Bf16 if device.supports_dtype(FloatDType::F16) => {
+            "precision = \"f16\" (with loss scaling) or \"f32\""
+        }
+        _ => "precision = \"f32\"",
+    };
+    bail!(
+        "training.precision = \"{name}\": the {backend:?} device {spec} has no {name} arithmetic \
+         (Vulkan adapters never do in Burn 0.22; Metal, CUDA and the cpu backend do); use {other}, \
+         or another backend"
+    )
+}
+
 #[cfg(feature = "wgpu")]
-fn wgpu(index: usize) -> anyhow::Result<Device> {
+fn wgpu(spec: DeviceSpec) -> anyhow::Result<Device> {
     use burn::tensor::DeviceKind;
-    Ok(if index == 0 {
-        Device::wgpu(DeviceKind::DefaultDevice)
-    } else {
-        Device::wgpu(DeviceKind::DiscreteGpu(index))
-    })
+    Ok(Device::wgpu(match spec {
+        DeviceSpec::Default => DeviceKind::DefaultDevice,
+        DeviceSpec::Cpu => DeviceKind::Cpu,
+        DeviceSpec::Gpu(k) => DeviceKind::DiscreteGpu(k),
+    }))
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn wgpu(_index: usize) -> anyhow::Result<Device> {
+fn wgpu(_spec: DeviceSpec) -> anyhow::Result<Device> {
     bail!(
         "training.backend = \"wgpu\": this metamix was built without wgpu; rebuild with \
          `cargo build --release --features wgpu`, or use backend = \"cpu\""
@@ -34,16 +102,15 @@ fn wgpu(_index: usize) -> anyhow::Result<Device> {
 
 #[cfg(feature = "tch")]
 #[allow(deprecated)] // burn-tch is deprecated upstream but still the libtorch route
-fn libtorch(index: usize) -> anyhow::Result<Device> {
-    // Device 0 is libtorch's CPU; CUDA device k is `device = k + 1`.
-    Ok(match index {
-        0 => Device::libtorch(),
-        k => Device::libtorch_cuda(k - 1),
+fn libtorch(spec: DeviceSpec) -> anyhow::Result<Device> {
+    Ok(match spec {
+        DeviceSpec::Default | DeviceSpec::Cpu => Device::libtorch(),
+        DeviceSpec::Gpu(k) => Device::libtorch_cuda(k),
     })
 }
 
 #[cfg(not(feature = "tch"))]
-fn libtorch(_index: usize) -> anyhow::Result<Device> {
+fn libtorch(_spec: DeviceSpec) -> anyhow::Result<Device> {
     bail!(
         "training.backend = \"libtorch\": this metamix was built without libtorch; rebuild with \
          `cargo build --release --features tch` (see scripts/setup_libtorch.sh), or use backend = \"cpu\""

@@ -8,6 +8,7 @@
 pub mod data;
 pub mod device;
 pub mod export;
+pub mod mixed_precision;
 pub mod mixers;
 pub mod parallel;
 pub mod model;

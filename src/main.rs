@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use metamix::data::Corpus;
 use metamix::recipe::Recipe;
 use metamix::run::Run;
@@ -21,6 +21,39 @@ struct Cli {
     command: Command,
 }
 
+/// Recipe overrides on the command line; the shorthands win over `--set`.
+#[derive(Args, Clone, Default)]
+struct Overrides {
+    /// Override a recipe key, e.g. --set training.lr=3e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// training.backend: cpu, wgpu or libtorch.
+    #[arg(long)]
+    backend: Option<String>,
+    /// training.precision: f32, bf16 or f16.
+    #[arg(long)]
+    precision: Option<String>,
+    /// training.device: default, cpu or a GPU index.
+    #[arg(long)]
+    device: Option<String>,
+}
+
+impl Overrides {
+    fn list(&self) -> Vec<String> {
+        let mut all = self.set.clone();
+        let quoted = |key: &str, v: &Option<String>| {
+            v.as_ref().map(|v| match v.parse::<usize>() {
+                Ok(k) => format!("training.{key}={k}"),
+                Err(_) => format!("training.{key}=\"{v}\""),
+            })
+        };
+        all.extend(quoted("backend", &self.backend));
+        all.extend(quoted("precision", &self.precision));
+        all.extend(quoted("device", &self.device));
+        all
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train the model a recipe describes (checkpoints and logs go to runs/<name>).
@@ -32,9 +65,8 @@ enum Command {
         /// Start from weights in a safetensors file written by `export`.
         #[arg(long, value_name = "FILE")]
         init_from: Option<PathBuf>,
-        /// Override a recipe key, e.g. --set training.lr=3e-4 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
+        #[command(flatten)]
+        overrides: Overrides,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -71,8 +103,8 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 10)]
         steps: usize,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
+        #[command(flatten)]
+        overrides: Overrides,
     },
     /// Forward(+backward) time of one token mixer alone (the recipe's first layer's) on a
     /// random `[batch, seq_len, d_model]` input. Peak memory: measure the process (see
@@ -123,7 +155,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             overrides,
             quiet,
         } => {
-            let recipe = Recipe::load(&recipe, &overrides)?;
+            let recipe = Recipe::load(&recipe, &overrides.list())?;
             let s = train(
                 &recipe,
                 &TrainOptions {
@@ -158,7 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             step,
         } => {
             let run = Run::open(&run)?;
-            let device = metamix::device::select(&run.recipe.training)?;
+            let device = metamix::device::select(&run.recipe)?;
             let (model, _) = run.load_model(step, &device)?;
             let text = generate(
                 &model,
@@ -180,7 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             steps,
             overrides,
         } => {
-            let recipe = Recipe::load(&recipe, &overrides)?;
+            let recipe = Recipe::load(&recipe, &overrides.list())?;
             let r = metamix::train::bench::bench(&recipe, warmup, steps)?;
             println!(
                 "bench {}: {} parameters | {} tokens/step | {:.1} ms/step | {:.0} tokens/s ({} timed steps after {warmup} warm-up)",
@@ -224,7 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval { run, step, batches } => {
             let run = Run::open(&run)?;
             let r = &run.recipe;
-            let device = metamix::device::select(&r.training)?;
+            let device = metamix::device::select(r)?;
             let (model, ckpt) = run.load_model(step, &device)?;
             let corpus = Corpus::load(
                 &r.data.path,
@@ -239,6 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.training.seq_len,
                 r.training.seed ^ metamix::train::trainer::EVAL_SEED_SALT,
                 &device,
+                &metamix::parallel::Ranks::single(device.clone()),
             );
             println!(
                 "step {}: val loss {loss:.4} | perplexity {:.3}",

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::mixers::MixerKind;
+pub use crate::parallel::Sharding;
 
 /// A whole recipe. Sections may be left out; every key has a default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -294,9 +295,91 @@ pub struct TrainingConfig {
     /// Batches averaged for each validation loss.
     pub eval_batches: usize,
     pub backend: BackendKind,
-    /// Device index for GPU backends.
-    pub device: usize,
+    /// Which of the backend's devices: `"default"`, `"cpu"` or a GPU index.
+    pub device: DeviceSpec,
+    /// `f32`, or mixed precision: `bf16` / `f16` working copies of f32 master weights.
     pub precision: Precision,
+    /// Dynamic loss scaling, used with `precision = "f16"`.
+    pub loss_scaler: LossScalerConfig,
+}
+
+/// `[training.loss_scaler]`: PyTorch `GradScaler`'s dynamic loss scaling for f16. The loss
+/// is multiplied by `scale` before backward; a step whose gradients overflow is skipped and
+/// the scale multiplied by `backoff_factor`; after `growth_interval` good steps in a row it
+/// is multiplied by `growth_factor`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossScalerConfig {
+    pub init_scale: f64,
+    pub growth_factor: f64,
+    pub backoff_factor: f64,
+    pub growth_interval: u64,
+}
+
+impl Default for LossScalerConfig {
+    fn default() -> Self {
+        Self {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
+}
+
+/// A device of the chosen backend: `"default"` (cpu: the CPU; wgpu: the default adapter;
+/// libtorch: the CPU), `"cpu"` (the backend's CPU device: flex, wgpu's software adapter,
+/// libtorch's CPU) or an integer k, GPU k (CUDA device k; wgpu's k-th discrete GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "DeviceName", into = "DeviceName")]
+pub enum DeviceSpec {
+    Default,
+    Cpu,
+    Gpu(usize),
+}
+
+/// How a device is written in a recipe.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceName {
+    Index(usize),
+    Name(String),
+}
+
+impl TryFrom<DeviceName> for DeviceSpec {
+    type Error = String;
+    fn try_from(name: DeviceName) -> Result<Self, String> {
+        match name {
+            DeviceName::Index(k) => Ok(DeviceSpec::Gpu(k)),
+            DeviceName::Name(s) => match s.as_str() {
+                "default" => Ok(DeviceSpec::Default),
+                "cpu" => Ok(DeviceSpec::Cpu),
+                other => Err(format!(
+                    "unknown device \"{other}\": use \"default\", \"cpu\" or a GPU index (0, 1, ...)"
+                )),
+            },
+        }
+    }
+}
+
+impl From<DeviceSpec> for DeviceName {
+    fn from(d: DeviceSpec) -> Self {
+        match d {
+            DeviceSpec::Default => DeviceName::Name("default".into()),
+            DeviceSpec::Cpu => DeviceName::Name("cpu".into()),
+            DeviceSpec::Gpu(k) => DeviceName::Index(k),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Default => write!(f, "\"default\""),
+            DeviceSpec::Cpu => write!(f, "\"cpu\""),
+            DeviceSpec::Gpu(k) => write!(f, "{k}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,12 +459,27 @@ pub struct MetricsConfig {
     pub tensorboard: bool,
 }
 
-/// `[parallelism]`: reserved for sequence and data parallelism; only 1 is supported yet.
+/// `[parallelism]`: data and sequence parallelism. `data_parallel_degree × 
+/// sequence_parallel_degree` ranks; rank `g · sequence_parallel_degree + s` holds shard s of
+/// replica g's sequences.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParallelismConfig {
+    /// Model replicas, each taking an equal slice of every micro-batch; gradients averaged.
     pub data_parallel_degree: usize,
+    /// Ranks each sequence is split across (ring attention / state passing).
     pub sequence_parallel_degree: usize,
+    /// `zigzag` (rank r holds chunks r and 2N−1−r: balanced causal work) or `contiguous`.
+    pub sequence_sharding: Sharding,
+    /// The device of each rank, written like `training.device`; empty = every rank on
+    /// `training.device` (logical ranks: the same results, no extra hardware).
+    pub devices: Vec<DeviceSpec>,
+}
+
+impl ParallelismConfig {
+    pub fn ranks(&self) -> usize {
+        self.data_parallel_degree * self.sequence_parallel_degree
+    }
 }
 
 impl Default for ModelConfig {
@@ -435,8 +533,9 @@ impl Default for TrainingConfig {
             eval_interval: 250,
             eval_batches: 20,
             backend: BackendKind::Cpu,
-            device: 0,
+            device: DeviceSpec::Default,
             precision: Precision::F32,
+            loss_scaler: LossScalerConfig::default(),
         }
     }
 }
@@ -489,6 +588,8 @@ impl Default for ParallelismConfig {
         Self {
             data_parallel_degree: 1,
             sequence_parallel_degree: 1,
+            sequence_sharding: Sharding::Zigzag,
+            devices: Vec::new(),
         }
     }
 }
@@ -789,20 +890,37 @@ impl Recipe {
         if t.eval_batches == 0 {
             return fail("training.eval_batches", "must be at least 1".into());
         }
-        if t.backend == BackendKind::Cpu && t.device != 0 {
+        if t.backend == BackendKind::Cpu
+            && let DeviceSpec::Gpu(k) = t.device
+        {
             return fail(
                 "training.device",
-                format!("the cpu backend has a single device 0 (got {})", t.device),
+                format!("the cpu backend has one device (got {k}): use \"default\""),
             );
         }
-        if t.precision != Precision::F32 {
+        let ls = &t.loss_scaler;
+        if !(ls.init_scale >= 1.0 && ls.init_scale.is_finite()) {
             return fail(
-                "training.precision",
-                format!(
-                    "{:?} is not supported yet: use \"f32\" (mixed precision is planned)",
-                    t.precision
-                )
-                .to_lowercase(),
+                "training.loss_scaler.init_scale",
+                format!("must be a finite number >= 1 (got {})", ls.init_scale),
+            );
+        }
+        if !(ls.growth_factor > 1.0 && ls.growth_factor.is_finite()) {
+            return fail(
+                "training.loss_scaler.growth_factor",
+                format!("must be > 1 (got {})", ls.growth_factor),
+            );
+        }
+        if !(ls.backoff_factor > 0.0 && ls.backoff_factor < 1.0) {
+            return fail(
+                "training.loss_scaler.backoff_factor",
+                format!("must be in (0, 1) (got {})", ls.backoff_factor),
+            );
+        }
+        if ls.growth_interval == 0 {
+            return fail(
+                "training.loss_scaler.growth_interval",
+                "must be at least 1".into(),
             );
         }
         if !positive(o.lr) {
@@ -863,12 +981,75 @@ impl Recipe {
                 p.sequence_parallel_degree,
             ),
         ] {
-            if v != 1 {
+            if v == 0 {
+                return fail(k, "must be at least 1 (1 = off)".into());
+            }
+        }
+        let micro = self.micro_batch_size();
+        if !micro.is_multiple_of(p.data_parallel_degree) {
+            return fail(
+                "parallelism.data_parallel_degree",
+                format!(
+                    "{} replicas cannot share micro-batches of {micro} sequences equally: \
+                     use a divisor of training.micro_batch_size (or batch_size)",
+                    p.data_parallel_degree
+                ),
+            );
+        }
+        let sp = p.sequence_parallel_degree;
+        if sp > 1 {
+            let layout_chunks = match p.sequence_sharding {
+                Sharding::Zigzag => 2 * sp,
+                Sharding::Contiguous => sp,
+            };
+            if !t.seq_len.is_multiple_of(layout_chunks) {
                 return fail(
-                    k,
-                    format!("{v} is not supported yet: only 1 (a single device) is"),
+                    "training.seq_len",
+                    format!(
+                        "{} does not split into {layout_chunks} equal chunks \
+                         ({:?} sharding over {sp} ranks): use a multiple of {layout_chunks}",
+                        t.seq_len, p.sequence_sharding
+                    )
+                    .replace("Zigzag", "zigzag")
+                    .replace("Contiguous", "contiguous"),
                 );
             }
+            let chunk = t.seq_len / layout_chunks;
+            let uses_pool = self.layer_mixers().contains(&MixerKind::Pool);
+            if uses_pool && self.model.pool.pool_size > chunk + 1 {
+                return fail(
+                    "model.pool.pool_size",
+                    format!(
+                        "{} reaches past a neighbouring chunk: sequence parallelism cuts \
+                         seq_len {} into chunks of {chunk}; use pool_size <= {}",
+                        self.model.pool.pool_size,
+                        t.seq_len,
+                        chunk + 1
+                    ),
+                );
+            }
+        }
+        if !p.devices.is_empty() && p.devices.len() != p.ranks() {
+            return fail(
+                "parallelism.devices",
+                format!(
+                    "{} devices for {} ranks (data_parallel_degree {} x sequence_parallel_degree {}): \
+                     give one per rank, or none to put every rank on training.device",
+                    p.devices.len(),
+                    p.ranks(),
+                    p.data_parallel_degree,
+                    sp
+                ),
+            );
+        }
+        if t.backend == BackendKind::Cpu
+            && let Some(DeviceSpec::Gpu(k)) =
+                p.devices.iter().find(|d| matches!(d, DeviceSpec::Gpu(_)))
+        {
+            return fail(
+                "parallelism.devices",
+                format!("the cpu backend has one device (got {k}): use \"default\""),
+            );
         }
         Ok(())
     }

@@ -12,6 +12,8 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
+
+use crate::mixed_precision::linear;
 use burn::tensor::activation::{elu, log_sigmoid, relu};
 
 use crate::parallel::SequenceParallel;
@@ -105,15 +107,15 @@ impl LinearAttention {
             }
             DecayMode::Gated => {
                 let gate = self.gate_proj.as_ref().expect("gated decay has a gate");
-                log_sigmoid(gate.forward(x.clone()))
+                log_sigmoid(linear(gate, x.clone()))
                     .div_scalar(GATE_TEMPERATURE)
                     .swap_dims(1, 2)
             }
         };
         LinearInputs {
-            q: self.feature_map(self.split_heads(self.q_proj.forward(x.clone()))),
-            k: self.feature_map(self.split_heads(self.k_proj.forward(x.clone()))),
-            v: self.split_heads(self.v_proj.forward(x)),
+            q: self.feature_map(self.split_heads(linear(&self.q_proj, x.clone()))),
+            k: self.feature_map(self.split_heads(linear(&self.k_proj, x.clone()))),
+            v: self.split_heads(linear(&self.v_proj, x)),
             log_decay,
         }
     }
@@ -156,7 +158,7 @@ impl TokenMixer for LinearAttention {
             state.unwrap_or_else(|| LinearState::zeros(b, self.n_heads, dk, dv, &i.q.device()));
         let (o, state) = recurrent_step(i.q, i.k, i.v, i.log_decay, self.options.normalize, state);
         (
-            self.out_proj.forward(o.swap_dims(1, 2).reshape([b, 1, d])),
+            linear(&self.out_proj, o.swap_dims(1, 2).reshape([b, 1, d])),
             state,
         )
     }
@@ -164,7 +166,7 @@ impl TokenMixer for LinearAttention {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = x.dims();
         let o = self.mix(self.inputs(x));
-        self.out_proj.forward(o.swap_dims(1, 2).reshape([b, t, d]))
+        linear(&self.out_proj, o.swap_dims(1, 2).reshape([b, t, d]))
     }
 
     /// LASP: the chunkwise form per chunk, the state `(S, z)` passed from rank to rank.
@@ -193,7 +195,7 @@ impl LinearAttention {
         let o = &self.options;
         let (y, state) = chunkwise_from(self.inputs(x), o.normalize, o.chunk_size, state);
         (
-            self.out_proj.forward(y.swap_dims(1, 2).reshape([b, t, d])),
+            linear(&self.out_proj, y.swap_dims(1, 2).reshape([b, t, d])),
             state,
         )
     }

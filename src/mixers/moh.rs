@@ -15,6 +15,8 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
+
+use crate::mixed_precision::linear;
 use burn::tensor::activation::softmax;
 
 use super::softmax_attention::{KvCache, SoftmaxAttention, attend_tiled};
@@ -130,7 +132,7 @@ impl Moh {
         let [b, t, _] = x.dims();
         let (alpha_shared, alpha_routed) = match &self.head_type_router {
             Some(r) => {
-                let alpha = softmax(r.forward(x.clone()), 2);
+                let alpha = softmax(linear(r, x.clone()), 2);
                 (
                     Some(alpha.clone().slice([0..b, 0..t, 0..1])),
                     Some(alpha.slice([0..b, 0..t, 1..2])),
@@ -140,7 +142,7 @@ impl Moh {
         };
         let mut parts = Vec::new();
         if let Some(r) = &self.shared_router {
-            let g = softmax(r.forward(x.clone()), 2);
+            let g = softmax(linear(r, x.clone()), 2);
             parts.push(match alpha_shared {
                 Some(a) => g * a,
                 None => g,
@@ -148,7 +150,7 @@ impl Moh {
         }
         let mut balance_sums = None;
         if let Some(r) = &self.routed_router {
-            let probs = softmax(r.forward(x), 2); // [b, t, routed]
+            let probs = softmax(linear(r, x), 2); // [b, t, routed]
             let selected = top_k_mask(probs.clone(), self.top_k);
             balance_sums = Some(BalanceSums::of(probs.clone(), selected.clone()));
             let g = probs * selected.float();
@@ -173,9 +175,9 @@ impl Moh {
             balance_loss,
             ..
         } = self.gates(x.clone());
-        let q = self.split_heads(self.q_proj.forward(x.clone()));
-        let k = self.split_heads(self.k_proj.forward(x.clone()));
-        let v = self.split_heads(self.v_proj.forward(x));
+        let q = self.split_heads(linear(&self.q_proj, x.clone()));
+        let k = self.split_heads(linear(&self.k_proj, x.clone()));
+        let v = self.split_heads(linear(&self.v_proj, x));
         let no_dropout = burn::nn::DropoutConfig::new(0.0).init();
         let heads = if self.block_size > 0 {
             attend_tiled(q, k, v, self.block_size, 0)
@@ -183,7 +185,7 @@ impl Moh {
             SoftmaxAttention::attend_naive(q, k, v, 0, &no_dropout)
         };
         let y = (heads * gates).swap_dims(1, 2).reshape([b, t, d]);
-        (self.out_proj.forward(y), balance_loss)
+        (linear(&self.out_proj, y), balance_loss)
     }
 }
 
@@ -235,9 +237,9 @@ impl TokenMixer for Moh {
                     None => s,
                 });
             }
-            q.push(m.split_heads(m.q_proj.forward(x.clone())));
-            k.push(m.split_heads(m.k_proj.forward(x.clone())));
-            v.push(m.split_heads(m.v_proj.forward(x)));
+            q.push(m.split_heads(linear(&m.q_proj, x.clone())));
+            k.push(m.split_heads(linear(&m.k_proj, x.clone())));
+            v.push(m.split_heads(linear(&m.v_proj, x)));
         }
         let visibility = Visibility {
             causal: true,
@@ -249,9 +251,10 @@ impl TokenMixer for Moh {
             .zip(dims)
             .enumerate()
             .map(|(r, ((heads, g), [b, t, d]))| {
-                ranks[r]
-                    .out_proj
-                    .forward((heads * g).swap_dims(1, 2).reshape([b, t, d]))
+                linear(
+                    &ranks[r].out_proj,
+                    (heads * g).swap_dims(1, 2).reshape([b, t, d]),
+                )
             })
             .collect();
         (ys, sums.map(|s| s.loss()))
@@ -260,9 +263,9 @@ impl TokenMixer for Moh {
     fn step(&self, x: Tensor<3>, cache: Option<KvCache>) -> (Tensor<3>, KvCache) {
         let [b, t, d] = x.dims();
         let gates = self.gates(x.clone()).gates;
-        let q = self.split_heads(self.q_proj.forward(x.clone()));
-        let k = self.split_heads(self.k_proj.forward(x.clone()));
-        let v = self.split_heads(self.v_proj.forward(x));
+        let q = self.split_heads(linear(&self.q_proj, x.clone()));
+        let k = self.split_heads(linear(&self.k_proj, x.clone()));
+        let v = self.split_heads(linear(&self.v_proj, x));
         let position = cache.as_ref().map_or(0, |c| c.position) + t;
         let (k, v) = match cache {
             Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
@@ -274,6 +277,6 @@ impl TokenMixer for Moh {
             .mul_scalar(1.0 / (head_dim as f64).sqrt());
         let heads = softmax(scores, 3).matmul(v.clone());
         let y = (heads * gates).swap_dims(1, 2).reshape([b, t, d]);
-        (self.out_proj.forward(y), KvCache { k, v, position })
+        (linear(&self.out_proj, y), KvCache { k, v, position })
     }
 }

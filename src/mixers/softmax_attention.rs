@@ -9,6 +9,8 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
 use burn::prelude::*;
+
+use crate::mixed_precision::linear;
 use burn::tensor::activation::softmax;
 
 use super::{TokenMixer, normal_linear};
@@ -98,9 +100,9 @@ impl SoftmaxAttention {
 
     /// Queries, keys and values of `x`, rotated from position `start` when RoPE is on.
     fn qkv(&self, x: Tensor<3>, start: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let q = Self::split_heads(self.q_proj.forward(x.clone()), self.n_heads);
-        let k = Self::split_heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
-        let v = Self::split_heads(self.v_proj.forward(x), self.n_kv_heads);
+        let q = Self::split_heads(linear(&self.q_proj, x.clone()), self.n_heads);
+        let k = Self::split_heads(linear(&self.k_proj, x.clone()), self.n_kv_heads);
+        let v = Self::split_heads(linear(&self.v_proj, x), self.n_kv_heads);
         match &self.rope {
             Some(rope) => (rope.apply(q, start), rope.apply(k, start), v),
             None => (q, k, v),
@@ -158,7 +160,7 @@ impl TokenMixer for SoftmaxAttention {
             Self::attend_naive(q, k, v, self.window, &self.attn_dropout)
         };
         let y = y.swap_dims(1, 2).reshape([b, t, d]);
-        self.resid_dropout.forward(self.out_proj.forward(y))
+        self.resid_dropout.forward(linear(&self.out_proj, y))
     }
 
     /// Ring attention. Attention-weight dropout is not applied (as in the tiled form).
@@ -185,7 +187,7 @@ impl TokenMixer for SoftmaxAttention {
             .enumerate()
             .map(|(r, (y, [b, t, d]))| {
                 let y = y.swap_dims(1, 2).reshape([b, t, d]);
-                ranks[r].resid_dropout.forward(ranks[r].out_proj.forward(y))
+                ranks[r].resid_dropout.forward(linear(&ranks[r].out_proj, y))
             })
             .collect();
         (ys, None)
@@ -218,7 +220,7 @@ impl TokenMixer for SoftmaxAttention {
             .matmul(repeat_kv(k.clone(), groups).transpose())
             .mul_scalar(1.0 / (head_dim as f64).sqrt());
         let y = softmax(scores, 3).matmul(repeat_kv(v.clone(), groups));
-        let y = self.out_proj.forward(y.swap_dims(1, 2).reshape([b, t, d]));
+        let y = linear(&self.out_proj, y.swap_dims(1, 2).reshape([b, t, d]));
         let position = position + t;
         (y, KvCache { k, v, position })
     }

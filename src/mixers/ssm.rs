@@ -16,6 +16,8 @@
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
+
+use crate::mixed_precision::linear;
 use burn::tensor::Distribution;
 use burn::tensor::activation::{silu, softplus};
 
@@ -177,18 +179,18 @@ impl Ssm {
         let [bsz, t, _] = x.dims();
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
         let kernel = self.conv1d.weight.dims()[2];
-        let xz = self.in_proj.forward(x);
+        let xz = linear(&self.in_proj, x);
         let u = xz.clone().slice([0..bsz, 0..t, 0..di]);
         let z = xz.slice([0..bsz, 0..t, di..2 * di]);
         let history = history.unwrap_or_else(|| Tensor::zeros([bsz, kernel - 1, di], &u.device()));
         let window = Tensor::cat(vec![history.clone(), u.clone()], 1);
         let next_history = window.narrow(1, t, kernel - 1);
         let u = silu(self.conv1d.forward(u, Some(history)));
-        let dbc = self.x_proj.forward(u.clone());
+        let dbc = linear(&self.x_proj, u.clone());
         let dt = dbc.clone().slice([0..bsz, 0..t, 0..r]);
         let b = dbc.clone().slice([0..bsz, 0..t, r..r + n]);
         let c = dbc.slice([0..bsz, 0..t, r + n..r + 2 * n]);
-        let delta = softplus(self.dt_proj.forward(dt), 1.0);
+        let delta = softplus(linear(&self.dt_proj, dt), 1.0);
         let a = self.A_log.val().exp().neg();
         (ScanInputs { u, delta, a, b, c }, z, next_history)
     }
@@ -221,27 +223,27 @@ impl TokenMixer for Ssm {
             conv: Tensor::zeros([bsz, kernel - 1, di], &device),
             h: Tensor::zeros([bsz, di, n], &device),
         });
-        let xz = self.in_proj.forward(x);
+        let xz = linear(&self.in_proj, x);
         let z = xz.clone().slice([0..bsz, 0..1, di..2 * di]);
         let window = Tensor::cat(vec![state.conv, xz.slice([0..bsz, 0..1, 0..di])], 1);
         let u = silu(self.conv1d.step(window.clone()));
-        let dbc = self.x_proj.forward(u.clone());
+        let dbc = linear(&self.x_proj, u.clone());
         let dt = dbc.clone().slice([0..bsz, 0..1, 0..r]);
         let b = dbc.clone().slice([0..bsz, 0..1, r..r + n]);
         let c = dbc.slice([0..bsz, 0..1, r + n..r + 2 * n]);
-        let delta = softplus(self.dt_proj.forward(dt), 1.0);
+        let delta = softplus(linear(&self.dt_proj, dt), 1.0);
         let a = self.A_log.val().exp().neg().unsqueeze::<3>();
         let (y, h) = scan_step(state.h, delta, u.clone(), a, b, c);
         let y = (y + u * self.D.val().unsqueeze::<3>()) * silu(z);
         let conv = window.slice([0..bsz, 1..kernel, 0..di]);
-        (self.out_proj.forward(y), SsmState { conv, h })
+        (linear(&self.out_proj, y), SsmState { conv, h })
     }
 
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let (inputs, z) = self.scan_inputs(x);
         let skip = inputs.u.clone() * self.D.val().unsqueeze::<3>();
         let y = (self.scan(inputs) + skip) * silu(z);
-        self.out_proj.forward(y)
+        linear(&self.out_proj, y)
     }
 
     /// State passing: the scan state and the conv's last inputs go from rank to rank.
@@ -277,7 +279,7 @@ impl Ssm {
             ScanForm::Sequential => scan_sequential_from(inputs, h),
         };
         let y = (y + skip) * silu(z);
-        (self.out_proj.forward(y), SsmState { conv, h })
+        (linear(&self.out_proj, y), SsmState { conv, h })
     }
 }
 

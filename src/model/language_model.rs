@@ -6,6 +6,8 @@ use std::sync::Mutex;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::prelude::*;
+
+use crate::mixed_precision::linear;
 use burn::tensor::Distribution;
 use burn::tensor::activation::log_softmax;
 
@@ -245,8 +247,9 @@ impl LanguageModel {
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
         let x = self.final_norm.forward(x);
         match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => x.matmul(
+            Some(head) => linear(head, x),
+            None => crate::mixed_precision::matmul(
+                x,
                 self.token_embedding
                     .weight
                     .val()

@@ -3,6 +3,8 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::prelude::*;
+
+use crate::mixed_precision::linear;
 use burn::tensor::activation::{gelu, gelu_approximate, relu, silu};
 
 use crate::mixers::normal_linear;
@@ -54,7 +56,7 @@ impl MlpConfig {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.fc1.forward(x);
+        let h = linear(&self.fc1, x);
         let h = match self.activation {
             Activation::Gelu => gelu(h),
             Activation::GeluTanh => gelu_approximate(h),
@@ -62,6 +64,6 @@ impl Mlp {
             Activation::Silu => silu(h),
             Activation::SquaredRelu => relu(h).powi_scalar(2),
         };
-        self.dropout.forward(self.fc2.forward(h))
+        self.dropout.forward(linear(&self.fc2, h))
     }
 }

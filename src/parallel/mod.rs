@@ -9,13 +9,16 @@
 //! - [`state_passing`]: recurrent mixers (linear attention, SSM, causal pooling) carry their
 //!   state from chunk to chunk, rank to rank (LASP).
 //! - [`replicas`]: the model on each rank, attached to the master weights.
+//! - [`ranks`]: data × sequence parallel ranks, and a batch's loss over them.
 
+pub mod ranks;
 pub mod replicas;
 pub mod ring_attention;
 pub mod sequence_layout;
 pub mod state_passing;
 pub mod transport;
 
+pub use ranks::Ranks;
 pub use replicas::replicate;
 pub use sequence_layout::{SequenceLayout, Sharding};
 pub use transport::{LocalDevices, Transport};

@@ -21,7 +21,10 @@ pub struct BenchResult {
 pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<BenchResult> {
     use burn::module::Module;
     let t = &recipe.training;
-    let device = crate::device::select(t)?.autodiff();
+    let ranks = crate::parallel::Ranks::from_recipe(recipe)?;
+    let device = ranks.device(0).clone().autodiff();
+    let mut loss_scaler = (t.precision == crate::recipe::Precision::F16)
+        .then(|| crate::train::LossScaler::new(&t.loss_scaler));
     let corpus = Corpus::load(&recipe.data.path, recipe.data.val_fraction, None)?;
     corpus.check_seq_len(t.seq_len, &recipe.data.path)?;
     let config = model_config(recipe, corpus.tokenizer.vocab_size());
@@ -41,9 +44,15 @@ pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<Ben
             recipe,
             lr,
             &device,
+            &ranks,
+            loss_scaler.as_mut(),
         );
         model = next;
-        anyhow::ensure!(out.finite(), "bench step {i}: non-finite loss {}", out.loss);
+        anyhow::ensure!(
+            out.finite() || out.skipped,
+            "bench step {i}: non-finite loss {}",
+            out.loss
+        );
         if i >= warmup {
             timed += start.elapsed().as_secs_f64();
         }
@@ -77,7 +86,7 @@ pub fn bench_mixer(
     use crate::mixers::TokenMixer;
     use burn::prelude::*;
     use burn::tensor::Distribution;
-    let plain = crate::device::select(&recipe.training)?;
+    let plain = crate::device::select(recipe)?;
     let device = if forward_only {
         plain
     } else {

@@ -5,6 +5,7 @@
 //! crash mid-save leaves no `step-N` that resume would trust. Resume verifies the hashes
 //! and falls back to the previous checkpoint when one is damaged.
 
+use super::loss_scaler::LossScaler;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +28,9 @@ pub struct TrainerState {
     pub step: u64,
     pub tokens_seen: u64,
     pub sampler: WindowSampler,
+    /// The f16 loss scaler, when the run uses one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
     /// SHA-256 of each tensor file in the folder.
     pub files: BTreeMap<String, String>,
 }

@@ -3,12 +3,14 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod loss_scaler;
 pub mod lr_schedule;
 pub mod metrics;
 pub mod optimizer;
 pub mod trainer;
 
 pub use checkpoint::{Checkpoint, TrainerState};
+pub use loss_scaler::LossScaler;
 pub use lr_schedule::LrSchedule;
 pub use optimizer::AdamW;
 pub use trainer::{TrainOptions, TrainSummary, train};

@@ -11,12 +11,15 @@ use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{Checkpoint, OPTIMIZER_FILE, TrainerState};
+use super::loss_scaler::LossScaler;
 use super::lr_schedule::LrSchedule;
 use super::metrics::Metrics;
 use super::optimizer::{AdamW, clip_factor, global_grad_norm};
 use crate::data::{CharTokenizer, Corpus, WindowSampler};
+use crate::mixed_precision::autocast;
 use crate::model::LanguageModel;
-use crate::recipe::Recipe;
+use crate::parallel::Ranks;
+use crate::recipe::{Precision, Recipe};
 use crate::run::{RECIPE_FILE, VOCAB_FILE, model_config};
 
 /// How `train` starts and how much it says.
@@ -48,8 +51,10 @@ pub const EVAL_SEED_SALT: u64 = 0x5eed_0e7a;
 pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummary> {
     let run_dir = recipe.run_dir();
     let t = &recipe.training;
-    let base_device = crate::device::select(t)?;
+    let ranks = Ranks::from_recipe(recipe)?;
+    let base_device = ranks.device(0).clone();
     let device = base_device.clone().autodiff();
+    let p = &recipe.parallelism;
 
     // Where we start: fresh, or the newest intact checkpoint.
     let existing = super::Checkpoint::list(&run_dir)?;
@@ -117,11 +122,16 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
                 step: 0,
                 tokens_seen: 0,
                 sampler: WindowSampler::new(t.seed),
+                loss_scaler: None,
                 files: Default::default(),
             },
         ),
     };
 
+    // f16 needs loss scaling; a resumed run continues from the saved scale.
+    if t.precision == Precision::F16 && state.loss_scaler.is_none() {
+        state.loss_scaler = Some(LossScaler::new(&t.loss_scaler));
+    }
     let schedule = LrSchedule::new(&recipe.lr_scheduler, recipe.optimizer.lr, t.steps);
     let mut metrics = Metrics::new(&run_dir, recipe.metrics.tensorboard);
     let micro = recipe.micro_batch_size();
@@ -132,12 +142,24 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         ProgressBar::hidden()
     } else {
         eprintln!(
-            "training {} ({} parameters, mixers {:?}) for {} steps on {:?}",
+            "training {} ({} parameters, mixers {:?}) for {} steps on {:?} {}, {}{}",
             recipe.name,
             n_params,
             config.mixers.iter().map(|m| m.name()).collect::<Vec<_>>(),
             t.steps,
-            t.backend
+            t.backend,
+            t.device,
+            format!("{:?}", t.precision).to_lowercase(),
+            if p.ranks() > 1 {
+                format!(
+                    ", {} ranks (data {} x sequence {})",
+                    p.ranks(),
+                    p.data_parallel_degree,
+                    p.sequence_parallel_degree
+                )
+            } else {
+                String::new()
+            }
         );
         ProgressBar::new(t.steps)
     };
@@ -186,10 +208,22 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
             recipe,
             lr,
             &device,
+            &ranks,
+            state.loss_scaler.as_mut(),
         );
         model = next;
         let (loss, grad_norm) = (out.loss, out.grad_norm);
-        if !out.finite() {
+        if out.skipped {
+            let scale = state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
+            if scale < 1.0 {
+                bar.abandon();
+                bail!(
+                    "step {}: f16 gradients overflow even with the loss scale backed off to                      {scale:e}; stopping without saving. Use training.precision = \"bf16\" \
+                     or \"f32\", or a lower optimizer.lr",
+                    step + 1
+                );
+            }
+        } else if !out.finite() {
             bar.abandon();
             let what = if loss.is_finite() {
                 "gradient norm"
@@ -228,6 +262,10 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
             metrics.scalar("lr", lr, s);
             metrics.scalar("grad_norm", grad_norm, s);
             metrics.scalar("tokens_per_s", tps, s);
+            if let Some(scaler) = &state.loss_scaler {
+                metrics.scalar("loss_scale", scaler.scale, s);
+                metrics.scalar("skipped_steps", scaler.skipped_steps as f64, s);
+            }
             bar.set_message(format!("loss {loss:.4} | lr {lr:.2e} | {tps:.0} tok/s"));
         }
         let eval_now = (t.eval_interval > 0 && s % t.eval_interval == 0) || s == t.steps;
@@ -240,6 +278,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
                 t.seq_len,
                 t.seed ^ EVAL_SEED_SALT,
                 &base_device,
+                &ranks,
             );
             metrics.scalar("val/loss", val, s);
             metrics.flush();
@@ -290,8 +329,10 @@ pub struct StepOutput {
     pub loss: f64,
     /// Mean auxiliary loss (MoH load balance; 0 without it), before its coefficient.
     pub aux_loss: f64,
-    /// Global gradient norm before clipping.
+    /// Global gradient norm before clipping (of the unscaled gradients).
     pub grad_norm: f64,
+    /// The f16 loss scaler found an overflow: nothing was updated.
+    pub skipped: bool,
 }
 
 impl StepOutput {
@@ -303,6 +344,7 @@ impl StepOutput {
 /// One optimizer step: forward/backward over `batch_size / micro_batch_size` micro-batches,
 /// accumulate, clip to the global norm, update. A non-finite loss or gradient leaves the
 /// model and optimizer untouched, so the caller can stop with nothing corrupted.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: LanguageModel,
     optimizer: &mut AdamW,
@@ -311,33 +353,51 @@ pub fn train_step(
     recipe: &Recipe,
     lr: f64,
     device: &Device,
+    ranks: &Ranks,
+    mut loss_scaler: Option<&mut LossScaler>,
 ) -> (LanguageModel, StepOutput) {
     let t = &recipe.training;
     let micro = recipe.micro_batch_size();
     let accum = t.batch_size / micro;
+    let working = crate::device::working_dtype(t.precision);
+    let loss_scale = loss_scaler.as_ref().map_or(1.0, |s| s.scale);
     let mut accumulator = GradientsAccumulator::<LanguageModel>::new();
     let (mut loss_sum, mut aux_sum) = (0.0, 0.0);
     for _ in 0..accum {
         let batch = sampler.batch(tokens, micro, t.seq_len, device);
-        let loss = model.training_loss(batch.inputs, batch.targets);
+        let loss = autocast(working, || {
+            ranks.training_loss(&model, batch.inputs, batch.targets)
+        });
         loss_sum += loss.cross_entropy.into_scalar::<f32>() as f64;
         if let Some(aux) = loss.aux {
             aux_sum += aux.into_scalar::<f32>() as f64;
         }
-        let grads = GradientsParams::from_grads(loss.total.backward(), &model);
+        let total = if loss_scale != 1.0 {
+            loss.total.mul_scalar(loss_scale)
+        } else {
+            loss.total
+        };
+        let grads = GradientsParams::from_grads(total.backward(), &model);
         accumulator.accumulate(&model, grads);
     }
     let mut grads = accumulator.grads();
-    let out = StepOutput {
+    let mut out = StepOutput {
         loss: loss_sum / accum as f64,
         aux_loss: aux_sum / accum as f64,
-        // The gradient of the mean loss is the accumulated sum over accum.
-        grad_norm: global_grad_norm(&model, &grads) / accum as f64,
+        // The gradient of the mean loss is the accumulated sum over accum (and the scale).
+        grad_norm: global_grad_norm(&model, &grads) / accum as f64 / loss_scale,
+        skipped: false,
     };
+    if let Some(scaler) = loss_scaler.as_deref_mut()
+        && !scaler.update(out.grad_norm.is_finite(), &t.loss_scaler)
+    {
+        out.skipped = true;
+        return (model, out);
+    }
     if !out.finite() {
         return (model, out);
     }
-    let scale = clip_factor(out.grad_norm, t.grad_clip) / accum as f64;
+    let scale = clip_factor(out.grad_norm, t.grad_clip) / accum as f64 / loss_scale;
     (optimizer.step(lr, model, &mut grads, scale), out)
 }
 
@@ -351,12 +411,14 @@ pub fn evaluate(
     seq_len: usize,
     seed: u64,
     device: &Device,
+    ranks: &Ranks,
 ) -> f64 {
     let mut sampler = WindowSampler::new(seed);
     let mut total = 0.0;
     for _ in 0..batches {
         let b = sampler.batch(tokens, batch_size, seq_len, device);
-        total += model.loss(b.inputs, b.targets).into_scalar::<f32>() as f64;
+        let loss = ranks.training_loss(model, b.inputs, b.targets).cross_entropy;
+        total += loss.into_scalar::<f32>() as f64;
     }
     total / batches as f64
 }
