@@ -73,3 +73,61 @@ pub fn final_files(run_dir: &Path, step: u64) -> (Vec<u8>, Vec<u8>) {
     };
     (flat("model.safetensors"), flat("optimizer.safetensors"))
 }
+
+/// What `steps` optimizer steps of `recipe` report, run through the trainer's own step
+/// (on the recipe's ranks and precision): each step's output, and the final weights.
+pub fn step_outputs(
+    recipe: &Recipe,
+    steps: usize,
+) -> (
+    Vec<metamix::train::trainer::StepOutput>,
+    metamix::model::LanguageModel,
+    Option<metamix::train::LossScaler>,
+) {
+    use metamix::data::{Corpus, WindowSampler};
+    use metamix::parallel::Ranks;
+    use metamix::train::{AdamW, LossScaler};
+    let t = &recipe.training;
+    let ranks = Ranks::from_recipe(recipe).unwrap();
+    let device = ranks.device(0).clone().autodiff();
+    let corpus = Corpus::load(&recipe.data.path, recipe.data.val_fraction, None).unwrap();
+    let config = metamix::run::model_config(recipe, corpus.tokenizer.vocab_size());
+    let mut model = config.init_seeded(t.seed, &device);
+    let mut optimizer = AdamW::new(recipe.optimizer.clone());
+    let mut sampler = WindowSampler::new(t.seed);
+    let mut scaler = (t.precision == metamix::recipe::Precision::F16)
+        .then(|| LossScaler::new(&t.loss_scaler));
+    let mut outs = Vec::new();
+    for _ in 0..steps {
+        let (next, out) = metamix::train::trainer::train_step(
+            model,
+            &mut optimizer,
+            &mut sampler,
+            &corpus.train,
+            recipe,
+            recipe.optimizer.lr,
+            &device,
+            &ranks,
+            scaler.as_mut(),
+        );
+        model = next;
+        outs.push(out);
+    }
+    (outs, model, scaler)
+}
+
+/// Every weight of a model, flattened in visiting order.
+pub fn weights(model: &metamix::model::LanguageModel) -> Vec<f32> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::prelude::*;
+    struct Collect(Vec<f32>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let v = param.val().into_data().convert::<f32>();
+            self.0.extend(v.try_to_vec::<f32>().unwrap());
+        }
+    }
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
+    c.0
+}
