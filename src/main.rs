@@ -223,6 +223,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.tokens_per_s,
                 r.steps
             );
+            if r.rank_peak_bytes.iter().any(Option::is_some) {
+                let mib: Vec<String> = r
+                    .rank_peak_bytes
+                    .iter()
+                    .map(|b| b.map_or("-".into(), |b| format!("{:.1}", b as f64 / 1048576.0)))
+                    .collect();
+                println!("peak memory per rank (MiB): {}", mib.join(" | "));
+            }
         }
         Command::BenchMixer {
             recipe,

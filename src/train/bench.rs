@@ -16,6 +16,10 @@ pub struct BenchResult {
     pub tokens_per_step: usize,
     pub seconds_per_step: f64,
     pub tokens_per_s: f64,
+    /// Peak bytes each rank's device held (its memory pools' high-water mark), where the
+    /// backend reports it (wgpu; not flex or libtorch). Logical ranks sharing a device
+    /// report the same, shared pool.
+    pub rank_peak_bytes: Vec<Option<u64>>,
 }
 
 pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<BenchResult> {
@@ -58,12 +62,20 @@ pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<Ben
         }
     }
     let tokens_per_step = t.batch_size * t.seq_len;
+    let rank_peak_bytes = (0..ranks.len())
+        .map(|r| {
+            ranks.device(r).memory_pool_report().map(|pools| {
+                pools.iter().map(|p| p.page_size * p.pages_peak).sum()
+            })
+        })
+        .collect();
     Ok(BenchResult {
         parameters,
         steps,
         tokens_per_step,
         seconds_per_step: timed / steps as f64,
         tokens_per_s: (tokens_per_step * steps) as f64 / timed,
+        rank_peak_bytes,
     })
 }
 
