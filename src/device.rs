@@ -18,28 +18,35 @@ pub fn select_ranks(recipe: &Recipe) -> anyhow::Result<Vec<Device>> {
     let t = &recipe.training;
     let p = &recipe.parallelism;
     let specs = if p.devices.is_empty() {
-        vec![t.device; p.ranks()]
+        vec![t.device.clone(); p.ranks()]
     } else {
         p.devices.clone()
     };
-    specs
-        .into_iter()
-        .map(|spec| {
-            let device = on(t.backend, spec)?;
-            check_precision(&device, t.backend, spec, t.precision)?;
-            Ok(device)
-        })
-        .collect()
+    let mut devices: Vec<Device> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        // Ranks sharing a remote server share its one connection.
+        let device = match devices.iter().zip(&p.devices).find(|(_, s)| **s == spec) {
+            Some((d, DeviceSpec::Remote(_))) => d.clone(),
+            _ => on(t.backend, &spec)?,
+        };
+        check_precision(&device, t.backend, &spec, t.precision)?;
+        devices.push(device);
+    }
+    Ok(devices)
 }
 
 /// The device `spec` names on `backend`.
-pub fn on(backend: BackendKind, spec: DeviceSpec) -> anyhow::Result<Device> {
+pub fn on(backend: BackendKind, spec: &DeviceSpec) -> anyhow::Result<Device> {
+    if let DeviceSpec::Remote(url) = spec {
+        return remote(url);
+    }
     match backend {
         BackendKind::Cpu => match spec {
             DeviceSpec::Default | DeviceSpec::Cpu => Ok(Device::flex()),
             DeviceSpec::Gpu(k) => bail!(
                 "training.device = {k}: the cpu backend has one device; use \"default\""
             ),
+            DeviceSpec::Remote(_) => unreachable!("handled above"),
         },
         BackendKind::Wgpu => wgpu(spec),
         BackendKind::Libtorch => libtorch(spec),
@@ -59,7 +66,7 @@ pub fn working_dtype(precision: Precision) -> Option<FloatDType> {
 fn check_precision(
     device: &Device,
     backend: BackendKind,
-    spec: DeviceSpec,
+    spec: &DeviceSpec,
     precision: Precision,
 ) -> anyhow::Result<()> {
     let Some(dtype) = working_dtype(precision) else {
@@ -83,17 +90,18 @@ fn check_precision(
 }
 
 #[cfg(feature = "wgpu")]
-fn wgpu(spec: DeviceSpec) -> anyhow::Result<Device> {
+fn wgpu(spec: &DeviceSpec) -> anyhow::Result<Device> {
     use burn::tensor::DeviceKind;
     Ok(Device::wgpu(match spec {
         DeviceSpec::Default => DeviceKind::DefaultDevice,
         DeviceSpec::Cpu => DeviceKind::Cpu,
-        DeviceSpec::Gpu(k) => DeviceKind::DiscreteGpu(k),
+        DeviceSpec::Gpu(k) => DeviceKind::DiscreteGpu(*k),
+        DeviceSpec::Remote(_) => unreachable!("remote devices are not wgpu's"),
     }))
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn wgpu(_spec: DeviceSpec) -> anyhow::Result<Device> {
+fn wgpu(_spec: &DeviceSpec) -> anyhow::Result<Device> {
     bail!(
         "training.backend = \"wgpu\": this metamix was built without wgpu; rebuild with \
          `cargo build --release --features wgpu`, or use backend = \"cpu\""
@@ -102,17 +110,36 @@ fn wgpu(_spec: DeviceSpec) -> anyhow::Result<Device> {
 
 #[cfg(feature = "tch")]
 #[allow(deprecated)] // burn-tch is deprecated upstream but still the libtorch route
-fn libtorch(spec: DeviceSpec) -> anyhow::Result<Device> {
+fn libtorch(spec: &DeviceSpec) -> anyhow::Result<Device> {
     Ok(match spec {
         DeviceSpec::Default | DeviceSpec::Cpu => Device::libtorch(),
-        DeviceSpec::Gpu(k) => Device::libtorch_cuda(k),
+        DeviceSpec::Gpu(k) => Device::libtorch_cuda(*k),
+        DeviceSpec::Remote(_) => unreachable!("remote devices are not libtorch's"),
     })
 }
 
 #[cfg(not(feature = "tch"))]
-fn libtorch(_spec: DeviceSpec) -> anyhow::Result<Device> {
+fn libtorch(_spec: &DeviceSpec) -> anyhow::Result<Device> {
     bail!(
         "training.backend = \"libtorch\": this metamix was built without libtorch; rebuild with \
          `cargo build --release --features tch` (see scripts/setup_libtorch.sh), or use backend = \"cpu\""
+    )
+}
+
+/// The device a `metamix serve` process at `url` hosts.
+#[cfg(feature = "remote")]
+fn remote(url: &str) -> anyhow::Result<Device> {
+    use anyhow::Context;
+    Device::remote_options(&burn::remote::RemoteHost::websocket(url))
+        .init()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .with_context(|| format!("connecting to the metamix serve process at {url}"))
+}
+
+#[cfg(not(feature = "remote"))]
+fn remote(url: &str) -> anyhow::Result<Device> {
+    bail!(
+        "device \"{url}\": this metamix was built without remote devices; rebuild with \
+         `cargo build --release --features remote`"
     )
 }

@@ -106,6 +106,13 @@ enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Host this machine's CPU device for ranks of a parallel run elsewhere: list
+    /// "ws://<this host>:<port>" in `parallelism.devices` (build with --features remote).
+    /// Runs until Ctrl+C / SIGTERM, then prints the process's peak memory.
+    Serve {
+        #[arg(long, default_value_t = 3000)]
+        port: u16,
+    },
     /// Forward(+backward) time of one token mixer alone (the recipe's first layer's) on a
     /// random `[batch, seq_len, d_model]` input. Peak memory: measure the process (see
     /// scripts/sweep_seq_len.py).
@@ -261,6 +268,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             );
         }
+        Command::Serve { port } => serve(port)?,
         Command::Eval { run, step, batches } => {
             let run = Run::open(&run)?;
             let r = &run.recipe;
@@ -289,4 +297,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(feature = "remote")]
+fn serve(port: u16) -> anyhow::Result<()> {
+    use burn::prelude::Device;
+    use burn::server::{RemoteServer, WebSocketTransport};
+    eprintln!("serving the CPU device on ws://0.0.0.0:{port} (Ctrl+C to stop)");
+    RemoteServer::new([Device::flex()])
+        .serve(WebSocketTransport::new(port))
+        .map_err(|e| anyhow::anyhow!("serve on port {port}: {e:?}"))?;
+    // The rank's memory high-water mark, for benchmarks (Linux).
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status")
+        && let Some(line) = status.lines().find(|l| l.starts_with("VmHWM"))
+    {
+        println!("peak memory: {}", line.trim_start_matches("VmHWM:").trim());
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "remote"))]
+fn serve(_port: u16) -> anyhow::Result<()> {
+    anyhow::bail!("serve: this metamix was built without remote devices; rebuild with `cargo build --release --features remote`")
 }

@@ -329,13 +329,15 @@ impl Default for LossScalerConfig {
 
 /// A device of the chosen backend: `"default"` (cpu: the CPU; wgpu: the default adapter;
 /// libtorch: the CPU), `"cpu"` (the backend's CPU device: flex, wgpu's software adapter,
-/// libtorch's CPU) or an integer k, GPU k (CUDA device k; wgpu's k-th discrete GPU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// libtorch's CPU), an integer k, GPU k (CUDA device k; wgpu's k-th discrete GPU), or
+/// `"ws://host:port"`, the device a `metamix serve` process hosts (built with `remote`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "DeviceName", into = "DeviceName")]
 pub enum DeviceSpec {
     Default,
     Cpu,
     Gpu(usize),
+    Remote(String),
 }
 
 /// How a device is written in a recipe.
@@ -354,8 +356,10 @@ impl TryFrom<DeviceName> for DeviceSpec {
             DeviceName::Name(s) => match s.as_str() {
                 "default" => Ok(DeviceSpec::Default),
                 "cpu" => Ok(DeviceSpec::Cpu),
+                url if url.starts_with("ws://") => Ok(DeviceSpec::Remote(url.into())),
                 other => Err(format!(
-                    "unknown device \"{other}\": use \"default\", \"cpu\" or a GPU index (0, 1, ...)"
+                    "unknown device \"{other}\": use \"default\", \"cpu\", a GPU index (0, 1, ...) \
+                     or a metamix serve address \"ws://host:port\""
                 )),
             },
         }
@@ -368,6 +372,7 @@ impl From<DeviceSpec> for DeviceName {
             DeviceSpec::Default => DeviceName::Name("default".into()),
             DeviceSpec::Cpu => DeviceName::Name("cpu".into()),
             DeviceSpec::Gpu(k) => DeviceName::Index(k),
+            DeviceSpec::Remote(url) => DeviceName::Name(url),
         }
     }
 }
@@ -378,6 +383,7 @@ impl std::fmt::Display for DeviceSpec {
             DeviceSpec::Default => write!(f, "\"default\""),
             DeviceSpec::Cpu => write!(f, "\"cpu\""),
             DeviceSpec::Gpu(k) => write!(f, "{k}"),
+            DeviceSpec::Remote(url) => write!(f, "\"{url}\""),
         }
     }
 }
@@ -891,7 +897,7 @@ impl Recipe {
             return fail("training.eval_batches", "must be at least 1".into());
         }
         if t.backend == BackendKind::Cpu
-            && let DeviceSpec::Gpu(k) = t.device
+            && let DeviceSpec::Gpu(k) = &t.device
         {
             return fail(
                 "training.device",
