@@ -28,6 +28,7 @@ fn serve() -> (Server, String) {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_metamix"))
         .args(["serve", "--port", &port.to_string()])
+        .env("RUST_LOG", "warn")
         .spawn()
         .expect("start metamix serve");
     // The client waits for a server that is still starting.
