@@ -38,6 +38,7 @@ else
   "${pip[@]}" --no-deps torch==2.9.0
   # torch's own pins, minus what is only loaded on demand (cuSOLVER: torch.linalg; NVTX:
   # profiling; triton: torch.compile) and, on the CPU, nvrtc (cuDNN's runtime-compiled kernels).
+  # setuptools stays on every Python: torch.utils.cpp_extension, which build.rs imports, needs it.
   mapfile -t deps < <("$py" - "$cuda" <<'EOF'
 import sys
 from importlib.metadata import requires

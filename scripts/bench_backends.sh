@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Training tokens/s of nanoGPT's shakespeare_char model (6 layers, 6 heads, d_model 384,
+# seq_len 256, batch 8, dropout 0) per backend and precision, side by side with PyTorch 2.9
+# eager on the same machine in the same run (scripts/pytorch_bench.py).
+#
+# Binaries (each a `cargo build --release` with the features named; default: ./target):
+#   BIN_CPU   any build             BIN_WGPU  --features wgpu   BIN_TCH  --features tch
+# PyTorch and libtorch come from scripts/setup_libtorch.sh's venv (METAMIX_TORCH_DIR).
+# Usage: scripts/bench_backends.sh [steps]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS=${1:-10}
+BIN=target/release/metamix
+BIN_CPU=${BIN_CPU:-$BIN}; BIN_WGPU=${BIN_WGPU:-}; BIN_TCH=${BIN_TCH:-}
+TORCH_ENV="${METAMIX_TORCH_DIR:-$HOME/.cache/metamix/torch}/env.sh"
+R=recipes/nanogpt_shakespeare_char.toml
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/xdg-runtime-$(id -u)}"; mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+
+bench() { # bench <label> <binary> <metamix flags...>
+  local label=$1 bin=$2; shift 2
+  local tps
+  tps=$("$bin" bench "$R" --warmup 2 --steps "$STEPS" --set model.dropout=0.0 "$@" 2>&1 |
+        grep -o '[0-9]* tokens/s' | head -1) || tps="failed"
+  printf '%-34s %s\n' "$label" "$tps"
+}
+
+for p in f32 bf16 f16; do bench "metamix cpu (flex) $p" "$BIN_CPU" --precision $p; done
+if [ -n "$BIN_WGPU" ]; then
+  for p in f32 f16; do bench "metamix wgpu $p" "$BIN_WGPU" --backend wgpu --precision $p; done
+fi
+if [ -f "$TORCH_ENV" ]; then
+  # shellcheck disable=SC1090
+  source "$TORCH_ENV"
+  if [ -n "$BIN_TCH" ]; then
+    for p in f32 bf16; do bench "metamix libtorch cpu $p" "$BIN_TCH" --backend libtorch --device cpu --precision $p; done
+  fi
+  for p in f32 bf16; do
+    tps=$(python scripts/pytorch_bench.py --precision $p --warmup 2 --steps "$STEPS" --json |
+          python -c 'import json,sys; print("%.0f tokens/s" % json.loads(sys.stdin.readlines()[-1])["tokens_per_s"])')
+    printf '%-34s %s\n' "pytorch 2.9 eager $p" "$tps"
+  done
+else
+  echo "(no PyTorch: run scripts/setup_libtorch.sh for the PyTorch and libtorch rows)"
+fi

@@ -1,0 +1,38 @@
+//! The libtorch backend (burn-tch, libtorch 2.9.0; see scripts/setup_libtorch.sh): a
+//! training step matches flex in f32 and bf16, on libtorch's CPU device (and on CUDA device
+//! 0 when `METAMIX_TEST_CUDA=1`).
+#![cfg(feature = "tch")]
+
+mod common;
+
+use common::{step_outputs, tiny_recipe, weights};
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn libtorch_training_steps_match_flex_in_f32_and_bf16() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut devices = vec!["training.device=\"cpu\""];
+    if std::env::var("METAMIX_TEST_CUDA").is_ok_and(|v| v == "1") {
+        devices.push("training.device=0");
+    }
+    for device in devices {
+        for (precision, loss_tol, weight_tol) in [("f32", 1e-4, 1e-3), ("bf16", 1e-2, 5e-2)] {
+            let p = format!("training.precision=\"{precision}\"");
+            let (flex, flex_model, _) = step_outputs(&tiny_recipe(tmp.path(), &[&p]), 3);
+            let (tch, tch_model, _) = step_outputs(
+                &tiny_recipe(tmp.path(), &[&p, "training.backend=\"libtorch\"", device]),
+                3,
+            );
+            for (i, (a, b)) in tch.iter().zip(&flex).enumerate() {
+                let e = (a.loss - b.loss).abs() / b.loss;
+                assert!(e < loss_tol, "{device} {precision}: step {i}: libtorch {} vs flex {}", a.loss, b.loss);
+            }
+            let e = max_rel(&weights(&tch_model), &weights(&flex_model));
+            assert!(e < weight_tol, "{device} {precision}: weights differ by {e:e}");
+        }
+    }
+}
