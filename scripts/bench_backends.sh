@@ -20,7 +20,7 @@ bench() { # bench <label> <binary> <metamix flags...>
   local label=$1 bin=$2; shift 2
   local tps
   tps=$("$bin" bench "$R" --warmup 2 --steps "$STEPS" --set model.dropout=0.0 "$@" 2>&1 |
-        grep -o '[0-9]* tokens/s' | head -1) || tps="failed"
+        grep -oE '[0-9]+ tokens/s \(' | tr -d ' (' | sed 's/tokens/ tokens/' | head -1) || tps="failed"
   printf '%-34s %s\n' "$label" "$tps"
 }
 
@@ -35,7 +35,7 @@ if [ -f "$TORCH_ENV" ]; then
     for p in f32 bf16; do bench "metamix libtorch cpu $p" "$BIN_TCH" --backend libtorch --device cpu --precision $p; done
   fi
   for p in f32 bf16; do
-    tps=$(python scripts/pytorch_bench.py --precision $p --warmup 2 --steps "$STEPS" --json |
+    tps=$(python scripts/pytorch_bench.py --precision $p --warmup 2 --steps "$STEPS" --json 2>/dev/null |
           python -c 'import json,sys; print("%.0f tokens/s" % json.loads(sys.stdin.readlines()[-1])["tokens_per_s"])')
     printf '%-34s %s\n' "pytorch 2.9 eager $p" "$tps"
   done

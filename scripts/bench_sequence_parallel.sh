@@ -10,11 +10,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/metamix}
 SEQ=${1:-2048}
-BUDGET=${2:-1024}
+BUDGET=${2:-256}
 R=recipes/shakespeare_ring.toml
 common=(--set training.seq_len="$SEQ" --set training.batch_size=1 --set model.n_layers=2)
 
 echo "== flex, one CPU device, logical ranks, seq_len $SEQ"
+"$BIN" bench "$R" --warmup 1 --steps 3 "${common[@]}" --set model.softmax.tiled=true \
+  --set parallelism.sequence_parallel_degree=1 | sed "s/^/N=1 FlashAttention /"
 for n in 1 2 4; do
   "$BIN" bench "$R" --warmup 1 --steps 3 "${common[@]}" \
     --set parallelism.sequence_parallel_degree=$n | sed "s/^/N=$n /"
