@@ -43,9 +43,9 @@ pub fn on(backend: BackendKind, spec: &DeviceSpec) -> anyhow::Result<Device> {
     match backend {
         BackendKind::Cpu => match spec {
             DeviceSpec::Default | DeviceSpec::Cpu => Ok(Device::flex()),
-            DeviceSpec::Gpu(k) => bail!(
-                "training.device = {k}: the cpu backend has one device; use \"default\""
-            ),
+            DeviceSpec::Gpu(k) => {
+                bail!("training.device = {k}: the cpu backend has one device; use \"default\"")
+            }
             DeviceSpec::Remote(_) => unreachable!("handled above"),
         },
         BackendKind::Wgpu => wgpu(spec),

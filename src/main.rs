@@ -286,7 +286,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.micro_batch_size(),
                 r.training.seq_len,
                 r.training.seed ^ metamix::train::trainer::EVAL_SEED_SALT,
-                &device,
                 &metamix::parallel::Ranks::single(device.clone()),
             );
             println!(
@@ -318,5 +317,7 @@ fn serve(port: u16) -> anyhow::Result<()> {
 
 #[cfg(not(feature = "remote"))]
 fn serve(_port: u16) -> anyhow::Result<()> {
-    anyhow::bail!("serve: this metamix was built without remote devices; rebuild with `cargo build --release --features remote`")
+    anyhow::bail!(
+        "serve: this metamix was built without remote devices; rebuild with `cargo build --release --features remote`"
+    )
 }

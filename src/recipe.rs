@@ -465,7 +465,7 @@ pub struct MetricsConfig {
     pub tensorboard: bool,
 }
 
-/// `[parallelism]`: data and sequence parallelism. `data_parallel_degree × 
+/// `[parallelism]`: data and sequence parallelism. `data_parallel_degree ×
 /// sequence_parallel_degree` ranks; rank `g · sequence_parallel_degree + s` holds shard s of
 /// replica g's sequences.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -9,7 +9,10 @@ use common::{step_outputs, tiny_recipe, weights};
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 #[test]
@@ -29,10 +32,18 @@ fn libtorch_training_steps_match_flex_in_f32_and_bf16() {
             );
             for (i, (a, b)) in tch.iter().zip(&flex).enumerate() {
                 let e = (a.loss - b.loss).abs() / b.loss;
-                assert!(e < loss_tol, "{device} {precision}: step {i}: libtorch {} vs flex {}", a.loss, b.loss);
+                assert!(
+                    e < loss_tol,
+                    "{device} {precision}: step {i}: libtorch {} vs flex {}",
+                    a.loss,
+                    b.loss
+                );
             }
             let e = max_rel(&weights(&tch_model), &weights(&flex_model));
-            assert!(e < weight_tol, "{device} {precision}: weights differ by {e:e}");
+            assert!(
+                e < weight_tol,
+                "{device} {precision}: weights differ by {e:e}"
+            );
         }
     }
 }

@@ -21,7 +21,10 @@ fn projections_under_autocast_run_in_low_precision_and_return_f32_gradients() {
         // Rounding the inputs to 8 (bf16) or 11 (f16) bits: visible, but small.
         assert!(err > 0.0 && err < 0.1, "{dtype:?}: error {err}");
         let grads = y.sum().backward();
-        let g = layer.weight.grad(&grads).expect("the f32 master gets a gradient");
+        let g = layer
+            .weight
+            .grad(&grads)
+            .expect("the f32 master gets a gradient");
         assert_eq!(g.dtype(), DType::F32);
     }
 }
@@ -37,15 +40,26 @@ fn bf16_and_f16_training_track_f32() {
     let (f32_outs, _, _) = run("f32");
     let first = f32_outs[0].loss;
     let last = f32_outs[steps - 1].loss;
-    assert!(last < first - 0.3, "f32 must learn for the comparison to mean anything");
+    assert!(
+        last < first - 0.3,
+        "f32 must learn for the comparison to mean anything"
+    );
     for precision in ["bf16", "f16"] {
         let (outs, _, scaler) = run(precision);
         for (i, (a, b)) in outs.iter().zip(&f32_outs).enumerate() {
             assert!(!a.skipped, "{precision}: step {i} skipped");
             let gap = (a.loss - b.loss).abs();
-            assert!(gap < 0.05, "{precision}: step {i} loss {} vs f32 {}", a.loss, b.loss);
+            assert!(
+                gap < 0.05,
+                "{precision}: step {i} loss {} vs f32 {}",
+                a.loss,
+                b.loss
+            );
         }
-        assert!(outs[steps - 1].loss != f32_outs[steps - 1].loss, "{precision} ran in f32");
+        assert!(
+            outs[steps - 1].loss != f32_outs[steps - 1].loss,
+            "{precision} ran in f32"
+        );
         assert_eq!(scaler.is_some(), precision == "f16");
     }
 }
@@ -56,7 +70,10 @@ fn f16_overflow_skips_the_step_and_halves_the_scale() {
     // A scale of 2^40 overflows f16 (max 65504) in the first backward pass.
     let recipe = tiny_recipe(
         tmp.path(),
-        &["training.precision=\"f16\"", "training.loss_scaler.init_scale=1099511627776.0"],
+        &[
+            "training.precision=\"f16\"",
+            "training.loss_scaler.init_scale=1099511627776.0",
+        ],
     );
     let (_, untouched, _) = step_outputs(&recipe, 0);
     let (outs, model, scaler) = step_outputs(&recipe, 3);
@@ -64,7 +81,11 @@ fn f16_overflow_skips_the_step_and_halves_the_scale() {
     assert!(outs.iter().all(|o| o.skipped), "every step overflowed");
     assert_eq!(scaler.skipped_steps, 3);
     assert_eq!(scaler.scale, 2f64.powi(37));
-    assert_eq!(weights(&model), weights(&untouched), "a skipped step changed the weights");
+    assert_eq!(
+        weights(&model),
+        weights(&untouched),
+        "a skipped step changed the weights"
+    );
     // Backing off 2^40 → 2^14 takes 26 skipped steps; then training proceeds.
     let (outs, _, scaler) = step_outputs(&recipe, 30);
     let skipped = outs.iter().filter(|o| o.skipped).count();
@@ -87,7 +108,9 @@ fn f16_run_resumes_with_its_loss_scaler() {
     let split = tiny_recipe(&tmp.path().join("b"), &extra);
     metamix::train::train(&split, &killed_after(4)).unwrap();
     let state = std::fs::read_to_string(
-        split.run_dir().join("checkpoints/step-4/trainer_state.json"),
+        split
+            .run_dir()
+            .join("checkpoints/step-4/trainer_state.json"),
     )
     .unwrap();
     assert!(state.contains("\"loss_scaler\""), "{state}");

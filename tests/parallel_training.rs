@@ -7,7 +7,10 @@ use common::{step_outputs, tiny_recipe, weights};
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 #[test]
@@ -25,16 +28,30 @@ fn sequence_and_data_parallel_runs_follow_the_single_device_run() {
     let ref_weights = weights(&ref_model);
     for extra in [
         &["parallelism.sequence_parallel_degree=2"][..],
-        &["parallelism.sequence_parallel_degree=4", "parallelism.sequence_sharding=\"contiguous\""],
+        &[
+            "parallelism.sequence_parallel_degree=4",
+            "parallelism.sequence_sharding=\"contiguous\"",
+        ],
         &["parallelism.data_parallel_degree=2"],
-        &["parallelism.data_parallel_degree=2", "parallelism.sequence_parallel_degree=2"],
+        &[
+            "parallelism.data_parallel_degree=2",
+            "parallelism.sequence_parallel_degree=2",
+        ],
     ] {
         let (outs, model, _) = step_outputs(&recipe(extra), steps);
         for (i, (a, b)) in outs.iter().zip(&reference).enumerate() {
             let e = (a.loss - b.loss).abs() / b.loss;
-            assert!(e < 1e-5, "{extra:?}: step {i} loss {} vs {}", a.loss, b.loss);
+            assert!(
+                e < 1e-5,
+                "{extra:?}: step {i} loss {} vs {}",
+                a.loss,
+                b.loss
+            );
         }
         let e = max_rel(&weights(&model), &ref_weights);
-        assert!(e < 1e-4, "{extra:?}: weights after {steps} steps differ by {e:e}");
+        assert!(
+            e < 1e-4,
+            "{extra:?}: weights after {steps} steps differ by {e:e}"
+        );
     }
 }

@@ -181,7 +181,7 @@ const CASES: &[(&str, &[&str], &str, &str)] = &[
         "[training]\ndevice = \"tpu\"\n",
         &[],
         "training.device",
-        "unknown device \"tpu\": use \"default\", \"cpu\" or a GPU index",
+        "unknown device \"tpu\": use \"default\", \"cpu\", a GPU index (0, 1, ...) or a metamix serve address",
     ),
     (
         "[training]\ndevice = 1\n",

@@ -21,7 +21,11 @@ impl Drop for Server {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn serve() -> (Server, String) {
@@ -48,6 +52,11 @@ fn sequence_parallel_across_two_serve_processes_follows_one_device() {
     let (outs, _, _) = step_outputs(&tiny_recipe(tmp.path(), &all), 2);
     for (i, (a, b)) in outs.iter().zip(&reference).enumerate() {
         let e = (a.loss - b.loss).abs() / b.loss;
-        assert!(e < 1e-5, "step {i}: loss {} across servers vs {} on one device", a.loss, b.loss);
+        assert!(
+            e < 1e-5,
+            "step {i}: loss {} across servers vs {} on one device",
+            a.loss,
+            b.loss
+        );
     }
 }

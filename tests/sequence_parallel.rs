@@ -61,7 +61,11 @@ fn ring_attention_equals_full_attention() {
         Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &dev).require_grad()
     };
     // Grouped-query: 4 query heads share 2 key/value heads.
-    let (q, k, v) = (leaf([2, 4, 16, 8]), leaf([2, 2, 16, 8]), leaf([2, 2, 16, 8]));
+    let (q, k, v) = (
+        leaf([2, 4, 16, 8]),
+        leaf([2, 2, 16, 8]),
+        leaf([2, 2, 16, 8]),
+    );
     let probe = Tensor::<4>::random([2, 4, 16, 8], Distribution::Normal(0.0, 1.0), &dev);
     let run = |f: &dyn Fn() -> Tensor<4>| {
         let out = f();
@@ -73,9 +77,18 @@ fn ring_attention_equals_full_attention() {
         (values(out), g)
     };
     for vis in [
-        Visibility { causal: true, window: 0 },
-        Visibility { causal: true, window: 3 },
-        Visibility { causal: false, window: 0 },
+        Visibility {
+            causal: true,
+            window: 0,
+        },
+        Visibility {
+            causal: true,
+            window: 3,
+        },
+        Visibility {
+            causal: false,
+            window: 0,
+        },
     ] {
         let (out_ref, g_ref) = run(&|| full_attention(q.clone(), k.clone(), v.clone(), vis));
         for (ranks, sharding) in LAYOUTS {

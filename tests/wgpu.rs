@@ -10,7 +10,10 @@ use common::{step_outputs, tiny_recipe, weights};
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 #[test]
@@ -25,7 +28,12 @@ fn wgpu_training_steps_match_flex_in_f32_and_f16() {
         );
         for (i, (a, b)) in gpu.iter().zip(&flex).enumerate() {
             let e = (a.loss - b.loss).abs() / b.loss;
-            assert!(e < loss_tol, "{precision}: step {i}: wgpu {} vs flex {}", a.loss, b.loss);
+            assert!(
+                e < loss_tol,
+                "{precision}: step {i}: wgpu {} vs flex {}",
+                a.loss,
+                b.loss
+            );
             assert!(!a.skipped);
         }
         let e = max_rel(&weights(&gpu_model), &weights(&flex_model));
@@ -75,7 +83,12 @@ fn ring_across_two_wgpu_devices_follows_one_device() {
         let (outs, model, _) = step_outputs(&recipe(extra), 3);
         for (i, (a, b)) in outs.iter().zip(&reference).enumerate() {
             let e = (a.loss - b.loss).abs() / b.loss;
-            assert!(e < 1e-5, "{extra:?}: step {i} loss {} vs {}", a.loss, b.loss);
+            assert!(
+                e < 1e-5,
+                "{extra:?}: step {i} loss {} vs {}",
+                a.loss,
+                b.loss
+            );
         }
         let e = max_rel(&weights(&model), &weights(&ref_model));
         assert!(e < 1e-4, "{extra:?}: weights differ by {e:e}");

@@ -16,9 +16,9 @@ use burn::prelude::*;
 use crate::mixed_precision::linear;
 use burn::tensor::activation::{elu, log_sigmoid, relu};
 
+use super::{TokenMixer, normal_linear};
 use crate::parallel::SequenceParallel;
 use crate::parallel::state_passing::pass_state;
-use super::{TokenMixer, normal_linear};
 use crate::recipe::{DecayMode, FeatureMap, LinearAttentionOptions, LinearForm};
 
 /// Added to the normaliser so a near-zero denominator cannot blow up.
@@ -190,7 +190,11 @@ impl TokenMixer for LinearAttention {
 
 impl LinearAttention {
     /// `forward` of positions that follow those summarised by `state`, and the state after.
-    pub fn forward_from(&self, x: Tensor<3>, state: Option<LinearState>) -> (Tensor<3>, LinearState) {
+    pub fn forward_from(
+        &self,
+        x: Tensor<3>,
+        state: Option<LinearState>,
+    ) -> (Tensor<3>, LinearState) {
         let [b, t, d] = x.dims();
         let o = &self.options;
         let (y, state) = chunkwise_from(self.inputs(x), o.normalize, o.chunk_size, state);

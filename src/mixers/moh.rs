@@ -85,11 +85,13 @@ impl BalanceSums {
     /// `L_b = Σ_i f_i P_i` (see [`load_balance_loss`]).
     pub fn loss(&self) -> Tensor<1> {
         let tokens = self.tokens as f64;
-        (self.selected.clone().div_scalar(tokens) * self.probs.clone().div_scalar(tokens))
-            .sum()
+        (self.selected.clone().div_scalar(tokens) * self.probs.clone().div_scalar(tokens)).sum()
     }
+}
 
-    pub fn add(self, other: BalanceSums) -> Self {
+impl std::ops::Add for BalanceSums {
+    type Output = Self;
+    fn add(self, other: BalanceSums) -> Self {
         Self {
             selected: self.selected + other.selected,
             probs: self.probs + other.probs,
@@ -233,7 +235,7 @@ impl TokenMixer for Moh {
                     tokens: s.tokens,
                 };
                 sums = Some(match sums {
-                    Some(acc) => acc.add(s),
+                    Some(acc) => acc + s,
                     None => s,
                 });
             }

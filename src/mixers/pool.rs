@@ -156,7 +156,10 @@ impl TokenMixer for Pool {
                 }
                 parts.push(chunks[c].clone());
                 if c + 1 < chunks.len() && after > 0 {
-                    parts.push(sp.transport.send(chunks[c + 1].clone().narrow(1, 0, after), rank));
+                    parts.push(
+                        sp.transport
+                            .send(chunks[c + 1].clone().narrow(1, 0, after), rank),
+                    );
                 }
                 let start = layout.chunk_positions(c).start;
                 let x_start = if c > 0 { start - before } else { start };

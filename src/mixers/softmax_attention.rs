@@ -187,7 +187,9 @@ impl TokenMixer for SoftmaxAttention {
             .enumerate()
             .map(|(r, (y, [b, t, d]))| {
                 let y = y.swap_dims(1, 2).reshape([b, t, d]);
-                ranks[r].resid_dropout.forward(linear(&ranks[r].out_proj, y))
+                ranks[r]
+                    .resid_dropout
+                    .forward(linear(&ranks[r].out_proj, y))
             })
             .collect();
         (ys, None)

@@ -355,7 +355,11 @@ pub fn scan_chunked(s: ScanInputs, chunk: usize) -> Tensor<3> {
 
 /// [`scan_chunked`] from state `h` `[b, d_inner, d_state]` (`None` = zeros), returning the
 /// final state too.
-pub fn scan_chunked_from(s: ScanInputs, chunk: usize, h: Option<Tensor<3>>) -> (Tensor<3>, Tensor<3>) {
+pub fn scan_chunked_from(
+    s: ScanInputs,
+    chunk: usize,
+    h: Option<Tensor<3>>,
+) -> (Tensor<3>, Tensor<3>) {
     let [bsz, t, di] = s.u.dims();
     let n = s.a.dims()[1];
     let a = s.a.unsqueeze::<4>(); // [1, 1, di, n]

@@ -144,7 +144,8 @@ impl LanguageModel {
             .zip(tokens)
             .enumerate()
             .map(|(r, (m, tok))| {
-                let positions: Vec<i64> = sp.layout.positions(r).iter().map(|&p| p as i64).collect();
+                let positions: Vec<i64> =
+                    sp.layout.positions(r).iter().map(|&p| p as i64).collect();
                 let n = positions.len();
                 let positions =
                     Tensor::<1, Int>::from_data(TensorData::new(positions, [n]), &tok.device());

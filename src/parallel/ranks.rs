@@ -76,7 +76,13 @@ impl Ranks {
             devices: self
                 .devices
                 .iter()
-                .map(|d| if home.is_autodiff() { d.clone().autodiff() } else { d.clone() })
+                .map(|d| {
+                    if home.is_autodiff() {
+                        d.clone().autodiff()
+                    } else {
+                        d.clone()
+                    }
+                })
                 .collect(),
         };
         if transport.ranks() == 1 && transport.devices[0] == home {
@@ -103,7 +109,8 @@ impl Ranks {
                 }
                 None => {
                     let device = group.device(0);
-                    replicas[ranks.start].training_loss(tok.to_device(&device), tgt.to_device(&device))
+                    replicas[ranks.start]
+                        .training_loss(tok.to_device(&device), tgt.to_device(&device))
                 }
             };
             parts.push(loss);

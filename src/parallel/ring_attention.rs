@@ -45,7 +45,12 @@ impl Visibility {
     }
 
     /// `[1, 1, q, k]`, true where hidden; `None` when every key is visible.
-    fn mask(&self, q: (usize, usize), k: (usize, usize), device: &Device) -> Option<Tensor<4, Bool>> {
+    fn mask(
+        &self,
+        q: (usize, usize),
+        k: (usize, usize),
+        device: &Device,
+    ) -> Option<Tensor<4, Bool>> {
         let (q0, q1) = q;
         let (k0, k1) = k;
         let any = self.hidden(q0, k1 - 1) || self.hidden(q1 - 1, k0);
@@ -82,8 +87,7 @@ pub fn attend_block(
     let mut s = q
         .matmul(k.swap_dims(2, 3))
         .mul_scalar(1.0 / (dk as f64).sqrt());
-    if let Some(hidden) =
-        visibility.mask((q_start, q_start + tq), (k_start, k_start + tk), &device)
+    if let Some(hidden) = visibility.mask((q_start, q_start + tq), (k_start, k_start + tk), &device)
     {
         s = s.mask_fill(hidden, HIDDEN);
     }
@@ -96,7 +100,10 @@ pub fn attend_block(
 
 /// Fold one block's `(out, lse)` into the running `(out, lse)` of the same queries. The
 /// first block of every row must see at least one key (see `ring_attention`'s order).
-pub fn merge(acc: Option<(Tensor<4>, Tensor<4>)>, block: (Tensor<4>, Tensor<4>)) -> (Tensor<4>, Tensor<4>) {
+pub fn merge(
+    acc: Option<(Tensor<4>, Tensor<4>)>,
+    block: (Tensor<4>, Tensor<4>),
+) -> (Tensor<4>, Tensor<4>) {
     let Some((out, lse)) = acc else {
         return block;
     };
@@ -132,8 +139,12 @@ pub fn ring_attention(
     let mut acc: Vec<Vec<Option<(Tensor<4>, Tensor<4>)>>> =
         q_chunks.iter().map(|c| vec![None; c.len()]).collect();
     // (k, v, the rank whose positions they are), as held by each rank.
-    let mut held: Vec<(Tensor<4>, Tensor<4>, usize)> =
-        k.into_iter().zip(v).enumerate().map(|(r, (k, v))| (k, v, r)).collect();
+    let mut held: Vec<(Tensor<4>, Tensor<4>, usize)> = k
+        .into_iter()
+        .zip(v)
+        .enumerate()
+        .map(|(r, (k, v))| (k, v, r))
+        .collect();
     for step in 0..n {
         for (r, (k, v, owner)) in held.iter().enumerate() {
             let kv: Vec<(usize, Tensor<4>, Tensor<4>)> = layout

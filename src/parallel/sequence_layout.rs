@@ -67,7 +67,11 @@ impl SequenceLayout {
             Sharding::Zigzag if chunk >= self.ranks => 2 * self.ranks - 1 - chunk,
             _ => chunk,
         };
-        let slot = self.chunks_of(rank).iter().position(|&c| c == chunk).unwrap();
+        let slot = self
+            .chunks_of(rank)
+            .iter()
+            .position(|&c| c == chunk)
+            .unwrap();
         (rank, slot * self.chunk_len())
     }
 
@@ -97,7 +101,10 @@ impl SequenceLayout {
                 let parts = self
                     .chunks_of(r)
                     .into_iter()
-                    .map(|c| x.clone().narrow(dim, c * self.chunk_len(), self.chunk_len()))
+                    .map(|c| {
+                        x.clone()
+                            .narrow(dim, c * self.chunk_len(), self.chunk_len())
+                    })
                     .collect();
                 transport.send(Tensor::cat(parts, dim), r)
             })

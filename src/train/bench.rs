@@ -64,9 +64,10 @@ pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<Ben
     let tokens_per_step = t.batch_size * t.seq_len;
     let rank_peak_bytes = (0..ranks.len())
         .map(|r| {
-            ranks.device(r).memory_pool_report().map(|pools| {
-                pools.iter().map(|p| p.page_size * p.pages_peak).sum()
-            })
+            ranks
+                .device(r)
+                .memory_pool_report()
+                .map(|pools| pools.iter().map(|p| p.page_size * p.pages_peak).sum())
         })
         .collect();
     Ok(BenchResult {

@@ -277,7 +277,6 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
                 micro,
                 t.seq_len,
                 t.seed ^ EVAL_SEED_SALT,
-                &base_device,
                 &ranks,
             );
             metrics.scalar("val/loss", val, s);
@@ -354,7 +353,7 @@ pub fn train_step(
     lr: f64,
     device: &Device,
     ranks: &Ranks,
-    mut loss_scaler: Option<&mut LossScaler>,
+    loss_scaler: Option<&mut LossScaler>,
 ) -> (LanguageModel, StepOutput) {
     let t = &recipe.training;
     let micro = recipe.micro_batch_size();
@@ -388,7 +387,7 @@ pub fn train_step(
         grad_norm: global_grad_norm(&model, &grads) / accum as f64 / loss_scale,
         skipped: false,
     };
-    if let Some(scaler) = loss_scaler.as_deref_mut()
+    if let Some(scaler) = loss_scaler
         && !scaler.update(out.grad_norm.is_finite(), &t.loss_scaler)
     {
         out.skipped = true;
@@ -402,7 +401,7 @@ pub fn train_step(
 }
 
 /// Mean loss over `batches` windows drawn with a fresh sampler of `seed` (so the same
-/// windows every call), on a model without autodiff.
+/// windows every call), on a model without autodiff, over `ranks` (one for a plain run).
 pub fn evaluate(
     model: &LanguageModel,
     tokens: &[u32],
@@ -410,14 +409,16 @@ pub fn evaluate(
     batch_size: usize,
     seq_len: usize,
     seed: u64,
-    device: &Device,
     ranks: &Ranks,
 ) -> f64 {
+    let device = ranks.device(0);
     let mut sampler = WindowSampler::new(seed);
     let mut total = 0.0;
     for _ in 0..batches {
         let b = sampler.batch(tokens, batch_size, seq_len, device);
-        let loss = ranks.training_loss(model, b.inputs, b.targets).cross_entropy;
+        let loss = ranks
+            .training_loss(model, b.inputs, b.targets)
+            .cross_entropy;
         total += loss.into_scalar::<f32>() as f64;
     }
     total / batches as f64

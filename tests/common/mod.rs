@@ -95,8 +95,8 @@ pub fn step_outputs(
     let mut model = config.init_seeded(t.seed, &device);
     let mut optimizer = AdamW::new(recipe.optimizer.clone());
     let mut sampler = WindowSampler::new(t.seed);
-    let mut scaler = (t.precision == metamix::recipe::Precision::F16)
-        .then(|| LossScaler::new(&t.loss_scaler));
+    let mut scaler =
+        (t.precision == metamix::recipe::Precision::F16).then(|| LossScaler::new(&t.loss_scaler));
     let mut outs = Vec::new();
     for _ in 0..steps {
         let (next, out) = metamix::train::trainer::train_step(
