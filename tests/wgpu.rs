@@ -6,15 +6,7 @@
 
 mod common;
 
-use common::{step_outputs, tiny_recipe, weights};
-
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
-}
+use common::{max_rel, step_outputs, tiny_recipe, weights};
 
 #[test]
 fn wgpu_training_steps_match_flex_in_f32_and_f16() {

@@ -128,8 +128,11 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         ),
     };
 
-    // f16 needs loss scaling; a resumed run continues from the saved scale.
-    if t.precision == Precision::F16 && state.loss_scaler.is_none() {
+    // f16 needs loss scaling; a resumed run continues from the saved scale (and one resumed
+    // in another precision drops it).
+    if t.precision != Precision::F16 {
+        state.loss_scaler = None;
+    } else if state.loss_scaler.is_none() {
         state.loss_scaler = Some(LossScaler::new(&t.loss_scaler));
     }
     let schedule = LrSchedule::new(&recipe.lr_scheduler, recipe.optimizer.lr, t.steps);

@@ -131,3 +131,13 @@ pub fn weights(model: &metamix::model::LanguageModel) -> Vec<f32> {
     model.visit(&mut c);
     c.0
 }
+
+/// Max |a − b| over max(1e-3, max |b|): relative for large values, absolute near zero.
+pub fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
