@@ -22,14 +22,18 @@ pub fn select_ranks(recipe: &Recipe) -> anyhow::Result<Vec<Device>> {
     } else {
         p.devices.clone()
     };
-    let mut devices: Vec<Device> = Vec::with_capacity(specs.len());
+    // Each distinct device is opened (and checked) once: ranks sharing a remote server
+    // share its one connection.
+    let mut opened: Vec<(DeviceSpec, Device)> = Vec::new();
+    let mut devices = Vec::with_capacity(specs.len());
     for spec in specs {
-        // Ranks sharing a remote server share its one connection.
-        let device = match devices.iter().zip(&p.devices).find(|(_, s)| **s == spec) {
-            Some((d, DeviceSpec::Remote(_))) => d.clone(),
-            _ => on(t.backend, &spec)?,
-        };
+        if let Some((_, device)) = opened.iter().find(|(s, _)| *s == spec) {
+            devices.push(device.clone());
+            continue;
+        }
+        let device = on(t.backend, &spec)?;
         check_precision(&device, t.backend, &spec, t.precision)?;
+        opened.push((spec, device.clone()));
         devices.push(device);
     }
     Ok(devices)

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{max_rel, step_outputs, tiny_recipe, weights};
+use common::{assert_losses_follow, max_rel, step_outputs, tiny_recipe, weights};
 
 #[test]
 fn libtorch_training_steps_match_flex_in_f32_and_bf16() {
@@ -22,15 +22,12 @@ fn libtorch_training_steps_match_flex_in_f32_and_bf16() {
                 &tiny_recipe(tmp.path(), &[&p, "training.backend=\"libtorch\"", device]),
                 3,
             );
-            for (i, (a, b)) in tch.iter().zip(&flex).enumerate() {
-                let e = (a.loss - b.loss).abs() / b.loss;
-                assert!(
-                    e < loss_tol,
-                    "{device} {precision}: step {i}: libtorch {} vs flex {}",
-                    a.loss,
-                    b.loss
-                );
-            }
+            assert_losses_follow(
+                &tch,
+                &flex,
+                loss_tol,
+                &format!("libtorch {device} {precision}"),
+            );
             let e = max_rel(&weights(&tch_model), &weights(&flex_model));
             assert!(
                 e < weight_tol,

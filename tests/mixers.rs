@@ -1,13 +1,15 @@
 //! Every mixer's fast form equals its plain reference form on random inputs, forward and
 //! gradients; and every mixer, inside the language model, is causal.
 
+mod common;
+
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use common::tiny_lm;
 use metamix::mixers::linear_attention::{self, LinearInputs};
 use metamix::mixers::softmax_attention::{SoftmaxAttention, attend_tiled, attend_tiled_ops};
 use metamix::mixers::ssm::{self, ScanInputs};
 use metamix::mixers::{MixerKind, PoolConfig};
-use metamix::recipe::{DecayMode, ModelConfig};
 use metamix::run::model_config;
 
 fn device() -> Device {
@@ -267,36 +269,6 @@ fn mixer_lists() -> Vec<Vec<MixerKind>> {
         vec![MixerKind::Moh, MixerKind::Moh],
         vec![MixerKind::Ssm, MixerKind::Softmax],
     ]
-}
-
-/// A two-layer, d_model 16 language model recipe with these mixers; MoH routes 2 of 3
-/// heads. `variant` turns on the options that change each mixer's structure: gated linear
-/// decay, grouped-query rotary attention with a sliding window.
-fn tiny_lm(mixers: &[MixerKind], seq_len: usize, variant: bool) -> metamix::recipe::Recipe {
-    let mut recipe = metamix::recipe::Recipe {
-        name: "tiny-lm".into(),
-        model: ModelConfig {
-            d_model: 16,
-            n_layers: 2,
-            n_heads: 4,
-            mixers: Some(mixers.to_vec()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    recipe.training.seq_len = seq_len;
-    recipe.model.moh.shared_heads = 1;
-    recipe.model.moh.top_k = 2;
-    recipe.model.pool.pool_size = 3;
-    if variant {
-        recipe.model.linear.decay = DecayMode::Gated;
-        recipe.model.linear.normalize = false;
-        recipe.model.softmax.n_kv_heads = 2;
-        recipe.model.softmax.rotary = true;
-        recipe.model.softmax.window = 5;
-        recipe.model.position = metamix::recipe::PositionKind::None;
-    }
-    recipe
 }
 
 /// For every mixer (and a hybrid), logits at position t do not change when a later token

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{max_rel, step_outputs, tiny_recipe, weights};
+use common::{assert_losses_follow, max_rel, step_outputs, tiny_recipe, weights};
 
 #[test]
 fn sequence_and_data_parallel_runs_follow_the_single_device_run() {
@@ -31,15 +31,7 @@ fn sequence_and_data_parallel_runs_follow_the_single_device_run() {
         ],
     ] {
         let (outs, model, _) = step_outputs(&recipe(extra), steps);
-        for (i, (a, b)) in outs.iter().zip(&reference).enumerate() {
-            let e = (a.loss - b.loss).abs() / b.loss;
-            assert!(
-                e < 1e-5,
-                "{extra:?}: step {i} loss {} vs {}",
-                a.loss,
-                b.loss
-            );
-        }
+        assert_losses_follow(&outs, &reference, 1e-5, &format!("{extra:?}"));
         let e = max_rel(&weights(&model), &ref_weights);
         assert!(
             e < 1e-4,

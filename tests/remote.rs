@@ -8,7 +8,7 @@ mod common;
 use std::net::TcpListener;
 use std::process::{Child, Command};
 
-use common::{step_outputs, tiny_recipe};
+use common::{assert_losses_follow, step_outputs, tiny_recipe};
 
 /// A `metamix serve` child, stopped when dropped.
 struct Server(Child);
@@ -50,13 +50,5 @@ fn sequence_parallel_across_two_serve_processes_follows_one_device() {
     let mut all = base.to_vec();
     all.extend(["parallelism.sequence_parallel_degree=2", &devices]);
     let (outs, _, _) = step_outputs(&tiny_recipe(tmp.path(), &all), 2);
-    for (i, (a, b)) in outs.iter().zip(&reference).enumerate() {
-        let e = (a.loss - b.loss).abs() / b.loss;
-        assert!(
-            e < 1e-5,
-            "step {i}: loss {} across servers vs {} on one device",
-            a.loss,
-            b.loss
-        );
-    }
+    assert_losses_follow(&outs, &reference, 1e-5, "across two serve processes");
 }

@@ -2,31 +2,24 @@
 //! plain attention, and the whole language model — loss and every parameter gradient — for
 //! every mixer, N = 1, 2, 4 ranks, zigzag and contiguous sharding.
 
+mod common;
+
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
+use common::{max_rel, tiny_lm};
 use metamix::mixers::MixerKind;
 use metamix::mixers::softmax_attention::{SoftmaxAttention, repeat_kv};
 use metamix::model::LanguageModel;
 use metamix::parallel::ring_attention::{Visibility, ring_attention};
 use metamix::parallel::{LocalDevices, SequenceLayout, SequenceParallel, Sharding, replicate};
-use metamix::recipe::{DecayMode, ModelConfig, PositionKind, Recipe, ScanForm};
+use metamix::recipe::{Recipe, ScanForm};
 use metamix::run::model_config;
 
 fn device() -> Device {
     Device::flex().autodiff()
-}
-
-/// Max |a − b| over max(1e-3, max |b|).
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
@@ -103,10 +96,10 @@ fn ring_attention_equals_full_attention() {
                 sp.layout.unshard(outs, 2, &dev)
             });
             let what = format!("{vis:?}, {ranks} ranks {sharding:?}");
-            let e = rel_err(&out, &out_ref);
+            let e = max_rel(&out, &out_ref);
             assert!(e < 1e-5, "{what}: output error {e:e}");
             for (name, (a, b)) in ["q", "k", "v"].iter().zip(g.iter().zip(&g_ref)) {
-                let e = rel_err(a, b);
+                let e = max_rel(a, b);
                 assert!(e < 1e-5, "{what}: d{name} error {e:e}");
             }
         }
@@ -134,30 +127,11 @@ fn param_grads(model: &LanguageModel, grads: &GradientsParams) -> Vec<Vec<f32>> 
 }
 
 fn lm_recipe(mixers: &[MixerKind], variant: bool) -> Recipe {
-    let mut recipe = Recipe {
-        name: "sp".into(),
-        model: ModelConfig {
-            d_model: 16,
-            n_layers: 2,
-            n_heads: 4,
-            mixers: Some(mixers.to_vec()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    recipe.training.seq_len = 16;
-    recipe.model.moh.shared_heads = 1;
-    recipe.model.moh.top_k = 2;
-    recipe.model.pool.pool_size = 3;
+    let mut recipe = tiny_lm(mixers, 16, variant);
     recipe.model.linear.chunk_size = 4;
     if variant {
-        // The structural options: gated decay, GQA + RoPE + window, chunked scan,
-        // a centred (non-causal) pooling window.
-        recipe.model.linear.decay = DecayMode::Gated;
-        recipe.model.softmax.n_kv_heads = 2;
-        recipe.model.softmax.rotary = true;
-        recipe.model.softmax.window = 5;
-        recipe.model.position = PositionKind::None;
+        // Beyond tiny_lm's structural options: the chunked scan and a centred (non-causal)
+        // pooling window.
         recipe.model.ssm.scan = ScanForm::Chunked;
         recipe.model.ssm.chunk_size = 3;
         recipe.model.pool.causal = false;
@@ -208,7 +182,7 @@ fn sharded_language_model_matches_one_device_for_every_mixer() {
                 assert!(e < 1e-5, "{what}: loss {value} vs {loss_ref}");
                 assert_eq!(g.len(), g_ref.len());
                 for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
-                    let e = rel_err(a, b);
+                    let e = max_rel(a, b);
                     assert!(e < 1e-5, "{what}: gradient of parameter {i}: error {e:e}");
                 }
             }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{max_rel, step_outputs, tiny_recipe, weights};
+use common::{assert_losses_follow, max_rel, step_outputs, tiny_recipe, weights};
 
 #[test]
 fn wgpu_training_steps_match_flex_in_f32_and_f16() {
@@ -18,16 +18,7 @@ fn wgpu_training_steps_match_flex_in_f32_and_f16() {
             &tiny_recipe(tmp.path(), &[&p, "training.backend=\"wgpu\""]),
             3,
         );
-        for (i, (a, b)) in gpu.iter().zip(&flex).enumerate() {
-            let e = (a.loss - b.loss).abs() / b.loss;
-            assert!(
-                e < loss_tol,
-                "{precision}: step {i}: wgpu {} vs flex {}",
-                a.loss,
-                b.loss
-            );
-            assert!(!a.skipped);
-        }
+        assert_losses_follow(&gpu, &flex, loss_tol, &format!("wgpu {precision}"));
         let e = max_rel(&weights(&gpu_model), &weights(&flex_model));
         assert!(e < weight_tol, "{precision}: weights differ by {e:e}");
     }
@@ -73,15 +64,7 @@ fn ring_across_two_wgpu_devices_follows_one_device() {
         ],
     ] {
         let (outs, model, _) = step_outputs(&recipe(extra), 3);
-        for (i, (a, b)) in outs.iter().zip(&reference).enumerate() {
-            let e = (a.loss - b.loss).abs() / b.loss;
-            assert!(
-                e < 1e-5,
-                "{extra:?}: step {i} loss {} vs {}",
-                a.loss,
-                b.loss
-            );
-        }
+        assert_losses_follow(&outs, &reference, 1e-5, &format!("{extra:?}"));
         let e = max_rel(&weights(&model), &weights(&ref_model));
         assert!(e < 1e-4, "{extra:?}: weights differ by {e:e}");
     }

@@ -12,13 +12,12 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
-
-use crate::mixed_precision::linear;
 use burn::tensor::activation::{elu, log_sigmoid, relu};
 
 use super::{TokenMixer, normal_linear};
-use crate::parallel::SequenceParallel;
-use crate::parallel::state_passing::pass_state;
+use crate::mixed_precision::linear;
+use crate::parallel::state_passing::{Carry, pass_state};
+use crate::parallel::{SequenceParallel, Transport};
 use crate::recipe::{DecayMode, FeatureMap, LinearAttentionOptions, LinearForm};
 
 /// Added to the normaliser so a near-zero denominator cannot blow up.
@@ -147,6 +146,15 @@ impl LinearState {
     }
 }
 
+impl Carry for LinearState {
+    fn send(self, transport: &dyn Transport, rank: usize) -> Self {
+        Self {
+            s: transport.send(self.s, rank),
+            z: transport.send(self.z, rank),
+        }
+    }
+}
+
 impl TokenMixer for LinearAttention {
     type State = LinearState;
 
@@ -175,15 +183,7 @@ impl TokenMixer for LinearAttention {
         xs: Vec<Tensor<3>>,
         sp: &SequenceParallel,
     ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
-        let ys = pass_state(
-            xs,
-            sp,
-            |r, x, state| ranks[r].forward_from(x, state),
-            |state: LinearState, r| LinearState {
-                s: sp.transport.send(state.s, r),
-                z: sp.transport.send(state.z, r),
-            },
-        );
+        let ys = pass_state(xs, sp, |r, x, state| ranks[r].forward_from(x, state));
         (ys, None)
     }
 }

@@ -15,12 +15,11 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
-
-use crate::mixed_precision::linear;
 use burn::tensor::activation::softmax;
 
 use super::softmax_attention::{KvCache, SoftmaxAttention, attend_tiled};
 use super::{TokenMixer, normal_linear};
+use crate::mixed_precision::linear;
 use crate::parallel::SequenceParallel;
 use crate::parallel::ring_attention::{Visibility, ring_attention};
 use crate::recipe::MohOptions;

@@ -9,13 +9,12 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
 use burn::prelude::*;
-
-use crate::mixed_precision::linear;
 use burn::tensor::activation::softmax;
 
 use super::{TokenMixer, normal_linear};
+use crate::mixed_precision::linear;
 use crate::parallel::SequenceParallel;
-use crate::parallel::ring_attention::{Visibility, ring_attention};
+use crate::parallel::ring_attention::ring_attention;
 use crate::recipe::SoftmaxOptions;
 
 /// Options of [`SoftmaxAttention`].
@@ -139,8 +138,14 @@ impl SoftmaxAttention {
         let [_, _, t, head_dim] = q.dims();
         let scale = 1.0 / (head_dim as f64).sqrt();
         let scores = q.matmul(k.transpose()).mul_scalar(scale);
-        let hidden = hidden_mask(0, t, 0, t, window, &scores.device());
-        let scores = scores.mask_fill(hidden, f32::NEG_INFINITY);
+        let visibility = Visibility {
+            causal: true,
+            window,
+        };
+        let scores = match visibility.mask((0, t), (0, t), &scores.device()) {
+            Some(hidden) => scores.mask_fill(hidden, f32::NEG_INFINITY),
+            None => scores, // a single token
+        };
         dropout.forward(softmax(scores, 3)).matmul(v)
     }
 }
@@ -240,23 +245,53 @@ pub fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
         .reshape([b, kvh * groups, t, hd])
 }
 
-/// True where key position `k0 + j` is hidden from query position `q0 + i`: in its future,
-/// or (with a window) `window` or more steps back. `[1, 1, q1 − q0, k1 − k0]`.
-fn hidden_mask(
-    q0: usize,
-    q1: usize,
-    k0: usize,
-    k1: usize,
-    window: usize,
-    device: &Device,
-) -> Tensor<4, Bool> {
-    let qi = Tensor::<1, Int>::arange(q0 as i64..q1 as i64, device).reshape([q1 - q0, 1]);
-    let kj = Tensor::<1, Int>::arange(k0 as i64..k1 as i64, device).reshape([1, k1 - k0]);
-    let mut hidden = kj.clone().greater(qi.clone());
-    if window > 0 {
-        hidden = hidden.bool_or(kj.add_scalar(window as i64).lower_equal(qi));
+/// Which keys a query sees (by global position): the masks of every attention form here
+/// and of ring attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Visibility {
+    /// Keys at or before the query only.
+    pub causal: bool,
+    /// With `causal`, only the last `window` keys (itself included); 0 = all.
+    pub window: usize,
+}
+
+impl Visibility {
+    fn hidden(&self, i: usize, j: usize) -> bool {
+        (self.causal && j > i) || (self.window > 0 && j + self.window <= i)
     }
-    hidden.unsqueeze::<4>()
+
+    /// No query of `[q0, q1)` sees any key of `[k0, k1)`: the keys lie wholly in the
+    /// future, or wholly before the window. (Any other block is attended; a block that
+    /// hides everything anyway only costs work, its merge weight is 0.)
+    pub fn all_hidden(&self, (q0, q1): (usize, usize), (k0, k1): (usize, usize)) -> bool {
+        let future = self.causal && k0 > q1 - 1;
+        let too_old = self.window > 0 && k1 - 1 + self.window <= q0;
+        future || too_old
+    }
+
+    /// `[1, 1, q, k]`, true where hidden; `None` when every key is visible.
+    pub fn mask(
+        &self,
+        q: (usize, usize),
+        k: (usize, usize),
+        device: &Device,
+    ) -> Option<Tensor<4, Bool>> {
+        let (q0, q1) = q;
+        let (k0, k1) = k;
+        let any = self.hidden(q0, k1 - 1) || self.hidden(q1 - 1, k0);
+        any.then(|| {
+            let qi = Tensor::<1, Int>::arange(q0 as i64..q1 as i64, device).reshape([q1 - q0, 1]);
+            let kj = Tensor::<1, Int>::arange(k0 as i64..k1 as i64, device).reshape([1, k1 - k0]);
+            let future = self.causal.then(|| kj.clone().greater(qi.clone()));
+            let too_old =
+                (self.window > 0).then(|| kj.add_scalar(self.window as i64).lower_equal(qi));
+            let hidden = match (future, too_old) {
+                (Some(f), Some(o)) => f.bool_or(o),
+                (f, o) => f.or(o).expect("`any` found a hidden key"),
+            };
+            hidden.unsqueeze::<4>()
+        })
+    }
 }
 
 /// The memory-efficient form. On flex (the CPU backend) it runs as a backend extension with
@@ -306,6 +341,10 @@ pub fn attend_tiled_ops(
     let dv = v.dims()[3];
     let device = q.device();
     let scale = 1.0 / (dk as f64).sqrt();
+    let visibility = Visibility {
+        causal: true,
+        window,
+    };
     let mut outputs = Vec::with_capacity(t.div_ceil(block));
     for q0 in (0..t).step_by(block) {
         let q1 = (q0 + block).min(t);
@@ -327,10 +366,7 @@ pub fn attend_tiled_ops(
             let k_blk = k.clone().slice([0..b, 0..h, k0..k1, 0..dk]);
             let v_blk = v.clone().slice([0..b, 0..h, k0..k1, 0..dv]);
             let mut scores = q_blk.clone().matmul(k_blk.transpose());
-            let touches_diagonal = k1 > q0 + 1;
-            let touches_window_edge = window > 0 && k0 + window < q1;
-            if touches_diagonal || touches_window_edge {
-                let hidden = hidden_mask(q0, q1, k0, k1, window, &device);
+            if let Some(hidden) = visibility.mask((q0, q1), (k0, k1), &device) {
                 scores = scores.mask_fill(hidden, f32::NEG_INFINITY);
             }
             let m_new = m.clone().max_pair(scores.clone().max_dim(3));

@@ -16,14 +16,13 @@
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
-
-use crate::mixed_precision::linear;
 use burn::tensor::Distribution;
 use burn::tensor::activation::{silu, softplus};
 
 use super::{TokenMixer, normal_linear};
-use crate::parallel::SequenceParallel;
-use crate::parallel::state_passing::pass_state;
+use crate::mixed_precision::linear;
+use crate::parallel::state_passing::{Carry, pass_state};
+use crate::parallel::{SequenceParallel, Transport};
 use crate::recipe::{ScanForm, SsmOptions};
 
 #[derive(Debug, Clone)]
@@ -211,6 +210,15 @@ pub struct SsmState {
     pub h: Tensor<3>,
 }
 
+impl Carry for SsmState {
+    fn send(self, transport: &dyn Transport, rank: usize) -> Self {
+        Self {
+            conv: transport.send(self.conv, rank),
+            h: transport.send(self.h, rank),
+        }
+    }
+}
+
 impl TokenMixer for Ssm {
     type State = SsmState;
 
@@ -252,15 +260,7 @@ impl TokenMixer for Ssm {
         xs: Vec<Tensor<3>>,
         sp: &SequenceParallel,
     ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
-        let ys = pass_state(
-            xs,
-            sp,
-            |r, x, state| ranks[r].forward_from(x, state),
-            |state: SsmState, r| SsmState {
-                conv: sp.transport.send(state.conv, r),
-                h: sp.transport.send(state.h, r),
-            },
-        );
+        let ys = pass_state(xs, sp, |r, x, state| ranks[r].forward_from(x, state));
         (ys, None)
     }
 }

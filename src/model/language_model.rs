@@ -6,12 +6,11 @@ use std::sync::Mutex;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::prelude::*;
-
-use crate::mixed_precision::linear;
 use burn::tensor::Distribution;
 use burn::tensor::activation::log_softmax;
 
 use super::{MetaFormerBlock, MetaFormerBlockConfig, Norm};
+use crate::mixed_precision::linear;
 use crate::mixers::{MixerKind, MixerState, normal_linear};
 use crate::parallel::SequenceParallel;
 use crate::recipe::{ModelConfig, PositionKind};

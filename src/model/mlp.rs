@@ -3,10 +3,9 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::prelude::*;
-
-use crate::mixed_precision::linear;
 use burn::tensor::activation::{gelu, gelu_approximate, relu, silu};
 
+use crate::mixed_precision::linear;
 use crate::mixers::normal_linear;
 use crate::recipe::Activation;
 

@@ -15,60 +15,12 @@ use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, sigmoid};
 
 use super::SequenceParallel;
+pub use crate::mixers::softmax_attention::Visibility;
 use crate::mixers::softmax_attention::repeat_kv;
 
 /// Masked scores: finite, so a row that sees no key of a block gets a finite, negligible
 /// log-sum-exp (≈ −1e30) that the merge weighs by exactly 0, instead of a NaN.
 const HIDDEN: f32 = -1.0e30;
-
-/// Which keys a query sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Visibility {
-    /// Keys at or before the query only.
-    pub causal: bool,
-    /// With `causal`, only the last `window` keys (itself included); 0 = all.
-    pub window: usize,
-}
-
-impl Visibility {
-    fn hidden(&self, i: usize, j: usize) -> bool {
-        (self.causal && j > i) || (self.window > 0 && j + self.window <= i)
-    }
-
-    /// No query of `[q0, q1)` sees any key of `[k0, k1)`: the keys lie wholly in the
-    /// future, or wholly before the window. (Any other block is attended; a block that
-    /// hides everything anyway only costs work, its merge weight is 0.)
-    pub fn all_hidden(&self, (q0, q1): (usize, usize), (k0, k1): (usize, usize)) -> bool {
-        let future = self.causal && k0 > q1 - 1;
-        let too_old = self.window > 0 && k1 - 1 + self.window <= q0;
-        future || too_old
-    }
-
-    /// `[1, 1, q, k]`, true where hidden; `None` when every key is visible.
-    fn mask(
-        &self,
-        q: (usize, usize),
-        k: (usize, usize),
-        device: &Device,
-    ) -> Option<Tensor<4, Bool>> {
-        let (q0, q1) = q;
-        let (k0, k1) = k;
-        let any = self.hidden(q0, k1 - 1) || self.hidden(q1 - 1, k0);
-        any.then(|| {
-            let qi = Tensor::<1, Int>::arange(q0 as i64..q1 as i64, device).reshape([q1 - q0, 1]);
-            let kj = Tensor::<1, Int>::arange(k0 as i64..k1 as i64, device).reshape([1, k1 - k0]);
-            let mut hidden = if self.causal {
-                kj.clone().greater(qi.clone())
-            } else {
-                kj.clone().lower(kj.clone().sub_scalar(1)) // all false
-            };
-            if self.window > 0 {
-                hidden = hidden.bool_or(kj.add_scalar(self.window as i64).lower_equal(qi));
-            }
-            hidden.unsqueeze::<4>()
-        })
-    }
-}
 
 /// Attention of queries at global positions `q_start..` over keys at `k_start..`:
 /// the output `[b, h, tq, dv]` and each row's log-sum-exp `[b, h, tq, 1]`. Also the plain

@@ -5,16 +5,19 @@
 
 use burn::prelude::*;
 
-use super::SequenceParallel;
+use super::{SequenceParallel, Transport};
+
+/// A recurrent state that can move to another rank.
+pub trait Carry {
+    fn send(self, transport: &dyn Transport, rank: usize) -> Self;
+}
 
 /// `mix(rank, chunk, state in) → (output, state out)` over the chunks of every rank's shard
-/// `xs[r]` `[b, t_r, d]`, in position order; `send(state, rank)` moves a state to a rank.
-/// Returns each rank's output shard.
-pub fn pass_state<S>(
+/// `xs[r]` `[b, t_r, d]`, in position order. Returns each rank's output shard.
+pub fn pass_state<S: Carry>(
     xs: Vec<Tensor<3>>,
     sp: &SequenceParallel,
     mut mix: impl FnMut(usize, Tensor<3>, Option<S>) -> (Tensor<3>, S),
-    mut send: impl FnMut(S, usize) -> S,
 ) -> Vec<Tensor<3>> {
     let layout = &sp.layout;
     let mut chunks: Vec<Option<Tensor<3>>> = vec![None; layout.n_chunks()];
@@ -27,7 +30,7 @@ pub fn pass_state<S>(
     let mut state: Option<S> = None;
     for (c, x) in chunks.into_iter().enumerate() {
         let (rank, _) = layout.owner(c);
-        let incoming = state.take().map(|s| send(s, rank));
+        let incoming = state.take().map(|s| s.send(sp.transport, rank));
         let (y, next) = mix(rank, x.expect("every chunk has an owner"), incoming);
         outputs[c] = Some(y);
         state = Some(next);

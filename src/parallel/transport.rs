@@ -26,8 +26,9 @@ impl dyn Transport + '_ {
     }
 }
 
-/// Ranks on devices of this process: several logical ranks may share one device (the CPU),
-/// which runs the same ring logic without parallel hardware.
+/// Ranks as the Burn devices this process drives — its own, or `burn-remote` handles to
+/// other processes'. Several logical ranks may share one device (the CPU), which runs the
+/// same ring logic without parallel hardware.
 #[derive(Debug, Clone)]
 pub struct LocalDevices {
     pub devices: Vec<Device>,

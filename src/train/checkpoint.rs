@@ -5,7 +5,6 @@
 //! crash mid-save leaves no `step-N` that resume would trust. Resume verifies the hashes
 //! and falls back to the previous checkpoint when one is damaged.
 
-use super::loss_scaler::LossScaler;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +12,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::loss_scaler::LossScaler;
 use crate::data::WindowSampler;
 use crate::model::LanguageModel;
 use crate::train::AdamW;

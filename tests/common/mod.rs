@@ -141,3 +141,53 @@ pub fn max_rel(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
         / scale
 }
+
+/// Every step's loss in `outs` is within `tol` (relative) of `reference`'s, and no step
+/// was skipped.
+pub fn assert_losses_follow(
+    outs: &[metamix::train::trainer::StepOutput],
+    reference: &[metamix::train::trainer::StepOutput],
+    tol: f64,
+    what: &str,
+) {
+    assert_eq!(outs.len(), reference.len(), "{what}: step counts");
+    for (i, (a, b)) in outs.iter().zip(reference).enumerate() {
+        let e = (a.loss - b.loss).abs() / b.loss;
+        assert!(e < tol, "{what}: step {i}: loss {} vs {}", a.loss, b.loss);
+        assert!(!a.skipped, "{what}: step {i} was skipped");
+    }
+}
+
+/// A two-layer, d_model 16 language model recipe with these mixers; MoH routes 2 of 3
+/// heads. `variant` turns on the options that change each mixer's structure: gated linear
+/// decay, grouped-query rotary attention with a sliding window.
+pub fn tiny_lm(
+    mixers: &[metamix::mixers::MixerKind],
+    seq_len: usize,
+    variant: bool,
+) -> metamix::recipe::Recipe {
+    let mut recipe = metamix::recipe::Recipe {
+        name: "tiny-lm".into(),
+        model: metamix::recipe::ModelConfig {
+            d_model: 16,
+            n_layers: 2,
+            n_heads: 4,
+            mixers: Some(mixers.to_vec()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    recipe.training.seq_len = seq_len;
+    recipe.model.moh.shared_heads = 1;
+    recipe.model.moh.top_k = 2;
+    recipe.model.pool.pool_size = 3;
+    if variant {
+        recipe.model.linear.decay = metamix::recipe::DecayMode::Gated;
+        recipe.model.linear.normalize = false;
+        recipe.model.softmax.n_kv_heads = 2;
+        recipe.model.softmax.rotary = true;
+        recipe.model.softmax.window = 5;
+        recipe.model.position = metamix::recipe::PositionKind::None;
+    }
+    recipe
+}
