@@ -71,8 +71,8 @@ def rope(x, theta):
     return out
 
 
-def softmax_mixer(cfg, W, prefix, x):
-    o = cfg["mixer_options"]["softmax"]
+def attention_heads(cfg, o, W, prefix, x):
+    """Causal softmax attention heads [h, t, hd] before out_proj, with options `o`."""
     t, d = x.shape
     h = cfg["n_heads"]
     hd = d // h
@@ -94,8 +94,12 @@ def softmax_mixer(cfg, W, prefix, x):
     scores = scores - scores.max(-1, keepdims=True)
     p = np.exp(scores)
     p = p / p.sum(-1, keepdims=True)
-    y = (p @ v).transpose(1, 0, 2).reshape(t, d)
-    return linear(W, prefix + ".out_proj", y)
+    return p @ v
+
+
+def softmax_mixer(cfg, W, prefix, x):
+    heads = attention_heads(cfg, cfg["mixer_options"]["softmax"], W, prefix, x)
+    return linear(W, prefix + ".out_proj", merge_heads(heads))
 
 
 def split_heads(cfg, y):
@@ -186,6 +190,36 @@ def ssm_mixer(cfg, W, prefix, x):
     return linear(W, prefix + ".out_proj", y)
 
 
+def mamba2_mixer(cfg, W, prefix, x):
+    """Mamba-2 (SSD): in_proj -> [z | xBC | dt], causal depthwise conv + SiLU over xBC, a scalar
+    decay per head, h = exp(dt A) h + dt x B^T, y = h C + D x, gated RMSNorm, out_proj."""
+    o = cfg["mixer_options"]["mamba2"]
+    t, d = x.shape
+    di, n, p, g = o["expand"] * d, o["d_state"], o["headdim"], o["ngroups"]
+    h = di // p
+    conv_dim = di + 2 * g * n
+    zxbcdt = linear(W, prefix + ".in_proj", x)
+    z, xbc, dt = zxbcdt[:, :di], zxbcdt[:, di : di + conv_dim], zxbcdt[:, di + conv_dim :]
+    w = W[prefix + ".conv1d.weight"][:, 0, :]  # [conv_dim, kernel]
+    kernel = w.shape[1]
+    xp = np.concatenate([np.zeros((kernel - 1, conv_dim)), xbc], 0)
+    xbc = silu(W[prefix + ".conv1d.bias"] + sum(xp[i : i + t] * w[:, i] for i in range(kernel)))
+    xs = xbc[:, :di].reshape(t, h, p)
+    B = xbc[:, di : di + g * n].reshape(t, g, n).repeat(h // g, axis=1)  # head i reads group i // (h/g)
+    C = xbc[:, di + g * n :].reshape(t, g, n).repeat(h // g, axis=1)
+    delta = softplus(dt + W[prefix + ".dt_bias"])  # [t, h]
+    A = -np.exp(W[prefix + ".A_log"])  # [h]
+    state = np.zeros((h, p, n))
+    ys = []
+    for i in range(t):
+        state = np.exp(delta[i] * A)[:, None, None] * state + (delta[i][:, None] * xs[i])[:, :, None] * B[i][:, None, :]
+        ys.append((state * C[i][:, None, :]).sum(-1) + W[prefix + ".D"][:, None] * xs[i])
+    y = np.stack(ys).reshape(t, di) * silu(z)
+    groups = y.reshape(t, g, di // g)
+    y = (groups / np.sqrt((groups**2).mean(-1, keepdims=True) + 1e-5)).reshape(t, di) * W[prefix + ".norm.weight"]
+    return linear(W, prefix + ".out_proj", y)
+
+
 def pool_mixer(cfg, W, prefix, x):
     """PoolFormer, causal: mean of the trailing window (padding not counted) minus x."""
     k = cfg["mixer_options"]["pool"]["pool_size"]
@@ -196,15 +230,8 @@ def pool_mixer(cfg, W, prefix, x):
 def moh_mixer(cfg, W, prefix, x):
     """Mixture-of-head attention: per-token two-stage head gates on causal softmax attention."""
     o = cfg["mixer_options"]["moh"]
-    t, d = x.shape
     h = cfg["n_heads"]
-    hd = d // h
-    q = split_heads(cfg, linear(W, prefix + ".q_proj", x))
-    k = split_heads(cfg, linear(W, prefix + ".k_proj", x))
-    v = split_heads(cfg, linear(W, prefix + ".v_proj", x))
-    scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd)
-    scores = np.where(np.triu(np.ones((t, t), dtype=bool), 1), -np.inf, scores)
-    heads = softmax_last(scores) @ v  # [h, t, hd]
+    heads = attention_heads(cfg, o["attention"], W, prefix + ".attention", x)  # [h, t, hd]
     shared, routed = o["shared_heads"], h - o["shared_heads"]
     alpha = softmax_last(linear(W, prefix + ".head_type_router", x)) if shared and routed else None
     parts = []
@@ -217,7 +244,7 @@ def moh_mixer(cfg, W, prefix, x):
         g = p * (p >= kth)
         parts.append(g * alpha[:, 1:2] if alpha is not None else g)
     gates = np.concatenate(parts, 1).T[:, :, None]  # [h, t, 1]
-    return linear(W, prefix + ".out_proj", merge_heads(heads * gates))
+    return linear(W, prefix + ".attention.out_proj", merge_heads(heads * gates))
 
 
 MIXERS = {
@@ -226,6 +253,7 @@ MIXERS = {
     "ssm": ssm_mixer,
     "pool": pool_mixer,
     "moh": moh_mixer,
+    "mamba2": mamba2_mixer,
 }
 
 

@@ -4,11 +4,14 @@ a table (val loss, tokens/s, peak memory, parameters, wall time) and a plot of v
 against wall-clock time, so you can see which mixer learns best per second.
 
 Usage: python3 scripts/compare_mixers.py [--steps N] [--out results/mixers] [RECIPE ...]
-Default recipes: recipes/shakespeare_{char,linear,gla,ssm,pool,moh,hybrid}.toml, 2000 steps.
+Default recipes: for every registered mixer (`metamix mixers`), the recipes/shakespeare_*.toml
+that uses it alone, then the other single-device shakespeare recipes (GLA, the hybrid);
+2000 steps.
 Each run goes to runs/compare-<recipe> (replaced). The plot needs matplotlib
 (pip install matplotlib); without it the table is still written.
 """
 import argparse
+import json
 import os
 import pathlib
 import re
@@ -16,9 +19,9 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT = ["char", "linear", "gla", "ssm", "pool", "moh", "hybrid"]
 EVAL = re.compile(r"^step (\d+) \(([\d.]+) s\): train loss ([\d.]+), val loss ([\d.]+)")
 DONE = re.compile(r"^done: step (\d+) \| train loss ([\d.]+) \| val loss ([\d.]+) \| (\d+) tokens/s \| ([\d.]+) s")
 PARAMS = re.compile(r"^training \S+ \((\d+) parameters, mixers (.*)\) for")
@@ -50,15 +53,36 @@ def run(recipe: pathlib.Path, steps: int, binary: pathlib.Path) -> dict:
     return row
 
 
+def default_recipes(binary: pathlib.Path) -> list:
+    """One shakespeare recipe per registered mixer, then the remaining single-device ones."""
+    registry = [json.loads(line)["name"] for line in
+                subprocess.run([str(binary), "mixers"], check=True, capture_output=True, text=True).stdout.splitlines()]
+    candidates = {}
+    for path in sorted((ROOT / "recipes").glob("shakespeare_*.toml")):
+        recipe = tomllib.loads(path.read_text())
+        if recipe.get("parallelism", {}).get("sequence_parallel_degree", 1) > 1:
+            continue
+        candidates[path] = recipe.get("model", {})
+    chosen = []
+    for name in registry:
+        alone = [p for p, m in candidates.items()
+                 if m.get("mixer", "softmax") == name and "mixers" not in m and p not in chosen]
+        if not alone:
+            sys.exit(f"no recipes/shakespeare_*.toml trains the {name} mixer alone: add one")
+        # The one named after it, else the plainest (fewest options set for its mixer).
+        chosen.append(min(alone, key=lambda p: (p.stem != f"shakespeare_{name}", len(candidates[p].get(name, {})))))
+    return chosen + [p for p in candidates if p not in chosen]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--out", default="results/mixers")
     ap.add_argument("recipes", nargs="*")
     args = ap.parse_args()
-    recipes = [pathlib.Path(r) for r in args.recipes] or [ROOT / f"recipes/shakespeare_{r}.toml" for r in DEFAULT]
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     binary = ROOT / "target/release/metamix"
+    recipes = [pathlib.Path(r) for r in args.recipes] or default_recipes(binary)
     rows = []
     for r in recipes:
         row = run(r, args.steps, binary)

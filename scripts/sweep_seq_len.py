@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Sweep sequence length for each token mixer alone: forward+backward time and peak memory
+"""Sweep sequence length for each registered token mixer (and a few other forms) alone: forward+backward time and peak memory
 (the process's peak RSS, one process per point), d_model 128, 4 heads, batch 1, CPU; plus
 softmax attention forward-only (inference), naive and tiled.
 
@@ -8,6 +8,7 @@ Writes OUT.md (table) and OUT.png (log-log plots; needs matplotlib). A mixer sto
 once a point takes over --budget-s seconds or fails (e.g. out of memory).
 """
 import argparse
+import json
 import os
 import pathlib
 import re
@@ -15,15 +16,14 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MIXERS = {
-    "softmax (naive)": ["model.mixer=\"softmax\""],
+# Beyond every registered mixer with its default options (from `metamix mixers`): the
+# other forms worth seeing.
+VARIANTS = {
     "softmax (tiled)": ["model.mixer=\"softmax\"", "model.softmax.tiled=true", "model.softmax.block_size=128"],
-    "linear (chunkwise)": ["model.mixer=\"linear\"", "model.linear.chunk_size=64"],
+    "linear (chunk 64)": ["model.mixer=\"linear\"", "model.linear.chunk_size=64"],
     "gla (gated, chunkwise)": ["model.mixer=\"linear\"", "model.linear.decay=\"gated\"",
                                "model.linear.normalize=false", "model.linear.chunk_size=64"],
-    "ssm (sequential scan)": ["model.mixer=\"ssm\""],
-    "pool": ["model.mixer=\"pool\""],
-    "moh": ["model.mixer=\"moh\""],
+    "mamba2 (chunk 64)": ["model.mixer=\"mamba2\"", "model.mamba2.chunk_size=64"],
     # Inference (no autodiff): the tiled form keeps one block of scores at a time.
     "softmax (naive), forward only": ["model.mixer=\"softmax\"", "--forward-only"],
     "softmax (tiled), forward only": ["model.mixer=\"softmax\"", "model.softmax.tiled=true",
@@ -54,9 +54,12 @@ def main():
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     binary = ROOT / "target/release/metamix"
+    registry = [json.loads(line)["name"] for line in
+                subprocess.run([str(binary), "mixers"], check=True, capture_output=True, text=True).stdout.splitlines()]
+    mixers = {name: [f"model.mixer=\"{name}\""] for name in registry} | VARIANTS
     lengths = [t for t in [256, 512, 1024, 2048, 4096, 8192, 16384] if t <= args.max]
     results = {}
-    for name, sets in MIXERS.items():
+    for name, sets in mixers.items():
         results[name] = {}
         for t in lengths:
             r, err = point(binary, sets, t)

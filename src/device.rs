@@ -1,39 +1,32 @@
-//! From the recipe's `training.backend` / `training.device` (and `parallelism.devices`) to
-//! Burn devices, and whether a device can run the recipe's precision.
+//! Backends, devices and precisions as a recipe names them (`training.backend`,
+//! `training.device`, `parallelism.devices`, `training.precision`), the Burn devices they
+//! open, and whether a device can compute in a precision.
 
 use anyhow::bail;
 use burn::prelude::Device;
 use burn::tensor::FloatDType;
 
-use crate::recipe::{BackendKind, DeviceSpec, Precision, Recipe};
+use serde::{Deserialize, Serialize};
 
-/// The plain (non-autodiff) device a run computes on (rank 0's, under parallelism).
-pub fn select(recipe: &Recipe) -> anyhow::Result<Device> {
-    Ok(select_ranks(recipe)?.remove(0))
-}
-
-/// One plain device per rank (`parallelism.devices`, or every rank on `training.device`),
-/// each checked to support `training.precision`.
-pub fn select_ranks(recipe: &Recipe) -> anyhow::Result<Vec<Device>> {
-    let t = &recipe.training;
-    let p = &recipe.parallelism;
-    let specs = if p.devices.is_empty() {
-        vec![t.device.clone(); p.ranks()]
-    } else {
-        p.devices.clone()
-    };
+/// One plain device per rank from `specs` on `backend`, each checked to support
+/// `precision`.
+pub fn open_ranks(
+    backend: BackendKind,
+    specs: &[DeviceSpec],
+    precision: Precision,
+) -> anyhow::Result<Vec<Device>> {
     // Each distinct device is opened (and checked) once: ranks sharing a remote server
     // share its one connection.
     let mut opened: Vec<(DeviceSpec, Device)> = Vec::new();
     let mut devices = Vec::with_capacity(specs.len());
     for spec in specs {
-        if let Some((_, device)) = opened.iter().find(|(s, _)| *s == spec) {
+        if let Some((_, device)) = opened.iter().find(|(s, _)| s == spec) {
             devices.push(device.clone());
             continue;
         }
-        let device = on(t.backend, &spec)?;
-        check_precision(&device, t.backend, &spec, t.precision)?;
-        opened.push((spec, device.clone()));
+        let device = on(backend, spec)?;
+        check_precision(&device, backend, spec, precision)?;
+        opened.push((spec.clone(), device.clone()));
         devices.push(device);
     }
     Ok(devices)
@@ -146,4 +139,82 @@ fn remote(url: &str) -> anyhow::Result<Device> {
         "device \"{url}\": this metamix was built without remote devices; rebuild with \
          `cargo build --release --features remote`"
     )
+}
+
+/// A device of the chosen backend: `"default"` (cpu: the CPU; wgpu: the default adapter;
+/// libtorch: the CPU), `"cpu"` (the backend's CPU device: flex, wgpu's software adapter,
+/// libtorch's CPU), an integer k, GPU k (CUDA device k; wgpu's k-th discrete GPU), or
+/// `"ws://host:port"`, the device a `metamix serve` process hosts (built with `remote`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "DeviceName", into = "DeviceName")]
+pub enum DeviceSpec {
+    Default,
+    Cpu,
+    Gpu(usize),
+    Remote(String),
+}
+
+/// How a device is written in a recipe.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceName {
+    Index(usize),
+    Name(String),
+}
+
+impl TryFrom<DeviceName> for DeviceSpec {
+    type Error = String;
+    fn try_from(name: DeviceName) -> Result<Self, String> {
+        match name {
+            DeviceName::Index(k) => Ok(DeviceSpec::Gpu(k)),
+            DeviceName::Name(s) => match s.as_str() {
+                "default" => Ok(DeviceSpec::Default),
+                "cpu" => Ok(DeviceSpec::Cpu),
+                url if url.starts_with("ws://") => Ok(DeviceSpec::Remote(url.into())),
+                other => Err(format!(
+                    "unknown device \"{other}\": use \"default\", \"cpu\", a GPU index (0, 1, ...) \
+                     or a metamix serve address \"ws://host:port\""
+                )),
+            },
+        }
+    }
+}
+
+impl From<DeviceSpec> for DeviceName {
+    fn from(d: DeviceSpec) -> Self {
+        match d {
+            DeviceSpec::Default => DeviceName::Name("default".into()),
+            DeviceSpec::Cpu => DeviceName::Name("cpu".into()),
+            DeviceSpec::Gpu(k) => DeviceName::Index(k),
+            DeviceSpec::Remote(url) => DeviceName::Name(url),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Default => write!(f, "\"default\""),
+            DeviceSpec::Cpu => write!(f, "\"cpu\""),
+            DeviceSpec::Gpu(k) => write!(f, "{k}"),
+            DeviceSpec::Remote(url) => write!(f, "\"{url}\""),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Burn's flex backend, pure Rust, always available.
+    Cpu,
+    Wgpu,
+    Libtorch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde_json::json;
 
+use crate::mixers::MixerKind;
 use crate::model::LanguageModelConfig;
 use crate::run::Run;
 
@@ -37,6 +38,12 @@ pub fn export(run: &Run, step: Option<u64>, out: &Path) -> anyhow::Result<PathBu
 /// spelled out rather than implied.
 pub fn config_json(c: &LanguageModelConfig) -> serde_json::Value {
     let m = &c.model;
+    // The options of every mixer, serialised from the options types themselves so that the
+    // config cannot drift from what the model computes.
+    let mixer_options: serde_json::Map<String, serde_json::Value> = MixerKind::ALL
+        .iter()
+        .map(|&k| (k.name().to_string(), m.mixer_options.to_json(k)))
+        .collect();
     json!({
         "architecture": "metamix.MetaFormerLM",
         "vocab_size": c.vocab_size,
@@ -54,14 +61,8 @@ pub fn config_json(c: &LanguageModelConfig) -> serde_json::Value {
         "max_seq_len": c.max_seq_len,
         "tie_embeddings": m.tie_embeddings,
         "mixers": c.mixers.iter().map(|k| k.name()).collect::<Vec<_>>(),
-        "mixer_options": {
-            "softmax": m.softmax,
-            "linear": m.linear,
-            "ssm": m.ssm,
-            "pool": m.pool,
-            "moh": m.moh,
-        },
-        "ssm_dt_rank": if m.ssm.dt_rank == 0 { m.d_model.div_ceil(16) } else { m.ssm.dt_rank },
+        "mixer_options": mixer_options,
+        "ssm_dt_rank": m.mixer_options.ssm.dt_rank(m.d_model),
         "conventions": {
             "block": "x = x + layer_scale1 * mixer(norm1(x)); x = x + layer_scale2 * mlp(norm2(x))",
             "linear": "y = x @ weight.T + bias, weight is [out, in] (torch.nn.Linear)",

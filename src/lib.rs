@@ -1,16 +1,26 @@
 //! metamix: train efficient MetaFormer language models from a TOML recipe, on Burn.
 //!
-//! The pieces, in the order data flows: [`recipe`] (every option), [`data`] (corpus,
-//! tokenizer, sampler), [`mixers`] (token mixers behind [`mixers::TokenMixer`]), [`model`]
-//! (MetaFormer blocks in a language model), [`train`] (loop, optimizer, schedule,
-//! checkpoints, metrics), [`weights`] (safetensors), [`export`], [`sample`].
+//! Layers, each using only those above it in this list (no module imports one below it):
+//! - [`options`], [`mixed_precision`], [`device`]: option errors, autocast, backends.
+//! - [`attention`]: the attention core (mask, heads, naive / tiled / flash forms, merge).
+//! - [`parallel`]: sequence layout, transport, ring attention, state passing.
+//! - [`mixers`]: the token mixers and their registry.
+//! - [`model`]: MetaFormer blocks in a language model.
+//! - [`data`]: corpus, tokenizer, sampler.
+//! - [`weights`], [`components`]: safetensors; checkpoint, optimizer, LR schedule, loss
+//!   scaler, metrics — the trainer's parts, each with its own options.
+//! - [`recipe`]: composes every section's options into one file.
+//! - [`run`], [`train`], [`export`], [`sample`]: what the commands do.
 
+pub mod attention;
+pub mod components;
 pub mod data;
 pub mod device;
 pub mod export;
 pub mod mixed_precision;
 pub mod mixers;
 pub mod model;
+pub mod options;
 pub mod parallel;
 pub mod recipe;
 pub mod run;

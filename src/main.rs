@@ -8,7 +8,7 @@ use metamix::data::Corpus;
 use metamix::recipe::Recipe;
 use metamix::run::Run;
 use metamix::sample::{SampleOptions, generate};
-use metamix::train::{TrainOptions, train, trainer::evaluate};
+use metamix::train::{EVAL_SEED_SALT, Ranks, TrainOptions, evaluate, train};
 
 #[derive(Parser)]
 #[command(
@@ -141,6 +141,10 @@ enum Command {
         #[arg(long)]
         batches: Option<usize>,
     },
+    /// List the registered token mixers: recipe name, how it runs under sequence
+    /// parallelism, and its options with their defaults (`[model.<name>]`), one JSON object
+    /// per line. Scripts iterate this list.
+    Mixers,
 }
 
 fn main() -> ExitCode {
@@ -197,7 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             step,
         } => {
             let run = Run::open(&run)?;
-            let device = metamix::device::select(&run.recipe)?;
+            let device = Ranks::from_recipe(&run.recipe)?.device(0).clone();
             let (model, _) = run.load_model(step, &device)?;
             let text = generate(
                 &model,
@@ -269,10 +273,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Serve { port } => serve(port)?,
+        Command::Mixers => {
+            let defaults = metamix::mixers::MixerOptionsSet::default();
+            for &kind in metamix::mixers::MixerKind::ALL {
+                let line = serde_json::json!({
+                    "name": kind.name(),
+                    "sequence_parallel": kind.sharded_form().name(),
+                    "options": defaults.to_json(kind),
+                });
+                println!("{line}");
+            }
+        }
         Command::Eval { run, step, batches } => {
             let run = Run::open(&run)?;
             let r = &run.recipe;
-            let device = metamix::device::select(r)?;
+            let device = Ranks::from_recipe(r)?.device(0).clone();
             let (model, ckpt) = run.load_model(step, &device)?;
             let corpus = Corpus::load(
                 &r.data.path,
@@ -285,8 +300,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batches.unwrap_or(r.training.eval_batches),
                 r.micro_batch_size(),
                 r.training.seq_len,
-                r.training.seed ^ metamix::train::trainer::EVAL_SEED_SALT,
-                &metamix::parallel::Ranks::single(device.clone()),
+                r.training.seed ^ EVAL_SEED_SALT,
+                &Ranks::single(device.clone()),
             );
             println!(
                 "step {}: val loss {loss:.4} | perplexity {:.3}",

@@ -1,15 +1,26 @@
-//! The recipe: every option a run has, with its default, in one place.
-//!
-//! A recipe is a TOML file in sections, in the spirit of torchtitan's job config. Every
-//! struct here denies unknown fields, so a typo fails before any work with the file, the
-//! key path and what would be valid. `--set section.key=value` overrides any key.
+//! The recipe: a TOML file in sections, in the spirit of torchtitan's job config. Each
+//! section's options live beside the code they configure (`[model]` in `model::config`,
+//! `[model.<mixer>]` in the mixer's own file, `[optimizer]` in `components::optimizer`, ...);
+//! this file composes them, keeps the run-level `[training]` section, parses, applies
+//! `--set section.key=value` overrides and checks what spans sections. Every struct denies
+//! unknown fields, so a typo fails before any work with the file, the key path and what
+//! would be valid.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::mixers::MixerKind;
-pub use crate::parallel::Sharding;
+pub use crate::components::checkpoint::CheckpointConfig;
+pub use crate::components::loss_scaler::LossScalerConfig;
+pub use crate::components::lr_schedule::{DecayKind, LrSchedulerConfig};
+pub use crate::components::metrics::MetricsConfig;
+pub use crate::components::optimizer::{OptimizerConfig, OptimizerKind};
+pub use crate::data::{DataConfig, TokenizerKind};
+pub use crate::device::{BackendKind, DeviceSpec, Precision};
+use crate::mixers::{MixerKind, MixerOptionsSet, ShardedForm};
+pub use crate::model::ModelConfig;
+use crate::options::{OptionError, divisors, fail};
+pub use crate::parallel::{ParallelismConfig, Sharding};
 
 /// A whole recipe. Sections may be left out; every key has a default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -25,253 +36,6 @@ pub struct Recipe {
     pub checkpoint: CheckpointConfig,
     pub metrics: MetricsConfig,
     pub parallelism: ParallelismConfig,
-}
-
-/// `[model]`: the MetaFormer language model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    /// Vocabulary size. 0 (the default) takes it from the data's tokenizer.
-    pub vocab_size: usize,
-    pub d_model: usize,
-    pub n_layers: usize,
-    pub n_heads: usize,
-    /// Hidden width of the channel MLP as a multiple of d_model.
-    pub mlp_ratio: f64,
-    pub activation: Activation,
-    pub norm: NormKind,
-    pub norm_eps: f64,
-    /// Bias in the linear layers and norms (nanoGPT's `bias`).
-    pub bias: bool,
-    /// Initial value of MetaFormer's per-channel layer scale; absent = no layer scale.
-    pub layer_scale_init: Option<f64>,
-    pub dropout: f64,
-    /// The token mixer of every layer...
-    pub mixer: MixerKind,
-    /// ...or one per layer (overrides `mixer`), so hybrids are one line.
-    pub mixers: Option<Vec<MixerKind>>,
-    /// Positional information added to the token embedding.
-    pub position: PositionKind,
-    /// Largest sequence a learned position table covers. 0 = `training.seq_len`.
-    pub max_seq_len: usize,
-    /// Share the token embedding with the LM head (nanoGPT, GPT-2).
-    pub tie_embeddings: bool,
-    /// Std of the normal initialisation of linear and embedding weights (GPT-2: 0.02).
-    pub init_std: f64,
-    /// Options of each mixer, used by the layers that pick it.
-    pub softmax: SoftmaxOptions,
-    pub linear: LinearAttentionOptions,
-    pub ssm: SsmOptions,
-    pub pool: PoolOptions,
-    pub moh: MohOptions,
-}
-
-/// `[model.moh]`: mixture-of-head attention (uses `n_heads` heads in all).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MohOptions {
-    /// Heads every token uses.
-    pub shared_heads: usize,
-    /// Routed heads each token picks (of n_heads − shared_heads).
-    pub top_k: usize,
-    /// Weight of the load-balance loss in the training loss.
-    pub aux_loss_coef: f64,
-}
-
-impl Default for MohOptions {
-    fn default() -> Self {
-        Self {
-            shared_heads: 2,
-            top_k: 1,
-            aux_loss_coef: 0.01,
-        }
-    }
-}
-
-/// `[model.softmax]`: causal softmax attention.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SoftmaxOptions {
-    /// Compute attention tiled over key blocks with an online softmax (memory linear in
-    /// sequence length) instead of materialising the full score matrix.
-    pub tiled: bool,
-    /// Key block size of the tiled form.
-    pub block_size: usize,
-    /// Key/value heads for grouped-query attention; 0 = n_heads (plain multi-head).
-    pub n_kv_heads: usize,
-    /// Rotary position embedding on queries and keys (pair with `model.position = "none"`).
-    pub rotary: bool,
-    pub rope_theta: f64,
-    /// Sliding window: each query sees its last `window` keys, itself included; 0 = all.
-    pub window: usize,
-}
-
-/// `[model.linear]`: kernelised linear attention.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LinearAttentionOptions {
-    pub feature_map: FeatureMap,
-    /// Divide by φ(q)ᵀΣφ(k) (Katharopoulos et al.); off is RetNet/GLA style.
-    pub normalize: bool,
-    pub decay: DecayMode,
-    /// Which form trains: `chunkwise` (fast), `recurrent` or `quadratic` (references).
-    pub form: LinearForm,
-    pub chunk_size: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FeatureMap {
-    /// elu(x) + 1 (Katharopoulos et al. 2020).
-    EluPlusOne,
-    Relu,
-    Identity,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DecayMode {
-    /// Plain cumulative sum: S_t = S_{t-1} + φ(k_t) v_tᵀ.
-    None,
-    /// RetNet's fixed per-head γ_h = 1 − 2^(−5−h).
-    Retnet,
-    /// A learned, data-dependent per-head gate, as in GLA: γ_t = sigmoid(w·x_t + b)^(1/16).
-    Gated,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LinearForm {
-    Chunkwise,
-    Recurrent,
-    Quadratic,
-}
-
-/// `[model.ssm]`: a Mamba (S6) block.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SsmOptions {
-    pub d_state: usize,
-    pub d_conv: usize,
-    /// d_inner = expand · d_model.
-    pub expand: usize,
-    /// Rank of Δ's projection; 0 = ⌈d_model / 16⌉.
-    pub dt_rank: usize,
-    pub dt_min: f64,
-    pub dt_max: f64,
-    /// Which scan trains: `sequential` (the faster on CPU) or `chunked` (parallel in chunks).
-    pub scan: ScanForm,
-    pub chunk_size: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScanForm {
-    Chunked,
-    Sequential,
-}
-
-/// `[model.pool]`: PoolFormer's pooling mixer, `avgpool(x) − x`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PoolOptions {
-    pub pool_size: usize,
-    /// Average a trailing window (language modelling) rather than a centred one.
-    pub causal: bool,
-}
-
-impl Default for SoftmaxOptions {
-    fn default() -> Self {
-        Self {
-            tiled: false,
-            block_size: 64,
-            n_kv_heads: 0,
-            rotary: false,
-            rope_theta: 10000.0,
-            window: 0,
-        }
-    }
-}
-
-impl Default for LinearAttentionOptions {
-    fn default() -> Self {
-        Self {
-            feature_map: FeatureMap::EluPlusOne,
-            normalize: true,
-            decay: DecayMode::None,
-            form: LinearForm::Chunkwise,
-            chunk_size: 16,
-        }
-    }
-}
-
-impl Default for SsmOptions {
-    fn default() -> Self {
-        Self {
-            d_state: 16,
-            d_conv: 4,
-            expand: 2,
-            dt_rank: 0,
-            dt_min: 1e-3,
-            dt_max: 0.1,
-            scan: ScanForm::Sequential,
-            chunk_size: 8,
-        }
-    }
-}
-
-impl Default for PoolOptions {
-    fn default() -> Self {
-        Self {
-            pool_size: 3,
-            causal: true,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    Gelu,
-    /// The tanh approximation GPT-2 used.
-    GeluTanh,
-    Relu,
-    Silu,
-    /// relu(x)², as in Primer and MetaFormer's StarReLU without its affine part.
-    SquaredRelu,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NormKind {
-    LayerNorm,
-    RmsNorm,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PositionKind {
-    /// A learned absolute position table (GPT-2, nanoGPT).
-    Learned,
-    /// No positional embedding: for mixers that are order-aware themselves (ssm, pool).
-    None,
-}
-
-/// `[data]`: the corpus and how it is split.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataConfig {
-    /// A UTF-8 text file, relative to the working directory.
-    pub path: PathBuf,
-    pub tokenizer: TokenizerKind,
-    /// Fraction of the text, taken from its end, held out for validation.
-    pub val_fraction: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenizerKind {
-    Char,
 }
 
 /// `[training]`: the loop.
@@ -303,230 +67,6 @@ pub struct TrainingConfig {
     pub loss_scaler: LossScalerConfig,
 }
 
-/// `[training.loss_scaler]`: PyTorch `GradScaler`'s dynamic loss scaling for f16. The loss
-/// is multiplied by `scale` before backward; a step whose gradients overflow is skipped and
-/// the scale multiplied by `backoff_factor`; after `growth_interval` good steps in a row it
-/// is multiplied by `growth_factor`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LossScalerConfig {
-    pub init_scale: f64,
-    pub growth_factor: f64,
-    pub backoff_factor: f64,
-    pub growth_interval: u64,
-}
-
-impl Default for LossScalerConfig {
-    fn default() -> Self {
-        Self {
-            init_scale: 65536.0,
-            growth_factor: 2.0,
-            backoff_factor: 0.5,
-            growth_interval: 2000,
-        }
-    }
-}
-
-/// A device of the chosen backend: `"default"` (cpu: the CPU; wgpu: the default adapter;
-/// libtorch: the CPU), `"cpu"` (the backend's CPU device: flex, wgpu's software adapter,
-/// libtorch's CPU), an integer k, GPU k (CUDA device k; wgpu's k-th discrete GPU), or
-/// `"ws://host:port"`, the device a `metamix serve` process hosts (built with `remote`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "DeviceName", into = "DeviceName")]
-pub enum DeviceSpec {
-    Default,
-    Cpu,
-    Gpu(usize),
-    Remote(String),
-}
-
-/// How a device is written in a recipe.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum DeviceName {
-    Index(usize),
-    Name(String),
-}
-
-impl TryFrom<DeviceName> for DeviceSpec {
-    type Error = String;
-    fn try_from(name: DeviceName) -> Result<Self, String> {
-        match name {
-            DeviceName::Index(k) => Ok(DeviceSpec::Gpu(k)),
-            DeviceName::Name(s) => match s.as_str() {
-                "default" => Ok(DeviceSpec::Default),
-                "cpu" => Ok(DeviceSpec::Cpu),
-                url if url.starts_with("ws://") => Ok(DeviceSpec::Remote(url.into())),
-                other => Err(format!(
-                    "unknown device \"{other}\": use \"default\", \"cpu\", a GPU index (0, 1, ...) \
-                     or a metamix serve address \"ws://host:port\""
-                )),
-            },
-        }
-    }
-}
-
-impl From<DeviceSpec> for DeviceName {
-    fn from(d: DeviceSpec) -> Self {
-        match d {
-            DeviceSpec::Default => DeviceName::Name("default".into()),
-            DeviceSpec::Cpu => DeviceName::Name("cpu".into()),
-            DeviceSpec::Gpu(k) => DeviceName::Index(k),
-            DeviceSpec::Remote(url) => DeviceName::Name(url),
-        }
-    }
-}
-
-impl std::fmt::Display for DeviceSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DeviceSpec::Default => write!(f, "\"default\""),
-            DeviceSpec::Cpu => write!(f, "\"cpu\""),
-            DeviceSpec::Gpu(k) => write!(f, "{k}"),
-            DeviceSpec::Remote(url) => write!(f, "\"{url}\""),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BackendKind {
-    /// Burn's flex backend, pure Rust, always available.
-    Cpu,
-    Wgpu,
-    Libtorch,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Precision {
-    F32,
-    Bf16,
-    F16,
-}
-
-/// `[optimizer]`: AdamW with decoupled weight decay, not applied to norms, biases,
-/// embeddings or layer scales.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimizerConfig {
-    pub name: OptimizerKind,
-    /// Peak learning rate.
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OptimizerKind {
-    Adamw,
-}
-
-/// `[lr_scheduler]`: linear warmup, then decay to `min_lr`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LrSchedulerConfig {
-    pub warmup_steps: u64,
-    pub decay: DecayKind,
-    /// Step at which the decay reaches min_lr. 0 = training.steps.
-    pub decay_steps: u64,
-    pub min_lr: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DecayKind {
-    Cosine,
-    Linear,
-    Constant,
-}
-
-/// `[checkpoint]`: where and how often.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CheckpointConfig {
-    /// Runs live in `<folder>/<name>`.
-    pub folder: PathBuf,
-    /// Save every this many steps (and at the end); 0 = only at the end.
-    pub interval: u64,
-    /// Keep this many newest checkpoints; older ones are deleted.
-    pub keep_latest_k: usize,
-}
-
-/// `[metrics]`: console and TensorBoard.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    /// Log training scalars every this many steps.
-    pub log_interval: u64,
-    pub tensorboard: bool,
-}
-
-/// `[parallelism]`: data and sequence parallelism. `data_parallel_degree ×
-/// sequence_parallel_degree` ranks; rank `g · sequence_parallel_degree + s` holds shard s of
-/// replica g's sequences.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ParallelismConfig {
-    /// Model replicas, each taking an equal slice of every micro-batch; gradients averaged.
-    pub data_parallel_degree: usize,
-    /// Ranks each sequence is split across (ring attention / state passing).
-    pub sequence_parallel_degree: usize,
-    /// `zigzag` (rank r holds chunks r and 2N−1−r: balanced causal work) or `contiguous`.
-    pub sequence_sharding: Sharding,
-    /// The device of each rank, written like `training.device`; empty = every rank on
-    /// `training.device` (logical ranks: the same results, no extra hardware).
-    pub devices: Vec<DeviceSpec>,
-}
-
-impl ParallelismConfig {
-    pub fn ranks(&self) -> usize {
-        self.data_parallel_degree * self.sequence_parallel_degree
-    }
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        Self {
-            vocab_size: 0,
-            d_model: 128,
-            n_layers: 4,
-            n_heads: 4,
-            mlp_ratio: 4.0,
-            activation: Activation::Gelu,
-            norm: NormKind::LayerNorm,
-            norm_eps: 1e-5,
-            bias: true,
-            layer_scale_init: None,
-            dropout: 0.0,
-            mixer: MixerKind::Softmax,
-            mixers: None,
-            position: PositionKind::Learned,
-            max_seq_len: 0,
-            tie_embeddings: true,
-            init_std: 0.02,
-            softmax: SoftmaxOptions::default(),
-            linear: LinearAttentionOptions::default(),
-            ssm: SsmOptions::default(),
-            pool: PoolOptions::default(),
-            moh: MohOptions::default(),
-        }
-    }
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        Self {
-            path: PathBuf::from("data/shakespeare.txt"),
-            tokenizer: TokenizerKind::Char,
-            val_fraction: 0.1,
-        }
-    }
-}
-
 impl Default for TrainingConfig {
     fn default() -> Self {
         Self {
@@ -546,56 +86,60 @@ impl Default for TrainingConfig {
     }
 }
 
-impl Default for OptimizerConfig {
-    fn default() -> Self {
-        Self {
-            name: OptimizerKind::Adamw,
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.99,
-            eps: 1e-8,
-            weight_decay: 0.1,
+impl TrainingConfig {
+    /// Checks of this section alone (keys relative to `training`).
+    fn validate(&self) -> Result<(), OptionError> {
+        if self.batch_size == 0 {
+            return fail("batch_size", "must be at least 1");
         }
-    }
-}
-
-impl Default for LrSchedulerConfig {
-    fn default() -> Self {
-        Self {
-            warmup_steps: 100,
-            decay: DecayKind::Cosine,
-            decay_steps: 0,
-            min_lr: 1e-4,
+        let micro = self.micro_batch_size();
+        if micro > self.batch_size || !self.batch_size.is_multiple_of(micro) {
+            return fail(
+                "micro_batch_size",
+                format!(
+                    "{micro} does not divide batch_size = {}: use a divisor of {} (e.g. {}) or 0 for no accumulation",
+                    self.batch_size,
+                    self.batch_size,
+                    divisors(self.batch_size)
+                ),
+            );
         }
-    }
-}
-
-impl Default for CheckpointConfig {
-    fn default() -> Self {
-        Self {
-            folder: PathBuf::from("runs"),
-            interval: 500,
-            keep_latest_k: 3,
+        if self.seq_len < 2 {
+            return fail(
+                "seq_len",
+                format!("must be at least 2 (got {})", self.seq_len),
+            );
         }
-    }
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        Self {
-            log_interval: 10,
-            tensorboard: true,
+        if self.steps == 0 {
+            return fail("steps", "must be at least 1");
         }
+        if !(self.grad_clip >= 0.0) {
+            return fail(
+                "grad_clip",
+                format!("must be >= 0 (got {}); 0 disables clipping", self.grad_clip),
+            );
+        }
+        if self.eval_batches == 0 {
+            return fail("eval_batches", "must be at least 1");
+        }
+        if self.backend == BackendKind::Cpu
+            && let DeviceSpec::Gpu(k) = &self.device
+        {
+            return fail(
+                "device",
+                format!("the cpu backend has one device (got {k}): use \"default\""),
+            );
+        }
+        self.loss_scaler
+            .validate()
+            .map_err(|e| e.within("loss_scaler"))
     }
-}
 
-impl Default for ParallelismConfig {
-    fn default() -> Self {
-        Self {
-            data_parallel_degree: 1,
-            sequence_parallel_degree: 1,
-            sequence_sharding: Sharding::Zigzag,
-            devices: Vec::new(),
+    /// Micro-batch size after defaulting.
+    pub fn micro_batch_size(&self) -> usize {
+        match self.micro_batch_size {
+            0 => self.batch_size,
+            m => m,
         }
     }
 }
@@ -644,37 +188,50 @@ impl Recipe {
         for ov in overrides {
             apply_override(&mut table, ov).map_err(|m| err(&format!("--set {ov}"), m))?;
         }
+        // `[model.<mixer>]` tables belong to the mixers: take them out of `[model]` and read
+        // them as the registry's options, so every mixer's keys keep their full path in errors.
+        let mut mixer_tables = toml::Table::new();
+        if let Some(toml::Value::Table(model)) = table.get_mut("model") {
+            for name in MixerKind::NAMES {
+                if let Some(options) = model.remove(*name) {
+                    mixer_tables.insert(name.to_string(), options);
+                }
+            }
+        }
+        let deserialize_error = |prefix: &str, e: serde_path_to_error::Error<toml::de::Error>| {
+            let key = format!("{prefix}{}", e.path());
+            let key = key.trim_end_matches('.');
+            err(
+                if key.is_empty() { "(top level)" } else { key },
+                one_line(&e.inner().to_string()),
+            )
+        };
         let mut recipe: Recipe = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| {
-                let key = e.path().to_string();
-                err(
-                    if key == "." { "(top level)" } else { &key },
-                    one_line(&e.inner().to_string()),
-                )
-            })?;
+            .map_err(|e| deserialize_error("", e))?;
+        recipe.model.mixer_options =
+            serde_path_to_error::deserialize(toml::Value::Table(mixer_tables.clone()))
+                .map_err(|e| deserialize_error("model.", e))?;
         if recipe.name.is_empty() {
             recipe.name = default_name.to_string();
         }
+        let written: Vec<MixerKind> = mixer_tables
+            .keys()
+            .filter_map(|name| MixerKind::from_name(name))
+            .collect();
         recipe
-            .validate()
-            .map_err(|(key, message)| err(&key, message))?;
+            .validate(&written)
+            .map_err(|e| err(&e.key, e.message))?;
         Ok(recipe)
     }
 
     /// The mixer of each layer.
     pub fn layer_mixers(&self) -> Vec<MixerKind> {
-        match &self.model.mixers {
-            Some(list) => list.clone(),
-            None => vec![self.model.mixer; self.model.n_layers],
-        }
+        self.model.layer_mixers()
     }
 
     /// Micro-batch size after defaulting.
     pub fn micro_batch_size(&self) -> usize {
-        match self.training.micro_batch_size {
-            0 => self.training.batch_size,
-            m => m,
-        }
+        self.training.micro_batch_size()
     }
 
     /// Folder of this run.
@@ -682,19 +239,42 @@ impl Recipe {
         self.checkpoint.folder.join(&self.name)
     }
 
-    /// The resolved recipe as TOML (what the run directory keeps).
+    /// The resolved recipe as TOML (what the run directory keeps), with the options of the
+    /// mixers in use and of any other mixer whose options differ from the defaults.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("a recipe always serialises")
+        let mut table = toml::Table::try_from(self).expect("a recipe always serialises");
+        let options = toml::Table::try_from(&self.model.mixer_options).expect("options serialise");
+        let defaults =
+            toml::Table::try_from(MixerOptionsSet::default()).expect("options serialise");
+        let used = self.layer_mixers();
+        if let Some(toml::Value::Table(model)) = table.get_mut("model") {
+            for (name, value) in options {
+                let in_use = used.iter().any(|k| k.name() == name);
+                if in_use || defaults.get(&name) != Some(&value) {
+                    model.insert(name, value);
+                }
+            }
+        }
+        toml::to_string_pretty(&table).expect("a recipe always serialises")
     }
 
-    /// Impossible values, as (key path, message naming what is valid).
-    fn validate(&self) -> Result<(), (String, String)> {
-        let m = &self.model;
-        let t = &self.training;
-        let o = &self.optimizer;
-        let s = &self.lr_scheduler;
-        let fail = |k: &str, msg: String| Err((k.to_string(), msg));
+    /// Positions per chunk when sequence parallelism cuts each sequence, if it does.
+    pub fn sharded_chunk_len(&self) -> Option<usize> {
+        let p = &self.parallelism;
+        (p.sequence_parallel_degree > 1).then(|| {
+            let chunks = match p.sequence_sharding {
+                Sharding::Zigzag => 2 * p.sequence_parallel_degree,
+                Sharding::Contiguous => p.sequence_parallel_degree,
+            };
+            self.training.seq_len / chunks
+        })
+    }
 
+    /// Impossible values: each section checks its own keys; what spans sections is here.
+    /// `written`: the mixers whose options table the recipe gave (checked even if unused).
+    fn validate(&self, written: &[MixerKind]) -> Result<(), OptionError> {
+        let t = &self.training;
+        let p = &self.parallelism;
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
             return fail(
                 "name",
@@ -704,147 +284,12 @@ impl Recipe {
                 ),
             );
         }
-        if m.d_model == 0 {
-            return fail("model.d_model", "must be at least 1".into());
-        }
-        if m.n_layers == 0 {
-            return fail("model.n_layers", "must be at least 1".into());
-        }
-        if m.n_heads == 0 || !m.d_model.is_multiple_of(m.n_heads) {
-            return fail(
-                "model.n_heads",
-                format!(
-                    "{} heads do not divide d_model = {}: pick a divisor of {} (e.g. {})",
-                    m.n_heads,
-                    m.d_model,
-                    m.d_model,
-                    divisors(m.d_model)
-                ),
-            );
-        }
-        if !positive(m.mlp_ratio) || (m.mlp_ratio * m.d_model as f64).round() < 1.0 {
-            return fail(
-                "model.mlp_ratio",
-                format!("must be > 0 (got {}); 4.0 is usual", m.mlp_ratio),
-            );
-        }
-        if !positive(m.norm_eps) {
-            return fail(
-                "model.norm_eps",
-                format!("must be > 0 (got {})", m.norm_eps),
-            );
-        }
-        for (k, v) in [
-            ("model.softmax.block_size", m.softmax.block_size),
-            ("model.linear.chunk_size", m.linear.chunk_size),
-            ("model.ssm.d_state", m.ssm.d_state),
-            ("model.ssm.d_conv", m.ssm.d_conv),
-            ("model.ssm.expand", m.ssm.expand),
-            ("model.ssm.chunk_size", m.ssm.chunk_size),
-            ("model.pool.pool_size", m.pool.pool_size),
-        ] {
-            if v == 0 {
-                return fail(k, "must be at least 1".into());
-            }
-        }
-        let kv = m.softmax.n_kv_heads;
-        if kv != 0 && (kv > m.n_heads || !m.n_heads.is_multiple_of(kv)) {
-            return fail(
-                "model.softmax.n_kv_heads",
-                format!(
-                    "{kv} does not divide n_heads = {}: use a divisor of {} (e.g. {}), or 0 for one per head",
-                    m.n_heads,
-                    m.n_heads,
-                    divisors(m.n_heads)
-                ),
-            );
-        }
-        if m.softmax.rotary && !(m.d_model / m.n_heads.max(1)).is_multiple_of(2) {
-            return fail(
-                "model.softmax.rotary",
-                format!(
-                    "needs an even head dimension; d_model / n_heads = {}",
-                    m.d_model / m.n_heads.max(1)
-                ),
-            );
-        }
-        if !positive(m.softmax.rope_theta) {
-            return fail(
-                "model.softmax.rope_theta",
-                "must be > 0 (10000 is usual)".into(),
-            );
-        }
-        if !(positive(m.ssm.dt_min) && m.ssm.dt_min <= m.ssm.dt_max) {
-            return fail(
-                "model.ssm.dt_min",
-                format!(
-                    "must be in (0, dt_max = {}] (got {}); Mamba uses 1e-3",
-                    m.ssm.dt_max, m.ssm.dt_min
-                ),
-            );
-        }
-        if !m.pool.causal && self.layer_mixers().contains(&MixerKind::Pool) {
-            return fail(
-                "model.pool.causal",
-                "false (a centred window) sees future tokens, which a language model must not: use true".into(),
-            );
-        }
-        if self.layer_mixers().contains(&MixerKind::Moh) {
-            let routed = m.n_heads.saturating_sub(m.moh.shared_heads);
-            if m.moh.shared_heads > m.n_heads {
-                return fail(
-                    "model.moh.shared_heads",
-                    format!(
-                        "{} is more than n_heads = {}",
-                        m.moh.shared_heads, m.n_heads
-                    ),
-                );
-            }
-            if routed > 0 && !(1..=routed).contains(&m.moh.top_k) {
-                return fail(
-                    "model.moh.top_k",
-                    format!(
-                        "{} is not in 1..={routed} (the routed heads: n_heads {} − shared_heads {})",
-                        m.moh.top_k, m.n_heads, m.moh.shared_heads
-                    ),
-                );
-            }
-            if !non_negative(m.moh.aux_loss_coef) {
-                return fail("model.moh.aux_loss_coef", "must be >= 0".into());
-            }
-        }
-        if !(0.0..1.0).contains(&m.dropout) {
-            return fail(
-                "model.dropout",
-                format!("must be in [0, 1) (got {})", m.dropout),
-            );
-        }
-        if let Some(ls) = m.layer_scale_init
-            && !positive(ls)
-        {
-            return fail(
-                "model.layer_scale_init",
-                format!("must be > 0 (got {ls}); leave it out for no layer scale"),
-            );
-        }
-        if !positive(m.init_std) {
-            return fail(
-                "model.init_std",
-                format!("must be > 0 (got {})", m.init_std),
-            );
-        }
-        if let Some(list) = &m.mixers
-            && list.len() != m.n_layers
-        {
-            return fail(
-                "model.mixers",
-                format!(
-                    "lists {} mixers for n_layers = {}: give exactly one per layer, or use `mixer` for all",
-                    list.len(),
-                    m.n_layers
-                ),
-            );
-        }
+        t.validate().map_err(|e| e.within("training"))?;
+        self.validate_sequence_split()?;
+        self.model
+            .validate(written, self.sharded_chunk_len())
+            .map_err(|e| e.within("model"))?;
+        let m = &self.model;
         if m.max_seq_len != 0 && m.max_seq_len < t.seq_len {
             return fail(
                 "model.max_seq_len",
@@ -854,207 +299,63 @@ impl Recipe {
                 ),
             );
         }
-        if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
-            return fail(
-                "data.val_fraction",
-                format!(
-                    "must be in (0, 1) (got {}); 0.1 is usual",
-                    self.data.val_fraction
-                ),
-            );
+        self.data.validate().map_err(|e| e.within("data"))?;
+        self.optimizer
+            .validate()
+            .map_err(|e| e.within("optimizer"))?;
+        self.lr_scheduler
+            .validate(t.steps, self.optimizer.lr)
+            .map_err(|e| e.within("lr_scheduler"))?;
+        self.checkpoint
+            .validate()
+            .map_err(|e| e.within("checkpoint"))?;
+        self.metrics.validate().map_err(|e| e.within("metrics"))?;
+        p.validate(t.micro_batch_size(), t.backend)
+            .map_err(|e| e.within("parallelism"))?;
+        Ok(())
+    }
+
+    /// Sequence parallelism needs equal chunks and mixers that know how to run on them.
+    fn validate_sequence_split(&self) -> Result<(), OptionError> {
+        let p = &self.parallelism;
+        let sp = p.sequence_parallel_degree;
+        if sp <= 1 {
+            return Ok(());
         }
-        if t.batch_size == 0 {
-            return fail("training.batch_size", "must be at least 1".into());
-        }
-        let micro = self.micro_batch_size();
-        if micro > t.batch_size || !t.batch_size.is_multiple_of(micro) {
-            return fail(
-                "training.micro_batch_size",
-                format!(
-                    "{micro} does not divide batch_size = {}: use a divisor of {} (e.g. {}) or 0 for no accumulation",
-                    t.batch_size,
-                    t.batch_size,
-                    divisors(t.batch_size)
-                ),
-            );
-        }
-        if t.seq_len < 2 {
+        let chunks = match p.sequence_sharding {
+            Sharding::Zigzag => 2 * sp,
+            Sharding::Contiguous => sp,
+        };
+        let seq_len = self.training.seq_len;
+        if !seq_len.is_multiple_of(chunks) {
+            let sharding = match p.sequence_sharding {
+                Sharding::Zigzag => "zigzag",
+                Sharding::Contiguous => "contiguous",
+            };
             return fail(
                 "training.seq_len",
-                format!("must be at least 2 (got {})", t.seq_len),
+                format!(
+                    "{seq_len} does not split into {chunks} equal chunks ({sharding} sharding \
+                     over {sp} ranks): use a multiple of {chunks}"
+                ),
             );
         }
-        if t.steps == 0 {
-            return fail("training.steps", "must be at least 1".into());
-        }
-        if !non_negative(t.grad_clip) {
-            return fail(
-                "training.grad_clip",
-                format!("must be >= 0 (got {}); 0 disables clipping", t.grad_clip),
-            );
-        }
-        if t.eval_batches == 0 {
-            return fail("training.eval_batches", "must be at least 1".into());
-        }
-        if t.backend == BackendKind::Cpu
-            && let DeviceSpec::Gpu(k) = &t.device
+        if let Some(kind) = self
+            .layer_mixers()
+            .into_iter()
+            .find(|k| k.sharded_form() == ShardedForm::Unsupported)
         {
+            let able: Vec<&str> = MixerKind::ALL
+                .iter()
+                .filter(|k| k.sharded_form() != ShardedForm::Unsupported)
+                .map(|k| k.name())
+                .collect();
             return fail(
-                "training.device",
-                format!("the cpu backend has one device (got {k}): use \"default\""),
-            );
-        }
-        let ls = &t.loss_scaler;
-        if !(ls.init_scale >= 1.0 && ls.init_scale.is_finite()) {
-            return fail(
-                "training.loss_scaler.init_scale",
-                format!("must be a finite number >= 1 (got {})", ls.init_scale),
-            );
-        }
-        if !(ls.growth_factor > 1.0 && ls.growth_factor.is_finite()) {
-            return fail(
-                "training.loss_scaler.growth_factor",
-                format!("must be > 1 (got {})", ls.growth_factor),
-            );
-        }
-        if !(ls.backoff_factor > 0.0 && ls.backoff_factor < 1.0) {
-            return fail(
-                "training.loss_scaler.backoff_factor",
-                format!("must be in (0, 1) (got {})", ls.backoff_factor),
-            );
-        }
-        if ls.growth_interval == 0 {
-            return fail(
-                "training.loss_scaler.growth_interval",
-                "must be at least 1".into(),
-            );
-        }
-        if !positive(o.lr) {
-            return fail("optimizer.lr", format!("must be > 0 (got {})", o.lr));
-        }
-        for (k, b) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
-            if !(0.0..1.0).contains(&b) {
-                return fail(k, format!("must be in [0, 1) (got {b})"));
-            }
-        }
-        if !positive(o.eps) {
-            return fail("optimizer.eps", format!("must be > 0 (got {})", o.eps));
-        }
-        if !non_negative(o.weight_decay) {
-            return fail(
-                "optimizer.weight_decay",
-                format!("must be >= 0 (got {})", o.weight_decay),
-            );
-        }
-        if s.warmup_steps > t.steps {
-            return fail(
-                "lr_scheduler.warmup_steps",
-                format!(
-                    "{} is more than training.steps = {}",
-                    s.warmup_steps, t.steps
-                ),
-            );
-        }
-        if s.decay_steps != 0 && s.decay_steps < s.warmup_steps {
-            return fail(
-                "lr_scheduler.decay_steps",
-                format!(
-                    "{} ends before warmup_steps = {}: use 0 (= training.steps) or at least {}",
-                    s.decay_steps, s.warmup_steps, s.warmup_steps
-                ),
-            );
-        }
-        if !(s.min_lr >= 0.0 && s.min_lr <= o.lr) {
-            return fail(
-                "lr_scheduler.min_lr",
-                format!("must be in [0, optimizer.lr = {}] (got {})", o.lr, s.min_lr),
-            );
-        }
-        if self.checkpoint.keep_latest_k == 0 {
-            return fail(
-                "checkpoint.keep_latest_k",
-                "must be at least 1: resume needs a checkpoint".into(),
-            );
-        }
-        if self.metrics.log_interval == 0 {
-            return fail("metrics.log_interval", "must be at least 1".into());
-        }
-        let p = &self.parallelism;
-        for (k, v) in [
-            ("parallelism.data_parallel_degree", p.data_parallel_degree),
-            (
                 "parallelism.sequence_parallel_degree",
-                p.sequence_parallel_degree,
-            ),
-        ] {
-            if v == 0 {
-                return fail(k, "must be at least 1 (1 = off)".into());
-            }
-        }
-        let micro = self.micro_batch_size();
-        if !micro.is_multiple_of(p.data_parallel_degree) {
-            return fail(
-                "parallelism.data_parallel_degree",
                 format!(
-                    "{} replicas cannot share micro-batches of {micro} sequences equally: \
-                     use a divisor of training.micro_batch_size (or batch_size)",
-                    p.data_parallel_degree
+                    "{sp}: the {kind} mixer cannot run on a split sequence; use 1, or one of {}",
+                    able.join(", ")
                 ),
-            );
-        }
-        let sp = p.sequence_parallel_degree;
-        if sp > 1 {
-            let layout_chunks = match p.sequence_sharding {
-                Sharding::Zigzag => 2 * sp,
-                Sharding::Contiguous => sp,
-            };
-            if !t.seq_len.is_multiple_of(layout_chunks) {
-                return fail(
-                    "training.seq_len",
-                    format!(
-                        "{} does not split into {layout_chunks} equal chunks \
-                         ({:?} sharding over {sp} ranks): use a multiple of {layout_chunks}",
-                        t.seq_len, p.sequence_sharding
-                    )
-                    .replace("Zigzag", "zigzag")
-                    .replace("Contiguous", "contiguous"),
-                );
-            }
-            let chunk = t.seq_len / layout_chunks;
-            let uses_pool = self.layer_mixers().contains(&MixerKind::Pool);
-            if uses_pool && self.model.pool.pool_size > chunk + 1 {
-                return fail(
-                    "model.pool.pool_size",
-                    format!(
-                        "{} reaches past a neighbouring chunk: sequence parallelism cuts \
-                         seq_len {} into chunks of {chunk}; use pool_size <= {}",
-                        self.model.pool.pool_size,
-                        t.seq_len,
-                        chunk + 1
-                    ),
-                );
-            }
-        }
-        if !p.devices.is_empty() && p.devices.len() != p.ranks() {
-            return fail(
-                "parallelism.devices",
-                format!(
-                    "{} devices for {} ranks (data_parallel_degree {} x sequence_parallel_degree {}): \
-                     give one per rank, or none to put every rank on training.device",
-                    p.devices.len(),
-                    p.ranks(),
-                    p.data_parallel_degree,
-                    sp
-                ),
-            );
-        }
-        if t.backend == BackendKind::Cpu
-            && let Some(DeviceSpec::Gpu(k)) =
-                p.devices.iter().find(|d| matches!(d, DeviceSpec::Gpu(_)))
-        {
-            return fail(
-                "parallelism.devices",
-                format!("the cpu backend has one device (got {k}): use \"default\""),
             );
         }
         Ok(())
@@ -1091,30 +392,8 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), Strin
     Ok(())
 }
 
-/// `x > 0`, false for NaN (so NaN in a recipe is rejected, not let through).
-fn positive(x: f64) -> bool {
-    x > 0.0
-}
-
-/// `x >= 0`, false for NaN.
-fn non_negative(x: f64) -> bool {
-    x >= 0.0
-}
-
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-fn divisors(n: usize) -> String {
-    let d: Vec<String> = (1..=n)
-        .filter(|k| n.is_multiple_of(*k))
-        .map(|k| k.to_string())
-        .collect();
-    if d.len() > 8 {
-        format!("{}, ..., {}", d[..6].join(", "), d[d.len() - 1])
-    } else {
-        d.join(", ")
-    }
 }
 
 #[cfg(test)]

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use burn::prelude::Device;
 
+use crate::components::Checkpoint;
+use crate::components::checkpoint::MODEL_FILE;
 use crate::data::CharTokenizer;
 use crate::model::{LanguageModel, LanguageModelConfig};
 use crate::recipe::Recipe;
-use crate::train::Checkpoint;
 
 pub const RECIPE_FILE: &str = "recipe.toml";
 pub const VOCAB_FILE: &str = "vocab.json";
@@ -86,8 +87,7 @@ impl Run {
         let model = self
             .model_config()
             .init_seeded(self.recipe.training.seed, device);
-        let model =
-            crate::weights::load(model, &ckpt.dir.join(crate::train::checkpoint::MODEL_FILE))?;
+        let model = crate::weights::load(model, &ckpt.dir.join(MODEL_FILE))?;
         Ok((model, ckpt))
     }
 }

@@ -156,7 +156,7 @@ fn numpy_reimplementation_reproduces_layer_and_logits() {
         "model.tie_embeddings=false",
         "model.layer_scale_init=0.5",
     ]);
-    // Every other mixer, in hybrids.
+    // Every other mixer, in hybrids (the registry's list is checked below).
     numpy_reproduces(&[
         "model.mixers=[\"linear\", \"ssm\"]",
         "model.linear.decay=\"gated\"",
@@ -172,6 +172,21 @@ fn numpy_reimplementation_reproduces_layer_and_logits() {
         "model.mixers=[\"linear\", \"linear\"]",
         "model.linear.decay=\"retnet\"",
     ]);
+    numpy_reproduces(&[
+        "model.mixers=[\"mamba2\", \"softmax\"]",
+        "model.mamba2.headdim=16",
+        "model.mamba2.ngroups=2",
+        "model.mamba2.chunk_size=5",
+    ]);
+    // MoH's heads with grouped-query rotary attention in a window.
+    numpy_reproduces(&[
+        "model.mixer=\"moh\"",
+        "model.n_heads=4",
+        "model.moh.attention.n_kv_heads=2",
+        "model.moh.attention.rotary=true",
+        "model.moh.attention.window=4",
+        "model.position=\"none\"",
+    ]);
     // Grouped-query attention with rotary positions and a sliding window.
     numpy_reproduces(&[
         "model.n_heads=4",
@@ -180,4 +195,19 @@ fn numpy_reimplementation_reproduces_layer_and_logits() {
         "model.softmax.window=5",
         "model.position=\"none\"",
     ]);
+}
+
+/// The numpy reimplementation knows every registered mixer (a new mixer's export must be
+/// reproducible outside metamix too).
+#[test]
+fn numpy_reimplementation_covers_every_registered_mixer() {
+    let script = std::fs::read_to_string("scripts/check_export.py").unwrap();
+    let table = &script[script.find("MIXERS = {").expect("MIXERS table")..];
+    let table = &table[..table.find('}').unwrap()];
+    for kind in metamix::mixers::MixerKind::ALL {
+        assert!(
+            table.contains(&format!("\"{}\":", kind.name())),
+            "scripts/check_export.py has no {kind} mixer"
+        );
+    }
 }

@@ -45,7 +45,8 @@ fn bf16_and_f16_training_track_f32() {
         "f32 must learn for the comparison to mean anything"
     );
     for precision in ["bf16", "f16"] {
-        let (outs, _, scaler) = run(precision);
+        let (outs, _, trainer) = run(precision);
+        let scaler = trainer.state.loss_scaler;
         for (i, (a, b)) in outs.iter().zip(&f32_outs).enumerate() {
             assert!(!a.skipped, "{precision}: step {i} skipped");
             let gap = (a.loss - b.loss).abs();
@@ -75,19 +76,19 @@ fn f16_overflow_skips_the_step_and_halves_the_scale() {
             "training.loss_scaler.init_scale=1099511627776.0",
         ],
     );
-    let (_, untouched, _) = step_outputs(&recipe, 0);
-    let (outs, model, scaler) = step_outputs(&recipe, 3);
-    let scaler = scaler.unwrap();
+    let (outs, untouched, trainer) = step_outputs(&recipe, 3);
+    let scaler = trainer.state.loss_scaler.clone().unwrap();
     assert!(outs.iter().all(|o| o.skipped), "every step overflowed");
     assert_eq!(scaler.skipped_steps, 3);
     assert_eq!(scaler.scale, 2f64.powi(37));
     assert_eq!(
-        weights(&model),
-        weights(&untouched),
+        weights(trainer.model()),
+        untouched,
         "a skipped step changed the weights"
     );
     // Backing off 2^40 → 2^14 takes 26 skipped steps; then training proceeds.
-    let (outs, _, scaler) = step_outputs(&recipe, 30);
+    let (outs, _, trainer) = step_outputs(&recipe, 30);
+    let scaler = trainer.state.loss_scaler;
     let skipped = outs.iter().filter(|o| o.skipped).count();
     assert!((20..30).contains(&skipped), "{skipped} skipped");
     assert!(!outs[29].skipped && outs[29].loss.is_finite());

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_losses_follow, max_rel, step_outputs, tiny_recipe, weights};
+use common::{assert_losses_follow, assert_updates_match, step_outputs, tiny_recipe, weights};
 
 #[test]
 fn sequence_and_data_parallel_runs_follow_the_single_device_run() {
@@ -16,8 +16,8 @@ fn sequence_and_data_parallel_runs_follow_the_single_device_run() {
         tiny_recipe(tmp.path(), &all)
     };
     let steps = 5;
-    let (reference, ref_model, _) = step_outputs(&recipe(&[]), steps);
-    let ref_weights = weights(&ref_model);
+    let (reference, ref_before, ref_trainer) = step_outputs(&recipe(&[]), steps);
+    let ref_after = weights(ref_trainer.model());
     for extra in [
         &["parallelism.sequence_parallel_degree=2"][..],
         &[
@@ -30,12 +30,15 @@ fn sequence_and_data_parallel_runs_follow_the_single_device_run() {
             "parallelism.sequence_parallel_degree=2",
         ],
     ] {
-        let (outs, model, _) = step_outputs(&recipe(extra), steps);
+        let (outs, before, trainer) = step_outputs(&recipe(extra), steps);
         assert_losses_follow(&outs, &reference, 1e-5, &format!("{extra:?}"));
-        let e = max_rel(&weights(&model), &ref_weights);
-        assert!(
-            e < 1e-4,
-            "{extra:?}: weights after {steps} steps differ by {e:e}"
+        assert_updates_match(
+            &before,
+            &weights(trainer.model()),
+            &ref_before,
+            &ref_after,
+            1e-4,
+            &format!("{extra:?}, {steps} steps"),
         );
     }
 }

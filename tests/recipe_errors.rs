@@ -85,6 +85,36 @@ const CASES: &[(&str, &[&str], &str, &str)] = &[
         "model.softmax.n_kv_heads",
         "3 does not divide n_heads = 4: use a divisor of 4 (e.g. 1, 2, 4)",
     ),
+    (
+        "[model]\nmixer = \"moh\"\n[model.moh.attention]\nn_kv_heads = 3\n",
+        &[],
+        "model.moh.attention.n_kv_heads",
+        "3 does not divide n_heads = 4",
+    ),
+    (
+        "[model]\nmixer = \"mamba2\"\n[model.mamba2]\nheaddim = 48\n",
+        &[],
+        "model.mamba2.headdim",
+        "headdim 48 does not divide d_inner = expand · d_model = 256",
+    ),
+    (
+        "[model.mamba2]\nheaddm = 8\n",
+        &[],
+        "model.mamba2.headdm",
+        "unknown field `headdm`, expected one of `d_state`",
+    ),
+    (
+        "[model]\nmixer = \"mamba3\"\n",
+        &[],
+        "model.mixer",
+        "unknown variant `mamba3`, expected one of `softmax`, `linear`, `ssm`, `pool`, `moh`, `mamba2`",
+    ),
+    (
+        "[model]\nsoftmax = 5\n",
+        &[],
+        "model.softmax",
+        "invalid type: integer `5`",
+    ),
     // Wrong types.
     (
         "[training]\nsteps = \"many\"\n",

@@ -1,7 +1,7 @@
 //! Ranks in other processes: two `metamix serve` processes on 127.0.0.1 each host a CPU
 //! device (burn-remote over WebSocket); a sequence-parallel run across them follows the
 //! single-device run.
-#![cfg(feature = "remote")]
+//! Without `--features remote` these tests are listed as ignored, naming the feature.
 
 mod common;
 
@@ -40,6 +40,10 @@ fn serve() -> (Server, String) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "remote"),
+    ignore = "needs `cargo test --features remote`"
+)]
 fn sequence_parallel_across_two_serve_processes_follows_one_device() {
     let tmp = tempfile::tempdir().unwrap();
     let base = ["model.mixers=[\"softmax\",\"ssm\"]", "model.n_layers=2"];

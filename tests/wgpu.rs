@@ -2,36 +2,44 @@
 //! step matches flex in f32 and f16; bf16, which Vulkan lacks, is refused at start; and
 //! sequence / data parallelism across wgpu's two lavapipe devices (`default` and `cpu`)
 //! follow the single-device run.
-#![cfg(feature = "wgpu")]
+//! Without `--features wgpu` these tests are listed as ignored, naming the feature.
 
 mod common;
 
-use common::{assert_losses_follow, max_rel, step_outputs, tiny_recipe, weights};
+use common::{assert_losses_follow, assert_updates_match, step_outputs, tiny_recipe, weights};
 
 #[test]
+#[cfg_attr(not(feature = "wgpu"), ignore = "needs `cargo test --features wgpu`")]
 fn wgpu_training_steps_match_flex_in_f32_and_f16() {
     let tmp = tempfile::tempdir().unwrap();
-    for (precision, loss_tol, weight_tol) in [("f32", 1e-4, 1e-3), ("f16", 2e-3, 2e-2)] {
+    for (precision, loss_tol, update_tol) in [("f32", 1e-4, 1e-3), ("f16", 2e-3, 5e-2)] {
         let p = format!("training.precision=\"{precision}\"");
-        let (flex, flex_model, _) = step_outputs(&tiny_recipe(tmp.path(), &[&p]), 3);
-        let (gpu, gpu_model, _) = step_outputs(
+        let (flex, flex_before, flex_trainer) = step_outputs(&tiny_recipe(tmp.path(), &[&p]), 3);
+        let (gpu, gpu_before, gpu_trainer) = step_outputs(
             &tiny_recipe(tmp.path(), &[&p, "training.backend=\"wgpu\""]),
             3,
         );
         assert_losses_follow(&gpu, &flex, loss_tol, &format!("wgpu {precision}"));
-        let e = max_rel(&weights(&gpu_model), &weights(&flex_model));
-        assert!(e < weight_tol, "{precision}: weights differ by {e:e}");
+        assert_updates_match(
+            &gpu_before,
+            &weights(gpu_trainer.model()),
+            &flex_before,
+            &weights(flex_trainer.model()),
+            update_tol,
+            &format!("wgpu {precision}"),
+        );
     }
 }
 
 #[test]
+#[cfg_attr(not(feature = "wgpu"), ignore = "needs `cargo test --features wgpu`")]
 fn bf16_on_vulkan_is_refused_at_start_naming_the_alternative() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = tiny_recipe(
         tmp.path(),
         &["training.backend=\"wgpu\"", "training.precision=\"bf16\""],
     );
-    let err = match metamix::parallel::Ranks::from_recipe(&recipe) {
+    let err = match metamix::train::Ranks::from_recipe(&recipe) {
         Ok(_) => panic!("bf16 on a Vulkan adapter was accepted"),
         Err(e) => e.to_string(),
     };
@@ -40,6 +48,7 @@ fn bf16_on_vulkan_is_refused_at_start_naming_the_alternative() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "wgpu"), ignore = "needs `cargo test --features wgpu`")]
 fn ring_across_two_wgpu_devices_follows_one_device() {
     let tmp = tempfile::tempdir().unwrap();
     let base = [
@@ -52,7 +61,8 @@ fn ring_across_two_wgpu_devices_follows_one_device() {
         all.extend_from_slice(extra);
         tiny_recipe(tmp.path(), &all)
     };
-    let (reference, ref_model, _) = step_outputs(&recipe(&[]), 3);
+    let (reference, ref_before, ref_trainer) = step_outputs(&recipe(&[]), 3);
+    let ref_after = weights(ref_trainer.model());
     for extra in [
         &[
             "parallelism.sequence_parallel_degree=2",
@@ -63,9 +73,15 @@ fn ring_across_two_wgpu_devices_follows_one_device() {
             "parallelism.devices=[\"cpu\",\"default\"]",
         ],
     ] {
-        let (outs, model, _) = step_outputs(&recipe(extra), 3);
+        let (outs, before, trainer) = step_outputs(&recipe(extra), 3);
         assert_losses_follow(&outs, &reference, 1e-5, &format!("{extra:?}"));
-        let e = max_rel(&weights(&model), &weights(&ref_model));
-        assert!(e < 1e-4, "{extra:?}: weights differ by {e:e}");
+        assert_updates_match(
+            &before,
+            &weights(trainer.model()),
+            &ref_before,
+            &ref_after,
+            1e-4,
+            &format!("{extra:?}"),
+        );
     }
 }

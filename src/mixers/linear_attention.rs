@@ -14,26 +14,19 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::{elu, log_sigmoid, relu};
 
-use super::{TokenMixer, normal_linear};
+use serde::{Deserialize, Serialize};
+
+use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
+use crate::attention::{merge_heads, split_heads};
 use crate::mixed_precision::linear;
+use crate::options::{OptionError, at_least_one};
 use crate::parallel::state_passing::{Carry, pass_state};
 use crate::parallel::{SequenceParallel, Transport};
-use crate::recipe::{DecayMode, FeatureMap, LinearAttentionOptions, LinearForm};
 
 /// Added to the normaliser so a near-zero denominator cannot blow up.
 const NORM_EPS: f64 = 1e-6;
 /// GLA's gate temperature: γ = sigmoid(·)^(1/16) keeps decays close to 1.
 const GATE_TEMPERATURE: f64 = 16.0;
-
-#[derive(Debug, Clone)]
-pub struct LinearAttentionConfig {
-    pub d_model: usize,
-    pub n_heads: usize,
-    pub bias: bool,
-    pub init_std: f64,
-    pub out_init_std: f64,
-    pub options: LinearAttentionOptions,
-}
 
 #[derive(Module, Debug)]
 pub struct LinearAttention {
@@ -48,23 +41,6 @@ pub struct LinearAttention {
     options: LinearAttentionOptions,
 }
 
-impl LinearAttentionConfig {
-    pub fn init(&self, device: &Device) -> LinearAttention {
-        let d = self.d_model;
-        let gate_proj = (self.options.decay == DecayMode::Gated)
-            .then(|| normal_linear(d, self.n_heads, true, self.init_std, device));
-        LinearAttention {
-            q_proj: normal_linear(d, d, self.bias, self.init_std, device),
-            k_proj: normal_linear(d, d, self.bias, self.init_std, device),
-            v_proj: normal_linear(d, d, self.bias, self.init_std, device),
-            out_proj: normal_linear(d, d, self.bias, self.out_init_std, device),
-            gate_proj,
-            n_heads: self.n_heads,
-            options: self.options.clone(),
-        }
-    }
-}
-
 /// Queries, keys (already feature-mapped), values and log-decays of one call, split by head:
 /// q, k `[b, h, t, dk]`, v `[b, h, t, dv]`, log_decay `[b, h, t]` (all ≤ 0).
 pub struct LinearInputs {
@@ -76,9 +52,7 @@ pub struct LinearInputs {
 
 impl LinearAttention {
     fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
-        let [b, t, d] = x.dims();
-        x.reshape([b, t, self.n_heads, d / self.n_heads])
-            .swap_dims(1, 2)
+        split_heads(x, self.n_heads)
     }
 
     fn feature_map(&self, x: Tensor<4>) -> Tensor<4> {
@@ -156,25 +130,38 @@ impl Carry for LinearState {
 }
 
 impl TokenMixer for LinearAttention {
+    type Options = LinearAttentionOptions;
     type State = LinearState;
+    const SHARDED: ShardedForm = ShardedForm::StatePassing;
+
+    fn init(options: &LinearAttentionOptions, ctx: &MixerContext, device: &Device) -> Self {
+        let d = ctx.d_model;
+        let gate_proj = (options.decay == DecayMode::Gated)
+            .then(|| normal_linear(d, ctx.n_heads, true, ctx.init_std, device));
+        LinearAttention {
+            q_proj: normal_linear(d, d, ctx.bias, ctx.init_std, device),
+            k_proj: normal_linear(d, d, ctx.bias, ctx.init_std, device),
+            v_proj: normal_linear(d, d, ctx.bias, ctx.init_std, device),
+            out_proj: normal_linear(d, d, ctx.bias, ctx.residual_init_std(), device),
+            gate_proj,
+            n_heads: ctx.n_heads,
+            options: options.clone(),
+        }
+    }
 
     fn step(&self, x: Tensor<3>, state: Option<LinearState>) -> (Tensor<3>, LinearState) {
-        let [b, _, d] = x.dims();
+        let b = x.dims()[0];
         let i = self.inputs(x);
         let (dk, dv) = (i.q.dims()[3], i.v.dims()[3]);
         let state =
             state.unwrap_or_else(|| LinearState::zeros(b, self.n_heads, dk, dv, &i.q.device()));
         let (o, state) = recurrent_step(i.q, i.k, i.v, i.log_decay, self.options.normalize, state);
-        (
-            linear(&self.out_proj, o.swap_dims(1, 2).reshape([b, 1, d])),
-            state,
-        )
+        (linear(&self.out_proj, merge_heads(o)), state)
     }
 
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [b, t, d] = x.dims();
         let o = self.mix(self.inputs(x));
-        linear(&self.out_proj, o.swap_dims(1, 2).reshape([b, t, d]))
+        linear(&self.out_proj, merge_heads(o))
     }
 
     /// LASP: the chunkwise form per chunk, the state `(S, z)` passed from rank to rank.
@@ -195,13 +182,9 @@ impl LinearAttention {
         x: Tensor<3>,
         state: Option<LinearState>,
     ) -> (Tensor<3>, LinearState) {
-        let [b, t, d] = x.dims();
         let o = &self.options;
         let (y, state) = chunkwise_from(self.inputs(x), o.normalize, o.chunk_size, state);
-        (
-            linear(&self.out_proj, y.swap_dims(1, 2).reshape([b, t, d])),
-            state,
-        )
+        (linear(&self.out_proj, merge_heads(y)), state)
     }
 }
 
@@ -356,4 +339,63 @@ pub fn chunkwise_from(
         .reshape([b, h, n * c, dv])
         .slice([0..b, 0..h, 0..t, 0..dv]);
     (o, LinearState { s, z })
+}
+
+/// `[model.linear]`: kernelised linear attention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinearAttentionOptions {
+    pub feature_map: FeatureMap,
+    /// Divide by φ(q)ᵀΣφ(k) (Katharopoulos et al.); off is RetNet/GLA style.
+    pub normalize: bool,
+    pub decay: DecayMode,
+    /// Which form trains: `chunkwise` (fast), `recurrent` or `quadratic` (references).
+    pub form: LinearForm,
+    pub chunk_size: usize,
+}
+
+impl Default for LinearAttentionOptions {
+    fn default() -> Self {
+        Self {
+            feature_map: FeatureMap::EluPlusOne,
+            normalize: true,
+            decay: DecayMode::None,
+            form: LinearForm::Chunkwise,
+            chunk_size: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureMap {
+    /// elu(x) + 1 (Katharopoulos et al. 2020).
+    EluPlusOne,
+    Relu,
+    Identity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecayMode {
+    /// Plain cumulative sum: S_t = S_{t-1} + φ(k_t) v_tᵀ.
+    None,
+    /// RetNet's fixed per-head γ_h = 1 − 2^(−5−h).
+    Retnet,
+    /// A learned, data-dependent per-head gate, as in GLA: γ_t = sigmoid(w·x_t + b)^(1/16).
+    Gated,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearForm {
+    Chunkwise,
+    Recurrent,
+    Quadratic,
+}
+
+impl MixerOptions for LinearAttentionOptions {
+    fn validate(&self, _ctx: &MixerContext) -> Result<(), OptionError> {
+        at_least_one(&[("chunk_size", self.chunk_size)])
+    }
 }

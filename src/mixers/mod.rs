@@ -1,44 +1,115 @@
 //! Token mixers: the part of a MetaFormer block that moves information between positions.
 //!
-//! Each mixer lives in its own file, has a plain reference form next to any fast form, and
-//! implements [`TokenMixer`]. The block holds a [`Mixer`] and calls it through the trait,
-//! so adding a mixer means: a new file, a variant in [`MixerKind`] and [`Mixer`], and the
-//! two `match`es below. Nothing in the block or the trainer changes.
+//! Each mixer lives in its own file with its options (`[model.<name>]` in a recipe), a
+//! plain reference form next to any fast form, and an implementation of [`TokenMixer`].
+//! The [`registry!`] line at the bottom of this file is the only other place a mixer is
+//! named: it generates the recipe names ([`MixerKind`]), the layer module ([`Mixer`]), the
+//! decoding state ([`MixerState`]), the options of every mixer ([`MixerOptionsSet`]) and
+//! every dispatch. The block, the model, the trainer, export and the tests do not change.
 
-pub mod flash_attention;
+pub mod causal_conv1d;
 pub mod linear_attention;
+pub mod mamba2;
 pub mod moh;
 pub mod pool;
 pub mod softmax_attention;
 pub mod ssm;
+
+use std::fmt::Debug;
 
 use burn::module::Module;
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use crate::options::OptionError;
 use crate::parallel::SequenceParallel;
-use crate::recipe::ModelConfig;
-pub use linear_attention::{LinearAttention, LinearAttentionConfig};
-pub use moh::{Moh, MohConfig};
-pub use pool::{Pool, PoolConfig};
-pub use softmax_attention::{SoftmaxAttention, SoftmaxAttentionConfig};
-pub use ssm::{Ssm, SsmConfig};
+
+/// What a mixer is told about the model around it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MixerContext {
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_layers: usize,
+    /// Bias in linear layers (nanoGPT's `bias`).
+    pub bias: bool,
+    pub dropout: f64,
+    /// Std of the normal init of projections (GPT-2: 0.02).
+    pub init_std: f64,
+    /// Longest sequence the model handles (sizes rotary tables).
+    pub max_seq_len: usize,
+}
+
+impl MixerContext {
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// GPT-2's scaled init for projections that write into the residual stream:
+    /// std / sqrt(2 · n_layers), so the residual's variance does not grow with depth.
+    pub fn residual_init_std(&self) -> f64 {
+        self.init_std / (2.0 * self.n_layers as f64).sqrt()
+    }
+}
+
+/// How a mixer computes over a sequence split across ranks (sequence parallelism).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardedForm {
+    /// Attention: keys and values travel round a ring of ranks.
+    Ring,
+    /// A recurrence: each chunk starts from the state the previous chunk ended in.
+    StatePassing,
+    /// A local window: each chunk borrows a few positions from its neighbours.
+    Halo,
+    /// Not implemented: a recipe asking for it is refused.
+    Unsupported,
+}
+
+impl ShardedForm {
+    pub fn name(self) -> &'static str {
+        match self {
+            ShardedForm::Ring => "ring",
+            ShardedForm::StatePassing => "state_passing",
+            ShardedForm::Halo => "halo",
+            ShardedForm::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// A mixer's options: one `[model.<name>]` table of a recipe.
+pub trait MixerOptions: Serialize + DeserializeOwned + Default + Clone + Debug + PartialEq {
+    /// Refuse values this mixer cannot run with, in a model shaped like `ctx`.
+    fn validate(&self, _ctx: &MixerContext) -> Result<(), OptionError> {
+        Ok(())
+    }
+
+    /// Refuse values that cannot run when sequence parallelism cuts sequences into chunks
+    /// of `chunk_len` positions.
+    fn validate_sharded(&self, _chunk_len: usize) -> Result<(), OptionError> {
+        Ok(())
+    }
+}
 
 /// What every token mixer does: map `[batch, seq, d_model]` to the same shape, causally
-/// (position t sees positions ≤ t) unless the mixer says otherwise; and, for generation,
-/// the same map one token at a time with its recurrent form.
-pub trait TokenMixer {
+/// (position t sees positions ≤ t); and, for generation, the same map one token at a time
+/// with its recurrent form.
+pub trait TokenMixer: Module + Sized {
+    type Options: MixerOptions;
     /// What decoding carries from one token to the next: a KV cache, a recurrent state, a
     /// window of recent inputs.
-    type State: Clone;
+    type State: Clone + Debug;
+    /// How [`Self::forward_sharded`] works, or that it does not.
+    const SHARDED: ShardedForm;
+
+    fn init(options: &Self::Options, ctx: &MixerContext, device: &Device) -> Self;
 
     fn forward(&self, x: Tensor<3>) -> Tensor<3>;
 
-    /// `forward` plus the mixer's auxiliary training loss, if it has one (MoH's load
-    /// balance); the trainer adds it, scaled by the mixer's coefficient.
+    /// `forward` plus the mixer's auxiliary training loss, already weighted by the mixer's
+    /// own coefficient (MoH's load balance); the trainer adds it to the loss.
     fn forward_with_aux(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
         (self.forward(x), None)
     }
@@ -53,230 +124,209 @@ pub trait TokenMixer {
     /// `sp.layout` gives them); returns each rank's output and the auxiliary loss. Equal to
     /// `forward_with_aux` on the whole sequence, with no rank holding all of it.
     fn forward_sharded(
-        ranks: &[&Self],
-        xs: Vec<Tensor<3>>,
-        sp: &SequenceParallel,
-    ) -> (Vec<Tensor<3>>, Option<Tensor<1>>)
-    where
-        Self: Sized;
-}
-
-/// The mixer names a recipe may use (`mixer = "softmax"`, `mixers = [...]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MixerKind {
-    /// Causal multi-head softmax attention (`[model.softmax]`).
-    Softmax,
-    /// Kernelised linear attention, optionally decayed (`[model.linear]`).
-    Linear,
-    /// A Mamba selective state-space block (`[model.ssm]`).
-    Ssm,
-    /// PoolFormer's pooling, `avgpool(x) − x` (`[model.pool]`).
-    Pool,
-    /// Mixture-of-head attention: shared heads plus top-k routed heads (`[model.moh]`).
-    Moh,
-}
-
-impl MixerKind {
-    /// Build this mixer for a layer of the given model, whose sequences are at most
-    /// `max_seq_len` long.
-    pub fn init(self, model: &ModelConfig, max_seq_len: usize, device: &Device) -> Mixer {
-        match self {
-            MixerKind::Softmax => Mixer::Softmax(
-                SoftmaxAttentionConfig {
-                    d_model: model.d_model,
-                    n_heads: model.n_heads,
-                    bias: model.bias,
-                    dropout: model.dropout,
-                    init_std: model.init_std,
-                    out_init_std: residual_init_std(model),
-                    max_seq_len,
-                    options: model.softmax.clone(),
-                }
-                .init(device),
-            ),
-            MixerKind::Linear => Mixer::Linear(
-                LinearAttentionConfig {
-                    d_model: model.d_model,
-                    n_heads: model.n_heads,
-                    bias: model.bias,
-                    init_std: model.init_std,
-                    out_init_std: residual_init_std(model),
-                    options: model.linear.clone(),
-                }
-                .init(device),
-            ),
-            MixerKind::Ssm => Mixer::Ssm(
-                SsmConfig {
-                    d_model: model.d_model,
-                    init_std: model.init_std,
-                    out_init_std: residual_init_std(model),
-                    options: model.ssm.clone(),
-                }
-                .init(device),
-            ),
-            MixerKind::Pool => Mixer::Pool(
-                PoolConfig {
-                    pool_size: model.pool.pool_size,
-                    causal: model.pool.causal,
-                }
-                .init(),
-            ),
-            MixerKind::Moh => Mixer::Moh(
-                MohConfig {
-                    d_model: model.d_model,
-                    n_heads: model.n_heads,
-                    bias: model.bias,
-                    init_std: model.init_std,
-                    out_init_std: residual_init_std(model),
-                    options: model.moh.clone(),
-                    block_size: if model.softmax.tiled {
-                        model.softmax.block_size
-                    } else {
-                        0
-                    },
-                }
-                .init(device),
-            ),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            MixerKind::Softmax => "softmax",
-            MixerKind::Linear => "linear",
-            MixerKind::Ssm => "ssm",
-            MixerKind::Pool => "pool",
-            MixerKind::Moh => "moh",
-        }
-    }
-}
-
-/// One of the mixers, as a Burn module. Exports drop the variant name from parameter paths,
-/// so `layers.0.mixer.q_proj.weight` is the same whichever mixer sits there.
-// One per layer, built once: the size gap between variants costs nothing worth boxing for.
-#[allow(clippy::large_enum_variant)]
-#[derive(Module, Debug)]
-pub enum Mixer {
-    Softmax(SoftmaxAttention),
-    Linear(LinearAttention),
-    Ssm(Ssm),
-    Pool(Pool),
-    Moh(Moh),
-}
-
-/// The decoding state of whichever mixer a layer has.
-#[derive(Clone, Debug)]
-pub enum MixerState {
-    Softmax(softmax_attention::KvCache),
-    Linear(linear_attention::LinearState),
-    Ssm(ssm::SsmState),
-    Pool(pool::PoolWindow),
-    Moh(softmax_attention::KvCache),
-}
-
-impl TokenMixer for Mixer {
-    type State = MixerState;
-
-    fn step(&self, x: Tensor<3>, state: Option<MixerState>) -> (Tensor<3>, MixerState) {
-        match self {
-            Mixer::Softmax(m) => {
-                let s = state.map(|s| match s {
-                    MixerState::Softmax(s) => s,
-                    _ => wrong_state(),
-                });
-                let (y, s) = m.step(x, s);
-                (y, MixerState::Softmax(s))
-            }
-            Mixer::Linear(m) => {
-                let s = state.map(|s| match s {
-                    MixerState::Linear(s) => s,
-                    _ => wrong_state(),
-                });
-                let (y, s) = m.step(x, s);
-                (y, MixerState::Linear(s))
-            }
-            Mixer::Ssm(m) => {
-                let s = state.map(|s| match s {
-                    MixerState::Ssm(s) => s,
-                    _ => wrong_state(),
-                });
-                let (y, s) = m.step(x, s);
-                (y, MixerState::Ssm(s))
-            }
-            Mixer::Pool(m) => {
-                let s = state.map(|s| match s {
-                    MixerState::Pool(s) => s,
-                    _ => wrong_state(),
-                });
-                let (y, s) = m.step(x, s);
-                (y, MixerState::Pool(s))
-            }
-            Mixer::Moh(m) => {
-                let s = state.map(|s| match s {
-                    MixerState::Moh(s) => s,
-                    _ => wrong_state(),
-                });
-                let (y, s) = m.step(x, s);
-                (y, MixerState::Moh(s))
-            }
-        }
-    }
-
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        match self {
-            Mixer::Softmax(m) => m.forward(x),
-            Mixer::Linear(m) => m.forward(x),
-            Mixer::Ssm(m) => m.forward(x),
-            Mixer::Pool(m) => m.forward(x),
-            Mixer::Moh(m) => m.forward(x),
-        }
-    }
-
-    fn forward_with_aux(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
-        match self {
-            Mixer::Moh(m) => m.forward_with_aux(x),
-            other => (other.forward(x), None),
-        }
-    }
-
-    fn forward_sharded(
-        ranks: &[&Self],
-        xs: Vec<Tensor<3>>,
-        sp: &SequenceParallel,
+        _ranks: &[&Self],
+        _xs: Vec<Tensor<3>>,
+        _sp: &SequenceParallel,
     ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
-        // Every rank holds the same layer, so the same variant.
-        macro_rules! each {
-            ($variant:ident, $ty:ty) => {{
-                let typed: Vec<&$ty> = ranks
-                    .iter()
-                    .map(|m| match m {
-                        Mixer::$variant(m) => m,
-                        _ => panic!("ranks hold different mixers for one layer"),
-                    })
-                    .collect();
-                <$ty>::forward_sharded(&typed, xs, sp)
-            }};
-        }
-        match ranks[0] {
-            Mixer::Softmax(_) => each!(Softmax, SoftmaxAttention),
-            Mixer::Linear(_) => each!(Linear, LinearAttention),
-            Mixer::Ssm(_) => each!(Ssm, Ssm),
-            Mixer::Pool(_) => each!(Pool, Pool),
-            Mixer::Moh(_) => each!(Moh, Moh),
-        }
+        unreachable!("recipe validation refuses sequence parallelism for this mixer")
+    }
+
+    /// Longest sequence this mixer handles (a rotary table's length); `None`: any.
+    fn max_seq_len(&self) -> Option<usize> {
+        None
     }
 }
 
-/// Each layer only ever gets back the state its own mixer made; anything else is a bug.
-fn wrong_state() -> ! {
-    panic!("a layer was given another mixer's decoding state")
+/// Generates, from one line per mixer (`recipe name: Variant => Type`), everything that
+/// has to name every mixer.
+macro_rules! registry {
+    ($($name:ident: $variant:ident => $ty:ty),+ $(,)?) => {
+        /// The mixer names a recipe may use (`mixer = "softmax"`, `mixers = [...]`).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum MixerKind {
+            $($variant),+
+        }
+
+        impl MixerKind {
+            /// Every registered mixer, in registration order.
+            pub const ALL: &[MixerKind] = &[$(MixerKind::$variant),+];
+            /// Their recipe names, in the same order.
+            pub const NAMES: &[&str] = &[$(stringify!($name)),+];
+
+            /// The name a recipe uses, which is also its options table `[model.<name>]`.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(MixerKind::$variant => stringify!($name)),+
+                }
+            }
+
+            pub fn from_name(name: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|k| k.name() == name)
+            }
+
+            pub fn sharded_form(self) -> ShardedForm {
+                match self {
+                    $(MixerKind::$variant => <$ty as TokenMixer>::SHARDED),+
+                }
+            }
+
+            /// Build this mixer with its options from `options`.
+            pub fn init(self, options: &MixerOptionsSet, ctx: &MixerContext, device: &Device) -> Mixer {
+                match self {
+                    $(MixerKind::$variant => Mixer::$variant(<$ty>::init(&options.$name, ctx, device))),+
+                }
+            }
+        }
+
+        /// The options of every mixer, by recipe name: `[model.softmax]`, `[model.ssm]`, ...
+        /// A layer uses those of its own mixer.
+        #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct MixerOptionsSet {
+            $(pub $name: <$ty as TokenMixer>::Options),+
+        }
+
+        impl MixerOptionsSet {
+            /// Check the options of the mixers the layers use and of those a recipe wrote a
+            /// table for (`written`), as (key path under `model.`, message); the sharded
+            /// checks apply to the mixers in use.
+            pub fn validate(
+                &self,
+                used: &[MixerKind],
+                written: &[MixerKind],
+                ctx: &MixerContext,
+                sharded_chunk_len: Option<usize>,
+            ) -> Result<(), (String, String)> {
+                let key = |kind: MixerKind, e: OptionError| {
+                    (format!("{}.{}", kind.name(), e.key), e.message)
+                };
+                $(
+                    let in_use = used.contains(&MixerKind::$variant);
+                    if in_use || written.contains(&MixerKind::$variant) {
+                        self.$name.validate(ctx).map_err(|e| key(MixerKind::$variant, e))?;
+                    }
+                    if let (true, Some(len)) = (in_use, sharded_chunk_len) {
+                        self.$name
+                            .validate_sharded(len)
+                            .map_err(|e| key(MixerKind::$variant, e))?;
+                    }
+                )+
+                Ok(())
+            }
+
+            /// The options of `kind` as JSON (for `config.json`).
+            pub fn to_json(&self, kind: MixerKind) -> serde_json::Value {
+                match kind {
+                    $(MixerKind::$variant => serde_json::to_value(&self.$name).expect("options serialise")),+
+                }
+            }
+        }
+
+        /// One of the mixers, as a Burn module. Exports drop the variant name from parameter
+        /// paths, so `layers.0.mixer.q_proj.weight` is the same whichever mixer sits there.
+        // One per layer, built once: the size gap between variants costs nothing worth boxing for.
+        #[allow(clippy::large_enum_variant)]
+        #[derive(Module, Debug)]
+        pub enum Mixer {
+            $($variant($ty)),+
+        }
+
+        /// The decoding state of whichever mixer a layer has.
+        #[derive(Clone, Debug)]
+        pub enum MixerState {
+            $($variant(<$ty as TokenMixer>::State)),+
+        }
+
+        impl Mixer {
+            pub fn kind(&self) -> MixerKind {
+                match self {
+                    $(Mixer::$variant(_) => MixerKind::$variant),+
+                }
+            }
+
+            pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+                match self {
+                    $(Mixer::$variant(m) => m.forward(x)),+
+                }
+            }
+
+            pub fn forward_with_aux(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
+                match self {
+                    $(Mixer::$variant(m) => m.forward_with_aux(x)),+
+                }
+            }
+
+            pub fn step(&self, x: Tensor<3>, state: Option<MixerState>) -> (Tensor<3>, MixerState) {
+                match self {
+                    $(Mixer::$variant(m) => {
+                        let state = state.map(|s| match s {
+                            MixerState::$variant(s) => s,
+                            #[allow(unreachable_patterns)]
+                            _ => panic!("a layer was given another mixer's decoding state"),
+                        });
+                        let (y, s) = m.step(x, state);
+                        (y, MixerState::$variant(s))
+                    }),+
+                }
+            }
+
+            /// [`TokenMixer::forward_sharded`] of one layer held by every rank.
+            pub fn forward_sharded(
+                ranks: &[&Self],
+                xs: Vec<Tensor<3>>,
+                sp: &SequenceParallel,
+            ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
+                match ranks[0] {
+                    $(Mixer::$variant(_) => {
+                        let typed: Vec<&$ty> = ranks
+                            .iter()
+                            .map(|m| match m {
+                                Mixer::$variant(m) => m,
+                                #[allow(unreachable_patterns)]
+                                _ => panic!("ranks hold different mixers for one layer"),
+                            })
+                            .collect();
+                        <$ty>::forward_sharded(&typed, xs, sp)
+                    }),+
+                }
+            }
+
+            pub fn max_seq_len(&self) -> Option<usize> {
+                match self {
+                    $(Mixer::$variant(m) => m.max_seq_len()),+
+                }
+            }
+        }
+    };
 }
 
-/// GPT-2's scaled init for projections that write into the residual stream:
-/// std / sqrt(2 · n_layers), so the residual's variance does not grow with depth.
-pub fn residual_init_std(model: &ModelConfig) -> f64 {
-    model.init_std / (2.0 * model.n_layers as f64).sqrt()
+registry! {
+    softmax: Softmax => softmax_attention::SoftmaxAttention,
+    linear: Linear => linear_attention::LinearAttention,
+    ssm: Ssm => ssm::Ssm,
+    pool: Pool => pool::Pool,
+    moh: Moh => moh::Moh,
+    mamba2: Mamba2 => mamba2::Mamba2,
+}
+
+impl Serialize for MixerKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for MixerKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        MixerKind::from_name(&name)
+            .ok_or_else(|| serde::de::Error::unknown_variant(&name, MixerKind::NAMES))
+    }
+}
+
+impl std::fmt::Display for MixerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// A linear layer with N(0, std²) weights and zero bias (GPT-2 / nanoGPT init).

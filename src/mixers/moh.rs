@@ -16,42 +16,27 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
+use serde::{Deserialize, Serialize};
 
-use super::softmax_attention::{KvCache, SoftmaxAttention, attend_tiled};
-use super::{TokenMixer, normal_linear};
+use super::softmax_attention::{KvCache, SoftmaxAttention, SoftmaxOptions};
+use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::linear;
+use crate::options::{OptionError, fail, non_negative};
 use crate::parallel::SequenceParallel;
-use crate::parallel::ring_attention::{Visibility, ring_attention};
-use crate::recipe::MohOptions;
-
-#[derive(Debug, Clone)]
-pub struct MohConfig {
-    pub d_model: usize,
-    pub n_heads: usize,
-    pub bias: bool,
-    pub init_std: f64,
-    pub out_init_std: f64,
-    pub options: MohOptions,
-    /// Key block of the tiled attention form; 0 = naive.
-    pub block_size: usize,
-}
 
 #[derive(Module, Debug)]
 pub struct Moh {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub out_proj: Linear,
+    /// The heads themselves: softmax attention's projections, RoPE, grouped KV heads,
+    /// window and forms (`[model.moh.attention]`).
+    pub attention: SoftmaxAttention,
     /// x → logits over the shared heads (absent with no shared heads).
     pub shared_router: Option<Linear>,
     /// x → logits over the routed heads (absent with no routed heads).
     pub routed_router: Option<Linear>,
     /// x → [α₁, α₂] logits (absent unless both kinds of heads exist).
     pub head_type_router: Option<Linear>,
-    n_heads: usize,
-    shared_heads: usize,
     top_k: usize,
-    block_size: usize,
+    aux_loss_coef: f64,
 }
 
 /// Per-token head gates `[b, heads, t, 1]` and the load-balance loss of the routed heads,
@@ -99,35 +84,7 @@ impl std::ops::Add for BalanceSums {
     }
 }
 
-impl MohConfig {
-    pub fn init(&self, device: &Device) -> Moh {
-        let d = self.d_model;
-        let shared = self.options.shared_heads;
-        let routed = self.n_heads - shared;
-        let router = |n: usize| (n > 0).then(|| normal_linear(d, n, false, self.init_std, device));
-        Moh {
-            q_proj: normal_linear(d, d, self.bias, self.init_std, device),
-            k_proj: normal_linear(d, d, self.bias, self.init_std, device),
-            v_proj: normal_linear(d, d, self.bias, self.init_std, device),
-            out_proj: normal_linear(d, d, self.bias, self.out_init_std, device),
-            shared_router: router(shared),
-            routed_router: router(routed),
-            head_type_router: (shared > 0 && routed > 0).then(|| router(2).expect("2 > 0")),
-            n_heads: self.n_heads,
-            shared_heads: shared,
-            top_k: self.options.top_k.min(routed),
-            block_size: self.block_size,
-        }
-    }
-}
-
 impl Moh {
-    fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
-        let [b, t, d] = x.dims();
-        x.reshape([b, t, self.n_heads, d / self.n_heads])
-            .swap_dims(1, 2)
-    }
-
     /// The two-stage gates of every head for `x` `[b, t, d]`.
     pub fn gates(&self, x: Tensor<3>) -> Gates {
         let [b, t, _] = x.dims();
@@ -168,25 +125,16 @@ impl Moh {
         }
     }
 
-    /// Forward pass and the load-balance loss.
+    /// Forward pass and the load-balance loss (weighted by `aux_loss_coef`).
     pub fn forward_with_balance(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
-        let [b, t, d] = x.dims();
         let Gates {
             gates,
             balance_loss,
             ..
         } = self.gates(x.clone());
-        let q = self.split_heads(linear(&self.q_proj, x.clone()));
-        let k = self.split_heads(linear(&self.k_proj, x.clone()));
-        let v = self.split_heads(linear(&self.v_proj, x));
-        let no_dropout = burn::nn::DropoutConfig::new(0.0).init();
-        let heads = if self.block_size > 0 {
-            attend_tiled(q, k, v, self.block_size, 0)
-        } else {
-            SoftmaxAttention::attend_naive(q, k, v, 0, &no_dropout)
-        };
-        let y = (heads * gates).swap_dims(1, 2).reshape([b, t, d]);
-        (linear(&self.out_proj, y), balance_loss)
+        let heads = self.attention.heads(x) * gates;
+        let aux = balance_loss.map(|l| l.mul_scalar(self.aux_loss_coef));
+        (self.attention.project_out(heads), aux)
     }
 }
 
@@ -204,7 +152,24 @@ pub fn load_balance_loss(probs: Tensor<3>, selected: Tensor<3, Bool>) -> Tensor<
 }
 
 impl TokenMixer for Moh {
+    type Options = MohOptions;
     type State = KvCache;
+    const SHARDED: ShardedForm = ShardedForm::Ring;
+
+    fn init(o: &MohOptions, ctx: &MixerContext, device: &Device) -> Self {
+        let d = ctx.d_model;
+        let shared = o.shared_heads;
+        let routed = ctx.n_heads - shared;
+        let router = |n: usize| (n > 0).then(|| normal_linear(d, n, false, ctx.init_std, device));
+        Moh {
+            attention: SoftmaxAttention::init(&o.attention, ctx, device),
+            shared_router: router(shared),
+            routed_router: router(routed),
+            head_type_router: (shared > 0 && routed > 0).then(|| router(2).expect("2 > 0")),
+            top_k: o.top_k.min(routed),
+            aux_loss_coef: o.aux_loss_coef,
+        }
+    }
 
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.forward_with_balance(x).0
@@ -221,10 +186,9 @@ impl TokenMixer for Moh {
         xs: Vec<Tensor<3>>,
         sp: &SequenceParallel,
     ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
-        let dims: Vec<[usize; 3]> = xs.iter().map(|x| x.dims()).collect();
-        let (mut q, mut k, mut v, mut gates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut gates = Vec::new();
         let mut sums: Option<BalanceSums> = None;
-        for (m, x) in ranks.iter().zip(xs) {
+        for (m, x) in ranks.iter().zip(&xs) {
             let g = m.gates(x.clone());
             gates.push(g.gates);
             if let Some(s) = g.balance_sums {
@@ -238,46 +202,79 @@ impl TokenMixer for Moh {
                     None => s,
                 });
             }
-            q.push(m.split_heads(linear(&m.q_proj, x.clone())));
-            k.push(m.split_heads(linear(&m.k_proj, x.clone())));
-            v.push(m.split_heads(linear(&m.v_proj, x)));
         }
-        let visibility = Visibility {
-            causal: true,
-            window: 0,
-        };
-        let ys = ring_attention(q, k, v, visibility, sp)
+        let attention: Vec<&SoftmaxAttention> = ranks.iter().map(|m| &m.attention).collect();
+        let ys = SoftmaxAttention::heads_sharded(&attention, xs, sp)
             .into_iter()
             .zip(gates)
-            .zip(dims)
             .enumerate()
-            .map(|(r, ((heads, g), [b, t, d]))| {
-                linear(
-                    &ranks[r].out_proj,
-                    (heads * g).swap_dims(1, 2).reshape([b, t, d]),
-                )
-            })
+            .map(|(r, (heads, g))| ranks[r].attention.project_out(heads * g))
             .collect();
-        (ys, sums.map(|s| s.loss()))
+        let aux = sums.map(|s| s.loss().mul_scalar(ranks[0].aux_loss_coef));
+        (ys, aux)
     }
 
     fn step(&self, x: Tensor<3>, cache: Option<KvCache>) -> (Tensor<3>, KvCache) {
-        let [b, t, d] = x.dims();
         let gates = self.gates(x.clone()).gates;
-        let q = self.split_heads(linear(&self.q_proj, x.clone()));
-        let k = self.split_heads(linear(&self.k_proj, x.clone()));
-        let v = self.split_heads(linear(&self.v_proj, x));
-        let position = cache.as_ref().map_or(0, |c| c.position) + t;
-        let (k, v) = match cache {
-            Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
-            None => (k, v),
-        };
-        let head_dim = d / self.n_heads;
-        let scores = q
-            .matmul(k.clone().transpose())
-            .mul_scalar(1.0 / (head_dim as f64).sqrt());
-        let heads = softmax(scores, 3).matmul(v.clone());
-        let y = (heads * gates).swap_dims(1, 2).reshape([b, t, d]);
-        (linear(&self.out_proj, y), KvCache { k, v, position })
+        let (heads, cache) = self.attention.step_heads(x, cache);
+        (self.attention.project_out(heads * gates), cache)
+    }
+
+    fn max_seq_len(&self) -> Option<usize> {
+        self.attention.max_seq_len()
+    }
+}
+
+/// `[model.moh]`: mixture-of-head attention (uses `n_heads` heads in all).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MohOptions {
+    /// Heads every token uses.
+    pub shared_heads: usize,
+    /// Routed heads each token picks (of n_heads − shared_heads).
+    pub top_k: usize,
+    /// Weight of the load-balance loss in the training loss.
+    pub aux_loss_coef: f64,
+    /// The attention the heads compute: `[model.moh.attention]`, the keys of
+    /// `[model.softmax]` (grouped KV heads, RoPE, window, tiled form).
+    pub attention: SoftmaxOptions,
+}
+
+impl Default for MohOptions {
+    fn default() -> Self {
+        Self {
+            shared_heads: 2,
+            top_k: 1,
+            aux_loss_coef: 0.01,
+            attention: SoftmaxOptions::default(),
+        }
+    }
+}
+
+impl MixerOptions for MohOptions {
+    fn validate(&self, ctx: &MixerContext) -> Result<(), OptionError> {
+        let n = ctx.n_heads;
+        if self.shared_heads > n {
+            return fail(
+                "shared_heads",
+                format!("{} is more than n_heads = {n}", self.shared_heads),
+            );
+        }
+        let routed = n - self.shared_heads;
+        if routed > 0 && !(1..=routed).contains(&self.top_k) {
+            return fail(
+                "top_k",
+                format!(
+                    "{} is not in 1..={routed} (the routed heads: n_heads {n} − shared_heads {})",
+                    self.top_k, self.shared_heads
+                ),
+            );
+        }
+        if !non_negative(self.aux_loss_coef) {
+            return fail("aux_loss_coef", "must be >= 0");
+        }
+        self.attention
+            .validate(ctx)
+            .map_err(|e| e.within("attention"))
     }
 }

@@ -9,15 +9,12 @@ use burn::prelude::*;
 
 use std::ops::Range;
 
-use super::TokenMixer;
+use serde::{Deserialize, Serialize};
+
+use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer};
+use crate::options::{OptionError, at_least_one, fail};
 use crate::parallel::SequenceParallel;
 use crate::parallel::state_passing::gather_shards;
-
-#[derive(Debug, Clone)]
-pub struct PoolConfig {
-    pub pool_size: usize,
-    pub causal: bool,
-}
 
 #[derive(Module, Debug)]
 pub struct Pool {
@@ -25,11 +22,11 @@ pub struct Pool {
     causal: bool,
 }
 
-impl PoolConfig {
-    pub fn init(&self) -> Pool {
+impl Pool {
+    pub fn new(options: &PoolOptions) -> Self {
         Pool {
-            pool_size: self.pool_size,
-            causal: self.causal,
+            pool_size: options.pool_size,
+            causal: options.causal,
         }
     }
 }
@@ -108,7 +105,13 @@ pub struct PoolWindow {
 }
 
 impl TokenMixer for Pool {
+    type Options = PoolOptions;
     type State = PoolWindow;
+    const SHARDED: ShardedForm = ShardedForm::Halo;
+
+    fn init(options: &PoolOptions, _ctx: &MixerContext, _device: &Device) -> Self {
+        Self::new(options)
+    }
 
     /// Decoding is causal: a centred window would need tokens not generated yet.
     fn step(&self, x: Tensor<3>, state: Option<PoolWindow>) -> (Tensor<3>, PoolWindow) {
@@ -172,5 +175,51 @@ impl TokenMixer for Pool {
             })
             .collect();
         (gather_shards(outputs, sp), None)
+    }
+}
+
+/// `[model.pool]`: PoolFormer's pooling mixer, `avgpool(x) − x`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolOptions {
+    pub pool_size: usize,
+    /// Average a trailing window (language modelling) rather than a centred one.
+    pub causal: bool,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 3,
+            causal: true,
+        }
+    }
+}
+
+impl MixerOptions for PoolOptions {
+    fn validate(&self, _ctx: &MixerContext) -> Result<(), OptionError> {
+        at_least_one(&[("pool_size", self.pool_size)])?;
+        if !self.causal {
+            return fail(
+                "causal",
+                "false (a centred window) sees future tokens, which a language model must not: use true",
+            );
+        }
+        Ok(())
+    }
+
+    fn validate_sharded(&self, chunk_len: usize) -> Result<(), OptionError> {
+        if self.pool_size > chunk_len + 1 {
+            return fail(
+                "pool_size",
+                format!(
+                    "{} reaches past a neighbouring chunk: sequence parallelism cuts sequences \
+                     into chunks of {chunk_len}; use pool_size <= {}",
+                    self.pool_size,
+                    chunk_len + 1
+                ),
+            );
+        }
+        Ok(())
     }
 }

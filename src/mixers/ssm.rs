@@ -19,58 +19,14 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::{silu, softplus};
 
-use super::{TokenMixer, normal_linear};
+use super::causal_conv1d::CausalConv1d;
+use serde::{Deserialize, Serialize};
+
+use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::linear;
+use crate::options::{OptionError, at_least_one, fail, positive};
 use crate::parallel::state_passing::{Carry, pass_state};
 use crate::parallel::{SequenceParallel, Transport};
-use crate::recipe::{ScanForm, SsmOptions};
-
-#[derive(Debug, Clone)]
-pub struct SsmConfig {
-    pub d_model: usize,
-    pub init_std: f64,
-    pub out_init_std: f64,
-    pub options: SsmOptions,
-}
-
-/// Depthwise causal 1-D convolution over time (PyTorch `Conv1d(groups=channels)` layout:
-/// weight `[channels, 1, kernel]`), left-padded so position t sees t−kernel+1..t.
-#[derive(Module, Debug)]
-pub struct CausalConv1d {
-    pub weight: Param<Tensor<3>>,
-    pub bias: Param<Tensor<1>>,
-}
-
-impl CausalConv1d {
-    /// The output at the last position of `window` `[b, kernel, channels]`.
-    fn step(&self, window: Tensor<3>) -> Tensor<3> {
-        let [_, kernel, ch] = window.dims();
-        let w = self
-            .weight
-            .val()
-            .reshape([ch, kernel])
-            .transpose()
-            .unsqueeze::<3>();
-        (window * w).sum_dim(1) + self.bias.val().reshape([1, 1, ch])
-    }
-
-    /// Over `x` `[b, t, ch]`, the `kernel − 1` inputs before it in `history` (zeros at the
-    /// start of a sequence).
-    fn forward(&self, x: Tensor<3>, history: Option<Tensor<3>>) -> Tensor<3> {
-        let [b, t, ch] = x.dims();
-        let [_, _, kernel] = self.weight.dims();
-        let device = x.device();
-        let history = history.unwrap_or_else(|| Tensor::zeros([b, kernel - 1, ch], &device));
-        let padded = Tensor::cat(vec![history, x], 1);
-        let w = self.weight.val().reshape([ch, kernel]).transpose(); // [kernel, ch]
-        let mut y = self.bias.val().reshape([1, 1, ch]).expand([b, t, ch]);
-        for i in 0..kernel {
-            let tap = w.clone().slice([i..i + 1, 0..ch]).reshape([1, 1, ch]);
-            y = y + padded.clone().slice([0..b, i..i + t, 0..ch]) * tap;
-        }
-        y
-    }
-}
 
 #[derive(Module, Debug)]
 pub struct Ssm {
@@ -89,67 +45,6 @@ pub struct Ssm {
     #[module(skip)]
     scan: ScanForm,
     chunk_size: usize,
-}
-
-impl SsmConfig {
-    pub fn dt_rank(&self) -> usize {
-        match self.options.dt_rank {
-            0 => self.d_model.div_ceil(16),
-            r => r,
-        }
-    }
-
-    pub fn init(&self, device: &Device) -> Ssm {
-        let o = &self.options;
-        let d_inner = o.expand * self.d_model;
-        let dt_rank = self.dt_rank();
-        let n = o.d_state;
-
-        // Mamba's dt init: weights U(±dt_rank^-½); bias = softplus⁻¹(dt), dt log-uniform in
-        // [dt_min, dt_max], so Δ starts in that range.
-        let bound = (dt_rank as f64).powf(-0.5);
-        let mut dt_proj = normal_linear(dt_rank, d_inner, true, self.init_std, device);
-        dt_proj.weight = Param::from_tensor(Tensor::random(
-            [dt_rank, d_inner],
-            Distribution::Uniform(-bound, bound),
-            device,
-        ));
-        let (lo, hi) = (o.dt_min.ln(), o.dt_max.ln());
-        let dt = Tensor::<1>::random([d_inner], Distribution::Uniform(lo, hi), device)
-            .exp()
-            .clamp_min(1e-4);
-        let inv_softplus = dt.clone() + dt.neg().exp().neg().add_scalar(1.0).log();
-        dt_proj.bias = Some(Param::from_tensor(inv_softplus));
-
-        // S4D-real: A = −(1, 2, …, d_state) for every channel.
-        let a = Tensor::<1, Int>::arange(1..n as i64 + 1, device)
-            .float()
-            .log()
-            .reshape([1, n])
-            .expand([d_inner, n]);
-        let conv_bound = (o.d_conv as f64).powf(-0.5);
-        Ssm {
-            in_proj: normal_linear(self.d_model, 2 * d_inner, false, self.init_std, device),
-            conv1d: CausalConv1d {
-                weight: Param::from_tensor(Tensor::random(
-                    [d_inner, 1, o.d_conv],
-                    Distribution::Uniform(-conv_bound, conv_bound),
-                    device,
-                )),
-                bias: Param::from_tensor(Tensor::zeros([d_inner], device)),
-            },
-            x_proj: normal_linear(d_inner, dt_rank + 2 * n, false, self.init_std, device),
-            dt_proj,
-            A_log: Param::from_tensor(a),
-            D: Param::from_tensor(Tensor::ones([d_inner], device)),
-            out_proj: normal_linear(d_inner, self.d_model, false, self.out_init_std, device),
-            d_inner,
-            d_state: n,
-            dt_rank,
-            scan: o.scan,
-            chunk_size: o.chunk_size,
-        }
-    }
 }
 
 /// The scan's inputs: u, Δ `[b, t, d_inner]`; B, C `[b, t, d_state]`; A `[d_inner, d_state]`.
@@ -220,7 +115,52 @@ impl Carry for SsmState {
 }
 
 impl TokenMixer for Ssm {
+    type Options = SsmOptions;
     type State = SsmState;
+    const SHARDED: ShardedForm = ShardedForm::StatePassing;
+
+    fn init(o: &SsmOptions, ctx: &MixerContext, device: &Device) -> Self {
+        let d_inner = o.expand * ctx.d_model;
+        let dt_rank = o.dt_rank(ctx.d_model);
+        let n = o.d_state;
+
+        // Mamba's dt init: weights U(±dt_rank^-½); bias = softplus⁻¹(dt), dt log-uniform in
+        // [dt_min, dt_max], so Δ starts in that range.
+        let bound = (dt_rank as f64).powf(-0.5);
+        let mut dt_proj = normal_linear(dt_rank, d_inner, true, ctx.init_std, device);
+        dt_proj.weight = Param::from_tensor(Tensor::random(
+            [dt_rank, d_inner],
+            Distribution::Uniform(-bound, bound),
+            device,
+        ));
+        let (lo, hi) = (o.dt_min.ln(), o.dt_max.ln());
+        let dt = Tensor::<1>::random([d_inner], Distribution::Uniform(lo, hi), device)
+            .exp()
+            .clamp_min(1e-4);
+        let inv_softplus = dt.clone() + dt.neg().exp().neg().add_scalar(1.0).log();
+        dt_proj.bias = Some(Param::from_tensor(inv_softplus));
+
+        // S4D-real: A = −(1, 2, …, d_state) for every channel.
+        let a = Tensor::<1, Int>::arange(1..n as i64 + 1, device)
+            .float()
+            .log()
+            .reshape([1, n])
+            .expand([d_inner, n]);
+        Ssm {
+            in_proj: normal_linear(ctx.d_model, 2 * d_inner, false, ctx.init_std, device),
+            conv1d: CausalConv1d::new(d_inner, o.d_conv, device),
+            x_proj: normal_linear(d_inner, dt_rank + 2 * n, false, ctx.init_std, device),
+            dt_proj,
+            A_log: Param::from_tensor(a),
+            D: Param::from_tensor(Tensor::ones([d_inner], device)),
+            out_proj: normal_linear(d_inner, ctx.d_model, false, ctx.residual_init_std(), device),
+            d_inner,
+            d_state: n,
+            dt_rank,
+            scan: o.scan,
+            chunk_size: o.chunk_size,
+        }
+    }
 
     fn step(&self, x: Tensor<3>, state: Option<SsmState>) -> (Tensor<3>, SsmState) {
         let [bsz, _, _] = x.dims();
@@ -413,4 +353,74 @@ fn decay_matrix_over<const D: usize, const D1: usize>(cum: Tensor<D>, dim: usize
     mask_shape[dim + 1] = len;
     let future = Tensor::<2, Bool>::tril_mask([len, len], 0, &diff.device()).reshape(mask_shape);
     diff.mask_fill(future, f32::NEG_INFINITY).exp()
+}
+
+/// `[model.ssm]`: a Mamba (S6) block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SsmOptions {
+    pub d_state: usize,
+    pub d_conv: usize,
+    /// d_inner = expand · d_model.
+    pub expand: usize,
+    /// Rank of Δ's projection; 0 = ⌈d_model / 16⌉.
+    pub dt_rank: usize,
+    pub dt_min: f64,
+    pub dt_max: f64,
+    /// Which scan trains: `sequential` (the faster on CPU) or `chunked` (parallel in chunks).
+    pub scan: ScanForm,
+    pub chunk_size: usize,
+}
+
+impl Default for SsmOptions {
+    fn default() -> Self {
+        Self {
+            d_state: 16,
+            d_conv: 4,
+            expand: 2,
+            dt_rank: 0,
+            dt_min: 1e-3,
+            dt_max: 0.1,
+            scan: ScanForm::Sequential,
+            chunk_size: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScanForm {
+    Chunked,
+    Sequential,
+}
+
+impl SsmOptions {
+    /// Rank of Δ's projection in a model of width `d_model`.
+    pub fn dt_rank(&self, d_model: usize) -> usize {
+        match self.dt_rank {
+            0 => d_model.div_ceil(16),
+            r => r,
+        }
+    }
+}
+
+impl MixerOptions for SsmOptions {
+    fn validate(&self, _ctx: &MixerContext) -> Result<(), OptionError> {
+        at_least_one(&[
+            ("d_state", self.d_state),
+            ("d_conv", self.d_conv),
+            ("expand", self.expand),
+            ("chunk_size", self.chunk_size),
+        ])?;
+        if !(positive(self.dt_min) && self.dt_min <= self.dt_max) {
+            return fail(
+                "dt_min",
+                format!(
+                    "must be in (0, dt_max = {}] (got {}); Mamba uses 1e-3",
+                    self.dt_max, self.dt_min
+                ),
+            );
+        }
+        Ok(())
+    }
 }

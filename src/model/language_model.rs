@@ -9,11 +9,10 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::log_softmax;
 
-use super::{MetaFormerBlock, MetaFormerBlockConfig, Norm};
+use super::{MetaFormerBlock, MetaFormerBlockConfig, ModelConfig, Norm, PositionKind};
 use crate::mixed_precision::linear;
 use crate::mixers::{MixerKind, MixerState, normal_linear};
 use crate::parallel::SequenceParallel;
-use crate::recipe::{ModelConfig, PositionKind};
 
 /// Everything needed to build the model: the `[model]` section with the vocabulary filled
 /// in, the sequence length the position table covers, and each layer's mixer.
@@ -34,10 +33,8 @@ pub struct LanguageModel {
     /// Absent when the head is tied to the token embedding.
     pub lm_head: Option<Linear>,
     embed_dropout: Dropout,
-    /// Weight of the mixers' auxiliary losses in the training loss.
-    aux_loss_coef: f64,
-    /// Longest sequence the model handles (a learned position table or a rotary table
-    /// bounds it); 0 = unbounded.
+    /// Longest sequence the model handles (a learned position table or a mixer's own
+    /// table, such as RoPE's, bounds it); 0 = unbounded.
     context: usize,
 }
 
@@ -73,37 +70,36 @@ impl LanguageModelConfig {
                 device,
             )),
         };
+        let layers: Vec<MetaFormerBlock> = self
+            .mixers
+            .iter()
+            .map(|&mixer| {
+                MetaFormerBlockConfig {
+                    model: m.clone(),
+                    mixer,
+                    max_seq_len: self.max_seq_len,
+                }
+                .init(device)
+            })
+            .collect();
+        let positions = (m.position == PositionKind::Learned).then_some(self.max_seq_len);
+        let context = positions
+            .into_iter()
+            .chain(layers.iter().filter_map(|l| l.mixer.max_seq_len()))
+            .min()
+            .unwrap_or(0);
         LanguageModel {
             token_embedding: embedding(self.vocab_size),
             position_embedding: match m.position {
                 PositionKind::Learned => Some(embedding(self.max_seq_len)),
                 PositionKind::None => None,
             },
-            layers: self
-                .mixers
-                .iter()
-                .map(|&mixer| {
-                    MetaFormerBlockConfig {
-                        model: m.clone(),
-                        mixer,
-                        max_seq_len: self.max_seq_len,
-                    }
-                    .init(device)
-                })
-                .collect(),
+            layers,
             final_norm: Norm::new(m.norm, m.d_model, m.norm_eps, m.bias, device),
             lm_head: (!m.tie_embeddings)
                 .then(|| normal_linear(m.d_model, self.vocab_size, false, m.init_std, device)),
             embed_dropout: DropoutConfig::new(m.dropout).init(),
-            aux_loss_coef: m.moh.aux_loss_coef,
-            context: {
-                let rotary = m.softmax.rotary && self.mixers.contains(&MixerKind::Softmax);
-                if m.position == PositionKind::Learned || rotary {
-                    self.max_seq_len
-                } else {
-                    0
-                }
-            },
+            context,
         }
     }
 }
@@ -176,7 +172,7 @@ impl LanguageModel {
             .expect("at least one rank")
             .div_scalar((b * t) as f64);
         let total = match &aux {
-            Some(a) => cross_entropy.clone() + a.clone().mul_scalar(ranks[0].aux_loss_coef),
+            Some(a) => cross_entropy.clone() + a.clone(),
             None => cross_entropy.clone(),
         };
         TrainingLoss {
@@ -191,7 +187,7 @@ impl LanguageModel {
         self.forward_with_aux(tokens).0
     }
 
-    /// Logits and the sum of the layers' auxiliary losses (MoH's load balance), if any.
+    /// Logits and the sum of the layers' weighted auxiliary losses (MoH's load balance), if any.
     pub fn forward_with_aux(&self, tokens: Tensor<2, Int>) -> (Tensor<3>, Option<Tensor<1>>) {
         let mut x = self.embed(tokens);
         let mut aux: Option<Tensor<1>> = None;
@@ -206,12 +202,12 @@ impl LanguageModel {
         (self.head(x), aux)
     }
 
-    /// The training objective: cross-entropy plus `aux_loss_coef` × auxiliary loss.
+    /// The training objective: cross-entropy plus the mixers' (weighted) auxiliary losses.
     pub fn training_loss(&self, tokens: Tensor<2, Int>, targets: Tensor<2, Int>) -> TrainingLoss {
         let (logits, aux) = self.forward_with_aux(tokens);
         let cross_entropy = cross_entropy(logits, targets);
         let total = match &aux {
-            Some(a) => cross_entropy.clone() + a.clone().mul_scalar(self.aux_loss_coef),
+            Some(a) => cross_entropy.clone() + a.clone(),
             None => cross_entropy.clone(),
         };
         TrainingLoss {

@@ -1,14 +1,13 @@
 //! The MetaFormer block, as the MetaFormer paper codes it:
 //! `x = x + ls1·mixer(norm1(x)); x = x + ls2·mlp(norm2(x))`.
-//! It knows the mixer only through [`TokenMixer`].
+//! It knows the mixer only as a [`Mixer`], whichever one the layer has.
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
 
-use super::{Mlp, MlpConfig, Norm};
-use crate::mixers::{Mixer, MixerKind, MixerState, TokenMixer, residual_init_std};
+use super::{Mlp, MlpConfig, ModelConfig, Norm};
+use crate::mixers::{Mixer, MixerKind, MixerState};
 use crate::parallel::SequenceParallel;
-use crate::recipe::ModelConfig;
 
 /// MetaFormer's `Scale`: a learned per-channel multiplier on a residual branch.
 #[derive(Module, Debug)]
@@ -55,7 +54,9 @@ impl MetaFormerBlockConfig {
         };
         MetaFormerBlock {
             norm1: norm(),
-            mixer: self.mixer.init(m, self.max_seq_len, device),
+            mixer: self
+                .mixer
+                .init(&m.mixer_options, &m.mixer_context(self.max_seq_len), device),
             layer_scale1: scale(),
             norm2: norm(),
             mlp: MlpConfig {
@@ -65,7 +66,7 @@ impl MetaFormerBlockConfig {
                 bias: m.bias,
                 dropout: m.dropout,
                 init_std: m.init_std,
-                out_init_std: residual_init_std(m),
+                out_init_std: m.residual_init_std(),
             }
             .init(device),
             layer_scale2: scale(),

@@ -7,7 +7,7 @@ use burn::tensor::activation::{gelu, gelu_approximate, relu, silu};
 
 use crate::mixed_precision::linear;
 use crate::mixers::normal_linear;
-use crate::recipe::Activation;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone)]
 pub struct MlpConfig {
@@ -65,4 +65,16 @@ impl Mlp {
         };
         self.dropout.forward(linear(&self.fc2, h))
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Gelu,
+    /// The tanh approximation GPT-2 used.
+    GeluTanh,
+    Relu,
+    Silu,
+    /// relu(x)², as in Primer and MetaFormer's StarReLU without its affine part.
+    SquaredRelu,
 }

@@ -1,10 +1,12 @@
 //! The MetaFormer language model: embeddings → blocks → final norm → LM head.
 
+pub mod config;
 pub mod language_model;
 pub mod metaformer_block;
 pub mod mlp;
 pub mod norm;
 
+pub use config::{ModelConfig, PositionKind};
 pub use language_model::{DecodeState, LanguageModel, LanguageModelConfig};
 pub use metaformer_block::{MetaFormerBlock, MetaFormerBlockConfig};
 pub use mlp::{Mlp, MlpConfig};

@@ -4,7 +4,7 @@ use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 
-use crate::recipe::NormKind;
+use serde::{Deserialize, Serialize};
 
 #[derive(Module, Debug)]
 pub enum Norm {
@@ -33,4 +33,11 @@ impl Norm {
             Norm::RmsNorm(n) => n.forward(x),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    LayerNorm,
+    RmsNorm,
 }

@@ -8,72 +8,27 @@
 //! Backward is autodiff through the same graph: the K/V hops are `to_device`s, whose
 //! backward sends dK/dV back along the ring to their owner. No rank ever holds another
 //! rank's queries or more than one `[chunk, chunk]` block of scores at a time in forward;
-//! for its backward it keeps each visited K/V shard (O(seq · d) per rank) and each block's
-//! probabilities (the naive block form; see `attend_block`).
+//! for its backward it keeps each visited K/V shard (O(seq · d) per rank) and, in the naive
+//! block form, each block's probabilities; with `tile` > 0 on flex, FlashAttention's
+//! recomputing backward keeps only each block's output and log-sum-exp.
 
 use burn::prelude::*;
-use burn::tensor::activation::{log_sigmoid, sigmoid};
 
 use super::SequenceParallel;
-pub use crate::mixers::softmax_attention::Visibility;
-use crate::mixers::softmax_attention::repeat_kv;
-
-/// Masked scores: finite, so a row that sees no key of a block gets a finite, negligible
-/// log-sum-exp (≈ −1e30) that the merge weighs by exactly 0, instead of a NaN.
-const HIDDEN: f32 = -1.0e30;
-
-/// Attention of queries at global positions `q_start..` over keys at `k_start..`:
-/// the output `[b, h, tq, dv]` and each row's log-sum-exp `[b, h, tq, 1]`. Also the plain
-/// reference form: on a whole sequence (both starts 0) it is ordinary softmax attention.
-pub fn attend_block(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    q_start: usize,
-    k_start: usize,
-    visibility: Visibility,
-) -> (Tensor<4>, Tensor<4>) {
-    let [_, _, tq, dk] = q.dims();
-    let tk = k.dims()[2];
-    let device = q.device();
-    let mut s = q
-        .matmul(k.swap_dims(2, 3))
-        .mul_scalar(1.0 / (dk as f64).sqrt());
-    if let Some(hidden) = visibility.mask((q_start, q_start + tq), (k_start, k_start + tk), &device)
-    {
-        s = s.mask_fill(hidden, HIDDEN);
-    }
-    // The max only stabilises exp; it cancels from both results, so it needs no gradient.
-    let m = s.clone().max_dim(3).detach();
-    let p = (s - m.clone()).exp();
-    let l = p.clone().sum_dim(3);
-    (p.matmul(v) / l.clone(), m + l.log())
-}
-
-/// Fold one block's `(out, lse)` into the running `(out, lse)` of the same queries. The
-/// first block of every row must see at least one key (see `ring_attention`'s order).
-pub fn merge(
-    acc: Option<(Tensor<4>, Tensor<4>)>,
-    block: (Tensor<4>, Tensor<4>),
-) -> (Tensor<4>, Tensor<4>) {
-    let Some((out, lse)) = acc else {
-        return block;
-    };
-    let (out_b, lse_b) = block;
-    let w = sigmoid(lse_b.clone() - lse.clone());
-    let out = out.clone() - w * (out - out_b);
-    let lse = lse.clone() - log_sigmoid(lse - lse_b);
-    (out, lse)
-}
+use crate::attention::tiled::attend_block;
+use crate::attention::{Visibility, merge, naive, repeat_kv};
 
 /// Per rank: q `[b, h, t_r, dk]`, k `[b, kv_h, t_r, dk]`, v `[b, kv_h, t_r, dv]` of the
 /// positions the layout gives it (kv heads shared by `h / kv_h` query heads) → its output
-/// `[b, h, t_r, dv]`.
+/// `[b, h, t_r, dv]`. With `tile` > 0 each block pair runs tiled in `tile`-sized tiles
+/// (FlashAttention where the backend has it, so a rank's training memory grows linearly
+/// with its shard); 0 = the naive block form.
 pub fn ring_attention(
     q: Vec<Tensor<4>>,
     k: Vec<Tensor<4>>,
     v: Vec<Tensor<4>>,
     visibility: Visibility,
+    tile: usize,
     sp: &SequenceParallel,
 ) -> Vec<Tensor<4>> {
     let layout = &sp.layout;
@@ -114,14 +69,12 @@ pub fn ring_attention(
                     if visibility.all_hidden(span(*qc), span(*kc)) {
                         continue;
                     }
-                    let block = attend_block(
-                        q.clone(),
-                        k.clone(),
-                        v.clone(),
-                        span(*qc).0,
-                        span(*kc).0,
-                        visibility,
-                    );
+                    let starts = (span(*qc).0, span(*kc).0);
+                    let block = if tile > 0 {
+                        attend_block(q.clone(), k.clone(), v.clone(), starts, visibility, tile)
+                    } else {
+                        naive::attend(q.clone(), k.clone(), v.clone(), starts, visibility, None)
+                    };
                     acc[r][slot] = Some(merge(acc[r][slot].take(), block));
                 }
             }

@@ -3,11 +3,9 @@
 
 use std::time::Instant;
 
-use crate::data::{Corpus, WindowSampler};
+use super::{Ranks, Trainer};
+use crate::data::Corpus;
 use crate::recipe::Recipe;
-use crate::run::model_config;
-use crate::train::AdamW;
-use crate::train::trainer::train_step;
 
 #[derive(Debug, Clone)]
 pub struct BenchResult {
@@ -25,33 +23,14 @@ pub struct BenchResult {
 pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<BenchResult> {
     use burn::module::Module;
     let t = &recipe.training;
-    let ranks = crate::parallel::Ranks::from_recipe(recipe)?;
-    let device = ranks.device(0).clone().autodiff();
-    let mut loss_scaler = (t.precision == crate::recipe::Precision::F16)
-        .then(|| crate::train::LossScaler::new(&t.loss_scaler));
     let corpus = Corpus::load(&recipe.data.path, recipe.data.val_fraction, None)?;
     corpus.check_seq_len(t.seq_len, &recipe.data.path)?;
-    let config = model_config(recipe, corpus.tokenizer.vocab_size());
-    let mut model = config.init_seeded(t.seed, &device);
-    let parameters = model.num_params();
-    let mut optimizer = AdamW::new(recipe.optimizer.clone());
-    let mut sampler = WindowSampler::new(t.seed);
-    let lr = recipe.optimizer.lr;
+    let mut trainer = Trainer::new(recipe, corpus.tokenizer.vocab_size())?;
+    let parameters = trainer.model().num_params();
     let mut timed = 0.0;
     for i in 0..warmup + steps {
         let start = Instant::now();
-        let (next, out) = train_step(
-            model,
-            &mut optimizer,
-            &mut sampler,
-            &corpus.train,
-            recipe,
-            lr,
-            &device,
-            &ranks,
-            loss_scaler.as_mut(),
-        );
-        model = next;
+        let out = trainer.step(&corpus.train);
         anyhow::ensure!(
             out.finite() || out.skipped,
             "bench step {i}: non-finite loss {}",
@@ -62,6 +41,7 @@ pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<Ben
         }
     }
     let tokens_per_step = t.batch_size * t.seq_len;
+    let ranks = &trainer.ranks;
     let rank_peak_bytes = (0..ranks.len())
         .map(|r| {
             ranks
@@ -96,17 +76,17 @@ pub fn bench_mixer(
     iters: usize,
     forward_only: bool,
 ) -> anyhow::Result<MixerBenchResult> {
-    use crate::mixers::TokenMixer;
     use burn::prelude::*;
     use burn::tensor::Distribution;
-    let plain = crate::device::select(recipe)?;
+    let plain = Ranks::from_recipe(recipe)?.device(0).clone();
     let device = if forward_only {
         plain
     } else {
         plain.autodiff()
     };
     let kind = recipe.layer_mixers()[0];
-    let mixer = kind.init(&recipe.model, seq_len, &device);
+    let m = &recipe.model;
+    let mixer = kind.init(&m.mixer_options, &m.mixer_context(seq_len), &device);
     let d = recipe.model.d_model;
     let mut timed = 0.0;
     for i in 0..warmup + iters {

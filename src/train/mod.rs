@@ -1,16 +1,13 @@
-//! The trainer, split by concern as torchtitan does: checkpoint, lr schedule, metrics,
-//! optimizer, and the loop that ties them.
+//! Training: the [`Trainer`] (one setup and one optimizer step, shared by `train`, `bench`
+//! and the tests), the [`session`] loop that runs it to the end with checkpoints, eval and
+//! metrics, the [`Ranks`] a step spreads over, and [`bench`].
 
 pub mod bench;
-pub mod checkpoint;
-pub mod loss_scaler;
-pub mod lr_schedule;
-pub mod metrics;
-pub mod optimizer;
+pub mod ranks;
+pub mod session;
 pub mod trainer;
 
-pub use checkpoint::{Checkpoint, TrainerState};
-pub use loss_scaler::LossScaler;
-pub use lr_schedule::LrSchedule;
-pub use optimizer::AdamW;
-pub use trainer::{TrainOptions, TrainSummary, train};
+pub use crate::components::{AdamW, Checkpoint, LossScaler, LrSchedule, TrainerState};
+pub use ranks::Ranks;
+pub use session::{EVAL_SEED_SALT, TrainOptions, TrainSummary, train};
+pub use trainer::{StepOutput, Trainer, evaluate};

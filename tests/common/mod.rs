@@ -74,46 +74,94 @@ pub fn final_files(run_dir: &Path, step: u64) -> (Vec<u8>, Vec<u8>) {
     (flat("model.safetensors"), flat("optimizer.safetensors"))
 }
 
-/// What `steps` optimizer steps of `recipe` report, run through the trainer's own step
-/// (on the recipe's ranks and precision): each step's output, and the final weights.
+/// What `steps` optimizer steps of `recipe` report, run through the trainer's own setup
+/// and step (on the recipe's ranks and precision): each step's output, the weights before
+/// the first step and the final model.
 pub fn step_outputs(
     recipe: &Recipe,
     steps: usize,
 ) -> (
-    Vec<metamix::train::trainer::StepOutput>,
-    metamix::model::LanguageModel,
-    Option<metamix::train::LossScaler>,
+    Vec<metamix::train::StepOutput>,
+    Vec<f32>,
+    metamix::train::Trainer,
 ) {
-    use metamix::data::{Corpus, WindowSampler};
-    use metamix::parallel::Ranks;
-    use metamix::train::{AdamW, LossScaler};
-    let t = &recipe.training;
-    let ranks = Ranks::from_recipe(recipe).unwrap();
-    let device = ranks.device(0).clone().autodiff();
-    let corpus = Corpus::load(&recipe.data.path, recipe.data.val_fraction, None).unwrap();
-    let config = metamix::run::model_config(recipe, corpus.tokenizer.vocab_size());
-    let mut model = config.init_seeded(t.seed, &device);
-    let mut optimizer = AdamW::new(recipe.optimizer.clone());
-    let mut sampler = WindowSampler::new(t.seed);
-    let mut scaler =
-        (t.precision == metamix::recipe::Precision::F16).then(|| LossScaler::new(&t.loss_scaler));
-    let mut outs = Vec::new();
-    for _ in 0..steps {
-        let (next, out) = metamix::train::trainer::train_step(
-            model,
-            &mut optimizer,
-            &mut sampler,
-            &corpus.train,
-            recipe,
-            recipe.optimizer.lr,
-            &device,
-            &ranks,
-            scaler.as_mut(),
-        );
-        model = next;
-        outs.push(out);
+    let corpus =
+        metamix::data::Corpus::load(&recipe.data.path, recipe.data.val_fraction, None).unwrap();
+    let mut trainer = metamix::train::Trainer::new(recipe, corpus.tokenizer.vocab_size()).unwrap();
+    let before = weights(trainer.model());
+    let outs = (0..steps).map(|_| trainer.step(&corpus.train)).collect();
+    (outs, before, trainer)
+}
+
+/// `actual` is `expected` element by element: |a − e| ≤ atol + rtol·|e| everywhere; the
+/// message names the worst element.
+pub fn assert_close(actual: &[f32], expected: &[f32], rtol: f32, atol: f32, what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: lengths");
+    let mut worst: Option<(usize, f32)> = None;
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        let excess = (a - e).abs() - (atol + rtol * e.abs());
+        if !(excess <= 0.0) && worst.is_none_or(|(_, w)| excess > w) {
+            worst = Some((i, excess));
+        }
     }
-    (outs, model, scaler)
+    if let Some((i, _)) = worst {
+        panic!(
+            "{what}: element {i} is {} where {} was expected (rtol {rtol:e}, atol {atol:e})",
+            actual[i], expected[i]
+        );
+    }
+}
+
+/// [`assert_close`] for tensors of any rank (shapes must match).
+pub fn assert_tensors_close<const D: usize>(
+    actual: burn::prelude::Tensor<D>,
+    expected: burn::prelude::Tensor<D>,
+    rtol: f32,
+    atol: f32,
+    what: &str,
+) {
+    assert_eq!(actual.dims(), expected.dims(), "{what}: shapes");
+    assert_close(&values(actual), &values(expected), rtol, atol, what);
+}
+
+/// A tensor's values as f32.
+pub fn values<const D: usize>(x: burn::prelude::Tensor<D>) -> Vec<f32> {
+    x.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+/// The update a run made, `after − before`, is the reference run's update to within
+/// `rtol` of that update's size (L2 norms over every weight): a tolerance measured against
+/// how far the weights moved, not against the weights.
+pub fn assert_updates_match(
+    before: &[f32],
+    after: &[f32],
+    ref_before: &[f32],
+    ref_after: &[f32],
+    rtol: f32,
+    what: &str,
+) {
+    assert_eq!(
+        before, ref_before,
+        "{what}: both runs must start from the same weights"
+    );
+    let update: Vec<f32> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    let ref_update: Vec<f32> = ref_after
+        .iter()
+        .zip(ref_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let size = norm(&ref_update);
+    assert!(
+        size > 0.0,
+        "{what}: the reference run did not move the weights"
+    );
+    let diff: Vec<f32> = update.iter().zip(&ref_update).map(|(a, b)| a - b).collect();
+    let e = norm(&diff) / size;
+    assert!(
+        e < rtol,
+        "{what}: updates differ by {e:e} of their size (allowed {rtol:e})"
+    );
 }
 
 /// Every weight of a model, flattened in visiting order.
@@ -132,21 +180,11 @@ pub fn weights(model: &metamix::model::LanguageModel) -> Vec<f32> {
     c.0
 }
 
-/// Max |a − b| over max(1e-3, max |b|): relative for large values, absolute near zero.
-pub fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
-}
-
 /// Every step's loss in `outs` is within `tol` (relative) of `reference`'s, and no step
 /// was skipped.
 pub fn assert_losses_follow(
-    outs: &[metamix::train::trainer::StepOutput],
-    reference: &[metamix::train::trainer::StepOutput],
+    outs: &[metamix::train::StepOutput],
+    reference: &[metamix::train::StepOutput],
     tol: f64,
     what: &str,
 ) {
@@ -158,36 +196,59 @@ pub fn assert_losses_follow(
     }
 }
 
-/// A two-layer, d_model 16 language model recipe with these mixers; MoH routes 2 of 3
-/// heads. `variant` turns on the options that change each mixer's structure: gated linear
-/// decay, grouped-query rotary attention with a sliding window.
+/// A two-layer, d_model 16 language model recipe with these mixers, read through the same
+/// parser and validation as a user's; MoH routes 2 of 3 heads. `variant` turns on the
+/// options that change each mixer's structure: gated linear decay, grouped-query rotary
+/// attention with a sliding window in the tiled form (softmax and MoH), the chunked SSM
+/// scan, Mamba-2's groups and sequential form.
 pub fn tiny_lm(
     mixers: &[metamix::mixers::MixerKind],
     seq_len: usize,
     variant: bool,
 ) -> metamix::recipe::Recipe {
-    let mut recipe = metamix::recipe::Recipe {
-        name: "tiny-lm".into(),
-        model: metamix::recipe::ModelConfig {
-            d_model: 16,
-            n_layers: 2,
-            n_heads: 4,
-            mixers: Some(mixers.to_vec()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    recipe.training.seq_len = seq_len;
-    recipe.model.moh.shared_heads = 1;
-    recipe.model.moh.top_k = 2;
-    recipe.model.pool.pool_size = 3;
+    tiny_lm_with(mixers, seq_len, variant, &[])
+}
+
+/// [`tiny_lm`] with more `--set` overrides.
+pub fn tiny_lm_with(
+    mixers: &[metamix::mixers::MixerKind],
+    seq_len: usize,
+    variant: bool,
+    extra: &[&str],
+) -> metamix::recipe::Recipe {
+    let names: Vec<String> = mixers.iter().map(|m| format!("\"{m}\"")).collect();
+    let mut sets: Vec<String> = vec![
+        "model.d_model=16".into(),
+        "model.n_layers=2".into(),
+        "model.n_heads=4".into(),
+        format!("model.mixers=[{}]", names.join(",")),
+        format!("training.seq_len={seq_len}"),
+        "model.moh.shared_heads=1".into(),
+        "model.moh.top_k=2".into(),
+        "model.pool.pool_size=3".into(),
+        "model.mamba2.headdim=8".into(),
+        "model.mamba2.chunk_size=4".into(),
+        "model.linear.chunk_size=4".into(),
+    ];
     if variant {
-        recipe.model.linear.decay = metamix::recipe::DecayMode::Gated;
-        recipe.model.linear.normalize = false;
-        recipe.model.softmax.n_kv_heads = 2;
-        recipe.model.softmax.rotary = true;
-        recipe.model.softmax.window = 5;
-        recipe.model.position = metamix::recipe::PositionKind::None;
+        for attention in ["softmax", "moh.attention"] {
+            sets.push(format!("model.{attention}.n_kv_heads=2"));
+            sets.push(format!("model.{attention}.rotary=true"));
+            sets.push(format!("model.{attention}.window=5"));
+            // FlashAttention (and its ring blocks), in ragged tiles.
+            sets.push(format!("model.{attention}.tiled=true"));
+            sets.push(format!("model.{attention}.block_size=3"));
+        }
+        sets.extend([
+            "model.linear.decay=\"gated\"".into(),
+            "model.linear.normalize=false".into(),
+            "model.position=\"none\"".into(),
+            "model.ssm.scan=\"chunked\"".into(),
+            "model.ssm.chunk_size=3".into(),
+            "model.mamba2.ngroups=2".into(),
+            "model.mamba2.form=\"sequential\"".into(),
+        ]);
     }
-    recipe
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    Recipe::from_toml_str("", "tiny_lm.toml", "tiny-lm", &sets).expect("tiny_lm is a valid recipe")
 }

@@ -2,7 +2,9 @@
 //! to `min_lr` (nanoGPT's `get_lr`). Being pure, it needs no state of its own in a
 //! checkpoint beyond the step.
 
-use crate::recipe::{DecayKind, LrSchedulerConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::options::{OptionError, fail};
 
 #[derive(Debug, Clone)]
 pub struct LrSchedule {
@@ -78,5 +80,70 @@ mod tests {
             assert_eq!(s.lr(500), 1e-4);
         }
         assert_eq!(schedule(DecayKind::Constant).lr(100), 1e-3);
+    }
+}
+
+/// `[lr_scheduler]`: linear warmup, then decay to `min_lr`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LrSchedulerConfig {
+    pub warmup_steps: u64,
+    pub decay: DecayKind,
+    /// Step at which the decay reaches min_lr. 0 = training.steps.
+    pub decay_steps: u64,
+    pub min_lr: f64,
+}
+
+impl Default for LrSchedulerConfig {
+    fn default() -> Self {
+        Self {
+            warmup_steps: 100,
+            decay: DecayKind::Cosine,
+            decay_steps: 0,
+            min_lr: 1e-4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecayKind {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+impl LrSchedulerConfig {
+    /// Checks of `[lr_scheduler]` (keys relative to it) for a run of `steps` steps that
+    /// peaks at `peak_lr`.
+    pub fn validate(&self, steps: u64, peak_lr: f64) -> Result<(), OptionError> {
+        if self.warmup_steps > steps {
+            return fail(
+                "warmup_steps",
+                format!(
+                    "{} is more than training.steps = {steps}",
+                    self.warmup_steps
+                ),
+            );
+        }
+        if self.decay_steps != 0 && self.decay_steps < self.warmup_steps {
+            return fail(
+                "decay_steps",
+                format!(
+                    "{} ends before warmup_steps = {}: use 0 (= training.steps) or at least {}",
+                    self.decay_steps, self.warmup_steps, self.warmup_steps
+                ),
+            );
+        }
+        if !(self.min_lr >= 0.0 && self.min_lr <= peak_lr) {
+            return fail(
+                "min_lr",
+                format!(
+                    "must be in [0, optimizer.lr = {peak_lr}] (got {})",
+                    self.min_lr
+                ),
+            );
+        }
+        Ok(())
     }
 }

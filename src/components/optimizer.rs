@@ -1,5 +1,5 @@
 //! AdamW (Loshchilov & Hutter) with PyTorch's update rule, global-norm gradient clipping,
-//! and no weight decay on norms, biases, embeddings or layer scales.
+//! and weight decay only on the weights of linear maps (see [`decays`]).
 //!
 //! Burn's own AdamW decays every parameter alike and keys its state by random parameter
 //! ids; this one keys its state by parameter path (`layers.0.mixer.q_proj.weight`), so a
@@ -14,7 +14,9 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
-use crate::recipe::OptimizerConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::options::{OptionError, fail, non_negative, positive};
 
 /// First and second moments of one parameter, flattened.
 #[derive(Clone, Debug)]
@@ -30,10 +32,44 @@ pub struct AdamW {
     moments: BTreeMap<String, Moments>,
 }
 
-/// Whether a parameter gets weight decay: matrices do; vectors (norm weights, biases, layer
-/// scales, the SSM's D), embedding tables and the SSM's A_log (as in mamba_ssm) do not.
-pub fn decays(path: &str, rank: usize) -> bool {
-    rank >= 2 && !path.contains("embedding") && !path.ends_with("A_log")
+/// Whether a parameter gets weight decay, by its kind: the weight matrices (and filters)
+/// of linear maps do — a rank ≥ 2 parameter of a `Linear` or a convolution; nothing else
+/// does: biases, norm weights, embedding tables, layer scales and a mixer's own raw
+/// parameters (gates and decays such as the SSMs' A_log, D and dt_bias, as in mamba_ssm).
+/// `owner` is the module type holding the parameter, as Burn's visitors name it
+/// (`"Struct:Linear"`).
+pub fn decays(owner: &str, rank: usize) -> bool {
+    rank >= 2 && matches!(owner, "Struct:Linear" | "Struct:CausalConv1d")
+}
+
+/// Every parameter of `model` by path, with whether [`decays`] decays it.
+pub fn decay_plan<M: Module>(model: &M) -> Vec<(String, bool)> {
+    struct Plan {
+        path: Vec<String>,
+        owners: Vec<String>,
+        out: Vec<(String, bool)>,
+    }
+    impl ModuleVisitor for Plan {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.path.push(name.to_string());
+            self.owners.push(container.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+            self.owners.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
+            let owner = self.owners.last().map_or("", String::as_str);
+            self.out.push((self.path.join("."), decays(owner, D)));
+        }
+    }
+    let mut plan = Plan {
+        path: Vec::new(),
+        owners: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut plan);
+    plan.out
 }
 
 impl AdamW {
@@ -65,6 +101,7 @@ impl AdamW {
             grad_scale,
             grads,
             path: Vec::new(),
+            owners: Vec::new(),
         };
         model.map(&mut mapper)
     }
@@ -154,15 +191,19 @@ struct UpdateMapper<'a> {
     grad_scale: f64,
     grads: &'a mut GradientsParams,
     path: Vec<String>,
+    /// The module type of each level of `path` (the last holds the parameter).
+    owners: Vec<String>,
 }
 
 impl ModuleMapper for UpdateMapper<'_> {
-    fn enter_module(&mut self, name: &str, _container: &str) {
+    fn enter_module(&mut self, name: &str, container: &str) {
         self.path.push(name.to_string());
+        self.owners.push(container.to_string());
     }
 
     fn exit_module(&mut self, _name: &str, _container: &str) {
         self.path.pop();
+        self.owners.pop();
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
@@ -202,7 +243,8 @@ impl ModuleMapper for UpdateMapper<'_> {
             .clone()
             .div(denom)
             .mul_scalar(self.lr / bias1);
-        let decayed = if decays(&path, D) && c.weight_decay > 0.0 {
+        let owner = self.owners.last().map_or("", String::as_str);
+        let decayed = if decays(owner, D) && c.weight_decay > 0.0 {
             p.mul_scalar(1.0 - self.lr * c.weight_decay)
         } else {
             p
@@ -332,11 +374,10 @@ mod tests {
 
     #[test]
     fn decay_rule_and_global_norm() {
-        assert!(decays("layers.0.mixer.q_proj.weight", 2));
-        assert!(!decays("layers.0.mixer.q_proj.bias", 1));
-        assert!(!decays("layers.0.norm1.gamma", 1));
-        assert!(!decays("token_embedding.weight", 2));
-        assert!(!decays("layers.1.layer_scale1.scale", 1));
+        assert!(decays("Struct:Linear", 2));
+        assert!(!decays("Struct:Linear", 1));
+        assert!(!decays("Struct:Embedding", 2));
+        assert!(!decays("Struct:Ssm", 2));
 
         let device = Device::flex();
         let model = linear([[0.0; 2]; 3], [0.0; 2], &device);
@@ -351,5 +392,62 @@ mod tests {
         assert!((clip_factor(norm, 1.0) * norm - 1.0).abs() < 1e-5);
         assert_eq!(clip_factor(0.5, 1.0), 1.0);
         assert_eq!(clip_factor(10.0, 0.0), 1.0);
+    }
+}
+
+/// `[optimizer]`: AdamW with decoupled weight decay, not applied to norms, biases,
+/// embeddings or layer scales.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    pub name: OptimizerKind,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            name: OptimizerKind::Adamw,
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    Adamw,
+}
+
+impl OptimizerConfig {
+    /// Checks of `[optimizer]` (keys relative to it).
+    pub fn validate(&self) -> Result<(), OptionError> {
+        if !positive(self.lr) {
+            return fail("lr", format!("must be > 0 (got {})", self.lr));
+        }
+        for (k, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return fail(k, format!("must be in [0, 1) (got {b})"));
+            }
+        }
+        if !positive(self.eps) {
+            return fail("eps", format!("must be > 0 (got {})", self.eps));
+        }
+        if !non_negative(self.weight_decay) {
+            return fail(
+                "weight_decay",
+                format!("must be >= 0 (got {})", self.weight_decay),
+            );
+        }
+        Ok(())
     }
 }

@@ -3,9 +3,11 @@
 
 use burn::prelude::*;
 
-use super::{LocalDevices, SequenceLayout, SequenceParallel, Sharding, Transport, replicate};
 use crate::model::LanguageModel;
 use crate::model::language_model::TrainingLoss;
+use crate::parallel::{
+    LocalDevices, SequenceLayout, SequenceParallel, Sharding, Transport, replicate,
+};
 
 pub struct Ranks {
     /// Plain (non-autodiff) device of each rank.
@@ -34,8 +36,14 @@ impl Ranks {
     /// The ranks `recipe`'s `[parallelism]` asks for, on its backend.
     pub fn from_recipe(recipe: &crate::recipe::Recipe) -> anyhow::Result<Self> {
         let p = &recipe.parallelism;
+        let t = &recipe.training;
+        let specs = if p.devices.is_empty() {
+            vec![t.device.clone(); p.ranks()]
+        } else {
+            p.devices.clone()
+        };
         Ok(Self::new(
-            crate::device::select_ranks(recipe)?,
+            crate::device::open_ranks(t.backend, &specs, t.precision)?,
             p.data_parallel_degree,
             p.sequence_parallel_degree,
             p.sequence_sharding,

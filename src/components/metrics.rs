@@ -2,7 +2,10 @@
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
 use tensorboard_rs::summary_writer::SummaryWriter;
+
+use crate::options::{OptionError, fail};
 
 pub struct Metrics {
     writer: Option<SummaryWriter>,
@@ -26,5 +29,33 @@ impl Metrics {
         if let Some(w) = &mut self.writer {
             w.flush();
         }
+    }
+}
+
+/// `[metrics]`: console and TensorBoard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Log training scalars every this many steps.
+    pub log_interval: u64,
+    pub tensorboard: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            log_interval: 10,
+            tensorboard: true,
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// Checks of `[metrics]` (keys relative to it).
+    pub fn validate(&self) -> Result<(), OptionError> {
+        if self.log_interval == 0 {
+            return fail("log_interval", "must be at least 1");
+        }
+        Ok(())
     }
 }

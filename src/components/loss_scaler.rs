@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::recipe::LossScalerConfig;
+use crate::options::{OptionError, fail};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LossScaler {
@@ -69,5 +69,57 @@ mod tests {
         s.update(true, &config);
         s.update(true, &config);
         assert_eq!((s.scale, s.skipped_steps), (512.0, 2));
+    }
+}
+
+/// `[training.loss_scaler]`: PyTorch `GradScaler`'s dynamic loss scaling for f16. The loss
+/// is multiplied by `scale` before backward; a step whose gradients overflow is skipped and
+/// the scale multiplied by `backoff_factor`; after `growth_interval` good steps in a row it
+/// is multiplied by `growth_factor`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossScalerConfig {
+    pub init_scale: f64,
+    pub growth_factor: f64,
+    pub backoff_factor: f64,
+    pub growth_interval: u64,
+}
+
+impl Default for LossScalerConfig {
+    fn default() -> Self {
+        Self {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
+}
+
+impl LossScalerConfig {
+    /// Checks of `[training.loss_scaler]` (keys relative to it).
+    pub fn validate(&self) -> Result<(), OptionError> {
+        if !(self.init_scale >= 1.0 && self.init_scale.is_finite()) {
+            return fail(
+                "init_scale",
+                format!("must be a finite number >= 1 (got {})", self.init_scale),
+            );
+        }
+        if !(self.growth_factor > 1.0 && self.growth_factor.is_finite()) {
+            return fail(
+                "growth_factor",
+                format!("must be > 1 (got {})", self.growth_factor),
+            );
+        }
+        if !(self.backoff_factor > 0.0 && self.backoff_factor < 1.0) {
+            return fail(
+                "backoff_factor",
+                format!("must be in (0, 1) (got {})", self.backoff_factor),
+            );
+        }
+        if self.growth_interval == 0 {
+            return fail("growth_interval", "must be at least 1");
+        }
+        Ok(())
     }
 }

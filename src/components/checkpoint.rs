@@ -13,9 +13,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::loss_scaler::LossScaler;
+use super::optimizer::AdamW;
 use crate::data::WindowSampler;
 use crate::model::LanguageModel;
-use crate::train::AdamW;
+use crate::options::{OptionError, fail};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -40,6 +41,97 @@ pub struct TrainerState {
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub step: u64,
+}
+
+/// The checkpoint policy of a run: where checkpoints go, when one is due, how many are
+/// kept, and where a run resumes from.
+pub struct CheckpointManager {
+    run_dir: PathBuf,
+    config: CheckpointConfig,
+    last_saved: Option<u64>,
+}
+
+impl CheckpointManager {
+    pub fn new(run_dir: &Path, config: &CheckpointConfig) -> Self {
+        Self {
+            run_dir: run_dir.to_path_buf(),
+            config: config.clone(),
+            last_saved: None,
+        }
+    }
+
+    /// Where the run starts. With `resume`, the newest intact checkpoint (none yet: fresh;
+    /// some but none intact: refuse, since they may be recoverable by hand). Without it, a
+    /// run folder that holds checkpoints is refused rather than trained over.
+    pub fn resume_point(
+        &mut self,
+        resume: bool,
+        quiet: bool,
+    ) -> anyhow::Result<Option<(Checkpoint, TrainerState)>> {
+        let existing = Checkpoint::list(&self.run_dir)?;
+        if !resume {
+            if let Some(newest) = existing.first() {
+                bail!(
+                    "{} already holds checkpoints (newest: step-{}); pass --resume to continue it, or \
+                     pick another run name with --set name=...",
+                    self.run_dir.display(),
+                    newest.step
+                );
+            }
+            return Ok(None);
+        }
+        let found = Checkpoint::latest_valid(&self.run_dir)?;
+        if found.is_none() && !existing.is_empty() {
+            bail!(
+                "none of the {} checkpoints in {} is intact (see the warnings above); move \
+                 them away to start this run fresh",
+                existing.len(),
+                checkpoints_dir(&self.run_dir).display()
+            );
+        }
+        if found.is_none() && !quiet {
+            eprintln!(
+                "note: {} has no checkpoint yet; starting fresh",
+                self.run_dir.display()
+            );
+        }
+        self.last_saved = found.as_ref().map(|(c, _)| c.step);
+        Ok(found)
+    }
+
+    /// A checkpoint is due after `step` (every `interval` steps, and at the last step).
+    pub fn due(&self, step: u64, last_step: u64) -> bool {
+        (self.config.interval > 0 && step.is_multiple_of(self.config.interval)) || step == last_step
+    }
+
+    /// Save `state.step`'s checkpoint and prune to `keep_latest_k`.
+    pub fn save(
+        &mut self,
+        model: &LanguageModel,
+        optimizer: &AdamW,
+        state: &TrainerState,
+    ) -> anyhow::Result<Checkpoint> {
+        let ckpt = Checkpoint::save(
+            &self.run_dir,
+            model,
+            optimizer,
+            state,
+            self.config.keep_latest_k,
+        )?;
+        self.last_saved = Some(ckpt.step);
+        Ok(ckpt)
+    }
+
+    /// What a user who must stop now can rely on.
+    pub fn last_good(&self) -> String {
+        match self.last_saved {
+            Some(s) => format!(
+                "the last good checkpoint, step-{s} in {}, is intact",
+                checkpoints_dir(&self.run_dir).display()
+            ),
+            None => "no checkpoint had been written yet".to_string(),
+        }
+    }
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
@@ -175,4 +267,39 @@ fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     Ok(())
+}
+
+/// `[checkpoint]`: where and how often.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Runs live in `<folder>/<name>`.
+    pub folder: PathBuf,
+    /// Save every this many steps (and at the end); 0 = only at the end.
+    pub interval: u64,
+    /// Keep this many newest checkpoints; older ones are deleted.
+    pub keep_latest_k: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            folder: PathBuf::from("runs"),
+            interval: 500,
+            keep_latest_k: 3,
+        }
+    }
+}
+
+impl CheckpointConfig {
+    /// Checks of `[checkpoint]` (keys relative to it).
+    pub fn validate(&self) -> Result<(), OptionError> {
+        if self.keep_latest_k == 0 {
+            return fail(
+                "keep_latest_k",
+                "must be at least 1: resume needs a checkpoint",
+            );
+        }
+        Ok(())
+    }
 }

@@ -1,0 +1,413 @@
+//! FlashAttention (Dao et al.) as a Burn backend extension: the tiled forward of
+//! [`attend_tiled_ops`](super::tiled::attend_tiled_ops), plus a backward pass that
+//! recomputes each block's probabilities from the saved row log-sum-exp instead of keeping
+//! them. Training memory then grows linearly in sequence length; Burn's autodiff, left to
+//! itself, keeps every block of scores for the backward pass.
+//!
+//! One kernel serves whole-sequence causal attention and ring attention's blocks: queries
+//! and keys sit at global positions (`q_start..`, `k_start..`) under any [`Visibility`],
+//! and the output carries each row's log-sum-exp as one extra last channel
+//! (`[b, h, tq, dv + 1]`), so a ring can merge blocks and still get gradients through the
+//! log-sum-exp (`dS = P ∘ (dP − (rowsum(dO ∘ O) − dlse))`).
+//!
+//! Written with backend primitive ops so any backend can run it; it is registered for flex
+//! (and its autodiff), the CPU backend. Other backends use the tensor-op forms.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Flex, Slice, TensorMetadata, backend_extension};
+use burn::tensor::TensorData;
+
+use super::Visibility;
+use super::naive::HIDDEN;
+
+#[backend_extension(Flex, Autodiff)]
+pub trait FlashAttentionBackend: Backend {
+    /// Attention of q `[b, h, tq, dk]` at global positions `q_start..` over k `[b, h, tk, dk]`,
+    /// v `[b, h, tk, dv]` at `k_start..`, in `block`-sized tiles, each query seeing the keys
+    /// `causal`/`window` allow ([`Visibility`]). Returns `[b, h, tq, dv + 1]`: the output,
+    /// then each row's log-sum-exp.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        block: usize,
+        q_start: usize,
+        k_start: usize,
+        causal: bool,
+        window: usize,
+    ) -> FloatTensor<Self>;
+}
+
+/// Forward passes the extension has run in this process: lets a test see that a form
+/// really took this path rather than only matching its output.
+static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times the FlashAttention forward has run in this process.
+pub fn forward_calls() -> usize {
+    FORWARD_CALLS.load(Ordering::Relaxed)
+}
+
+/// Where the queries and keys sit and what they see.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    block: usize,
+    q_start: usize,
+    k_start: usize,
+    visibility: Visibility,
+}
+
+impl Span {
+    /// The `(query block, key block)` pairs, local positions, in which some query sees some
+    /// key (blocks wholly in the future or wholly too old are skipped).
+    fn key_blocks(&self, (q0, q1): (usize, usize), tk: usize) -> Vec<(usize, usize)> {
+        (0..tk)
+            .step_by(self.block)
+            .map(|k0| (k0, (k0 + self.block).min(tk)))
+            .filter(|&(k0, k1)| {
+                !self.visibility.all_hidden(
+                    (self.q_start + q0, self.q_start + q1),
+                    (self.k_start + k0, self.k_start + k1),
+                )
+            })
+            .collect()
+    }
+
+    /// 0 where key `k0 + j` is visible to query `q0 + i`, [`HIDDEN`] where not; `None` when
+    /// the whole block is visible. `[1, 1, q1 − q0, k1 − k0]`.
+    fn bias<B: Backend>(
+        &self,
+        (q0, q1): (usize, usize),
+        (k0, k1): (usize, usize),
+        device: &<FloatTensor<B> as TensorMetadata>::Device,
+    ) -> Option<FloatTensor<B>> {
+        self.visibility
+            .bias_values(
+                (self.q_start + q0, self.q_start + q1),
+                (self.k_start + k0, self.k_start + k1),
+                HIDDEN,
+            )
+            .map(|values| {
+                B::float_from_data(TensorData::new(values, [1, 1, q1 - q0, k1 - k0]), device)
+            })
+    }
+}
+
+impl FlashAttentionBackend for Flex {
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        block: usize,
+        q_start: usize,
+        k_start: usize,
+        causal: bool,
+        window: usize,
+    ) -> FloatTensor<Self> {
+        let span = Span {
+            block,
+            q_start,
+            k_start,
+            visibility: Visibility { causal, window },
+        };
+        let (out, lse) = forward::<Flex>(q, k, v, span);
+        Flex::float_cat(vec![out, lse], 3)
+    }
+}
+
+/// What the backward pass keeps: the inputs, the output and each row's log-sum-exp.
+#[derive(Clone, Debug)]
+struct Saved<B: Backend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    span: Span,
+}
+
+#[derive(Debug)]
+struct FlashBackward;
+
+impl<B: Backend> Backward<B, 3> for FlashBackward {
+    type State = Saved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad_packed = grads.consume::<B>(&ops.node);
+        let (dq, dk, dv) = backward::<B>(ops.state, grad_packed);
+        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: Backend + FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend
+    for Autodiff<B, C>
+{
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        block: usize,
+        q_start: usize,
+        k_start: usize,
+        causal: bool,
+        window: usize,
+    ) -> FloatTensor<Self> {
+        let span = Span {
+            block,
+            q_start,
+            k_start,
+            visibility: Visibility { causal, window },
+        };
+        match FlashBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+                let (out, lse) = forward::<B>(q.clone(), k.clone(), v.clone(), span);
+                let packed = B::float_cat(vec![out.clone(), lse.clone()], 3);
+                let saved = Saved {
+                    q,
+                    k,
+                    v,
+                    out,
+                    lse,
+                    span,
+                };
+                prep.finish(saved, packed)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, lse) = forward::<B>(
+                    q.into_primitive(),
+                    k.into_primitive(),
+                    v.into_primitive(),
+                    span,
+                );
+                prep.finish(B::float_cat(vec![out, lse], 3))
+            }
+        }
+    }
+}
+
+fn range(a: usize, b: usize) -> Slice {
+    Slice::new(a as isize, Some(b as isize), 1)
+}
+
+/// Rows `a..b` of dim 2 of a `[b, h, t, d]` tensor.
+fn rows<B: Backend>(x: &FloatTensor<B>, a: usize, b: usize) -> FloatTensor<B> {
+    let s = x.shape();
+    B::float_slice(
+        x.clone(),
+        &[range(0, s[0]), range(0, s[1]), range(a, b), range(0, s[3])],
+    )
+}
+
+/// Channels `a..b` of dim 3 of a `[b, h, t, d]` tensor.
+fn channels<B: Backend>(x: &FloatTensor<B>, a: usize, b: usize) -> FloatTensor<B> {
+    let s = x.shape();
+    B::float_slice(
+        x.clone(),
+        &[range(0, s[0]), range(0, s[1]), range(0, s[2]), range(a, b)],
+    )
+}
+
+/// Scores of a block pair: `q_blk · k_blkᵀ / √dk` plus the visibility bias.
+fn scores<B: Backend>(
+    q_blk: FloatTensor<B>,
+    k_blk: FloatTensor<B>,
+    bias: &Option<FloatTensor<B>>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let s = B::float_mul_scalar(
+        B::float_matmul(q_blk, B::float_swap_dims(k_blk, 2, 3)),
+        scale.into(),
+    );
+    match bias {
+        Some(b) => B::float_add(s, b.clone()),
+        None => s,
+    }
+}
+
+/// Output `[b, h, tq, dv]` and row log-sum-exp `[b, h, tq, 1]`. Masked scores are the finite
+/// [`HIDDEN`], so a row that sees no key of the visited blocks gets a finite log-sum-exp
+/// near −1e30 (weight 0 in any merge) instead of a NaN, as in [`super::naive::attend`].
+fn forward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    span: Span,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+    let shape = q.shape();
+    let (b, h, tq, dk) = (shape[0], shape[1], shape[2], shape[3]);
+    let tk = k.shape()[2];
+    let dv = v.shape()[3];
+    let scale = super::scale(dk);
+    let device = q.device();
+    let dtype = q.dtype();
+    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    for q0 in (0..tq).step_by(span.block) {
+        let q1 = (q0 + span.block).min(tq);
+        let q_blk = rows::<B>(&q, q0, q1);
+        let mut state: Option<(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>)> = None; // m, l, acc
+        for (k0, k1) in span.key_blocks((q0, q1), tk) {
+            let bias = span.bias::<B>((q0, q1), (k0, k1), &device);
+            let s = scores::<B>(q_blk.clone(), rows::<B>(&k, k0, k1), &bias, scale);
+            let v_blk = rows::<B>(&v, k0, k1);
+            let blk_max = B::float_max_dim(s.clone(), 3);
+            state = Some(match state {
+                None => {
+                    let p = B::float_exp(B::float_sub(s, blk_max.clone()));
+                    (
+                        blk_max,
+                        B::float_sum_dim(p.clone(), 3),
+                        B::float_matmul(p, v_blk),
+                    )
+                }
+                Some((m, l, acc)) => {
+                    let m_new = B::float_max_dim(B::float_cat(vec![m.clone(), blk_max], 3), 3);
+                    let p = B::float_exp(B::float_sub(s, m_new.clone()));
+                    let c = B::float_exp(B::float_sub(m, m_new.clone()));
+                    let l =
+                        B::float_add(B::float_mul(l, c.clone()), B::float_sum_dim(p.clone(), 3));
+                    let acc = B::float_add(B::float_mul(acc, c), B::float_matmul(p, v_blk));
+                    (m_new, l, acc)
+                }
+            });
+        }
+        match state {
+            Some((m, l, acc)) => {
+                outs.push(B::float_div(acc, l.clone()));
+                lses.push(B::float_add(m, B::float_log(l)));
+            }
+            // No key block is visible to these queries: nothing to attend, weight 0 in a merge.
+            None => {
+                outs.push(B::float_zeros(
+                    [b, h, q1 - q0, dv].into(),
+                    &device,
+                    dtype.into(),
+                ));
+                lses.push(B::float_full(
+                    [b, h, q1 - q0, 1].into(),
+                    HIDDEN.into(),
+                    &device,
+                    dtype.into(),
+                ));
+            }
+        }
+    }
+    (B::float_cat(outs, 2), B::float_cat(lses, 2))
+}
+
+/// FlashAttention-2's backward: per block pair, recompute `P = exp(S − lse)`, then
+/// `dV += Pᵀ dO`, `dS = P ∘ (dO Vᵀ − δ)`, `dQ += dS K / √dk`, `dK += dSᵀ Q / √dk`, with
+/// `δ = rowsum(dO ∘ O) − dlse`: the gradient reaching the log-sum-exp output enters there,
+/// since `∂lse_i/∂S_ij = P_ij`.
+fn backward<B: Backend>(
+    saved: Saved<B>,
+    grad_packed: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let Saved {
+        q,
+        k,
+        v,
+        out,
+        lse,
+        span,
+    } = saved;
+    let tq = q.shape()[2];
+    let tk = k.shape()[2];
+    let dk = q.shape()[3];
+    let dv = v.shape()[3];
+    let scale = super::scale(dk);
+    let device = q.device();
+    let grad_out = channels::<B>(&grad_packed, 0, dv);
+    let grad_lse = channels::<B>(&grad_packed, dv, dv + 1);
+    let delta = B::float_sub(
+        B::float_sum_dim(B::float_mul(grad_out.clone(), out), 3),
+        grad_lse,
+    ); // [b, h, tq, 1]
+    let mut dq: Vec<Option<FloatTensor<B>>> = vec![None; tq.div_ceil(span.block)];
+    let mut dkv: Vec<Option<(FloatTensor<B>, FloatTensor<B>)>> =
+        vec![None; tk.div_ceil(span.block)];
+    for (qi, q0) in (0..tq).step_by(span.block).enumerate() {
+        let q1 = (q0 + span.block).min(tq);
+        let q_blk = rows::<B>(&q, q0, q1);
+        let do_blk = rows::<B>(&grad_out, q0, q1);
+        let lse_blk = rows::<B>(&lse, q0, q1);
+        let delta_blk = rows::<B>(&delta, q0, q1);
+        for (k0, k1) in span.key_blocks((q0, q1), tk) {
+            let bias = span.bias::<B>((q0, q1), (k0, k1), &device);
+            let k_blk = rows::<B>(&k, k0, k1);
+            let v_blk = rows::<B>(&v, k0, k1);
+            let s = scores::<B>(q_blk.clone(), k_blk.clone(), &bias, scale);
+            let p = B::float_exp(B::float_sub(s, lse_blk.clone()));
+            let dv_part = B::float_matmul(B::float_swap_dims(p.clone(), 2, 3), do_blk.clone());
+            let dp = B::float_matmul(do_blk.clone(), B::float_swap_dims(v_blk, 2, 3));
+            let ds = B::float_mul_scalar(
+                B::float_mul(p, B::float_sub(dp, delta_blk.clone())),
+                scale.into(),
+            );
+            let dq_part = B::float_matmul(ds.clone(), k_blk);
+            let dk_part = B::float_matmul(B::float_swap_dims(ds, 2, 3), q_blk.clone());
+            dq[qi] = Some(match dq[qi].take() {
+                Some(acc) => B::float_add(acc, dq_part),
+                None => dq_part,
+            });
+            let kj = k0 / span.block;
+            dkv[kj] = Some(match dkv[kj].take() {
+                Some((dk_acc, dv_acc)) => {
+                    (B::float_add(dk_acc, dk_part), B::float_add(dv_acc, dv_part))
+                }
+                None => (dk_part, dv_part),
+            });
+        }
+    }
+    let shape = |x: &FloatTensor<B>, t: usize| {
+        let s = x.shape();
+        [s[0], s[1], t, s[3]]
+    };
+    let dtype = q.dtype();
+    // A block no query saw gets no gradient: zeros.
+    let dq: Vec<FloatTensor<B>> = dq
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| {
+            g.unwrap_or_else(|| {
+                let n = (tq - i * span.block).min(span.block);
+                B::float_zeros(shape(&q, n).into(), &device, dtype.into())
+            })
+        })
+        .collect();
+    let (dks, dvs): (Vec<_>, Vec<_>) = dkv
+        .into_iter()
+        .enumerate()
+        .map(|(j, g)| {
+            g.unwrap_or_else(|| {
+                let n = (tk - j * span.block).min(span.block);
+                (
+                    B::float_zeros(shape(&k, n).into(), &device, dtype.into()),
+                    B::float_zeros(shape(&v, n).into(), &device, dtype.into()),
+                )
+            })
+        })
+        .unzip();
+    (
+        B::float_cat(dq, 2),
+        B::float_cat(dks, 2),
+        B::float_cat(dvs, 2),
+    )
+}

@@ -1,0 +1,41 @@
+//! The reference form of softmax attention: materialise the score matrix, mask, softmax.
+
+use burn::nn::Dropout;
+use burn::prelude::*;
+
+use super::Visibility;
+
+/// Masked scores are finite, so a row that sees no key of a block gets a negligible
+/// log-sum-exp (≈ −1e30) that a merge weighs by exactly 0, instead of a NaN.
+pub const HIDDEN: f32 = -1.0e30;
+
+/// Attention of queries at global positions `q_start..` over keys at `k_start..`: q
+/// `[b, h, tq, dk]`, k `[b, h, tk, dk]`, v `[b, h, tk, dv]` → the output `[b, h, tq, dv]`
+/// and each row's log-sum-exp `[b, h, tq, 1]`. `dropout` drops attention weights.
+pub fn attend(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    (q_start, k_start): (usize, usize),
+    visibility: Visibility,
+    dropout: Option<&Dropout>,
+) -> (Tensor<4>, Tensor<4>) {
+    let [_, _, tq, dk] = q.dims();
+    let tk = k.dims()[2];
+    let device = q.device();
+    let mut s = q.matmul(k.swap_dims(2, 3)).mul_scalar(super::scale(dk));
+    if let Some(hidden) = visibility.mask((q_start, q_start + tq), (k_start, k_start + tk), &device)
+    {
+        s = s.mask_fill(hidden, HIDDEN);
+    }
+    // The max only stabilises exp; it cancels from both results, so it needs no gradient.
+    let m = s.clone().max_dim(3).detach();
+    let p = (s - m.clone()).exp();
+    let l = p.clone().sum_dim(3);
+    let weights = p / l.clone();
+    let weights = match dropout {
+        Some(d) => d.forward(weights),
+        None => weights,
+    };
+    (weights.matmul(v), m + l.log())
+}

@@ -1,0 +1,15 @@
+//! The trainer's parts, split by concern as torchtitan's components are: checkpoints,
+//! optimizer, LR schedule, loss scaler, metrics. Each owns its options (its recipe section)
+//! beside its code and knows nothing of the loop that uses it.
+
+pub mod checkpoint;
+pub mod loss_scaler;
+pub mod lr_schedule;
+pub mod metrics;
+pub mod optimizer;
+
+pub use checkpoint::{Checkpoint, TrainerState};
+pub use loss_scaler::LossScaler;
+pub use lr_schedule::LrSchedule;
+pub use metrics::Metrics;
+pub use optimizer::AdamW;

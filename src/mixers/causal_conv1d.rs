@@ -1,0 +1,63 @@
+//! Depthwise causal 1-D convolution over time, as Mamba's blocks use it before their scan.
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+
+/// Depthwise causal 1-D convolution over time (PyTorch `Conv1d(groups=channels)` layout:
+/// weight `[channels, 1, kernel]`), left-padded so position t sees t−kernel+1..t.
+#[derive(Module, Debug)]
+pub struct CausalConv1d {
+    pub weight: Param<Tensor<3>>,
+    pub bias: Param<Tensor<1>>,
+}
+
+impl CausalConv1d {
+    /// The output at the last position of `window` `[b, kernel, channels]`.
+    pub fn step(&self, window: Tensor<3>) -> Tensor<3> {
+        let [_, kernel, ch] = window.dims();
+        let w = self
+            .weight
+            .val()
+            .reshape([ch, kernel])
+            .transpose()
+            .unsqueeze::<3>();
+        (window * w).sum_dim(1) + self.bias.val().reshape([1, 1, ch])
+    }
+
+    /// Over `x` `[b, t, ch]`, the `kernel − 1` inputs before it in `history` (zeros at the
+    /// start of a sequence).
+    pub fn forward(&self, x: Tensor<3>, history: Option<Tensor<3>>) -> Tensor<3> {
+        let [b, t, ch] = x.dims();
+        let [_, _, kernel] = self.weight.dims();
+        let device = x.device();
+        let history = history.unwrap_or_else(|| Tensor::zeros([b, kernel - 1, ch], &device));
+        let padded = Tensor::cat(vec![history, x], 1);
+        let w = self.weight.val().reshape([ch, kernel]).transpose(); // [kernel, ch]
+        let mut y = self.bias.val().reshape([1, 1, ch]).expand([b, t, ch]);
+        for i in 0..kernel {
+            let tap = w.clone().slice([i..i + 1, 0..ch]).reshape([1, 1, ch]);
+            y = y + padded.clone().slice([0..b, i..i + t, 0..ch]) * tap;
+        }
+        y
+    }
+}
+
+impl CausalConv1d {
+    /// `channels` filters of `kernel` taps, PyTorch's default init U(±1/√kernel), zero bias.
+    pub fn new(channels: usize, kernel: usize, device: &Device) -> Self {
+        let bound = (kernel as f64).powf(-0.5);
+        Self {
+            weight: Param::from_tensor(Tensor::random(
+                [channels, 1, kernel],
+                Distribution::Uniform(-bound, bound),
+                device,
+            )),
+            bias: Param::from_tensor(Tensor::zeros([channels], device)),
+        }
+    }
+
+    pub fn kernel(&self) -> usize {
+        self.weight.dims()[2]
+    }
+}

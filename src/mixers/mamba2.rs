@@ -1,0 +1,791 @@
+//! Mamba-2 as a token mixer: the SSD layer of "Transformers are SSMs: Generalized Models and
+//! Efficient Algorithms Through Structured State Space Duality" (Dao & Gu 2024,
+//! arXiv:2405.21060).
+//!
+//! One projection gives, per token, the gate z, the conv inputs xBC and Δ. A causal
+//! depthwise conv + SiLU runs over xBC, which then splits into x (`nheads` heads of `headdim`
+//! channels) and B, C (`ngroups` groups of `d_state`, each shared by `nheads / ngroups`
+//! heads, as keys and values are in grouped-query attention). Per head h, with
+//! `Δ_t = softplus(dt_t + dt_bias_h)` and `A_h = −exp(A_log_h)` one scalar per head (SSD's
+//! scalar-times-identity A, where Mamba-1 has a diagonal one):
+//!
+//! `h_t = exp(Δ_t A_h) h_{t−1} + Δ_t x_t ⊗ B_t`,  `y_t = h_t C_t + D_h x_t`,
+//!
+//! with state `h_t` `[headdim, d_state]`. The heads' outputs are normalised with the gate,
+//! `rmsnorm(y · silu(z)) · weight` per group, and projected out.
+//!
+//! Parameter names and layout follow mamba_ssm's `Mamba2` (`in_proj` split as
+//! `[z | xBC | dt]`, `conv1d`, `dt_bias`, `A_log`, `D`, `norm.weight`, `out_proj`), so
+//! exported weights load there.
+//!
+//! Two forms, held equal by the tests: [`ssd_sequential`], the recurrence step by step (the
+//! reference; decoding uses its step); and [`ssd_chunked`], SSD's dual form. Because A is a
+//! scalar per head, the decay between two steps is one number per head, shared by every
+//! entry of the state; so inside a chunk of Q steps the outputs are a masked, decay-weighted,
+//! attention-like product `((C Bᵀ) ∘ L) (Δ x)` — batched matmuls, no state materialised per
+//! step — and only the state at chunk ends goes from chunk to chunk (t/Q sequential steps
+//! instead of t). It is the default.
+
+#![allow(non_snake_case)] // A, B, C, D, A_log: the paper's and mamba_ssm's names
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::activation::{silu, softplus};
+use serde::{Deserialize, Serialize};
+
+use super::causal_conv1d::CausalConv1d;
+use super::{MixerContext, MixerOptions, OptionError, ShardedForm, TokenMixer, normal_linear};
+use crate::mixed_precision::linear;
+use crate::options::{at_least_one, fail, non_negative, positive};
+use crate::parallel::state_passing::{Carry, pass_state};
+use crate::parallel::{SequenceParallel, Transport};
+
+/// `[model.mamba2]`: a Mamba-2 (SSD) layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mamba2Options {
+    /// State size N per head: the length of B and C.
+    pub d_state: usize,
+    /// Taps of the causal depthwise conv over x, B and C (at least 2).
+    pub d_conv: usize,
+    /// d_inner = expand · d_model.
+    pub expand: usize,
+    /// Channels per head P; nheads = d_inner / headdim.
+    pub headdim: usize,
+    /// Groups of heads that share one B and C; divides nheads.
+    pub ngroups: usize,
+    /// Chunk length Q of the chunked form.
+    pub chunk_size: usize,
+    /// Lower end of Δ's initial range (drawn log-uniformly).
+    pub dt_min: f64,
+    /// Upper end of Δ's initial range.
+    pub dt_max: f64,
+    /// Floor on Δ's initial values.
+    pub dt_init_floor: f64,
+    /// Lower end of −A's initial range: A = −exp(A_log) starts uniform in
+    /// −[a_init_min, a_init_max].
+    pub a_init_min: f64,
+    /// Upper end of −A's initial range.
+    pub a_init_max: f64,
+    /// Which form trains: `chunked` (SSD's dual form, the fast one) or `sequential` (the
+    /// reference).
+    pub form: Mamba2Form,
+}
+
+/// Which form of the scan trains (decoding always steps the recurrence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mamba2Form {
+    /// [`ssd_chunked`]: matmuls within chunks, the recurrence between them.
+    Chunked,
+    /// [`ssd_sequential`]: the recurrence, one step at a time.
+    Sequential,
+}
+
+impl Default for Mamba2Options {
+    fn default() -> Self {
+        Self {
+            d_state: 16,
+            d_conv: 4,
+            expand: 2,
+            headdim: 32,
+            ngroups: 1,
+            chunk_size: 16,
+            dt_min: 1e-3,
+            dt_max: 0.1,
+            dt_init_floor: 1e-4,
+            a_init_min: 1.0,
+            a_init_max: 16.0,
+            form: Mamba2Form::Chunked,
+        }
+    }
+}
+
+impl MixerOptions for Mamba2Options {
+    fn validate(&self, ctx: &MixerContext) -> Result<(), OptionError> {
+        at_least_one(&[
+            ("d_state", self.d_state),
+            ("expand", self.expand),
+            ("headdim", self.headdim),
+            ("ngroups", self.ngroups),
+            ("chunk_size", self.chunk_size),
+        ])?;
+        if self.d_conv < 2 {
+            return fail(
+                "d_conv",
+                format!(
+                    "{} taps: the conv needs at least 2 (mamba_ssm uses 4)",
+                    self.d_conv
+                ),
+            );
+        }
+        let d_inner = self.expand * ctx.d_model;
+        if !d_inner.is_multiple_of(self.headdim) {
+            return fail(
+                "headdim",
+                format!(
+                    "headdim {} does not divide d_inner = expand · d_model = {d_inner}: use a \
+                     divisor of {d_inner} such as {}",
+                    self.headdim,
+                    divisors_near(d_inner, self.headdim)
+                ),
+            );
+        }
+        let nheads = d_inner / self.headdim;
+        if !nheads.is_multiple_of(self.ngroups) {
+            return fail(
+                "ngroups",
+                format!(
+                    "ngroups {} does not divide nheads = d_inner / headdim = {nheads}: use a \
+                     divisor of {nheads} such as {}",
+                    self.ngroups,
+                    divisors_near(nheads, self.ngroups)
+                ),
+            );
+        }
+        if !positive(self.dt_min) {
+            return fail(
+                "dt_min",
+                format!("{}: Δ must start above 0 (e.g. 1e-3)", self.dt_min),
+            );
+        }
+        if !(self.dt_max.is_finite() && self.dt_max >= self.dt_min) {
+            return fail(
+                "dt_max",
+                format!(
+                    "{}: must be finite and at least dt_min = {}",
+                    self.dt_max, self.dt_min
+                ),
+            );
+        }
+        if !non_negative(self.dt_init_floor) {
+            return fail(
+                "dt_init_floor",
+                format!("{}: must be ≥ 0 (e.g. 1e-4)", self.dt_init_floor),
+            );
+        }
+        if !positive(self.a_init_min) {
+            return fail(
+                "a_init_min",
+                format!(
+                    "{}: A = −exp(A_log) needs a range above 0 (e.g. 1)",
+                    self.a_init_min
+                ),
+            );
+        }
+        if !(self.a_init_max.is_finite() && self.a_init_max >= self.a_init_min) {
+            return fail(
+                "a_init_max",
+                format!(
+                    "{}: must be finite and at least a_init_min = {}",
+                    self.a_init_max, self.a_init_min
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Divisors of `n` on either side of `k` ("32 or 64"), for messages.
+fn divisors_near(n: usize, k: usize) -> String {
+    let below = (1..=k.min(n))
+        .rev()
+        .find(|d| n.is_multiple_of(*d))
+        .unwrap_or(1);
+    match (k..=n).find(|d| n.is_multiple_of(*d)) {
+        Some(above) if above != below => format!("{below} or {above}"),
+        _ => below.to_string(),
+    }
+}
+
+/// mamba_ssm's `RMSNormGated` with `norm_before_gate=False`: `rmsnorm(y · silu(z)) · weight`,
+/// the mean square taken over each group of `group_size` channels.
+#[derive(Module, Debug)]
+pub struct GatedRmsNorm {
+    /// `[d]`.
+    pub weight: Param<Tensor<1>>,
+    group_size: usize,
+}
+
+impl GatedRmsNorm {
+    /// mamba_ssm's epsilon.
+    const EPS: f64 = 1e-5;
+
+    pub fn new(d: usize, group_size: usize, device: &Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([d], device)),
+            group_size,
+        }
+    }
+
+    /// `y`, `z` `[b, t, d]` → `[b, t, d]`.
+    pub fn forward(&self, y: Tensor<3>, z: Tensor<3>) -> Tensor<3> {
+        let [bsz, t, d] = y.dims();
+        let gs = self.group_size;
+        let gated = (y * silu(z)).reshape([bsz, t, d / gs, gs]);
+        let rms = gated
+            .clone()
+            .square()
+            .mean_dim(3)
+            .add_scalar(Self::EPS)
+            .sqrt();
+        (gated / rms).reshape([bsz, t, d]) * self.weight.val().reshape([1, 1, d])
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mamba2 {
+    /// `d_model → [z | xBC | dt]`: d_inner + (d_inner + 2 · ngroups · d_state) + nheads.
+    pub in_proj: Linear,
+    /// Over xBC, `d_inner + 2 · ngroups · d_state` channels.
+    pub conv1d: CausalConv1d,
+    /// Added to dt before the softplus, `[nheads]`.
+    pub dt_bias: Param<Tensor<1>>,
+    /// ln of −A, `[nheads]`.
+    pub A_log: Param<Tensor<1>>,
+    /// The skip connection `D x`, `[nheads]`.
+    pub D: Param<Tensor<1>>,
+    pub norm: GatedRmsNorm,
+    pub out_proj: Linear,
+    d_inner: usize,
+    d_state: usize,
+    headdim: usize,
+    ngroups: usize,
+    chunk_size: usize,
+    #[module(skip)]
+    form: Mamba2Form,
+}
+
+/// Decoding state: the last `d_conv − 1` conv inputs `[b, d_conv − 1, conv_dim]` and the SSM
+/// state `[b, nheads, headdim, d_state]`.
+#[derive(Clone, Debug)]
+pub struct Mamba2State {
+    pub conv: Tensor<3>,
+    pub ssm: Tensor<4>,
+}
+
+impl Carry for Mamba2State {
+    fn send(self, transport: &dyn Transport, rank: usize) -> Self {
+        Self {
+            conv: transport.send(self.conv, rank),
+            ssm: transport.send(self.ssm, rank),
+        }
+    }
+}
+
+/// `n` draws from U(lo, hi); all `lo` when the range is empty (rand refuses lo == hi).
+fn uniform(n: usize, lo: f64, hi: f64, device: &Device) -> Tensor<1> {
+    if (lo as f32) < (hi as f32) {
+        Tensor::random([n], Distribution::Uniform(lo, hi), device)
+    } else {
+        Tensor::full([n], lo, device)
+    }
+}
+
+impl Mamba2 {
+    pub fn nheads(&self) -> usize {
+        self.d_inner / self.headdim
+    }
+
+    pub fn form(&self) -> Mamba2Form {
+        self.form
+    }
+
+    /// Channels of the conv: x, B and C.
+    fn conv_dim(&self) -> usize {
+        self.d_inner + 2 * self.ngroups * self.d_state
+    }
+
+    /// `A = −exp(A_log)`, `[nheads]`: negative, so every decay `exp(Δ A)` is below 1.
+    fn A(&self) -> Tensor<1> {
+        self.A_log.val().exp().neg()
+    }
+
+    /// `in_proj`'s output `[b, t, ·]` → z `[b, t, d_inner]`, xBC `[b, t, conv_dim]` and Δ
+    /// `[b, t, nheads]` (softplus of dt + dt_bias).
+    fn split_in_proj(&self, zxbcdt: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
+        let (di, h, conv_dim) = (self.d_inner, self.nheads(), self.conv_dim());
+        let z = zxbcdt.clone().narrow(2, 0, di);
+        let xbc = zxbcdt.clone().narrow(2, di, conv_dim);
+        let dt = zxbcdt.narrow(2, di + conv_dim, h);
+        let dt = softplus(dt + self.dt_bias.val().reshape([1, 1, h]), 1.0);
+        (z, xbc, dt)
+    }
+
+    /// The conv's output `[b, t, conv_dim]` → x `[b, t, nheads, headdim]`, B and C
+    /// `[b, t, ngroups, d_state]`.
+    fn split_xbc(&self, xbc: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [bsz, t, _] = xbc.dims();
+        let (di, g, n) = (self.d_inner, self.ngroups, self.d_state);
+        let x = xbc
+            .clone()
+            .narrow(2, 0, di)
+            .reshape([bsz, t, self.nheads(), self.headdim]);
+        let B = xbc.clone().narrow(2, di, g * n).reshape([bsz, t, g, n]);
+        let C = xbc.narrow(2, di + g * n, g * n).reshape([bsz, t, g, n]);
+        (x, B, C)
+    }
+
+    /// Heads `[b, t, nheads, headdim]` with their skip `D x` added → gated norm → out_proj.
+    fn project_out(&self, y: Tensor<4>, z: Tensor<3>) -> Tensor<3> {
+        let [bsz, t, _, _] = y.dims();
+        let y = self.norm.forward(y.reshape([bsz, t, self.d_inner]), z);
+        linear(&self.out_proj, y)
+    }
+
+    /// `forward` of positions that follow those summarised by `state`, and the state after.
+    pub fn forward_from(
+        &self,
+        x: Tensor<3>,
+        state: Option<Mamba2State>,
+    ) -> (Tensor<3>, Mamba2State) {
+        let [bsz, t, _] = x.dims();
+        let kernel = self.conv1d.kernel();
+        let (history, h0) = match state {
+            Some(s) => (s.conv, Some(s.ssm)),
+            None => (
+                Tensor::zeros([bsz, kernel - 1, self.conv_dim()], &x.device()),
+                None,
+            ),
+        };
+        let (z, xbc, dt) = self.split_in_proj(linear(&self.in_proj, x));
+        // The next chunk's history: the last kernel − 1 conv inputs, some of them from
+        // `history` when this chunk is shorter than that.
+        let conv = Tensor::cat(vec![history.clone(), xbc.clone()], 1).narrow(1, t, kernel - 1);
+        let xbc = silu(self.conv1d.forward(xbc, Some(history)));
+        let (xs, B, C) = self.split_xbc(xbc);
+        let (y, ssm) = match self.form {
+            Mamba2Form::Chunked => ssd_chunked(xs.clone(), dt, self.A(), B, C, h0, self.chunk_size),
+            Mamba2Form::Sequential => ssd_sequential(xs.clone(), dt, self.A(), B, C, h0),
+        };
+        let y = y + xs * self.D.val().reshape([1, 1, self.nheads(), 1]);
+        (self.project_out(y, z), Mamba2State { conv, ssm })
+    }
+}
+
+impl TokenMixer for Mamba2 {
+    type Options = Mamba2Options;
+    type State = Mamba2State;
+    const SHARDED: ShardedForm = ShardedForm::StatePassing;
+
+    fn init(o: &Mamba2Options, ctx: &MixerContext, device: &Device) -> Self {
+        let d_inner = o.expand * ctx.d_model;
+        let nheads = d_inner / o.headdim;
+        let bc = 2 * o.ngroups * o.d_state;
+        // mamba_ssm's dt init: Δ log-uniform in [dt_min, dt_max] (floored), and
+        // dt_bias = softplus⁻¹(Δ) = Δ + ln(1 − e^−Δ), so Δ starts there for dt ≈ 0.
+        let dt = uniform(nheads, o.dt_min.ln(), o.dt_max.ln(), device)
+            .exp()
+            .clamp_min(o.dt_init_floor);
+        let dt_bias = dt.clone() + dt.neg().exp().neg().add_scalar(1.0).log();
+        // Heads start with different decay rates: −A uniform in [a_init_min, a_init_max].
+        let A_log = uniform(nheads, o.a_init_min, o.a_init_max, device).log();
+        Mamba2 {
+            in_proj: normal_linear(
+                ctx.d_model,
+                2 * d_inner + bc + nheads,
+                false,
+                ctx.init_std,
+                device,
+            ),
+            conv1d: CausalConv1d::new(d_inner + bc, o.d_conv, device),
+            dt_bias: Param::from_tensor(dt_bias),
+            A_log: Param::from_tensor(A_log),
+            D: Param::from_tensor(Tensor::ones([nheads], device)),
+            norm: GatedRmsNorm::new(d_inner, d_inner / o.ngroups, device),
+            out_proj: normal_linear(d_inner, ctx.d_model, false, ctx.residual_init_std(), device),
+            d_inner,
+            d_state: o.d_state,
+            headdim: o.headdim,
+            ngroups: o.ngroups,
+            chunk_size: o.chunk_size,
+            form: o.form,
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_from(x, None).0
+    }
+
+    fn step(&self, x: Tensor<3>, state: Option<Mamba2State>) -> (Tensor<3>, Mamba2State) {
+        let [bsz, _, _] = x.dims();
+        let (h, p, n) = (self.nheads(), self.headdim, self.d_state);
+        let kernel = self.conv1d.kernel();
+        let device = x.device();
+        let state = state.unwrap_or_else(|| Mamba2State {
+            conv: Tensor::zeros([bsz, kernel - 1, self.conv_dim()], &device),
+            ssm: Tensor::zeros([bsz, h, p, n], &device),
+        });
+        let (z, xbc, dt) = self.split_in_proj(linear(&self.in_proj, x));
+        let window = Tensor::cat(vec![state.conv, xbc], 1);
+        let xbc = silu(self.conv1d.step(window.clone()));
+        let conv = window.narrow(1, 1, kernel - 1);
+        let (xs, B, C) = self.split_xbc(xbc);
+        let per_step = |t: Tensor<4>| per_head(t, h).reshape([bsz, h, n]);
+        let (y, ssm) = ssd_step(
+            state.ssm,
+            xs.clone().reshape([bsz, h, p]),
+            dt.reshape([bsz, h]),
+            self.A(),
+            per_step(B),
+            per_step(C),
+        );
+        let y = y.reshape([bsz, 1, h, p]) + xs * self.D.val().reshape([1, 1, h, 1]);
+        (self.project_out(y, z), Mamba2State { conv, ssm })
+    }
+
+    /// State passing: the SSM state and the conv's last inputs go from rank to rank.
+    fn forward_sharded(
+        ranks: &[&Self],
+        xs: Vec<Tensor<3>>,
+        sp: &SequenceParallel,
+    ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
+        let ys = pass_state(xs, sp, |r, x, state| ranks[r].forward_from(x, state));
+        (ys, None)
+    }
+}
+
+/// B or C `[b, t, ngroups, N]` for each head, `[b, t, nheads, N]`: head h reads group
+/// `h / (nheads / ngroups)`, as mamba_ssm's `repeat(B, "b l g n -> b l (g h) n")`.
+fn per_head(x: Tensor<4>, nheads: usize) -> Tensor<4> {
+    let [bsz, t, g, n] = x.dims();
+    if g == nheads {
+        return x;
+    }
+    x.unsqueeze_dim::<5>(3)
+        .repeat_dim(3, nheads / g)
+        .reshape([bsz, t, nheads, n])
+}
+
+/// Steps cut from the sequence at once by [`time_steps`].
+const SLICE_BLOCK: usize = 64;
+
+/// The steps of `x` along time (dim 1), each of length 1. Cut in two levels, blocks and then
+/// steps: a slice's backward writes a zero tensor the size of what it was cut from, so
+/// cutting every step from the whole sequence would cost O(t²).
+fn time_steps<const D: usize>(x: Tensor<D>) -> Vec<Tensor<D>> {
+    let t = x.dims()[1];
+    let mut steps = Vec::with_capacity(t);
+    for t0 in (0..t).step_by(SLICE_BLOCK) {
+        let len = SLICE_BLOCK.min(t - t0);
+        let block = x.clone().narrow(1, t0, len);
+        steps.extend((0..len).map(|i| block.clone().narrow(1, i, 1)));
+    }
+    steps
+}
+
+/// One step of the recurrence for every head: x `[b, H, P]`, Δ `[b, H]`, A `[H]`, B and C
+/// `[b, H, N]` (already per head), state `[b, H, P, N]`. Returns `y = h' C` `[b, H, P]` and
+/// the new state `h' = exp(Δ A) h + Δ x ⊗ B`.
+pub fn ssd_step(
+    state: Tensor<4>,
+    x: Tensor<3>,
+    dt: Tensor<2>,
+    A: Tensor<1>,
+    B: Tensor<3>,
+    C: Tensor<3>,
+) -> (Tensor<3>, Tensor<4>) {
+    let [bsz, h, p] = x.dims();
+    let decay = (dt.clone() * A.unsqueeze::<2>())
+        .exp()
+        .reshape([bsz, h, 1, 1]);
+    let dtx = x * dt.unsqueeze_dim::<3>(2);
+    let state = state * decay + dtx.unsqueeze_dim::<4>(3) * B.unsqueeze_dim::<4>(2);
+    let y = (state.clone() * C.unsqueeze_dim::<4>(2))
+        .sum_dim(3)
+        .reshape([bsz, h, p]);
+    (y, state)
+}
+
+/// Reference form: the recurrence one step at a time. x `[b, t, H, P]`, Δ `[b, t, H]`,
+/// A `[H]`, B and C `[b, t, G, N]`, from state `initial` `[b, H, P, N]` (`None` = zeros).
+/// Returns y `[b, t, H, P]` (without the `D x` skip) and the final state.
+pub fn ssd_sequential(
+    x: Tensor<4>,
+    dt: Tensor<3>,
+    A: Tensor<1>,
+    B: Tensor<4>,
+    C: Tensor<4>,
+    initial: Option<Tensor<4>>,
+) -> (Tensor<4>, Tensor<4>) {
+    let [bsz, t, h, p] = x.dims();
+    let n = B.dims()[3];
+    let (B, C) = (per_head(B, h), per_head(C, h));
+    let mut state = initial.unwrap_or_else(|| Tensor::zeros([bsz, h, p, n], &x.device()));
+    let mut ys = Vec::with_capacity(t);
+    let steps = time_steps(x)
+        .into_iter()
+        .zip(time_steps(dt))
+        .zip(time_steps(B).into_iter().zip(time_steps(C)));
+    for ((x, dt), (B, C)) in steps {
+        let (y, next) = ssd_step(
+            state,
+            x.reshape([bsz, h, p]),
+            dt.reshape([bsz, h]),
+            A.clone(),
+            B.reshape([bsz, h, n]),
+            C.reshape([bsz, h, n]),
+        );
+        state = next;
+        ys.push(y.reshape([bsz, 1, h, p]));
+    }
+    (Tensor::cat(ys, 1), state)
+}
+
+/// Fast form, SSD's dual form: [`ssd_sequential`]'s map in chunks of `chunk` steps (the
+/// last may be shorter). Within a chunk, with `cum_i` the cumulative sum of `Δ A` from the
+/// chunk's start through step i and `L_ij = exp(cum_i − cum_j)` (j ≤ i, else 0):
+///
+/// - `y_i = Σ_j (C_i · B_j) L_ij Δ_j x_j` — `((C Bᵀ) ∘ L) (Δ x)`, two matmuls;
+/// - `+ exp(cum_i) C_i · h_in` — the incoming state, decayed to step i;
+/// - `h_out = exp(cum_last) h_in + Σ_j exp(cum_last − cum_j) Δ_j x_j ⊗ B_j` — one matmul.
+///
+/// Every exponent is a difference `cum_i − cum_j`, j ≤ i, or a prefix sum of `Δ A`, so ≤ 0
+/// (Δ ≥ 0, A < 0): nothing overflows however long the chunk.
+pub fn ssd_chunked(
+    x: Tensor<4>,
+    dt: Tensor<3>,
+    A: Tensor<1>,
+    B: Tensor<4>,
+    C: Tensor<4>,
+    initial: Option<Tensor<4>>,
+    chunk: usize,
+) -> (Tensor<4>, Tensor<4>) {
+    let [bsz, t, h, p] = x.dims();
+    let n = B.dims()[3];
+    let (B, C) = (per_head(B, h), per_head(C, h));
+    let A = A.reshape([1, h, 1]);
+    let mut state = initial.unwrap_or_else(|| Tensor::zeros([bsz, h, p, n], &x.device()));
+    let mut ys = Vec::with_capacity(t.div_ceil(chunk));
+    for t0 in (0..t).step_by(chunk) {
+        let len = chunk.min(t - t0);
+        // Heads before time, [b, H, len, ·]: every product below is a matmul batched over
+        // (b, H).
+        let cut = |x: &Tensor<4>| x.clone().narrow(1, t0, len).swap_dims(1, 2);
+        let (x, B, C) = (cut(&x), cut(&B), cut(&C));
+        let dt = dt.clone().narrow(1, t0, len).swap_dims(1, 2); // [b, H, len]
+        let cum = (dt.clone() * A.clone()).cumsum(2);
+        let dtx = x * dt.unsqueeze_dim::<4>(3); // [b, H, len, P]
+
+        let within = (C.clone().matmul(B.clone().swap_dims(2, 3)) * decay_matrix(cum.clone()))
+            .matmul(dtx.clone());
+        let from_state =
+            C.matmul(state.clone().swap_dims(2, 3)) * cum.clone().exp().unsqueeze_dim::<4>(3);
+        ys.push((within + from_state).swap_dims(1, 2));
+
+        let total = cum.clone().narrow(2, len - 1, 1); // [b, H, 1]
+        let to_end = (total.clone() - cum).exp().unsqueeze_dim::<4>(3); // [b, H, len, 1]
+        state =
+            state * total.exp().unsqueeze_dim::<4>(3) + (dtx * to_end).swap_dims(2, 3).matmul(B);
+    }
+    (Tensor::cat(ys, 1), state)
+}
+
+/// From cumulative log-decays `cum` `[b, H, Q]`, the decays from step j to step i,
+/// `L[b, h, i, j] = exp(cum_i − cum_j)` for j ≤ i and 0 for j > i, `[b, H, Q, Q]`. The
+/// difference is taken before `exp` and the future masked to −∞, so no exponent is positive.
+fn decay_matrix(cum: Tensor<3>) -> Tensor<4> {
+    let [bsz, h, q] = cum.dims();
+    let diff = cum.clone().unsqueeze_dim::<4>(3) - cum.unsqueeze_dim::<4>(2);
+    let future = Tensor::<2, Bool>::tril_mask([q, q], 0, &diff.device())
+        .reshape([1, 1, q, q])
+        .expand([bsz, h, q, q]);
+    diff.mask_fill(future, f32::NEG_INFINITY).exp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// |actual − expected| ≤ atol + rtol · |expected| at every element; on failure, reports
+    /// the element furthest over its tolerance.
+    fn assert_close<const D: usize>(
+        actual: Tensor<D>,
+        expected: Tensor<D>,
+        rtol: f32,
+        atol: f32,
+        what: &str,
+    ) {
+        assert_eq!(actual.dims(), expected.dims(), "{what}: shapes");
+        let a = actual.into_data().try_to_vec::<f32>().unwrap();
+        let e = expected.into_data().try_to_vec::<f32>().unwrap();
+        let mut worst: Option<(usize, f32)> = None;
+        for (i, (&ai, &ei)) in a.iter().zip(&e).enumerate() {
+            let over = (ai - ei).abs() - (atol + rtol * ei.abs());
+            // NaN is never within tolerance.
+            let over = if over.is_nan() { f32::INFINITY } else { over };
+            if over > 0.0 && worst.is_none_or(|(_, w)| over > w) {
+                worst = Some((i, over));
+            }
+        }
+        if let Some((i, _)) = worst {
+            panic!(
+                "{what}: element {i} is {} where {} was expected (|diff| {:e} > {atol:e} + {rtol:e} · |expected|)",
+                a[i],
+                e[i],
+                (a[i] - e[i]).abs()
+            );
+        }
+    }
+
+    const RTOL: f32 = 1e-4;
+    const ATOL: f32 = 1e-5;
+
+    /// Random SSD inputs: batch 2, 4 heads of 3 channels, state 5, in `g` groups.
+    struct Inputs {
+        x: Tensor<4>,
+        dt: Tensor<3>,
+        A: Tensor<1>,
+        B: Tensor<4>,
+        C: Tensor<4>,
+        h0: Tensor<4>,
+    }
+
+    impl Inputs {
+        fn random(t: usize, g: usize, device: &Device) -> Self {
+            let (bsz, h, p, n) = (2, 4, 3, 5);
+            let normal = Distribution::Normal(0.0, 1.0);
+            Self {
+                x: Tensor::random([bsz, t, h, p], normal, device),
+                dt: Tensor::random([bsz, t, h], Distribution::Uniform(0.01, 0.5), device),
+                A: Tensor::random([h], Distribution::Uniform(-2.0, -0.5), device),
+                B: Tensor::random([bsz, t, g, n], normal, device),
+                C: Tensor::random([bsz, t, g, n], normal, device),
+                h0: Tensor::random([bsz, h, p, n], normal, device),
+            }
+        }
+
+        /// The same inputs as leaves that keep their gradients.
+        fn require_grad(self) -> Self {
+            Self {
+                x: self.x.require_grad(),
+                dt: self.dt.require_grad(),
+                A: self.A.require_grad(),
+                B: self.B.require_grad(),
+                C: self.C.require_grad(),
+                h0: self.h0.require_grad(),
+            }
+        }
+
+        fn sequential(&self, initial: bool) -> (Tensor<4>, Tensor<4>) {
+            let h0 = initial.then(|| self.h0.clone());
+            let (x, dt, A) = (self.x.clone(), self.dt.clone(), self.A.clone());
+            ssd_sequential(x, dt, A, self.B.clone(), self.C.clone(), h0)
+        }
+
+        fn chunked(&self, initial: bool, chunk: usize) -> (Tensor<4>, Tensor<4>) {
+            let h0 = initial.then(|| self.h0.clone());
+            let (x, dt, A) = (self.x.clone(), self.dt.clone(), self.A.clone());
+            ssd_chunked(x, dt, A, self.B.clone(), self.C.clone(), h0, chunk)
+        }
+    }
+
+    /// (t, chunk, ngroups, initial state): whole chunks, a short last chunk, a chunk longer
+    /// than the sequence, chunks of one step; one group, two, one per head.
+    const CASES: &[(usize, usize, usize, bool)] = &[
+        (16, 4, 1, false),
+        (13, 4, 2, true),
+        (5, 8, 4, true),
+        (7, 1, 2, true),
+        (19, 16, 1, true),
+    ];
+
+    #[test]
+    fn chunked_equals_sequential() {
+        let device = Device::flex();
+        device.seed(2405);
+        for &(t, chunk, g, initial) in CASES {
+            let inputs = Inputs::random(t, g, &device);
+            let (y_ref, h_ref) = inputs.sequential(initial);
+            let (y, h) = inputs.chunked(initial, chunk);
+            let case = format!("t={t} chunk={chunk} ngroups={g} initial={initial}");
+            assert_close(y, y_ref, RTOL, ATOL, &format!("{case}: y"));
+            assert_close(h, h_ref, RTOL, ATOL, &format!("{case}: final state"));
+        }
+    }
+
+    #[test]
+    fn chunked_gradients_equal_sequential() {
+        let device = Device::flex().autodiff();
+        device.seed(21);
+        for &(t, chunk, g, initial) in CASES {
+            let inputs = Inputs::random(t, g, &device).require_grad();
+            let normal = Distribution::Normal(0.0, 1.0);
+            let w = Tensor::<4>::random(inputs.x.dims(), normal, &device);
+            let w_state = Tensor::<4>::random(inputs.h0.dims(), normal, &device);
+            // The final state is an output too (state passing carries it to the next chunk).
+            let grads_of = |(y, h): (Tensor<4>, Tensor<4>)| {
+                let grads = ((y * w.clone()).sum() + (h * w_state.clone()).sum()).backward();
+                let g4 = |x: &Tensor<4>| x.grad(&grads).expect("leaf has a gradient");
+                (
+                    [g4(&inputs.x), g4(&inputs.B), g4(&inputs.C)],
+                    inputs.dt.grad(&grads).expect("leaf has a gradient"),
+                    inputs.A.grad(&grads).expect("leaf has a gradient"),
+                    initial.then(|| g4(&inputs.h0)),
+                )
+            };
+            let (g4_ref, dt_ref, a_ref, h0_ref) = grads_of(inputs.sequential(initial));
+            let (g4, dt, a, h0) = grads_of(inputs.chunked(initial, chunk));
+            let case = format!("t={t} chunk={chunk} ngroups={g} initial={initial}");
+            for ((actual, expected), name) in g4.into_iter().zip(g4_ref).zip(["x", "B", "C"]) {
+                assert_close(actual, expected, RTOL, ATOL, &format!("{case}: ∂/∂{name}"));
+            }
+            assert_close(dt, dt_ref, RTOL, ATOL, &format!("{case}: ∂/∂dt"));
+            assert_close(a, a_ref, RTOL, ATOL, &format!("{case}: ∂/∂A"));
+            if let (Some(h0), Some(h0_ref)) = (h0, h0_ref) {
+                assert_close(h0, h0_ref, RTOL, ATOL, &format!("{case}: ∂/∂h0"));
+            }
+        }
+    }
+
+    /// The layer itself: decoding token by token, and the sequence in two pieces with the
+    /// state passed between them, both give what `forward` gives; for both forms.
+    #[test]
+    fn step_and_state_passing_equal_forward() {
+        let device = Device::flex();
+        device.seed(11);
+        let ctx = MixerContext {
+            d_model: 16,
+            n_heads: 2,
+            n_layers: 2,
+            bias: false,
+            dropout: 0.0,
+            // Larger than GPT-2's 0.02, so that outputs are far from 0 and comparisons bite.
+            init_std: 0.5,
+            max_seq_len: 64,
+        };
+        for form in [Mamba2Form::Chunked, Mamba2Form::Sequential] {
+            let options = Mamba2Options {
+                d_state: 4,
+                headdim: 8,
+                ngroups: 2,
+                chunk_size: 4,
+                form,
+                ..Default::default()
+            };
+            options.validate(&ctx).unwrap();
+            let mixer = Mamba2::init(&options, &ctx, &device);
+            let t = 11;
+            let x = Tensor::<3>::random([2, t, 16], Distribution::Normal(0.0, 1.0), &device);
+            let y = mixer.forward(x.clone());
+
+            let mut state = None;
+            let mut steps = Vec::with_capacity(t);
+            for i in 0..t {
+                let (y, next) = mixer.step(x.clone().narrow(1, i, 1), state);
+                state = Some(next);
+                steps.push(y);
+            }
+            let what = format!("{form:?}: step by step");
+            assert_close(Tensor::cat(steps, 1), y.clone(), RTOL, ATOL, &what);
+
+            // 2 < d_conv − 1 = 3: the second piece's conv history reaches into the first.
+            let (y0, s) = mixer.forward_from(x.clone().narrow(1, 0, 2), None);
+            let (y1, _) = mixer.forward_from(x.narrow(1, 2, t - 2), Some(s));
+            let what = format!("{form:?}: in two pieces");
+            assert_close(Tensor::cat(vec![y0, y1], 1), y, RTOL, ATOL, &what);
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! `train`: a run from start (or resume) to its last step — the loop that ties the
+//! trainer's step to the checkpoint manager, evaluation and metrics.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use burn::module::Module;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::Trainer;
+use super::trainer::evaluate;
+use crate::components::checkpoint::{CheckpointManager, MODEL_FILE, OPTIMIZER_FILE};
+use crate::components::{AdamW, Metrics};
+use crate::data::{CharTokenizer, Corpus};
+use crate::recipe::Recipe;
+use crate::run::{RECIPE_FILE, VOCAB_FILE};
+
+/// How `train` starts and how much it says.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from the newest intact checkpoint of the run.
+    pub resume: bool,
+    /// Start from weights in a safetensors file (as `export` writes).
+    pub init_from: Option<PathBuf>,
+    /// Stop after this step as if killed (checkpoints written so far stay): for tests.
+    pub stop_after: Option<u64>,
+    /// No progress bar or log lines.
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub step: u64,
+    pub train_loss: f64,
+    pub val_loss: Option<f64>,
+    pub tokens_per_s: f64,
+    pub wall_s: f64,
+    pub run_dir: PathBuf,
+}
+
+/// Seed of the validation batches: fixed, so every eval scores the same windows.
+pub const EVAL_SEED_SALT: u64 = 0x5eed_0e7a;
+
+pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummary> {
+    let run_dir = recipe.run_dir();
+    let t = &recipe.training;
+    let p = &recipe.parallelism;
+    let mut checkpoints = CheckpointManager::new(&run_dir, &recipe.checkpoint);
+    let resume_from = checkpoints.resume_point(opts.resume, opts.quiet)?;
+
+    let tokenizer = match &resume_from {
+        Some(_) => Some(CharTokenizer::load(&run_dir.join(VOCAB_FILE))?),
+        None => None,
+    };
+    let corpus = Corpus::load(&recipe.data.path, recipe.data.val_fraction, tokenizer)?;
+    corpus.check_seq_len(t.seq_len, &recipe.data.path)?;
+    let mut trainer = Trainer::new(recipe, corpus.tokenizer.vocab_size())?;
+    if let Some(path) = &opts.init_from {
+        let model = crate::weights::load(trainer.model().clone(), path).context("--init-from")?;
+        trainer.set_model(model);
+    }
+    if let Some((ckpt, state)) = &resume_from {
+        let model = crate::weights::load(trainer.model().clone(), &ckpt.dir.join(MODEL_FILE))?;
+        let optimizer = AdamW::load(
+            recipe.optimizer.clone(),
+            &ckpt.dir.join(OPTIMIZER_FILE),
+            trainer.ranks.device(0),
+        )?;
+        trainer.restore(model, optimizer, state.clone());
+        if !opts.quiet {
+            eprintln!("resuming {} from step {}", run_dir.display(), state.step);
+        }
+    }
+    // Written only once the run is known to start, so a failed command leaves them as they were.
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    std::fs::write(run_dir.join(RECIPE_FILE), recipe.to_toml())?;
+    corpus.tokenizer.save(&run_dir.join(VOCAB_FILE))?;
+
+    let mut metrics = Metrics::new(&run_dir, recipe.metrics.tensorboard);
+    let micro = recipe.micro_batch_size();
+    let bar = if opts.quiet {
+        ProgressBar::hidden()
+    } else {
+        eprintln!(
+            "training {} ({} parameters, mixers {:?}) for {} steps on {:?} {}, {}{}",
+            recipe.name,
+            trainer.model().num_params(),
+            trainer
+                .config
+                .mixers
+                .iter()
+                .map(|m| m.name())
+                .collect::<Vec<_>>(),
+            t.steps,
+            t.backend,
+            t.device,
+            format!("{:?}", t.precision).to_lowercase(),
+            if p.ranks() > 1 {
+                format!(
+                    ", {} ranks (data {} x sequence {})",
+                    p.ranks(),
+                    p.data_parallel_degree,
+                    p.sequence_parallel_degree
+                )
+            } else {
+                String::new()
+            }
+        );
+        ProgressBar::new(t.steps)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(trainer.state.step);
+    if trainer.state.step >= t.steps && !opts.quiet {
+        eprintln!(
+            "{} is already trained to step {} (training.steps = {}): raise training.steps \
+             (e.g. --set training.steps={}) to continue it",
+            run_dir.display(),
+            trainer.state.step,
+            t.steps,
+            t.steps * 2
+        );
+    }
+
+    let start = Instant::now();
+    let first_step = trainer.state.step;
+    let tokens_per_step = (t.batch_size * t.seq_len) as u64;
+    let mut window_start = Instant::now();
+    let mut window_tokens = 0u64;
+    let mut last_loss = f64::NAN;
+    let mut last_val = None;
+    while trainer.state.step < t.steps {
+        if opts.stop_after.is_some_and(|s| trainer.state.step >= s) {
+            break;
+        }
+        let step = trainer.state.step;
+        let out = trainer.step(&corpus.train);
+        let loss = out.loss;
+        if out.skipped {
+            let scale = trainer.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
+            if scale < 1.0 {
+                bar.abandon();
+                bail!(
+                    "step {}: f16 gradients overflow even with the loss scale backed off to \
+                     {scale:e}; stopping without saving. Use training.precision = \"bf16\" \
+                     or \"f32\", or a lower optimizer.lr",
+                    step + 1
+                );
+            }
+        } else if !out.finite() {
+            bar.abandon();
+            let what = if loss.is_finite() {
+                "gradient norm"
+            } else {
+                "loss"
+            };
+            bail!(
+                "step {}: the {what} is {} (loss {loss}); stopping without saving. {}. \
+                 Try a lower optimizer.lr or training.grad_clip",
+                step + 1,
+                if loss.is_finite() {
+                    out.grad_norm
+                } else {
+                    loss
+                },
+                checkpoints.last_good()
+            );
+        }
+        window_tokens += tokens_per_step;
+        last_loss = loss;
+        let s = trainer.state.step;
+        bar.set_position(s);
+
+        if s % recipe.metrics.log_interval == 0 || s == t.steps {
+            let tps = window_tokens as f64 / window_start.elapsed().as_secs_f64();
+            window_start = Instant::now();
+            window_tokens = 0;
+            metrics.scalar("train/loss", loss, s);
+            if out.aux_loss != 0.0 {
+                metrics.scalar("train/aux_loss", out.aux_loss, s);
+            }
+            metrics.scalar("lr", out.lr, s);
+            metrics.scalar("grad_norm", out.grad_norm, s);
+            metrics.scalar("tokens_per_s", tps, s);
+            if let Some(scaler) = &trainer.state.loss_scaler {
+                metrics.scalar("loss_scale", scaler.scale, s);
+                metrics.scalar("skipped_steps", scaler.skipped_steps as f64, s);
+            }
+            bar.set_message(format!(
+                "loss {loss:.4} | lr {:.2e} | {tps:.0} tok/s",
+                out.lr
+            ));
+        }
+        if (t.eval_interval > 0 && s % t.eval_interval == 0) || s == t.steps {
+            let val = evaluate(
+                &trainer.model().valid(),
+                &corpus.val,
+                t.eval_batches,
+                micro,
+                t.seq_len,
+                t.seed ^ EVAL_SEED_SALT,
+                &trainer.ranks,
+            );
+            metrics.scalar("val/loss", val, s);
+            metrics.flush();
+            last_val = Some(val);
+            if !opts.quiet {
+                bar.suspend(|| {
+                    eprintln!(
+                        "step {s} ({:.1} s): train loss {loss:.4}, val loss {val:.4}",
+                        start.elapsed().as_secs_f64()
+                    )
+                });
+            }
+        }
+        if checkpoints.due(s, t.steps) {
+            checkpoints.save(trainer.model(), &trainer.optimizer, &trainer.state)?;
+        }
+    }
+    bar.finish_and_clear();
+    metrics.flush();
+    let wall_s = start.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        step: trainer.state.step,
+        train_loss: last_loss,
+        val_loss: last_val,
+        tokens_per_s: ((trainer.state.step - first_step) * tokens_per_step) as f64 / wall_s,
+        wall_s,
+        run_dir,
+    })
+}
