@@ -9,6 +9,8 @@
 # Usage: scripts/bench_backends.sh [steps]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Everything printed is also kept in results/bench_backends.txt, where the README's figures come from.
+mkdir -p results; exec > >(tee results/bench_backends.txt) 2>&1
 STEPS=${1:-10}
 BIN=target/release/metamix
 BIN_CPU=${BIN_CPU:-$BIN}; BIN_WGPU=${BIN_WGPU:-}; BIN_TCH=${BIN_TCH:-}

@@ -7,6 +7,8 @@
 # Usage: scripts/bench_remote.sh [seq_len]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Everything printed is also kept in results/bench_remote.txt, where the README's figures come from.
+mkdir -p results; exec > >(tee results/bench_remote.txt) 2>&1
 BIN=${BIN:-target/release/metamix}
 SEQ=${1:-2048}
 export RUST_LOG=${RUST_LOG:-warn}

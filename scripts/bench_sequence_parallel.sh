@@ -8,6 +8,8 @@
 # Usage: scripts/bench_sequence_parallel.sh [seq_len] [budget MiB]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Everything printed is also kept in results/bench_sequence_parallel.txt, where the README's figures come from.
+mkdir -p results; exec > >(tee results/bench_sequence_parallel.txt) 2>&1
 BIN=${BIN:-target/release/metamix}
 SEQ=${1:-2048}
 BUDGET=${2:-256}

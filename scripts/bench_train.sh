@@ -5,9 +5,12 @@
 # Runs 3 times and prints each; the machine is shared, so compare runs of one session.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Everything printed is also kept in results/bench_train.txt, where the README's figures come from.
+mkdir -p results; exec > >(tee results/bench_train.txt) 2>&1
 steps="${1:-10}"; shift || true
-cargo build --release --quiet
+BIN=${BIN:-}
+if [ -z "$BIN" ]; then cargo build --release --quiet; BIN=${CARGO_TARGET_DIR:-target}/release/metamix; fi
 for i in 1 2 3; do
-  ./target/release/metamix bench recipes/nanogpt_shakespeare_char.toml \
+  "$BIN" bench recipes/nanogpt_shakespeare_char.toml \
     --warmup 2 --steps "$steps" --set model.dropout=0.0 "$@"
 done

@@ -11,7 +11,6 @@ Each run goes to runs/compare-<recipe> (replaced). The plot needs matplotlib
 (pip install matplotlib); without it the table is still written.
 """
 import argparse
-import json
 import os
 import pathlib
 import re
@@ -20,6 +19,8 @@ import subprocess
 import sys
 import time
 import tomllib
+
+import metamix_build
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EVAL = re.compile(r"^step (\d+) \(([\d.]+) s\): train loss ([\d.]+), val loss ([\d.]+)")
@@ -55,8 +56,7 @@ def run(recipe: pathlib.Path, steps: int, binary: pathlib.Path) -> dict:
 
 def default_recipes(binary: pathlib.Path) -> list:
     """One shakespeare recipe per registered mixer, then the remaining single-device ones."""
-    registry = [json.loads(line)["name"] for line in
-                subprocess.run([str(binary), "mixers"], check=True, capture_output=True, text=True).stdout.splitlines()]
+    registry = metamix_build.registry(binary)
     candidates = {}
     for path in sorted((ROOT / "recipes").glob("shakespeare_*.toml")):
         recipe = tomllib.loads(path.read_text())
@@ -80,8 +80,7 @@ def main() -> int:
     ap.add_argument("--out", default="results/mixers")
     ap.add_argument("recipes", nargs="*")
     args = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
-    binary = ROOT / "target/release/metamix"
+    binary = metamix_build.binary()
     recipes = [pathlib.Path(r) for r in args.recipes] or default_recipes(binary)
     rows = []
     for r in recipes:

@@ -8,12 +8,13 @@ Writes OUT.md (table) and OUT.png (log-log plots; needs matplotlib). A mixer sto
 once a point takes over --budget-s seconds or fails (e.g. out of memory).
 """
 import argparse
-import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+
+import metamix_build
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Beyond every registered mixer with its default options (from `metamix mixers`): the
@@ -52,10 +53,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=30.0)
     ap.add_argument("--out", default="results/seq_len_sweep")
     args = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
-    binary = ROOT / "target/release/metamix"
-    registry = [json.loads(line)["name"] for line in
-                subprocess.run([str(binary), "mixers"], check=True, capture_output=True, text=True).stdout.splitlines()]
+    binary = metamix_build.binary()
+    registry = metamix_build.registry(binary)
     mixers = {name: [f"model.mixer=\"{name}\""] for name in registry} | VARIANTS
     lengths = [t for t in [256, 512, 1024, 2048, 4096, 8192, 16384] if t <= args.max]
     results = {}

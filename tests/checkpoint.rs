@@ -73,9 +73,9 @@ fn nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
         !list.is_empty(),
         "the good checkpoints before the blow-up are kept"
     );
-    let good = list[0].verify().unwrap();
-    assert!(err.contains(&format!("step-{}", good.step)), "{err}");
-    assert!(err.contains(&format!("step {}", good.step + 1)), "{err}");
+    let good = list[0].verify().unwrap().step().unwrap();
+    assert!(err.contains(&format!("step-{good}")), "{err}");
+    assert!(err.contains(&format!("step {}", good + 1)), "{err}");
 }
 
 #[test]

@@ -46,7 +46,7 @@ fn bf16_and_f16_training_track_f32() {
     );
     for precision in ["bf16", "f16"] {
         let (outs, _, trainer) = run(precision);
-        let scaler = trainer.state.loss_scaler;
+        let scaler = trainer.loss_scaler;
         for (i, (a, b)) in outs.iter().zip(&f32_outs).enumerate() {
             assert!(!a.skipped, "{precision}: step {i} skipped");
             let gap = (a.loss - b.loss).abs();
@@ -77,7 +77,7 @@ fn f16_overflow_skips_the_step_and_halves_the_scale() {
         ],
     );
     let (outs, untouched, trainer) = step_outputs(&recipe, 3);
-    let scaler = trainer.state.loss_scaler.clone().unwrap();
+    let scaler = trainer.loss_scaler.clone().unwrap();
     assert!(outs.iter().all(|o| o.skipped), "every step overflowed");
     assert_eq!(scaler.skipped_steps, 3);
     assert_eq!(scaler.scale, 2f64.powi(37));
@@ -88,7 +88,7 @@ fn f16_overflow_skips_the_step_and_halves_the_scale() {
     );
     // Backing off 2^40 → 2^14 takes 26 skipped steps; then training proceeds.
     let (outs, _, trainer) = step_outputs(&recipe, 30);
-    let scaler = trainer.state.loss_scaler;
+    let scaler = trainer.loss_scaler;
     let skipped = outs.iter().filter(|o| o.skipped).count();
     assert!((20..30).contains(&skipped), "{skipped} skipped");
     assert!(!outs[29].skipped && outs[29].loss.is_finite());

@@ -65,19 +65,23 @@ struct Span {
 }
 
 impl Span {
-    /// The `(query block, key block)` pairs, local positions, in which some query sees some
-    /// key (blocks wholly in the future or wholly too old are skipped).
+    fn new(block: usize, (q_start, k_start): (usize, usize), visibility: Visibility) -> Self {
+        Self {
+            block,
+            q_start,
+            k_start,
+            visibility,
+        }
+    }
+
+    /// The key blocks (local positions) of `tk` keys that query block `[q0, q1)` (local)
+    /// sees: blocks wholly in the future or wholly too old are skipped.
     fn key_blocks(&self, (q0, q1): (usize, usize), tk: usize) -> Vec<(usize, usize)> {
-        (0..tk)
-            .step_by(self.block)
-            .map(|k0| (k0, (k0 + self.block).min(tk)))
-            .filter(|&(k0, k1)| {
-                !self.visibility.all_hidden(
-                    (self.q_start + q0, self.q_start + q1),
-                    (self.k_start + k0, self.k_start + k1),
-                )
-            })
-            .collect()
+        self.visibility.key_blocks(
+            (self.q_start + q0, self.q_start + q1),
+            (self.k_start, tk),
+            self.block,
+        )
     }
 
     /// 0 where key `k0 + j` is visible to query `q0 + i`, [`HIDDEN`] where not; `None` when
@@ -111,12 +115,7 @@ impl FlashAttentionBackend for Flex {
         causal: bool,
         window: usize,
     ) -> FloatTensor<Self> {
-        let span = Span {
-            block,
-            q_start,
-            k_start,
-            visibility: Visibility { causal, window },
-        };
+        let span = Span::new(block, (q_start, k_start), Visibility { causal, window });
         let (out, lse) = forward::<Flex>(q, k, v, span);
         Flex::float_cat(vec![out, lse], 3)
     }
@@ -164,12 +163,7 @@ impl<B: Backend + FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBa
         causal: bool,
         window: usize,
     ) -> FloatTensor<Self> {
-        let span = Span {
-            block,
-            q_start,
-            k_start,
-            visibility: Visibility { causal, window },
-        };
+        let span = Span::new(block, (q_start, k_start), Visibility { causal, window });
         match FlashBackward
             .prepare::<C>([q.node(), k.node(), v.node()])
             .compute_bound()

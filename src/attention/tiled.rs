@@ -90,7 +90,7 @@ pub fn attend_tiled_ops(
             .slice([0..b, 0..h, q0..q1, 0..dk])
             .mul_scalar(super::scale(dk));
         let mut state: Option<(Tensor<4>, Tensor<4>, Tensor<4>)> = None; // m, l, acc
-        for (k0, k1) in visibility.key_blocks((q0, q1), t, block) {
+        for (k0, k1) in visibility.key_blocks((q0, q1), (0, t), block) {
             let k_blk = k.clone().slice([0..b, 0..h, k0..k1, 0..dk]);
             let v_blk = v.clone().slice([0..b, 0..h, k0..k1, 0..dv]);
             let mut scores = q_blk.clone().matmul(k_blk.transpose());

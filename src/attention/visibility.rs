@@ -39,21 +39,27 @@ impl Visibility {
         self.hidden(q0, k1 - 1) || self.hidden(q1 - 1, k0)
     }
 
-    /// The `block`-sized key blocks of a sequence of `len` that query block `[q0, q1)` sees,
-    /// the one holding the diagonal first: every query sees itself, so a running max is
-    /// finite after the first block and masked scores get weight 0 after it.
+    /// Of `len` keys starting at global position `k_start`, cut in `block`s, the blocks
+    /// (local positions) that query block `[q0, q1)` (global) sees, the one holding the
+    /// diagonal first: where every query sees itself, a running max is then finite after
+    /// the first block, so masked scores get weight 0 after it.
     pub fn key_blocks(
         &self,
         (q0, q1): (usize, usize),
-        len: usize,
+        (k_start, len): (usize, usize),
         block: usize,
     ) -> Vec<(usize, usize)> {
+        let global = |(k0, k1): (usize, usize)| (k_start + k0, k_start + k1);
         let mut blocks: Vec<(usize, usize)> = (0..len)
             .step_by(block)
             .map(|k0| (k0, (k0 + block).min(len)))
-            .filter(|&k| !self.all_hidden((q0, q1), k))
+            .filter(|&k| !self.all_hidden((q0, q1), global(k)))
             .collect();
-        if let Some(diagonal) = blocks.iter().position(|&(k0, k1)| (k0..k1).contains(&q0)) {
+        let holds_diagonal = |&k: &(usize, usize)| {
+            let (k0, k1) = global(k);
+            (k0..k1).contains(&q0)
+        };
+        if let Some(diagonal) = blocks.iter().position(holds_diagonal) {
             blocks[..=diagonal].rotate_right(1);
         }
         blocks
@@ -97,5 +103,57 @@ impl Visibility {
                 })
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Brute force: the blocks in which some query sees some key.
+    fn seen(
+        v: Visibility,
+        q: (usize, usize),
+        k_start: usize,
+        len: usize,
+        block: usize,
+    ) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = (0..len)
+            .step_by(block)
+            .map(|k0| (k0, (k0 + block).min(len)))
+            .filter(|&(k0, k1)| (q.0..q.1).any(|i| (k0..k1).any(|j| !v.hidden(i, k_start + j))))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn key_blocks_are_exactly_the_blocks_some_query_sees_diagonal_first() {
+        for v in [
+            Visibility::causal(0),
+            Visibility::causal(5),
+            Visibility {
+                causal: false,
+                window: 0,
+            },
+        ] {
+            for (q, k_start) in [((8, 12), 0), ((0, 4), 0), ((20, 24), 8), ((3, 7), 10)] {
+                let mut got = v.key_blocks(q, (k_start, 16), 3);
+                let holds_diagonal =
+                    |&(k0, k1): &(usize, usize)| (k_start + k0..k_start + k1).contains(&q.0);
+                if got.iter().any(holds_diagonal) {
+                    assert!(
+                        holds_diagonal(&got[0]),
+                        "{v:?} {q:?}: diagonal not first in {got:?}"
+                    );
+                }
+                got.sort();
+                assert_eq!(
+                    got,
+                    seen(v, q, k_start, 16, 3),
+                    "{v:?} q {q:?} keys from {k_start}"
+                );
+            }
+        }
     }
 }

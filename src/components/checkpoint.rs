@@ -1,5 +1,7 @@
-//! Checkpoints: `<run>/checkpoints/step-N/` holding the model, the optimizer state and the
-//! trainer state (step, tokens seen, data sampler RNG), with a SHA-256 of every file.
+//! Checkpoints: `<run>/checkpoints/step-N/` holding what every [`Stateful`] piece of the
+//! trainer writes — the model and the optimizer as safetensors, the step, tokens seen, the
+//! data sampler's RNG and the loss scaler in `trainer_state.json` — with a SHA-256 of every
+//! tensor file.
 //!
 //! A checkpoint is written into a hidden temporary folder and renamed into place, so a
 //! crash mid-save leaves no `step-N` that resume would trust. Resume verifies the hashes
@@ -9,11 +11,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::loss_scaler::LossScaler;
-use super::optimizer::AdamW;
 use crate::data::WindowSampler;
 use crate::model::LanguageModel;
 use crate::options::{OptionError, fail};
@@ -21,19 +23,115 @@ use crate::options::{OptionError, fail};
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
+/// The key of `trainer_state.json` that lists each tensor file's SHA-256.
+const FILES_KEY: &str = "files";
 
-/// Everything besides tensors that a resumed run needs to continue exactly.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainerState {
-    /// Optimizer steps completed.
-    pub step: u64,
-    pub tokens_seen: u64,
-    pub sampler: WindowSampler,
-    /// The f16 loss scaler, when the run uses one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loss_scaler: Option<LossScaler>,
-    /// SHA-256 of each tensor file in the folder.
-    pub files: BTreeMap<String, String>,
+/// A piece of training state that a checkpoint saves and a resume restores: the model, the
+/// optimizer, the data sampler, the loss scaler, the step counters. The trainer saves and
+/// restores itself by calling each piece, so adding state to a run is one impl.
+pub trait Stateful {
+    fn save_state(&self, into: &mut CheckpointWriter) -> anyhow::Result<()>;
+    fn load_state(&mut self, from: &CheckpointReader) -> anyhow::Result<()>;
+}
+
+/// A checkpoint being written: tensor files in its folder, and entries of
+/// `trainer_state.json`.
+pub struct CheckpointWriter {
+    dir: PathBuf,
+    entries: serde_json::Map<String, serde_json::Value>,
+    files: Vec<String>,
+}
+
+impl CheckpointWriter {
+    /// Where to write the tensor file `name`; it is hashed once the pieces are written.
+    pub fn tensor_file(&mut self, name: &str) -> PathBuf {
+        self.files.push(name.to_string());
+        self.dir.join(name)
+    }
+
+    /// Store `value` under `key` in `trainer_state.json`.
+    pub fn entry<T: Serialize>(&mut self, key: &str, value: &T) -> anyhow::Result<()> {
+        self.entries
+            .insert(key.to_string(), serde_json::to_value(value)?);
+        Ok(())
+    }
+}
+
+/// A verified checkpoint, to restore from.
+#[derive(Debug)]
+pub struct CheckpointReader {
+    dir: PathBuf,
+    entries: serde_json::Map<String, serde_json::Value>,
+}
+
+impl CheckpointReader {
+    /// The tensor file `name` (its hash was checked).
+    pub fn tensor_file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The entry `key` of `trainer_state.json`, if present.
+    pub fn entry<T: DeserializeOwned>(&self, key: &str) -> anyhow::Result<Option<T>> {
+        self.entries
+            .get(key)
+            .map(|v| {
+                serde_json::from_value(v.clone()).with_context(|| {
+                    format!(
+                        "{}: `{key}` is damaged",
+                        self.dir.join(STATE_FILE).display()
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    /// The entry `key`, which every checkpoint has.
+    pub fn required<T: DeserializeOwned>(&self, key: &str) -> anyhow::Result<T> {
+        self.entry(key)?
+            .with_context(|| format!("{} has no `{key}`", self.dir.join(STATE_FILE).display()))
+    }
+
+    /// The step the checkpoint was written after.
+    pub fn step(&self) -> anyhow::Result<u64> {
+        self.required("step")
+    }
+}
+
+impl Stateful for LanguageModel {
+    fn save_state(&self, into: &mut CheckpointWriter) -> anyhow::Result<()> {
+        crate::weights::save(self, &into.tensor_file(MODEL_FILE))
+    }
+
+    fn load_state(&mut self, from: &CheckpointReader) -> anyhow::Result<()> {
+        *self = crate::weights::load(self.clone(), &from.tensor_file(MODEL_FILE))?;
+        Ok(())
+    }
+}
+
+impl Stateful for WindowSampler {
+    fn save_state(&self, into: &mut CheckpointWriter) -> anyhow::Result<()> {
+        into.entry("sampler", self)
+    }
+
+    fn load_state(&mut self, from: &CheckpointReader) -> anyhow::Result<()> {
+        *self = from.required("sampler")?;
+        Ok(())
+    }
+}
+
+/// The f16 loss scaler, when the run has one.
+impl Stateful for Option<LossScaler> {
+    fn save_state(&self, into: &mut CheckpointWriter) -> anyhow::Result<()> {
+        match self {
+            Some(scaler) => into.entry("loss_scaler", scaler),
+            None => Ok(()),
+        }
+    }
+
+    fn load_state(&mut self, from: &CheckpointReader) -> anyhow::Result<()> {
+        *self = from.entry("loss_scaler")?;
+        Ok(())
+    }
 }
 
 /// A checkpoint folder on disk.
@@ -67,7 +165,7 @@ impl CheckpointManager {
         &mut self,
         resume: bool,
         quiet: bool,
-    ) -> anyhow::Result<Option<(Checkpoint, TrainerState)>> {
+    ) -> anyhow::Result<Option<(Checkpoint, CheckpointReader)>> {
         let existing = Checkpoint::list(&self.run_dir)?;
         if !resume {
             if let Some(newest) = existing.first() {
@@ -104,20 +202,9 @@ impl CheckpointManager {
         (self.config.interval > 0 && step.is_multiple_of(self.config.interval)) || step == last_step
     }
 
-    /// Save `state.step`'s checkpoint and prune to `keep_latest_k`.
-    pub fn save(
-        &mut self,
-        model: &LanguageModel,
-        optimizer: &AdamW,
-        state: &TrainerState,
-    ) -> anyhow::Result<Checkpoint> {
-        let ckpt = Checkpoint::save(
-            &self.run_dir,
-            model,
-            optimizer,
-            state,
-            self.config.keep_latest_k,
-        )?;
+    /// Save the checkpoint of `step` from `state` and prune to `keep_latest_k`.
+    pub fn save(&mut self, step: u64, state: &dyn Stateful) -> anyhow::Result<Checkpoint> {
+        let ckpt = Checkpoint::save(&self.run_dir, step, state, self.config.keep_latest_k)?;
         self.last_saved = Some(ckpt.step);
         Ok(ckpt)
     }
@@ -139,33 +226,39 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 }
 
 impl Checkpoint {
-    /// Write a checkpoint for `state.step`, then prune all but the newest `keep_latest_k`.
+    /// Write the checkpoint of `step` from `state`, then prune all but the newest
+    /// `keep_latest_k`.
     pub fn save(
         run_dir: &Path,
-        model: &LanguageModel,
-        optimizer: &AdamW,
-        state: &TrainerState,
+        step: u64,
+        state: &dyn Stateful,
         keep_latest_k: usize,
     ) -> anyhow::Result<Checkpoint> {
         let root = checkpoints_dir(run_dir);
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        let final_dir = root.join(format!("step-{}", state.step));
-        let tmp = root.join(format!(".tmp-step-{}", state.step));
+        let final_dir = root.join(format!("step-{step}"));
+        let tmp = root.join(format!(".tmp-step-{step}"));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
 
-        crate::weights::save(model, &tmp.join(MODEL_FILE))?;
-        optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
-        let mut state = state.clone();
-        state.files = [MODEL_FILE, OPTIMIZER_FILE]
-            .into_iter()
-            .map(|f| Ok((f.to_string(), sha256_file(&tmp.join(f))?)))
+        let mut writer = CheckpointWriter {
+            dir: tmp.clone(),
+            entries: serde_json::Map::new(),
+            files: Vec::new(),
+        };
+        state.save_state(&mut writer)?;
+        writer.entry("step", &step)?;
+        let files: BTreeMap<String, String> = writer
+            .files
+            .iter()
+            .map(|f| Ok((f.clone(), sha256_file(&tmp.join(f))?)))
             .collect::<anyhow::Result<_>>()?;
-        let json = serde_json::to_string_pretty(&state)?;
+        writer.entry(FILES_KEY, &files)?;
+        let json = serde_json::to_string_pretty(&writer.entries)?;
         write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
-        for f in [MODEL_FILE, OPTIMIZER_FILE] {
+        for f in files.keys() {
             std::fs::File::open(tmp.join(f))?.sync_all()?;
         }
         if final_dir.exists() {
@@ -183,7 +276,7 @@ impl Checkpoint {
         }
         Ok(Checkpoint {
             dir: final_dir,
-            step: state.step,
+            step,
         })
     }
 
@@ -208,26 +301,32 @@ impl Checkpoint {
         Ok(found)
     }
 
-    /// Read the trainer state and check every file against its recorded hash.
-    pub fn verify(&self) -> anyhow::Result<TrainerState> {
+    /// Read `trainer_state.json` and check every tensor file against its recorded hash.
+    pub fn verify(&self) -> anyhow::Result<CheckpointReader> {
         let state_path = self.dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&state_path)
             .with_context(|| format!("reading {}", state_path.display()))?;
-        let state: TrainerState = serde_json::from_str(&text)
+        let entries: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
             .with_context(|| format!("{} is damaged", state_path.display()))?;
-        if state.step != self.step {
+        let reader = CheckpointReader {
+            dir: self.dir.clone(),
+            entries,
+        };
+        let step = reader.step()?;
+        if step != self.step {
             bail!(
-                "{} says step {} but the folder is step-{}",
+                "{} says step {step} but the folder is step-{}",
                 state_path.display(),
-                state.step,
                 self.step
             );
         }
+        let files: BTreeMap<String, String> = reader.required(FILES_KEY)?;
         for f in [MODEL_FILE, OPTIMIZER_FILE] {
-            let expected = state
-                .files
-                .get(f)
-                .with_context(|| format!("{} lists no hash for {f}", state_path.display()))?;
+            if !files.contains_key(f) {
+                bail!("{} lists no hash for {f}", state_path.display());
+            }
+        }
+        for (f, expected) in &files {
             let path = self.dir.join(f);
             let actual = sha256_file(&path)?;
             if &actual != expected {
@@ -237,14 +336,14 @@ impl Checkpoint {
                 );
             }
         }
-        Ok(state)
+        Ok(reader)
     }
 
     /// The newest checkpoint that verifies, warning about each damaged one skipped.
-    pub fn latest_valid(run_dir: &Path) -> anyhow::Result<Option<(Checkpoint, TrainerState)>> {
+    pub fn latest_valid(run_dir: &Path) -> anyhow::Result<Option<(Checkpoint, CheckpointReader)>> {
         for ckpt in Self::list(run_dir)? {
             match ckpt.verify() {
-                Ok(state) => return Ok(Some((ckpt, state))),
+                Ok(reader) => return Ok(Some((ckpt, reader))),
                 Err(e) => eprintln!(
                     "warning: skipping checkpoint {}: {e:#}; falling back to the previous one",
                     ckpt.dir.display()

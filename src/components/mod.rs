@@ -8,7 +8,7 @@ pub mod lr_schedule;
 pub mod metrics;
 pub mod optimizer;
 
-pub use checkpoint::{Checkpoint, TrainerState};
+pub use checkpoint::{Checkpoint, CheckpointManager, Stateful};
 pub use loss_scaler::LossScaler;
 pub use lr_schedule::LrSchedule;
 pub use metrics::Metrics;

@@ -27,6 +27,8 @@ struct Moments {
 
 pub struct AdamW {
     config: OptimizerConfig,
+    /// Where the moments live: the master weights' (plain) device.
+    device: Device,
     /// Updates taken so far (PyTorch's `step`), for bias correction.
     step: u64,
     moments: BTreeMap<String, Moments>,
@@ -42,40 +44,69 @@ pub fn decays(owner: &str, rank: usize) -> bool {
     rank >= 2 && matches!(owner, "Struct:Linear" | "Struct:CausalConv1d")
 }
 
+/// Where a module visitor is: the path of names (`layers.0.mixer.q_proj`) and the type of
+/// the module at each level, the last being the one that holds the next parameter.
+#[derive(Default)]
+struct ParamPath {
+    names: Vec<String>,
+    owners: Vec<String>,
+}
+
+impl ParamPath {
+    fn enter(&mut self, name: &str, container: &str) {
+        self.names.push(name.to_string());
+        self.owners.push(container.to_string());
+    }
+
+    fn exit(&mut self) {
+        self.names.pop();
+        self.owners.pop();
+    }
+
+    fn path(&self) -> String {
+        self.names.join(".")
+    }
+
+    /// Whether the parameter here, of rank `rank`, decays.
+    fn decays(&self, rank: usize) -> bool {
+        decays(self.owners.last().map_or("", String::as_str), rank)
+    }
+}
+
 /// Every parameter of `model` by path, with whether [`decays`] decays it.
 pub fn decay_plan<M: Module>(model: &M) -> Vec<(String, bool)> {
+    #[derive(Default)]
     struct Plan {
-        path: Vec<String>,
-        owners: Vec<String>,
+        at: ParamPath,
         out: Vec<(String, bool)>,
     }
     impl ModuleVisitor for Plan {
         fn enter_module(&mut self, name: &str, container: &str) {
-            self.path.push(name.to_string());
-            self.owners.push(container.to_string());
+            self.at.enter(name, container);
         }
         fn exit_module(&mut self, _name: &str, _container: &str) {
-            self.path.pop();
-            self.owners.pop();
+            self.at.exit();
         }
         fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
-            let owner = self.owners.last().map_or("", String::as_str);
-            self.out.push((self.path.join("."), decays(owner, D)));
+            self.out.push((self.at.path(), self.at.decays(D)));
         }
     }
-    let mut plan = Plan {
-        path: Vec::new(),
-        owners: Vec::new(),
-        out: Vec::new(),
-    };
+    let mut plan = Plan::default();
     model.visit(&mut plan);
     plan.out
 }
 
 impl AdamW {
-    pub fn new(config: OptimizerConfig) -> Self {
+    /// An optimizer for weights on `device`.
+    pub fn new(config: OptimizerConfig, device: &Device) -> Self {
+        let device = if device.is_autodiff() {
+            device.clone().without_autodiff()
+        } else {
+            device.clone()
+        };
         Self {
             config,
+            device,
             step: 0,
             moments: BTreeMap::new(),
         }
@@ -100,8 +131,7 @@ impl AdamW {
             lr,
             grad_scale,
             grads,
-            path: Vec::new(),
-            owners: Vec::new(),
+            at: ParamPath::default(),
         };
         model.map(&mut mapper)
     }
@@ -179,6 +209,7 @@ impl AdamW {
         }
         Ok(Self {
             config,
+            device: device.clone(),
             step,
             moments,
         })
@@ -190,20 +221,16 @@ struct UpdateMapper<'a> {
     lr: f64,
     grad_scale: f64,
     grads: &'a mut GradientsParams,
-    path: Vec<String>,
-    /// The module type of each level of `path` (the last holds the parameter).
-    owners: Vec<String>,
+    at: ParamPath,
 }
 
 impl ModuleMapper for UpdateMapper<'_> {
     fn enter_module(&mut self, name: &str, container: &str) {
-        self.path.push(name.to_string());
-        self.owners.push(container.to_string());
+        self.at.enter(name, container);
     }
 
     fn exit_module(&mut self, _name: &str, _container: &str) {
-        self.path.pop();
-        self.owners.pop();
+        self.at.exit();
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
@@ -212,7 +239,7 @@ impl ModuleMapper for UpdateMapper<'_> {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let c = &self.opt.config;
-        let path = self.path.join(".");
+        let path = self.at.path();
         let dims = tensor.dims();
         let n: usize = dims.iter().product();
         let require_grad = tensor.is_require_grad();
@@ -243,8 +270,7 @@ impl ModuleMapper for UpdateMapper<'_> {
             .clone()
             .div(denom)
             .mul_scalar(self.lr / bias1);
-        let owner = self.owners.last().map_or("", String::as_str);
-        let decayed = if decays(owner, D) && c.weight_decay > 0.0 {
+        let decayed = if self.at.decays(D) && c.weight_decay > 0.0 {
             p.mul_scalar(1.0 - self.lr * c.weight_decay)
         } else {
             p
@@ -336,7 +362,7 @@ mod tests {
         let w0 = [[0.5f32, -0.25], [0.125, 1.0], [-2.0, 0.75]];
         let b0 = [0.3f32, -0.6];
         let mut model = linear(w0, b0, &device);
-        let mut opt = AdamW::new(config.clone());
+        let mut opt = AdamW::new(config.clone(), &device);
         let gw = |k: f32| [[0.1 * k, -0.2], [0.3, 0.05 * k], [-0.4, 0.2]];
         let gb = |k: f32| [0.7 * k, -0.1];
         let lr = 0.01;
@@ -448,6 +474,21 @@ impl OptimizerConfig {
                 format!("must be >= 0 (got {})", self.weight_decay),
             );
         }
+        Ok(())
+    }
+}
+
+impl super::checkpoint::Stateful for AdamW {
+    fn save_state(&self, into: &mut super::checkpoint::CheckpointWriter) -> anyhow::Result<()> {
+        self.save(&into.tensor_file(super::checkpoint::OPTIMIZER_FILE))
+    }
+
+    fn load_state(&mut self, from: &super::checkpoint::CheckpointReader) -> anyhow::Result<()> {
+        *self = AdamW::load(
+            self.config.clone(),
+            &from.tensor_file(super::checkpoint::OPTIMIZER_FILE),
+            &self.device,
+        )?;
         Ok(())
     }
 }

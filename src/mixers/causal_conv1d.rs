@@ -4,6 +4,9 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 
+use crate::parallel::Transport;
+use crate::parallel::state_passing::Carry;
+
 /// Depthwise causal 1-D convolution over time (PyTorch `Conv1d(groups=channels)` layout:
 /// weight `[channels, 1, kernel]`), left-padded so position t sees t−kernel+1..t.
 #[derive(Module, Debug)]
@@ -59,5 +62,23 @@ impl CausalConv1d {
 
     pub fn kernel(&self) -> usize {
         self.weight.dims()[2]
+    }
+}
+
+/// What a conv-then-scan mixer (Mamba, Mamba-2) carries from one token, or one chunk, to the
+/// next: the conv's last `kernel − 1` inputs `[b, kernel − 1, channels]` and the scan state
+/// `h` (`[b, d_inner, d_state]` for Mamba, `[b, heads, headdim, d_state]` for Mamba-2).
+#[derive(Clone, Debug)]
+pub struct ConvScanState<const D: usize> {
+    pub conv: Tensor<3>,
+    pub h: Tensor<D>,
+}
+
+impl<const D: usize> Carry for ConvScanState<D> {
+    fn send(self, transport: &dyn Transport, rank: usize) -> Self {
+        Self {
+            conv: transport.send(self.conv, rank),
+            h: transport.send(self.h, rank),
+        }
     }
 }

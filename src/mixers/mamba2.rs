@@ -35,12 +35,12 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::{silu, softplus};
 use serde::{Deserialize, Serialize};
 
-use super::causal_conv1d::CausalConv1d;
+use super::causal_conv1d::{CausalConv1d, ConvScanState};
 use super::{MixerContext, MixerOptions, OptionError, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::linear;
 use crate::options::{at_least_one, fail, non_negative, positive};
-use crate::parallel::state_passing::{Carry, pass_state};
-use crate::parallel::{SequenceParallel, Transport};
+use crate::parallel::SequenceParallel;
+use crate::parallel::state_passing::pass_state;
 
 /// `[model.mamba2]`: a Mamba-2 (SSD) layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -259,21 +259,8 @@ pub struct Mamba2 {
 }
 
 /// Decoding state: the last `d_conv − 1` conv inputs `[b, d_conv − 1, conv_dim]` and the SSM
-/// state `[b, nheads, headdim, d_state]`.
-#[derive(Clone, Debug)]
-pub struct Mamba2State {
-    pub conv: Tensor<3>,
-    pub ssm: Tensor<4>,
-}
-
-impl Carry for Mamba2State {
-    fn send(self, transport: &dyn Transport, rank: usize) -> Self {
-        Self {
-            conv: transport.send(self.conv, rank),
-            ssm: transport.send(self.ssm, rank),
-        }
-    }
-}
+/// state `h` `[b, nheads, headdim, d_state]`.
+pub type Mamba2State = ConvScanState<4>;
 
 /// `n` draws from U(lo, hi); all `lo` when the range is empty (rand refuses lo == hi).
 fn uniform(n: usize, lo: f64, hi: f64, device: &Device) -> Tensor<1> {
@@ -344,7 +331,7 @@ impl Mamba2 {
         let [bsz, t, _] = x.dims();
         let kernel = self.conv1d.kernel();
         let (history, h0) = match state {
-            Some(s) => (s.conv, Some(s.ssm)),
+            Some(s) => (s.conv, Some(s.h)),
             None => (
                 Tensor::zeros([bsz, kernel - 1, self.conv_dim()], &x.device()),
                 None,
@@ -361,7 +348,7 @@ impl Mamba2 {
             Mamba2Form::Sequential => ssd_sequential(xs.clone(), dt, self.A(), B, C, h0),
         };
         let y = y + xs * self.D.val().reshape([1, 1, self.nheads(), 1]);
-        (self.project_out(y, z), Mamba2State { conv, ssm })
+        (self.project_out(y, z), Mamba2State { conv, h: ssm })
     }
 }
 
@@ -416,7 +403,7 @@ impl TokenMixer for Mamba2 {
         let device = x.device();
         let state = state.unwrap_or_else(|| Mamba2State {
             conv: Tensor::zeros([bsz, kernel - 1, self.conv_dim()], &device),
-            ssm: Tensor::zeros([bsz, h, p, n], &device),
+            h: Tensor::zeros([bsz, h, p, n], &device),
         });
         let (z, xbc, dt) = self.split_in_proj(linear(&self.in_proj, x));
         let window = Tensor::cat(vec![state.conv, xbc], 1);
@@ -425,7 +412,7 @@ impl TokenMixer for Mamba2 {
         let (xs, B, C) = self.split_xbc(xbc);
         let per_step = |t: Tensor<4>| per_head(t, h).reshape([bsz, h, n]);
         let (y, ssm) = ssd_step(
-            state.ssm,
+            state.h,
             xs.clone().reshape([bsz, h, p]),
             dt.reshape([bsz, h]),
             self.A(),
@@ -433,7 +420,7 @@ impl TokenMixer for Mamba2 {
             per_step(C),
         );
         let y = y.reshape([bsz, 1, h, p]) + xs * self.D.val().reshape([1, 1, h, 1]);
-        (self.project_out(y, z), Mamba2State { conv, ssm })
+        (self.project_out(y, z), Mamba2State { conv, h: ssm })
     }
 
     /// State passing: the SSM state and the conv's last inputs go from rank to rank.

@@ -19,14 +19,14 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::{silu, softplus};
 
-use super::causal_conv1d::CausalConv1d;
+use super::causal_conv1d::{CausalConv1d, ConvScanState};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::linear;
 use crate::options::{OptionError, at_least_one, fail, positive};
-use crate::parallel::state_passing::{Carry, pass_state};
-use crate::parallel::{SequenceParallel, Transport};
+use crate::parallel::SequenceParallel;
+use crate::parallel::state_passing::pass_state;
 
 #[derive(Module, Debug)]
 pub struct Ssm {
@@ -99,20 +99,7 @@ impl Ssm {
 
 /// Decoding state: the last `d_conv − 1` conv inputs `[b, d_conv − 1, d_inner]` and the
 /// scan state `h` `[b, d_inner, d_state]`.
-#[derive(Clone, Debug)]
-pub struct SsmState {
-    pub conv: Tensor<3>,
-    pub h: Tensor<3>,
-}
-
-impl Carry for SsmState {
-    fn send(self, transport: &dyn Transport, rank: usize) -> Self {
-        Self {
-            conv: transport.send(self.conv, rank),
-            h: transport.send(self.h, rank),
-        }
-    }
-}
+pub type SsmState = ConvScanState<3>;
 
 impl TokenMixer for Ssm {
     type Options = SsmOptions;

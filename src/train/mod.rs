@@ -7,7 +7,7 @@ pub mod ranks;
 pub mod session;
 pub mod trainer;
 
-pub use crate::components::{AdamW, Checkpoint, LossScaler, LrSchedule, TrainerState};
+pub use crate::components::{AdamW, Checkpoint, LossScaler, LrSchedule};
 pub use ranks::Ranks;
 pub use session::{EVAL_SEED_SALT, TrainOptions, TrainSummary, train};
-pub use trainer::{StepOutput, Trainer, evaluate};
+pub use trainer::{Progress, StepOutput, Trainer, evaluate};

@@ -10,8 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::Trainer;
 use super::trainer::evaluate;
-use crate::components::checkpoint::{CheckpointManager, MODEL_FILE, OPTIMIZER_FILE};
-use crate::components::{AdamW, Metrics};
+use crate::components::Metrics;
+use crate::components::checkpoint::{CheckpointManager, Stateful};
 use crate::data::{CharTokenizer, Corpus};
 use crate::recipe::Recipe;
 use crate::run::{RECIPE_FILE, VOCAB_FILE};
@@ -60,16 +60,12 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         let model = crate::weights::load(trainer.model().clone(), path).context("--init-from")?;
         trainer.set_model(model);
     }
-    if let Some((ckpt, state)) = &resume_from {
-        let model = crate::weights::load(trainer.model().clone(), &ckpt.dir.join(MODEL_FILE))?;
-        let optimizer = AdamW::load(
-            recipe.optimizer.clone(),
-            &ckpt.dir.join(OPTIMIZER_FILE),
-            trainer.ranks.device(0),
-        )?;
-        trainer.restore(model, optimizer, state.clone());
+    if let Some((ckpt, reader)) = &resume_from {
+        trainer
+            .load_state(reader)
+            .with_context(|| format!("resuming from {}", ckpt.dir.display()))?;
         if !opts.quiet {
-            eprintln!("resuming {} from step {}", run_dir.display(), state.step);
+            eprintln!("resuming {} from step {}", run_dir.display(), ckpt.step);
         }
     }
     // Written only once the run is known to start, so a failed command leaves them as they were.
@@ -115,34 +111,34 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         )
         .expect("valid template"),
     );
-    bar.set_position(trainer.state.step);
-    if trainer.state.step >= t.steps && !opts.quiet {
+    bar.set_position(trainer.progress.step);
+    if trainer.progress.step >= t.steps && !opts.quiet {
         eprintln!(
             "{} is already trained to step {} (training.steps = {}): raise training.steps \
              (e.g. --set training.steps={}) to continue it",
             run_dir.display(),
-            trainer.state.step,
+            trainer.progress.step,
             t.steps,
             t.steps * 2
         );
     }
 
     let start = Instant::now();
-    let first_step = trainer.state.step;
+    let first_step = trainer.progress.step;
     let tokens_per_step = (t.batch_size * t.seq_len) as u64;
     let mut window_start = Instant::now();
     let mut window_tokens = 0u64;
     let mut last_loss = f64::NAN;
     let mut last_val = None;
-    while trainer.state.step < t.steps {
-        if opts.stop_after.is_some_and(|s| trainer.state.step >= s) {
+    while trainer.progress.step < t.steps {
+        if opts.stop_after.is_some_and(|s| trainer.progress.step >= s) {
             break;
         }
-        let step = trainer.state.step;
+        let step = trainer.progress.step;
         let out = trainer.step(&corpus.train);
         let loss = out.loss;
         if out.skipped {
-            let scale = trainer.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
+            let scale = trainer.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
             if scale < 1.0 {
                 bar.abandon();
                 bail!(
@@ -173,7 +169,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         }
         window_tokens += tokens_per_step;
         last_loss = loss;
-        let s = trainer.state.step;
+        let s = trainer.progress.step;
         bar.set_position(s);
 
         if s % recipe.metrics.log_interval == 0 || s == t.steps {
@@ -187,7 +183,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
             metrics.scalar("lr", out.lr, s);
             metrics.scalar("grad_norm", out.grad_norm, s);
             metrics.scalar("tokens_per_s", tps, s);
-            if let Some(scaler) = &trainer.state.loss_scaler {
+            if let Some(scaler) = &trainer.loss_scaler {
                 metrics.scalar("loss_scale", scaler.scale, s);
                 metrics.scalar("skipped_steps", scaler.skipped_steps as f64, s);
             }
@@ -219,17 +215,17 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
             }
         }
         if checkpoints.due(s, t.steps) {
-            checkpoints.save(trainer.model(), &trainer.optimizer, &trainer.state)?;
+            checkpoints.save(s, &trainer)?;
         }
     }
     bar.finish_and_clear();
     metrics.flush();
     let wall_s = start.elapsed().as_secs_f64();
     Ok(TrainSummary {
-        step: trainer.state.step,
+        step: trainer.progress.step,
         train_loss: last_loss,
         val_loss: last_val,
-        tokens_per_s: ((trainer.state.step - first_step) * tokens_per_step) as f64 / wall_s,
+        tokens_per_s: ((trainer.progress.step - first_step) * tokens_per_step) as f64 / wall_s,
         wall_s,
         run_dir,
     })

@@ -4,9 +4,12 @@
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 
+use serde::{Deserialize, Serialize};
+
 use super::Ranks;
+use crate::components::checkpoint::{CheckpointReader, CheckpointWriter, Stateful};
 use crate::components::optimizer::{clip_factor, global_grad_norm};
-use crate::components::{AdamW, LossScaler, LrSchedule, TrainerState};
+use crate::components::{AdamW, LossScaler, LrSchedule};
 use crate::data::WindowSampler;
 use crate::mixed_precision::autocast;
 use crate::model::{LanguageModel, LanguageModelConfig};
@@ -23,9 +26,60 @@ pub struct Trainer {
     /// Taken out for the duration of a step (the optimizer consumes and returns it).
     model: Option<LanguageModel>,
     pub optimizer: AdamW,
-    /// Step, tokens seen, sampler and loss scaler: what a checkpoint stores besides tensors.
-    pub state: TrainerState,
+    pub progress: Progress,
+    /// Draws the training windows; its RNG state is checkpointed.
+    pub sampler: WindowSampler,
+    /// f16's dynamic loss scale (absent in f32 and bf16).
+    pub loss_scaler: Option<LossScaler>,
     pub schedule: LrSchedule,
+}
+
+/// How far a run has got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub tokens_seen: u64,
+}
+
+impl Stateful for Progress {
+    fn save_state(&self, into: &mut CheckpointWriter) -> anyhow::Result<()> {
+        into.entry("tokens_seen", &self.tokens_seen)
+    }
+
+    fn load_state(&mut self, from: &CheckpointReader) -> anyhow::Result<()> {
+        self.step = from.step()?;
+        self.tokens_seen = from.required("tokens_seen")?;
+        Ok(())
+    }
+}
+
+/// A checkpoint holds every piece that carries state; the LR schedule has none (it is a
+/// function of the step).
+impl Stateful for Trainer {
+    fn save_state(&self, into: &mut CheckpointWriter) -> anyhow::Result<()> {
+        self.model().save_state(into)?;
+        self.optimizer.save_state(into)?;
+        self.progress.save_state(into)?;
+        self.sampler.save_state(into)?;
+        self.loss_scaler.save_state(into)
+    }
+
+    fn load_state(&mut self, from: &CheckpointReader) -> anyhow::Result<()> {
+        let mut model = self
+            .model
+            .take()
+            .expect("the model is only out during a step");
+        let loaded = model.load_state(from);
+        self.model = Some(model);
+        loaded?;
+        self.optimizer.load_state(from)?;
+        self.progress.load_state(from)?;
+        self.sampler.load_state(from)?;
+        self.loss_scaler.load_state(from)?;
+        self.fit_loss_scaler();
+        Ok(())
+    }
 }
 
 /// What one optimizer step measured.
@@ -58,32 +112,21 @@ impl Trainer {
         let device = ranks.device(0).clone().autodiff();
         let config = model_config(recipe, vocab_size);
         let model = config.init_seeded(t.seed, &device);
+        let optimizer = AdamW::new(recipe.optimizer.clone(), &device);
         let mut trainer = Self {
             recipe: recipe.clone(),
             ranks,
             device,
             config,
             model: Some(model),
-            optimizer: AdamW::new(recipe.optimizer.clone()),
-            state: TrainerState {
-                step: 0,
-                tokens_seen: 0,
-                sampler: WindowSampler::new(t.seed),
-                loss_scaler: None,
-                files: Default::default(),
-            },
+            optimizer,
+            progress: Progress::default(),
+            sampler: WindowSampler::new(t.seed),
+            loss_scaler: None,
             schedule: LrSchedule::new(&recipe.lr_scheduler, recipe.optimizer.lr, t.steps),
         };
         trainer.fit_loss_scaler();
         Ok(trainer)
-    }
-
-    /// Continue from a checkpoint's model, optimizer and state.
-    pub fn restore(&mut self, model: LanguageModel, optimizer: AdamW, state: TrainerState) {
-        self.model = Some(model);
-        self.optimizer = optimizer;
-        self.state = state;
-        self.fit_loss_scaler();
     }
 
     /// f16 needs loss scaling; a resumed run keeps its saved scale, and one resumed in
@@ -91,9 +134,9 @@ impl Trainer {
     fn fit_loss_scaler(&mut self) {
         let t = &self.recipe.training;
         if t.precision != Precision::F16 {
-            self.state.loss_scaler = None;
-        } else if self.state.loss_scaler.is_none() {
-            self.state.loss_scaler = Some(LossScaler::new(&t.loss_scaler));
+            self.loss_scaler = None;
+        } else if self.loss_scaler.is_none() {
+            self.loss_scaler = Some(LossScaler::new(&t.loss_scaler));
         }
     }
 
@@ -118,7 +161,7 @@ impl Trainer {
     /// nothing corrupted. (A step the f16 loss scaler skips counts, as in PyTorch.)
     pub fn step(&mut self, tokens: &[u32]) -> StepOutput {
         let t = &self.recipe.training;
-        let step = self.state.step;
+        let step = self.progress.step;
         let lr = self.schedule.lr(step);
         if self.recipe.model.dropout > 0.0 {
             // Dropout draws from the backend's RNG: re-seed it per step so a resumed run
@@ -133,14 +176,11 @@ impl Trainer {
         let micro = t.micro_batch_size();
         let accum = t.batch_size / micro;
         let working = crate::device::working_dtype(t.precision);
-        let loss_scale = self.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
+        let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         let mut accumulator = GradientsAccumulator::<LanguageModel>::new();
         let (mut loss_sum, mut aux_sum) = (0.0, 0.0);
         for _ in 0..accum {
-            let batch = self
-                .state
-                .sampler
-                .batch(tokens, micro, t.seq_len, &self.device);
+            let batch = self.sampler.batch(tokens, micro, t.seq_len, &self.device);
             let loss = autocast(working, || {
                 self.ranks
                     .training_loss(&model, batch.inputs, batch.targets)
@@ -167,7 +207,6 @@ impl Trainer {
             skipped: false,
         };
         let overflow = self
-            .state
             .loss_scaler
             .as_mut()
             .is_some_and(|s| !s.update(out.grad_norm.is_finite(), &t.loss_scaler));
@@ -181,8 +220,8 @@ impl Trainer {
             let scale = clip_factor(out.grad_norm, t.grad_clip) / accum as f64 / loss_scale;
             self.model = Some(self.optimizer.step(lr, model, &mut grads, scale));
         }
-        self.state.step += 1;
-        self.state.tokens_seen += (t.batch_size * t.seq_len) as u64;
+        self.progress.step += 1;
+        self.progress.tokens_seen += (t.batch_size * t.seq_len) as u64;
         out
     }
 }
