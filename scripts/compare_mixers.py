@@ -11,6 +11,7 @@ Each run goes to runs/compare-<recipe> (replaced). The plot needs matplotlib
 (pip install matplotlib); without it the table is still written.
 """
 import argparse
+import json
 import os
 import pathlib
 import re
@@ -101,6 +102,8 @@ def main() -> int:
         )
     table = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(table)
+    # The raw rows (with each run's val-loss curve), so a plot can be redrawn without training.
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print(table)
     try:
         import matplotlib

@@ -19,7 +19,7 @@ pub use crate::data::{DataConfig, TokenizerKind};
 pub use crate::device::{BackendKind, DeviceSpec, Precision};
 use crate::mixers::{MixerKind, MixerOptionsSet, ShardedForm};
 pub use crate::model::ModelConfig;
-use crate::options::{OptionError, divisors, fail};
+use crate::options::{OptionError, divisors, fail, non_negative};
 pub use crate::parallel::{ParallelismConfig, Sharding};
 
 /// A whole recipe. Sections may be left out; every key has a default.
@@ -113,7 +113,7 @@ impl TrainingConfig {
         if self.steps == 0 {
             return fail("steps", "must be at least 1");
         }
-        if !(self.grad_clip >= 0.0) {
+        if !non_negative(self.grad_clip) {
             return fail(
                 "grad_clip",
                 format!("must be >= 0 (got {}); 0 disables clipping", self.grad_clip),

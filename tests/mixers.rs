@@ -12,7 +12,7 @@ use metamix::mixers::linear_attention::{self, LinearInputs};
 use metamix::mixers::moh::{Moh, MohOptions};
 use metamix::mixers::pool::{Pool, PoolOptions};
 use metamix::mixers::ssm::{self, ScanInputs};
-use metamix::mixers::{MixerContext, MixerKind, TokenMixer};
+use metamix::mixers::{MixerContext, MixerKind, MixerOptions, TokenMixer};
 use metamix::run::model_config;
 
 fn device() -> Device {
@@ -353,6 +353,7 @@ fn moh(n_heads: usize, shared_heads: usize, top_k: usize) -> Moh {
         top_k,
         ..Default::default()
     };
+    options.validate(&ctx).expect("valid MoH options");
     Moh::init(&options, &ctx, &Device::flex())
 }
 

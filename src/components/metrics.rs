@@ -1,21 +1,45 @@
-//! Where numbers go: the console and, if enabled, TensorBoard event files.
+//! The metrics processor (torchtitan's `MetricsProcessor`): it owns when training scalars
+//! are logged (`log_interval`), the throughput window between logs, and where numbers go
+//! (TensorBoard event files when enabled; the caller shows the returned line).
 
 use std::path::Path;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tensorboard_rs::summary_writer::SummaryWriter;
 
 use crate::options::{OptionError, fail};
 
+/// What one optimizer step reports to the metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct StepMetrics {
+    pub loss: f64,
+    /// The mixers' weighted auxiliary loss (0 without one).
+    pub aux_loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// The f16 loss scale and the steps it skipped, when the run has a loss scaler.
+    pub loss_scale: Option<(f64, u64)>,
+}
+
 pub struct Metrics {
     writer: Option<SummaryWriter>,
+    log_interval: u64,
+    /// Tokens trained since the last log, and since when.
+    window_tokens: u64,
+    window_start: Instant,
 }
 
 impl Metrics {
-    /// TensorBoard events go to `<run_dir>/tensorboard` when `tensorboard` is on.
-    pub fn new(run_dir: &Path, tensorboard: bool) -> Self {
+    /// TensorBoard events go to `<run_dir>/tensorboard` when `config.tensorboard` is on.
+    pub fn new(run_dir: &Path, config: &MetricsConfig) -> Self {
         Self {
-            writer: tensorboard.then(|| SummaryWriter::new(run_dir.join("tensorboard"))),
+            writer: config
+                .tensorboard
+                .then(|| SummaryWriter::new(run_dir.join("tensorboard"))),
+            log_interval: config.log_interval,
+            window_tokens: 0,
+            window_start: Instant::now(),
         }
     }
 
@@ -23,6 +47,39 @@ impl Metrics {
         if let Some(w) = &mut self.writer {
             w.add_scalar(tag, value as f32, step as usize);
         }
+    }
+
+    /// Count step `step` (of `last_step`), which trained `tokens` tokens; on a logging step
+    /// write its scalars and return the progress line (loss, lr, tokens/s).
+    pub fn step(
+        &mut self,
+        step: u64,
+        last_step: u64,
+        tokens: u64,
+        m: &StepMetrics,
+    ) -> Option<String> {
+        self.window_tokens += tokens;
+        if !(step.is_multiple_of(self.log_interval) || step == last_step) {
+            return None;
+        }
+        let tps = self.window_tokens as f64 / self.window_start.elapsed().as_secs_f64();
+        self.window_start = Instant::now();
+        self.window_tokens = 0;
+        self.scalar("train/loss", m.loss, step);
+        if m.aux_loss != 0.0 {
+            self.scalar("train/aux_loss", m.aux_loss, step);
+        }
+        self.scalar("lr", m.lr, step);
+        self.scalar("grad_norm", m.grad_norm, step);
+        self.scalar("tokens_per_s", tps, step);
+        if let Some((scale, skipped)) = m.loss_scale {
+            self.scalar("loss_scale", scale, step);
+            self.scalar("skipped_steps", skipped as f64, step);
+        }
+        Some(format!(
+            "loss {:.4} | lr {:.2e} | {tps:.0} tok/s",
+            m.loss, m.lr
+        ))
     }
 
     pub fn flush(&mut self) {

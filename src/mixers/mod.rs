@@ -8,12 +8,6 @@
 //! every dispatch. The block, the model, the trainer, export and the tests do not change.
 
 pub mod causal_conv1d;
-pub mod linear_attention;
-pub mod mamba2;
-pub mod moh;
-pub mod pool;
-pub mod softmax_attention;
-pub mod ssm;
 
 use std::fmt::Debug;
 
@@ -137,10 +131,12 @@ pub trait TokenMixer: Module + Sized {
     }
 }
 
-/// Generates, from one line per mixer (`recipe name: Variant => Type`), everything that
-/// has to name every mixer.
+/// Generates, from one line per mixer (`recipe name: Variant => module::Type`), the
+/// mixer's module declaration and everything that has to name every mixer.
 macro_rules! registry {
-    ($($name:ident: $variant:ident => $ty:ty),+ $(,)?) => {
+    ($($name:ident: $variant:ident => $module:ident :: $ty:ident),+ $(,)?) => {
+        $(pub mod $module;)+
+
         /// The mixer names a recipe may use (`mixer = "softmax"`, `mixers = [...]`).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum MixerKind {
@@ -166,14 +162,14 @@ macro_rules! registry {
 
             pub fn sharded_form(self) -> ShardedForm {
                 match self {
-                    $(MixerKind::$variant => <$ty as TokenMixer>::SHARDED),+
+                    $(MixerKind::$variant => <$module::$ty as TokenMixer>::SHARDED),+
                 }
             }
 
             /// Build this mixer with its options from `options`.
             pub fn init(self, options: &MixerOptionsSet, ctx: &MixerContext, device: &Device) -> Mixer {
                 match self {
-                    $(MixerKind::$variant => Mixer::$variant(<$ty>::init(&options.$name, ctx, device))),+
+                    $(MixerKind::$variant => Mixer::$variant(<$module::$ty>::init(&options.$name, ctx, device))),+
                 }
             }
         }
@@ -183,7 +179,7 @@ macro_rules! registry {
         #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
         #[serde(deny_unknown_fields, default)]
         pub struct MixerOptionsSet {
-            $(pub $name: <$ty as TokenMixer>::Options),+
+            $(pub $name: <$module::$ty as TokenMixer>::Options),+
         }
 
         impl MixerOptionsSet {
@@ -228,13 +224,13 @@ macro_rules! registry {
         #[allow(clippy::large_enum_variant)]
         #[derive(Module, Debug)]
         pub enum Mixer {
-            $($variant($ty)),+
+            $($variant($module::$ty)),+
         }
 
         /// The decoding state of whichever mixer a layer has.
         #[derive(Clone, Debug)]
         pub enum MixerState {
-            $($variant(<$ty as TokenMixer>::State)),+
+            $($variant(<$module::$ty as TokenMixer>::State)),+
         }
 
         impl Mixer {
@@ -278,7 +274,7 @@ macro_rules! registry {
             ) -> (Vec<Tensor<3>>, Option<Tensor<1>>) {
                 match ranks[0] {
                     $(Mixer::$variant(_) => {
-                        let typed: Vec<&$ty> = ranks
+                        let typed: Vec<&$module::$ty> = ranks
                             .iter()
                             .map(|m| match m {
                                 Mixer::$variant(m) => m,
@@ -286,7 +282,7 @@ macro_rules! registry {
                                 _ => panic!("ranks hold different mixers for one layer"),
                             })
                             .collect();
-                        <$ty>::forward_sharded(&typed, xs, sp)
+                        <$module::$ty>::forward_sharded(&typed, xs, sp)
                     }),+
                 }
             }

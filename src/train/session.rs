@@ -10,8 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::Trainer;
 use super::trainer::evaluate;
-use crate::components::Metrics;
 use crate::components::checkpoint::{CheckpointManager, Stateful};
+use crate::components::metrics::{Metrics, StepMetrics};
 use crate::data::{CharTokenizer, Corpus};
 use crate::recipe::Recipe;
 use crate::run::{RECIPE_FILE, VOCAB_FILE};
@@ -73,7 +73,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     std::fs::write(run_dir.join(RECIPE_FILE), recipe.to_toml())?;
     corpus.tokenizer.save(&run_dir.join(VOCAB_FILE))?;
 
-    let mut metrics = Metrics::new(&run_dir, recipe.metrics.tensorboard);
+    let mut metrics = Metrics::new(&run_dir, &recipe.metrics);
     let micro = recipe.micro_batch_size();
     let bar = if opts.quiet {
         ProgressBar::hidden()
@@ -126,8 +126,6 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     let start = Instant::now();
     let first_step = trainer.progress.step;
     let tokens_per_step = (t.batch_size * t.seq_len) as u64;
-    let mut window_start = Instant::now();
-    let mut window_tokens = 0u64;
     let mut last_loss = f64::NAN;
     let mut last_val = None;
     while trainer.progress.step < t.steps {
@@ -167,30 +165,21 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
                 checkpoints.last_good()
             );
         }
-        window_tokens += tokens_per_step;
         last_loss = loss;
         let s = trainer.progress.step;
         bar.set_position(s);
-
-        if s % recipe.metrics.log_interval == 0 || s == t.steps {
-            let tps = window_tokens as f64 / window_start.elapsed().as_secs_f64();
-            window_start = Instant::now();
-            window_tokens = 0;
-            metrics.scalar("train/loss", loss, s);
-            if out.aux_loss != 0.0 {
-                metrics.scalar("train/aux_loss", out.aux_loss, s);
-            }
-            metrics.scalar("lr", out.lr, s);
-            metrics.scalar("grad_norm", out.grad_norm, s);
-            metrics.scalar("tokens_per_s", tps, s);
-            if let Some(scaler) = &trainer.loss_scaler {
-                metrics.scalar("loss_scale", scaler.scale, s);
-                metrics.scalar("skipped_steps", scaler.skipped_steps as f64, s);
-            }
-            bar.set_message(format!(
-                "loss {loss:.4} | lr {:.2e} | {tps:.0} tok/s",
-                out.lr
-            ));
+        let reported = StepMetrics {
+            loss,
+            aux_loss: out.aux_loss,
+            lr: out.lr,
+            grad_norm: out.grad_norm,
+            loss_scale: trainer
+                .loss_scaler
+                .as_ref()
+                .map(|l| (l.scale, l.skipped_steps)),
+        };
+        if let Some(line) = metrics.step(s, t.steps, tokens_per_step, &reported) {
+            bar.set_message(line);
         }
         if (t.eval_interval > 0 && s % t.eval_interval == 0) || s == t.steps {
             let val = evaluate(

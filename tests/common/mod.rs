@@ -99,8 +99,12 @@ pub fn assert_close(actual: &[f32], expected: &[f32], rtol: f32, atol: f32, what
     assert_eq!(actual.len(), expected.len(), "{what}: lengths");
     let mut worst: Option<(usize, f32)> = None;
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
-        let excess = (a - e).abs() - (atol + rtol * e.abs());
-        if !(excess <= 0.0) && worst.is_none_or(|(_, w)| excess > w) {
+        // NaN is never within tolerance.
+        let excess = match (a - e).abs() - (atol + rtol * e.abs()) {
+            x if x.is_nan() => f32::INFINITY,
+            x => x,
+        };
+        if excess > 0.0 && worst.is_none_or(|(_, w)| excess > w) {
             worst = Some((i, excess));
         }
     }
