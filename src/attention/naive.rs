@@ -32,10 +32,12 @@ pub fn attend(
     let m = s.clone().max_dim(3).detach();
     let p = (s - m.clone()).exp();
     let l = p.clone().sum_dim(3);
-    let weights = p / l.clone();
-    let weights = match dropout {
-        Some(d) => d.forward(weights),
-        None => weights,
+    let out = match dropout {
+        // Dropout acts on the normalised weights.
+        Some(d) => d.forward(p / l.clone()).matmul(v),
+        // Normalising the output instead of the weights keeps one [tq, tk] tensor fewer
+        // alive for backward (what a ring rank holds per visited block).
+        None => p.matmul(v) / l.clone(),
     };
-    (weights.matmul(v), m + l.log())
+    (out, m + l.log())
 }

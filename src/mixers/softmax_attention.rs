@@ -96,7 +96,8 @@ impl SoftmaxAttention {
             // Attention dropout needs the full weight matrix, which the tiled form never builds.
             attend_tiled(q, k, v, self.block_size, self.window)
         } else {
-            naive::attend(q, k, v, (0, 0), self.visibility(), Some(&self.attn_dropout)).0
+            let dropout = (self.attn_dropout.prob > 0.0).then_some(&self.attn_dropout);
+            naive::attend(q, k, v, (0, 0), self.visibility(), dropout).0
         }
     }
 
