@@ -18,7 +18,7 @@ pub fn attend_tiled(
 ) -> Tensor<4> {
     let visibility = Visibility::causal(window);
     if takes_flash_path(&q.device()) {
-        attend_block(q, k, v, (0, 0), visibility, block).0
+        flash(q, k, v, (0, 0), visibility, block).0
     } else {
         attend_tiled_ops(q, k, v, block, visibility).0
     }
@@ -37,9 +37,22 @@ pub fn attend_block(
     visibility: Visibility,
     block: usize,
 ) -> (Tensor<4>, Tensor<4>) {
-    if !takes_flash_path(&q.device()) {
-        return super::naive::attend(q, k, v, (q_start, k_start), visibility, None);
+    if takes_flash_path(&q.device()) {
+        flash(q, k, v, (q_start, k_start), visibility, block)
+    } else {
+        super::naive::attend(q, k, v, (q_start, k_start), visibility, None)
     }
+}
+
+/// The FlashAttention extension (flex only): output and row log-sum-exp.
+fn flash(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    (q_start, k_start): (usize, usize),
+    visibility: Visibility,
+    block: usize,
+) -> (Tensor<4>, Tensor<4>) {
     let dv = v.dims()[3];
     let packed = <burn::backend::Dispatch as FlashAttentionBackend>::flash_attention(
         q.into_dispatch(),

@@ -1,4 +1,5 @@
-//! Depthwise causal 1-D convolution over time, as Mamba's blocks use it before their scan.
+//! What Mamba's and Mamba-2's blocks share: the depthwise causal 1-D convolution before
+//! their scan, the state they carry, and the slicing of a sequence into scan steps.
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
@@ -81,4 +82,21 @@ impl<const D: usize> Carry for ConvScanState<D> {
             h: transport.send(self.h, rank),
         }
     }
+}
+
+/// Steps cut from a sequence at once by [`time_steps`].
+const SLICE_BLOCK: usize = 64;
+
+/// The steps of `x` along time (dim 1), each of length 1, for a sequential scan. Cut in two
+/// levels, blocks and then steps: a slice's backward writes a zero tensor the size of what it
+/// was cut from, so cutting every step from the whole sequence would cost O(t²).
+pub fn time_steps<const D: usize>(x: Tensor<D>) -> Vec<Tensor<D>> {
+    let t = x.dims()[1];
+    let mut steps = Vec::with_capacity(t);
+    for t0 in (0..t).step_by(SLICE_BLOCK) {
+        let len = SLICE_BLOCK.min(t - t0);
+        let block = x.clone().narrow(1, t0, len);
+        steps.extend((0..len).map(|i| block.clone().narrow(1, i, 1)));
+    }
+    steps
 }

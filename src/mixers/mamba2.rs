@@ -35,10 +35,10 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::{silu, softplus};
 use serde::{Deserialize, Serialize};
 
-use super::causal_conv1d::{CausalConv1d, ConvScanState};
+use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
 use super::{MixerContext, MixerOptions, OptionError, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::linear;
-use crate::options::{at_least_one, fail, non_negative, positive};
+use crate::options::{at_least_one, divisors, fail, non_negative, positive};
 use crate::parallel::SequenceParallel;
 use crate::parallel::state_passing::pass_state;
 
@@ -127,9 +127,9 @@ impl MixerOptions for Mamba2Options {
                 "headdim",
                 format!(
                     "headdim {} does not divide d_inner = expand · d_model = {d_inner}: use a \
-                     divisor of {d_inner} such as {}",
+                     divisor of {d_inner} (e.g. {})",
                     self.headdim,
-                    divisors_near(d_inner, self.headdim)
+                    divisors(d_inner)
                 ),
             );
         }
@@ -139,9 +139,9 @@ impl MixerOptions for Mamba2Options {
                 "ngroups",
                 format!(
                     "ngroups {} does not divide nheads = d_inner / headdim = {nheads}: use a \
-                     divisor of {nheads} such as {}",
+                     divisor of {nheads} (e.g. {})",
                     self.ngroups,
-                    divisors_near(nheads, self.ngroups)
+                    divisors(nheads)
                 ),
             );
         }
@@ -185,18 +185,6 @@ impl MixerOptions for Mamba2Options {
             );
         }
         Ok(())
-    }
-}
-
-/// Divisors of `n` on either side of `k` ("32 or 64"), for messages.
-fn divisors_near(n: usize, k: usize) -> String {
-    let below = (1..=k.min(n))
-        .rev()
-        .find(|d| n.is_multiple_of(*d))
-        .unwrap_or(1);
-    match (k..=n).find(|d| n.is_multiple_of(*d)) {
-        Some(above) if above != below => format!("{below} or {above}"),
-        _ => below.to_string(),
     }
 }
 
@@ -444,23 +432,6 @@ fn per_head(x: Tensor<4>, nheads: usize) -> Tensor<4> {
     x.unsqueeze_dim::<5>(3)
         .repeat_dim(3, nheads / g)
         .reshape([bsz, t, nheads, n])
-}
-
-/// Steps cut from the sequence at once by [`time_steps`].
-const SLICE_BLOCK: usize = 64;
-
-/// The steps of `x` along time (dim 1), each of length 1. Cut in two levels, blocks and then
-/// steps: a slice's backward writes a zero tensor the size of what it was cut from, so
-/// cutting every step from the whole sequence would cost O(t²).
-fn time_steps<const D: usize>(x: Tensor<D>) -> Vec<Tensor<D>> {
-    let t = x.dims()[1];
-    let mut steps = Vec::with_capacity(t);
-    for t0 in (0..t).step_by(SLICE_BLOCK) {
-        let len = SLICE_BLOCK.min(t - t0);
-        let block = x.clone().narrow(1, t0, len);
-        steps.extend((0..len).map(|i| block.clone().narrow(1, i, 1)));
-    }
-    steps
 }
 
 /// One step of the recurrence for every head: x `[b, H, P]`, Δ `[b, H]`, A `[H]`, B and C

@@ -184,27 +184,23 @@ macro_rules! registry {
 
         impl MixerOptionsSet {
             /// Check the options of the mixers the layers use and of those a recipe wrote a
-            /// table for (`written`), as (key path under `model.`, message); the sharded
-            /// checks apply to the mixers in use.
+            /// table for (`written`; keys under `model.`); the sharded checks apply to the
+            /// mixers in use.
             pub fn validate(
                 &self,
                 used: &[MixerKind],
                 written: &[MixerKind],
                 ctx: &MixerContext,
                 sharded_chunk_len: Option<usize>,
-            ) -> Result<(), (String, String)> {
-                let key = |kind: MixerKind, e: OptionError| {
-                    (format!("{}.{}", kind.name(), e.key), e.message)
-                };
+            ) -> Result<(), OptionError> {
                 $(
                     let in_use = used.contains(&MixerKind::$variant);
+                    let within = |e: OptionError| e.within(stringify!($name));
                     if in_use || written.contains(&MixerKind::$variant) {
-                        self.$name.validate(ctx).map_err(|e| key(MixerKind::$variant, e))?;
+                        self.$name.validate(ctx).map_err(within)?;
                     }
                     if let (true, Some(len)) = (in_use, sharded_chunk_len) {
-                        self.$name
-                            .validate_sharded(len)
-                            .map_err(|e| key(MixerKind::$variant, e))?;
+                        self.$name.validate_sharded(len).map_err(within)?;
                     }
                 )+
                 Ok(())

@@ -19,7 +19,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::{silu, softplus};
 
-use super::causal_conv1d::{CausalConv1d, ConvScanState};
+use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
@@ -225,35 +225,18 @@ pub fn scan_sequential_from(s: ScanInputs, h: Option<Tensor<3>>) -> (Tensor<3>, 
     let n = s.a.dims()[1];
     let a = s.a.unsqueeze::<3>(); // [1, di, n]
     let mut h = h.unwrap_or_else(|| Tensor::<3>::zeros([bsz, di, n], &s.u.device()));
-    let mut blocks = Vec::with_capacity(t.div_ceil(SLICE_BLOCK));
-    // Slice and concatenate in two levels: a slice's backward writes a zero tensor the size
-    // of what it was cut from, so cutting each step from the whole sequence costs O(t²).
-    for t0 in (0..t).step_by(SLICE_BLOCK) {
-        let t1 = (t0 + SLICE_BLOCK).min(t);
-        let block = |x: &Tensor<3>, w: usize| x.clone().slice([0..bsz, t0..t1, 0..w]);
-        let (delta, u) = (block(&s.delta, di), block(&s.u, di));
-        let (b, c) = (block(&s.b, n), block(&s.c, n));
-        let mut ys = Vec::with_capacity(t1 - t0);
-        for i in 0..t1 - t0 {
-            let step = |x: &Tensor<3>, w: usize| x.clone().slice([0..bsz, i..i + 1, 0..w]);
-            let (y, next) = scan_step(
-                h,
-                step(&delta, di),
-                step(&u, di),
-                a.clone(),
-                step(&b, n),
-                step(&c, n),
-            );
-            h = next;
-            ys.push(y);
-        }
-        blocks.push(Tensor::cat(ys, 1));
+    let steps = time_steps(s.delta)
+        .into_iter()
+        .zip(time_steps(s.u))
+        .zip(time_steps(s.b).into_iter().zip(time_steps(s.c)));
+    let mut ys = Vec::with_capacity(t);
+    for ((delta, u), (b, c)) in steps {
+        let (y, next) = scan_step(h, delta, u, a.clone(), b, c);
+        h = next;
+        ys.push(y);
     }
-    (Tensor::cat(blocks, 1), h)
+    (Tensor::cat(ys, 1), h)
 }
-
-/// Steps cut from the sequence at once by the sequential scan.
-const SLICE_BLOCK: usize = 64;
 
 /// One scan step: Δ, u `[b, 1, d_inner]`; A `[1, d_inner, d_state]`; B, C `[b, 1, d_state]`;
 /// h `[b, d_inner, d_state]`. Returns `y = C·h'` `[b, 1, d_inner]` and the new h'.

@@ -165,15 +165,11 @@ impl ModelConfig {
                 ),
             );
         }
-        let (key, message) = match self.mixer_options.validate(
+        self.mixer_options.validate(
             &self.layer_mixers(),
             written,
             &self.mixer_context(self.max_seq_len),
             sharded_chunk_len,
-        ) {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        fail(&key, message)
+        )
     }
 }
