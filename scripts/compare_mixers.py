@@ -25,7 +25,7 @@ import metamix_build
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EVAL = re.compile(r"^step (\d+) \(([\d.]+) s\): train loss ([\d.]+), val loss ([\d.]+)")
-DONE = re.compile(r"^done: step (\d+) \| train loss ([\d.]+) \| val loss ([\d.]+) \| (\d+) tokens/s \| ([\d.]+) s")
+DONE = re.compile(r"^done: step (\d+) \| train loss ([\d.]+) \| val loss ([\d.]+) \| (?:val bits/byte \S+ \| )?(\d+) tokens/s \| ([\d.]+) s")
 PARAMS = re.compile(r"^training \S+ \((\d+) parameters, mixers (.*)\) for")
 
 

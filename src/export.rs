@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde_json::json;
 
+use crate::data::{TOKENIZER_FILE, Tokenizer};
 use crate::mixers::MixerKind;
 use crate::model::LanguageModelConfig;
 use crate::run::Run;
 
-/// Write `out` and `config.json` in the same folder; returns the config path.
+/// Write `out`, and `config.json` and `tokenizer.json` in the same folder; returns the
+/// config path.
 pub fn export(run: &Run, step: Option<u64>, out: &Path) -> anyhow::Result<PathBuf> {
     let (model, ckpt) = run.load_model(step, &burn::prelude::Device::flex())?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -21,13 +23,17 @@ pub fn export(run: &Run, step: Option<u64>, out: &Path) -> anyhow::Result<PathBu
     crate::weights::save(&model, out)?;
     let config_path = out.with_file_name("config.json");
     let mut config = config_json(&run.model_config());
-    config["vocab"] = json!(
-        run.tokenizer
-            .chars
-            .iter()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-    );
+    if let Tokenizer::Char(chars) = &run.tokenizer {
+        config["vocab"] = json!(
+            chars
+                .chars
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+        );
+    }
+    config["tokenizer"] = json!(run.recipe.data.tokenizer);
+    run.tokenizer.save(&out.with_file_name(TOKENIZER_FILE))?;
     config["trained_steps"] = json!(ckpt.step);
     std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("writing {}", config_path.display()))?;

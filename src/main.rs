@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use metamix::data::Corpus;
 use metamix::recipe::Recipe;
 use metamix::run::Run;
 use metamix::sample::{SampleOptions, generate};
@@ -24,7 +23,7 @@ struct Cli {
 /// Recipe overrides on the command line; the shorthands win over `--set`.
 #[derive(Args, Clone, Default)]
 struct Overrides {
-    /// Override a recipe key, e.g. --set training.lr=3e-4 (repeatable).
+    /// Override a recipe key, e.g. --set optimizer.lr=3e-4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// training.backend: cpu, wgpu or libtorch.
@@ -68,6 +67,38 @@ enum Command {
         #[command(flatten)]
         overrides: Overrides,
         /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Tokenise a corpus into memory-mapped token shards plus meta.json and tokenizer.json:
+    /// the folder a recipe's `data.path` names. Documents go to train or val by a seeded
+    /// hash of their text (one text file alone: its last --val-fraction is val).
+    Prepare {
+        /// Files, folders (searched recursively) or globs: .txt and .md (a document per
+        /// file), .jsonl (a document per line), each optionally .gz or .zst.
+        #[arg(required = true)]
+        inputs: Vec<String>,
+        /// char, byte, gpt2, bpe:N (trains a byte-level BPE of N tokens on the training
+        /// split) or a Hugging Face tokenizer.json.
+        #[arg(long)]
+        tokenizer: String,
+        /// The folder to write (refused if it already holds a dataset, unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        /// The JSONL field with each document's text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+        /// Fixes which documents are held out.
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        /// Tokens per shard file.
+        #[arg(long, default_value_t = 100_000_000)]
+        shard_tokens: u64,
+        /// Replace a prepared dataset in --out.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         quiet: bool,
     },
@@ -177,14 +208,72 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
             println!(
-                "done: step {} | train loss {:.4} | val loss {} | {:.0} tokens/s | {:.1} s | {}",
+                "done: step {} | train loss {:.4} | val loss {} | val bits/byte {} | {:.0} tokens/s | {:.1} s | {}",
                 s.step,
                 s.train_loss,
                 s.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+                s.val_bits_per_byte
+                    .map_or("-".into(), |v| format!("{v:.4}")),
                 s.tokens_per_s,
                 s.wall_s,
                 s.run_dir.display()
             );
+        }
+        Command::Prepare {
+            inputs,
+            tokenizer,
+            out,
+            text_field,
+            val_fraction,
+            seed,
+            shard_tokens,
+            force,
+            quiet,
+        } => {
+            let spec = tokenizer
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--tokenizer: {e}"))?;
+            let p = metamix::data::prepare(
+                &inputs,
+                &metamix::data::PrepareOptions {
+                    tokenizer: spec,
+                    out: Some(out.clone()),
+                    text_field,
+                    val_fraction,
+                    seed,
+                    shard_tokens,
+                    force,
+                    quiet,
+                    ..Default::default()
+                },
+            )?;
+            let m = &p.meta;
+            let skipped = &m.skipped_documents;
+            println!(
+                "prepared {} documents (train {}, val {}) into {} + {} tokens ({} shards of {:?},                  vocabulary {}) | {:.1} MB/s | {:.1} s | {}",
+                m.documents.train + m.documents.val,
+                m.documents.train,
+                m.documents.val,
+                m.tokens.train,
+                m.tokens.val,
+                m.shards.len(),
+                m.dtype,
+                m.vocab_size,
+                p.bytes_read as f64 / 1e6 / p.seconds,
+                p.seconds,
+                out.display()
+            );
+            if skipped.total() > 0 {
+                println!(
+                    "skipped {} documents: {} not UTF-8, {} empty, {} without a string \
+                     --text-field (the first at {})",
+                    skipped.total(),
+                    skipped.invalid_utf8,
+                    skipped.empty,
+                    skipped.no_text_field,
+                    skipped.first.as_deref().unwrap_or("?")
+                );
+            }
         }
         Command::Export { run, out, step } => {
             let run = Run::open(&run)?;
@@ -289,24 +378,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let r = &run.recipe;
             let device = Ranks::from_recipe(r)?.device(0).clone();
             let (model, ckpt) = run.load_model(step, &device)?;
-            let corpus = Corpus::load(
-                &r.data.path,
-                r.data.val_fraction,
-                Some(run.tokenizer.clone()),
-            )?;
-            let loss = evaluate(
+            let batches = batches.unwrap_or(r.training.eval_batches);
+            if batches == 0 {
+                anyhow::bail!("--batches must be at least 1");
+            }
+            let data = run.dataset()?;
+            data.check_seq_len(r.training.seq_len, &r.data.path)?;
+            let eval = evaluate(
                 &model,
-                &corpus.val,
-                batches.unwrap_or(r.training.eval_batches),
+                &data.val,
+                batches,
                 r.micro_batch_size(),
                 r.training.seq_len,
                 r.training.seed ^ EVAL_SEED_SALT,
                 &Ranks::single(device.clone()),
             );
             println!(
-                "step {}: val loss {loss:.4} | perplexity {:.3}",
+                "step {}: val loss {:.4} | perplexity {:.3} | bits/byte {}",
                 ckpt.step,
-                loss.exp()
+                eval.loss,
+                eval.loss.exp(),
+                eval.bits_per_byte.map_or("-".into(), |b| format!("{b:.4}"))
             );
         }
     }

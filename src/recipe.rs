@@ -15,7 +15,7 @@ pub use crate::components::loss_scaler::LossScalerConfig;
 pub use crate::components::lr_schedule::{DecayKind, LrSchedulerConfig};
 pub use crate::components::metrics::MetricsConfig;
 pub use crate::components::optimizer::{OptimizerConfig, OptimizerKind};
-pub use crate::data::{DataConfig, TokenizerKind};
+pub use crate::data::DataConfig;
 pub use crate::device::{BackendKind, DeviceSpec, Precision};
 use crate::mixers::{MixerKind, MixerOptionsSet, ShardedForm};
 pub use crate::model::ModelConfig;
@@ -149,7 +149,7 @@ impl TrainingConfig {
 #[error("{file}: {key}: {message}")]
 pub struct RecipeError {
     pub file: String,
-    /// Dotted key path, e.g. `training.lr`; `(file)` or `(toml)` when no key applies.
+    /// Dotted key path, e.g. `optimizer.lr`; `(file)` or `(toml)` when no key applies.
     pub key: String,
     pub message: String,
 }
@@ -367,7 +367,7 @@ impl Recipe {
 fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), String> {
     let (path, raw) = assignment
         .split_once('=')
-        .ok_or_else(|| "expected KEY=VALUE, e.g. training.lr=3e-4".to_string())?;
+        .ok_or_else(|| "expected KEY=VALUE, e.g. optimizer.lr=3e-4".to_string())?;
     let path = path.trim();
     let raw = raw.trim();
     let value = format!("v = {raw}")
@@ -377,7 +377,7 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), Strin
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let keys: Vec<&str> = path.split('.').collect();
     if keys.iter().any(|k| k.is_empty()) {
-        return Err(format!("{path:?} is not a key path like training.lr"));
+        return Err(format!("{path:?} is not a key path like optimizer.lr"));
     }
     let (last, sections) = keys.split_last().expect("split yields one key at least");
     let mut node = table;

@@ -8,17 +8,18 @@ use burn::prelude::Device;
 
 use crate::components::Checkpoint;
 use crate::components::checkpoint::MODEL_FILE;
-use crate::data::CharTokenizer;
+use crate::data::{Dataset, TOKENIZER_FILE, Tokenizer};
 use crate::model::{LanguageModel, LanguageModelConfig};
 use crate::recipe::Recipe;
 
 pub const RECIPE_FILE: &str = "recipe.toml";
-pub const VOCAB_FILE: &str = "vocab.json";
+/// Where a text file named by `data.path` is prepared.
+pub const DATA_DIR: &str = "data";
 
 pub struct Run {
     pub dir: PathBuf,
     pub recipe: Recipe,
-    pub tokenizer: CharTokenizer,
+    pub tokenizer: Tokenizer,
 }
 
 /// The model a recipe describes, for a vocabulary of `vocab_size`.
@@ -49,12 +50,28 @@ impl Run {
             );
         }
         let recipe = Recipe::load(&dir.join(RECIPE_FILE), &[]).map_err(anyhow::Error::from)?;
-        let tokenizer = CharTokenizer::load(&dir.join(VOCAB_FILE))?;
+        let spec = recipe.data.tokenizer_spec().with_context(|| {
+            format!(
+                "{}: data.tokenizer is not set",
+                dir.join(RECIPE_FILE).display()
+            )
+        })?;
+        let tokenizer = Tokenizer::load(&dir.join(TOKENIZER_FILE), spec.kind())?;
         Ok(Self {
             dir: dir.to_path_buf(),
             recipe,
             tokenizer,
         })
+    }
+
+    /// The run's data (a text file's tokens from the run's own `data/` folder).
+    pub fn dataset(&self) -> anyhow::Result<Dataset> {
+        Dataset::open(
+            &self.recipe.data,
+            self.recipe.training.seed,
+            Some(&self.dir.join(DATA_DIR)),
+            true,
+        )
     }
 
     pub fn model_config(&self) -> LanguageModelConfig {

@@ -6,7 +6,7 @@ use rand::distr::Distribution;
 use rand::distr::weighted::WeightedIndex;
 use rand_chacha::ChaCha8Rng;
 
-use crate::data::CharTokenizer;
+use crate::data::Tokenizer;
 use crate::model::{DecodeState, LanguageModel};
 
 #[derive(Debug, Clone)]
@@ -25,15 +25,19 @@ pub struct SampleOptions {
 /// stops; models without one are unbounded.
 pub fn generate(
     model: &LanguageModel,
-    tokenizer: &CharTokenizer,
+    tokenizer: &Tokenizer,
     prompt: &str,
     opts: &SampleOptions,
     device: &Device,
 ) -> anyhow::Result<String> {
     let mut ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
-        // Start from a newline, as nanoGPT's sample.py does with "\n".
-        ids = tokenizer.encode("\n").unwrap_or(vec![0]);
+        // Start a new document; without an end-of-document token, from a newline, as
+        // nanoGPT's sample.py does with "\n".
+        ids = match tokenizer.eot() {
+            Some(eot) => vec![eot],
+            None => tokenizer.encode("\n").unwrap_or(vec![0]),
+        };
     }
     let context = model.max_seq_len().unwrap_or(usize::MAX);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);

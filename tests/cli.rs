@@ -101,7 +101,7 @@ fn user_errors_are_clear_and_fail() {
         ),
         (
             &["train", &recipe, "--set", "data.path=\"data/missing.txt\""],
-            "data.path: cannot read data/missing.txt",
+            "data.path: data/missing.txt: no such file or folder",
         ),
         (
             &["train", "recipes/nope.toml"],

@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::loss_scaler::LossScaler;
-use crate::data::WindowSampler;
 use crate::model::LanguageModel;
 use crate::options::{OptionError, fail};
 
@@ -104,17 +103,6 @@ impl Stateful for LanguageModel {
 
     fn load_state(&mut self, from: &CheckpointReader) -> anyhow::Result<()> {
         *self = crate::weights::load(self.clone(), &from.tensor_file(MODEL_FILE))?;
-        Ok(())
-    }
-}
-
-impl Stateful for WindowSampler {
-    fn save_state(&self, into: &mut CheckpointWriter) -> anyhow::Result<()> {
-        into.entry("sampler", self)
-    }
-
-    fn load_state(&mut self, from: &CheckpointReader) -> anyhow::Result<()> {
-        *self = from.required("sampler")?;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::{Ranks, Trainer};
-use crate::data::Corpus;
+use crate::data::Dataset;
 use crate::recipe::Recipe;
 
 #[derive(Debug, Clone)]
@@ -23,14 +23,14 @@ pub struct BenchResult {
 pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<BenchResult> {
     use burn::module::Module;
     let t = &recipe.training;
-    let corpus = Corpus::load(&recipe.data.path, recipe.data.val_fraction, None)?;
-    corpus.check_seq_len(t.seq_len, &recipe.data.path)?;
-    let mut trainer = Trainer::new(recipe, corpus.tokenizer.vocab_size())?;
+    let data = Dataset::open(&recipe.data, t.seed, None, true)?;
+    data.check_seq_len(t.seq_len, &recipe.data.path)?;
+    let mut trainer = Trainer::new(recipe, data.tokenizer.vocab_size())?;
     let parameters = trainer.model().num_params();
     let mut timed = 0.0;
     for i in 0..warmup + steps {
         let start = Instant::now();
-        let out = trainer.step(&corpus.train);
+        let out = trainer.step(&data.train);
         anyhow::ensure!(
             out.finite() || out.skipped,
             "bench step {i}: non-finite loss {}",

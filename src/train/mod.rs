@@ -10,4 +10,4 @@ pub mod trainer;
 pub use crate::components::{AdamW, Checkpoint, LossScaler, LrSchedule};
 pub use ranks::Ranks;
 pub use session::{EVAL_SEED_SALT, TrainOptions, TrainSummary, train};
-pub use trainer::{Progress, StepOutput, Trainer, evaluate};
+pub use trainer::{Evaluation, Progress, StepOutput, Trainer, evaluate};

@@ -12,9 +12,9 @@ use super::Trainer;
 use super::trainer::evaluate;
 use crate::components::checkpoint::{CheckpointManager, Stateful};
 use crate::components::metrics::{Metrics, StepMetrics};
-use crate::data::{CharTokenizer, Corpus};
+use crate::data::{Dataset, TOKENIZER_FILE};
 use crate::recipe::Recipe;
-use crate::run::{RECIPE_FILE, VOCAB_FILE};
+use crate::run::{DATA_DIR, RECIPE_FILE};
 
 /// How `train` starts and how much it says.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +34,7 @@ pub struct TrainSummary {
     pub step: u64,
     pub train_loss: f64,
     pub val_loss: Option<f64>,
+    pub val_bits_per_byte: Option<f64>,
     pub tokens_per_s: f64,
     pub wall_s: f64,
     pub run_dir: PathBuf,
@@ -49,13 +50,14 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     let mut checkpoints = CheckpointManager::new(&run_dir, &recipe.checkpoint);
     let resume_from = checkpoints.resume_point(opts.resume, opts.quiet)?;
 
-    let tokenizer = match &resume_from {
-        Some(_) => Some(CharTokenizer::load(&run_dir.join(VOCAB_FILE))?),
-        None => None,
-    };
-    let corpus = Corpus::load(&recipe.data.path, recipe.data.val_fraction, tokenizer)?;
-    corpus.check_seq_len(t.seq_len, &recipe.data.path)?;
-    let mut trainer = Trainer::new(recipe, corpus.tokenizer.vocab_size())?;
+    let data = Dataset::open(
+        &recipe.data,
+        t.seed,
+        Some(&run_dir.join(DATA_DIR)),
+        opts.quiet,
+    )?;
+    data.check_seq_len(t.seq_len, &recipe.data.path)?;
+    let mut trainer = Trainer::new(recipe, data.tokenizer.vocab_size())?;
     if let Some(path) = &opts.init_from {
         let model = crate::weights::load(trainer.model().clone(), path).context("--init-from")?;
         trainer.set_model(model);
@@ -70,8 +72,11 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     }
     // Written only once the run is known to start, so a failed command leaves them as they were.
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    std::fs::write(run_dir.join(RECIPE_FILE), recipe.to_toml())?;
-    corpus.tokenizer.save(&run_dir.join(VOCAB_FILE))?;
+    // The recipe as run: with the tokenizer resolved (a prepared folder's own when unset).
+    let mut resolved = recipe.clone();
+    resolved.data.tokenizer = Some(data.spec.to_string());
+    std::fs::write(run_dir.join(RECIPE_FILE), resolved.to_toml())?;
+    data.tokenizer.save(&run_dir.join(TOKENIZER_FILE))?;
 
     let mut metrics = Metrics::new(&run_dir, &recipe.metrics);
     let micro = recipe.micro_batch_size();
@@ -128,12 +133,13 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     let tokens_per_step = (t.batch_size * t.seq_len) as u64;
     let mut last_loss = f64::NAN;
     let mut last_val = None;
+    let mut last_bpb = None;
     while trainer.progress.step < t.steps {
         if opts.stop_after.is_some_and(|s| trainer.progress.step >= s) {
             break;
         }
         let step = trainer.progress.step;
-        let out = trainer.step(&corpus.train);
+        let out = trainer.step(&data.train);
         let loss = out.loss;
         if out.skipped {
             let scale = trainer.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
@@ -182,23 +188,30 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
             bar.set_message(line);
         }
         if (t.eval_interval > 0 && s % t.eval_interval == 0) || s == t.steps {
-            let val = evaluate(
+            let eval = evaluate(
                 &trainer.model().valid(),
-                &corpus.val,
+                &data.val,
                 t.eval_batches,
                 micro,
                 t.seq_len,
                 t.seed ^ EVAL_SEED_SALT,
                 &trainer.ranks,
             );
+            let val = eval.loss;
             metrics.scalar("val/loss", val, s);
+            if let Some(bpb) = eval.bits_per_byte {
+                metrics.scalar("val/bits_per_byte", bpb, s);
+            }
             metrics.flush();
             last_val = Some(val);
+            last_bpb = eval.bits_per_byte;
             if !opts.quiet {
                 bar.suspend(|| {
                     eprintln!(
-                        "step {s} ({:.1} s): train loss {loss:.4}, val loss {val:.4}",
-                        start.elapsed().as_secs_f64()
+                        "step {s} ({:.1} s): train loss {loss:.4}, val loss {val:.4}{}",
+                        start.elapsed().as_secs_f64(),
+                        eval.bits_per_byte
+                            .map_or(String::new(), |b| format!(", val {b:.4} bits/byte"))
                     )
                 });
             }
@@ -214,6 +227,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         step: trainer.progress.step,
         train_loss: last_loss,
         val_loss: last_val,
+        val_bits_per_byte: last_bpb,
         tokens_per_s: ((trainer.progress.step - first_step) * tokens_per_step) as f64 / wall_s,
         wall_s,
         run_dir,

@@ -10,7 +10,7 @@ use super::Ranks;
 use crate::components::checkpoint::{CheckpointReader, CheckpointWriter, Stateful};
 use crate::components::optimizer::{clip_factor, global_grad_norm};
 use crate::components::{AdamW, LossScaler, LrSchedule};
-use crate::data::WindowSampler;
+use crate::data::{TokenSplit, WindowSampler};
 use crate::mixed_precision::autocast;
 use crate::model::{LanguageModel, LanguageModelConfig};
 use crate::recipe::{Precision, Recipe};
@@ -110,6 +110,15 @@ impl Trainer {
         let t = &recipe.training;
         let ranks = Ranks::from_recipe(recipe)?;
         let device = ranks.device(0).clone().autodiff();
+        if recipe.model.vocab_size != 0 && recipe.model.vocab_size < vocab_size {
+            anyhow::bail!(
+                "model.vocab_size = {} is smaller than the {vocab_size} tokens of the data's \
+                 tokenizer; set it to at least {vocab_size} (or 0 to take the tokenizer's; a \
+                 multiple of 64 such as {} is faster)",
+                recipe.model.vocab_size,
+                vocab_size.div_ceil(64) * 64
+            );
+        }
         let config = model_config(recipe, vocab_size);
         let model = config.init_seeded(t.seed, &device);
         let optimizer = AdamW::new(recipe.optimizer.clone(), &device);
@@ -121,7 +130,7 @@ impl Trainer {
             model: Some(model),
             optimizer,
             progress: Progress::default(),
-            sampler: WindowSampler::new(t.seed),
+            sampler: WindowSampler::new(recipe.data.sampling, t.seed),
             loss_scaler: None,
             schedule: LrSchedule::new(&recipe.lr_scheduler, recipe.optimizer.lr, t.steps),
         };
@@ -154,12 +163,12 @@ impl Trainer {
         self.model.expect("the model is only out during a step")
     }
 
-    /// One optimizer step on windows of `tokens`: forward/backward over `batch_size /
+    /// One optimizer step on windows of `data`: forward/backward over `batch_size /
     /// micro_batch_size` micro-batches, accumulate, clip to the global norm, update at the
     /// schedule's learning rate. The step counts unless the loss or gradients are not finite;
     /// then model, optimizer and step are left as they were, so the caller can stop with
     /// nothing corrupted. (A step the f16 loss scaler skips counts, as in PyTorch.)
-    pub fn step(&mut self, tokens: &[u32]) -> StepOutput {
+    pub fn step(&mut self, data: &TokenSplit) -> StepOutput {
         let t = &self.recipe.training;
         let step = self.progress.step;
         let lr = self.schedule.lr(step);
@@ -180,7 +189,7 @@ impl Trainer {
         let mut accumulator = GradientsAccumulator::<LanguageModel>::new();
         let (mut loss_sum, mut aux_sum) = (0.0, 0.0);
         for _ in 0..accum {
-            let batch = self.sampler.batch(tokens, micro, t.seq_len, &self.device);
+            let batch = self.sampler.batch(data, micro, t.seq_len, &self.device);
             let loss = autocast(working, || {
                 self.ranks
                     .training_loss(&model, batch.inputs, batch.targets)
@@ -226,26 +235,42 @@ impl Trainer {
     }
 }
 
-/// Mean loss over `batches` windows drawn with a fresh sampler of `seed` (so the same
+/// What [`evaluate`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Evaluation {
+    /// Mean cross-entropy per token (nats).
+    pub loss: f64,
+    /// The same loss per byte of the text the targets stand for, in bits: comparable across
+    /// tokenizers (`None` if the windows hold only special tokens).
+    pub bits_per_byte: Option<f64>,
+}
+
+/// Loss over `batches` random windows drawn with a fresh sampler of `seed` (so the same
 /// windows every call), on a model without autodiff, over `ranks` (one for a plain run).
 pub fn evaluate(
     model: &LanguageModel,
-    tokens: &[u32],
+    data: &TokenSplit,
     batches: usize,
     batch_size: usize,
     seq_len: usize,
     seed: u64,
     ranks: &Ranks,
-) -> f64 {
+) -> Evaluation {
     let device = ranks.device(0);
-    let mut sampler = WindowSampler::new(seed);
-    let mut total = 0.0;
+    let mut sampler = WindowSampler::new(crate::data::Sampling::Random, seed);
+    let (mut total, mut bytes) = (0.0, 0u64);
     for _ in 0..batches {
-        let b = sampler.batch(tokens, batch_size, seq_len, device);
+        let b = sampler.batch(data, batch_size, seq_len, device);
+        bytes += b.target_bytes;
         let loss = ranks
             .training_loss(model, b.inputs, b.targets)
             .cross_entropy;
         total += loss.into_scalar::<f32>() as f64;
     }
-    total / batches as f64
+    let loss = total / batches as f64;
+    let targets = (batches * batch_size * seq_len) as f64;
+    Evaluation {
+        loss,
+        bits_per_byte: (bytes > 0).then(|| loss * targets / bytes as f64 / std::f64::consts::LN_2),
+    }
 }

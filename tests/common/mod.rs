@@ -85,11 +85,11 @@ pub fn step_outputs(
     Vec<f32>,
     metamix::train::Trainer,
 ) {
-    let corpus =
-        metamix::data::Corpus::load(&recipe.data.path, recipe.data.val_fraction, None).unwrap();
-    let mut trainer = metamix::train::Trainer::new(recipe, corpus.tokenizer.vocab_size()).unwrap();
+    let data =
+        metamix::data::Dataset::open(&recipe.data, recipe.training.seed, None, true).unwrap();
+    let mut trainer = metamix::train::Trainer::new(recipe, data.tokenizer.vocab_size()).unwrap();
     let before = weights(trainer.model());
-    let outs = (0..steps).map(|_| trainer.step(&corpus.train)).collect();
+    let outs = (0..steps).map(|_| trainer.step(&data.train)).collect();
     (outs, before, trainer)
 }
 
