@@ -250,14 +250,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let m = &p.meta;
             let skipped = &m.skipped_documents;
             println!(
-                "prepared {} documents (train {}, val {}) into {} + {} tokens ({} shards of {:?},                  vocabulary {}) | {:.1} MB/s | {:.1} s | {}",
-                m.documents.train + m.documents.val,
-                m.documents.train,
-                m.documents.val,
+                "prepared {} into train {} + val {} tokens ({} {} shards, vocabulary {}) | \
+                 {:.1} MB/s | {:.1} s | {}",
+                if m.split_rule == "tail" {
+                    "1 document (its last val_fraction validates)".to_string()
+                } else {
+                    format!(
+                        "{} documents (train {}, val {})",
+                        m.documents.train + m.documents.val,
+                        m.documents.train,
+                        m.documents.val
+                    )
+                },
                 m.tokens.train,
                 m.tokens.val,
                 m.shards.len(),
-                m.dtype,
+                serde_json::to_value(m.dtype)?.as_str().unwrap_or("?"),
                 m.vocab_size,
                 p.bytes_read as f64 / 1e6 / p.seconds,
                 p.seconds,

@@ -433,3 +433,20 @@ fn bits_per_byte_is_the_loss_per_byte_in_bits() {
     let (loss, bpb) = (s.val_loss.unwrap(), s.val_bits_per_byte.unwrap());
     assert!(bpb < loss / std::f64::consts::LN_2 / 2.0, "{bpb} vs {loss}");
 }
+
+#[test]
+fn a_long_text_read_in_pieces_tokenises_as_the_whole_would() {
+    // Shakespeare is 4.8 MB: read in 1 MiB pieces, tokenised in parallel, split at 90%.
+    let text = std::fs::read_to_string("data/shakespeare.txt").unwrap();
+    let opts = PrepareOptions {
+        tokenizer: TokenizerSpec::Gpt2,
+        ..PrepareOptions::default()
+    };
+    let p = prepare(&["data/shakespeare.txt".to_string()], &opts).unwrap();
+    let (train, val) = p.memory.unwrap();
+    let gpt2 = metamix::data::Gpt2Tokenizer::new().unwrap();
+    let cut = (0.9 * text.len() as f64) as usize;
+    assert_eq!(train, gpt2.encode(&text[..cut]));
+    assert_eq!(val, gpt2.encode(&text[cut..]));
+    assert_eq!(p.meta.bytes.train as usize, cut);
+}

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, bail};
 
 /// Pieces of a document are cut at a line boundary once they reach this many bytes.
-pub const PIECE_BYTES: usize = 4 << 20;
+pub const PIECE_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -183,7 +183,7 @@ pub struct Piece {
 /// Why documents were left out.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct Skipped {
-    /// Documents (or, of a document longer than 4 MiB, pieces) that are not UTF-8.
+    /// Documents (or, of a document longer than 1 MiB, pieces) that are not UTF-8.
     pub invalid_utf8: u64,
     pub empty: u64,
     /// JSONL lines that are not a JSON object with the text field as a string.
@@ -287,9 +287,9 @@ pub fn for_each_piece(
     Ok(())
 }
 
-/// A text file in pieces of about [`PIECE_BYTES`], each cut before a line that starts with
-/// a non-space character, where BPE tokenizers split anyway (so pieces tokenise as the
-/// whole would).
+/// A text file in pieces of about [`PIECE_BYTES`], each cut after a line that ends in a
+/// non-space character and before one that starts with one, where BPE tokenizers split
+/// anyway (so pieces tokenise as the whole would).
 struct TextPieces<'a> {
     reader: &'a mut dyn BufRead,
     path: &'a Path,
@@ -323,7 +323,12 @@ impl<'a> TextPieces<'a> {
                 self.done = true;
                 return Ok(Some((piece, true)));
             }
-            if piece.len() >= PIECE_BYTES && !line[0].is_ascii_whitespace() {
+            // Between "x\n" and a line starting "y", GPT-2-style splits cut anyway (after a
+            // blank line they would not: "\n\n" is one token).
+            let cut_here = piece.len() >= PIECE_BYTES
+                && !line[0].is_ascii_whitespace()
+                && !piece[piece.len() - 2].is_ascii_whitespace();
+            if cut_here {
                 self.line = line;
                 return Ok(Some((piece, false)));
             }
