@@ -294,6 +294,21 @@ impl Dataset {
         })
     }
 
+    /// Write the tokenizer as `tokenizer.json` at `path`: a copy of the prepared folder's
+    /// when there is one (GPT-2's Hugging Face form takes a second to build).
+    pub fn save_tokenizer(&self, path: &Path) -> anyhow::Result<()> {
+        match self.dir.as_ref().map(|d| d.join(TOKENIZER_FILE)) {
+            Some(saved) if saved.is_file() => {
+                let tmp = path.with_extension("tmp");
+                std::fs::copy(&saved, &tmp)
+                    .with_context(|| format!("copying {} to {}", saved.display(), tmp.display()))?;
+                std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+                Ok(())
+            }
+            _ => self.tokenizer.save(path),
+        }
+    }
+
     /// Both splits hold a window of `seq_len + 1` tokens.
     pub fn check_seq_len(&self, seq_len: usize, path: &Path) -> anyhow::Result<()> {
         for split in [&self.train, &self.val] {

@@ -76,7 +76,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     let mut resolved = recipe.clone();
     resolved.data.tokenizer = Some(data.spec.to_string());
     std::fs::write(run_dir.join(RECIPE_FILE), resolved.to_toml())?;
-    data.tokenizer.save(&run_dir.join(TOKENIZER_FILE))?;
+    data.save_tokenizer(&run_dir.join(TOKENIZER_FILE))?;
 
     let mut metrics = Metrics::new(&run_dir, &recipe.metrics);
     let micro = recipe.micro_batch_size();
