@@ -198,6 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             quiet,
         } => {
             let recipe = Recipe::load(&recipe, &overrides.list())?;
+            metamix::components::stop_signal::install();
             let s = train(
                 &recipe,
                 &TrainOptions {
@@ -297,6 +298,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             step,
         } => {
+            if !(temperature.is_finite() && temperature >= 0.0) {
+                anyhow::bail!(
+                    "--temperature {temperature}: must be a finite number >= 0 (0 = greedy; 0.8 is usual)"
+                );
+            }
             let run = Run::open(&run)?;
             let device = Ranks::from_recipe(&run.recipe)?.device(0).clone();
             let (model, _) = run.load_model(step, &device)?;

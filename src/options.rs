@@ -31,14 +31,14 @@ pub fn fail<T>(key: &str, message: impl Into<String>) -> Result<T, OptionError> 
     Err(OptionError::new(key, message))
 }
 
-/// `x > 0`, false for NaN (so NaN in a recipe is refused, not let through).
+/// `0 < x < ∞`: false for NaN and infinity (so neither in a recipe is let through).
 pub fn positive(x: f64) -> bool {
-    x > 0.0
+    x > 0.0 && x.is_finite()
 }
 
-/// `x >= 0`, false for NaN.
+/// `0 <= x < ∞`, false for NaN and infinity.
 pub fn non_negative(x: f64) -> bool {
-    x >= 0.0
+    x >= 0.0 && x.is_finite()
 }
 
 /// Refuse 0 for each `(key, value)`.

@@ -22,6 +22,23 @@ pub use crate::model::ModelConfig;
 use crate::options::{OptionError, divisors, fail, non_negative};
 pub use crate::parallel::{ParallelismConfig, Sharding};
 
+/// `prefix.key = value` for every leaf of `table`.
+fn flatten(
+    prefix: &str,
+    table: &toml::Table,
+    out: &mut std::collections::BTreeMap<String, String>,
+) {
+    for (k, v) in table {
+        let key = format!("{prefix}.{k}");
+        match v {
+            toml::Value::Table(t) => flatten(&key, t, out),
+            other => {
+                out.insert(key, other.to_string());
+            }
+        }
+    }
+}
+
 /// A whole recipe. Sections may be left out; every key has a default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -116,7 +133,10 @@ impl TrainingConfig {
         if !non_negative(self.grad_clip) {
             return fail(
                 "grad_clip",
-                format!("must be >= 0 (got {}); 0 disables clipping", self.grad_clip),
+                format!(
+                    "must be finite and >= 0 (got {}); 0 disables clipping",
+                    self.grad_clip
+                ),
             );
         }
         if self.eval_batches == 0 {
@@ -214,6 +234,16 @@ impl Recipe {
         if recipe.name.is_empty() {
             recipe.name = default_name.to_string();
         }
+        // A short smoke run (`--set training.steps=30`) just works, as in nanoGPT.
+        let (warmup, steps) = (recipe.lr_scheduler.warmup_steps, recipe.training.steps);
+        if warmup > steps && steps > 0 {
+            recipe.lr_scheduler.warmup_steps = steps / 10;
+            eprintln!(
+                "note: {file}: lr_scheduler.warmup_steps = {warmup} is longer than training.steps = \
+                 {steps}; warming up over {} steps instead",
+                steps / 10
+            );
+        }
         let written: Vec<MixerKind> = mixer_tables
             .keys()
             .filter_map(|name| MixerKind::from_name(name))
@@ -256,6 +286,58 @@ impl Recipe {
             }
         }
         toml::to_string_pretty(&table).expect("a recipe always serialises")
+    }
+
+    /// What in `new` builds another network than this recipe — keys of `[model]` and of the
+    /// options of the mixers either uses (dropout aside), the learned position table's
+    /// length, `data.tokenizer` — as `key: old → new`. A resume cannot change these.
+    pub fn architecture_changes(&self, new: &Recipe) -> Vec<String> {
+        let used: Vec<MixerKind> = self
+            .layer_mixers()
+            .into_iter()
+            .chain(new.layer_mixers())
+            .collect();
+        let flat = |r: &Recipe| {
+            let mut out = std::collections::BTreeMap::new();
+            let table: toml::Table = r.to_toml().parse().expect("to_toml writes TOML");
+            if let Some(toml::Value::Table(model)) = table.get("model") {
+                flatten("model", model, &mut out);
+            }
+            out.retain(|k: &String, _| {
+                let mixer = k.split('.').nth(1).and_then(MixerKind::from_name);
+                k != "model.dropout" && mixer.is_none_or(|m| used.contains(&m))
+            });
+            out
+        };
+        let (old, now) = (flat(self), flat(new));
+        let keys: std::collections::BTreeSet<&String> = old.keys().chain(now.keys()).collect();
+        let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "unset".into());
+        let mut changes: Vec<String> = keys
+            .into_iter()
+            .filter(|k| old.get(*k) != now.get(*k))
+            .map(|k| format!("{k}: {} → {}", show(old.get(k)), show(now.get(k))))
+            .collect();
+        let table_len = |r: &Recipe| match r.model.max_seq_len {
+            0 => r.training.seq_len,
+            n => n,
+        };
+        if self.model.position == crate::model::config::PositionKind::Learned
+            && self.model.max_seq_len == 0
+            && table_len(self) != table_len(new)
+        {
+            changes.push(format!(
+                "training.seq_len (the length of the learned position table when \
+                 model.max_seq_len = 0): {} → {}",
+                table_len(self),
+                table_len(new)
+            ));
+        }
+        if let (Some(a), Some(b)) = (&self.data.tokenizer, &new.data.tokenizer)
+            && a != b
+        {
+            changes.push(format!("data.tokenizer: {a} → {b}"));
+        }
+        changes
     }
 
     /// Positions per chunk when sequence parallelism cuts each sequence, if it does.

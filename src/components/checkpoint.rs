@@ -22,6 +22,8 @@ use crate::options::{OptionError, fail};
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
+/// Written last: the SHA-256 of every other file. A checkpoint without it is not one.
+pub const MANIFEST_FILE: &str = "manifest.json";
 /// The key of `trainer_state.json` that lists each tensor file's SHA-256.
 const FILES_KEY: &str = "files";
 
@@ -197,6 +199,11 @@ impl CheckpointManager {
         Ok(ckpt)
     }
 
+    /// The step of the newest checkpoint this run has (saved or resumed from).
+    pub fn last_saved(&self) -> Option<u64> {
+        self.last_saved
+    }
+
     /// What a user who must stop now can rely on.
     pub fn last_good(&self) -> String {
         match self.last_saved {
@@ -227,30 +234,20 @@ impl Checkpoint {
         let final_dir = root.join(format!("step-{step}"));
         let tmp = root.join(format!(".tmp-step-{step}"));
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("removing the unfinished {}", tmp.display()))?;
         }
-        std::fs::create_dir_all(&tmp)?;
-
-        let mut writer = CheckpointWriter {
-            dir: tmp.clone(),
-            entries: serde_json::Map::new(),
-            files: Vec::new(),
-        };
-        state.save_state(&mut writer)?;
-        writer.entry("step", &step)?;
-        let files: BTreeMap<String, String> = writer
-            .files
-            .iter()
-            .map(|f| Ok((f.clone(), sha256_file(&tmp.join(f))?)))
-            .collect::<anyhow::Result<_>>()?;
-        writer.entry(FILES_KEY, &files)?;
-        let json = serde_json::to_string_pretty(&writer.entries)?;
-        write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
-        for f in files.keys() {
-            std::fs::File::open(tmp.join(f))?.sync_all()?;
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        // A failed save (a full disk, say) leaves no temporary folder behind; the previous
+        // checkpoints are untouched.
+        let saved = Self::write_into(&tmp, step, state);
+        if let Err(e) = saved {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.context(format!("saving the checkpoint of step {step}")));
         }
         if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir)?;
+            std::fs::remove_dir_all(&final_dir)
+                .with_context(|| format!("replacing {}", final_dir.display()))?;
         }
         std::fs::rename(&tmp, &final_dir)
             .with_context(|| format!("moving checkpoint into {}", final_dir.display()))?;
@@ -266,6 +263,37 @@ impl Checkpoint {
             dir: final_dir,
             step,
         })
+    }
+
+    /// Every file of the checkpoint of `step`, into `tmp`; the manifest last.
+    fn write_into(tmp: &Path, step: u64, state: &dyn Stateful) -> anyhow::Result<()> {
+        let mut writer = CheckpointWriter {
+            dir: tmp.to_path_buf(),
+            entries: serde_json::Map::new(),
+            files: Vec::new(),
+        };
+        state.save_state(&mut writer)?;
+        writer.entry("step", &step)?;
+        let files: BTreeMap<String, String> = writer
+            .files
+            .iter()
+            .map(|f| Ok((f.clone(), sha256_file(&tmp.join(f))?)))
+            .collect::<anyhow::Result<_>>()?;
+        writer.entry(FILES_KEY, &files)?;
+        let json = serde_json::to_string_pretty(&writer.entries)?;
+        write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
+        for f in files.keys() {
+            let path = tmp.join(f);
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        let mut manifest = files.clone();
+        manifest.insert(STATE_FILE.to_string(), sha256_file(&tmp.join(STATE_FILE))?);
+        write_synced(
+            &tmp.join(MANIFEST_FILE),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )
     }
 
     /// Complete checkpoints of a run, newest first (temporary folders are ignored).
@@ -289,8 +317,33 @@ impl Checkpoint {
         Ok(found)
     }
 
-    /// Read `trainer_state.json` and check every tensor file against its recorded hash.
+    /// Check every file against the manifest (written last), then read
+    /// `trainer_state.json`.
     pub fn verify(&self) -> anyhow::Result<CheckpointReader> {
+        let manifest_path = self.dir.join(MANIFEST_FILE);
+        let manifest: BTreeMap<String, String> =
+            serde_json::from_str(&std::fs::read_to_string(&manifest_path).with_context(|| {
+                format!(
+                    "reading {} (written last: without it the save did not finish)",
+                    manifest_path.display()
+                )
+            })?)
+            .with_context(|| format!("{} is damaged", manifest_path.display()))?;
+        for f in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+            if !manifest.contains_key(f) {
+                bail!("{} lists no hash for {f}", manifest_path.display());
+            }
+        }
+        for (f, expected) in &manifest {
+            let path = self.dir.join(f);
+            let actual = sha256_file(&path)?;
+            if &actual != expected {
+                bail!(
+                    "{} is corrupt or truncated (SHA-256 {actual}, expected {expected} in {MANIFEST_FILE})",
+                    path.display()
+                );
+            }
+        }
         let state_path = self.dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&state_path)
             .with_context(|| format!("reading {}", state_path.display()))?;
@@ -307,22 +360,6 @@ impl Checkpoint {
                 state_path.display(),
                 self.step
             );
-        }
-        let files: BTreeMap<String, String> = reader.required(FILES_KEY)?;
-        for f in [MODEL_FILE, OPTIMIZER_FILE] {
-            if !files.contains_key(f) {
-                bail!("{} lists no hash for {f}", state_path.display());
-            }
-        }
-        for (f, expected) in &files {
-            let path = self.dir.join(f);
-            let actual = sha256_file(&path)?;
-            if &actual != expected {
-                bail!(
-                    "{} is corrupt or truncated (SHA-256 {actual}, expected {expected})",
-                    path.display()
-                );
-            }
         }
         Ok(reader)
     }
@@ -351,9 +388,9 @@ fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let mut f =
         std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// `[checkpoint]`: where and how often.

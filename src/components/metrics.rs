@@ -24,6 +24,8 @@ pub struct StepMetrics {
 
 pub struct Metrics {
     writer: Option<SummaryWriter>,
+    /// Where TensorBoard events go (named in the warning when they cannot be written).
+    dir: std::path::PathBuf,
     log_interval: u64,
     /// Tokens trained since the last log, and since when.
     window_tokens: u64,
@@ -33,10 +35,18 @@ pub struct Metrics {
 impl Metrics {
     /// TensorBoard events go to `<run_dir>/tensorboard` when `config.tensorboard` is on.
     pub fn new(run_dir: &Path, config: &MetricsConfig) -> Self {
+        let dir = run_dir.join("tensorboard");
+        let writer = config.tensorboard.then(|| {
+            std::panic::catch_unwind(|| SummaryWriter::new(&dir)).map_err(|_| {
+                eprintln!(
+                    "warning: cannot create TensorBoard events in {}; training goes on without them",
+                    dir.display()
+                )
+            })
+        });
         Self {
-            writer: config
-                .tensorboard
-                .then(|| SummaryWriter::new(run_dir.join("tensorboard"))),
+            writer: writer.and_then(Result::ok),
+            dir,
             log_interval: config.log_interval,
             window_tokens: 0,
             window_start: Instant::now(),
@@ -44,8 +54,23 @@ impl Metrics {
     }
 
     pub fn scalar(&mut self, tag: &str, value: f64, step: u64) {
-        if let Some(w) = &mut self.writer {
-            w.add_scalar(tag, value as f32, step as usize);
+        self.write(|w| w.add_scalar(tag, value as f32, step as usize));
+    }
+
+    /// One TensorBoard write. The writer panics on an I/O error (a full disk): that turns
+    /// TensorBoard off for the rest of the run, with a warning, instead of ending the run.
+    fn write(&mut self, f: impl FnOnce(&mut SummaryWriter)) {
+        let Some(w) = self.writer.as_mut() else {
+            return;
+        };
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(w))).is_err() {
+            // Its destructor would flush and panic again.
+            std::mem::forget(self.writer.take());
+            eprintln!(
+                "warning: cannot write TensorBoard events to {} (is the disk full?); training \
+                 goes on without them",
+                self.dir.display()
+            );
         }
     }
 
@@ -83,9 +108,7 @@ impl Metrics {
     }
 
     pub fn flush(&mut self) {
-        if let Some(w) = &mut self.writer {
-            w.flush();
-        }
+        self.write(|w| w.flush());
     }
 }
 

@@ -7,9 +7,12 @@ pub mod loss_scaler;
 pub mod lr_schedule;
 pub mod metrics;
 pub mod optimizer;
+pub mod run_lock;
+pub mod stop_signal;
 
 pub use checkpoint::{Checkpoint, CheckpointManager, Stateful};
 pub use loss_scaler::LossScaler;
 pub use lr_schedule::LrSchedule;
 pub use metrics::Metrics;
 pub use optimizer::AdamW;
+pub use run_lock::RunLock;

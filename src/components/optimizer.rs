@@ -458,7 +458,7 @@ impl OptimizerConfig {
     /// Checks of `[optimizer]` (keys relative to it).
     pub fn validate(&self) -> Result<(), OptionError> {
         if !positive(self.lr) {
-            return fail("lr", format!("must be > 0 (got {})", self.lr));
+            return fail("lr", format!("must be finite and > 0 (got {})", self.lr));
         }
         for (k, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&b) {
@@ -466,12 +466,12 @@ impl OptimizerConfig {
             }
         }
         if !positive(self.eps) {
-            return fail("eps", format!("must be > 0 (got {})", self.eps));
+            return fail("eps", format!("must be finite and > 0 (got {})", self.eps));
         }
         if !non_negative(self.weight_decay) {
             return fail(
                 "weight_decay",
-                format!("must be >= 0 (got {})", self.weight_decay),
+                format!("must be finite and >= 0 (got {})", self.weight_decay),
             );
         }
         Ok(())

@@ -123,6 +123,25 @@ impl Dataset {
                 path.display()
             );
         }
+        // A text file this run already prepared: its tokens, wherever the command runs from.
+        if let Some(dir) = prepare_dir
+            && dir.join(META_FILE).is_file()
+        {
+            let spec = spec.clone().unwrap_or(TokenizerSpec::Char);
+            let meta = Meta::load(dir)?;
+            let source = path.display().to_string();
+            if meta.sources != [source.clone()] || meta.tokenizer != spec.to_string() {
+                bail!(
+                    "{}: this run prepared {:?} with tokenizer {}, the recipe now names {source:?} \
+                     with {spec}; start a new run (another name) or delete {} to prepare again",
+                    dir.display(),
+                    meta.sources.join(", "),
+                    meta.tokenizer,
+                    dir.display()
+                );
+            }
+            return Self::open_prepared(dir, None);
+        }
         if !path.is_file() {
             bail!(
                 "data.path: {}: no such file or folder (it is relative to the working directory {})",
@@ -140,23 +159,6 @@ impl Dataset {
             quiet,
             ..PrepareOptions::default()
         };
-        if let Some(dir) = prepare_dir
-            && dir.join(META_FILE).is_file()
-        {
-            let meta = Meta::load(dir)?;
-            let source = path.display().to_string();
-            if meta.sources != [source.clone()] || meta.tokenizer != spec.to_string() {
-                bail!(
-                    "{}: this run prepared {:?} with tokenizer {}, the recipe now names {source:?} \
-                     with {spec}; start a new run (another name) or delete {} to prepare again",
-                    dir.display(),
-                    meta.sources.join(", "),
-                    meta.tokenizer,
-                    dir.display()
-                );
-            }
-            return Self::open_prepared(dir, None);
-        }
         let inputs = [path.display().to_string()];
         let prepared =
             prepare(&inputs, &opts).with_context(|| format!("data.path: {}", path.display()))?;
@@ -302,7 +304,8 @@ impl Dataset {
                 let tmp = path.with_extension("tmp");
                 std::fs::copy(&saved, &tmp)
                     .with_context(|| format!("copying {} to {}", saved.display(), tmp.display()))?;
-                std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::rename(&tmp, path)
+                    .with_context(|| format!("writing {}", path.display()))?;
                 Ok(())
             }
             _ => self.tokenizer.save(path),

@@ -130,11 +130,17 @@ impl ModelConfig {
         if !positive(self.mlp_ratio) || (self.mlp_ratio * self.d_model as f64).round() < 1.0 {
             return fail(
                 "mlp_ratio",
-                format!("must be > 0 (got {}); 4.0 is usual", self.mlp_ratio),
+                format!(
+                    "must be finite and > 0 (got {}); 4.0 is usual",
+                    self.mlp_ratio
+                ),
             );
         }
         if !positive(self.norm_eps) {
-            return fail("norm_eps", format!("must be > 0 (got {})", self.norm_eps));
+            return fail(
+                "norm_eps",
+                format!("must be finite and > 0 (got {})", self.norm_eps),
+            );
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return fail(
@@ -147,11 +153,14 @@ impl ModelConfig {
         {
             return fail(
                 "layer_scale_init",
-                format!("must be > 0 (got {ls}); leave it out for no layer scale"),
+                format!("must be finite and > 0 (got {ls}); leave it out for no layer scale"),
             );
         }
         if !positive(self.init_std) {
-            return fail("init_std", format!("must be > 0 (got {})", self.init_std));
+            return fail(
+                "init_std",
+                format!("must be finite and > 0 (got {})", self.init_std),
+            );
         }
         if let Some(list) = &self.mixers
             && list.len() != self.n_layers

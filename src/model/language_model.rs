@@ -45,6 +45,27 @@ static INIT_RNG: Mutex<()> = Mutex::new(());
 impl LanguageModelConfig {
     /// Build the model with weights fixed by `seed`: drawn on the CPU, then moved to
     /// `device`, so every backend starts from the same weights.
+    /// About how many bytes training takes in f32, before anything is allocated: weights,
+    /// gradients and two AdamW moments per parameter, plus one micro-batch's activations
+    /// (per layer a few dozen `[batch, seq, d]` tensors and the MLP's hidden ones,
+    /// attention's `[batch, heads, seq, seq]` scores, the logits and their gradient). An
+    /// estimate for refusing what cannot fit — not a measurement. Returns (parameters,
+    /// bytes of parameter state, bytes of activations), in f64 so absurd sizes do not wrap.
+    pub fn training_bytes_estimate(&self, micro_batch: usize, seq_len: usize) -> (f64, f64, f64) {
+        let m = &self.model;
+        let (d, v, l) = (m.d_model as f64, self.vocab_size as f64, m.n_layers as f64);
+        let hidden = m.mlp_ratio * d;
+        let embeddings =
+            v * d * if m.tie_embeddings { 1.0 } else { 2.0 } + self.max_seq_len as f64 * d;
+        // Attention has 4 d×d projections; the SSMs' expanded projections about 6.
+        let per_layer = 6.0 * d * d + 2.0 * hidden * d;
+        let params = embeddings + l * per_layer;
+        let tokens = (micro_batch * seq_len) as f64;
+        let scores = micro_batch as f64 * m.n_heads as f64 * (seq_len as f64).powi(2);
+        let activations = tokens * (l * (24.0 * d + 3.0 * hidden) + 3.0 * v) + l * 2.0 * scores;
+        (params, 16.0 * params, 4.0 * activations)
+    }
+
     pub fn init_seeded(&self, seed: u64, device: &Device) -> LanguageModel {
         let cpu = Device::flex();
         let model = {

@@ -12,6 +12,7 @@ use super::Trainer;
 use super::trainer::evaluate;
 use crate::components::checkpoint::{CheckpointManager, Stateful};
 use crate::components::metrics::{Metrics, StepMetrics};
+use crate::components::{RunLock, stop_signal};
 use crate::data::{Dataset, TOKENIZER_FILE};
 use crate::recipe::Recipe;
 use crate::run::{DATA_DIR, RECIPE_FILE};
@@ -43,12 +44,48 @@ pub struct TrainSummary {
 /// Seed of the validation batches: fixed, so every eval scores the same windows.
 pub const EVAL_SEED_SALT: u64 = 0x5eed_0e7a;
 
+/// Removes a run folder this command created if the command fails before the run starts,
+/// so a failed start leaves nothing behind.
+struct NewRunFolder {
+    dir: PathBuf,
+    armed: bool,
+}
+
+impl Drop for NewRunFolder {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummary> {
     let run_dir = recipe.run_dir();
     let t = &recipe.training;
     let p = &recipe.parallelism;
+    let mut new_folder = NewRunFolder {
+        dir: run_dir.clone(),
+        armed: !run_dir.exists(),
+    };
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    // One process per run: held until this function returns.
+    let _lock = RunLock::acquire(&run_dir)?;
     let mut checkpoints = CheckpointManager::new(&run_dir, &recipe.checkpoint);
     let resume_from = checkpoints.resume_point(opts.resume, opts.quiet)?;
+    let saved_recipe = run_dir.join(RECIPE_FILE);
+    if resume_from.is_some() && saved_recipe.is_file() {
+        let saved = Recipe::load(&saved_recipe, &[]).map_err(anyhow::Error::from)?;
+        let changes = saved.architecture_changes(recipe);
+        if !changes.is_empty() {
+            bail!(
+                "--resume would change the architecture of {} ({}), which its checkpoints \
+                 cannot load into; keep those keys as the run has them (its recipe.toml), or \
+                 start a new run (--set name=...) from exported weights with --init-from",
+                run_dir.display(),
+                changes.join("; ")
+            );
+        }
+    }
 
     let data = Dataset::open(
         &recipe.data,
@@ -70,13 +107,13 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
             eprintln!("resuming {} from step {}", run_dir.display(), ckpt.step);
         }
     }
-    // Written only once the run is known to start, so a failed command leaves them as they were.
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    // The recipe as run: with the tokenizer resolved (a prepared folder's own when unset).
+    // Written only once everything the run needs has loaded, so a failed command leaves
+    // them as they were; atomically, so a reader never sees half of one.
     let mut resolved = recipe.clone();
     resolved.data.tokenizer = Some(data.spec.to_string());
-    std::fs::write(run_dir.join(RECIPE_FILE), resolved.to_toml())?;
+    crate::data::write_atomically(&run_dir.join(RECIPE_FILE), resolved.to_toml().as_bytes())?;
     data.save_tokenizer(&run_dir.join(TOKENIZER_FILE))?;
+    new_folder.armed = false;
 
     let mut metrics = Metrics::new(&run_dir, &recipe.metrics);
     let micro = recipe.micro_batch_size();
@@ -216,8 +253,18 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
                 });
             }
         }
-        if checkpoints.due(s, t.steps) {
+        let stop = stop_signal::requested();
+        if checkpoints.due(s, t.steps) || (stop && checkpoints.last_saved() != Some(s)) {
             checkpoints.save(s, &trainer)?;
+        }
+        if stop && s < t.steps {
+            bar.abandon();
+            metrics.flush();
+            bail!(
+                "stopped by a signal after step {s}: checkpoint step-{s} is saved in {}; \
+                 continue with `metamix train <recipe> --resume`",
+                run_dir.join("checkpoints").display()
+            );
         }
     }
     bar.finish_and_clear();

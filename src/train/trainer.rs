@@ -120,6 +120,7 @@ impl Trainer {
             );
         }
         let config = model_config(recipe, vocab_size);
+        check_memory(&config, recipe)?;
         let model = config.init_seeded(t.seed, &device);
         let optimizer = AdamW::new(recipe.optimizer.clone(), &device);
         let mut trainer = Self {
@@ -233,6 +234,49 @@ impl Trainer {
         self.progress.tokens_seen += (t.batch_size * t.seq_len) as u64;
         out
     }
+}
+
+/// Refuse a model and batch that cannot fit in this machine's memory (CPU backend; a GPU
+/// reports its own out-of-memory), naming the estimate and the keys that set it.
+fn check_memory(config: &LanguageModelConfig, recipe: &Recipe) -> anyhow::Result<()> {
+    if recipe.training.backend != crate::device::BackendKind::Cpu {
+        return Ok(());
+    }
+    let Some(total) = machine_memory_bytes() else {
+        return Ok(());
+    };
+    let (params, state, activations) =
+        config.training_bytes_estimate(recipe.micro_batch_size(), recipe.training.seq_len);
+    if state + activations > total {
+        let gib = |b: f64| b / f64::from(1u32 << 30);
+        anyhow::bail!(
+            "this model would need about {:.1} GiB to train — {:.3e} parameters with their \
+             gradients and AdamW moments {:.1} GiB, activations of a micro-batch of {} × {} \
+             tokens {:.1} GiB — but this machine has {:.1} GiB: lower model.d_model, \
+             model.n_layers or model.mlp_ratio, or training.micro_batch_size or seq_len",
+            gib(state + activations),
+            params,
+            gib(state),
+            recipe.micro_batch_size(),
+            recipe.training.seq_len,
+            gib(activations),
+            gib(total)
+        );
+    }
+    Ok(())
+}
+
+/// Physical memory (Linux `/proc/meminfo`), if known.
+fn machine_memory_bytes() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: f64 = info
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024.0)
 }
 
 /// What [`evaluate`] measured.
