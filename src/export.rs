@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use serde_json::json;
 
 use crate::data::{TOKENIZER_FILE, Tokenizer};
@@ -14,14 +14,35 @@ use crate::run::Run;
 
 /// Write `out`, and `config.json` and `tokenizer.json` in the same folder; returns the
 /// config path.
-pub fn export(run: &Run, step: Option<u64>, out: &Path) -> anyhow::Result<PathBuf> {
+/// Existing files are refused unless `force`.
+pub fn export(run: &Run, step: Option<u64>, out: &Path, force: bool) -> anyhow::Result<PathBuf> {
+    let config_path = out.with_file_name("config.json");
+    let tokenizer_path = out.with_file_name(TOKENIZER_FILE);
+    let existing: Vec<&Path> = [out, &config_path, &tokenizer_path]
+        .into_iter()
+        .filter(|p| p.exists())
+        .collect();
+    if !existing.is_empty() && !force {
+        bail!(
+            "{} already exist{}; pass --force to replace, or export to another --out (its \
+             folder also gets config.json and tokenizer.json)",
+            existing
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if existing.len() == 1 { "s" } else { "" }
+        );
+    }
     let (model, ckpt) = run.load_model(step, &burn::prelude::Device::flex())?;
+    for p in existing {
+        std::fs::remove_file(p).with_context(|| format!("replacing {}", p.display()))?;
+    }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
     crate::weights::save(&model, out)?;
-    let config_path = out.with_file_name("config.json");
     let mut config = config_json(&run.model_config());
     if let Tokenizer::Char(chars) = &run.tokenizer {
         config["vocab"] = json!(
@@ -33,7 +54,7 @@ pub fn export(run: &Run, step: Option<u64>, out: &Path) -> anyhow::Result<PathBu
         );
     }
     config["tokenizer"] = json!(run.recipe.data.tokenizer);
-    run.tokenizer.save(&out.with_file_name(TOKENIZER_FILE))?;
+    run.tokenizer.save(&tokenizer_path)?;
     config["trained_steps"] = json!(ckpt.step);
     std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("writing {}", config_path.display()))?;

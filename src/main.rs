@@ -110,6 +110,9 @@ enum Command {
         /// A checkpoint step (default: the newest intact one).
         #[arg(long)]
         step: Option<u64>,
+        /// Replace the files an earlier export left there.
+        #[arg(long)]
+        force: bool,
     },
     /// Generate text from a run's checkpoint.
     Sample {
@@ -284,9 +287,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Export { run, out, step } => {
+        Command::Export {
+            run,
+            out,
+            step,
+            force,
+        } => {
             let run = Run::open(&run)?;
-            let config = metamix::export::export(&run, step, &out)?;
+            let config = metamix::export::export(&run, step, &out, force)?;
             println!("wrote {} and {}", out.display(), config.display());
         }
         Command::Sample {

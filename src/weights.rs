@@ -17,7 +17,36 @@ pub fn save(model: &LanguageModel, path: &Path) -> anyhow::Result<()> {
         .metadata("producer", "metamix");
     model
         .save_into(&mut store)
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    canonicalise(path)
+}
+
+/// Rewrite a safetensors file with its header's keys sorted (burn-store writes them in hash
+/// order) and the permissions of an ordinary file (it creates 0600), so the same weights
+/// give the same bytes and others can read them.
+fn canonicalise(path: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let damaged = || anyhow::anyhow!("{}: not a safetensors file", path.display());
+    let len = u64::from_le_bytes(bytes.get(..8).ok_or_else(damaged)?.try_into()?) as usize;
+    let header = bytes.get(8..8 + len).ok_or_else(damaged)?;
+    // serde_json's map is ordered by key: parsing and writing back sorts every level.
+    let value: serde_json::Value = serde_json::from_slice(header).map_err(|_| damaged())?;
+    let mut sorted = serde_json::to_vec(&value)?;
+    // The data section stays 8-byte aligned, padded with spaces as the format allows.
+    sorted.resize(sorted.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
+    out.extend_from_slice(&sorted);
+    out.extend_from_slice(&bytes[8 + len..]);
+    let tmp = path.with_extension("safetensors.tmp");
+    std::fs::write(&tmp, &out).with_context(|| format!("writing {}", tmp.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("writing {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Load weights into `model` (which fixes the architecture). Every parameter must be in the

@@ -19,7 +19,7 @@ fn export_tiny(dir: &Path, overrides: &[&str]) -> (Run, std::path::PathBuf) {
     train(&recipe, &quiet()).unwrap();
     let run = Run::open(&recipe.run_dir()).unwrap();
     let out = dir.join("export/model.safetensors");
-    metamix::export::export(&run, None, &out).unwrap();
+    metamix::export::export(&run, None, &out, false).unwrap();
     (run, out)
 }
 
@@ -67,6 +67,12 @@ fn export_uses_pytorch_names_and_layout() {
         config["vocab"].as_array().unwrap().len(),
         shape("token_embedding.weight")[0]
     );
+    // The tokenizer travels with the weights, as a Hugging Face tokenizer.json.
+    assert_eq!(config["tokenizer"], "char");
+    let tok =
+        metamix::data::Tokenizer::load(&out.with_file_name("tokenizer.json"), "char").unwrap();
+    assert_eq!(tok.vocab_size(), shape("token_embedding.weight")[0]);
+    assert_eq!(tok.decode(&tok.encode("ROMEO:").unwrap()), "ROMEO:");
 }
 
 #[test]

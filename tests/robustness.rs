@@ -63,7 +63,7 @@ fn a_resume_that_changes_the_architecture_is_refused_and_the_run_stays_usable() 
     );
     // Still exportable; an optimizer change is allowed and recorded.
     let run = metamix::run::Run::open(&r.run_dir()).unwrap();
-    metamix::export::export(&run, None, &tmp.path().join("x.safetensors")).unwrap();
+    metamix::export::export(&run, None, &tmp.path().join("x.safetensors"), false).unwrap();
     let lower = tiny_recipe(tmp.path(), &["optimizer.lr=1e-4"]);
     train(&lower, &resuming()).unwrap();
     let recorded = Recipe::load(&r.run_dir().join("recipe.toml"), &[]).unwrap();
@@ -283,5 +283,45 @@ fn sample_and_eval_refuse_meaningless_numbers() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_export_is_reproducible_readable_and_never_silently_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tiny_recipe(tmp.path(), &["training.steps=2"]);
+    train(&r, &quiet()).unwrap();
+    let run = metamix::run::Run::open(&r.run_dir()).unwrap();
+    let out = tmp.path().join("a/model.safetensors");
+    metamix::export::export(&run, None, &out, false).unwrap();
+    let first = std::fs::read(&out).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+    }
+    let e = format!(
+        "{:#}",
+        metamix::export::export(&run, None, &out, false).unwrap_err()
+    );
+    assert!(
+        e.contains("model.safetensors") && e.contains("--force"),
+        "{e}"
+    );
+    std::fs::remove_file(&out).unwrap();
+    let e = format!(
+        "{:#}",
+        metamix::export::export(&run, None, &out, false).unwrap_err()
+    );
+    assert!(
+        e.contains("config.json"),
+        "a config beside it counts too: {e}"
+    );
+    metamix::export::export(&run, None, &out, true).unwrap();
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        first,
+        "same weights, same bytes"
     );
 }

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tensorboard_rs::summary_writer::SummaryWriter;
+use tensorboard_proto::event::{Event, SessionLog, SessionLog_SessionStatus};
+use tensorboard_rs::summary::scalar;
+use tensorboard_rs::summary_writer::FileWriter;
 
 use crate::options::{OptionError, fail};
 
@@ -23,7 +25,7 @@ pub struct StepMetrics {
 }
 
 pub struct Metrics {
-    writer: Option<SummaryWriter>,
+    writer: Option<FileWriter>,
     /// Where TensorBoard events go (named in the warning when they cannot be written).
     dir: std::path::PathBuf,
     log_interval: u64,
@@ -33,33 +35,49 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// TensorBoard events go to `<run_dir>/tensorboard` when `config.tensorboard` is on.
-    pub fn new(run_dir: &Path, config: &MetricsConfig) -> Self {
+    /// TensorBoard events go to `<run_dir>/tensorboard` when `config.tensorboard` is on. A
+    /// run resumed at `resumed_at` first writes TensorBoard's purge marker (what PyTorch's
+    /// `SummaryWriter(purge_step=...)` writes), so the steps it replays replace the killed
+    /// run's events instead of appearing twice.
+    pub fn new(run_dir: &Path, config: &MetricsConfig, resumed_at: Option<u64>) -> Self {
         let dir = run_dir.join("tensorboard");
         let writer = config.tensorboard.then(|| {
-            std::panic::catch_unwind(|| SummaryWriter::new(&dir)).map_err(|_| {
+            std::panic::catch_unwind(|| FileWriter::new(&dir)).map_err(|_| {
                 eprintln!(
                     "warning: cannot create TensorBoard events in {}; training goes on without them",
                     dir.display()
                 )
             })
         });
-        Self {
+        let mut metrics = Self {
             writer: writer.and_then(Result::ok),
             dir,
             log_interval: config.log_interval,
             window_tokens: 0,
             window_start: Instant::now(),
+        };
+        if let Some(step) = resumed_at {
+            let mut version = Event::new();
+            version.set_file_version("brain.Event:2".into());
+            let mut start = Event::new();
+            let mut log = SessionLog::new();
+            log.set_status(SessionLog_SessionStatus::START);
+            start.set_session_log(log);
+            metrics.write(|w| {
+                w.add_event(&version, step as usize);
+                w.add_event(&start, step as usize);
+            });
         }
+        metrics
     }
 
     pub fn scalar(&mut self, tag: &str, value: f64, step: u64) {
-        self.write(|w| w.add_scalar(tag, value as f32, step as usize));
+        self.write(|w| w.add_summary(scalar(tag, value as f32), step as usize));
     }
 
     /// One TensorBoard write. The writer panics on an I/O error (a full disk): that turns
     /// TensorBoard off for the rest of the run, with a warning, instead of ending the run.
-    fn write(&mut self, f: impl FnOnce(&mut SummaryWriter)) {
+    fn write(&mut self, f: impl FnOnce(&mut FileWriter)) {
         let Some(w) = self.writer.as_mut() else {
             return;
         };

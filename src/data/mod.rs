@@ -271,7 +271,7 @@ impl Dataset {
         for (split, file) in [Split::Train, Split::Val].into_iter().zip(NANOGPT_FILES) {
             let path = dir.join(file);
             let store = TokenStore::map(&path, Dtype::Uint16, true)?;
-            let max = store.max_id();
+            let max = store.max_id()?;
             if max as usize >= tokenizer.vocab_size() {
                 bail!(
                     "{}: holds token id {max}, outside the {}-token vocabulary of data.tokenizer",

@@ -151,99 +151,111 @@ pub fn prepare(inputs: &[String], opts: &PrepareOptions) -> anyhow::Result<Prepa
         ShardWriter::new(tmp.clone(), Split::Train, dtype, opts.shard_tokens),
         ShardWriter::new(tmp.clone(), Split::Val, dtype, opts.shard_tokens),
     ];
-    let mut doc_counts = SplitCounts::default();
-    let mut skipped = Skipped::default();
     let read = Arc::new(AtomicU64::new(0));
-    let mut batch: Vec<(Split, Piece)> = Vec::new();
-    let mut batch_bytes = 0;
-    let mut offset = 0u64;
-    let mut doc_split = Split::Train;
     let eot = if single_document {
         None
     } else {
         tokenizer.eot()
     };
-    let flush = |batch: &mut Vec<(Split, Piece)>, writers: &mut [ShardWriter; 2]| {
-        let encoded: Vec<anyhow::Result<Vec<u32>>> = batch
-            .par_iter()
-            .map(|(_, p)| {
-                let mut ids = tokenizer.encode(&p.text)?;
-                if p.last {
-                    ids.extend(eot);
-                }
-                Ok(ids)
-            })
-            .collect();
-        for ((split, piece), ids) in batch.drain(..).zip(encoded) {
-            let w = &mut writers[(split == Split::Val) as usize];
-            w.write(&ids?, piece.text.len() as u64)?;
-        }
-        bar.set_position(read.load(Ordering::Relaxed));
-        bar.set_message(format!(
-            "{} tokens",
-            writers[0].total_tokens + writers[1].total_tokens
-        ));
-        anyhow::Ok(())
-    };
-    documents::for_each_piece(
-        &files,
-        &opts.text_field,
-        read.clone(),
-        &mut skipped,
-        |piece| {
-            let mut pieces = vec![];
-            match &rule {
-                SplitRule::DocumentHash { seed, val_fraction } => {
-                    if piece.first {
-                        let h = documents::document_hash(*seed, piece.text.as_bytes());
-                        doc_split = if (h as f64 / u64::MAX as f64) < *val_fraction {
-                            Split::Val
-                        } else {
-                            Split::Train
-                        };
-                    }
-                    if piece.last {
-                        doc_counts.add(doc_split, 1);
-                    }
-                    pieces.push((doc_split, piece));
-                }
-                SplitRule::Tail { boundary } => {
-                    let len = piece.text.len() as u64;
-                    if offset + len <= *boundary {
-                        pieces.push((Split::Train, piece));
-                    } else if offset >= *boundary {
-                        pieces.push((Split::Val, piece));
-                    } else {
-                        let mut cut = (*boundary - offset) as usize;
-                        while !piece.text.is_char_boundary(cut) {
-                            cut += 1;
+    // A reader thread assigns pieces to splits and fills batches while the pool tokenises the
+    // previous one; the channel holds one batch, so memory stays at about three batches.
+    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<(Split, Piece)>>(1);
+    let (mut doc_counts, skipped) = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut doc_counts = SplitCounts::default();
+            let mut skipped = Skipped::default();
+            let mut batch: Vec<(Split, Piece)> = Vec::new();
+            let mut batch_bytes = 0;
+            let mut offset = 0u64;
+            let mut doc_split = Split::Train;
+            documents::for_each_piece(
+                &files,
+                &opts.text_field,
+                read.clone(),
+                &mut skipped,
+                |piece| {
+                    let mut pieces = vec![];
+                    match &rule {
+                        SplitRule::DocumentHash { seed, val_fraction } => {
+                            if piece.first {
+                                let h = documents::document_hash(*seed, piece.text.as_bytes());
+                                doc_split = if (h as f64 / u64::MAX as f64) < *val_fraction {
+                                    Split::Val
+                                } else {
+                                    Split::Train
+                                };
+                            }
+                            if piece.last {
+                                doc_counts.add(doc_split, 1);
+                            }
+                            pieces.push((doc_split, piece));
                         }
-                        let (a, b) = piece.text.split_at(cut);
-                        for (split, text) in [(Split::Train, a), (Split::Val, b)] {
-                            pieces.push((
-                                split,
-                                Piece {
-                                    text: text.to_string(),
-                                    ..piece
-                                },
-                            ));
+                        SplitRule::Tail { boundary } => {
+                            let len = piece.text.len() as u64;
+                            if offset + len <= *boundary {
+                                pieces.push((Split::Train, piece));
+                            } else if offset >= *boundary {
+                                pieces.push((Split::Val, piece));
+                            } else {
+                                let mut cut = (*boundary - offset) as usize;
+                                while !piece.text.is_char_boundary(cut) {
+                                    cut += 1;
+                                }
+                                let (a, b) = piece.text.split_at(cut);
+                                for (split, text) in [(Split::Train, a), (Split::Val, b)] {
+                                    let text = text.to_string();
+                                    pieces.push((split, Piece { text, ..piece }));
+                                }
+                            }
+                            offset += len;
                         }
                     }
-                    offset += len;
+                    for (split, piece) in pieces {
+                        batch_bytes += piece.text.len();
+                        batch.push((split, piece));
+                    }
+                    if batch_bytes >= BATCH_BYTES {
+                        batch_bytes = 0;
+                        // The writer stopped (it failed): stop reading; its error is reported.
+                        return Ok(send.send(std::mem::take(&mut batch)).is_ok());
+                    }
+                    Ok(true)
+                },
+            )?;
+            // A closed channel means the writer failed; its error is the one reported.
+            let _ = send.send(batch);
+            drop(send);
+            anyhow::Ok((doc_counts, skipped))
+        });
+        let written = (|| {
+            for batch in receive.iter() {
+                let encoded: Vec<anyhow::Result<Vec<u32>>> = batch
+                    .par_iter()
+                    .map(|(_, p)| {
+                        let mut ids = tokenizer.encode(&p.text)?;
+                        if p.last {
+                            ids.extend(eot);
+                        }
+                        Ok(ids)
+                    })
+                    .collect();
+                for ((split, piece), ids) in batch.into_iter().zip(encoded) {
+                    let w = &mut writers[(split == Split::Val) as usize];
+                    w.write(&ids?, piece.text.len() as u64)?;
                 }
+                bar.set_position(read.load(Ordering::Relaxed));
+                bar.set_message(format!(
+                    "{} tokens",
+                    writers[0].total_tokens + writers[1].total_tokens
+                ));
             }
-            for (split, piece) in pieces {
-                batch_bytes += piece.text.len();
-                batch.push((split, piece));
-            }
-            if batch_bytes >= BATCH_BYTES {
-                flush(&mut batch, &mut writers)?;
-                batch_bytes = 0;
-            }
-            Ok(true)
-        },
-    )?;
-    flush(&mut batch, &mut writers)?;
+            anyhow::Ok(())
+        })();
+        // Unblock the reader if writing failed, then take its result.
+        drop(receive);
+        let counts = reader.join().expect("the reader thread does not panic");
+        written.and(counts)
+    })?;
     if single_document {
         doc_counts = SplitCounts { train: 1, val: 1 };
     }

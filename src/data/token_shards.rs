@@ -185,38 +185,64 @@ impl TokenStore {
         })
     }
 
-    /// The largest id (checks nanoGPT files, which carry no vocabulary).
-    pub fn max_id(&self) -> u32 {
-        match self {
-            Self::Memory(v) => v.iter().copied().max().unwrap_or(0),
-            Self::Mapped { map, dtype, .. } => match dtype {
-                Dtype::Uint16 => map
-                    .par_chunks(1 << 20)
-                    .map(|c| {
-                        c.chunks_exact(2)
-                            .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
-                            .max()
-                            .unwrap_or(0)
-                    })
-                    .max()
-                    .unwrap_or(0),
-                Dtype::Uint32 => map
-                    .par_chunks(1 << 20)
-                    .map(|c| {
-                        c.chunks_exact(4)
-                            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                            .max()
-                            .unwrap_or(0)
-                    })
-                    .max()
-                    .unwrap_or(0),
-            },
+    /// The largest id (checks nanoGPT files, which carry no vocabulary). A mapped shard is
+    /// read as a file, so its pages do not stay in this process's memory.
+    pub fn max_id(&self) -> anyhow::Result<u32> {
+        let (path, dtype) = match self {
+            Self::Memory(v) => return Ok(v.iter().copied().max().unwrap_or(0)),
+            Self::Mapped { path, dtype, .. } => (path, *dtype),
+        };
+        use std::io::Read;
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut max = 0;
+        loop {
+            // Fill the block, so it splits into whole ids (a read may return less).
+            let mut n = 0;
+            while n < buf.len() {
+                let k = file
+                    .read(&mut buf[n..])
+                    .with_context(|| format!("reading {}", path.display()))?;
+                if k == 0 {
+                    break;
+                }
+                n += k;
+            }
+            if n == 0 {
+                return Ok(max);
+            }
+            let block = match dtype {
+                Dtype::Uint16 => buf[..n]
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
+                    .max(),
+                Dtype::Uint32 => buf[..n]
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .max(),
+            };
+            max = max.max(block.unwrap_or(0));
         }
     }
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
+pub fn sha256_of_file(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 impl Meta {
@@ -269,7 +295,9 @@ impl Meta {
                         s.tokens
                     );
                 }
-                if sha256_hex(map) != s.sha256 {
+                // Hashed by reading the file, not through the map: pages read through the
+                // map would count as this process's memory for the whole run.
+                if sha256_of_file(&path)? != s.sha256 {
                     bail!(
                         "{}: its SHA-256 does not match meta.json: the shard is damaged or was \
                          replaced; prepare the corpus again",

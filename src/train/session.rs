@@ -115,7 +115,11 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     data.save_tokenizer(&run_dir.join(TOKENIZER_FILE))?;
     new_folder.armed = false;
 
-    let mut metrics = Metrics::new(&run_dir, &recipe.metrics);
+    let mut metrics = Metrics::new(
+        &run_dir,
+        &recipe.metrics,
+        resume_from.as_ref().map(|(c, _)| c.step),
+    );
     let micro = recipe.micro_batch_size();
     let bar = if opts.quiet {
         ProgressBar::hidden()
