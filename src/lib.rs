@@ -6,9 +6,9 @@
 //! - [`parallel`]: sequence layout, transport, ring attention, state passing.
 //! - [`mixers`]: the token mixers and their registry.
 //! - [`model`]: MetaFormer blocks in a language model.
-//! - [`data`]: corpus, tokenizer, sampler.
 //! - [`weights`], [`components`]: safetensors; checkpoint, optimizer, LR schedule, loss
-//!   scaler, metrics — the trainer's parts, each with its own options.
+//!   scaler, metrics, run lock, stop signal — the trainer's parts, each with its own options.
+//! - [`data`]: tokenizers, `prepare`, token shards, the checkpointed window sampler.
 //! - [`recipe`]: composes every section's options into one file.
 //! - [`run`], [`train`], [`export`], [`sample`]: what the commands do.
 
