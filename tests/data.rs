@@ -373,8 +373,27 @@ fn bad_prepare_inputs_get_clear_errors() {
         "{:#}",
         prepare(&[a.display().to_string()], &forced).err().unwrap()
     );
-    assert!(e.contains("other files"), "{e}");
+    assert!(e.contains("not a prepared dataset"), "{e}");
     assert!(out.join("precious.txt").exists());
+
+    // A prepared dataset with something else put in it is not replaced either.
+    let prepared = tmp.path().join("prepared");
+    prepare(&[a.display().to_string()], &prepare_opts("char", &prepared)).unwrap();
+    std::fs::create_dir_all(prepared.join("raw")).unwrap();
+    std::fs::write(prepared.join("raw/corpus.txt"), "more text ".repeat(100)).unwrap();
+    let forced = PrepareOptions {
+        force: true,
+        ..prepare_opts("char", &prepared)
+    };
+    let e = format!(
+        "{:#}",
+        prepare(&[a.display().to_string()], &forced).err().unwrap()
+    );
+    assert!(e.contains("not a prepared dataset"), "{e}");
+    assert!(prepared.join("raw/corpus.txt").exists());
+    std::fs::remove_dir_all(prepared.join("raw")).unwrap();
+    prepare(&[a.display().to_string()], &forced).unwrap();
+    assert!(prepared.join("meta.json").exists());
 }
 
 #[test]

@@ -78,7 +78,7 @@ fn a_resumed_run_marks_where_tensorboard_drops_the_replayed_steps() {
     std::thread::sleep(std::time::Duration::from_millis(1100));
     train(&r, &common::resuming()).unwrap();
     let evs = events(&r.run_dir());
-    assert_eq!(starts(&evs), [4], "purge marker at the resumed step");
+    assert_eq!(starts(&evs), [5], "purge from the first replayed step");
     assert!(
         evs.iter().any(|e| e.get_step() == 8),
         "the resumed run logged on"

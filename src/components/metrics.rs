@@ -36,10 +36,10 @@ pub struct Metrics {
 
 impl Metrics {
     /// TensorBoard events go to `<run_dir>/tensorboard` when `config.tensorboard` is on. A
-    /// run resumed at `resumed_at` first writes TensorBoard's purge marker (what PyTorch's
-    /// `SummaryWriter(purge_step=...)` writes), so the steps it replays replace the killed
-    /// run's events instead of appearing twice.
-    pub fn new(run_dir: &Path, config: &MetricsConfig, resumed_at: Option<u64>) -> Self {
+    /// resumed run first writes TensorBoard's purge marker at `purge_step`, the first step
+    /// it replays (what PyTorch's `SummaryWriter(purge_step=...)` writes): TensorBoard drops
+    /// the killed run's events from that step on, so replayed steps do not appear twice.
+    pub fn new(run_dir: &Path, config: &MetricsConfig, purge_step: Option<u64>) -> Self {
         let dir = run_dir.join("tensorboard");
         let writer = config.tensorboard.then(|| {
             std::panic::catch_unwind(|| FileWriter::new(&dir)).map_err(|_| {
@@ -56,7 +56,7 @@ impl Metrics {
             window_tokens: 0,
             window_start: Instant::now(),
         };
-        if let Some(step) = resumed_at {
+        if let Some(step) = purge_step {
             let mut version = Event::new();
             version.set_file_version("brain.Event:2".into());
             let mut start = Event::new();

@@ -315,26 +315,73 @@ impl<'a> TextPieces<'a> {
         let mut piece = std::mem::take(&mut self.line);
         loop {
             let mut line = Vec::new();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut line)
+            let n = read_line_capped(self.reader, &mut line, MAX_PIECE_BYTES)
                 .with_context(|| format!("reading {}", self.path.display()))?;
             if n == 0 {
                 self.done = true;
                 return Ok(Some((piece, true)));
             }
             // Between "x\n" and a line starting "y", GPT-2-style splits cut anyway (after a
-            // blank line they would not: "\n\n" is one token).
+            // blank line they would not: "\n\n" is one token). Exact for "\n" endings.
             let cut_here = piece.len() >= PIECE_BYTES
+                && piece.ends_with(b"\n")
                 && !line[0].is_ascii_whitespace()
-                && !piece[piece.len() - 2].is_ascii_whitespace();
+                && ends_in_text(&piece);
             if cut_here {
                 self.line = line;
                 return Ok(Some((piece, false)));
             }
             piece.extend_from_slice(&line);
+            if piece.len() >= MAX_PIECE_BYTES {
+                // No clean cut in sight (one endless line, every line indented): cut here,
+                // before a character the read split, so memory stays bounded.
+                let mut tail = piece.len().saturating_sub(4);
+                while tail < piece.len() && piece[tail] & 0xC0 == 0x80 {
+                    tail += 1;
+                }
+                let cut = match std::str::from_utf8(&piece[tail..]) {
+                    Err(e) if e.error_len().is_none() => tail + e.valid_up_to(),
+                    _ => piece.len(),
+                };
+                self.line = piece.split_off(cut);
+                return Ok(Some((piece, false)));
+            }
         }
     }
+}
+
+/// Pieces are cut wherever they must be beyond this size.
+const MAX_PIECE_BYTES: usize = 4 * PIECE_BYTES;
+
+/// Whether the last line of `piece` has text before its line ending ("\n" or "\r\n").
+fn ends_in_text(piece: &[u8]) -> bool {
+    let body = piece.strip_suffix(b"\n").unwrap_or(piece);
+    let body = body.strip_suffix(b"\r").unwrap_or(body);
+    body.last().is_some_and(|b| !b.is_ascii_whitespace())
+}
+
+/// Append the next line (through its "\n") to `out`, but at most `cap` bytes of it.
+fn read_line_capped(r: &mut dyn BufRead, out: &mut Vec<u8>, cap: usize) -> std::io::Result<usize> {
+    let start = out.len();
+    while out.len() - start < cap {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        let room = (cap - (out.len() - start)).min(buf.len());
+        match buf[..room].iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                out.extend_from_slice(&buf[..=i]);
+                r.consume(i + 1);
+                break;
+            }
+            None => {
+                out.extend_from_slice(&buf[..room]);
+                r.consume(room);
+            }
+        }
+    }
+    Ok(out.len() - start)
 }
 
 /// FNV-1a of `bytes` after `seed`: a document's split depends on its text and the seed
@@ -372,5 +419,24 @@ mod tests {
         assert_eq!(got.iter().filter(|(_, last)| *last).count(), 1);
         let joined: Vec<u8> = got.into_iter().flat_map(|(p, _)| p).collect();
         assert_eq!(joined, text.as_bytes());
+    }
+
+    #[test]
+    fn text_without_clean_cuts_still_comes_in_bounded_pieces() {
+        // One endless line of multi-byte characters, and CRLF lines that all start indented.
+        let endless = "東京".repeat(MAX_PIECE_BYTES);
+        let indented = "  word\r\n".repeat(MAX_PIECE_BYTES / 4);
+        for text in [endless, indented] {
+            let mut reader: &[u8] = text.as_bytes();
+            let mut pieces = TextPieces::new(&mut reader, Path::new("t.txt"));
+            let mut joined = Vec::new();
+            while let Some((p, _)) = pieces.next_piece().unwrap() {
+                assert!(p.len() <= 2 * MAX_PIECE_BYTES, "{}", p.len());
+                assert!(std::str::from_utf8(&p).is_ok(), "cut inside a character");
+                joined.extend(p);
+            }
+            assert_eq!(joined, text.as_bytes());
+        }
+        assert!(ends_in_text(b"a\r\n") && !ends_in_text(b"a\r\n\r\n") && !ends_in_text(b"\n"));
     }
 }

@@ -81,8 +81,13 @@ impl HfTokenizer {
         Ok(Self::new(tokenizer, json))
     }
 
+    /// One past the largest id (ids may have gaps, so not the count of tokens).
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&id| id as usize + 1)
     }
 
     pub fn eot(&self) -> Option<u32> {

@@ -94,6 +94,17 @@ pub fn prepare(inputs: &[String], opts: &PrepareOptions) -> anyhow::Result<Prepa
     let (files, skipped_files) = documents::resolve(inputs)?;
     if let Some(out) = &opts.out {
         check_out(out, opts.force)?;
+        if let Ok(out) = out.canonicalize()
+            && let Some(inside) = files
+                .iter()
+                .find(|f| f.path.canonicalize().is_ok_and(|p| p.starts_with(&out)))
+        {
+            bail!(
+                "--out {}: the input {} is inside it; write the dataset somewhere else",
+                out.display(),
+                inside.path.display()
+            );
+        }
     }
     let single_document = files.len() == 1 && files[0].format == documents::Format::Text;
     let rule = if single_document {
@@ -239,9 +250,16 @@ pub fn prepare(inputs: &[String], opts: &PrepareOptions) -> anyhow::Result<Prepa
                         Ok(ids)
                     })
                     .collect();
+                let vocab = tokenizer.vocab_size();
                 for ((split, piece), ids) in batch.into_iter().zip(encoded) {
+                    let ids = ids?;
+                    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                        bail!(
+                            "the tokenizer produced id {bad}, outside its {vocab}-token vocabulary"
+                        );
+                    }
                     let w = &mut writers[(split == Split::Val) as usize];
-                    w.write(&ids?, piece.text.len() as u64)?;
+                    w.write(&ids, piece.text.len() as u64)?;
                 }
                 bar.set_position(read.load(Ordering::Relaxed));
                 bar.set_message(format!(
@@ -337,11 +355,20 @@ fn check_out(out: &Path, force: bool) -> anyhow::Result<()> {
     if !out.is_dir() {
         bail!("--out {}: exists and is not a folder", out.display());
     }
-    let prepared = out.join(META_FILE).is_file();
-    let empty = std::fs::read_dir(out)
+    let names: Vec<String> = std::fs::read_dir(out)
         .with_context(|| format!("reading {}", out.display()))?
-        .next()
-        .is_none();
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading {}", out.display()))?;
+    let empty = names.is_empty();
+    // Only what prepare itself writes may be replaced: a readable meta.json and nothing
+    // but its files beside it.
+    let ours = |n: &String| {
+        n == META_FILE
+            || n == TOKENIZER_FILE
+            || ((n.starts_with("train-") || n.starts_with("val-")) && n.ends_with(".bin"))
+    };
+    let prepared = Meta::load(out).is_ok() && names.iter().all(ours);
     match (prepared, empty, force) {
         (_, true, _) | (true, _, true) => Ok(()),
         (true, _, false) => bail!(
@@ -349,8 +376,9 @@ fn check_out(out: &Path, force: bool) -> anyhow::Result<()> {
             out.display()
         ),
         (false, false, _) => bail!(
-            "--out {}: is a folder with other files in it and no meta.json; prepare writes into \
-             a new or empty folder (--force only replaces a prepared dataset)",
+            "--out {}: holds files that are not a prepared dataset's; prepare writes into a new \
+             or empty folder (--force only replaces a folder holding nothing but a prepared \
+             dataset)",
             out.display()
         ),
     }
@@ -367,10 +395,7 @@ fn partial_dir(out: &Path) -> PathBuf {
 /// Move the finished `tmp` to `out`, replacing a prepared dataset there.
 fn replace_dir(tmp: &Path, out: &Path) -> anyhow::Result<()> {
     if out.exists() {
-        let old = tmp.with_extension("old");
-        if old.exists() {
-            std::fs::remove_dir_all(&old)?;
-        }
+        let old = tmp.with_extension(format!("old-{}", std::process::id()));
         std::fs::rename(out, &old).with_context(|| format!("moving {} aside", out.display()))?;
         std::fs::rename(tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;

@@ -145,7 +145,9 @@ impl WindowSampler {
                 let total: u64 = counts.iter().sum();
                 (0..batch)
                     .map(|_| {
-                        if *cursor == total {
+                        // `>=`: a resume onto fewer windows (another seq_len, a smaller
+                        // corpus) starts the next epoch rather than walking off the end.
+                        if *cursor >= total {
                             *epoch += 1;
                             *cursor = 0;
                         }

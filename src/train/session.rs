@@ -1,7 +1,7 @@
 //! `train`: a run from start (or resume) to its last step — the loop that ties the
 //! trainer's step to the checkpoint manager, evaluation and metrics.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -44,18 +44,44 @@ pub struct TrainSummary {
 /// Seed of the validation batches: fixed, so every eval scores the same windows.
 pub const EVAL_SEED_SALT: u64 = 0x5eed_0e7a;
 
-/// Removes a run folder this command created if the command fails before the run starts,
-/// so a failed start leaves nothing behind.
-struct NewRunFolder {
+/// The run folder, locked for this process. If this command created the folder and fails
+/// before the run starts, the folder is removed (while still locked), so a failed start
+/// leaves nothing behind.
+struct LockedRunFolder {
     dir: PathBuf,
+    /// This command created the folder and the run has not started yet.
     armed: bool,
+    lock: Option<RunLock>,
 }
 
-impl Drop for NewRunFolder {
+impl LockedRunFolder {
+    fn open(dir: &Path) -> anyhow::Result<Self> {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        // Only the process whose create_dir succeeds created it: two starting at once
+        // cannot both think so.
+        let created = match std::fs::create_dir(dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        };
+        let lock = RunLock::acquire(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            armed: created,
+            lock: Some(lock),
+        })
+    }
+}
+
+impl Drop for LockedRunFolder {
     fn drop(&mut self) {
         if self.armed {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+        drop(self.lock.take());
     }
 }
 
@@ -63,13 +89,8 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     let run_dir = recipe.run_dir();
     let t = &recipe.training;
     let p = &recipe.parallelism;
-    let mut new_folder = NewRunFolder {
-        dir: run_dir.clone(),
-        armed: !run_dir.exists(),
-    };
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     // One process per run: held until this function returns.
-    let _lock = RunLock::acquire(&run_dir)?;
+    let mut folder = LockedRunFolder::open(&run_dir)?;
     let mut checkpoints = CheckpointManager::new(&run_dir, &recipe.checkpoint);
     let resume_from = checkpoints.resume_point(opts.resume, opts.quiet)?;
     let saved_recipe = run_dir.join(RECIPE_FILE);
@@ -113,12 +134,13 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     resolved.data.tokenizer = Some(data.spec.to_string());
     crate::data::write_atomically(&run_dir.join(RECIPE_FILE), resolved.to_toml().as_bytes())?;
     data.save_tokenizer(&run_dir.join(TOKENIZER_FILE))?;
-    new_folder.armed = false;
+    folder.armed = false;
 
     let mut metrics = Metrics::new(
         &run_dir,
         &recipe.metrics,
-        resume_from.as_ref().map(|(c, _)| c.step),
+        // The checkpoint's own step was logged before the kill and is not replayed.
+        resume_from.as_ref().map(|(c, _)| c.step + 1),
     );
     let micro = recipe.micro_batch_size();
     let bar = if opts.quiet {
