@@ -155,8 +155,10 @@ fn sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run() {
         .spawn()
         .unwrap();
     let run = tmp.path().join("runs/tiny");
+    // recipe.toml is written just before the first step, and the handler is installed
+    // before that: the signal lands within the first few of the 400 steps.
     wait_for("training to start", || run.join("recipe.toml").exists());
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(20));
     signal(&interrupted, "-TERM");
     let out = interrupted.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
