@@ -53,6 +53,57 @@ impl Overrides {
     }
 }
 
+/// `metamix prepare`'s flags: the options of [`metamix::data::prepare`].
+#[derive(Args)]
+struct PrepareArgs {
+    /// Files, folders (searched recursively) or globs: .txt and .md (a document per
+    /// file), .jsonl (a document per line), each optionally .gz or .zst.
+    #[arg(required = true)]
+    inputs: Vec<String>,
+    /// char, byte, gpt2, bpe:N (trains a byte-level BPE of N tokens on the training
+    /// split) or a Hugging Face tokenizer.json.
+    #[arg(long)]
+    tokenizer: String,
+    /// The folder to write (refused if it already holds a dataset, unless --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// The JSONL field with each document's text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Fixes which documents are held out.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Tokens per shard file.
+    #[arg(long, default_value_t = 100_000_000)]
+    shard_tokens: u64,
+    /// Replace a prepared dataset in --out.
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl PrepareArgs {
+    fn options(&self) -> anyhow::Result<metamix::data::PrepareOptions> {
+        Ok(metamix::data::PrepareOptions {
+            tokenizer: self
+                .tokenizer
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--tokenizer: {e}"))?,
+            out: Some(self.out.clone()),
+            text_field: self.text_field.clone(),
+            val_fraction: self.val_fraction,
+            seed: self.seed,
+            shard_tokens: self.shard_tokens,
+            force: self.force,
+            quiet: self.quiet,
+            ..Default::default()
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train the model a recipe describes (checkpoints and logs go to runs/<name>).
@@ -73,35 +124,7 @@ enum Command {
     /// Tokenise a corpus into memory-mapped token shards plus meta.json and tokenizer.json:
     /// the folder a recipe's `data.path` names. Documents go to train or val by a seeded
     /// hash of their text (one text file alone: its last --val-fraction is val).
-    Prepare {
-        /// Files, folders (searched recursively) or globs: .txt and .md (a document per
-        /// file), .jsonl (a document per line), each optionally .gz or .zst.
-        #[arg(required = true)]
-        inputs: Vec<String>,
-        /// char, byte, gpt2, bpe:N (trains a byte-level BPE of N tokens on the training
-        /// split) or a Hugging Face tokenizer.json.
-        #[arg(long)]
-        tokenizer: String,
-        /// The folder to write (refused if it already holds a dataset, unless --force).
-        #[arg(long)]
-        out: PathBuf,
-        /// The JSONL field with each document's text.
-        #[arg(long, default_value = "text")]
-        text_field: String,
-        #[arg(long, default_value_t = 0.1)]
-        val_fraction: f64,
-        /// Fixes which documents are held out.
-        #[arg(long, default_value_t = 1337)]
-        seed: u64,
-        /// Tokens per shard file.
-        #[arg(long, default_value_t = 100_000_000)]
-        shard_tokens: u64,
-        /// Replace a prepared dataset in --out.
-        #[arg(long)]
-        force: bool,
-        #[arg(long)]
-        quiet: bool,
-    },
+    Prepare(PrepareArgs),
     /// Write a checkpoint's weights as PyTorch-layout safetensors plus config.json.
     Export {
         run: PathBuf,
@@ -223,34 +246,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 s.run_dir.display()
             );
         }
-        Command::Prepare {
-            inputs,
-            tokenizer,
-            out,
-            text_field,
-            val_fraction,
-            seed,
-            shard_tokens,
-            force,
-            quiet,
-        } => {
-            let spec = tokenizer
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--tokenizer: {e}"))?;
-            let p = metamix::data::prepare(
-                &inputs,
-                &metamix::data::PrepareOptions {
-                    tokenizer: spec,
-                    out: Some(out.clone()),
-                    text_field,
-                    val_fraction,
-                    seed,
-                    shard_tokens,
-                    force,
-                    quiet,
-                    ..Default::default()
-                },
-            )?;
+        Command::Prepare(args) => {
+            let p = metamix::data::prepare(&args.inputs, &args.options()?)?;
+            let out = &args.out;
             let m = &p.meta;
             let skipped = &m.skipped_documents;
             println!(

@@ -379,9 +379,23 @@ impl Checkpoint {
     }
 }
 
+/// SHA-256 of a file, read in 1 MiB blocks (neither the whole file in memory nor, for a
+/// memory-mapped shard, its pages left in this process's resident set).
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(format!("{:x}", hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+    }
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

@@ -228,7 +228,7 @@ impl Dataset {
             shards: vec![],
             token_bytes,
         };
-        for (split, store, _) in meta.open_shards(dir, true)? {
+        for (split, store) in meta.open_shards(dir)? {
             match split {
                 Split::Train => train.shards.push(store),
                 Split::Val => val.shards.push(store),
@@ -270,7 +270,7 @@ impl Dataset {
         let mut splits = vec![];
         for (split, file) in [Split::Train, Split::Val].into_iter().zip(NANOGPT_FILES) {
             let path = dir.join(file);
-            let store = TokenStore::map(&path, Dtype::Uint16, true)?;
+            let store = TokenStore::map(&path, Dtype::Uint16)?;
             let max = store.max_id()?;
             if max as usize >= tokenizer.vocab_size() {
                 bail!(
@@ -301,12 +301,9 @@ impl Dataset {
     pub fn save_tokenizer(&self, path: &Path) -> anyhow::Result<()> {
         match self.dir.as_ref().map(|d| d.join(TOKENIZER_FILE)) {
             Some(saved) if saved.is_file() => {
-                let tmp = path.with_extension("tmp");
-                std::fs::copy(&saved, &tmp)
-                    .with_context(|| format!("copying {} to {}", saved.display(), tmp.display()))?;
-                std::fs::rename(&tmp, path)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                Ok(())
+                let bytes = std::fs::read(&saved)
+                    .with_context(|| format!("reading {}", saved.display()))?;
+                write_atomically(path, &bytes)
             }
             _ => self.tokenizer.save(path),
         }

@@ -80,6 +80,68 @@ enum SplitRule {
     Tail { boundary: u64 },
 }
 
+/// Applies a [`SplitRule`] to the pieces of a corpus, in order.
+struct Splitter<'a> {
+    rule: &'a SplitRule,
+    /// The split of the document being read.
+    document: Split,
+    /// Bytes read so far (the tail rule's position).
+    offset: u64,
+    /// Documents finished, per split.
+    documents: SplitCounts,
+}
+
+impl<'a> Splitter<'a> {
+    fn new(rule: &'a SplitRule) -> Self {
+        Self {
+            rule,
+            document: Split::Train,
+            offset: 0,
+            documents: SplitCounts::default(),
+        }
+    }
+
+    /// `piece` with its split; the piece that crosses the tail boundary comes back as two.
+    fn assign(&mut self, piece: Piece) -> Vec<(Split, Piece)> {
+        match self.rule {
+            SplitRule::DocumentHash { seed, val_fraction } => {
+                if piece.first {
+                    let h = documents::document_hash(*seed, piece.text.as_bytes());
+                    self.document = if (h as f64 / u64::MAX as f64) < *val_fraction {
+                        Split::Val
+                    } else {
+                        Split::Train
+                    };
+                }
+                if piece.last {
+                    self.documents.add(self.document, 1);
+                }
+                vec![(self.document, piece)]
+            }
+            SplitRule::Tail { boundary } => {
+                let start = self.offset;
+                self.offset += piece.text.len() as u64;
+                if self.offset <= *boundary {
+                    vec![(Split::Train, piece)]
+                } else if start >= *boundary {
+                    vec![(Split::Val, piece)]
+                } else {
+                    let mut cut = (*boundary - start) as usize;
+                    while !piece.text.is_char_boundary(cut) {
+                        cut += 1;
+                    }
+                    let (a, b) = piece.text.split_at(cut);
+                    let (a, b) = (a.to_string(), b.to_string());
+                    vec![
+                        (Split::Train, Piece { text: a, ..piece }),
+                        (Split::Val, Piece { text: b, ..piece }),
+                    ]
+                }
+            }
+        }
+    }
+}
+
 pub fn prepare(inputs: &[String], opts: &PrepareOptions) -> anyhow::Result<Prepared> {
     let start = Instant::now();
     if !(opts.val_fraction > 0.0 && opts.val_fraction < 1.0) {
@@ -173,55 +235,17 @@ pub fn prepare(inputs: &[String], opts: &PrepareOptions) -> anyhow::Result<Prepa
     let (send, receive) = std::sync::mpsc::sync_channel::<Vec<(Split, Piece)>>(1);
     let (mut doc_counts, skipped) = std::thread::scope(|scope| {
         let reader = scope.spawn(|| {
-            let mut doc_counts = SplitCounts::default();
+            let mut splitter = Splitter::new(&rule);
             let mut skipped = Skipped::default();
             let mut batch: Vec<(Split, Piece)> = Vec::new();
             let mut batch_bytes = 0;
-            let mut offset = 0u64;
-            let mut doc_split = Split::Train;
             documents::for_each_piece(
                 &files,
                 &opts.text_field,
                 read.clone(),
                 &mut skipped,
                 |piece| {
-                    let mut pieces = vec![];
-                    match &rule {
-                        SplitRule::DocumentHash { seed, val_fraction } => {
-                            if piece.first {
-                                let h = documents::document_hash(*seed, piece.text.as_bytes());
-                                doc_split = if (h as f64 / u64::MAX as f64) < *val_fraction {
-                                    Split::Val
-                                } else {
-                                    Split::Train
-                                };
-                            }
-                            if piece.last {
-                                doc_counts.add(doc_split, 1);
-                            }
-                            pieces.push((doc_split, piece));
-                        }
-                        SplitRule::Tail { boundary } => {
-                            let len = piece.text.len() as u64;
-                            if offset + len <= *boundary {
-                                pieces.push((Split::Train, piece));
-                            } else if offset >= *boundary {
-                                pieces.push((Split::Val, piece));
-                            } else {
-                                let mut cut = (*boundary - offset) as usize;
-                                while !piece.text.is_char_boundary(cut) {
-                                    cut += 1;
-                                }
-                                let (a, b) = piece.text.split_at(cut);
-                                for (split, text) in [(Split::Train, a), (Split::Val, b)] {
-                                    let text = text.to_string();
-                                    pieces.push((split, Piece { text, ..piece }));
-                                }
-                            }
-                            offset += len;
-                        }
-                    }
-                    for (split, piece) in pieces {
+                    for (split, piece) in splitter.assign(piece) {
                         batch_bytes += piece.text.len();
                         batch.push((split, piece));
                     }
@@ -236,7 +260,7 @@ pub fn prepare(inputs: &[String], opts: &PrepareOptions) -> anyhow::Result<Prepa
             // A closed channel means the writer failed; its error is the one reported.
             let _ = send.send(batch);
             drop(send);
-            anyhow::Ok((doc_counts, skipped))
+            anyhow::Ok((splitter.documents, skipped))
         });
         let written = (|| {
             for batch in receive.iter() {
@@ -426,34 +450,17 @@ fn train_bpe(
     n: usize,
 ) -> anyhow::Result<HfTokenizer> {
     let mut texts = Vec::new();
-    let (mut taken, mut offset) = (0u64, 0u64);
-    let mut in_val = false;
+    let mut taken = 0;
+    let mut splitter = Splitter::new(rule);
     let mut skipped = Skipped::default();
     let read = Arc::new(AtomicU64::new(0));
     documents::for_each_piece(files, &opts.text_field, read, &mut skipped, |p| {
-        let text = match rule {
-            SplitRule::DocumentHash { seed, val_fraction } => {
-                if p.first {
-                    let h = documents::document_hash(*seed, p.text.as_bytes());
-                    in_val = (h as f64 / u64::MAX as f64) < *val_fraction;
-                }
-                if in_val {
-                    return Ok(true);
-                }
-                p.text
+        for (split, piece) in splitter.assign(p) {
+            if split == Split::Train {
+                taken += piece.text.len() as u64;
+                texts.push(piece.text);
             }
-            SplitRule::Tail { boundary } => {
-                let keep = boundary.saturating_sub(offset).min(p.text.len() as u64) as usize;
-                offset += p.text.len() as u64;
-                let mut cut = keep;
-                while !p.text.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                p.text[..cut].to_string()
-            }
-        };
-        taken += text.len() as u64;
-        texts.push(text);
+        }
         Ok(taken < opts.bpe_train_bytes)
     })?;
     if taken == 0 {

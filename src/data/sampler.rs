@@ -143,6 +143,13 @@ impl WindowSampler {
             } => {
                 let counts = split.sequential_windows(seq_len);
                 let total: u64 = counts.iter().sum();
+                let order = |epoch: u64| {
+                    Permutation::new(
+                        total,
+                        *seed ^ (epoch + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    )
+                };
+                let mut permutation = order(*epoch);
                 (0..batch)
                     .map(|_| {
                         // `>=`: a resume onto fewer windows (another seq_len, a smaller
@@ -150,9 +157,9 @@ impl WindowSampler {
                         if *cursor >= total {
                             *epoch += 1;
                             *cursor = 0;
+                            permutation = order(*epoch);
                         }
-                        let key = *seed ^ epoch.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                        let window = Permutation::new(total, key).apply(*cursor);
+                        let window = permutation.apply(*cursor);
                         *cursor += 1;
                         let (shard, k) = locate(&counts, window);
                         (shard, k * seq_len)

@@ -12,9 +12,9 @@ use anyhow::{Context, bail};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::documents::Skipped;
+use crate::components::checkpoint::sha256_file;
 
 pub const META_FILE: &str = "meta.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -158,8 +158,8 @@ impl TokenStore {
         }
     }
 
-    /// Map a shard file of raw ids.
-    pub fn map(path: &Path, dtype: Dtype, random_access: bool) -> anyhow::Result<Self> {
+    /// Map a shard file of raw ids, for windows read anywhere in it.
+    pub fn map(path: &Path, dtype: Dtype) -> anyhow::Result<Self> {
         let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: the shard is read-only data that metamix never writes after prepare;
@@ -173,11 +173,9 @@ impl TokenStore {
                 map.len()
             );
         }
+        // Windows land anywhere: do not read ahead around each.
         #[cfg(unix)]
-        if random_access {
-            // Windows land anywhere: do not read ahead around each.
-            let _ = map.advise(memmap2::Advice::Random);
-        }
+        let _ = map.advise(memmap2::Advice::Random);
         Ok(Self::Mapped {
             map,
             dtype,
@@ -227,24 +225,6 @@ impl TokenStore {
     }
 }
 
-pub fn sha256_of_file(path: &Path) -> anyhow::Result<String> {
-    use std::io::Read;
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", hasher.finalize()))
-}
-
 impl Meta {
     /// Read `dir/meta.json`.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
@@ -265,11 +245,7 @@ impl Meta {
 
     /// Map every shard of `dir`, checking each one's size and SHA-256 against this file
     /// (all shards hashed in parallel).
-    pub fn open_shards(
-        &self,
-        dir: &Path,
-        random_access: bool,
-    ) -> anyhow::Result<Vec<(Split, TokenStore, &ShardMeta)>> {
+    pub fn open_shards(&self, dir: &Path) -> anyhow::Result<Vec<(Split, TokenStore)>> {
         self.shards
             .par_iter()
             .map(|s| {
@@ -281,7 +257,7 @@ impl Meta {
                         s.file
                     );
                 }
-                let store = TokenStore::map(&path, self.dtype, random_access)?;
+                let store = TokenStore::map(&path, self.dtype)?;
                 let TokenStore::Mapped { map, .. } = &store else {
                     unreachable!("mapped above")
                 };
@@ -297,14 +273,14 @@ impl Meta {
                 }
                 // Hashed by reading the file, not through the map: pages read through the
                 // map would count as this process's memory for the whole run.
-                if sha256_of_file(&path)? != s.sha256 {
+                if sha256_file(&path)? != s.sha256 {
                     bail!(
                         "{}: its SHA-256 does not match meta.json: the shard is damaged or was \
                          replaced; prepare the corpus again",
                         path.display()
                     );
                 }
-                Ok((s.split, store, s))
+                Ok((s.split, store))
             })
             .collect()
     }
