@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Rebuild an exported metamix model from model.safetensors + config.json with numpy alone,
-and check it reproduces metamix's own outputs.
+"""Rebuild an exported metamix model from its export folder and check it reproduces metamix's
+own outputs: with numpy alone (this file's reimplementation, written from config.json), with
+PyTorch (python/metamix_torch.py), or with Hugging Face transformers (a --format hf folder).
 
-Usage: python3 scripts/check_export.py EXPORT.safetensors EXPECTED.json
+Usage: python3 scripts/check_export.py EXPORT_DIR EXPECTED.json [--impl numpy|torch|hf]
 
 EXPECTED.json (written by the Rust test) holds `tokens` ([t] ints), `layer0` (the output of
-block 0, [t][d]) and `logits` ([t][vocab]). Exit 0 when both match within 1e-4, 1 otherwise.
-Needs: numpy, safetensors (pip install numpy safetensors).
+block 0, [t][d]; numpy only), `logits` ([t][vocab]) and, for torch and hf, `greedy`:
+{"prompt": [ids], "continuation": [ids]} from metamix's greedy decoding. Exit 0 when the
+outputs match within 1e-4 and the continuations are equal, 1 otherwise.
+Needs numpy and safetensors; torch for --impl torch; transformers too for --impl hf.
 """
 import json
 import math
@@ -98,7 +101,7 @@ def attention_heads(cfg, o, W, prefix, x):
 
 
 def softmax_mixer(cfg, W, prefix, x):
-    heads = attention_heads(cfg, cfg["mixer_options"]["softmax"], W, prefix, x)
+    heads = attention_heads(cfg, cfg["softmax"], W, prefix, x)
     return linear(W, prefix + ".out_proj", merge_heads(heads))
 
 
@@ -133,7 +136,7 @@ def softmax_last(x):
 
 def linear_mixer(cfg, W, prefix, x):
     """Linear attention, recurrent form: S_t = g_t S_{t-1} + phi(k_t) v_t^T, o_t = phi(q_t)^T S_t."""
-    o = cfg["mixer_options"]["linear"]
+    o = cfg["linear"]
     t, _ = x.shape
     fm = {
         "elu_plus_one": lambda z: np.where(z > 0, z + 1.0, np.exp(np.minimum(z, 0.0))),
@@ -166,11 +169,11 @@ def linear_mixer(cfg, W, prefix, x):
 
 def ssm_mixer(cfg, W, prefix, x):
     """Mamba (S6): in_proj, causal depthwise conv + SiLU, x_proj, dt_proj + softplus, scan, gate."""
-    o = cfg["mixer_options"]["ssm"]
+    o = cfg["ssm"]
     t, d = x.shape
     di = o["expand"] * d
     n = o["d_state"]
-    r = cfg["ssm_dt_rank"]
+    r = o["dt_rank"]
     xz = linear(W, prefix + ".in_proj", x)
     u, zg = xz[:, :di], xz[:, di:]
     w = W[prefix + ".conv1d.weight"][:, 0, :]  # [di, kernel]
@@ -193,7 +196,7 @@ def ssm_mixer(cfg, W, prefix, x):
 def mamba2_mixer(cfg, W, prefix, x):
     """Mamba-2 (SSD): in_proj -> [z | xBC | dt], causal depthwise conv + SiLU over xBC, a scalar
     decay per head, h = exp(dt A) h + dt x B^T, y = h C + D x, gated RMSNorm, out_proj."""
-    o = cfg["mixer_options"]["mamba2"]
+    o = cfg["mamba2"]
     t, d = x.shape
     di, n, p, g = o["expand"] * d, o["d_state"], o["headdim"], o["ngroups"]
     h = di // p
@@ -222,14 +225,14 @@ def mamba2_mixer(cfg, W, prefix, x):
 
 def pool_mixer(cfg, W, prefix, x):
     """PoolFormer, causal: mean of the trailing window (padding not counted) minus x."""
-    k = cfg["mixer_options"]["pool"]["pool_size"]
+    k = cfg["pool"]["pool_size"]
     means = np.stack([x[max(0, i + 1 - k) : i + 1].mean(0) for i in range(len(x))])
     return means - x
 
 
 def moh_mixer(cfg, W, prefix, x):
     """Mixture-of-head attention: per-token two-stage head gates on causal softmax attention."""
-    o = cfg["mixer_options"]["moh"]
+    o = cfg["moh"]
     h = cfg["n_heads"]
     heads = attention_heads(cfg, o["attention"], W, prefix + ".attention", x)  # [h, t, hd]
     shared, routed = o["shared_heads"], h - o["shared_heads"]
@@ -263,7 +266,11 @@ def block(cfg, W, i, x):
     mixer = MIXERS[cfg["mixers"][i]]
     x = x + ls("layer_scale1", mixer(cfg, W, p + ".mixer", norm(cfg, W, p + ".norm1", x)))
     h = norm(cfg, W, p + ".norm2", x)
-    h = linear(W, p + ".mlp.fc2", activation(cfg["activation"], linear(W, p + ".mlp.fc1", h)))
+    if cfg["mlp"] == "swiglu":
+        h = activation("silu", linear(W, p + ".mlp.gate", h)) * linear(W, p + ".mlp.fc1", h)
+    else:
+        h = activation(cfg["activation"], linear(W, p + ".mlp.fc1", h))
+    h = linear(W, p + ".mlp.fc2", h)
     return x + ls("layer_scale2", h)
 
 
@@ -281,18 +288,69 @@ def forward(cfg, W, tokens):
     return layer0, x @ head.T
 
 
-def main() -> int:
-    weights_path, expected_path = map(pathlib.Path, sys.argv[1:3])
-    cfg = json.loads((weights_path.parent / "config.json").read_text())
-    W = {k: v.astype(np.float64) for k, v in load_file(str(weights_path)).items()}
-    exp = json.loads(expected_path.read_text())
-    tokens = np.array(exp["tokens"], dtype=np.int64)
-    layer0, logits = forward(cfg, W, tokens)
+def compare(pairs):
     ok = True
-    for name, ours, theirs in [("layer0", layer0, exp["layer0"]), ("logits", logits, exp["logits"])]:
-        err = float(np.max(np.abs(ours - np.array(theirs, dtype=np.float64))))
+    for name, ours, theirs in pairs:
+        err = float(np.max(np.abs(np.asarray(ours, dtype=np.float64) - np.array(theirs, dtype=np.float64))))
         print(f"{name}: max abs difference {err:.2e}")
         ok &= err < 1e-4
+    return ok
+
+
+def check_numpy(folder, exp):
+    cfg = json.loads((folder / "config.json").read_text())["model"]
+    W = {k: v.astype(np.float64) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    layer0, logits = forward(cfg, W, np.array(exp["tokens"], dtype=np.int64))
+    return compare([("layer0", layer0, exp["layer0"]), ("logits", logits, exp["logits"])])
+
+
+def check_greedy(name, ours, exp):
+    want = exp["greedy"]["continuation"]
+    print(f"{name} greedy continuation: " + ("same" if ours == want else f"DIFFERENT: {ours} vs {want}"))
+    return ours == want
+
+
+def check_torch(folder, exp):
+    import torch
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "python"))
+    from metamix_torch import load
+
+    model, _ = load(folder)
+    with torch.no_grad():
+        logits = model(torch.tensor([exp["tokens"]]))[0]
+    ok = compare([("logits", logits.numpy(), exp["logits"])])
+    prompt, want = exp["greedy"]["prompt"], exp["greedy"]["continuation"]
+    out = model.generate(prompt, len(want))[len(prompt):]
+    return check_greedy("metamix_torch", out, exp) and ok
+
+
+def check_hf(folder, exp):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    print(f"loaded {type(model).__name__}")
+    with torch.no_grad():
+        logits = model(torch.tensor([exp["tokens"]])).logits[0]
+        prompt, want = exp["greedy"]["prompt"], exp["greedy"]["continuation"]
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=len(want), min_new_tokens=len(want),
+            do_sample=False, pad_token_id=0,
+        )[0, len(prompt):].tolist()
+    ok = compare([("logits", logits.numpy(), exp["logits"])])
+    return check_greedy("transformers", out, exp) and ok
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    impl = "numpy"
+    if "--impl" in args:
+        i = args.index("--impl")
+        impl = args[i + 1]
+        del args[i : i + 2]
+    folder, expected = pathlib.Path(args[0]), json.loads(pathlib.Path(args[1]).read_text())
+    ok = {"numpy": check_numpy, "torch": check_torch, "hf": check_hf}[impl](folder, expected)
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

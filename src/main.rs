@@ -104,6 +104,12 @@ impl PrepareArgs {
     }
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Metamix,
+    Hf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train the model a recipe describes (checkpoints and logs go to runs/<name>).
@@ -112,8 +118,10 @@ enum Command {
         /// Continue from the newest intact checkpoint of the run.
         #[arg(long)]
         resume: bool,
-        /// Start from weights in a safetensors file written by `export`.
-        #[arg(long, value_name = "FILE")]
+        /// Start from the weights of an export folder (metamix or --format hf; its
+        /// config.json must describe the recipe's model), a Hugging Face GPT-2/Llama folder,
+        /// or a safetensors file.
+        #[arg(long, value_name = "PATH")]
         init_from: Option<PathBuf>,
         #[command(flatten)]
         overrides: Overrides,
@@ -125,15 +133,24 @@ enum Command {
     /// the folder a recipe's `data.path` names. Documents go to train or val by a seeded
     /// hash of their text (one text file alone: its last --val-fraction is val).
     Prepare(PrepareArgs),
-    /// Write a checkpoint's weights as PyTorch-layout safetensors plus config.json.
+    /// Write a checkpoint as an export folder: model.safetensors (PyTorch layout),
+    /// config.json, tokenizer.json and a README.md model card.
     Export {
         run: PathBuf,
-        #[arg(long)]
+        /// The folder to write (e.g. exports/shakespeare_char).
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// A checkpoint step (default: the newest intact one).
         #[arg(long)]
         step: Option<u64>,
-        /// Replace the files an earlier export left there.
+        /// metamix (its own config.json, for python/metamix_torch.py) or hf (a
+        /// transformers GPT2LMHeadModel / LlamaForCausalLM folder).
+        #[arg(long, value_enum, default_value = "metamix")]
+        format: ExportFormat,
+        /// Validation batches measured for the model card (0: none).
+        #[arg(long, value_name = "N")]
+        eval_batches: Option<usize>,
+        /// Replace an earlier export folder.
         #[arg(long)]
         force: bool,
     },
@@ -289,11 +306,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             run,
             out,
             step,
+            format,
+            eval_batches,
             force,
         } => {
             let run = Run::open(&run)?;
-            let config = metamix::export::export(&run, step, &out, force)?;
-            println!("wrote {} and {}", out.display(), config.display());
+            let r = &run.recipe;
+            let batches = eval_batches.unwrap_or(r.training.eval_batches);
+            // The card's numbers are `metamix eval`'s, when the run's data is still there.
+            let measure = |model: &metamix::model::LanguageModel| {
+                let data = run.dataset().ok().filter(|_| batches > 0)?;
+                data.check_seq_len(r.training.seq_len, &r.data.path).ok()?;
+                let device = burn::prelude::Device::flex();
+                let e = evaluate(
+                    model,
+                    &data.val,
+                    batches,
+                    r.micro_batch_size(),
+                    r.training.seq_len,
+                    r.training.seed ^ EVAL_SEED_SALT,
+                    &Ranks::single(device),
+                );
+                Some(metamix::export::CardMetrics {
+                    val_loss: e.loss,
+                    bits_per_byte: e.bits_per_byte,
+                    batches,
+                })
+            };
+            let format = match format {
+                ExportFormat::Metamix => metamix::export::Format::Metamix,
+                ExportFormat::Hf => metamix::export::Format::Hf,
+            };
+            let files = metamix::export::export(&run, step, &out, format, force, &measure)?;
+            println!("wrote {}: {}", out.display(), files.join(", "));
         }
         Command::Sample {
             run,

@@ -39,6 +39,18 @@ pub fn generate(
             None => tokenizer.encode("\n").unwrap_or(vec![0]),
         };
     }
+    let new = generate_ids(model, &ids, opts, device);
+    Ok(format!("{prompt}{}", tokenizer.decode(&new)))
+}
+
+/// The tokens that follow `prompt` (at least one id), by [`generate`]'s rules.
+pub fn generate_ids(
+    model: &LanguageModel,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    device: &Device,
+) -> Vec<u32> {
+    let mut ids = prompt.to_vec();
     let context = model.max_seq_len().unwrap_or(usize::MAX);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let first_new = ids.len();
@@ -64,7 +76,7 @@ pub fn generate(
         }
         logits = Some(model.step(token(next), &mut state));
     }
-    Ok(format!("{prompt}{}", tokenizer.decode(&ids[first_new..])))
+    ids.split_off(first_new)
 }
 
 fn pick(logits: Tensor<1>, opts: &SampleOptions, rng: &mut ChaCha8Rng) -> u32 {

@@ -60,10 +60,20 @@ fn train_eval_sample_export_from_the_command_line() {
     );
     assert_eq!(a, sample("1"), "a seed fixes sampling");
 
-    let file = tmp.path().join("out/model.safetensors");
+    let file = tmp.path().join("out");
     let out = metamix(&["export", run, "--out", file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(file.is_file() && tmp.path().join("out/config.json").is_file());
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+    ] {
+        assert!(file.join(f).is_file(), "{f}");
+    }
+    // The model card states the run's measured validation loss.
+    let card = std::fs::read_to_string(file.join("README.md")).unwrap();
+    assert!(card.contains("Validation loss **"), "{card}");
 
     // --resume past the end and --init-from are accepted.
     let out = metamix(&[

@@ -63,7 +63,15 @@ fn a_resume_that_changes_the_architecture_is_refused_and_the_run_stays_usable() 
     );
     // Still exportable; an optimizer change is allowed and recorded.
     let run = metamix::run::Run::open(&r.run_dir()).unwrap();
-    metamix::export::export(&run, None, &tmp.path().join("x.safetensors"), false).unwrap();
+    metamix::export::export(
+        &run,
+        None,
+        &tmp.path().join("x"),
+        Default::default(),
+        false,
+        &|_| None,
+    )
+    .unwrap();
     let lower = tiny_recipe(tmp.path(), &["optimizer.lr=1e-4"]);
     train(&lower, &resuming()).unwrap();
     let recorded = Recipe::load(&r.run_dir().join("recipe.toml"), &[]).unwrap();
@@ -294,36 +302,42 @@ fn an_export_is_reproducible_readable_and_never_silently_replaced() {
     let r = tiny_recipe(tmp.path(), &["training.steps=2"]);
     train(&r, &quiet()).unwrap();
     let run = metamix::run::Run::open(&r.run_dir()).unwrap();
-    let out = tmp.path().join("a/model.safetensors");
-    metamix::export::export(&run, None, &out, false).unwrap();
-    let first = std::fs::read(&out).unwrap();
+    let export = |out: &std::path::Path, force: bool| {
+        metamix::export::export(&run, None, out, Default::default(), force, &|_| None)
+            .map_err(|e| format!("{e:#}"))
+    };
+    let out = tmp.path().join("a");
+    export(&out, false).unwrap();
+    let weights = out.join("model.safetensors");
+    let first = std::fs::read(&weights).unwrap();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&weights).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o644);
     }
-    let e = format!(
-        "{:#}",
-        metamix::export::export(&run, None, &out, false).unwrap_err()
-    );
-    assert!(
-        e.contains("model.safetensors") && e.contains("--force"),
-        "{e}"
-    );
-    std::fs::remove_file(&out).unwrap();
-    let e = format!(
-        "{:#}",
-        metamix::export::export(&run, None, &out, false).unwrap_err()
-    );
-    assert!(
-        e.contains("config.json"),
-        "a config beside it counts too: {e}"
-    );
-    metamix::export::export(&run, None, &out, true).unwrap();
+    let e = export(&out, false).unwrap_err();
+    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    // A file name for --out is the old form: refused with the folder to use instead.
+    let e = export(&tmp.path().join("b/model.safetensors"), false).unwrap_err();
+    assert!(e.contains("names a file") && e.contains("b/model"), "{e}");
+    // --force replaces an export folder, byte for byte the same for the same weights...
+    export(&out, true).unwrap();
     assert_eq!(
-        std::fs::read(&out).unwrap(),
+        std::fs::read(&weights).unwrap(),
         first,
         "same weights, same bytes"
     );
+    // ...but never a folder holding anything else, which stays as it was.
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let e = export(&out, true).unwrap_err();
+    assert!(e.contains("notes.txt"), "{e}");
+    assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"mine");
+    assert_eq!(std::fs::read(&weights).unwrap(), first);
+    // No partial folder is left behind by any of this.
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
 }

@@ -100,3 +100,14 @@ pub fn time_steps<const D: usize>(x: Tensor<D>) -> Vec<Tensor<D>> {
     }
     steps
 }
+
+/// The rule an export states for a causal depthwise conv named `name` over `what`.
+pub fn convention(name: &str, what: &str, channels: usize, d_conv: usize) -> String {
+    format!(
+        "{what} = silu({name}(...)): a causal depthwise conv over {channels} channels, weight \
+         [{channels}, 1, {d_conv}] and a bias (always): y_p = bias + Σ_j weight[:, 0, j]·u_(p−{last}+j) \
+         for j = 0..{last}, zeros before the start (torch.nn.Conv1d(groups={channels}, \
+         padding={last}) keeping the first t outputs)",
+        last = d_conv - 1
+    )
+}

@@ -395,6 +395,50 @@ pub enum LinearForm {
 }
 
 impl MixerOptions for LinearAttentionOptions {
+    const TRAINING_ONLY: &'static [&'static str] = &["form", "chunk_size"];
+
+    fn conventions(&self, ctx: &MixerContext) -> Vec<String> {
+        let hd = ctx.head_dim();
+        let phi = match self.feature_map {
+            FeatureMap::EluPlusOne => "φ(x) = elu(x) + 1",
+            FeatureMap::Relu => "φ(x) = relu(x)",
+            FeatureMap::Identity => "φ(x) = x",
+        };
+        let mut rules = vec![
+            format!(
+                "q = φ(q_proj(x)), k = φ(k_proj(x)), v = v_proj(x), each viewed as [t, n_heads = {}, \
+                 head_dim = {hd}] (head h is columns h·{hd}..(h+1)·{hd}); {phi}",
+                ctx.n_heads
+            ),
+            "per head: S_t = g_t·S_(t−1) + k_t v_tᵀ (S_0 = 0, [head_dim, head_dim]), \
+             o_t = q_tᵀ S_t"
+                .to_string(),
+        ];
+        if self.normalize {
+            rules.push(format!(
+                "normalised: o_t / (q_t·z_t + {NORM_EPS:e}), z_t = g_t·z_(t−1) + k_t (z_0 = 0): \
+                 the normaliser decays with the same g"
+            ));
+        }
+        rules.push(match self.decay {
+            DecayMode::None => "g_t = 1 (no decay)".to_string(),
+            DecayMode::Retnet => {
+                "g = 1 − 2^(−5−h) for head h = 0..n_heads−1, the same at every step (RetNet)"
+                    .to_string()
+            }
+            DecayMode::Gated => format!(
+                "g_t = sigmoid(gate_proj(x_t))^(1/{GATE_TEMPERATURE}), one per head; gate_proj \
+                 always has a bias (GLA's gate)"
+            ),
+        });
+        rules.push("o of every head concatenated in head order → out_proj".to_string());
+        rules.push(super::bias_convention(
+            "q_proj, k_proj, v_proj and out_proj",
+            ctx.bias,
+        ));
+        rules
+    }
+
     fn validate(&self, _ctx: &MixerContext) -> Result<(), OptionError> {
         at_least_one(&[("chunk_size", self.chunk_size)])
     }

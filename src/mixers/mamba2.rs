@@ -104,6 +104,49 @@ impl Default for Mamba2Options {
 }
 
 impl MixerOptions for Mamba2Options {
+    const TRAINING_ONLY: &'static [&'static str] = &[
+        "chunk_size",
+        "dt_min",
+        "dt_max",
+        "dt_init_floor",
+        "a_init_min",
+        "a_init_max",
+        "form",
+    ];
+
+    fn conventions(&self, ctx: &MixerContext) -> Vec<String> {
+        let di = self.expand * ctx.d_model;
+        let (n, p, g) = (self.d_state, self.headdim, self.ngroups);
+        let h = di / p;
+        let conv = di + 2 * g * n;
+        vec![
+            format!(
+                "mamba_ssm's Mamba2 (SSD) block; d_inner = expand·d_model = {di}, nheads = \
+                 d_inner / headdim = {h}"
+            ),
+            format!("in_proj(x) → [z ({di}) | xBC ({conv}) | dt ({h})] in that order"),
+            super::causal_conv1d::convention("conv1d", "xBC", conv, self.d_conv),
+            format!(
+                "xBC → [x ({di}) | B ({g}·{n}) | C ({g}·{n})]; x viewed as [{h} heads, {p}], B and C \
+                 as [{g} groups, {n}]; head i reads group i // {}",
+                h / g
+            ),
+            "Δ = softplus(dt + dt_bias) per head; A = −exp(A_log), one scalar per head".to_string(),
+            format!(
+                "per head: h_t = exp(Δ_t·A)·h_(t−1) + Δ_t·x_t B_tᵀ (h_0 = 0, [{p}, {n}]), \
+                 y_t = h_t C_t + D·x_t"
+            ),
+            format!(
+                "y = y ⊙ silu(z) (y concatenated in head order), then RMS-normalised in {g} groups \
+                 of {} channels: y / √(mean(y²) + {:e}) · norm.weight (mamba_ssm's RMSNormGated, \
+                 norm_before_gate = False) → out_proj",
+                di / g,
+                GatedRmsNorm::EPS
+            ),
+            "in_proj and out_proj have no biases whatever model.bias".to_string(),
+        ]
+    }
+
     fn validate(&self, ctx: &MixerContext) -> Result<(), OptionError> {
         at_least_one(&[
             ("d_state", self.d_state),

@@ -75,6 +75,21 @@ impl ShardedForm {
 
 /// A mixer's options: one `[model.<name>]` table of a recipe.
 pub trait MixerOptions: Serialize + DeserializeOwned + Default + Clone + Debug + PartialEq {
+    /// Keys that choose how training computes or initialises (a fast form, a block size, an
+    /// init range) but not what the model computes: an export's `config.json` leaves them
+    /// out. Dotted for a nested table (`attention.tiled`); a test checks each one exists.
+    const TRAINING_ONLY: &'static [&'static str] = &[];
+
+    /// These options with every "0 = derived" value filled in for a model shaped like
+    /// `ctx`, as an export states them.
+    fn resolved(&self, _ctx: &MixerContext) -> Self {
+        self.clone()
+    }
+
+    /// What a reimplementation must do, beyond the tensors' names and shapes, to compute
+    /// what this mixer computes with these options: one rule a line, for `config.json`.
+    fn conventions(&self, ctx: &MixerContext) -> Vec<String>;
+
     /// Refuse values this mixer cannot run with, in a model shaped like `ctx`.
     fn validate(&self, _ctx: &MixerContext) -> Result<(), OptionError> {
         Ok(())
@@ -206,11 +221,49 @@ macro_rules! registry {
                 Ok(())
             }
 
-            /// The options of `kind` as JSON (for `config.json`).
+            /// The options of `kind` that change what the model computes, resolved for
+            /// `ctx`, as JSON (an export's `config.json`).
+            pub fn export_json(&self, kind: MixerKind, ctx: &MixerContext) -> serde_json::Value {
+                match kind {
+                    $(MixerKind::$variant => {
+                        type O = <$module::$ty as TokenMixer>::Options;
+                        let mut v = serde_json::to_value(self.$name.resolved(ctx)).expect("options serialise");
+                        for key in <O as MixerOptions>::TRAINING_ONLY {
+                            remove_dotted(&mut v, key);
+                        }
+                        v
+                    }),+
+                }
+            }
+
+            /// Every option of `kind`, as a recipe writes them.
             pub fn to_json(&self, kind: MixerKind) -> serde_json::Value {
                 match kind {
                     $(MixerKind::$variant => serde_json::to_value(&self.$name).expect("options serialise")),+
                 }
+            }
+
+            /// [`MixerOptions::conventions`] of `kind`'s options.
+            pub fn conventions(&self, kind: MixerKind, ctx: &MixerContext) -> Vec<String> {
+                match kind {
+                    $(MixerKind::$variant => self.$name.conventions(ctx)),+
+                }
+            }
+
+            /// For each mixer, its [`MixerOptions::TRAINING_ONLY`] keys that its options do
+            /// not have (a renamed key left behind): empty when the lists are right.
+            pub fn unknown_training_only_keys() -> Vec<String> {
+                let mut unknown = Vec::new();
+                $(
+                    type $variant = <$module::$ty as TokenMixer>::Options;
+                    let v = serde_json::to_value($variant::default()).expect("options serialise");
+                    for key in <$variant as MixerOptions>::TRAINING_ONLY {
+                        if !key.split('.').try_fold(&v, |v, k| v.get(k)).is_some() {
+                            unknown.push(format!("{}.{key}", stringify!($name)));
+                        }
+                    }
+                )+
+                unknown
             }
         }
 
@@ -299,6 +352,31 @@ registry! {
     pool: Pool => pool::Pool,
     moh: Moh => moh::Moh,
     mamba2: Mamba2 => mamba2::Mamba2,
+}
+
+/// Remove `a.b.c` from a JSON object, if there.
+fn remove_dotted(v: &mut serde_json::Value, key: &str) {
+    match key.split_once('.') {
+        Some((head, rest)) => {
+            if let Some(inner) = v.get_mut(head) {
+                remove_dotted(inner, rest);
+            }
+        }
+        None => {
+            if let Some(map) = v.as_object_mut() {
+                map.remove(key);
+            }
+        }
+    }
+}
+
+/// The sentence on biases every mixer with `bias`-following projections states.
+pub fn bias_convention(projections: &str, bias: bool) -> String {
+    if bias {
+        format!("{projections} carry biases (model.bias = true)")
+    } else {
+        format!("{projections} have no biases (model.bias = false)")
+    }
 }
 
 impl Serialize for MixerKind {

@@ -252,6 +252,47 @@ impl Default for MohOptions {
 }
 
 impl MixerOptions for MohOptions {
+    const TRAINING_ONLY: &'static [&'static str] =
+        &["aux_loss_coef", "attention.tiled", "attention.block_size"];
+
+    fn resolved(&self, ctx: &MixerContext) -> Self {
+        Self {
+            attention: self.attention.resolved(ctx),
+            ..self.clone()
+        }
+    }
+
+    fn conventions(&self, ctx: &MixerContext) -> Vec<String> {
+        let (n, shared) = (ctx.n_heads, self.shared_heads);
+        let routed = n - shared;
+        let mut rules = vec![format!(
+            "mixture-of-head attention (Jin et al. 2024): causal softmax attention whose heads \
+             are each scaled by a per-token gate before attention.out_proj; heads 0..{shared} are \
+             shared (every token), heads {shared}..{n} routed"
+        )];
+        rules.extend(self.attention.attention_conventions(ctx, "attention."));
+        if shared > 0 {
+            rules.push(
+                "shared gates = softmax(shared_router(x)) over the shared heads".to_string(),
+            );
+        }
+        if routed > 0 {
+            rules.push(format!(
+                "routed gates = softmax(routed_router(x)) over the routed heads, kept where ≥ the \
+                 {}-th largest of the token's (ties kept), 0 elsewhere, not renormalised",
+                self.top_k.min(routed)
+            ));
+        }
+        if shared > 0 && routed > 0 {
+            rules.push(
+                "[α1, α2] = softmax(head_type_router(x)); shared gates × α1, routed gates × α2"
+                    .to_string(),
+            );
+        }
+        rules.push("the routers have no biases whatever model.bias".to_string());
+        rules
+    }
+
     fn validate(&self, ctx: &MixerContext) -> Result<(), OptionError> {
         let n = ctx.n_heads;
         if self.shared_heads > n {

@@ -197,6 +197,14 @@ impl Default for PoolOptions {
 }
 
 impl MixerOptions for PoolOptions {
+    fn conventions(&self, _ctx: &MixerContext) -> Vec<String> {
+        vec![format!(
+            "PoolFormer's pooling, causal: y_p = mean(x_q for max(0, p − {}) ≤ q ≤ p) − x_p; the \
+             mean counts only positions that exist (fewer at the start); no weights",
+            self.pool_size - 1
+        )]
+    }
+
     fn validate(&self, _ctx: &MixerContext) -> Result<(), OptionError> {
         at_least_one(&[("pool_size", self.pool_size)])?;
         if !self.causal {

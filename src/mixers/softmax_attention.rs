@@ -261,7 +261,66 @@ impl SoftmaxOptions {
     }
 }
 
+impl SoftmaxOptions {
+    /// The rules of causal softmax attention with these options, its projections under
+    /// `prefix` (`""` here, `"attention."` inside MoH).
+    pub fn attention_conventions(&self, ctx: &MixerContext, prefix: &str) -> Vec<String> {
+        let (n, hd) = (ctx.n_heads, ctx.head_dim());
+        let kv = self.kv_heads(n);
+        let mut rules = vec![format!(
+            "q = {prefix}q_proj(x), k = {prefix}k_proj(x), v = {prefix}v_proj(x), each viewed as \
+             [t, heads, head_dim = {hd}]: head h is columns h·{hd}..(h+1)·{hd}; q has n_heads = {n} heads, \
+             k and v {kv}"
+        )];
+        if kv < n {
+            rules.push(format!(
+                "grouped-query attention: query head i uses key/value head i // {} \
+                 (torch.repeat_interleave(k, {}, dim=heads))",
+                n / kv,
+                n / kv
+            ));
+        }
+        if self.rotary {
+            rules.push(format!(
+                "RoPE on q and k after the projections: in each head, the interleaved pair \
+                 (x[2i], x[2i+1]) is rotated by the angle p·θ^(−2i/{hd}), p the token's absolute \
+                 position from 0, θ = rope_theta = {}, angles computed in f32 (the original LLaMA \
+                 code's pairing; Hugging Face's rotate_half pairs x[i] with x[i+{}] instead, so \
+                 q_proj/k_proj rows are permuted per head to convert)",
+                self.rope_theta,
+                hd / 2
+            ));
+        }
+        let window = match self.window {
+            0 => String::new(),
+            w => format!(" and > p − {w} (a sliding window: the query and the {} before it)", w - 1),
+        };
+        rules.push(format!(
+            "scores = q·kᵀ / √{hd}; the query at position p sees keys at positions ≤ p{window}; \
+             softmax over those; heads = scores·v concatenated in head order → {prefix}out_proj"
+        ));
+        rules.push(super::bias_convention(
+            &format!("{prefix}q_proj, {prefix}k_proj, {prefix}v_proj and {prefix}out_proj"),
+            ctx.bias,
+        ));
+        rules
+    }
+}
+
 impl MixerOptions for SoftmaxOptions {
+    const TRAINING_ONLY: &'static [&'static str] = &["tiled", "block_size"];
+
+    fn resolved(&self, ctx: &MixerContext) -> Self {
+        Self {
+            n_kv_heads: self.kv_heads(ctx.n_heads),
+            ..self.clone()
+        }
+    }
+
+    fn conventions(&self, ctx: &MixerContext) -> Vec<String> {
+        self.attention_conventions(ctx, "")
+    }
+
     fn validate(&self, ctx: &MixerContext) -> Result<(), OptionError> {
         at_least_one(&[("block_size", self.block_size)])?;
         let kv = self.n_kv_heads;

@@ -375,6 +375,34 @@ impl SsmOptions {
 }
 
 impl MixerOptions for SsmOptions {
+    const TRAINING_ONLY: &'static [&'static str] = &["dt_min", "dt_max", "scan", "chunk_size"];
+
+    fn resolved(&self, ctx: &MixerContext) -> Self {
+        Self {
+            dt_rank: self.dt_rank(ctx.d_model),
+            ..self.clone()
+        }
+    }
+
+    fn conventions(&self, ctx: &MixerContext) -> Vec<String> {
+        let di = self.expand * ctx.d_model;
+        let (n, r) = (self.d_state, self.dt_rank(ctx.d_model));
+        vec![
+            format!("mamba_ssm's Mamba (S6) block; d_inner = expand·d_model = {di}"),
+            format!("in_proj(x) → [u | z], each {di} wide, u first"),
+            super::causal_conv1d::convention("conv1d", "u", di, self.d_conv),
+            format!(
+                "x_proj(u) → [dt ({r}) | B ({n}) | C ({n})] in that order; \
+                 Δ = softplus(dt_proj(dt)), dt_proj has a bias (always); A = −exp(A_log), [{di}, {n}]"
+            ),
+            "per channel c: h_t = exp(Δ_t[c]·A[c]) ⊙ h_(t−1) + Δ_t[c]·u_t[c]·B_t (h_0 = 0, \
+             [d_state]), y_t[c] = h_t·C_t + D[c]·u_t[c]"
+                .to_string(),
+            "out_proj(y ⊙ silu(z))".to_string(),
+            "in_proj, x_proj and out_proj have no biases whatever model.bias".to_string(),
+        ]
+    }
+
     fn validate(&self, _ctx: &MixerContext) -> Result<(), OptionError> {
         at_least_one(&[
             ("d_state", self.d_state),

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::mlp::Activation;
+use super::mlp::{Activation, MlpKind};
 use super::norm::NormKind;
 use crate::mixers::{MixerContext, MixerKind, MixerOptionsSet};
 use crate::options::{OptionError, at_least_one, divisors, fail, positive};
@@ -19,6 +19,9 @@ pub struct ModelConfig {
     pub n_heads: usize,
     /// Hidden width of the channel MLP as a multiple of d_model.
     pub mlp_ratio: f64,
+    /// The channel MLP: `standard` (fc2(activation(fc1(x)))) or `swiglu` (Llama's).
+    pub mlp: MlpKind,
+    /// The standard MLP's activation.
     pub activation: Activation,
     pub norm: NormKind,
     pub norm_eps: f64,
@@ -53,6 +56,7 @@ impl Default for ModelConfig {
             n_layers: 4,
             n_heads: 4,
             mlp_ratio: 4.0,
+            mlp: MlpKind::Standard,
             activation: Activation::Gelu,
             norm: NormKind::LayerNorm,
             norm_eps: 1e-5,
@@ -101,6 +105,11 @@ impl ModelConfig {
         }
     }
 
+    /// Hidden width of the channel MLP.
+    pub fn mlp_hidden(&self) -> usize {
+        (self.mlp_ratio * self.d_model as f64).round() as usize
+    }
+
     /// GPT-2's scaled init std of projections that write into the residual stream.
     pub fn residual_init_std(&self) -> f64 {
         self.mixer_context(0).residual_init_std()
@@ -133,6 +142,18 @@ impl ModelConfig {
                 format!(
                     "must be finite and > 0 (got {}); 4.0 is usual",
                     self.mlp_ratio
+                ),
+            );
+        }
+        if self.mlp == MlpKind::Swiglu
+            && !matches!(self.activation, Activation::Gelu | Activation::Silu)
+        {
+            return fail(
+                "activation",
+                format!(
+                    "{} applies to mlp = \"standard\" only; swiglu's gate is always SiLU: \
+                     leave activation out, or use mlp = \"standard\"",
+                    serde_json::to_string(&self.activation).unwrap_or_default()
                 ),
             );
         }

@@ -58,7 +58,12 @@ impl LanguageModelConfig {
         let embeddings =
             v * d * if m.tie_embeddings { 1.0 } else { 2.0 } + self.max_seq_len as f64 * d;
         // Attention has 4 d×d projections; the SSMs' expanded projections about 6.
-        let per_layer = 6.0 * d * d + 2.0 * hidden * d;
+        let mlp_mats = if m.mlp == super::MlpKind::Swiglu {
+            3.0
+        } else {
+            2.0
+        };
+        let per_layer = 6.0 * d * d + mlp_mats * hidden * d;
         let params = embeddings + l * per_layer;
         let tokens = (micro_batch * seq_len) as f64;
         let scores = micro_batch as f64 * m.n_heads as f64 * (seq_len as f64).powi(2);

@@ -60,8 +60,9 @@ impl MetaFormerBlockConfig {
             layer_scale1: scale(),
             norm2: norm(),
             mlp: MlpConfig {
+                kind: m.mlp,
                 d_model: m.d_model,
-                d_hidden: (m.mlp_ratio * m.d_model as f64).round() as usize,
+                d_hidden: m.mlp_hidden(),
                 activation: m.activation,
                 bias: m.bias,
                 dropout: m.dropout,

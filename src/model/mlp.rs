@@ -1,4 +1,5 @@
-//! The channel MLP of a MetaFormer block: fc1 → activation → fc2.
+//! The channel MLP of a MetaFormer block: `fc2(activation(fc1(x)))`, or its gated form
+//! SwiGLU, `fc2(silu(gate(x)) · fc1(x))` (Shazeer 2020; Llama's `down(silu(gate(x)) · up(x))`).
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear};
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone)]
 pub struct MlpConfig {
+    pub kind: MlpKind,
     pub d_model: usize,
     pub d_hidden: usize,
     pub activation: Activation,
@@ -23,7 +25,11 @@ pub struct MlpConfig {
 
 #[derive(Module, Debug)]
 pub struct Mlp {
+    /// `d_model → d_hidden`: the activation's input, or SwiGLU's gated value (Llama's `up_proj`).
     pub fc1: Linear,
+    /// SwiGLU's gate (Llama's `gate_proj`); absent in the standard MLP.
+    pub gate: Option<Linear>,
+    /// `d_hidden → d_model` (Llama's `down_proj`).
     pub fc2: Linear,
     dropout: Dropout,
     #[module(skip)]
@@ -32,21 +38,12 @@ pub struct Mlp {
 
 impl MlpConfig {
     pub fn init(&self, device: &Device) -> Mlp {
+        let (d, h) = (self.d_model, self.d_hidden);
         Mlp {
-            fc1: normal_linear(
-                self.d_model,
-                self.d_hidden,
-                self.bias,
-                self.init_std,
-                device,
-            ),
-            fc2: normal_linear(
-                self.d_hidden,
-                self.d_model,
-                self.bias,
-                self.out_init_std,
-                device,
-            ),
+            fc1: normal_linear(d, h, self.bias, self.init_std, device),
+            gate: (self.kind == MlpKind::Swiglu)
+                .then(|| normal_linear(d, h, self.bias, self.init_std, device)),
+            fc2: normal_linear(h, d, self.bias, self.out_init_std, device),
             dropout: DropoutConfig::new(self.dropout).init(),
             activation: self.activation,
         }
@@ -55,16 +52,23 @@ impl MlpConfig {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = linear(&self.fc1, x);
-        let h = match self.activation {
-            Activation::Gelu => gelu(h),
-            Activation::GeluTanh => gelu_approximate(h),
-            Activation::Relu => relu(h),
-            Activation::Silu => silu(h),
-            Activation::SquaredRelu => relu(h).powi_scalar(2),
+        let h = match &self.gate {
+            Some(gate) => silu(linear(gate, x.clone())) * linear(&self.fc1, x),
+            None => self.activation.apply(linear(&self.fc1, x)),
         };
         self.dropout.forward(linear(&self.fc2, h))
     }
+}
+
+/// `model.mlp`: which channel MLP the blocks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MlpKind {
+    /// `fc2(activation(fc1(x)))` (GPT-2, MetaFormer).
+    #[default]
+    Standard,
+    /// `fc2(silu(gate(x)) · fc1(x))`; `model.activation` does not apply.
+    Swiglu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,4 +81,29 @@ pub enum Activation {
     Silu,
     /// relu(x)², as in Primer and MetaFormer's StarReLU without its affine part.
     SquaredRelu,
+}
+
+impl Activation {
+    pub fn apply(self, h: Tensor<3>) -> Tensor<3> {
+        match self {
+            Activation::Gelu => gelu(h),
+            Activation::GeluTanh => gelu_approximate(h),
+            Activation::Relu => relu(h),
+            Activation::Silu => silu(h),
+            Activation::SquaredRelu => relu(h).powi_scalar(2),
+        }
+    }
+
+    /// Its formula, for an export's conventions.
+    pub fn formula(self) -> &'static str {
+        match self {
+            Activation::Gelu => "gelu(x) = x/2 · (1 + erf(x/√2)) (exact, torch's default)",
+            Activation::GeluTanh => {
+                "gelu_tanh(x) = x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³))) (torch approximate='tanh')"
+            }
+            Activation::Relu => "relu(x) = max(x, 0)",
+            Activation::Silu => "silu(x) = x · sigmoid(x)",
+            Activation::SquaredRelu => "squared_relu(x) = max(x, 0)²",
+        }
+    }
 }

@@ -9,5 +9,5 @@ pub mod norm;
 pub use config::{ModelConfig, PositionKind};
 pub use language_model::{DecodeState, LanguageModel, LanguageModelConfig};
 pub use metaformer_block::{MetaFormerBlock, MetaFormerBlockConfig};
-pub use mlp::{Mlp, MlpConfig};
-pub use norm::Norm;
+pub use mlp::{Activation, Mlp, MlpConfig, MlpKind};
+pub use norm::{Norm, NormKind};

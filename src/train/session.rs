@@ -117,7 +117,9 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     data.check_seq_len(t.seq_len, &recipe.data.path)?;
     let mut trainer = Trainer::new(recipe, data.tokenizer.vocab_size())?;
     if let Some(path) = &opts.init_from {
-        let model = crate::weights::load(trainer.model().clone(), path).context("--init-from")?;
+        let config = crate::run::model_config(recipe, data.tokenizer.vocab_size());
+        let model = crate::export::init_from(trainer.model().clone(), &config, path)
+            .context("--init-from")?;
         trainer.set_model(model);
     }
     if let Some((ckpt, reader)) = &resume_from {
