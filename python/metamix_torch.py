@@ -385,7 +385,7 @@ def load(folder):
         raise SystemExit(f"{folder}/config.json has format_version {config.get('format_version')}; this file reads 2")
     model = MetamixLM(config["model"], config["derived"]["context"])
     weights = load_file(str(folder / "model.safetensors"))
-    # nn.Module state dicts have no entries for Identity layer scales; ours match one to one.
+    # Checked here rather than by strict=True, for a message that names the folder.
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise SystemExit(f"{folder}: weights do not fit config.json: missing {missing}, unexpected {unexpected}")

@@ -391,6 +391,62 @@ fn hf_folders_come_back_through_init_from() {
     }
 }
 
+/// Folders that `transformers` itself saved (random weights, its own layout and tying)
+/// load through `--init-from` and give transformers' logits.
+#[test]
+fn folders_saved_by_transformers_load_through_init_from() {
+    let python = torch_python();
+    if !python_has(&python, "torch, transformers", "METAMIX_REQUIRE_TORCH") {
+        return;
+    }
+    let script = r#"
+import json, sys, torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+kind, out = sys.argv[1], sys.argv[2]
+if kind == "gpt2":
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=65, n_positions=16, n_embd=32, n_layer=2,
+        n_head=2, activation_function="gelu_new", initializer_range=0.3))
+else:
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=65, hidden_size=32, intermediate_size=80,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=16, rms_norm_eps=1e-5, rope_theta=500.0,
+        tie_word_embeddings=False, initializer_range=0.3))
+model.save_pretrained(out)
+with torch.no_grad():
+    logits = model.eval()(torch.tensor([[3, 14, 15, 9, 2, 6, 5, 3]])).logits[0]
+json.dump(logits.tolist(), open(out + "/logits.json", "w"))
+"#;
+    for (kind, overrides) in [("gpt2", GPT2), ("llama", LLAMA)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let folder = tmp.path().join(kind);
+        let status = Command::new(&python)
+            .args(["-c", script, kind])
+            .arg(&folder)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{kind}: the transformers script failed");
+        let config = metamix::run::model_config(&tiny_recipe(tmp.path(), overrides), 65);
+        let device = Device::flex();
+        let model = init_from(config.init_seeded(1, &device), &config, &folder).unwrap();
+        let tokens = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![3i64, 14, 15, 9, 2, 6, 5, 3], [1, 8]),
+            &device,
+        );
+        let ours: Vec<f32> = model.forward(tokens).into_data().try_to_vec().unwrap();
+        let theirs: Vec<Vec<f32>> =
+            serde_json::from_value(read_json(&folder.join("logits.json"))).unwrap();
+        let theirs: Vec<f32> = theirs.concat();
+        let err = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{kind}: max abs difference {err:.2e}");
+        assert!(err < 1e-4, "{kind}: logits differ by {err}");
+    }
+}
+
 /// Models that are not a transformers class are refused, naming what blocks them.
 #[test]
 fn format_hf_names_the_option_that_does_not_map() {

@@ -37,6 +37,18 @@ const CASES: &[(&str, &[&str], &str, &str)] = &[
         "expected `layer_norm` or `rms_norm`",
     ),
     (
+        "[model]\nmlp = \"swiglu\"\nactivation = \"relu\"\n",
+        &[],
+        "model.activation",
+        "\"relu\" applies to mlp = \"standard\" only; swiglu's gate is always SiLU",
+    ),
+    (
+        "[model]\nmlp = \"geglu\"\n",
+        &[],
+        "model.mlp",
+        "expected `standard` or `swiglu`",
+    ),
+    (
         "[model]\nactivation = \"tanh\"\n",
         &[],
         "model.activation",

@@ -145,8 +145,8 @@ fn conventions(c: &LanguageModelConfig, context: Option<usize>) -> Value {
         "decoding",
         match context {
             Some(n) => format!(
-                "the context is {n} tokens (the position tables' length): a prompt keeps its last \
-                 {n} tokens; once generation has filled {n} positions, decoding restarts from an \
+                "the context is {n} tokens (the length of the learned position table or of RoPE's): \
+                 a prompt keeps its last {n} tokens; once generation has filled {n} positions, decoding restarts from an \
                  empty state on the last {} tokens (re-read at positions 0..), then goes on; greedy \
                  = argmax, top_k keeps the logits ≥ the k-th largest, temperature divides the \
                  logits (metamix sample)",
@@ -194,5 +194,115 @@ fn diff(path: &str, expected: &Value, found: &Value, out: &mut Vec<String>) {
         (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => {}
         (a, b) if a == b => {}
         (a, b) => out.push(format!("{path}: {b} there, {a} here")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mixers::MixerOptionsSet;
+    use crate::model::ModelConfig;
+
+    fn config(edit: impl Fn(&mut ModelConfig)) -> LanguageModelConfig {
+        let mut model = ModelConfig::default();
+        edit(&mut model);
+        LanguageModelConfig {
+            mixers: model.layer_mixers(),
+            model,
+            vocab_size: 65,
+            max_seq_len: 64,
+        }
+    }
+
+    fn rules(c: &LanguageModelConfig, key: &str) -> String {
+        let v = &config_json(c, Some(64))["conventions"][key];
+        match v {
+            Value::Array(lines) => lines
+                .iter()
+                .map(|l| l.as_str().unwrap())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            other => other.as_str().unwrap_or_default().to_string(),
+        }
+    }
+
+    /// Each mixer's list of training-only keys names keys its options have.
+    #[test]
+    fn training_only_keys_exist() {
+        assert_eq!(
+            MixerOptionsSet::unknown_training_only_keys(),
+            Vec::<String>::new()
+        );
+    }
+
+    /// The conventions state what the options in use do, and nothing about options not in use.
+    #[test]
+    fn conventions_follow_the_options_in_use() {
+        let plain = config(|_| {});
+        let s = rules(&plain, "softmax");
+        assert!(
+            !s.contains("RoPE") && !s.contains("grouped-query") && !s.contains("window"),
+            "{s}"
+        );
+        assert!(s.contains("carry biases"));
+        assert!(rules(&plain, "embedding").contains("position_embedding"));
+        assert!(rules(&plain, "norm").contains("+ bias"));
+
+        let llama = config(|m| {
+            m.position = PositionKind::None;
+            m.norm = NormKind::RmsNorm;
+            m.bias = false;
+            m.mlp = MlpKind::Swiglu;
+            m.n_heads = 4;
+            m.mixer_options.softmax.rotary = true;
+            m.mixer_options.softmax.rope_theta = 500.0;
+            m.mixer_options.softmax.n_kv_heads = 2;
+            m.mixer_options.softmax.window = 8;
+        });
+        let s = rules(&llama, "softmax");
+        assert!(s.contains("θ = rope_theta = 500"), "{s}");
+        assert!(s.contains("query head i uses key/value head i // 2"), "{s}");
+        assert!(s.contains("> p − 8"), "{s}");
+        assert!(s.contains("have no biases"), "{s}");
+        assert!(!rules(&llama, "embedding").contains("position_embedding"));
+        assert!(rules(&llama, "norm").contains("never a bias"));
+        assert!(rules(&llama, "mlp").contains("SwiGLU"));
+        let model = model_json(&llama);
+        assert!(
+            model.get("activation").is_none(),
+            "swiglu has no activation key: {model}"
+        );
+        assert_eq!(model["softmax"]["n_kv_heads"], 2);
+
+        let ssm = config(|m| m.mixer = crate::mixers::MixerKind::Ssm);
+        let s = rules(&ssm, "ssm");
+        assert!(s.contains("x_proj(u) → [dt (8) | B (16) | C (16)]"), "{s}");
+        assert!(s.contains("no biases whatever model.bias"), "{s}");
+        assert_eq!(
+            model_json(&ssm)["ssm"]["dt_rank"],
+            8,
+            "0 = ⌈d_model/16⌉ is stated resolved"
+        );
+        assert!(model_json(&ssm).get("softmax").is_none());
+    }
+
+    #[test]
+    fn differences_name_each_key() {
+        let a = model_json(&config(|_| {}));
+        let b = model_json(&config(|m| {
+            m.d_model = 64;
+            m.mixer_options.softmax.rope_theta = 5.0;
+        }));
+        let d = differences(&a, &b);
+        assert!(
+            d.contains(&"model.d_model: 64 there, 128 here".to_string()),
+            "{d:?}"
+        );
+        assert!(
+            d.iter()
+                .any(|l| l.starts_with("model.softmax.rope_theta: 5.0 there")),
+            "{d:?}"
+        );
+        assert!(differences(&a, &a).is_empty());
     }
 }

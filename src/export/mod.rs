@@ -123,6 +123,7 @@ pub fn export(
         run.tokenizer.save(&partial.join(TOKENIZER_FILE))?;
         let card = model_card::render(&model_card::Card {
             name: &name,
+            path: &out.display().to_string(),
             run,
             config: &c,
             step: ckpt.step,

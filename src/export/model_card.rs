@@ -7,6 +7,8 @@ use crate::run::{RECIPE_FILE, Run};
 
 pub struct Card<'a> {
     pub name: &'a str,
+    /// Where the folder was written, as the user named it (for the load commands).
+    pub path: &'a str,
     pub run: &'a Run,
     pub config: &'a LanguageModelConfig,
     pub step: u64,
@@ -55,7 +57,7 @@ pub fn render(card: &Card) -> String {
              ```\n\n\
              `config.json` states every field that changes the computation (under the recipe's \
              key names) and, under `conventions`, the rules a reimplementation must follow.\n",
-            name = card.name
+            name = card.path
         ),
         Format::Hf => format!(
             "```python\n\
@@ -64,7 +66,7 @@ pub fn render(card: &Card) -> String {
              tokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n\
              ```\n\n\
              Back into metamix: `metamix train recipe.toml --init-from {name}`.\n",
-            name = card.name,
+            name = card.path,
             class = card.hf_class.unwrap_or("?")
         ),
     };
