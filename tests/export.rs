@@ -406,7 +406,8 @@ torch.manual_seed(0)
 kind, out = sys.argv[1], sys.argv[2]
 if kind == "gpt2":
     model = GPT2LMHeadModel(GPT2Config(vocab_size=65, n_positions=16, n_embd=32, n_layer=2,
-        n_head=2, activation_function="gelu_new", initializer_range=0.3))
+        n_head=2, activation_function="gelu_new", initializer_range=0.3, bos_token_id=0,
+        eos_token_id=0))
 else:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=65, hidden_size=32, intermediate_size=80,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -444,6 +445,21 @@ json.dump(logits.tolist(), open(out + "/logits.json", "w"))
             .fold(0f32, f32::max);
         eprintln!("{kind}: max abs difference {err:.2e}");
         assert!(err < 1e-4, "{kind}: logits differ by {err}");
+        if kind == "llama" {
+            // θ where this transformers version keeps it, changed: named, not loaded.
+            let path = folder.join("config.json");
+            let mut c = read_json(&path);
+            match c.get_mut("rope_parameters").filter(|p| p.is_object()) {
+                Some(p) => p["rope_theta"] = 10000.0.into(),
+                None => c["rope_theta"] = 10000.0.into(),
+            }
+            std::fs::write(&path, c.to_string()).unwrap();
+            let e = init_from(config.init_seeded(1, &device), &config, &folder).unwrap_err();
+            assert!(
+                format!("{e:#}").contains("needs model.softmax.rope_theta = 10000"),
+                "{e:#}"
+            );
+        }
     }
 }
 

@@ -366,137 +366,134 @@ pub fn check_config(
 ) -> anyhow::Result<()> {
     let m = &c.model;
     let get = |k: &str| config.get(k).filter(|v| !v.is_null());
+    let vocab = "the vocabulary size (model.vocab_size or the tokenizer's)";
+    let hidden = "model.mlp_ratio · d_model";
+    // (their field, our key, our value)
+    let fields: Vec<(&str, &str, Value)> = match arch {
+        HfArch::Gpt2 => vec![
+            ("n_embd", "model.d_model", json!(m.d_model)),
+            ("n_layer", "model.n_layers", json!(m.n_layers)),
+            ("n_head", "model.n_heads", json!(m.n_heads)),
+            ("vocab_size", vocab, json!(c.vocab_size)),
+            ("n_positions", "model.max_seq_len", json!(c.max_seq_len)),
+            ("layer_norm_epsilon", "model.norm_eps", json!(m.norm_eps)),
+            ("n_inner", hidden, json!(m.mlp_hidden())),
+            (
+                "activation_function",
+                "model.activation",
+                json!(gpt2_activation(m.activation)),
+            ),
+            (
+                "tie_word_embeddings",
+                "model.tie_embeddings",
+                json!(m.tie_embeddings),
+            ),
+        ],
+        HfArch::Llama => {
+            let o = &m.mixer_options.softmax;
+            vec![
+                ("hidden_size", "model.d_model", json!(m.d_model)),
+                ("num_hidden_layers", "model.n_layers", json!(m.n_layers)),
+                ("num_attention_heads", "model.n_heads", json!(m.n_heads)),
+                (
+                    "num_key_value_heads",
+                    "model.softmax.n_kv_heads",
+                    json!(o.kv_heads(m.n_heads)),
+                ),
+                (
+                    "head_dim",
+                    "model.d_model / model.n_heads",
+                    json!(m.d_model / m.n_heads),
+                ),
+                ("intermediate_size", hidden, json!(m.mlp_hidden())),
+                ("vocab_size", vocab, json!(c.vocab_size)),
+                (
+                    "max_position_embeddings",
+                    "model.max_seq_len",
+                    json!(c.max_seq_len),
+                ),
+                ("rms_norm_eps", "model.norm_eps", json!(m.norm_eps)),
+                (
+                    "rope_theta",
+                    "model.softmax.rope_theta",
+                    json!(o.rope_theta),
+                ),
+                ("attention_bias", "model.bias", json!(m.bias)),
+                ("mlp_bias", "model.bias", json!(m.bias)),
+                (
+                    "tie_word_embeddings",
+                    "model.tie_embeddings",
+                    json!(m.tie_embeddings),
+                ),
+            ]
+        }
+    };
+    // transformers 5 keeps θ in `rope_parameters`, 4 at the top level.
+    let value = |field: &str| {
+        get(field).or_else(|| {
+            (field == "rope_theta")
+                .then(|| get("rope_parameters").and_then(|p| p.get("rope_theta")))
+                .flatten()
+        })
+    };
     let mut problems = Vec::new();
-    let mut want = |field: &str, key: &str, ours: Value| {
-        let theirs = get(field).cloned();
-        let same = match (&theirs, &ours) {
+    for (field, key, ours) in fields {
+        let same = match (value(field), &ours) {
             (Some(Value::Number(a)), Value::Number(b)) => a.as_f64() == b.as_f64(),
             (Some(a), b) => a == b,
-            (None, _) => true, // transformers' default; the tensors' shapes settle it
+            // Absent: transformers' default, which the tensors' shapes settle.
+            (None, _) => true,
         };
         if !same {
-            let theirs = theirs.unwrap_or(Value::Null);
+            let theirs = value(field).cloned().unwrap_or(Value::Null);
             problems.push(format!(
                 "{field} = {theirs} needs {key} = {theirs} (this recipe: {ours})"
             ));
         }
-    };
+    }
     let mut refuse = Vec::new();
-    match arch {
-        HfArch::Gpt2 => {
-            want("n_embd", "model.d_model", json!(m.d_model));
-            want("n_layer", "model.n_layers", json!(m.n_layers));
-            want("n_head", "model.n_heads", json!(m.n_heads));
-            want(
-                "vocab_size",
-                "the vocabulary size (model.vocab_size or the tokenizer's)",
-                json!(c.vocab_size),
-            );
-            want("n_positions", "model.max_seq_len", json!(c.max_seq_len));
-            want("layer_norm_epsilon", "model.norm_eps", json!(m.norm_eps));
-            want(
-                "n_inner",
-                "model.mlp_ratio · d_model",
-                json!(m.mlp_hidden()),
-            );
-            want(
-                "activation_function",
-                "model.activation",
-                json!(gpt2_activation(m.activation)),
-            );
-            want(
-                "tie_word_embeddings",
-                "model.tie_embeddings",
-                json!(m.tie_embeddings),
-            );
-            if architecture(c).ok() != Some(HfArch::Gpt2) {
-                refuse.push(format!(
-                    "this recipe is not GPT-2's shape: {}",
-                    architecture(c)
-                        .err()
-                        .map(|e| e.to_string())
-                        .unwrap_or_else(|| "it maps onto Llama".into())
-                ));
-            }
-            for (field, bad) in [
-                ("scale_attn_by_inverse_layer_idx", json!(true)),
-                ("scale_attn_weights", json!(false)),
-                ("add_cross_attention", json!(true)),
-            ] {
-                if get(field) == Some(&bad) {
-                    refuse.push(format!("{field} = {bad} has no metamix form"));
-                }
-            }
-        }
-        HfArch::Llama => {
-            let o = &m.mixer_options.softmax;
-            want("hidden_size", "model.d_model", json!(m.d_model));
-            want("num_hidden_layers", "model.n_layers", json!(m.n_layers));
-            want("num_attention_heads", "model.n_heads", json!(m.n_heads));
-            want(
-                "num_key_value_heads",
-                "model.softmax.n_kv_heads",
-                json!(o.kv_heads(m.n_heads)),
-            );
-            want(
-                "head_dim",
-                "model.d_model / model.n_heads",
-                json!(m.d_model / m.n_heads),
-            );
-            want(
-                "intermediate_size",
-                "model.mlp_ratio · d_model",
-                json!(m.mlp_hidden()),
-            );
-            want(
-                "vocab_size",
-                "the vocabulary size (model.vocab_size or the tokenizer's)",
-                json!(c.vocab_size),
-            );
-            want(
-                "max_position_embeddings",
-                "model.max_seq_len",
-                json!(c.max_seq_len),
-            );
-            want("rms_norm_eps", "model.norm_eps", json!(m.norm_eps));
-            want(
-                "rope_theta",
-                "model.softmax.rope_theta",
-                json!(o.rope_theta),
-            );
-            want("attention_bias", "model.bias", json!(m.bias));
-            want("mlp_bias", "model.bias", json!(m.bias));
-            want(
-                "tie_word_embeddings",
-                "model.tie_embeddings",
-                json!(m.tie_embeddings),
-            );
-            if architecture(c).ok() != Some(HfArch::Llama) {
-                refuse.push(format!(
-                    "this recipe is not Llama's shape: {}",
-                    architecture(c)
-                        .err()
-                        .map(|e| e.to_string())
-                        .unwrap_or_else(|| "it maps onto GPT-2".into())
-                ));
-            }
-            if let Some(act) = get("hidden_act").filter(|a| a.as_str() != Some("silu")) {
-                refuse.push(format!(
-                    "hidden_act = {act} (metamix's swiglu gate is silu)"
-                ));
-            }
-            if let Some(s) = get("rope_scaling") {
-                refuse.push(format!("rope_scaling = {s} (metamix's RoPE is unscaled)"));
-            }
-            if let Some(p) = get("rope_parameters")
-                && p.get("rope_type")
-                    .and_then(Value::as_str)
-                    .is_some_and(|t| t != "default")
-            {
-                refuse.push(format!(
-                    "rope_parameters = {p} (metamix's RoPE is unscaled)"
-                ));
-            }
+    if let Err(e) = architecture(c).and_then(|a| match a == arch {
+        true => Ok(()),
+        false => bail!("it maps onto {}", a.class()),
+    }) {
+        refuse.push(format!("this recipe is not {}'s shape: {e}", arch.class()));
+    }
+    let unscaled = |p: &Value| {
+        p.get("rope_type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t != "default")
+    };
+    let cannot: Vec<(&str, fn(&Value) -> bool, &str)> = match arch {
+        HfArch::Gpt2 => vec![
+            (
+                "scale_attn_by_inverse_layer_idx",
+                |v| v == &json!(true),
+                "scores are scaled by 1/√head_dim only",
+            ),
+            (
+                "scale_attn_weights",
+                |v| v == &json!(false),
+                "scores are scaled by 1/√head_dim",
+            ),
+            (
+                "add_cross_attention",
+                |v| v == &json!(true),
+                "there is no encoder to attend to",
+            ),
+        ],
+        HfArch::Llama => vec![
+            (
+                "hidden_act",
+                |v| v.as_str() != Some("silu"),
+                "metamix's swiglu gate is silu",
+            ),
+            ("rope_scaling", |_| true, "metamix's RoPE is unscaled"),
+            ("rope_parameters", unscaled, "metamix's RoPE is unscaled"),
+        ],
+    };
+    for (field, bad, why) in cannot {
+        if let Some(v) = get(field).filter(|v| bad(v)) {
+            refuse.push(format!("{field} = {v} ({why})"));
         }
     }
     if !refuse.is_empty() {
