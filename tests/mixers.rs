@@ -183,7 +183,7 @@ fn linear_attention_chunkwise_recurrent_and_quadratic_agree() {
 }
 
 #[test]
-fn ssm_chunked_scan_equals_sequential() {
+fn ssm_chunked_and_fused_scans_equal_sequential() {
     let (b, t, di, n) = (2, 19, 6, 4);
     let u = normal([b, t, di]);
     let delta = leaf([b, t, di], Distribution::Uniform(0.001, 0.5));
@@ -209,18 +209,31 @@ fn ssm_chunked_scan_equals_sequential() {
         )
     };
     let (y_ref, g_ref, ga_ref) = run(&ssm::scan_sequential);
-    for chunk in [1, 4, 8, 64] {
-        let (y, g, ga) = run(&|s| ssm::scan_chunked(s, chunk));
-        assert_close(y, y_ref.clone(), &format!("ssm chunk={chunk}: output"));
+    let calls = metamix::mixers::decayed_scan::forward_calls();
+    let fused = |s| ssm::scan_fused_from(s, None).0;
+    let chunked: Vec<(String, Box<dyn Fn(ScanInputs) -> Tensor<3>>)> = [1, 4, 8, 64]
+        .into_iter()
+        .map(|c| {
+            let f: Box<dyn Fn(ScanInputs) -> Tensor<3>> =
+                Box::new(move |s| ssm::scan_chunked(s, c));
+            (format!("chunk={c}"), f)
+        })
+        .collect();
+    let forms = std::iter::once((
+        "fused".to_string(),
+        Box::new(fused) as Box<dyn Fn(ScanInputs) -> Tensor<3>>,
+    ))
+    .chain(chunked);
+    for (chunk, form) in forms {
+        let (y, g, ga) = run(&*form);
+        assert_close(y, y_ref.clone(), &format!("ssm {chunk}: output"));
         for (i, (x, r)) in g.into_iter().zip(g_ref.clone()).enumerate() {
-            assert_close(x, r, &format!("ssm chunk={chunk}: gradient {i}"));
+            assert_close(x, r, &format!("ssm {chunk}: gradient {i}"));
         }
-        assert_close(
-            ga,
-            ga_ref.clone(),
-            &format!("ssm chunk={chunk}: gradient of A"),
-        );
+        assert_close(ga, ga_ref.clone(), &format!("ssm {chunk}: gradient of A"));
     }
+    // The fused form ran the scan extension (forward and backward).
+    assert!(metamix::mixers::decayed_scan::forward_calls() >= calls + 2);
 }
 
 #[test]

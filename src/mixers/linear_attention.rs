@@ -16,6 +16,7 @@ use burn::tensor::activation::{elu, log_sigmoid, relu};
 
 use serde::{Deserialize, Serialize};
 
+use super::decayed_scan::decayed_scan;
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::attention::{merge_heads, split_heads};
 use crate::mixed_precision::linear;
@@ -304,33 +305,34 @@ pub fn chunkwise_from(
     let chunk_z = k_to_end.sum_dim(3); // [b, h, n, 1, dk]
     let chunk_decay = last.exp().unsqueeze_dim::<5>(4); // [b, h, n, 1, 1]
 
-    // The state entering each chunk: a short scan over chunks.
-    let LinearState { mut s, mut z } =
-        state.unwrap_or_else(|| LinearState::zeros(b, h, dk, dv, &device));
-    let (mut s_in, mut z_in) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for i in 0..n {
-        s_in.push(s.clone().unsqueeze_dim::<5>(2));
-        z_in.push(z.clone().unsqueeze_dim::<5>(2));
-        let g = chunk_decay
-            .clone()
-            .slice([0..b, 0..h, i..i + 1, 0..1, 0..1])
-            .squeeze_dim::<4>(2);
-        s = s * g.clone()
-            + chunk_state
-                .clone()
-                .slice([0..b, 0..h, i..i + 1, 0..dk, 0..dv])
-                .squeeze_dim::<4>(2);
-        z = z * g
-            + chunk_z
-                .clone()
-                .slice([0..b, 0..h, i..i + 1, 0..1, 0..dk])
-                .squeeze_dim::<4>(2);
-    }
-    let s_in = Tensor::cat(s_in, 2); // [b, h, n, dk, dv]
+    // The state entering each chunk: one scan over chunks of S and z side by side, every
+    // entry decayed by its chunk's decay (a scan, not a loop of slices, so the backward
+    // stays linear in the number of chunks).
+    let init = state.unwrap_or_else(|| LinearState::zeros(b, h, dk, dv, &device));
+    let (bh, ds) = (b * h, dk * dv);
+    let added = Tensor::cat(
+        vec![chunk_state.reshape([bh, n, ds]), chunk_z.reshape([bh, n, dk])],
+        2,
+    );
+    let decay = chunk_decay.reshape([bh, n, 1]).expand([bh, n, ds + dk]);
+    let start = Tensor::cat(vec![init.s.reshape([bh, ds]), init.z.reshape([bh, dk])], 1);
+    let after = decayed_scan(decay, added, start.clone()); // after each chunk
+    let entering = if n > 1 {
+        Tensor::cat(
+            vec![start.unsqueeze_dim::<3>(1), after.clone().narrow(1, 0, n - 1)],
+            1,
+        )
+    } else {
+        start.unsqueeze_dim::<3>(1)
+    };
+    let last = after.narrow(1, n - 1, 1);
+    let s = last.clone().narrow(2, 0, ds).reshape([b, h, dk, dv]);
+    let z = last.narrow(2, ds, dk).reshape([b, h, 1, dk]);
+    let s_in = entering.clone().narrow(2, 0, ds).reshape([b, h, n, dk, dv]);
+    let z_in = entering.narrow(2, ds, dk).reshape([b, h, n, 1, dk]);
     let q_decayed = q * cum.exp().unsqueeze_dim::<5>(4);
     let mut o = intra.clone().matmul(v) + q_decayed.clone().matmul(s_in);
     if normalize {
-        let z_in = Tensor::cat(z_in, 2); // [b, h, n, 1, dk]
         let den = intra.sum_dim(4) + (q_decayed * z_in).sum_dim(4);
         o = o / den.add_scalar(NORM_EPS);
     }

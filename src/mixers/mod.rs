@@ -8,6 +8,7 @@
 //! every dispatch. The block, the model, the trainer, export and the tests do not change.
 
 pub mod causal_conv1d;
+pub mod decayed_scan;
 
 use std::fmt::Debug;
 

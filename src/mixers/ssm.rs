@@ -22,6 +22,7 @@ use burn::tensor::activation::{silu, softplus};
 use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
 use serde::{Deserialize, Serialize};
 
+use super::decayed_scan::decayed_scan;
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::linear;
 use crate::options::{OptionError, at_least_one, fail, positive};
@@ -91,6 +92,7 @@ impl Ssm {
 
     pub fn scan(&self, inputs: ScanInputs) -> Tensor<3> {
         match self.scan {
+            ScanForm::Fused => scan_fused_from(inputs, None).0,
             ScanForm::Chunked => scan_chunked(inputs, self.chunk_size),
             ScanForm::Sequential => scan_sequential(inputs),
         }
@@ -202,6 +204,7 @@ impl Ssm {
         let (inputs, z, conv) = self.scan_inputs_from(x, history);
         let skip = inputs.u.clone() * self.D.val().unsqueeze::<3>();
         let (y, h) = match self.scan {
+            ScanForm::Fused => scan_fused_from(inputs, h),
             ScanForm::Chunked => scan_chunked_from(inputs, self.chunk_size, h),
             ScanForm::Sequential => scan_sequential_from(inputs, h),
         };
@@ -254,6 +257,28 @@ pub fn scan_step(
     let h = (delta.clone() * a).exp() * h + (delta * u) * b;
     let y = (h.clone() * c).sum_dim(2).reshape([bsz, 1, di]);
     (y, h)
+}
+
+/// Fast form: `h_t = exp(Δ_t A) ⊙ h_(t−1) + Δ_t u_t B_t` as one [`decayed_scan`] over
+/// `d_inner · d_state` channels, from state `h` `[b, d_inner, d_state]` (`None` = zeros);
+/// returns `y` and the final state.
+pub fn scan_fused_from(s: ScanInputs, h: Option<Tensor<3>>) -> (Tensor<3>, Tensor<3>) {
+    let [bsz, t, di] = s.u.dims();
+    let n = s.a.dims()[1];
+    let delta = s.delta.unsqueeze_dim::<4>(3); // [b, t, di, 1]
+    let decay = (delta.clone() * s.a.unsqueeze::<4>()).exp(); // [b, t, di, n]
+    let input = (delta * s.u.unsqueeze_dim::<4>(3)) * s.b.unsqueeze_dim::<4>(2);
+    let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, n], &decay.device()));
+    let states = decayed_scan(
+        decay.reshape([bsz, t, di * n]),
+        input.reshape([bsz, t, di * n]),
+        h.reshape([bsz, di * n]),
+    )
+    .reshape([bsz, t, di, n]);
+    let y = (states.clone() * s.c.unsqueeze_dim::<4>(2))
+        .sum_dim(3)
+        .reshape([bsz, t, di]);
+    (y, states.narrow(1, t - 1, 1).reshape([bsz, di, n]))
 }
 
 /// Fast form: chunks of `chunk` steps. Inside a chunk every state is a decay-weighted sum
@@ -337,7 +362,8 @@ pub struct SsmOptions {
     pub dt_rank: usize,
     pub dt_min: f64,
     pub dt_max: f64,
-    /// Which scan trains: `sequential` (the faster on CPU) or `chunked` (parallel in chunks).
+    /// Which scan trains: `fused` (one scan over time, the fastest), `chunked` (parallel in
+    /// chunks) or `sequential` (the reference loop).
     pub scan: ScanForm,
     pub chunk_size: usize,
 }
@@ -360,7 +386,12 @@ impl Default for SsmOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScanForm {
+    /// Every step's decay and input formed at once, then one [`decayed_scan`] over time
+    /// (the backend extension on flex: a pass over memory, and a linear backward).
+    Fused,
+    /// Chunks: decay-weighted sums inside each, the state carried between them.
     Chunked,
+    /// The reference: a loop of per-step tensor ops.
     Sequential,
 }
 
