@@ -209,7 +209,7 @@ fn ssm_chunked_and_fused_scans_equal_sequential() {
         )
     };
     let (y_ref, g_ref, ga_ref) = run(&ssm::scan_sequential);
-    let calls = metamix::mixers::decayed_scan::forward_calls();
+    let calls = metamix::mixers::selective_scan::forward_calls();
     let fused = |s| ssm::scan_fused_from(s, None).0;
     let chunked: Vec<(String, Box<dyn Fn(ScanInputs) -> Tensor<3>>)> = [1, 4, 8, 64]
         .into_iter()
@@ -232,8 +232,46 @@ fn ssm_chunked_and_fused_scans_equal_sequential() {
         }
         assert_close(ga, ga_ref.clone(), &format!("ssm {chunk}: gradient of A"));
     }
-    // The fused form ran the scan extension (forward and backward).
-    assert!(metamix::mixers::decayed_scan::forward_calls() >= calls + 2);
+    // The fused form ran the fused scan extension.
+    assert!(metamix::mixers::selective_scan::forward_calls() > calls);
+}
+
+/// The fused scan from a given state, and the final state it returns (what sequence
+/// parallelism passes on), against the reference: outputs and every gradient, the start
+/// state's included; with more channels than one parallel block.
+#[test]
+fn ssm_fused_scan_carries_state_like_the_reference() {
+    let (b, t, di, n) = (2, 11, 37, 5);
+    let u = normal([b, t, di]);
+    let delta = leaf([b, t, di], Distribution::Uniform(0.001, 0.5));
+    let b_in = normal([b, t, n]);
+    let c_in = normal([b, t, n]);
+    let a = leaf([di, n], Distribution::Uniform(-4.0, -0.5));
+    let h0 = normal([b, di, n]);
+    let probe_y = Tensor::<3>::random([b, t, di], Distribution::Normal(0.0, 1.0), &device());
+    let probe_h = Tensor::<3>::random([b, di, n], Distribution::Normal(0.0, 1.0), &device());
+    let run = |f: &dyn Fn(ScanInputs, Option<Tensor<3>>) -> (Tensor<3>, Tensor<3>)| {
+        let inputs = ScanInputs {
+            u: u.clone(),
+            delta: delta.clone(),
+            a: a.clone(),
+            b: b_in.clone(),
+            c: c_in.clone(),
+        };
+        let (y, h) = f(inputs, Some(h0.clone()));
+        let loss = (y.clone() * probe_y.clone()).sum() + (h.clone() * probe_h.clone()).sum();
+        let g = loss.backward();
+        let grads = [&u, &delta, &b_in, &c_in, &h0].map(|x| x.grad(&g).unwrap());
+        (y.detach(), h.detach(), grads, a.grad(&g).unwrap())
+    };
+    let (y_ref, h_ref, g_ref, ga_ref) = run(&ssm::scan_sequential_from);
+    let (y, h, g, ga) = run(&ssm::scan_fused_from);
+    assert_close(y, y_ref, "fused from a state: output");
+    assert_close(h, h_ref, "fused from a state: final state");
+    for (i, (x, r)) in g.into_iter().zip(g_ref).enumerate() {
+        assert_close(x, r, &format!("fused from a state: gradient {i}"));
+    }
+    assert_close(ga, ga_ref, "fused from a state: gradient of A");
 }
 
 #[test]

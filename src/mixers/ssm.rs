@@ -23,6 +23,7 @@ use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
 use serde::{Deserialize, Serialize};
 
 use super::decayed_scan::decayed_scan;
+use super::selective_scan;
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::linear;
 use crate::options::{OptionError, at_least_one, fail, positive};
@@ -259,16 +260,22 @@ pub fn scan_step(
     (y, h)
 }
 
-/// Fast form: `h_t = exp(Δ_t A) ⊙ h_(t−1) + Δ_t u_t B_t` as one [`decayed_scan`] over
-/// `d_inner · d_state` channels, from state `h` `[b, d_inner, d_state]` (`None` = zeros);
+/// Fast form: on flex, the fused [`selective_scan`] (the state never leaves the cache);
+/// elsewhere `h_t = exp(Δ_t A) ⊙ h_(t−1) + Δ_t u_t B_t` as one [`decayed_scan`] over
+/// `d_inner · d_state` channels. From state `h` `[b, d_inner, d_state]` (`None` = zeros);
 /// returns `y` and the final state.
 pub fn scan_fused_from(s: ScanInputs, h: Option<Tensor<3>>) -> (Tensor<3>, Tensor<3>) {
     let [bsz, t, di] = s.u.dims();
     let n = s.a.dims()[1];
+    let device = s.u.device();
+    let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, n], &device));
+    if selective_scan::is_fused(&device) {
+        return selective_scan::selective_scan(s.delta, s.u, s.a, s.b, s.c, h);
+    }
+    // Elsewhere, every step's decay and input at once and one decayed scan over time.
     let delta = s.delta.unsqueeze_dim::<4>(3); // [b, t, di, 1]
     let decay = (delta.clone() * s.a.unsqueeze::<4>()).exp(); // [b, t, di, n]
     let input = (delta * s.u.unsqueeze_dim::<4>(3)) * s.b.unsqueeze_dim::<4>(2);
-    let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, n], &decay.device()));
     let states = decayed_scan(
         decay.reshape([bsz, t, di * n]),
         input.reshape([bsz, t, di * n]),
@@ -377,7 +384,7 @@ impl Default for SsmOptions {
             dt_rank: 0,
             dt_min: 1e-3,
             dt_max: 0.1,
-            scan: ScanForm::Sequential,
+            scan: ScanForm::Fused,
             chunk_size: 8,
         }
     }

@@ -1,0 +1,605 @@
+//! Mamba's selective scan, fused, as a Burn backend extension on flex: for each sequence
+//! and channel d, `h_t = exp(Δ_t[d]·A[d]) ⊙ h_(t−1) + Δ_t[d]·u_t[d]·B_t`,
+//! `y_t[d] = C_t · h_t`, with the `[d_state]` state kept in registers and never written
+//! out — as mamba_ssm's CUDA kernel does. The backward pass recomputes each channel's
+//! states (a `[T, d_state]` buffer in cache) and runs the adjoint recurrence back in time.
+//!
+//! The reference forms are [`super::ssm::scan_sequential`] (a loop of tensor ops) and
+//! [`super::ssm::scan_chunked`]; the tests hold this one equal to them, gradients included.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use rayon::prelude::*;
+
+#[backend_extension(Flex, Autodiff)]
+pub trait SelectiveScanBackend: Backend {
+    /// Δ, u `[b, T, D]`, A `[D, N]`, B, C `[b, T, N]`, h0 `[b, D, N]` → y `[b, T, D]` and the
+    /// final state `[b, D, N]`.
+    fn selective_scan(
+        delta: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The gradients of [`Self::selective_scan`]'s inputs (Δ, u, A, B, C, h0) given those of
+    /// its outputs (`gy` `[b, T, D]`, `gh` `[b, D, N]`).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn selective_scan_backward(
+        delta: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        gy: FloatTensor<Self>,
+        gh: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+}
+
+static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times the fused scan's forward has run in this process (for tests that check a
+/// form took this path).
+pub fn forward_calls() -> usize {
+    FORWARD_CALLS.load(Ordering::Relaxed)
+}
+
+/// Whether [`selective_scan`] runs fused on `device` (flex and its autodiff).
+pub fn is_fused(device: &Device) -> bool {
+    let plain = if device.is_autodiff() {
+        device.clone().without_autodiff()
+    } else {
+        device.clone()
+    };
+    plain == Device::flex()
+}
+
+/// The fused scan: y `[b, T, D]` and the final state `[b, D, N]`. Call where
+/// [`is_fused`] holds.
+pub fn selective_scan(
+    delta: Tensor<3>,
+    u: Tensor<3>,
+    a: Tensor<2>,
+    b: Tensor<3>,
+    c: Tensor<3>,
+    h0: Tensor<3>,
+) -> (Tensor<3>, Tensor<3>) {
+    let (y, h) = <burn::backend::Dispatch as SelectiveScanBackend>::selective_scan(
+        delta.into_dispatch(),
+        u.into_dispatch(),
+        a.into_dispatch(),
+        b.into_dispatch(),
+        c.into_dispatch(),
+        h0.into_dispatch(),
+    );
+    (Tensor::from_dispatch(y), Tensor::from_dispatch(h))
+}
+
+/// Channels per parallel task: one sequence's block of channels.
+const BLOCK: usize = 32;
+
+/// The sizes of a scan.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    d: usize,
+    n: usize,
+}
+
+impl Dims {
+    fn of(delta: &FlexTensor, a: &FlexTensor) -> Self {
+        let (s, sa) = (delta.shape(), a.shape());
+        Self {
+            b: s[0],
+            t: s[1],
+            d: s[2],
+            n: sa[1],
+        }
+    }
+
+    /// (sequence, first channel, channels) of every task.
+    fn tasks(self) -> Vec<(usize, usize, usize)> {
+        let blocks = self.d.div_ceil(BLOCK);
+        (0..self.b * blocks)
+            .map(|i| {
+                let d0 = (i % blocks) * BLOCK;
+                (i / blocks, d0, BLOCK.min(self.d - d0))
+            })
+            .collect()
+    }
+}
+
+fn values(x: FlexTensor) -> Vec<f32> {
+    x.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("converted to f32")
+}
+
+fn tensor(v: Vec<f32>, shape: &[usize], dtype: burn::tensor::DType) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(v, shape.to_vec()).convert_dtype(dtype))
+}
+
+/// `exp(x)` for x ≤ 0 (Δ ≥ 0, A < 0: every decay of the scan) to about 2 ulp: Cephes'
+/// `expf` without branches, so the loop over the state vectorises (libm's `expf` is a call
+/// per element and dominated the scan). No crate offers a stable vectorisable `exp`.
+#[inline(always)]
+fn exp_decay(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // Adding 1.5·2^23 rounds to an integer held in the low mantissa bits: k = round(x·log2 e)
+    // without a float→int conversion, which baseline x86-64 only has one lane at a time.
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 0.0);
+    let shifted = x * LOG2_E + MAGIC;
+    let k = shifted - MAGIC;
+    // x = k·ln 2 + r, |r| ≤ ln 2 / 2; ln 2 split in two so k·ln 2 is exact.
+    let r = x - k * 0.693_359_4 + k * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    // 2^k from its exponent bits (k ∈ [−126, 0]), k read off the shifted sum's bits.
+    let k_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
+    e_r * f32::from_bits(k_bits.wrapping_add(127) << 23)
+}
+
+/// `Σ a·b`, in 8 lanes so that it vectorises (a float sum in order cannot).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..8 {
+            lanes[l] += xa[l] * xb[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The inputs as f32 slices.
+struct Inputs {
+    delta: Vec<f32>,
+    u: Vec<f32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+    h0: Vec<f32>,
+}
+
+/// One task's view: sequence `i`, channels `d0..d0 + w`. Its state is laid out `[n][w]`
+/// (channel fastest), so every loop over the block's channels is element-wise and
+/// vectorises; A and the start state are transposed to match.
+struct Block<'a> {
+    x: &'a Inputs,
+    dims: Dims,
+    i: usize,
+    d0: usize,
+    w: usize,
+    /// A `[n][w]`.
+    a: Vec<f32>,
+}
+
+impl<'a> Block<'a> {
+    fn new(x: &'a Inputs, dims: Dims, (i, d0, w): (usize, usize, usize)) -> Self {
+        let n = dims.n;
+        let mut a = vec![0f32; n * w];
+        for j in 0..w {
+            for k in 0..n {
+                a[k * w + j] = x.a[(d0 + j) * n + k];
+            }
+        }
+        Self {
+            x,
+            dims,
+            i,
+            d0,
+            w,
+            a,
+        }
+    }
+
+    /// This block's rows of a `[b][d][n]` tensor (h0, the final state's gradient) as `[n][w]`.
+    fn state_from(&self, rows: &[f32]) -> Vec<f32> {
+        let (n, w, dd) = (self.dims.n, self.w, self.dims.d);
+        let mut h = vec![0f32; n * w];
+        for j in 0..w {
+            for k in 0..n {
+                h[k * w + j] = rows[(self.i * dd + self.d0 + j) * n + k];
+            }
+        }
+        h
+    }
+
+    /// `[n][w]` back to this block's `[w][n]` rows.
+    fn state_to(&self, h: &[f32]) -> Vec<f32> {
+        let (n, w) = (self.dims.n, self.w);
+        let mut rows = vec![0f32; w * n];
+        for j in 0..w {
+            for k in 0..n {
+                rows[j * n + k] = h[k * w + j];
+            }
+        }
+        rows
+    }
+
+    /// Δ and u of this block at `step`.
+    fn at(&self, step: usize) -> (&'a [f32], &'a [f32]) {
+        let at = (self.i * self.dims.t + step) * self.dims.d + self.d0;
+        (&self.x.delta[at..at + self.w], &self.x.u[at..at + self.w])
+    }
+
+    /// B and C at `step`, `[n]` each.
+    fn bc(&self, step: usize) -> (&'a [f32], &'a [f32]) {
+        let (n, row) = (self.dims.n, self.i * self.dims.t + step);
+        (
+            &self.x.b[row * n..(row + 1) * n],
+            &self.x.c[row * n..(row + 1) * n],
+        )
+    }
+
+    /// One step from state `h` `[n][w]` in place, writing the step's decays `[n][w]` and,
+    /// if given, adding y `[w]`.
+    fn step(&self, step: usize, h: &mut [f32], decay: &mut [f32], mut y: Option<&mut [f32]>) {
+        let w = self.w;
+        let (dl, u) = self.at(step);
+        let (b, c) = self.bc(step);
+        for k in 0..self.dims.n {
+            let (hk, ek, ak) = (
+                &mut h[k * w..(k + 1) * w],
+                &mut decay[k * w..(k + 1) * w],
+                &self.a[k * w..(k + 1) * w],
+            );
+            for j in 0..w {
+                ek[j] = exp_decay(dl[j] * ak[j]);
+                hk[j] = ek[j] * hk[j] + dl[j] * u[j] * b[k];
+            }
+            if let Some(y) = y.as_deref_mut() {
+                for j in 0..w {
+                    y[j] += c[k] * hk[j];
+                }
+            }
+        }
+    }
+}
+
+impl SelectiveScanBackend for Flex {
+    fn selective_scan(
+        delta: FlexTensor,
+        u: FlexTensor,
+        a: FlexTensor,
+        b: FlexTensor,
+        c: FlexTensor,
+        h0: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let dims = Dims::of(&delta, &a);
+        let dtype = delta.dtype();
+        let x = Inputs {
+            delta: values(delta),
+            u: values(u),
+            a: values(a),
+            b: values(b),
+            c: values(c),
+            h0: values(h0),
+        };
+        let Dims { b: nb, t, d: dd, n } = dims;
+        // Each task returns its block's y `[t, w]` and final states `[w, n]`.
+        let parts: Vec<_> = dims
+            .tasks()
+            .into_par_iter()
+            .map(|task| {
+                let blk = Block::new(&x, dims, task);
+                let w = blk.w;
+                let mut h = blk.state_from(&x.h0);
+                let mut decay = vec![0f32; n * w];
+                let mut y = vec![0f32; t * w];
+                for step in 0..t {
+                    let y_t = &mut y[step * w..(step + 1) * w];
+                    blk.step(step, &mut h, &mut decay, Some(y_t));
+                }
+                (task.0, task.1, w, y, blk.state_to(&h))
+            })
+            .collect();
+        let mut y = vec![0f32; nb * t * dd];
+        let mut h_last = vec![0f32; nb * dd * n];
+        for (i, d0, w, py, pl) in parts {
+            for step in 0..t {
+                let at = (i * t + step) * dd + d0;
+                y[at..at + w].copy_from_slice(&py[step * w..(step + 1) * w]);
+            }
+            h_last[(i * dd + d0) * n..(i * dd + d0 + w) * n].copy_from_slice(&pl);
+        }
+        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        (
+            tensor(y, &[nb, t, dd], dtype),
+            tensor(h_last, &[nb, dd, n], dtype),
+        )
+    }
+
+    fn selective_scan_backward(
+        delta: FlexTensor,
+        u: FlexTensor,
+        a: FlexTensor,
+        b: FlexTensor,
+        c: FlexTensor,
+        h0: FlexTensor,
+        gy: FlexTensor,
+        gh: FlexTensor,
+    ) -> (
+        FlexTensor,
+        FlexTensor,
+        FlexTensor,
+        FlexTensor,
+        FlexTensor,
+        FlexTensor,
+    ) {
+        let dims = Dims::of(&delta, &a);
+        let dtype = delta.dtype();
+        let x = Inputs {
+            delta: values(delta),
+            u: values(u),
+            a: values(a),
+            b: values(b),
+            c: values(c),
+            h0: values(h0),
+        };
+        let (gy, gh) = (values(gy), values(gh));
+        let Dims { b: nb, t, d: dd, n } = dims;
+        // Per task: dΔ and du `[t, w]`, dA `[w, n]` (this sequence's share), dB and dC
+        // `[t, n]` (this block's share), dh0 `[w, n]`.
+        let parts: Vec<_> = dims
+            .tasks()
+            .into_par_iter()
+            .map(|task| {
+                let blk = Block::new(&x, dims, task);
+                let w = blk.w;
+                let nw = n * w;
+                // The states h_(−1) .. h_(T−1) and each step's decays, recomputed.
+                let mut states = vec![0f32; (t + 1) * nw];
+                let mut decays = vec![0f32; t * nw];
+                states[..nw].copy_from_slice(&blk.state_from(&x.h0));
+                for step in 0..t {
+                    let (done, next) = states.split_at_mut((step + 1) * nw);
+                    next[..nw].copy_from_slice(&done[step * nw..]);
+                    let decay = &mut decays[step * nw..(step + 1) * nw];
+                    blk.step(step, &mut next[..nw], decay, None);
+                }
+                // λ = ∂L/∂h_t, from the final state's gradient back in time.
+                let mut lambda = blk.state_from(&gh);
+                let (mut g_delta, mut g_u) = (vec![0f32; t * w], vec![0f32; t * w]);
+                let mut g_a = vec![0f32; nw];
+                let (mut g_b, mut g_c) = (vec![0f32; t * n], vec![0f32; t * n]);
+                let mut dlu = vec![0f32; w];
+                for step in (0..t).rev() {
+                    let (dl, u) = blk.at(step);
+                    let (b, c) = blk.bc(step);
+                    let at = (task.0 * t + step) * dd + task.1;
+                    let gy = &gy[at..at + w];
+                    for j in 0..w {
+                        dlu[j] = dl[j] * u[j];
+                    }
+                    let gd = &mut g_delta[step * w..(step + 1) * w];
+                    let gu = &mut g_u[step * w..(step + 1) * w];
+                    let e_t = &decays[step * nw..(step + 1) * nw];
+                    let h_prev_t = &states[step * nw..(step + 1) * nw];
+                    let h_t = &states[(step + 1) * nw..(step + 2) * nw];
+                    for k in 0..n {
+                        let r = k * w..(k + 1) * w;
+                        let lam = &mut lambda[r.clone()];
+                        let (e, h_prev, h) =
+                            (&e_t[r.clone()], &h_prev_t[r.clone()], &h_t[r.clone()]);
+                        let (a, ga) = (&blk.a[r.clone()], &mut g_a[r]);
+                        // y_t = C_t · h_t
+                        g_c[step * n + k] = dot(gy, h);
+                        for j in 0..w {
+                            lam[j] += gy[j] * c[k];
+                        }
+                        // h_t = e ⊙ h_(t−1) + Δ·u·B_t, e = exp(Δ·A)
+                        g_b[step * n + k] = dot(lam, &dlu);
+                        for j in 0..w {
+                            let back = lam[j] * e[j] * h_prev[j];
+                            gd[j] += back * a[j] + lam[j] * u[j] * b[k];
+                            gu[j] += lam[j] * dl[j] * b[k];
+                            ga[j] += back * dl[j];
+                            lam[j] *= e[j];
+                        }
+                    }
+                }
+                let (ga, gh0) = (blk.state_to(&g_a), blk.state_to(&lambda));
+                (task.0, task.1, w, g_delta, g_u, ga, g_b, g_c, gh0)
+            })
+            .collect();
+        let mut g_delta = vec![0f32; nb * t * dd];
+        let mut g_u = vec![0f32; nb * t * dd];
+        let mut g_a = vec![0f32; dd * n];
+        let mut g_b = vec![0f32; nb * t * n];
+        let mut g_c = vec![0f32; nb * t * n];
+        let mut g_h0 = vec![0f32; nb * dd * n];
+        for (i, d0, w, pd, pu, pa, pb, pc, ph) in parts {
+            for step in 0..t {
+                let at = (i * t + step) * dd + d0;
+                g_delta[at..at + w].copy_from_slice(&pd[step * w..(step + 1) * w]);
+                g_u[at..at + w].copy_from_slice(&pu[step * w..(step + 1) * w]);
+            }
+            for (acc, v) in g_a[d0 * n..(d0 + w) * n].iter_mut().zip(pa) {
+                *acc += v;
+            }
+            for (acc, v) in g_b[i * t * n..(i + 1) * t * n].iter_mut().zip(pb) {
+                *acc += v;
+            }
+            for (acc, v) in g_c[i * t * n..(i + 1) * t * n].iter_mut().zip(pc) {
+                *acc += v;
+            }
+            g_h0[(i * dd + d0) * n..(i * dd + d0 + w) * n].copy_from_slice(&ph);
+        }
+        (
+            tensor(g_delta, &[nb, t, dd], dtype),
+            tensor(g_u, &[nb, t, dd], dtype),
+            tensor(g_a, &[dd, n], dtype),
+            tensor(g_b, &[nb, t, n], dtype),
+            tensor(g_c, &[nb, t, n], dtype),
+            tensor(g_h0, &[nb, dd, n], dtype),
+        )
+    }
+}
+
+/// What the backward pass keeps: the inputs (the states are recomputed).
+#[derive(Clone, Debug)]
+struct Saved<B: Backend> {
+    inputs: [FloatTensor<B>; 6],
+    /// The final state's shape, for a zero gradient when only y is used.
+    h_shape: burn::tensor::Shape,
+}
+
+#[derive(Debug)]
+struct ScanBackward;
+
+impl<B: Backend + SelectiveScanBackend> Backward<B, 6> for ScanBackward {
+    type State = Saved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let packed = grads.consume::<B>(&ops.node);
+        let Saved { inputs, h_shape } = ops.state;
+        let [delta, u, a, b, c, h0] = inputs;
+        // The output is y and the final state side by side (see the Autodiff forward).
+        let (gy, gh) = unpack::<B>(packed, delta.shape(), h_shape);
+        let (gd, gu, ga, gb, gc, gh0) = B::selective_scan_backward(delta, u, a, b, c, h0, gy, gh);
+        for (node, g) in ops.parents.into_iter().zip([gd, gu, ga, gb, gc, gh0]) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+/// One tracked output for autodiff: y `[b, T, D]` flattened, then the final state flattened,
+/// `[b, T·D + D·N]`.
+fn pack<B: Backend>(y: FloatTensor<B>, h: FloatTensor<B>) -> FloatTensor<B> {
+    let (sy, sh) = (y.shape(), h.shape());
+    let bsz = sy[0];
+    B::float_cat(
+        vec![
+            B::float_reshape(y, [bsz, sy[1] * sy[2]].into()),
+            B::float_reshape(h, [bsz, sh[1] * sh[2]].into()),
+        ],
+        1,
+    )
+}
+
+/// y and the final state back out of [`pack`]'s output.
+fn unpack<B: Backend>(
+    packed: FloatTensor<B>,
+    y_shape: burn::tensor::Shape,
+    h_shape: burn::tensor::Shape,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let bsz = y_shape[0];
+    let (ty, th) = (y_shape[1] * y_shape[2], h_shape[1] * h_shape[2]);
+    let range = |a: usize, b: usize| burn::backend::Slice::new(a as isize, Some(b as isize), 1);
+    let y = B::float_slice(packed.clone(), &[range(0, bsz), range(0, ty)]);
+    let h = B::float_slice(packed, &[range(0, bsz), range(ty, ty + th)]);
+    (B::float_reshape(y, y_shape), B::float_reshape(h, h_shape))
+}
+
+impl<B: Backend + SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBackend
+    for Autodiff<B, C>
+{
+    fn selective_scan(
+        delta: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let nodes = [
+            delta.node(),
+            u.node(),
+            a.node(),
+            b.node(),
+            c.node(),
+            h0.node(),
+        ];
+        let inputs = [delta, u, a, b, c, h0].map(|x| x.into_primitive());
+        let [d, u, a, b, c, h0] = inputs.clone();
+        let (y, h) = B::selective_scan(d.clone(), u, a, b, c, h0);
+        let (y_shape, h_shape) = (y.shape(), h.shape());
+        let packed = pack::<B>(y, h);
+        // Autodiff tracks one output; y and h are cut from it, so both carry gradients.
+        let packed = match ScanBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(
+                Saved {
+                    inputs,
+                    h_shape: h_shape.clone(),
+                },
+                packed,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(packed),
+        };
+        unpack::<Self>(packed, y_shape, h_shape)
+    }
+
+    fn selective_scan_backward(
+        _delta: FloatTensor<Self>,
+        _u: FloatTensor<Self>,
+        _a: FloatTensor<Self>,
+        _b: FloatTensor<Self>,
+        _c: FloatTensor<Self>,
+        _h0: FloatTensor<Self>,
+        _gy: FloatTensor<Self>,
+        _gh: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        unreachable!(
+            "the scan's backward runs on the inner backend; it is not differentiated again"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The vectorisable exp agrees with libm's over the decays' range, to a few ulp.
+    #[test]
+    fn exp_decay_matches_libm() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (ours, libm) = (super::exp_decay(x), x.exp());
+            worst = worst.max((ours - libm).abs() / libm);
+        }
+        assert!(worst < 4.0 * f32::EPSILON, "relative error {worst}");
+        assert_eq!(super::exp_decay(0.0), 1.0);
+    }
+}
