@@ -210,20 +210,17 @@ fn ssm_chunked_and_fused_scans_equal_sequential() {
     };
     let (y_ref, g_ref, ga_ref) = run(&ssm::scan_sequential);
     let calls = metamix::mixers::selective_scan::forward_calls();
-    let fused = |s| ssm::scan_fused_from(s, None).0;
-    let chunked: Vec<(String, Box<dyn Fn(ScanInputs) -> Tensor<3>>)> = [1, 4, 8, 64]
-        .into_iter()
-        .map(|c| {
-            let f: Box<dyn Fn(ScanInputs) -> Tensor<3>> =
-                Box::new(move |s| ssm::scan_chunked(s, c));
-            (format!("chunk={c}"), f)
-        })
-        .collect();
-    let forms = std::iter::once((
-        "fused".to_string(),
-        Box::new(fused) as Box<dyn Fn(ScanInputs) -> Tensor<3>>,
-    ))
-    .chain(chunked);
+    type Form = Box<dyn Fn(ScanInputs) -> Tensor<3>>;
+    let mut forms: Vec<(String, Form)> = vec![(
+        "fused".into(),
+        Box::new(|s| ssm::scan_fused_from(s, None).0),
+    )];
+    for c in [1, 4, 8, 64] {
+        forms.push((
+            format!("chunk={c}"),
+            Box::new(move |s| ssm::scan_chunked(s, c)),
+        ));
+    }
     for (chunk, form) in forms {
         let (y, g, ga) = run(&*form);
         assert_close(y, y_ref.clone(), &format!("ssm {chunk}: output"));

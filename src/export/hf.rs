@@ -340,6 +340,9 @@ pub fn to_hf(c: &LanguageModelConfig, arch: HfArch, mut w: Tensors) -> anyhow::R
     Ok(out)
 }
 
+/// Whether a field's value is one metamix cannot honour.
+type Refused = fn(&Value) -> bool;
+
 /// A Hugging Face `config.json`'s class, if it is one metamix reads.
 pub fn detect(config: &Value, origin: &str) -> anyhow::Result<HfArch> {
     match config.get("model_type").and_then(Value::as_str) {
@@ -463,7 +466,7 @@ pub fn check_config(
             .and_then(Value::as_str)
             .is_some_and(|t| t != "default")
     };
-    let cannot: Vec<(&str, fn(&Value) -> bool, &str)> = match arch {
+    let cannot: Vec<(&str, Refused, &str)> = match arch {
         HfArch::Gpt2 => vec![
             (
                 "scale_attn_by_inverse_layer_idx",
