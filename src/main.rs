@@ -4,6 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+/// mimalloc keeps freed pages for reuse where glibc returns large blocks to the kernel and
+/// faults them in again on the next op (see scripts/bench_cpu.sh).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use metamix::recipe::Recipe;
 use metamix::run::Run;
 use metamix::sample::{SampleOptions, generate};

@@ -36,6 +36,7 @@ use burn::tensor::activation::{silu, softplus};
 use serde::{Deserialize, Serialize};
 
 use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
+use super::decayed_scan::decayed_scan;
 use super::{MixerContext, MixerOptions, OptionError, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::linear;
 use crate::options::{at_least_one, divisors, fail, non_negative, positive};
@@ -535,8 +536,9 @@ pub fn ssd_sequential(
     (Tensor::cat(ys, 1), state)
 }
 
-/// Fast form, SSD's dual form: [`ssd_sequential`]'s map in chunks of `chunk` steps (the
-/// last may be shorter). Within a chunk, with `cum_i` the cumulative sum of `Δ A` from the
+/// Fast form, SSD's dual form: [`ssd_sequential`]'s map in chunks of `chunk` steps, all
+/// chunks at once (the sequence padded to whole chunks), the state carried from chunk to
+/// chunk by one [`decayed_scan`]. Within a chunk, with `cum_i` the cumulative sum of `Δ A` from the
 /// chunk's start through step i and `L_ij = exp(cum_i − cum_j)` (j ≤ i, else 0):
 ///
 /// - `y_i = Σ_j (C_i · B_j) L_ij Δ_j x_j` — `((C Bᵀ) ∘ L) (Δ x)`, two matmuls;
@@ -556,43 +558,72 @@ pub fn ssd_chunked(
 ) -> (Tensor<4>, Tensor<4>) {
     let [bsz, t, h, p] = x.dims();
     let n = B.dims()[3];
+    let device = x.device();
     let (B, C) = (per_head(B, h), per_head(C, h));
-    let A = A.reshape([1, h, 1]);
-    let mut state = initial.unwrap_or_else(|| Tensor::zeros([bsz, h, p, n], &x.device()));
-    let mut ys = Vec::with_capacity(t.div_ceil(chunk));
-    for t0 in (0..t).step_by(chunk) {
-        let len = chunk.min(t - t0);
-        // Heads before time, [b, H, len, ·]: every product below is a matmul batched over
-        // (b, H).
-        let cut = |x: &Tensor<4>| x.clone().narrow(1, t0, len).swap_dims(1, 2);
-        let (x, B, C) = (cut(&x), cut(&B), cut(&C));
-        let dt = dt.clone().narrow(1, t0, len).swap_dims(1, 2); // [b, H, len]
-        let cum = (dt.clone() * A.clone()).cumsum(2);
-        let dtx = x * dt.unsqueeze_dim::<4>(3); // [b, H, len, P]
+    // Every chunk at once: padded to nc·q steps (zero Δ adds nothing and decays nothing),
+    // then reshaped to [b, H, nc, q, ·] (fla's layout), so each product below is one
+    // matmul batched over (b, H, chunk).
+    let q = chunk.min(t);
+    let nc = t.div_ceil(q);
+    let pad = nc * q - t;
+    let chunks = |x: Tensor<4>, d: usize| {
+        let x = if pad == 0 {
+            x
+        } else {
+            Tensor::cat(vec![x, Tensor::zeros([bsz, pad, h, d], &device)], 1)
+        };
+        x.reshape([bsz, nc, q, h, d]).permute([0, 3, 1, 2, 4])
+    };
+    let (x, B, C) = (chunks(x, p), chunks(B, n), chunks(C, n));
+    let dt = chunks(dt.unsqueeze_dim::<4>(3), 1).squeeze_dim::<4>(4); // [b, H, nc, q]
+    let cum = (dt.clone() * A.reshape([1, h, 1, 1])).cumsum(3);
+    let dtx = x * dt.unsqueeze_dim::<5>(4); // [b, H, nc, q, P]
 
-        let within = (C.clone().matmul(B.clone().swap_dims(2, 3)) * decay_matrix(cum.clone()))
-            .matmul(dtx.clone());
-        let from_state =
-            C.matmul(state.clone().swap_dims(2, 3)) * cum.clone().exp().unsqueeze_dim::<4>(3);
-        ys.push((within + from_state).swap_dims(1, 2));
-
-        let total = cum.clone().narrow(2, len - 1, 1); // [b, H, 1]
-        let to_end = (total.clone() - cum).exp().unsqueeze_dim::<4>(3); // [b, H, len, 1]
-        state =
-            state * total.exp().unsqueeze_dim::<4>(3) + (dtx * to_end).swap_dims(2, 3).matmul(B);
+    let within = (C.clone().matmul(B.clone().swap_dims(3, 4)) * decay_matrix(cum.clone()))
+        .matmul(dtx.clone());
+    // What each chunk adds to the state, decayed to its end, and its decay as a whole.
+    let total = cum.clone().narrow(3, q - 1, 1); // [b, H, nc, 1]
+    let to_end = (total.clone() - cum.clone()).exp().unsqueeze_dim::<5>(4);
+    let added = (dtx * to_end).swap_dims(3, 4).matmul(B); // [b, H, nc, P, N]
+    // The state entering each chunk: one decayed scan over chunks (a linear backward).
+    let (bh, pn) = (bsz * h, p * n);
+    let start = initial
+        .unwrap_or_else(|| Tensor::zeros([bsz, h, p, n], &device))
+        .reshape([bh, pn]);
+    let after = decayed_scan(
+        total.exp().reshape([bh, nc, 1]).expand([bh, nc, pn]),
+        added.reshape([bh, nc, pn]),
+        start.clone(),
+    );
+    let entering = if nc > 1 {
+        Tensor::cat(
+            vec![start.unsqueeze_dim::<3>(1), after.clone().narrow(1, 0, nc - 1)],
+            1,
+        )
+    } else {
+        start.unsqueeze_dim::<3>(1)
     }
-    (Tensor::cat(ys, 1), state)
+    .reshape([bsz, h, nc, p, n]);
+    let from_state =
+        C.matmul(entering.swap_dims(3, 4)) * cum.exp().unsqueeze_dim::<5>(4); // [b, H, nc, q, P]
+    let y = (within + from_state)
+        .permute([0, 2, 3, 1, 4])
+        .reshape([bsz, nc * q, h, p])
+        .narrow(1, 0, t);
+    let last = after.narrow(1, nc - 1, 1).reshape([bsz, h, p, n]);
+    (y, last)
 }
 
-/// From cumulative log-decays `cum` `[b, H, Q]`, the decays from step j to step i,
-/// `L[b, h, i, j] = exp(cum_i − cum_j)` for j ≤ i and 0 for j > i, `[b, H, Q, Q]`. The
-/// difference is taken before `exp` and the future masked to −∞, so no exponent is positive.
-fn decay_matrix(cum: Tensor<3>) -> Tensor<4> {
-    let [bsz, h, q] = cum.dims();
-    let diff = cum.clone().unsqueeze_dim::<4>(3) - cum.unsqueeze_dim::<4>(2);
+/// From cumulative log-decays `cum` `[b, H, nc, Q]`, the decays from step j to step i of
+/// each chunk, `L[.., i, j] = exp(cum_i − cum_j)` for j ≤ i and 0 for j > i,
+/// `[b, H, nc, Q, Q]`. The difference is taken before `exp` and the future masked to −∞, so
+/// no exponent is positive.
+fn decay_matrix(cum: Tensor<4>) -> Tensor<5> {
+    let q = cum.dims()[3];
+    let diff = cum.clone().unsqueeze_dim::<5>(4) - cum.unsqueeze_dim::<5>(3);
     let future = Tensor::<2, Bool>::tril_mask([q, q], 0, &diff.device())
-        .reshape([1, 1, q, q])
-        .expand([bsz, h, q, q]);
+        .reshape([1, 1, 1, q, q])
+        .expand(diff.dims());
     diff.mask_fill(future, f32::NEG_INFINITY).exp()
 }
 

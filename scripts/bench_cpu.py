@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""CPU training throughput of metamix against PyTorch eager, measured alternately in one run
+(this machine is shared and noisy, and CPUs differ between machines: only the ratios mean
+anything), and of the SSM, Mamba-2 and softmax models against each other.
+
+Usage: python3 scripts/bench_cpu.py [--rounds 3] [--out results/cpu_throughput]
+Writes OUT.md and OUT.json: the CPU, its flags and cores, each figure's median over the
+rounds, CPU utilisation (from /usr/bin/time: 200% = both cores of two busy), page faults,
+and the ratios. Needs python with torch for the PyTorch side: $METAMIX_TORCH_PYTHON, the
+venv of scripts/setup_libtorch.sh, or python3. The binary: $METAMIX_BIN or a release build.
+"""
+import argparse
+import json
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+
+import metamix_build
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TORCH_PY = os.environ.get("METAMIX_TORCH_PYTHON") or next(
+    (p for p in [pathlib.Path.home() / ".cache/metamix/torch/venv/bin/python"] if p.exists()), "python3")
+
+# (name, metamix bench args, pytorch_bench.py args or None)
+MODELS = [
+    ("default (4 × 128, seq 64, batch 12)",
+     ["recipes/shakespeare_char.toml", "--steps", "10"],
+     ["--vocab", "83", "--d-model", "128", "--layers", "4", "--heads", "4", "--seq-len", "64",
+      "--batch", "12", "--steps", "30", "--warmup", "10"]),
+    ("nanoGPT 10.8 M (6 × 384, seq 256, batch 8)",
+     ["recipes/nanogpt_shakespeare_char.toml", "--set", "model.dropout=0.0", "--steps", "4",
+      "--warmup", "2"],
+     ["--vocab", "83", "--steps", "8", "--warmup", "3"]),
+    ("ssm (Mamba, default size)", ["recipes/shakespeare_ssm.toml", "--steps", "10"], None),
+    ("mamba2 (default size)", ["recipes/shakespeare_mamba2.toml", "--steps", "10"], None),
+]
+TIME = ["/usr/bin/time", "-f", "TIME %P %R %S"]
+
+
+def timed(cmd):
+    out = subprocess.run(TIME + cmd, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout}{out.stderr}")
+    cpu, faults, sys_s = re.search(r"TIME (\d+)% (\d+) ([\d.]+)", out.stderr).groups()
+    return out.stdout, {"cpu_pct": int(cpu), "faults": int(faults), "sys_s": float(sys_s)}
+
+
+def metamix(binary, args):
+    text, usage = timed([str(binary), "bench"] + args)
+    return float(re.search(r"([\d.]+) tokens/s \(", text).group(1)), usage
+
+
+def pytorch(args):
+    text, usage = timed([str(TORCH_PY), "scripts/pytorch_bench.py", "--json"] + args)
+    return json.loads(text.strip().splitlines()[-1])["tokens_per_s"], usage
+
+
+def cpu_info():
+    info = pathlib.Path("/proc/cpuinfo").read_text()
+    name = re.search(r"model name\s*: (.*)", info).group(1)
+    flags = set(re.search(r"flags\s*: (.*)", info).group(1).split())
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]
+    return {"model": name, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="results/cpu_throughput")
+    a = ap.parse_args()
+    binary = metamix_build.binary()
+    torch_version = subprocess.run([str(TORCH_PY), "-c", "import torch; print(torch.__version__)"],
+                                   capture_output=True, text=True).stdout.strip() or None
+    runs = {name: {"metamix": [], "pytorch": []} for name, _, _ in MODELS}
+    for r in range(a.rounds):
+        for name, ours, theirs in MODELS:
+            runs[name]["metamix"].append(metamix(binary, ours))
+            if theirs and torch_version:
+                runs[name]["pytorch"].append(pytorch(theirs))
+            print(f"round {r + 1}: {name}: " + ", ".join(
+                f"{k} {v[-1][0]:,.0f} tokens/s ({v[-1][1]['cpu_pct']}% CPU)" for k, v in runs[name].items() if v),
+                flush=True)
+
+    def summary(samples):
+        if not samples:
+            return None
+        return {"tokens_per_s": statistics.median(s[0] for s in samples),
+                "cpu_pct": statistics.median(s[1]["cpu_pct"] for s in samples),
+                "faults": statistics.median(s[1]["faults"] for s in samples),
+                "all": [s[0] for s in samples]}
+
+    result = {"cpu": cpu_info(), "torch": torch_version, "rounds": a.rounds, "models": {}}
+    for name, _, _ in MODELS:
+        m, p = summary(runs[name]["metamix"]), summary(runs[name]["pytorch"])
+        result["models"][name] = {"metamix": m, "pytorch": p,
+                                  "ratio": p and round(m["tokens_per_s"] / p["tokens_per_s"], 3)}
+    softmax = result["models"][MODELS[0][0]]["metamix"]["tokens_per_s"]
+    c = result["cpu"]
+    lines = [
+        f"CPU training throughput, f32, medians of {a.rounds} alternating rounds "
+        f"(`python3 scripts/bench_cpu.py`): {c['model']}, {c['cores']} cores, flags "
+        f"{', '.join(c['flags'])}; PyTorch {torch_version} eager (`scripts/pytorch_bench.py`).",
+        "",
+        "| model | metamix tokens/s | CPU | page faults | PyTorch tokens/s | CPU | metamix / PyTorch | / softmax model |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in result["models"].items():
+        m, p = r["metamix"], r["pytorch"]
+        lines.append(
+            f"| {name} | {m['tokens_per_s']:,.0f} | {m['cpu_pct']}% | {m['faults']:,} | "
+            + (f"{p['tokens_per_s']:,.0f} | {p['cpu_pct']}% | {r['ratio']:.2f}× | " if p else "– | – | – | ")
+            + (f"{m['tokens_per_s'] / softmax:.2f}× |" if "seq 64" in name or "default size" in name else "– |"))
+    out = ROOT / a.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
