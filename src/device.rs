@@ -50,6 +50,17 @@ pub fn on(backend: BackendKind, spec: &DeviceSpec) -> anyhow::Result<Device> {
     }
 }
 
+/// Whether `device` is flex, the CPU backend, or its autodiff: where metamix's backend
+/// extensions (FlashAttention, the scans) are registered.
+pub fn is_flex(device: &Device) -> bool {
+    let plain = if device.is_autodiff() {
+        device.clone().without_autodiff()
+    } else {
+        device.clone()
+    };
+    plain == Device::flex()
+}
+
 /// The low-precision working dtype of `precision`, if any.
 pub fn working_dtype(precision: Precision) -> Option<FloatDType> {
     match precision {

@@ -71,12 +71,7 @@ fn flash(
 /// Whether [`attend_tiled`] runs the FlashAttention extension on `device` (registered for
 /// flex and its autodiff).
 pub fn takes_flash_path(device: &Device) -> bool {
-    let plain = if device.is_autodiff() {
-        device.clone().without_autodiff()
-    } else {
-        device.clone()
-    };
-    plain == Device::flex()
+    crate::device::is_flex(device)
 }
 
 /// FlashAttention's forward in tensor ops: each query block streams over the key blocks

@@ -43,13 +43,7 @@ pub trait DecayedScanBackend: Backend {
 /// `[n, T, d]` (state t after step t). The backend extension on flex, the reference loop
 /// elsewhere.
 pub fn decayed_scan(a: Tensor<3>, b: Tensor<3>, s0: Tensor<2>) -> Tensor<3> {
-    let device = a.device();
-    let plain = if device.is_autodiff() {
-        device.clone().without_autodiff()
-    } else {
-        device.clone()
-    };
-    if plain != Device::flex() {
+    if !crate::device::is_flex(&a.device()) {
         return decayed_scan_reference(a, b, s0);
     }
     Tensor::from_dispatch(

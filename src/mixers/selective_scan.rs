@@ -65,12 +65,7 @@ pub fn forward_calls() -> usize {
 
 /// Whether [`selective_scan`] runs fused on `device` (flex and its autodiff).
 pub fn is_fused(device: &Device) -> bool {
-    let plain = if device.is_autodiff() {
-        device.clone().without_autodiff()
-    } else {
-        device.clone()
-    };
-    plain == Device::flex()
+    crate::device::is_flex(device)
 }
 
 /// The fused scan: y `[b, T, D]` and the final state `[b, D, N]`. Call where
@@ -194,6 +189,21 @@ struct Inputs {
     h0: Vec<f32>,
 }
 
+impl Inputs {
+    /// Δ, u, A, B, C, h0 as f32.
+    fn read(tensors: [FlexTensor; 6]) -> Self {
+        let [delta, u, a, b, c, h0] = tensors.map(values);
+        Self {
+            delta,
+            u,
+            a,
+            b,
+            c,
+            h0,
+        }
+    }
+}
+
 /// One task's view: sequence `i`, channels `d0..d0 + w`. Its state is laid out `[n][w]`
 /// (channel fastest), so every loop over the block's channels is element-wise and
 /// vectorises; A and the start state are transposed to match.
@@ -299,16 +309,8 @@ impl SelectiveScanBackend for Flex {
         c: FlexTensor,
         h0: FlexTensor,
     ) -> (FlexTensor, FlexTensor) {
-        let dims = Dims::of(&delta, &a);
-        let dtype = delta.dtype();
-        let x = Inputs {
-            delta: values(delta),
-            u: values(u),
-            a: values(a),
-            b: values(b),
-            c: values(c),
-            h0: values(h0),
-        };
+        let (dims, dtype) = (Dims::of(&delta, &a), delta.dtype());
+        let x = Inputs::read([delta, u, a, b, c, h0]);
         let Dims { b: nb, t, d: dd, n } = dims;
         // Each task returns its block's y `[t, w]` and final states `[w, n]`.
         let parts: Vec<_> = dims
@@ -360,16 +362,8 @@ impl SelectiveScanBackend for Flex {
         FlexTensor,
         FlexTensor,
     ) {
-        let dims = Dims::of(&delta, &a);
-        let dtype = delta.dtype();
-        let x = Inputs {
-            delta: values(delta),
-            u: values(u),
-            a: values(a),
-            b: values(b),
-            c: values(c),
-            h0: values(h0),
-        };
+        let (dims, dtype) = (Dims::of(&delta, &a), delta.dtype());
+        let x = Inputs::read([delta, u, a, b, c, h0]);
         let (gy, gh) = (values(gy), values(gh));
         let Dims { b: nb, t, d: dd, n } = dims;
         // Per task: dΔ and du `[t, w]`, dA `[w, n]` (this sequence's share), dB and dC
