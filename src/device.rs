@@ -50,6 +50,21 @@ pub fn on(backend: BackendKind, spec: &DeviceSpec) -> anyhow::Result<Device> {
     }
 }
 
+/// A flex tensor's values as f32: borrowed when it is contiguous f32 (no copy, even when
+/// autodiff also holds it), converted otherwise. For backend extensions on flex.
+pub fn flex_f32(t: &burn::backend::flex::FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(values) => std::borrow::Cow::Borrowed(values),
+        None => std::borrow::Cow::Owned(
+            t.clone()
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("converted to f32"),
+        ),
+    }
+}
+
 /// Whether `device` is flex, the CPU backend, or its autodiff: where metamix's backend
 /// extensions (FlashAttention, the scans) are registered.
 pub fn is_flex(device: &Device) -> bool {

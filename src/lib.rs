@@ -26,4 +26,5 @@ pub mod recipe;
 pub mod run;
 pub mod sample;
 pub mod train;
+pub mod vector_math;
 pub mod weights;

@@ -6,9 +6,21 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 /// mimalloc keeps freed pages for reuse where glibc returns large blocks to the kernel and
-/// faults them in again on the next op (see scripts/bench_cpu.sh).
+/// faults them in again on the next op (see scripts/bench_cpu.py).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` (its place in mimalloc's option enum, v2 and v3).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Never hand freed memory back to the OS: Burn allocates a fresh buffer per op, and each
+/// page returned after mimalloc's default 10 ms is faulted in and zeroed by the kernel again
+/// (18% of a nanoGPT-model step in `clear_page_erms`; ~1 k page faults per bench instead of
+/// ~90 k). A training process's footprint is its peak anyway.
+fn keep_freed_memory() {
+    // SAFETY: sets an integer option; mimalloc reads it on each purge.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
 use metamix::recipe::Recipe;
 use metamix::run::Run;
 use metamix::sample::{SampleOptions, generate};
@@ -227,6 +239,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -20,6 +20,8 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use rayon::prelude::*;
 
+use crate::vector_math::exp_nonpositive;
+
 #[backend_extension(Flex, Autodiff)]
 pub trait SelectiveScanBackend: Backend {
     /// Δ, u `[b, T, D]`, A `[D, N]`, B, C `[b, T, N]`, h0 `[b, D, N]` → y `[b, T, D]` and the
@@ -133,32 +135,6 @@ fn values(x: FlexTensor) -> Vec<f32> {
 
 fn tensor(v: Vec<f32>, shape: &[usize], dtype: burn::tensor::DType) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(v, shape.to_vec()).convert_dtype(dtype))
-}
-
-/// `exp(x)` for x ≤ 0 (Δ ≥ 0, A < 0: every decay of the scan) to about 2 ulp: Cephes'
-/// `expf` without branches, so the loop over the state vectorises (libm's `expf` is a call
-/// per element and dominated the scan). No crate offers a stable vectorisable `exp`.
-#[inline(always)]
-fn exp_decay(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // Adding 1.5·2^23 rounds to an integer held in the low mantissa bits: k = round(x·log2 e)
-    // without a float→int conversion, which baseline x86-64 only has one lane at a time.
-    const MAGIC: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 0.0);
-    let shifted = x * LOG2_E + MAGIC;
-    let k = shifted - MAGIC;
-    // x = k·ln 2 + r, |r| ≤ ln 2 / 2; ln 2 split in two so k·ln 2 is exact.
-    let r = x - k * 0.693_359_4 + k * 2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e_r = p * r * r + r + 1.0;
-    // 2^k from its exponent bits (k ∈ [−126, 0]), k read off the shifted sum's bits.
-    let k_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
-    e_r * f32::from_bits(k_bits.wrapping_add(127) << 23)
 }
 
 /// `Σ a·b`, in 8 lanes so that it vectorises (a float sum in order cannot).
@@ -288,7 +264,7 @@ impl<'a> Block<'a> {
                 &self.a[k * w..(k + 1) * w],
             );
             for j in 0..w {
-                ek[j] = exp_decay(dl[j] * ak[j]);
+                ek[j] = exp_nonpositive(dl[j] * ak[j]);
                 hk[j] = ek[j] * hk[j] + dl[j] * u[j] * b[k];
             }
             if let Some(y) = y.as_deref_mut() {
@@ -579,21 +555,5 @@ impl<B: Backend + SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBack
         unreachable!(
             "the scan's backward runs on the inner backend; it is not differentiated again"
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    /// The vectorisable exp agrees with libm's over the decays' range, to a few ulp.
-    #[test]
-    fn exp_decay_matches_libm() {
-        let mut worst = 0f32;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let (ours, libm) = (super::exp_decay(x), x.exp());
-            worst = worst.max((ours - libm).abs() / libm);
-        }
-        assert!(worst < 4.0 * f32::EPSILON, "relative error {worst}");
-        assert_eq!(super::exp_decay(0.0), 1.0);
     }
 }
