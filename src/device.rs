@@ -65,6 +65,19 @@ pub fn flex_f32(t: &burn::backend::flex::FlexTensor) -> std::borrow::Cow<'_, [f3
     }
 }
 
+/// A flex tensor of `values` with `shape`, stored as `dtype` (the inputs' dtype, which the
+/// extensions computed in f32).
+pub fn flex_from_f32(
+    values: Vec<f32>,
+    shape: impl Into<burn::tensor::Shape>,
+    dtype: burn::tensor::DType,
+) -> burn::backend::flex::FlexTensor {
+    let shape: burn::tensor::Shape = shape.into();
+    burn::backend::flex::FlexTensor::from_data(
+        burn::tensor::TensorData::new(values, shape).convert_dtype(dtype),
+    )
+}
+
 /// Whether `device` is flex, the CPU backend, or its autodiff: where metamix's backend
 /// extensions (FlashAttention, the scans) are registered.
 pub fn is_flex(device: &Device) -> bool {

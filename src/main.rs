@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use metamix::recipe::Recipe;
+use metamix::run::Run;
+use metamix::sample::{SampleOptions, generate};
+use metamix::train::{EVAL_SEED_SALT, Ranks, TrainOptions, evaluate, train};
+
 /// mimalloc keeps freed pages for reuse where glibc returns large blocks to the kernel and
 /// faults them in again on the next op (see scripts/bench_cpu.py).
 #[global_allocator]
@@ -21,10 +26,6 @@ fn keep_freed_memory() {
     // SAFETY: sets an integer option; mimalloc reads it on each purge.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
-use metamix::recipe::Recipe;
-use metamix::run::Run;
-use metamix::sample::{SampleOptions, generate};
-use metamix::train::{EVAL_SEED_SALT, Ranks, TrainOptions, evaluate, train};
 
 #[derive(Parser)]
 #[command(
@@ -121,12 +122,6 @@ impl PrepareArgs {
     }
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ExportFormat {
-    Metamix,
-    Hf,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Train the model a recipe describes (checkpoints and logs go to runs/<name>).
@@ -163,7 +158,7 @@ enum Command {
         /// metamix (its own config.json, for python/metamix_torch.py) or hf (a
         /// transformers GPT2LMHeadModel / LlamaForCausalLM folder).
         #[arg(long, value_enum, default_value = "metamix")]
-        format: ExportFormat,
+        format: metamix::export::Format,
         /// Validation batches measured for the model card (0: none).
         #[arg(long, value_name = "N")]
         eval_batches: Option<usize>,
@@ -350,10 +345,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     bits_per_byte: e.bits_per_byte,
                     batches,
                 })
-            };
-            let format = match format {
-                ExportFormat::Metamix => metamix::export::Format::Metamix,
-                ExportFormat::Hf => metamix::export::Format::Hf,
             };
             let files = metamix::export::export(&run, step, &out, format, force, &measure)?;
             println!("wrote {}: {}", out.display(), files.join(", "));

@@ -8,6 +8,7 @@ pub mod lr_schedule;
 pub mod metrics;
 pub mod optimizer;
 pub mod run_lock;
+pub mod staged_folder;
 pub mod stop_signal;
 
 pub use checkpoint::{Checkpoint, CheckpointManager, Stateful};

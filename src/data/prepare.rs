@@ -23,6 +23,7 @@ use super::token_shards::{
 };
 use super::tokenizer::{Tokenizer, TokenizerSpec};
 use super::{CharTokenizer, Gpt2Tokenizer};
+use crate::components::staged_folder;
 
 /// Text tokenised per parallel batch.
 const BATCH_BYTES: usize = 64 << 20;
@@ -212,14 +213,7 @@ pub fn prepare(inputs: &[String], opts: &PrepareOptions) -> anyhow::Result<Prepa
     let dtype = Dtype::for_vocab(tokenizer.vocab_size());
 
     // Pass 2: tokenise and write.
-    let tmp = opts.out.as_ref().map(|out| partial_dir(out));
-    if let Some(tmp) = &tmp {
-        if tmp.exists() {
-            std::fs::remove_dir_all(tmp)
-                .with_context(|| format!("removing the interrupted {}", tmp.display()))?;
-        }
-        std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    }
+    let tmp = opts.out.as_deref().map(staged_folder::start).transpose()?;
     let mut writers = [
         ShardWriter::new(tmp.clone(), Split::Train, dtype, opts.shard_tokens),
         ShardWriter::new(tmp.clone(), Split::Val, dtype, opts.shard_tokens),
@@ -360,7 +354,7 @@ pub fn prepare(inputs: &[String], opts: &PrepareOptions) -> anyhow::Result<Prepa
             &tmp.join(META_FILE),
             serde_json::to_string_pretty(&meta)?.as_bytes(),
         )?;
-        replace_dir(tmp, out)?;
+        staged_folder::finish(tmp, out)?;
     }
     Ok(Prepared {
         meta,
@@ -379,11 +373,7 @@ fn check_out(out: &Path, force: bool) -> anyhow::Result<()> {
     if !out.is_dir() {
         bail!("--out {}: exists and is not a folder", out.display());
     }
-    let names: Vec<String> = std::fs::read_dir(out)
-        .with_context(|| format!("reading {}", out.display()))?
-        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("reading {}", out.display()))?;
+    let names = staged_folder::file_names(out)?;
     let empty = names.is_empty();
     // Only what prepare itself writes may be replaced: a readable meta.json and nothing
     // but its files beside it.
@@ -406,30 +396,6 @@ fn check_out(out: &Path, force: bool) -> anyhow::Result<()> {
             out.display()
         ),
     }
-}
-
-/// The hidden folder a prepare into `out` writes first.
-fn partial_dir(out: &Path) -> PathBuf {
-    let name = out
-        .file_name()
-        .map_or("prepared".into(), |n| n.to_string_lossy().into_owned());
-    out.with_file_name(format!(".{name}.partial"))
-}
-
-/// Move the finished `tmp` to `out`, replacing a prepared dataset there.
-fn replace_dir(tmp: &Path, out: &Path) -> anyhow::Result<()> {
-    if out.exists() {
-        let old = tmp.with_extension(format!("old-{}", std::process::id()));
-        std::fs::rename(out, &old).with_context(|| format!("moving {} aside", out.display()))?;
-        std::fs::rename(tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    } else {
-        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::rename(tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
-    }
-    Ok(())
 }
 
 /// The decompressed length of a text file (its size unless compressed).

@@ -14,6 +14,9 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+use burn::module::Module;
+
+use crate::components::staged_folder;
 use crate::data::{TOKENIZER_FILE, Tokenizer};
 use crate::model::{LanguageModel, LanguageModelConfig};
 use crate::run::Run;
@@ -33,7 +36,7 @@ pub const EXPORT_FILES: &[&str] = &[
 ];
 
 /// Which layout an export folder has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Format {
     /// metamix's names and `config.json` (read by `python/metamix_torch.py`).
     #[default]
@@ -53,8 +56,8 @@ pub struct CardMetrics {
 /// Write the export folder `out` for checkpoint `step` (the newest intact one by default).
 /// `measure` evaluates the loaded model for the card (None: not measured). An existing
 /// `out` is refused unless `force`, and then replaced only if it holds nothing but export
-/// files. The folder is built beside `out` and renamed into place, so `out` is never half
-/// written. Returns the files written.
+/// files. The folder is built beside `out` and renamed into place ([`staged_folder`]), so
+/// `out` is never half written. Returns the files written.
 pub fn export(
     run: &Run,
     step: Option<u64>,
@@ -85,16 +88,7 @@ pub fn export(
         .with_context(|| format!("--out {}: not a folder name", out.display()))?
         .to_string_lossy()
         .to_string();
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let partial = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial)?;
-    }
-    std::fs::create_dir(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    let partial = staged_folder::start(out)?;
     let written = (|| -> anyhow::Result<Vec<&'static str>> {
         let weights = crate::weights::to_bytes(&model)?;
         let mut files = vec![WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, CARD_FILE];
@@ -130,7 +124,7 @@ pub fn export(
             format,
             hf_class: arch.map(hf::HfArch::class),
             metrics,
-            parameters: count_parameters(&weights)?,
+            parameters: model.num_params(),
         });
         std::fs::write(partial.join(CARD_FILE), card)?;
         Ok(files)
@@ -142,14 +136,7 @@ pub fn export(
             return Err(e);
         }
     };
-    if out.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old).with_context(|| format!("replacing {}", out.display()))?;
-        std::fs::rename(&partial, out).with_context(|| format!("writing {}", out.display()))?;
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    } else {
-        std::fs::rename(&partial, out).with_context(|| format!("writing {}", out.display()))?;
-    }
+    staged_folder::finish(&partial, out)?;
     Ok(files)
 }
 
@@ -171,8 +158,7 @@ fn check_replaceable(out: &Path, force: bool) -> anyhow::Result<()> {
             out.display()
         );
     }
-    for entry in std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))? {
-        let name = entry?.file_name().to_string_lossy().to_string();
+    for name in staged_folder::file_names(out)? {
         if !EXPORT_FILES.contains(&name.as_str()) {
             bail!(
                 "{} holds {name}, which an export does not write; --force replaces only a folder \
@@ -203,16 +189,6 @@ fn hf_tokenizer_config(t: &Tokenizer, c: &LanguageModelConfig) -> Value {
         }
     }
     v
-}
-
-/// Parameters in a safetensors file's bytes.
-fn count_parameters(bytes: &[u8]) -> anyhow::Result<usize> {
-    let st = safetensors::SafeTensors::deserialize(bytes)?;
-    Ok(st
-        .tensors()
-        .iter()
-        .map(|(_, v)| v.shape().iter().product::<usize>())
-        .sum())
 }
 
 /// `train --init-from PATH`: weights for the model `c` describes (built as `model`), from a

@@ -15,8 +15,9 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, Slice, TensorMetadata, backend_extension};
 use burn::prelude::*;
-use burn::tensor::TensorData;
 use rayon::prelude::*;
+
+use crate::device::{flex_f32, flex_from_f32};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Scans the extension has run in this process: lets a test see that a form took this
@@ -73,13 +74,7 @@ impl DecayedScanBackend for Flex {
         let shape = a.shape();
         let [n, t, d] = [shape[0], shape[1], shape[2]];
         let dtype = a.dtype();
-        let values = |x: FlexTensor| -> Vec<f32> {
-            x.into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("converted to f32")
-        };
-        let (a, b, s0) = (values(a), values(b), values(s0));
+        let (a, b, s0) = (flex_f32(&a), flex_f32(&b), flex_f32(&s0));
         // Sequences and channels are independent: each task scans one sequence's block of
         // BLOCK channels (so one long sequence still uses every core), and the loop over a
         // block vectorises; blocks are copied into place afterwards.
@@ -111,7 +106,7 @@ impl DecayedScanBackend for Flex {
             }
         }
         FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
-        FlexTensor::from_data(TensorData::new(out, [n, t, d]).convert_dtype(dtype))
+        flex_from_f32(out, [n, t, d], dtype)
     }
 }
 

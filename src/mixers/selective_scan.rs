@@ -17,9 +17,11 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
-use burn::tensor::TensorData;
 use rayon::prelude::*;
 
+use std::borrow::Cow;
+
+use crate::device::{flex_f32, flex_from_f32};
 use crate::vector_math::exp_nonpositive;
 
 #[backend_extension(Flex, Autodiff)]
@@ -65,13 +67,8 @@ pub fn forward_calls() -> usize {
     FORWARD_CALLS.load(Ordering::Relaxed)
 }
 
-/// Whether [`selective_scan`] runs fused on `device` (flex and its autodiff).
-pub fn is_fused(device: &Device) -> bool {
-    crate::device::is_flex(device)
-}
-
-/// The fused scan: y `[b, T, D]` and the final state `[b, D, N]`. Call where
-/// [`is_fused`] holds.
+/// The fused scan: y `[b, T, D]` and the final state `[b, D, N]`. Registered for flex
+/// and its autodiff ([`crate::device::is_flex`]).
 pub fn selective_scan(
     delta: Tensor<3>,
     u: Tensor<3>,
@@ -126,17 +123,6 @@ impl Dims {
     }
 }
 
-fn values(x: FlexTensor) -> Vec<f32> {
-    x.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("converted to f32")
-}
-
-fn tensor(v: Vec<f32>, shape: &[usize], dtype: burn::tensor::DType) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(v, shape.to_vec()).convert_dtype(dtype))
-}
-
 /// `Σ a·b`, in 8 lanes so that it vectorises (a float sum in order cannot).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
@@ -155,20 +141,20 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// The inputs as f32 slices.
-struct Inputs {
-    delta: Vec<f32>,
-    u: Vec<f32>,
-    a: Vec<f32>,
-    b: Vec<f32>,
-    c: Vec<f32>,
-    h0: Vec<f32>,
+/// The inputs as f32 slices (borrowed from the tensors where they are contiguous f32).
+struct Inputs<'a> {
+    delta: Cow<'a, [f32]>,
+    u: Cow<'a, [f32]>,
+    a: Cow<'a, [f32]>,
+    b: Cow<'a, [f32]>,
+    c: Cow<'a, [f32]>,
+    h0: Cow<'a, [f32]>,
 }
 
-impl Inputs {
+impl<'a> Inputs<'a> {
     /// Δ, u, A, B, C, h0 as f32.
-    fn read(tensors: [FlexTensor; 6]) -> Self {
-        let [delta, u, a, b, c, h0] = tensors.map(values);
+    fn read(tensors: &'a [FlexTensor; 6]) -> Self {
+        let [delta, u, a, b, c, h0] = tensors.each_ref().map(flex_f32);
         Self {
             delta,
             u,
@@ -184,7 +170,7 @@ impl Inputs {
 /// (channel fastest), so every loop over the block's channels is element-wise and
 /// vectorises; A and the start state are transposed to match.
 struct Block<'a> {
-    x: &'a Inputs,
+    x: &'a Inputs<'a>,
     dims: Dims,
     i: usize,
     d0: usize,
@@ -194,7 +180,7 @@ struct Block<'a> {
 }
 
 impl<'a> Block<'a> {
-    fn new(x: &'a Inputs, dims: Dims, (i, d0, w): (usize, usize, usize)) -> Self {
+    fn new(x: &'a Inputs<'a>, dims: Dims, (i, d0, w): (usize, usize, usize)) -> Self {
         let n = dims.n;
         let mut a = vec![0f32; n * w];
         for j in 0..w {
@@ -286,7 +272,8 @@ impl SelectiveScanBackend for Flex {
         h0: FlexTensor,
     ) -> (FlexTensor, FlexTensor) {
         let (dims, dtype) = (Dims::of(&delta, &a), delta.dtype());
-        let x = Inputs::read([delta, u, a, b, c, h0]);
+        let tensors = [delta, u, a, b, c, h0];
+        let x = Inputs::read(&tensors);
         let Dims { b: nb, t, d: dd, n } = dims;
         // Each task returns its block's y `[t, w]` and final states `[w, n]`.
         let parts: Vec<_> = dims
@@ -316,8 +303,8 @@ impl SelectiveScanBackend for Flex {
         }
         FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
         (
-            tensor(y, &[nb, t, dd], dtype),
-            tensor(h_last, &[nb, dd, n], dtype),
+            flex_from_f32(y, [nb, t, dd], dtype),
+            flex_from_f32(h_last, [nb, dd, n], dtype),
         )
     }
 
@@ -339,8 +326,9 @@ impl SelectiveScanBackend for Flex {
         FlexTensor,
     ) {
         let (dims, dtype) = (Dims::of(&delta, &a), delta.dtype());
-        let x = Inputs::read([delta, u, a, b, c, h0]);
-        let (gy, gh) = (values(gy), values(gh));
+        let tensors = [delta, u, a, b, c, h0];
+        let x = Inputs::read(&tensors);
+        let (gy, gh) = (flex_f32(&gy), flex_f32(&gh));
         let Dims { b: nb, t, d: dd, n } = dims;
         // Per task: dΔ and du `[t, w]`, dA `[w, n]` (this sequence's share), dB and dC
         // `[t, n]` (this block's share), dh0 `[w, n]`.
@@ -430,12 +418,12 @@ impl SelectiveScanBackend for Flex {
             g_h0[(i * dd + d0) * n..(i * dd + d0 + w) * n].copy_from_slice(&ph);
         }
         (
-            tensor(g_delta, &[nb, t, dd], dtype),
-            tensor(g_u, &[nb, t, dd], dtype),
-            tensor(g_a, &[dd, n], dtype),
-            tensor(g_b, &[nb, t, n], dtype),
-            tensor(g_c, &[nb, t, n], dtype),
-            tensor(g_h0, &[nb, dd, n], dtype),
+            flex_from_f32(g_delta, [nb, t, dd], dtype),
+            flex_from_f32(g_u, [nb, t, dd], dtype),
+            flex_from_f32(g_a, [dd, n], dtype),
+            flex_from_f32(g_b, [nb, t, n], dtype),
+            flex_from_f32(g_c, [nb, t, n], dtype),
+            flex_from_f32(g_h0, [nb, dd, n], dtype),
         )
     }
 }

@@ -269,7 +269,7 @@ pub fn scan_fused_from(s: ScanInputs, h: Option<Tensor<3>>) -> (Tensor<3>, Tenso
     let n = s.a.dims()[1];
     let device = s.u.device();
     let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, n], &device));
-    if selective_scan::is_fused(&device) {
+    if crate::device::is_flex(&device) {
         return selective_scan::selective_scan(s.delta, s.u, s.a, s.b, s.c, h);
     }
     // Elsewhere, every step's decay and input at once and one decayed scan over time.

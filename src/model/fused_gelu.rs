@@ -12,7 +12,6 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
-use burn::tensor::TensorData;
 use rayon::prelude::*;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -64,7 +63,7 @@ fn map(x: FlexTensor, other: Option<FlexTensor>, f: impl Fn(f32, f32) -> f32 + S
                 }
             }
         });
-    FlexTensor::from_data(TensorData::new(out, shape).convert_dtype(dtype))
+    crate::device::flex_from_f32(out, shape, dtype)
 }
 
 impl FusedGeluBackend for Flex {

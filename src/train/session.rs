@@ -22,7 +22,8 @@ use crate::run::{DATA_DIR, RECIPE_FILE};
 pub struct TrainOptions {
     /// Continue from the newest intact checkpoint of the run.
     pub resume: bool,
-    /// Start from weights in a safetensors file (as `export` writes).
+    /// Start from the weights of an export folder, a Hugging Face GPT-2/Llama folder or a
+    /// safetensors file (see [`crate::export::init_from`]).
     pub init_from: Option<PathBuf>,
     /// Stop after this step as if killed (checkpoints written so far stay): for tests.
     pub stop_after: Option<u64>,
@@ -117,8 +118,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     data.check_seq_len(t.seq_len, &recipe.data.path)?;
     let mut trainer = Trainer::new(recipe, data.tokenizer.vocab_size())?;
     if let Some(path) = &opts.init_from {
-        let config = crate::run::model_config(recipe, data.tokenizer.vocab_size());
-        let model = crate::export::init_from(trainer.model().clone(), &config, path)
+        let model = crate::export::init_from(trainer.model().clone(), &trainer.config, path)
             .context("--init-from")?;
         trainer.set_model(model);
     }
