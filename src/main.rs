@@ -218,14 +218,20 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
-    /// Validation loss and perplexity of a run's checkpoint.
+    /// Validation loss and perplexity of a run's checkpoint; for a task run, loss and
+    /// accuracy over its whole validation set.
     Eval {
         run: PathBuf,
         #[arg(long)]
         step: Option<u64>,
-        /// Batches to average (default: the recipe's training.eval_batches).
+        /// Batches to average (default: the recipe's training.eval_batches; a task run
+        /// scores every validation example unless this is given).
         #[arg(long)]
         batches: Option<usize>,
+        /// Score the task with other `[task]` settings, e.g. --set task.seq_len=512 to test
+        /// length generalisation (the model's own keys cannot change).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// List the registered token mixers: recipe name, how it runs under sequence
     /// parallelism, and its options with their defaults (`[model.<name>]`), one JSON object
@@ -265,12 +271,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
             println!(
-                "done: step {} | train loss {:.4} | val loss {} | val bits/byte {} | {:.0} tokens/s | {:.1} s | {}",
+                "done: step {} | train loss {:.4} | val loss {} | {} | {:.0} tokens/s | {:.1} s | {}",
                 s.step,
                 s.train_loss,
                 s.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
-                s.val_bits_per_byte
-                    .map_or("-".into(), |v| format!("{v:.4}")),
+                match s.val_accuracy {
+                    Some(a) => format!("val accuracy {:.2}%", 100.0 * a),
+                    None => format!(
+                        "val bits/byte {}",
+                        s.val_bits_per_byte
+                            .map_or("-".into(), |v| format!("{v:.4}"))
+                    ),
+                },
                 s.tokens_per_s,
                 s.wall_s,
                 s.run_dir.display()
@@ -364,11 +376,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let run = Run::open(&run)?;
+            let tokenizer = run.text_tokenizer("sample")?;
             let device = Ranks::from_recipe(&run.recipe)?.device(0).clone();
             let (model, _) = run.load_model(step, &device)?;
             let text = generate(
                 &model,
-                &run.tokenizer,
+                tokenizer,
                 &prompt,
                 &SampleOptions {
                     max_new_tokens: tokens,
@@ -447,15 +460,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{line}");
             }
         }
-        Command::Eval { run, step, batches } => {
+        Command::Eval {
+            run,
+            step,
+            batches,
+            set,
+        } => {
             let run = Run::open(&run)?;
             let r = &run.recipe;
             let device = Ranks::from_recipe(r)?.device(0).clone();
             let (model, ckpt) = run.load_model(step, &device)?;
-            let batches = batches.unwrap_or(r.training.eval_batches);
-            if batches == 0 {
+            if batches == Some(0) {
                 anyhow::bail!("--batches must be at least 1");
             }
+            if r.task.kind != metamix::tasks::TaskKind::Lm {
+                return eval_task(&run, &model, ckpt.step, batches, &set, device);
+            }
+            if !set.is_empty() {
+                anyhow::bail!(
+                    "--set applies to task runs ([task] settings such as task.seq_len); {} is a \
+                     language model run",
+                    run.dir.display()
+                );
+            }
+            let batches = batches.unwrap_or(r.training.eval_batches);
             let data = run.dataset()?;
             data.check_seq_len(r.training.seq_len, &r.data.path)?;
             let eval = evaluate(
@@ -476,6 +504,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `metamix eval` of a task run: loss and accuracy on the validation set of the run's task,
+/// with `overrides` applied to its `[task]` (the model stays as trained).
+fn eval_task(
+    run: &Run,
+    model: &metamix::model::LanguageModel,
+    step: u64,
+    batches: Option<usize>,
+    overrides: &[String],
+    device: burn::prelude::Device,
+) -> anyhow::Result<()> {
+    use metamix::tasks::TaskData;
+    if let Some(key) = overrides
+        .iter()
+        .find(|o| !o.trim_start().starts_with("task."))
+    {
+        anyhow::bail!(
+            "--set {key}: eval scores a trained model, so only [task] keys (task.seq_len, \
+             task.mqar.num_kv_pairs, ...) can change"
+        );
+    }
+    let recipe_file = run.dir.join(metamix::run::RECIPE_FILE);
+    let r = Recipe::load(&recipe_file, overrides)?;
+    let seq_len = r.seq_len();
+    if let Some(max) = model.max_seq_len()
+        && seq_len > max
+    {
+        anyhow::bail!(
+            "task.seq_len = {seq_len} is longer than the {max} positions this model has (a \
+             learned position table or RoPE table sized at training): evaluate at most {max}, \
+             or train with model.position = \"none\" and model.max_seq_len >= {seq_len}"
+        );
+    }
+    let data = TaskData::open(&r.task, seq_len, r.training.seed, false)?;
+    let micro = r.micro_batch_size();
+    let e = metamix::train::evaluate_task(
+        model,
+        &data,
+        micro,
+        batches.map(|b| b * micro),
+        None,
+        &Ranks::single(device),
+    );
+    println!(
+        "step {step}: task {} at seq_len {seq_len}: val loss {:.4} | accuracy {:.2}% ({} examples)",
+        r.task.kind.name(),
+        e.loss,
+        100.0 * e.accuracy,
+        e.examples
+    );
     Ok(())
 }
 

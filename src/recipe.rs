@@ -21,6 +21,7 @@ use crate::mixers::{MixerKind, MixerOptionsSet, ShardedForm};
 pub use crate::model::ModelConfig;
 use crate::options::{OptionError, divisors, fail, non_negative};
 pub use crate::parallel::{ParallelismConfig, Sharding};
+pub use crate::tasks::{TaskConfig, TaskKind};
 
 /// `prefix.key = value` for every leaf of `table`.
 fn flatten(
@@ -46,6 +47,8 @@ pub struct Recipe {
     /// Run name: the run lives in `<checkpoint.folder>/<name>`. Default: the recipe's file stem.
     pub name: String,
     pub model: ModelConfig,
+    /// What the run learns: next-token prediction on `[data]` (the default) or a task.
+    pub task: TaskConfig,
     pub data: DataConfig,
     pub training: TrainingConfig,
     pub optimizer: OptimizerConfig,
@@ -264,6 +267,14 @@ impl Recipe {
         self.training.micro_batch_size()
     }
 
+    /// Positions per training sequence: `training.seq_len`, or a task's own `task.seq_len`.
+    pub fn seq_len(&self) -> usize {
+        match self.task.kind {
+            TaskKind::Lm => self.training.seq_len,
+            _ => self.task.seq_len(self.training.seq_len),
+        }
+    }
+
     /// Folder of this run.
     pub fn run_dir(&self) -> PathBuf {
         self.checkpoint.folder.join(&self.name)
@@ -337,6 +348,13 @@ impl Recipe {
         {
             changes.push(format!("data.tokenizer: {a} → {b}"));
         }
+        if self.task.kind != new.task.kind {
+            changes.push(format!(
+                "task.kind: {} → {} (another head and vocabulary)",
+                self.task.kind.name(),
+                new.task.kind.name()
+            ));
+        }
         changes
     }
 
@@ -348,7 +366,7 @@ impl Recipe {
                 Sharding::Zigzag => 2 * p.sequence_parallel_degree,
                 Sharding::Contiguous => p.sequence_parallel_degree,
             };
-            self.training.seq_len / chunks
+            self.seq_len() / chunks
         })
     }
 
@@ -372,15 +390,36 @@ impl Recipe {
             .validate(written, self.sharded_chunk_len())
             .map_err(|e| e.within("model"))?;
         let m = &self.model;
-        if m.max_seq_len != 0 && m.max_seq_len < t.seq_len {
+        let seq_len = self.seq_len();
+        if m.max_seq_len != 0 && m.max_seq_len < seq_len {
             return fail(
                 "model.max_seq_len",
                 format!(
-                    "{} is shorter than training.seq_len = {}: use 0 (= seq_len) or at least {}",
-                    m.max_seq_len, t.seq_len, t.seq_len
+                    "{} is shorter than the {seq_len} positions a training sequence has: use 0 \
+                     (= that length) or at least {seq_len}",
+                    m.max_seq_len
                 ),
             );
         }
+        if !m.causal && self.task.kind == TaskKind::Lm {
+            return fail(
+                "model.causal",
+                "false lets every position see the tokens after it, which next-token \
+                 prediction must not (it would read its own targets): keep true for \
+                 task.kind = \"lm\", or pick a task such as \"classify\" or \"listops\"",
+            );
+        }
+        if !m.causal && p.sequence_parallel_degree > 1 {
+            return fail(
+                "parallelism.sequence_parallel_degree",
+                format!(
+                    "{}: the bidirectional mixers (model.causal = false) have no \
+                     sequence-parallel form yet; use 1, or data_parallel_degree for more ranks",
+                    p.sequence_parallel_degree
+                ),
+            );
+        }
+        self.task.validate(seq_len).map_err(|e| e.within("task"))?;
         self.data.validate().map_err(|e| e.within("data"))?;
         self.optimizer
             .validate()
@@ -408,14 +447,18 @@ impl Recipe {
             Sharding::Zigzag => 2 * sp,
             Sharding::Contiguous => sp,
         };
-        let seq_len = self.training.seq_len;
+        let seq_len = self.seq_len();
         if !seq_len.is_multiple_of(chunks) {
             let sharding = match p.sequence_sharding {
                 Sharding::Zigzag => "zigzag",
                 Sharding::Contiguous => "contiguous",
             };
+            let key = match self.task.kind {
+                TaskKind::Lm => "training.seq_len",
+                _ => "task.seq_len",
+            };
             return fail(
-                "training.seq_len",
+                key,
                 format!(
                     "{seq_len} does not split into {chunks} equal chunks ({sharding} sharding \
                      over {sp} ranks): use a multiple of {chunks}"

@@ -11,6 +11,7 @@ use crate::components::checkpoint::MODEL_FILE;
 use crate::data::{Dataset, TOKENIZER_FILE, Tokenizer};
 use crate::model::{LanguageModel, LanguageModelConfig};
 use crate::recipe::Recipe;
+use crate::tasks::{TaskData, TaskKind};
 
 pub const RECIPE_FILE: &str = "recipe.toml";
 /// Where a text file named by `data.path` is prepared.
@@ -19,11 +20,25 @@ pub const DATA_DIR: &str = "data";
 pub struct Run {
     pub dir: PathBuf,
     pub recipe: Recipe,
-    pub tokenizer: Tokenizer,
+    /// A language model's tokenizer; `None` for a task run (its ids are the task's own).
+    pub tokenizer: Option<Tokenizer>,
+    /// Vocabulary size and, for a classifier, its classes: the model's shape.
+    vocab_size: usize,
+    classes: Option<usize>,
 }
 
-/// The model a recipe describes, for a vocabulary of `vocab_size`.
+/// The language model a recipe describes, for a vocabulary of `vocab_size`.
 pub fn model_config(recipe: &Recipe, vocab_size: usize) -> LanguageModelConfig {
+    task_model_config(recipe, vocab_size, None)
+}
+
+/// The model a recipe describes, for a vocabulary of `vocab_size`: a classifier of
+/// `classes` classes, or a language model (`None`).
+pub fn task_model_config(
+    recipe: &Recipe,
+    vocab_size: usize,
+    classes: Option<usize>,
+) -> LanguageModelConfig {
     let m = &recipe.model;
     LanguageModelConfig {
         model: m.clone(),
@@ -33,11 +48,12 @@ pub fn model_config(recipe: &Recipe, vocab_size: usize) -> LanguageModelConfig {
             m.vocab_size
         },
         max_seq_len: if m.max_seq_len == 0 {
-            recipe.training.seq_len
+            recipe.seq_len()
         } else {
             m.max_seq_len
         },
         mixers: recipe.layer_mixers(),
+        classes,
     }
 }
 
@@ -50,6 +66,17 @@ impl Run {
             );
         }
         let recipe = Recipe::load(&dir.join(RECIPE_FILE), &[]).map_err(anyhow::Error::from)?;
+        if recipe.task.kind != TaskKind::Lm {
+            // The task's data gives the shape: its vocabulary and classes.
+            let data = TaskData::open(&recipe.task, recipe.seq_len(), recipe.training.seed, true)?;
+            return Ok(Self {
+                dir: dir.to_path_buf(),
+                vocab_size: data.vocab_size(),
+                classes: data.num_classes(),
+                recipe,
+                tokenizer: None,
+            });
+        }
         let spec = recipe.data.tokenizer_spec().with_context(|| {
             format!(
                 "{}: data.tokenizer is not set",
@@ -59,8 +86,24 @@ impl Run {
         let tokenizer = Tokenizer::load(&dir.join(TOKENIZER_FILE), spec.kind())?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            vocab_size: tokenizer.vocab_size(),
+            classes: None,
             recipe,
-            tokenizer,
+            tokenizer: Some(tokenizer),
+        })
+    }
+
+    /// The language model's tokenizer, or an error saying that `what` needs one and a task
+    /// run has none.
+    pub fn text_tokenizer(&self, what: &str) -> anyhow::Result<&Tokenizer> {
+        self.tokenizer.as_ref().with_context(|| {
+            format!(
+                "{}: {what} needs a language model, but this run trained task.kind = \"{}\"; \
+                 score it with `metamix eval {}`",
+                self.dir.display(),
+                self.recipe.task.kind.name(),
+                self.dir.display()
+            )
         })
     }
 
@@ -75,7 +118,7 @@ impl Run {
     }
 
     pub fn model_config(&self) -> LanguageModelConfig {
-        model_config(&self.recipe, self.tokenizer.vocab_size())
+        task_model_config(&self.recipe, self.vocab_size, self.classes)
     }
 
     /// The newest intact checkpoint's model (or the one of `step`), on `device`.

@@ -252,7 +252,7 @@ fn training_from_many_small_shards_resumes_exactly_with_either_sampling() {
         assert!(a.0 == b.0, "{sampling}: weights differ after resume");
         // The run keeps the tokenizer: sample and eval need no recipe or data folder.
         let run = metamix::run::Run::open(&split.run_dir()).unwrap();
-        assert_eq!(run.tokenizer.vocab_size(), 400);
+        assert_eq!(run.tokenizer.as_ref().unwrap().vocab_size(), 400);
         // Resumed with the other sampling: refused, naming the key.
         let other = if sampling == "random" {
             "sequential"

@@ -1,5 +1,6 @@
 //! Every mixer's fast form equals its plain reference form on random inputs, forward and
-//! gradients; and every mixer, inside the language model, is causal.
+//! gradients, causal and bidirectional; and every mixer, inside the language model, is
+//! causal.
 
 mod common;
 
@@ -84,38 +85,47 @@ fn tiled_softmax_equals_naive() {
             normal([2, 3, t, 8]),
             normal([2, 3, t, 8]),
         ];
-        let vis = Visibility::causal(window);
-        let naive = |x: &[Tensor<4>]| {
-            let (q, k, v) = (x[0].clone(), x[1].clone(), x[2].clone());
-            naive::attend(q, k, v, (0, 0), vis, None).0
+        // Bidirectional attention (an encoder's) where there is no window.
+        let visibilities = match window {
+            0 => vec![
+                Visibility::causal(0),
+                Visibility {
+                    causal: false,
+                    window: 0,
+                },
+            ],
+            w => vec![Visibility::causal(w)],
         };
-        // FlashAttention (custom backward, flex) and the tensor-op form other backends use.
-        let flash =
-            |x: &[Tensor<4>]| attend_tiled(x[0].clone(), x[1].clone(), x[2].clone(), block, window);
-        let ops = |x: &[Tensor<4>]| {
-            attend_tiled_ops(x[0].clone(), x[1].clone(), x[2].clone(), block, vis).0
-        };
-        for (form, fast) in [
-            ("flash", &flash as &dyn Fn(&[Tensor<4>]) -> Tensor<4>),
-            ("tensor ops", &ops),
-        ] {
-            compare_forms(
-                &format!("softmax {form} t={t} block={block} window={window}"),
-                &leaves,
-                [2, 3, t, 8],
-                naive,
-                fast,
-            );
+        for vis in visibilities {
+            let naive = |x: &[Tensor<4>]| {
+                let (q, k, v) = (x[0].clone(), x[1].clone(), x[2].clone());
+                naive::attend(q, k, v, (0, 0), vis, None).0
+            };
+            // FlashAttention (custom backward, flex) and the tensor-op form other backends use.
+            let flash = |x: &[Tensor<4>]| {
+                attend_tiled(x[0].clone(), x[1].clone(), x[2].clone(), block, vis)
+            };
+            let ops = |x: &[Tensor<4>]| {
+                attend_tiled_ops(x[0].clone(), x[1].clone(), x[2].clone(), block, vis).0
+            };
+            for (form, fast) in [
+                ("flash", &flash as &dyn Fn(&[Tensor<4>]) -> Tensor<4>),
+                ("tensor ops", &ops),
+            ] {
+                compare_forms(
+                    &format!("softmax {form} t={t} block={block} {vis:?}"),
+                    &leaves,
+                    [2, 3, t, 8],
+                    naive,
+                    fast,
+                );
+            }
+            // Both forms' row log-sum-exps, which merges (ring attention) rely on.
+            let (q, k, v) = (leaves[0].clone(), leaves[1].clone(), leaves[2].clone());
+            let (_, lse_ref) = naive::attend(q.clone(), k.clone(), v.clone(), (0, 0), vis, None);
+            let (_, lse) = attend_tiled_ops(q, k, v, block, vis);
+            assert_close(lse, lse_ref, &format!("lse t={t} block={block} {vis:?}"));
         }
-        // Both forms' row log-sum-exps, which merges (ring attention) rely on.
-        let (q, k, v) = (leaves[0].clone(), leaves[1].clone(), leaves[2].clone());
-        let (_, lse_ref) = naive::attend(q.clone(), k.clone(), v.clone(), (0, 0), vis, None);
-        let (_, lse) = attend_tiled_ops(q, k, v, block, vis);
-        assert_close(
-            lse,
-            lse_ref,
-            &format!("lse t={t} block={block} window={window}"),
-        );
     }
 }
 
@@ -178,6 +188,62 @@ fn linear_attention_chunkwise_recurrent_and_quadratic_agree() {
                 });
                 assert_close(c, a, "linear: gradient of the log-decay");
             }
+        }
+    }
+}
+
+/// The bidirectional form (a forward and a reversed causal pass, the diagonal once, the
+/// normaliser summed over both) against the full weight matrix built from its definition.
+#[test]
+fn linear_attention_bidirectional_forms_equal_the_full_matrix() {
+    let (b, h, t, dk, dv) = (2, 2, 13, 4, 3);
+    for decay in ["none", "fixed", "data-dependent"] {
+        for normalize in [false, true] {
+            let pos = Distribution::Uniform(0.1, 1.0);
+            let leaves = [
+                leaf([b, h, t, dk], pos),
+                leaf([b, h, t, dk], pos),
+                normal([b, h, t, dv]),
+                match decay {
+                    "none" => Tensor::zeros([b, h, t, 1], &device()).require_grad(),
+                    "fixed" => Tensor::full([b, h, t, 1], (0.9f32).ln(), &device()).require_grad(),
+                    _ => leaf([b, h, t, 1], Distribution::Uniform(-0.5, 0.0)),
+                },
+            ];
+            let inputs = |x: &[Tensor<4>]| LinearInputs {
+                q: x[0].clone(),
+                k: x[1].clone(),
+                v: x[2].clone(),
+                log_decay: x[3].clone().squeeze_dim(3),
+            };
+            let reference =
+                |x: &[Tensor<4>]| linear_attention::quadratic_bidirectional(inputs(x), normalize);
+            for chunk in [1, 4, 32] {
+                compare_forms(
+                    &format!(
+                        "bidirectional linear decay={decay} normalize={normalize} chunk={chunk}"
+                    ),
+                    &leaves,
+                    [b, h, t, dv],
+                    reference,
+                    |x| {
+                        linear_attention::bidirectional(inputs(x), normalize, |i| {
+                            linear_attention::chunkwise(i, false, chunk)
+                        })
+                    },
+                );
+            }
+            compare_forms(
+                &format!("bidirectional linear recurrent decay={decay} normalize={normalize}"),
+                &leaves,
+                [b, h, t, dv],
+                reference,
+                |x| {
+                    linear_attention::bidirectional(inputs(x), normalize, |i| {
+                        linear_attention::recurrent(i, false)
+                    })
+                },
+            );
         }
     }
 }
@@ -275,10 +341,13 @@ fn ssm_fused_scan_carries_state_like_the_reference() {
 fn pool_cumsum_equals_direct_loop() {
     for causal in [true, false] {
         for k in [1, 2, 3, 4, 7] {
-            let pool = Pool::new(&PoolOptions {
-                pool_size: k,
+            let pool = Pool::new(
+                &PoolOptions {
+                    pool_size: k,
+                    causal: None,
+                },
                 causal,
-            });
+            );
             let x = [normal([2, 9, 5])];
             compare_forms(
                 &format!("pool k={k} causal={causal}"),
@@ -289,11 +358,34 @@ fn pool_cumsum_equals_direct_loop() {
             );
         }
     }
+    // Padded batches: the prefix-sum form against the per-position loop over real positions.
+    let padding = metamix::padding::Padding::from_lengths(&[9, 5], 9, &device());
+    for causal in [true, false] {
+        for k in [1, 3, 4] {
+            let pool = Pool::new(
+                &PoolOptions {
+                    pool_size: k,
+                    causal: None,
+                },
+                causal,
+            );
+            compare_forms(
+                &format!("padded pool k={k} causal={causal}"),
+                &[normal([2, 9, 5])],
+                [2, 9, 5],
+                |x| pool.forward_padded_loop(x[0].clone(), &padding),
+                |x| pool.forward_padded_cumsum(x[0].clone(), &padding),
+            );
+        }
+    }
     // By hand: causal window 2 over [1, 3, 5] averages [1], [1, 3], [3, 5].
-    let pool = Pool::new(&PoolOptions {
-        pool_size: 2,
-        causal: true,
-    });
+    let pool = Pool::new(
+        &PoolOptions {
+            pool_size: 2,
+            causal: None,
+        },
+        true,
+    );
     let x = Tensor::<3>::from_data(
         TensorData::new(vec![1.0f32, 3.0, 5.0], [1, 3, 1]),
         &Device::flex(),
@@ -395,6 +487,7 @@ fn moh(n_heads: usize, shared_heads: usize, top_k: usize) -> Moh {
         dropout: 0.0,
         init_std: 0.3,
         max_seq_len: 16,
+        causal: true,
     };
     let options = MohOptions {
         shared_heads,
@@ -428,7 +521,7 @@ fn moh_with_every_head_shared_is_weighted_multi_head_attention() {
     let expected = a
         .out_proj
         .forward((heads * weights).swap_dims(1, 2).reshape([2, 7, 12]));
-    let (y, aux) = m.forward_with_aux(x);
+    let (y, aux) = m.forward_padded(x, None);
     assert!(aux.is_none(), "no routed heads, no balance loss");
     assert_close(y, expected, "moh, all heads shared");
 }
@@ -443,7 +536,7 @@ fn moh_aux_loss_is_the_balance_loss_times_its_coefficient() {
         .balance_loss
         .unwrap()
         .into_scalar::<f32>();
-    let (_, aux) = m.forward_with_aux(x);
+    let (_, aux) = m.forward_padded(x, None);
     let aux = aux.unwrap().into_scalar::<f32>();
     let coef = MohOptions::default().aux_loss_coef as f32;
     assert!(balance > 0.0);

@@ -13,6 +13,7 @@ use metamix::attention::{Visibility, naive, repeat_kv};
 use metamix::mixers::pool::{Pool, PoolOptions};
 use metamix::mixers::{MixerKind, ShardedForm, TokenMixer};
 use metamix::model::LanguageModel;
+use metamix::model::language_model::Targets;
 use metamix::parallel::ring_attention::ring_attention;
 use metamix::parallel::{LocalDevices, SequenceLayout, SequenceParallel, Sharding, replicate};
 use metamix::run::model_config;
@@ -150,7 +151,13 @@ fn sharded_language_model_matches_one_device_for_every_mixer() {
                     transport: &transport,
                 };
                 let replicas = replicate(&model, &transport);
-                let loss = LanguageModel::training_loss_sharded(&replicas, ids(0), ids(3), &sp);
+                let loss = LanguageModel::objective_sharded(
+                    &replicas,
+                    ids(0),
+                    &Targets::Next(ids(3)),
+                    None,
+                    &sp,
+                );
                 let value = loss.total.clone().into_scalar::<f32>();
                 let g = param_grads(
                     &model,
@@ -179,10 +186,13 @@ fn sharded_language_model_matches_one_device_for_every_mixer() {
 fn centred_pool_halo_exchange_equals_whole_sequence() {
     let dev = device();
     for pool_size in [1, 2, 3, 5] {
-        let pool = Pool::new(&PoolOptions {
-            pool_size,
-            causal: false,
-        });
+        let pool = Pool::new(
+            &PoolOptions {
+                pool_size,
+                causal: None,
+            },
+            false,
+        );
         let x = Tensor::<3>::random([2, 16, 3], Distribution::Normal(0.0, 1.0), &dev);
         let expected = values(pool.forward(x.clone()));
         for (ranks, sharding) in LAYOUTS {

@@ -16,8 +16,22 @@ pub fn attend(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
+    starts: (usize, usize),
+    visibility: Visibility,
+    dropout: Option<&Dropout>,
+) -> (Tensor<4>, Tensor<4>) {
+    attend_masked(q, k, v, starts, visibility, None, dropout)
+}
+
+/// [`attend`], with the keys `hidden_keys` marks (`[b, 1, 1, tk]`, true = padding) hidden
+/// from every query as well.
+pub fn attend_masked(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
     (q_start, k_start): (usize, usize),
     visibility: Visibility,
+    hidden_keys: Option<Tensor<4, Bool>>,
     dropout: Option<&Dropout>,
 ) -> (Tensor<4>, Tensor<4>) {
     let [_, _, tq, dk] = q.dims();
@@ -27,6 +41,10 @@ pub fn attend(
     if let Some(hidden) = visibility.mask((q_start, q_start + tq), (k_start, k_start + tk), &device)
     {
         s = s.mask_fill(hidden, HIDDEN);
+    }
+    if let Some(hidden) = hidden_keys {
+        let [b, h, _, _] = s.dims();
+        s = s.mask_fill(hidden.expand([b, h, tq, tk]), HIDDEN);
     }
     // The max only stabilises exp; it cancels from both results, so it needs no gradient.
     let m = s.clone().max_dim(3).detach();

@@ -6,7 +6,7 @@ use burn::prelude::*;
 use super::Visibility;
 use super::flash::FlashAttentionBackend;
 
-/// Causal attention, tiled in `block`s. On flex (the CPU backend) it runs as a backend
+/// Attention over a whole sequence, tiled in `block`s. On flex (the CPU backend) it runs as a backend
 /// extension with FlashAttention's recomputing backward ([`super::flash`]), so training
 /// memory is linear in sequence length too; elsewhere, as [`attend_tiled_ops`].
 pub fn attend_tiled(
@@ -14,9 +14,8 @@ pub fn attend_tiled(
     k: Tensor<4>,
     v: Tensor<4>,
     block: usize,
-    window: usize,
+    visibility: Visibility,
 ) -> Tensor<4> {
-    let visibility = Visibility::causal(window);
     if takes_flash_path(&q.device()) {
         flash(q, k, v, (0, 0), visibility, block).0
     } else {

@@ -211,6 +211,7 @@ mod tests {
             model,
             vocab_size: 65,
             max_seq_len: 64,
+            classes: None,
         }
     }
 

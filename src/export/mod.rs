@@ -74,6 +74,8 @@ pub fn export(
             out.with_extension("").display()
         );
     }
+    // A task run's classifier head and bidirectional mixers are not in the export formats.
+    let tokenizer = run.text_tokenizer("export")?;
     check_replaceable(out, force)?;
     let c = run.model_config();
     let arch = match format {
@@ -107,14 +109,14 @@ pub fn export(
                 crate::weights::write_file(&partial.join(WEIGHTS_FILE), &bytes)?;
                 write_json(
                     &partial.join(HF_TOKENIZER_CONFIG_FILE),
-                    &hf_tokenizer_config(&run.tokenizer, &c),
+                    &hf_tokenizer_config(tokenizer, &c),
                 )?;
                 files.push(HF_TOKENIZER_CONFIG_FILE);
-                hf::config(&c, arch, run.tokenizer.eot())
+                hf::config(&c, arch, tokenizer.eot())
             }
         };
         write_json(&partial.join(CONFIG_FILE), &config)?;
-        run.tokenizer.save(&partial.join(TOKENIZER_FILE))?;
+        tokenizer.save(&partial.join(TOKENIZER_FILE))?;
         let card = model_card::render(&model_card::Card {
             name: &name,
             path: &out.display().to_string(),

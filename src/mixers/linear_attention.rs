@@ -8,6 +8,13 @@
 //! (a loop over time), the quadratic one (a decay-masked `QKᵀ`), and the chunkwise-parallel
 //! one that trains (quadratic inside chunks, the recurrent state between them). All take
 //! per-head log-decays `a_t = ln γ_t ≤ 0`, so decay products are sums of logs.
+//!
+//! The bidirectional (encoder) form sums over the whole sequence: the causal sum plus the
+//! same recurrence run backwards, the query's own term counted once. With decay, the weight
+//! of key s for query t is the product of the γ between them, read forwards for s ≤ t
+//! (`γ_(s+1)…γ_t`) and backwards for s > t (`γ_t…γ_(s−1)`), as a forward and a reversed
+//! scan give it (Hydra's quasiseparable form, Hwang et al. 2024, with shared parameters).
+//! Normalised, numerator and normaliser are summed over both directions before dividing.
 
 use burn::module::Module;
 use burn::nn::Linear;
@@ -21,6 +28,7 @@ use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::attention::{merge_heads, split_heads};
 use crate::mixed_precision::linear;
 use crate::options::{OptionError, at_least_one};
+use crate::padding::Padding;
 use crate::parallel::state_passing::{Carry, pass_state};
 use crate::parallel::{SequenceParallel, Transport};
 
@@ -38,6 +46,8 @@ pub struct LinearAttention {
     /// Present with `decay = "gated"`: x → one gate logit per head.
     pub gate_proj: Option<Linear>,
     n_heads: usize,
+    /// Causal (a language model) or over the whole sequence (an encoder).
+    causal: bool,
     #[module(skip)]
     options: LinearAttentionOptions,
 }
@@ -64,8 +74,10 @@ impl LinearAttention {
         }
     }
 
-    /// Project, feature-map and compute the decays for `x` `[b, t, d]`.
-    pub fn inputs(&self, x: Tensor<3>) -> LinearInputs {
+    /// Project, feature-map and compute the decays for `x` `[b, t, d]`. Padded positions
+    /// get a zero key (they add nothing to any state or normaliser) and no decay (the state
+    /// passes them unchanged).
+    pub fn inputs(&self, x: Tensor<3>, padding: Option<&Padding>) -> LinearInputs {
         let [b, t, _] = x.dims();
         let h = self.n_heads;
         let device = x.device();
@@ -86,21 +98,34 @@ impl LinearAttention {
                     .swap_dims(1, 2)
             }
         };
+        let mut k = self.feature_map(self.split_heads(linear(&self.k_proj, x.clone())));
+        let mut log_decay = log_decay;
+        if let Some(p) = padding {
+            k = k * p.valid.clone().unsqueeze_dim::<3>(1).unsqueeze_dim(3);
+            log_decay = log_decay * p.valid.clone().unsqueeze_dim(1);
+        }
         LinearInputs {
             q: self.feature_map(self.split_heads(linear(&self.q_proj, x.clone()))),
-            k: self.feature_map(self.split_heads(linear(&self.k_proj, x.clone()))),
+            k,
             v: self.split_heads(linear(&self.v_proj, x)),
             log_decay,
         }
     }
 
-    /// Mix with the configured form.
+    /// Mix with the configured form, causally or over the whole sequence.
     pub fn mix(&self, inputs: LinearInputs) -> Tensor<4> {
-        let normalize = self.options.normalize;
-        match self.options.form {
-            LinearForm::Chunkwise => chunkwise(inputs, normalize, self.options.chunk_size),
-            LinearForm::Recurrent => recurrent(inputs, normalize),
-            LinearForm::Quadratic => quadratic(inputs, normalize),
+        let (normalize, chunk) = (self.options.normalize, self.options.chunk_size);
+        match (self.options.form, self.causal) {
+            (LinearForm::Chunkwise, true) => chunkwise(inputs, normalize, chunk),
+            (LinearForm::Recurrent, true) => recurrent(inputs, normalize),
+            (LinearForm::Quadratic, true) => quadratic(inputs, normalize),
+            (LinearForm::Chunkwise, false) => {
+                bidirectional(inputs, normalize, |i| chunkwise(i, false, chunk))
+            }
+            (LinearForm::Recurrent, false) => {
+                bidirectional(inputs, normalize, |i| recurrent(i, false))
+            }
+            (LinearForm::Quadratic, false) => quadratic_bidirectional(inputs, normalize),
         }
     }
 }
@@ -146,13 +171,14 @@ impl TokenMixer for LinearAttention {
             out_proj: normal_linear(d, d, ctx.bias, ctx.residual_init_std(), device),
             gate_proj,
             n_heads: ctx.n_heads,
+            causal: ctx.causal,
             options: options.clone(),
         }
     }
 
     fn step(&self, x: Tensor<3>, state: Option<LinearState>) -> (Tensor<3>, LinearState) {
         let b = x.dims()[0];
-        let i = self.inputs(x);
+        let i = self.inputs(x, None);
         let (dk, dv) = (i.q.dims()[3], i.v.dims()[3]);
         let state =
             state.unwrap_or_else(|| LinearState::zeros(b, self.n_heads, dk, dv, &i.q.device()));
@@ -160,9 +186,13 @@ impl TokenMixer for LinearAttention {
         (linear(&self.out_proj, merge_heads(o)), state)
     }
 
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let o = self.mix(self.inputs(x));
-        linear(&self.out_proj, merge_heads(o))
+    fn forward_padded(
+        &self,
+        x: Tensor<3>,
+        padding: Option<&Padding>,
+    ) -> (Tensor<3>, Option<Tensor<1>>) {
+        let o = self.mix(self.inputs(x, padding));
+        (linear(&self.out_proj, merge_heads(o)), None)
     }
 
     /// LASP: the chunkwise form per chunk, the state `(S, z)` passed from rank to rank.
@@ -184,7 +214,7 @@ impl LinearAttention {
         state: Option<LinearState>,
     ) -> (Tensor<3>, LinearState) {
         let o = &self.options;
-        let (y, state) = chunkwise_from(self.inputs(x), o.normalize, o.chunk_size, state);
+        let (y, state) = chunkwise_from(self.inputs(x, None), o.normalize, o.chunk_size, state);
         (linear(&self.out_proj, merge_heads(y)), state)
     }
 }
@@ -247,6 +277,65 @@ fn decay_matrix<const D: usize, const D1: usize>(cum: Tensor<D>) -> Tensor<D1> {
 pub fn quadratic(inputs: LinearInputs, normalize: bool) -> Tensor<4> {
     let LinearInputs { q, k, v, log_decay } = inputs;
     let weights = q.matmul(k.transpose()) * decay_matrix::<3, 4>(log_decay.cumsum(2));
+    let o = weights.clone().matmul(v);
+    if normalize {
+        o / weights.sum_dim(3).add_scalar(NORM_EPS)
+    } else {
+        o
+    }
+}
+
+/// The bidirectional form from a causal one (`causal_form`, unnormalised): the causal sum,
+/// plus the causal sum of the reversed sequence reversed back, minus the query's own term
+/// counted by both. Normalised, the values carry a column of ones, whose output is the
+/// normaliser `Σ_s w(t, s) q_t·k_s` over both directions.
+pub fn bidirectional(
+    inputs: LinearInputs,
+    normalize: bool,
+    causal_form: impl Fn(LinearInputs) -> Tensor<4>,
+) -> Tensor<4> {
+    let LinearInputs { q, k, v, log_decay } = inputs;
+    let [b, h, t, dv] = v.dims();
+    let v = if normalize {
+        Tensor::cat(vec![v, Tensor::ones([b, h, t, 1], &q.device())], 3)
+    } else {
+        v
+    };
+    let own = (q.clone() * k.clone()).sum_dim(3) * v.clone();
+    let forward = causal_form(LinearInputs {
+        q: q.clone(),
+        k: k.clone(),
+        v: v.clone(),
+        log_decay: log_decay.clone(),
+    });
+    let backward = causal_form(LinearInputs {
+        q: q.flip([2]),
+        k: k.flip([2]),
+        v: v.flip([2]),
+        log_decay: log_decay.flip([2]),
+    })
+    .flip([2]);
+    let o = forward + backward - own;
+    if normalize {
+        o.clone().narrow(3, 0, dv) / o.narrow(3, dv, 1).add_scalar(NORM_EPS)
+    } else {
+        o
+    }
+}
+
+/// Reference of the bidirectional form: the full weight matrix `φ(Q)φ(K)ᵀ ⊙ W`, with
+/// `W[t, s] = exp(c_t − c_s)` for s ≤ t and `exp(e_s − e_t)` for s > t, where `c` is the
+/// inclusive and `e = c − a` the exclusive cumulative log-decay.
+pub fn quadratic_bidirectional(inputs: LinearInputs, normalize: bool) -> Tensor<4> {
+    let LinearInputs { q, k, v, log_decay } = inputs;
+    let t = q.dims()[2];
+    let c = log_decay.clone().cumsum(2);
+    let e = c.clone() - log_decay;
+    let past = decay_matrix::<3, 4>(c);
+    // exp(e_s − e_t) above the diagonal: the transpose of decay_matrix(e) without its diagonal.
+    let future = decay_matrix::<3, 4>(e).swap_dims(2, 3);
+    let eye = Tensor::<2>::eye(t, &q.device()).unsqueeze::<4>();
+    let weights = q.matmul(k.transpose()) * (past + future - eye);
     let o = weights.clone().matmul(v);
     if normalize {
         o / weights.sum_dim(3).add_scalar(NORM_EPS)

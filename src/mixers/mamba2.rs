@@ -25,6 +25,11 @@
 //! attention-like product `((C Bᵀ) ∘ L) (Δ x)` — batched matmuls, no state materialised per
 //! step — and only the state at chunk ends goes from chunk to chunk (t/Q sequential steps
 //! instead of t). It is the default.
+//!
+//! The bidirectional form (`model.causal = false`) is Caduceus's BiMamba construction
+//! (Schiff et al. 2024, §3.1) applied to this layer: in_proj, the gated norm and out_proj are
+//! shared; the reversed sequence gets its own conv, dt_bias, A and D (`reverse.*`); the two
+//! directions' outputs are added before the gated norm.
 
 #![allow(non_snake_case)] // A, B, C, D, A_log: the paper's and mamba_ssm's names
 
@@ -40,6 +45,7 @@ use super::decayed_scan::decayed_scan;
 use super::{MixerContext, MixerOptions, OptionError, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::linear;
 use crate::options::{at_least_one, divisors, fail, non_negative, positive};
+use crate::padding::Padding;
 use crate::parallel::SequenceParallel;
 use crate::parallel::state_passing::pass_state;
 
@@ -281,6 +287,8 @@ pub struct Mamba2 {
     pub D: Param<Tensor<1>>,
     pub norm: GatedRmsNorm,
     pub out_proj: Linear,
+    /// The reversed sequence's scan, in the bidirectional form only.
+    pub reverse: Option<Mamba2Reverse>,
     d_inner: usize,
     d_state: usize,
     headdim: usize,
@@ -288,6 +296,23 @@ pub struct Mamba2 {
     chunk_size: usize,
     #[module(skip)]
     form: Mamba2Form,
+}
+
+/// The parameters of the scan over the reversed sequence (BiMamba's second direction).
+#[derive(Module, Debug)]
+pub struct Mamba2Reverse {
+    pub conv1d: CausalConv1d,
+    pub dt_bias: Param<Tensor<1>>,
+    pub A_log: Param<Tensor<1>>,
+    pub D: Param<Tensor<1>>,
+}
+
+/// One direction's parameters, borrowed from the layer or from its [`Mamba2Reverse`].
+struct Direction<'a> {
+    conv1d: &'a CausalConv1d,
+    dt_bias: &'a Param<Tensor<1>>,
+    A_log: &'a Param<Tensor<1>>,
+    D: &'a Param<Tensor<1>>,
 }
 
 /// Decoding state: the last `d_conv − 1` conv inputs `[b, d_conv − 1, conv_dim]` and the SSM
@@ -317,20 +342,29 @@ impl Mamba2 {
         self.d_inner + 2 * self.ngroups * self.d_state
     }
 
-    /// `A = −exp(A_log)`, `[nheads]`: negative, so every decay `exp(Δ A)` is below 1.
-    fn A(&self) -> Tensor<1> {
-        self.A_log.val().exp().neg()
+    fn forward_direction(&self) -> Direction<'_> {
+        Direction {
+            conv1d: &self.conv1d,
+            dt_bias: &self.dt_bias,
+            A_log: &self.A_log,
+            D: &self.D,
+        }
     }
 
-    /// `in_proj`'s output `[b, t, ·]` → z `[b, t, d_inner]`, xBC `[b, t, conv_dim]` and Δ
-    /// `[b, t, nheads]` (softplus of dt + dt_bias).
+    /// `in_proj`'s output `[b, t, ·]` → z `[b, t, d_inner]`, xBC `[b, t, conv_dim]` and dt
+    /// `[b, t, nheads]` (before the direction's bias and softplus).
     fn split_in_proj(&self, zxbcdt: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
         let (di, h, conv_dim) = (self.d_inner, self.nheads(), self.conv_dim());
         let z = zxbcdt.clone().narrow(2, 0, di);
         let xbc = zxbcdt.clone().narrow(2, di, conv_dim);
         let dt = zxbcdt.narrow(2, di + conv_dim, h);
-        let dt = softplus(dt + self.dt_bias.val().reshape([1, 1, h]), 1.0);
         (z, xbc, dt)
+    }
+
+    /// Δ = softplus(dt + dt_bias) `[b, t, nheads]`.
+    fn delta(&self, dir: &Direction, dt: Tensor<3>) -> Tensor<3> {
+        let h = self.nheads();
+        softplus(dt + dir.dt_bias.val().reshape([1, 1, h]), 1.0)
     }
 
     /// The conv's output `[b, t, conv_dim]` → x `[b, t, nheads, headdim]`, B and C
@@ -370,17 +404,37 @@ impl Mamba2 {
             ),
         };
         let (z, xbc, dt) = self.split_in_proj(linear(&self.in_proj, x));
+        let dir = self.forward_direction();
+        let (y, ssm) = self.direction_output(&dir, xbc.clone(), dt, (Some(history.clone()), h0), None);
         // The next chunk's history: the last kernel − 1 conv inputs, some of them from
         // `history` when this chunk is shorter than that.
-        let conv = Tensor::cat(vec![history.clone(), xbc.clone()], 1).narrow(1, t, kernel - 1);
-        let xbc = silu(self.conv1d.forward(xbc, Some(history)));
-        let (xs, B, C) = self.split_xbc(xbc);
-        let (y, ssm) = match self.form {
-            Mamba2Form::Chunked => ssd_chunked(xs.clone(), dt, self.A(), B, C, h0, self.chunk_size),
-            Mamba2Form::Sequential => ssd_sequential(xs.clone(), dt, self.A(), B, C, h0),
-        };
-        let y = y + xs * self.D.val().reshape([1, 1, self.nheads(), 1]);
+        let conv = Tensor::cat(vec![history, xbc], 1).narrow(1, t, kernel - 1);
         (self.project_out(y, z), Mamba2State { conv, h: ssm })
+    }
+
+    /// One direction from the conv's input xBC and Δ's dt: the heads with their skip
+    /// `D x`, and the final SSM state. Padded positions get Δ = 0, so the state passes
+    /// them unchanged and takes nothing from them (xBC is zeroed there by the caller).
+    fn direction_output(
+        &self,
+        dir: &Direction,
+        xbc: Tensor<3>,
+        dt: Tensor<3>,
+        (history, h0): (Option<Tensor<3>>, Option<Tensor<4>>),
+        padding: Option<&Padding>,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let mut delta = self.delta(dir, dt);
+        if let Some(p) = padding {
+            delta = delta * p.column();
+        }
+        let xbc = silu(dir.conv1d.forward(xbc, history));
+        let (xs, B, C) = self.split_xbc(xbc);
+        let A = dir.A_log.val().exp().neg();
+        let (y, ssm) = match self.form {
+            Mamba2Form::Chunked => ssd_chunked(xs.clone(), delta, A, B, C, h0, self.chunk_size),
+            Mamba2Form::Sequential => ssd_sequential(xs.clone(), delta, A, B, C, h0),
+        };
+        (y + xs * dir.D.val().reshape([1, 1, self.nheads(), 1]), ssm)
     }
 }
 
@@ -401,6 +455,16 @@ impl TokenMixer for Mamba2 {
         let dt_bias = dt.clone() + dt.neg().exp().neg().add_scalar(1.0).log();
         // Heads start with different decay rates: −A uniform in [a_init_min, a_init_max].
         let A_log = uniform(nheads, o.a_init_min, o.a_init_max, device).log();
+        // The reverse direction starts as the forward one does (fresh draws, same init).
+        let reverse = (!ctx.causal).then(|| {
+            let forward = Self::init(o, &MixerContext { causal: true, ..ctx.clone() }, device);
+            Mamba2Reverse {
+                conv1d: forward.conv1d,
+                dt_bias: forward.dt_bias,
+                A_log: forward.A_log,
+                D: forward.D,
+            }
+        });
         Mamba2 {
             in_proj: normal_linear(
                 ctx.d_model,
@@ -415,6 +479,7 @@ impl TokenMixer for Mamba2 {
             D: Param::from_tensor(Tensor::ones([nheads], device)),
             norm: GatedRmsNorm::new(d_inner, d_inner / o.ngroups, device),
             out_proj: normal_linear(d_inner, ctx.d_model, false, ctx.residual_init_std(), device),
+            reverse,
             d_inner,
             d_state: o.d_state,
             headdim: o.headdim,
@@ -424,8 +489,38 @@ impl TokenMixer for Mamba2 {
         }
     }
 
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.forward_from(x, None).0
+    fn forward_padded(
+        &self,
+        x: Tensor<3>,
+        padding: Option<&Padding>,
+    ) -> (Tensor<3>, Option<Tensor<1>>) {
+        let (z, xbc, dt) = self.split_in_proj(linear(&self.in_proj, x));
+        // Zeroed padding cannot reach a real position through the conv either.
+        let xbc = match padding {
+            Some(p) => p.zero_padded(xbc),
+            None => xbc,
+        };
+        let forward = self.forward_direction();
+        let fresh = (None, None);
+        let (mut y, _) = self.direction_output(&forward, xbc.clone(), dt.clone(), fresh, padding);
+        if let Some(rev) = &self.reverse {
+            let backward = Direction {
+                conv1d: &rev.conv1d,
+                dt_bias: &rev.dt_bias,
+                A_log: &rev.A_log,
+                D: &rev.D,
+            };
+            let reversed = padding.map(Padding::reversed);
+            let (y_rev, _) = self.direction_output(
+                &backward,
+                xbc.flip([1]),
+                dt.flip([1]),
+                (None, None),
+                reversed.as_ref(),
+            );
+            y = y + y_rev.flip([1]);
+        }
+        (self.project_out(y, z), None)
     }
 
     fn step(&self, x: Tensor<3>, state: Option<Mamba2State>) -> (Tensor<3>, Mamba2State) {
@@ -438,6 +533,8 @@ impl TokenMixer for Mamba2 {
             h: Tensor::zeros([bsz, h, p, n], &device),
         });
         let (z, xbc, dt) = self.split_in_proj(linear(&self.in_proj, x));
+        let dir = self.forward_direction();
+        let dt = self.delta(&dir, dt);
         let window = Tensor::cat(vec![state.conv, xbc], 1);
         let xbc = silu(self.conv1d.step(window.clone()));
         let conv = window.narrow(1, 1, kernel - 1);
@@ -447,7 +544,7 @@ impl TokenMixer for Mamba2 {
             state.h,
             xs.clone().reshape([bsz, h, p]),
             dt.reshape([bsz, h]),
-            self.A(),
+            self.A_log.val().exp().neg(),
             per_step(B),
             per_step(C),
         );
@@ -787,6 +884,7 @@ mod tests {
             // Larger than GPT-2's 0.02, so that outputs are far from 0 and comparisons bite.
             init_std: 0.5,
             max_seq_len: 64,
+            causal: true,
         };
         for form in [Mamba2Form::Chunked, Mamba2Form::Sequential] {
             let options = Mamba2Options {

@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use crate::options::OptionError;
+use crate::padding::Padding;
 use crate::parallel::SequenceParallel;
 
 /// What a mixer is told about the model around it.
@@ -37,6 +38,9 @@ pub struct MixerContext {
     pub init_std: f64,
     /// Longest sequence the model handles (sizes rotary tables).
     pub max_seq_len: usize,
+    /// Position t sees positions ≤ t only (a language model); false: the whole sequence
+    /// (an encoder, for classification), `model.causal`.
+    pub causal: bool,
 }
 
 impl MixerContext {
@@ -105,8 +109,9 @@ pub trait MixerOptions: Serialize + DeserializeOwned + Default + Clone + Debug +
 }
 
 /// What every token mixer does: map `[batch, seq, d_model]` to the same shape, causally
-/// (position t sees positions ≤ t); and, for generation, the same map one token at a time
-/// with its recurrent form.
+/// (position t sees positions ≤ t) or, built with `MixerContext::causal` false, over the
+/// whole sequence; and, for generation, the causal map one token at a time with its
+/// recurrent form.
 pub trait TokenMixer: Module + Sized {
     type Options: MixerOptions;
     /// What decoding carries from one token to the next: a KV cache, a recurrent state, a
@@ -117,12 +122,18 @@ pub trait TokenMixer: Module + Sized {
 
     fn init(options: &Self::Options, ctx: &MixerContext, device: &Device) -> Self;
 
-    fn forward(&self, x: Tensor<3>) -> Tensor<3>;
+    /// The mixed sequence, and the mixer's auxiliary training loss already weighted by its
+    /// own coefficient (MoH's load balance; the trainer adds it to the loss). Positions
+    /// `padding` marks influence no real position, in either direction, whatever they hold.
+    fn forward_padded(
+        &self,
+        x: Tensor<3>,
+        padding: Option<&Padding>,
+    ) -> (Tensor<3>, Option<Tensor<1>>);
 
-    /// `forward` plus the mixer's auxiliary training loss, already weighted by the mixer's
-    /// own coefficient (MoH's load balance); the trainer adds it to the loss.
-    fn forward_with_aux(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
-        (self.forward(x), None)
+    /// [`Self::forward_padded`] of an unpadded batch, without the auxiliary loss.
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_padded(x, None).0
     }
 
     /// Mix one new token `[batch, 1, d_model]` given the state of the tokens before it
@@ -297,9 +308,13 @@ macro_rules! registry {
                 }
             }
 
-            pub fn forward_with_aux(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
+            pub fn forward_padded(
+                &self,
+                x: Tensor<3>,
+                padding: Option<&Padding>,
+            ) -> (Tensor<3>, Option<Tensor<1>>) {
                 match self {
-                    $(Mixer::$variant(m) => m.forward_with_aux(x)),+
+                    $(Mixer::$variant(m) => m.forward_padded(x, padding)),+
                 }
             }
 

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::softmax_attention::{KvCache, SoftmaxAttention, SoftmaxOptions};
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
+use crate::padding::Padding;
 use crate::mixed_precision::linear;
 use crate::options::{OptionError, fail, non_negative};
 use crate::parallel::SequenceParallel;
@@ -126,13 +127,17 @@ impl Moh {
     }
 
     /// Forward pass and the load-balance loss (weighted by `aux_loss_coef`).
-    pub fn forward_with_balance(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
+    pub fn forward_with_balance(
+        &self,
+        x: Tensor<3>,
+        padding: Option<&Padding>,
+    ) -> (Tensor<3>, Option<Tensor<1>>) {
         let Gates {
             gates,
             balance_loss,
             ..
         } = self.gates(x.clone());
-        let heads = self.attention.heads(x) * gates;
+        let heads = self.attention.heads(x, padding) * gates;
         let aux = balance_loss.map(|l| l.mul_scalar(self.aux_loss_coef));
         (self.attention.project_out(heads), aux)
     }
@@ -171,12 +176,12 @@ impl TokenMixer for Moh {
         }
     }
 
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.forward_with_balance(x).0
-    }
-
-    fn forward_with_aux(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
-        self.forward_with_balance(x)
+    fn forward_padded(
+        &self,
+        x: Tensor<3>,
+        padding: Option<&Padding>,
+    ) -> (Tensor<3>, Option<Tensor<1>>) {
+        self.forward_with_balance(x, padding)
     }
 
     /// Ring attention over every head; the gates are per token, and the load-balance sums

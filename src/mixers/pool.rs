@@ -1,8 +1,9 @@
 //! PoolFormer's pooling mixer (Yu et al., "MetaFormer Is Actually What You Need"):
 //! `avgpool(x) − x`, no parameters. The causal form averages a trailing window of
 //! `pool_size` tokens (fewer at the start: padding is not counted, as in PoolFormer's
-//! `count_include_pad=False`); the symmetric form averages a centred window, for
-//! bidirectional tasks.
+//! `count_include_pad=False`); the symmetric form (PoolFormer's original, for
+//! `model.causal = false`) averages a centred window. Padded positions of a batch count as
+//! positions that do not exist: a window averages the real positions it covers.
 
 use burn::module::Module;
 use burn::prelude::*;
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer};
 use crate::options::{OptionError, at_least_one, fail};
+use crate::padding::Padding;
 use crate::parallel::SequenceParallel;
 use crate::parallel::state_passing::gather_shards;
 
@@ -23,10 +25,11 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(options: &PoolOptions) -> Self {
+    /// The pooling of `options` in a model that is causal or not (`model_causal`).
+    pub fn new(options: &PoolOptions, model_causal: bool) -> Self {
         Pool {
             pool_size: options.pool_size,
-            causal: options.causal,
+            causal: options.causal.unwrap_or(model_causal),
         }
     }
 }
@@ -47,6 +50,30 @@ impl Pool {
     pub fn forward_cumsum(&self, x: Tensor<3>) -> Tensor<3> {
         let t = x.dims()[1];
         self.pool_span(x, 0, 0..t, t)
+    }
+
+    /// [`Self::forward_cumsum`] of a padded batch: window sums of the real positions over
+    /// their count (a window with none gives 0), from prefix sums of `x · valid` and `valid`.
+    pub fn forward_padded_cumsum(&self, x: Tensor<3>, padding: &Padding) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let device = x.device();
+        let valid = padding.column(); // [b, t, 1]
+        let prefix = |v: Tensor<3>| {
+            let width = v.dims()[2];
+            Tensor::cat(vec![Tensor::zeros([b, 1, width], &device), v.cumsum(1)], 1)
+        };
+        let (sums, counts) = (prefix(x.clone() * valid.clone()), prefix(valid));
+        let (lo, hi): (Vec<i64>, Vec<i64>) = (0..t)
+            .map(|i| {
+                let (l, h) = self.window(i, t);
+                (l as i64, h as i64)
+            })
+            .unzip();
+        let idx = |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v, [t]), &device);
+        let (lo, hi) = (idx(lo), idx(hi));
+        let window = |p: Tensor<3>| p.clone().select(1, hi.clone()) - p.select(1, lo.clone());
+        let (sums, counts) = (window(sums), window(counts));
+        sums / counts.clamp_min(1.0) - x
     }
 
     /// The outputs at positions `out` of a sequence of `len`, from `x` holding positions
@@ -85,6 +112,33 @@ impl Pool {
         }
     }
 
+    /// Reference form of a padded batch: one sequence and one position at a time, the
+    /// mean of the window's real positions, read from the mask on the host.
+    pub fn forward_padded_loop(&self, x: Tensor<3>, padding: &Padding) -> Tensor<3> {
+        let [b, t, d] = x.dims();
+        let valid: Vec<f32> = padding.valid.to_data().try_to_vec().expect("f32 mask");
+        let rows: Vec<Tensor<3>> = (0..b)
+            .map(|s| {
+                let seq = x.clone().narrow(0, s, 1);
+                let out: Vec<Tensor<3>> = (0..t)
+                    .map(|i| {
+                        let (lo, hi) = self.window(i, t);
+                        let real: Vec<Tensor<3>> = (lo..hi)
+                            .filter(|&j| valid[s * t + j] > 0.5)
+                            .map(|j| seq.clone().narrow(1, j, 1))
+                            .collect();
+                        match real.len() {
+                            0 => Tensor::zeros([1, 1, d], &x.device()),
+                            _ => Tensor::cat(real, 1).mean_dim(1),
+                        }
+                    })
+                    .collect();
+                Tensor::cat(out, 1)
+            })
+            .collect();
+        Tensor::cat(rows, 0) - x
+    }
+
     /// Reference form: average each window with a slice, one position at a time.
     pub fn forward_loop(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = x.dims();
@@ -109,8 +163,8 @@ impl TokenMixer for Pool {
     type State = PoolWindow;
     const SHARDED: ShardedForm = ShardedForm::Halo;
 
-    fn init(options: &PoolOptions, _ctx: &MixerContext, _device: &Device) -> Self {
-        Self::new(options)
+    fn init(options: &PoolOptions, ctx: &MixerContext, _device: &Device) -> Self {
+        Self::new(options, ctx.causal)
     }
 
     /// Decoding is causal: a centred window would need tokens not generated yet.
@@ -127,8 +181,16 @@ impl TokenMixer for Pool {
         (y, PoolWindow { recent })
     }
 
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.forward_cumsum(x)
+    fn forward_padded(
+        &self,
+        x: Tensor<3>,
+        padding: Option<&Padding>,
+    ) -> (Tensor<3>, Option<Tensor<1>>) {
+        let y = match padding {
+            Some(p) => self.forward_padded_cumsum(x, p),
+            None => self.forward_cumsum(x),
+        };
+        (y, None)
     }
 
     /// Halo exchange: each chunk gets the few positions its windows reach into the chunks
@@ -183,15 +245,16 @@ impl TokenMixer for Pool {
 #[serde(deny_unknown_fields, default)]
 pub struct PoolOptions {
     pub pool_size: usize,
-    /// Average a trailing window (language modelling) rather than a centred one.
-    pub causal: bool,
+    /// A trailing window (true) or a centred one (false); unset: as `model.causal`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub causal: Option<bool>,
 }
 
 impl Default for PoolOptions {
     fn default() -> Self {
         Self {
             pool_size: 3,
-            causal: true,
+            causal: None,
         }
     }
 }
@@ -205,12 +268,14 @@ impl MixerOptions for PoolOptions {
         )]
     }
 
-    fn validate(&self, _ctx: &MixerContext) -> Result<(), OptionError> {
+    fn validate(&self, ctx: &MixerContext) -> Result<(), OptionError> {
         at_least_one(&[("pool_size", self.pool_size)])?;
-        if !self.causal {
+        if self.causal == Some(false) && ctx.causal {
             return fail(
                 "causal",
-                "false (a centred window) sees future tokens, which a language model must not: use true",
+                "false (a centred window) sees future positions, which a causal model \
+                 (model.causal = true) must not: leave it out, so the window follows \
+                 model.causal",
             );
         }
         Ok(())

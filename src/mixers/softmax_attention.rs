@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::attention::tiled::attend_tiled;
 use crate::attention::{Visibility, merge_heads, naive, repeat_kv, split_heads};
+use crate::padding::Padding;
 use crate::mixed_precision::linear;
 use crate::options::{OptionError, at_least_one, divisors, fail, positive};
 use crate::parallel::SequenceParallel;
@@ -38,6 +39,8 @@ pub struct SoftmaxAttention {
     block_size: usize,
     /// Keys each query sees, itself included; 0 = all.
     window: usize,
+    /// Queries see only keys at or before them; false: every key (an encoder).
+    causal: bool,
     /// Longest sequence the rotary table covers; 0 without RoPE.
     rope_len: usize,
 }
@@ -84,20 +87,28 @@ impl SoftmaxAttention {
 
     /// Which keys each query sees.
     pub fn visibility(&self) -> Visibility {
-        Visibility::causal(self.window)
+        Visibility {
+            causal: self.causal,
+            window: self.window,
+        }
     }
 
-    /// The attention heads `[b, n_heads, t, hd]` of `x` `[b, t, d]`, before `out_proj`.
-    pub fn heads(&self, x: Tensor<3>) -> Tensor<4> {
+    /// The attention heads `[b, n_heads, t, hd]` of `x` `[b, t, d]`, before `out_proj`;
+    /// padded keys are hidden from every query.
+    pub fn heads(&self, x: Tensor<3>, padding: Option<&Padding>) -> Tensor<4> {
         let (q, k, v) = self.qkv(x, 0);
         let groups = self.n_heads / self.n_kv_heads;
         let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
-        if self.block_size > 0 {
+        let dropout = (self.attn_dropout.prob > 0.0).then_some(&self.attn_dropout);
+        match padding {
+            // The tiled kernel has no key mask: padded batches take the reference form.
+            Some(p) => {
+                let hidden = Some(p.hidden_keys());
+                naive::attend_masked(q, k, v, (0, 0), self.visibility(), hidden, dropout).0
+            }
             // Attention dropout needs the full weight matrix, which the tiled form never builds.
-            attend_tiled(q, k, v, self.block_size, self.window)
-        } else {
-            let dropout = (self.attn_dropout.prob > 0.0).then_some(&self.attn_dropout);
-            naive::attend(q, k, v, (0, 0), self.visibility(), dropout).0
+            None if self.block_size > 0 => attend_tiled(q, k, v, self.block_size, self.visibility()),
+            None => naive::attend(q, k, v, (0, 0), self.visibility(), dropout).0,
         }
     }
 
@@ -188,12 +199,17 @@ impl TokenMixer for SoftmaxAttention {
             n_kv_heads,
             block_size: if o.tiled { o.block_size } else { 0 },
             window: o.window,
+            causal: ctx.causal,
             rope_len: if o.rotary { ctx.max_seq_len } else { 0 },
         }
     }
 
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.project_out(self.heads(x))
+    fn forward_padded(
+        &self,
+        x: Tensor<3>,
+        padding: Option<&Padding>,
+    ) -> (Tensor<3>, Option<Tensor<1>>) {
+        (self.project_out(self.heads(x, padding)), None)
     }
 
     /// Ring attention. Attention-weight dropout is not applied (as in the tiled form).
@@ -220,7 +236,7 @@ impl TokenMixer for SoftmaxAttention {
     }
 }
 
-/// `[model.softmax]`: causal softmax attention.
+/// `[model.softmax]`: softmax attention.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SoftmaxOptions {
@@ -345,6 +361,16 @@ impl MixerOptions for SoftmaxOptions {
         }
         if !positive(self.rope_theta) {
             return fail("rope_theta", "must be > 0 (10000 is usual)");
+        }
+        if self.window > 0 && !ctx.causal {
+            return fail(
+                "window",
+                format!(
+                    "a sliding window ({}) is defined for causal attention; with model.causal = \
+                     false leave window = 0 (every query sees every key)",
+                    self.window
+                ),
+            );
         }
         Ok(())
     }

@@ -10,6 +10,12 @@
 //! form is the faster one (the chunked form does `chunk`× more exp/multiply work to save
 //! steps, which pays only where steps are expensive, e.g. a GPU's kernel launches), so it
 //! is the default; `[model.ssm] scan = "chunked"` selects the other.
+//!
+//! The bidirectional form (`model.causal = false`) is Caduceus's BiMamba (Schiff et al.
+//! 2024, "Caduceus: Bi-Directional Equivariant Long-Range DNA Sequence Modeling", §3.1;
+//! Vision Mamba, Zhu et al. 2024, is the same without the tie): in_proj, the gate and
+//! out_proj are shared; the reversed sequence gets its own conv, x_proj, dt_proj, A and D
+//! (`reverse.*`), and the two directions' outputs are added before the gate.
 
 #![allow(non_snake_case)] // A_log, D: mamba_ssm's names, kept for checkpoint compatibility
 
@@ -27,6 +33,7 @@ use super::selective_scan;
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::linear;
 use crate::options::{OptionError, at_least_one, fail, positive};
+use crate::padding::Padding;
 use crate::parallel::SequenceParallel;
 use crate::parallel::state_passing::pass_state;
 
@@ -41,12 +48,33 @@ pub struct Ssm {
     /// The skip connection `D x`, `[d_inner]`.
     pub D: Param<Tensor<1>>,
     pub out_proj: Linear,
+    /// The reversed sequence's scan, in the bidirectional form only.
+    pub reverse: Option<SsmReverse>,
     d_inner: usize,
     d_state: usize,
     dt_rank: usize,
     #[module(skip)]
     scan: ScanForm,
     chunk_size: usize,
+}
+
+/// The parameters of the scan over the reversed sequence (BiMamba's second direction).
+#[derive(Module, Debug)]
+pub struct SsmReverse {
+    pub conv1d: CausalConv1d,
+    pub x_proj: Linear,
+    pub dt_proj: Linear,
+    pub A_log: Param<Tensor<2>>,
+    pub D: Param<Tensor<1>>,
+}
+
+/// One direction's parameters, borrowed from the layer or from its [`SsmReverse`].
+struct Direction<'a> {
+    conv1d: &'a CausalConv1d,
+    x_proj: &'a Linear,
+    dt_proj: &'a Linear,
+    A_log: &'a Param<Tensor<2>>,
+    D: &'a Param<Tensor<1>>,
 }
 
 /// The scan's inputs: u, Δ `[b, t, d_inner]`; B, C `[b, t, d_state]`; A `[d_inner, d_state]`.
@@ -59,36 +87,82 @@ pub struct ScanInputs {
 }
 
 impl Ssm {
+    fn forward_direction(&self) -> Direction<'_> {
+        Direction {
+            conv1d: &self.conv1d,
+            x_proj: &self.x_proj,
+            dt_proj: &self.dt_proj,
+            A_log: &self.A_log,
+            D: &self.D,
+        }
+    }
+
     /// Everything before the scan: projections, conv, Δ, A, B, C; and the gate z.
     pub fn scan_inputs(&self, x: Tensor<3>) -> (ScanInputs, Tensor<3>) {
-        let (inputs, z, _) = self.scan_inputs_from(x, None);
+        let (u, z) = self.split_in_proj(x);
+        let (inputs, _) = self.direction_inputs(&self.forward_direction(), u, None, None);
         (inputs, z)
     }
 
-    /// [`Self::scan_inputs`] after the conv inputs `history` `[b, d_conv − 1, d_inner]`;
-    /// also returns the last `d_conv − 1` conv inputs, the next chunk's history.
-    fn scan_inputs_from(
-        &self,
-        x: Tensor<3>,
-        history: Option<Tensor<3>>,
-    ) -> (ScanInputs, Tensor<3>, Tensor<3>) {
-        let [bsz, t, _] = x.dims();
-        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
-        let kernel = self.conv1d.weight.dims()[2];
+    /// in_proj's output, split into the conv's input u and the gate z `[b, t, d_inner]`.
+    fn split_in_proj(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+        let di = self.d_inner;
         let xz = linear(&self.in_proj, x);
-        let u = xz.clone().slice([0..bsz, 0..t, 0..di]);
-        let z = xz.slice([0..bsz, 0..t, di..2 * di]);
+        (xz.clone().narrow(2, 0, di), xz.narrow(2, di, di))
+    }
+
+    /// One direction's scan inputs from the conv's input `u` `[b, t, d_inner]` that follows
+    /// the conv inputs `history` `[b, d_conv − 1, d_inner]`; also the last `d_conv − 1`
+    /// conv inputs, the next chunk's history. Padded positions get Δ = 0: the state passes
+    /// them unchanged and takes nothing from them.
+    fn direction_inputs(
+        &self,
+        dir: &Direction,
+        u: Tensor<3>,
+        history: Option<Tensor<3>>,
+        padding: Option<&Padding>,
+    ) -> (ScanInputs, Tensor<3>) {
+        let [bsz, t, di] = u.dims();
+        let (n, r) = (self.d_state, self.dt_rank);
+        let kernel = dir.conv1d.weight.dims()[2];
         let history = history.unwrap_or_else(|| Tensor::zeros([bsz, kernel - 1, di], &u.device()));
         let window = Tensor::cat(vec![history.clone(), u.clone()], 1);
         let next_history = window.narrow(1, t, kernel - 1);
-        let u = silu(self.conv1d.forward(u, Some(history)));
-        let dbc = linear(&self.x_proj, u.clone());
-        let dt = dbc.clone().slice([0..bsz, 0..t, 0..r]);
-        let b = dbc.clone().slice([0..bsz, 0..t, r..r + n]);
-        let c = dbc.slice([0..bsz, 0..t, r + n..r + 2 * n]);
-        let delta = softplus(linear(&self.dt_proj, dt), 1.0);
-        let a = self.A_log.val().exp().neg();
-        (ScanInputs { u, delta, a, b, c }, z, next_history)
+        let u = silu(dir.conv1d.forward(u, Some(history)));
+        let dbc = linear(dir.x_proj, u.clone());
+        let dt = dbc.clone().narrow(2, 0, r);
+        let b = dbc.clone().narrow(2, r, n);
+        let c = dbc.narrow(2, r + n, n);
+        let mut delta = softplus(linear(dir.dt_proj, dt), 1.0);
+        if let Some(p) = padding {
+            delta = delta * p.column();
+        }
+        let a = dir.A_log.val().exp().neg();
+        (ScanInputs { u, delta, a, b, c }, next_history)
+    }
+
+    /// One direction from conv input `u` (history and scan state as in
+    /// [`Self::forward_from`]): `scan + D u` before the gate, the conv history and scan
+    /// state after.
+    fn direction_output(
+        &self,
+        dir: &Direction,
+        u: Tensor<3>,
+        state: Option<SsmState>,
+        padding: Option<&Padding>,
+    ) -> (Tensor<3>, SsmState) {
+        let (history, h) = match state {
+            Some(s) => (Some(s.conv), Some(s.h)),
+            None => (None, None),
+        };
+        let (inputs, conv) = self.direction_inputs(dir, u, history, padding);
+        let skip = inputs.u.clone() * dir.D.val().unsqueeze::<3>();
+        let (y, h) = match self.scan {
+            ScanForm::Fused => scan_fused_from(inputs, h),
+            ScanForm::Chunked => scan_chunked_from(inputs, self.chunk_size, h),
+            ScanForm::Sequential => scan_sequential_from(inputs, h),
+        };
+        (y + skip, SsmState { conv, h })
     }
 
     pub fn scan(&self, inputs: ScanInputs) -> Tensor<3> {
@@ -136,14 +210,30 @@ impl TokenMixer for Ssm {
             .log()
             .reshape([1, n])
             .expand([d_inner, n]);
+        let in_proj = normal_linear(ctx.d_model, 2 * d_inner, false, ctx.init_std, device);
+        let conv1d = CausalConv1d::new(d_inner, o.d_conv, device);
+        let x_proj = normal_linear(d_inner, dt_rank + 2 * n, false, ctx.init_std, device);
+        let out_proj = normal_linear(d_inner, ctx.d_model, false, ctx.residual_init_std(), device);
+        // The reverse direction starts as the forward one does (fresh draws, same init).
+        let reverse = (!ctx.causal).then(|| {
+            let forward = Self::init(o, &MixerContext { causal: true, ..ctx.clone() }, device);
+            SsmReverse {
+                conv1d: forward.conv1d,
+                x_proj: forward.x_proj,
+                dt_proj: forward.dt_proj,
+                A_log: forward.A_log,
+                D: forward.D,
+            }
+        });
         Ssm {
-            in_proj: normal_linear(ctx.d_model, 2 * d_inner, false, ctx.init_std, device),
-            conv1d: CausalConv1d::new(d_inner, o.d_conv, device),
-            x_proj: normal_linear(d_inner, dt_rank + 2 * n, false, ctx.init_std, device),
+            in_proj,
+            conv1d,
+            x_proj,
             dt_proj,
             A_log: Param::from_tensor(a),
             D: Param::from_tensor(Tensor::ones([d_inner], device)),
-            out_proj: normal_linear(d_inner, ctx.d_model, false, ctx.residual_init_std(), device),
+            out_proj,
+            reverse,
             d_inner,
             d_state: n,
             dt_rank,
@@ -177,11 +267,32 @@ impl TokenMixer for Ssm {
         (linear(&self.out_proj, y), SsmState { conv, h })
     }
 
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let (inputs, z) = self.scan_inputs(x);
-        let skip = inputs.u.clone() * self.D.val().unsqueeze::<3>();
-        let y = (self.scan(inputs) + skip) * silu(z);
-        linear(&self.out_proj, y)
+    fn forward_padded(
+        &self,
+        x: Tensor<3>,
+        padding: Option<&Padding>,
+    ) -> (Tensor<3>, Option<Tensor<1>>) {
+        let (u, z) = self.split_in_proj(x);
+        // Zeroed padding cannot reach a real position through the conv either.
+        let u = match padding {
+            Some(p) => p.zero_padded(u),
+            None => u,
+        };
+        let forward = self.forward_direction();
+        let (mut y, _) = self.direction_output(&forward, u.clone(), None, padding);
+        if let Some(rev) = &self.reverse {
+            let backward = Direction {
+                conv1d: &rev.conv1d,
+                x_proj: &rev.x_proj,
+                dt_proj: &rev.dt_proj,
+                A_log: &rev.A_log,
+                D: &rev.D,
+            };
+            let reversed = padding.map(Padding::reversed);
+            let (y_rev, _) = self.direction_output(&backward, u.flip([1]), None, reversed.as_ref());
+            y = y + y_rev.flip([1]);
+        }
+        (linear(&self.out_proj, y * silu(z)), None)
     }
 
     /// State passing: the scan state and the conv's last inputs go from rank to rank.
@@ -198,19 +309,9 @@ impl TokenMixer for Ssm {
 impl Ssm {
     /// `forward` of positions that follow those summarised by `state`, and the state after.
     pub fn forward_from(&self, x: Tensor<3>, state: Option<SsmState>) -> (Tensor<3>, SsmState) {
-        let (history, h) = match state {
-            Some(s) => (Some(s.conv), Some(s.h)),
-            None => (None, None),
-        };
-        let (inputs, z, conv) = self.scan_inputs_from(x, history);
-        let skip = inputs.u.clone() * self.D.val().unsqueeze::<3>();
-        let (y, h) = match self.scan {
-            ScanForm::Fused => scan_fused_from(inputs, h),
-            ScanForm::Chunked => scan_chunked_from(inputs, self.chunk_size, h),
-            ScanForm::Sequential => scan_sequential_from(inputs, h),
-        };
-        let y = (y + skip) * silu(z);
-        (linear(&self.out_proj, y), SsmState { conv, h })
+        let (u, z) = self.split_in_proj(x);
+        let (y, state) = self.direction_output(&self.forward_direction(), u, state, None);
+        (linear(&self.out_proj, y * silu(z)), state)
     }
 }
 

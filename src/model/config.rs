@@ -42,6 +42,12 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     /// Std of the normal initialisation of linear and embedding weights (GPT-2: 0.02).
     pub init_std: f64,
+    /// Every mixer sees only the past (a language model); false gives each its
+    /// bidirectional (encoder) form, for classification tasks.
+    pub causal: bool,
+    /// How a classification head reads the sequence: the mean over real (unpadded)
+    /// positions, or a learned CLS vector prepended to it (needs `causal = false`).
+    pub pooling: Pooling,
     /// Options of each mixer, `[model.<mixer>]`, used by the layers that pick it. Read and
     /// written by the recipe beside the other keys (see `Recipe::from_toml_str`).
     #[serde(skip)]
@@ -69,9 +75,20 @@ impl Default for ModelConfig {
             max_seq_len: 0,
             tie_embeddings: true,
             init_std: 0.02,
+            causal: true,
+            pooling: Pooling::Mean,
             mixer_options: MixerOptionsSet::default(),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean of the final hidden states over real positions.
+    Mean,
+    /// A learned vector at position 0 whose final hidden state feeds the head (BERT, ViT).
+    Cls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +119,7 @@ impl ModelConfig {
             dropout: self.dropout,
             init_std: self.init_std,
             max_seq_len,
+            causal: self.causal,
         }
     }
 
@@ -181,6 +199,13 @@ impl ModelConfig {
             return fail(
                 "init_std",
                 format!("must be finite and > 0 (got {})", self.init_std),
+            );
+        }
+        if self.pooling == Pooling::Cls && self.causal {
+            return fail(
+                "pooling",
+                "\"cls\" puts the CLS vector at position 0, which a causal model lets see \
+                 nothing: use pooling = \"mean\", or causal = false",
             );
         }
         if let Some(list) = &self.mixers

@@ -7,6 +7,7 @@ use burn::prelude::*;
 
 use super::{Mlp, MlpConfig, ModelConfig, Norm};
 use crate::mixers::{Mixer, MixerKind, MixerState};
+use crate::padding::Padding;
 use crate::parallel::SequenceParallel;
 
 /// MetaFormer's `Scale`: a learned per-channel multiplier on a residual branch.
@@ -77,12 +78,19 @@ impl MetaFormerBlockConfig {
 
 impl MetaFormerBlock {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.forward_with_aux(x).0
+        self.forward_padded(x, None).0
     }
 
-    /// `forward` plus the mixer's auxiliary loss, if any.
-    pub fn forward_with_aux(&self, x: Tensor<3>) -> (Tensor<3>, Option<Tensor<1>>) {
-        let (h, aux) = self.mixer.forward_with_aux(self.norm1.forward(x.clone()));
+    /// `forward` of a batch with `padding`, plus the mixer's auxiliary loss, if any. Only
+    /// the mixer moves information between positions, so only it needs the mask.
+    pub fn forward_padded(
+        &self,
+        x: Tensor<3>,
+        padding: Option<&Padding>,
+    ) -> (Tensor<3>, Option<Tensor<1>>) {
+        let (h, aux) = self
+            .mixer
+            .forward_padded(self.norm1.forward(x.clone()), padding);
         let x = x + scaled(&self.layer_scale1, h);
         let h = self.mlp.forward(self.norm2.forward(x.clone()));
         (x + scaled(&self.layer_scale2, h), aux)

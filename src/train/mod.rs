@@ -9,5 +9,7 @@ pub mod trainer;
 
 pub use crate::components::{AdamW, Checkpoint, LossScaler, LrSchedule};
 pub use ranks::Ranks;
-pub use session::{EVAL_SEED_SALT, TrainOptions, TrainSummary, train};
-pub use trainer::{Evaluation, Progress, StepOutput, Trainer, evaluate};
+pub use session::{EVAL_SEED_SALT, RunData, TrainOptions, TrainSummary, train};
+pub use trainer::{
+    Batches, Evaluation, Progress, StepOutput, TaskEvaluation, Trainer, evaluate, evaluate_task,
+};

@@ -4,7 +4,8 @@
 use burn::prelude::*;
 
 use crate::model::LanguageModel;
-use crate::model::language_model::TrainingLoss;
+use crate::model::language_model::{Targets, TrainingLoss};
+use crate::padding::Padding;
 use crate::parallel::{
     LocalDevices, SequenceLayout, SequenceParallel, Sharding, Transport, replicate,
 };
@@ -47,7 +48,7 @@ impl Ranks {
             p.data_parallel_degree,
             p.sequence_parallel_degree,
             p.sequence_sharding,
-            recipe.training.seq_len,
+            recipe.seq_len(),
         ))
     }
 
@@ -69,15 +70,27 @@ impl Ranks {
         Self::new(vec![device], 1, 1, Sharding::Zigzag, 1)
     }
 
-    /// The loss of `tokens`/`targets` `[batch, seq]` over every rank: each replica takes
-    /// `batch / data` sequences, the losses are averaged on the master's device. The same
-    /// value as one device computing the whole batch, and autodiff gives the same gradients
-    /// (replicas' gradients sum into the master weights; the average divides them).
+    /// [`Self::objective`] of next-token targets `[batch, seq]`.
     pub fn training_loss(
         &self,
         model: &LanguageModel,
         tokens: Tensor<2, Int>,
         targets: Tensor<2, Int>,
+    ) -> TrainingLoss {
+        self.objective(model, tokens, &Targets::Next(targets), None)
+    }
+
+    /// The loss of `tokens` `[batch, seq]` against `targets` over every rank: each replica
+    /// takes `batch / data` sequences, the losses are averaged on the master's device. The
+    /// same value as one device computing the whole batch, and autodiff gives the same
+    /// gradients (replicas' gradients sum into the master weights; the average divides
+    /// them).
+    pub fn objective(
+        &self,
+        model: &LanguageModel,
+        tokens: Tensor<2, Int>,
+        targets: &Targets,
+        padding: Option<&Padding>,
     ) -> TrainingLoss {
         let home = tokens.device();
         let transport = LocalDevices {
@@ -94,7 +107,7 @@ impl Ranks {
                 .collect(),
         };
         if transport.ranks() == 1 && transport.devices[0] == home {
-            return model.training_loss(tokens, targets);
+            return model.objective(tokens, targets, padding);
         }
         let replicas = replicate(model, &transport);
         let per_replica = transport.ranks() / self.data;
@@ -106,19 +119,27 @@ impl Ranks {
                 devices: transport.devices[ranks.clone()].to_vec(),
             };
             let tok = tokens.clone().narrow(0, g * rows, rows);
-            let tgt = targets.clone().narrow(0, g * rows, rows);
+            let tgt = targets.narrow(g * rows, rows);
+            let pad = padding.map(|p| Padding {
+                valid: p.valid.clone().narrow(0, g * rows, rows),
+            });
             let loss = match self.layout {
                 Some(layout) => {
                     let sp = SequenceParallel {
                         layout,
                         transport: &group,
                     };
-                    LanguageModel::training_loss_sharded(&replicas[ranks], tok, tgt, &sp)
+                    let replicas = &replicas[ranks];
+                    LanguageModel::objective_sharded(replicas, tok, &tgt, pad.as_ref(), &sp)
                 }
                 None => {
                     let device = group.device(0);
-                    replicas[ranks.start]
-                        .training_loss(tok.to_device(&device), tgt.to_device(&device))
+                    let pad = pad.map(|p| p.to_device(&device));
+                    replicas[ranks.start].objective(
+                        tok.to_device(&device),
+                        &tgt.to_device(&device),
+                        pad.as_ref(),
+                    )
                 }
             };
             parts.push(loss);
@@ -136,15 +157,18 @@ fn mean(parts: Vec<TrainingLoss>, home: &Device) -> TrainingLoss {
             .reduce(|a, b| a + b)
             .map(|s| s.div_scalar(n))
     };
-    let (mut total, mut ce, mut aux) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut total, mut ce, mut aux, mut accuracy) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for p in parts {
         total.push(p.total);
         ce.push(p.cross_entropy);
         aux.extend(p.aux);
+        accuracy.extend(p.accuracy);
     }
     TrainingLoss {
         total: sum(total).expect("at least one replica"),
         cross_entropy: sum(ce).expect("at least one replica"),
         aux: sum(aux),
+        accuracy: sum(accuracy),
     }
 }

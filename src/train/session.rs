@@ -9,13 +9,14 @@ use burn::module::Module;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::Trainer;
-use super::trainer::evaluate;
+use super::trainer::{evaluate, evaluate_task};
 use crate::components::checkpoint::{CheckpointManager, Stateful};
 use crate::components::metrics::{Metrics, StepMetrics};
 use crate::components::{RunLock, stop_signal};
 use crate::data::{Dataset, TOKENIZER_FILE};
 use crate::recipe::Recipe;
 use crate::run::{DATA_DIR, RECIPE_FILE};
+use crate::tasks::{TaskData, TaskKind};
 
 /// How `train` starts and how much it says.
 #[derive(Debug, Clone, Default)]
@@ -37,6 +38,8 @@ pub struct TrainSummary {
     pub train_loss: f64,
     pub val_loss: Option<f64>,
     pub val_bits_per_byte: Option<f64>,
+    /// Validation accuracy of a task run.
+    pub val_accuracy: Option<f64>,
     pub tokens_per_s: f64,
     pub wall_s: f64,
     pub run_dir: PathBuf,
@@ -109,14 +112,11 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         }
     }
 
-    let data = Dataset::open(
-        &recipe.data,
-        t.seed,
-        Some(&run_dir.join(DATA_DIR)),
-        opts.quiet,
-    )?;
-    data.check_seq_len(t.seq_len, &recipe.data.path)?;
-    let mut trainer = Trainer::new(recipe, data.tokenizer.vocab_size())?;
+    let data = RunData::open(recipe, &run_dir, opts.quiet)?;
+    let mut trainer = match &data {
+        RunData::Text(d) => Trainer::new(recipe, d.tokenizer.vocab_size())?,
+        RunData::Task(d) => Trainer::with_classes(recipe, d.vocab_size(), d.num_classes())?,
+    };
     if let Some(path) = &opts.init_from {
         let model = crate::export::init_from(trainer.model().clone(), &trainer.config, path)
             .context("--init-from")?;
@@ -133,9 +133,13 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
     // Written only once everything the run needs has loaded, so a failed command leaves
     // them as they were; atomically, so a reader never sees half of one.
     let mut resolved = recipe.clone();
-    resolved.data.tokenizer = Some(data.spec.to_string());
+    if let RunData::Text(d) = &data {
+        resolved.data.tokenizer = Some(d.spec.to_string());
+    }
     crate::data::write_atomically(&run_dir.join(RECIPE_FILE), resolved.to_toml().as_bytes())?;
-    data.save_tokenizer(&run_dir.join(TOKENIZER_FILE))?;
+    if let RunData::Text(d) = &data {
+        d.save_tokenizer(&run_dir.join(TOKENIZER_FILE))?;
+    }
     folder.armed = false;
 
     let mut metrics = Metrics::new(
@@ -149,8 +153,12 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         ProgressBar::hidden()
     } else {
         eprintln!(
-            "training {} ({} parameters, mixers {:?}) for {} steps on {:?} {}, {}{}",
+            "training {}{} ({} parameters, mixers {:?}) for {} steps on {:?} {}, {}{}",
             recipe.name,
+            match recipe.task.kind {
+                TaskKind::Lm => String::new(),
+                k => format!(" on task {}", k.name()),
+            },
             trainer.model().num_params(),
             trainer
                 .config
@@ -195,16 +203,20 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
 
     let start = Instant::now();
     let first_step = trainer.progress.step;
-    let tokens_per_step = (t.batch_size * t.seq_len) as u64;
+    let tokens_per_step = (t.batch_size * recipe.seq_len()) as u64;
     let mut last_loss = f64::NAN;
     let mut last_val = None;
     let mut last_bpb = None;
+    let mut last_accuracy = None;
     while trainer.progress.step < t.steps {
         if opts.stop_after.is_some_and(|s| trainer.progress.step >= s) {
             break;
         }
         let step = trainer.progress.step;
-        let out = trainer.step(&data.train);
+        let out = match &data {
+            RunData::Text(d) => trainer.step(&d.train),
+            RunData::Task(d) => trainer.step_task(d),
+        };
         let loss = out.loss;
         if out.skipped {
             let scale = trainer.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
@@ -252,31 +264,53 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         if let Some(line) = metrics.step(s, t.steps, tokens_per_step, &reported) {
             bar.set_message(line);
         }
+        if let Some(accuracy) = out.accuracy {
+            metrics.scalar("train/accuracy", accuracy, s);
+        }
         if (t.eval_interval > 0 && s % t.eval_interval == 0) || s == t.steps {
-            let eval = evaluate(
-                &trainer.model().valid(),
-                &data.val,
-                t.eval_batches,
-                micro,
-                t.seq_len,
-                t.seed ^ EVAL_SEED_SALT,
-                &trainer.ranks,
-            );
-            let val = eval.loss;
+            let model = trainer.model().valid();
+            let (val, bpb, accuracy) = match &data {
+                RunData::Text(d) => {
+                    let e = evaluate(
+                        &model,
+                        &d.val,
+                        t.eval_batches,
+                        micro,
+                        t.seq_len,
+                        t.seed ^ EVAL_SEED_SALT,
+                        &trainer.ranks,
+                    );
+                    (e.loss, e.bits_per_byte, None)
+                }
+                RunData::Task(d) => {
+                    // The last eval scores the whole validation set; earlier ones a sample.
+                    let limit = (s < t.steps).then_some(t.eval_batches * micro);
+                    let pad_to = Trainer::pad_to(recipe);
+                    let e = evaluate_task(&model, d, micro, limit, pad_to, &trainer.ranks);
+                    (e.loss, None, Some(e.accuracy))
+                }
+            };
             metrics.scalar("val/loss", val, s);
-            if let Some(bpb) = eval.bits_per_byte {
+            if let Some(bpb) = bpb {
                 metrics.scalar("val/bits_per_byte", bpb, s);
+            }
+            if let Some(accuracy) = accuracy {
+                metrics.scalar("val/accuracy", accuracy, s);
             }
             metrics.flush();
             last_val = Some(val);
-            last_bpb = eval.bits_per_byte;
+            last_bpb = bpb;
+            last_accuracy = accuracy;
             if !opts.quiet {
                 bar.suspend(|| {
                     eprintln!(
-                        "step {s} ({:.1} s): train loss {loss:.4}, val loss {val:.4}{}",
+                        "step {s} ({:.1} s): train loss {loss:.4}, val loss {val:.4}{}{}",
                         start.elapsed().as_secs_f64(),
-                        eval.bits_per_byte
-                            .map_or(String::new(), |b| format!(", val {b:.4} bits/byte"))
+                        bpb.map_or(String::new(), |b| format!(", val {b:.4} bits/byte")),
+                        accuracy.map_or(String::new(), |a| format!(
+                            ", val accuracy {:.1}%",
+                            100.0 * a
+                        ))
                     )
                 });
             }
@@ -303,8 +337,30 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         train_loss: last_loss,
         val_loss: last_val,
         val_bits_per_byte: last_bpb,
+        val_accuracy: last_accuracy,
         tokens_per_s: ((trainer.progress.step - first_step) * tokens_per_step) as f64 / wall_s,
         wall_s,
         run_dir,
     })
+}
+
+/// What a run trains on: a tokenized corpus (`task.kind = "lm"`) or a task's examples.
+pub enum RunData {
+    Text(Dataset),
+    Task(TaskData),
+}
+
+impl RunData {
+    /// The data `recipe` names; a text file is prepared into `run_dir`'s data folder.
+    pub fn open(recipe: &Recipe, run_dir: &Path, quiet: bool) -> anyhow::Result<Self> {
+        let t = &recipe.training;
+        if recipe.task.kind == TaskKind::Lm {
+            let data = Dataset::open(&recipe.data, t.seed, Some(&run_dir.join(DATA_DIR)), quiet)?;
+            data.check_seq_len(t.seq_len, &recipe.data.path)?;
+            Ok(RunData::Text(data))
+        } else {
+            let data = TaskData::open(&recipe.task, recipe.seq_len(), t.seed, quiet)?;
+            Ok(RunData::Task(data))
+        }
+    }
 }

@@ -12,9 +12,11 @@ use crate::components::optimizer::{clip_factor, global_grad_norm};
 use crate::components::{AdamW, LossScaler, LrSchedule};
 use crate::data::{TokenSplit, WindowSampler};
 use crate::mixed_precision::autocast;
+use crate::model::language_model::Targets;
 use crate::model::{LanguageModel, LanguageModelConfig};
 use crate::recipe::{Precision, Recipe};
-use crate::run::model_config;
+use crate::run::task_model_config;
+use crate::tasks::{TaskBatch, TaskData, batch_of};
 
 /// Everything one optimizer step reads and updates.
 pub struct Trainer {
@@ -89,6 +91,8 @@ pub struct StepOutput {
     pub loss: f64,
     /// Mean auxiliary loss (MoH load balance, weighted by its coefficient; 0 without one).
     pub aux_loss: f64,
+    /// Mean accuracy over the step's micro-batches (tasks scored target by target).
+    pub accuracy: Option<f64>,
     /// Global gradient norm before clipping (of the unscaled gradients).
     pub grad_norm: f64,
     /// The learning rate of the step.
@@ -103,10 +107,28 @@ impl StepOutput {
     }
 }
 
+/// Where a step's batches come from.
+#[derive(Clone, Copy)]
+pub enum Batches<'a> {
+    /// Windows of a tokenized corpus (language modelling), drawn by the trainer's sampler.
+    Text(&'a TokenSplit),
+    /// A task's examples, batch `step · accumulation + micro-batch` of its stream.
+    Task(&'a TaskData),
+}
+
 impl Trainer {
     /// A fresh start of `recipe` for a vocabulary of `vocab_size`: weights fixed by the seed,
     /// a new optimizer, sampler and (for f16) loss scaler.
     pub fn new(recipe: &Recipe, vocab_size: usize) -> anyhow::Result<Self> {
+        Self::with_classes(recipe, vocab_size, None)
+    }
+
+    /// [`Self::new`] for a model with a classification head of `classes` (`None`: an LM).
+    pub fn with_classes(
+        recipe: &Recipe,
+        vocab_size: usize,
+        classes: Option<usize>,
+    ) -> anyhow::Result<Self> {
         let t = &recipe.training;
         let ranks = Ranks::from_recipe(recipe)?;
         let device = ranks.device(0).clone().autodiff();
@@ -119,7 +141,7 @@ impl Trainer {
                 vocab_size.div_ceil(64) * 64
             );
         }
-        let config = model_config(recipe, vocab_size);
+        let config = task_model_config(recipe, vocab_size, classes);
         check_memory(&config, recipe)?;
         let model = config.init_seeded(t.seed, &device);
         let optimizer = AdamW::new(recipe.optimizer.clone(), &device);
@@ -170,6 +192,20 @@ impl Trainer {
     /// then model, optimizer and step are left as they were, so the caller can stop with
     /// nothing corrupted. (A step the f16 loss scaler skips counts, as in PyTorch.)
     pub fn step(&mut self, data: &TokenSplit) -> StepOutput {
+        self.step_on(Batches::Text(data))
+    }
+
+    /// [`Self::step`] on a task's examples.
+    pub fn step_task(&mut self, data: &TaskData) -> StepOutput {
+        self.step_on(Batches::Task(data))
+    }
+
+    /// Sequences padded to a fixed length where sequence parallelism's layout needs one.
+    pub fn pad_to(recipe: &Recipe) -> Option<usize> {
+        (recipe.parallelism.sequence_parallel_degree > 1).then(|| recipe.seq_len())
+    }
+
+    fn step_on(&mut self, data: Batches) -> StepOutput {
         let t = &self.recipe.training;
         let step = self.progress.step;
         let lr = self.schedule.lr(step);
@@ -188,16 +224,33 @@ impl Trainer {
         let working = crate::device::working_dtype(t.precision);
         let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         let mut accumulator = GradientsAccumulator::<LanguageModel>::new();
-        let (mut loss_sum, mut aux_sum) = (0.0, 0.0);
-        for _ in 0..accum {
-            let batch = self.sampler.batch(data, micro, t.seq_len, &self.device);
+        let (mut loss_sum, mut aux_sum, mut accuracy_sum) = (0.0, 0.0, None);
+        for i in 0..accum {
+            let batch = match data {
+                Batches::Text(split) => {
+                    let b = self.sampler.batch(split, micro, t.seq_len, &self.device);
+                    TaskBatch {
+                        inputs: b.inputs,
+                        targets: Targets::Next(b.targets),
+                        padding: None,
+                    }
+                }
+                Batches::Task(task) => batch_of(
+                    &task.train_examples(step * accum as u64 + i as u64, micro),
+                    Self::pad_to(&self.recipe),
+                    &self.device,
+                ),
+            };
             let loss = autocast(working, || {
                 self.ranks
-                    .training_loss(&model, batch.inputs, batch.targets)
+                    .objective(&model, batch.inputs, &batch.targets, batch.padding.as_ref())
             });
             loss_sum += loss.cross_entropy.into_scalar::<f32>() as f64;
             if let Some(aux) = loss.aux {
                 aux_sum += aux.into_scalar::<f32>() as f64;
+            }
+            if let Some(a) = loss.accuracy {
+                *accuracy_sum.get_or_insert(0.0) += a.into_scalar::<f32>() as f64;
             }
             let total = if loss_scale != 1.0 {
                 loss.total.mul_scalar(loss_scale)
@@ -211,6 +264,7 @@ impl Trainer {
         let mut out = StepOutput {
             loss: loss_sum / accum as f64,
             aux_loss: aux_sum / accum as f64,
+            accuracy: accuracy_sum.map(|a| a / accum as f64),
             // The gradient of the mean loss is the accumulated sum over accum (and the scale).
             grad_norm: global_grad_norm(&model, &grads) / accum as f64 / loss_scale,
             lr,
@@ -231,7 +285,7 @@ impl Trainer {
             self.model = Some(self.optimizer.step(lr, model, &mut grads, scale));
         }
         self.progress.step += 1;
-        self.progress.tokens_seen += (t.batch_size * t.seq_len) as u64;
+        self.progress.tokens_seen += (t.batch_size * self.recipe.seq_len()) as u64;
         out
     }
 }
@@ -246,7 +300,7 @@ fn check_memory(config: &LanguageModelConfig, recipe: &Recipe) -> anyhow::Result
         return Ok(());
     };
     let (params, state, activations) =
-        config.training_bytes_estimate(recipe.micro_batch_size(), recipe.training.seq_len);
+        config.training_bytes_estimate(recipe.micro_batch_size(), recipe.seq_len());
     if state + activations > total {
         let gib = |b: f64| b / f64::from(1u32 << 30);
         anyhow::bail!(
@@ -316,5 +370,49 @@ pub fn evaluate(
     Evaluation {
         loss,
         bits_per_byte: (bytes > 0).then(|| loss * targets / bytes as f64 / std::f64::consts::LN_2),
+    }
+}
+
+/// What [`evaluate_task`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskEvaluation {
+    /// Mean cross-entropy per example (of its label, or of its scored tokens).
+    pub loss: f64,
+    /// Fraction of labels (or scored tokens) predicted right.
+    pub accuracy: f64,
+    pub examples: usize,
+}
+
+/// Loss and accuracy over a task's validation set (its first `limit` examples, if given) in
+/// batches of `batch_size`, on a model without autodiff. Full batches spread over `ranks`;
+/// a last, smaller one runs on rank 0 alone (data parallelism needs equal shares).
+pub fn evaluate_task(
+    model: &LanguageModel,
+    data: &TaskData,
+    batch_size: usize,
+    limit: Option<usize>,
+    pad_to: Option<usize>,
+    ranks: &Ranks,
+) -> TaskEvaluation {
+    let device = ranks.device(0);
+    let examples = &data.val[..limit.map_or(data.val.len(), |l| l.min(data.val.len()))];
+    let (mut loss, mut accuracy) = (0.0, 0.0);
+    for chunk in examples.chunks(batch_size) {
+        let b = batch_of(chunk, pad_to, device);
+        let result = if chunk.len() == batch_size {
+            ranks.objective(model, b.inputs, &b.targets, b.padding.as_ref())
+        } else {
+            model.objective(b.inputs, &b.targets, b.padding.as_ref())
+        };
+        let n = chunk.len() as f64;
+        loss += result.cross_entropy.into_scalar::<f32>() as f64 * n;
+        let hits = result.accuracy.expect("tasks are scored by accuracy");
+        accuracy += hits.into_scalar::<f32>() as f64 * n;
+    }
+    let n = examples.len().max(1) as f64;
+    TaskEvaluation {
+        loss: loss / n,
+        accuracy: accuracy / n,
+        examples: examples.len(),
     }
 }
