@@ -217,3 +217,40 @@ fn bidirectional_ssm_fast_forms_equal_the_sequential_reference() {
         assert_tensors_close(g, g_ref, 1e-4, 1e-5, &format!("{what}: input gradient"));
     }
 }
+
+/// Padding in the middle of a sequence: attention hides those keys and linear attention's
+/// state passes them unchanged (no input, no decay), so the real positions' outputs are
+/// those of the sequence with the padding cut out.
+#[test]
+fn attention_and_linear_attention_skip_padding_anywhere() {
+    let device = Device::flex();
+    let t = 10;
+    let valid = [1., 1., 1., 0., 0., 1., 1., 1., 0., 1.];
+    let real: Vec<i64> = (0..t as i64).filter(|&i| valid[i as usize] > 0.5).collect();
+    let padding = Padding {
+        valid: Tensor::<1>::from_data(TensorData::new(valid.to_vec(), [t]), &device)
+            .reshape([1, t]),
+    };
+    let index = Tensor::<1, Int>::from_data(TensorData::new(real.clone(), [real.len()]), &device);
+    for (name, kind, options) in variants() {
+        if !matches!(
+            kind,
+            MixerKind::Softmax | MixerKind::Linear | MixerKind::Moh
+        ) {
+            continue;
+        }
+        for causal in [true, false] {
+            let mixer = build(kind, &options, causal, 13);
+            let x = random([1, t, D]);
+            let (y, _) = mixer.forward_padded(x.clone(), Some(&padding));
+            let compact = mixer.forward(x.select(1, index.clone()));
+            assert_tensors_close(
+                y.select(1, index.clone()),
+                compact,
+                1e-4,
+                1e-5,
+                &format!("{name} causal={causal}: padding in the middle was not skipped"),
+            );
+        }
+    }
+}

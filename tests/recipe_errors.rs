@@ -83,7 +83,7 @@ const CASES: &[(&str, &[&str], &str, &str)] = &[
         "[model]\nmixer = \"pool\"\n[model.pool]\ncausal = false\n",
         &[],
         "model.pool.causal",
-        "sees future tokens",
+        "sees future positions",
     ),
     (
         "[model.ssm]\ndt_min = 0.5\n",

@@ -728,6 +728,49 @@ fn decay_matrix(cum: Tensor<4>) -> Tensor<5> {
 mod tests {
     use super::*;
 
+    /// The scan skips padding: after trailing padding the SSM state is the state after the
+    /// last real position (padding neither feeds nor decays it), in both forms.
+    #[test]
+    fn the_ssm_state_passes_padding_unchanged() {
+        let device = Device::flex();
+        let ctx = MixerContext {
+            d_model: 16,
+            n_heads: 2,
+            n_layers: 1,
+            bias: false,
+            dropout: 0.0,
+            init_std: 0.5,
+            max_seq_len: 16,
+            causal: true,
+        };
+        for form in [Mamba2Form::Chunked, Mamba2Form::Sequential] {
+            let options = Mamba2Options {
+                headdim: 8,
+                chunk_size: 4,
+                form,
+                ..Mamba2Options::default()
+            };
+            let m = Mamba2::init(&options, &ctx, &device);
+            let x = Tensor::<3>::random([2, 9, 16], Distribution::Normal(0.0, 1.0), &device);
+            let padding = Padding::from_lengths(&[5, 5], 9, &device);
+            let (_, xbc, dt) = m.split_in_proj(linear(&m.in_proj, x));
+            let xbc = padding.zero_padded(xbc);
+            let dir = m.forward_direction();
+            let fresh = (None, None);
+            let (_, padded) = m.direction_output(&dir, xbc.clone(), dt.clone(), fresh, Some(&padding));
+            let (_, real) = m.direction_output(
+                &dir,
+                xbc.narrow(1, 0, 5),
+                dt.narrow(1, 0, 5),
+                (None, None),
+                None,
+            );
+            let gap = (padded - real.clone()).abs().max().into_scalar::<f32>();
+            let size = real.abs().max().into_scalar::<f32>();
+            assert!(size > 1e-3 && gap < 1e-5 * size.max(1.0), "{form:?}: {gap:e}");
+        }
+    }
+
     /// |actual − expected| ≤ atol + rtol · |expected| at every element; on failure, reports
     /// the element furthest over its tolerance.
     fn assert_close<const D: usize>(

@@ -561,3 +561,43 @@ impl MixerOptions for SsmOptions {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scan skips padding: after trailing padding the state is the state after the last
+    /// real position (padding neither feeds nor decays it), in every scan form.
+    #[test]
+    fn the_scan_state_passes_padding_unchanged() {
+        let device = Device::flex();
+        let ctx = MixerContext {
+            d_model: 8,
+            n_heads: 2,
+            n_layers: 1,
+            bias: false,
+            dropout: 0.0,
+            init_std: 0.5,
+            max_seq_len: 16,
+            causal: true,
+        };
+        for scan in [ScanForm::Fused, ScanForm::Chunked, ScanForm::Sequential] {
+            let options = SsmOptions {
+                scan,
+                chunk_size: 3,
+                ..SsmOptions::default()
+            };
+            let ssm = Ssm::init(&options, &ctx, &device);
+            let x = Tensor::<3>::random([2, 9, 8], Distribution::Normal(0.0, 1.0), &device);
+            let padding = Padding::from_lengths(&[5, 5], 9, &device);
+            let (u, _) = ssm.split_in_proj(x);
+            let u = padding.zero_padded(u);
+            let dir = ssm.forward_direction();
+            let (_, padded) = ssm.direction_output(&dir, u.clone(), None, Some(&padding));
+            let (_, real) = ssm.direction_output(&dir, u.narrow(1, 0, 5), None, None);
+            let gap = (padded.h - real.h.clone()).abs().max().into_scalar::<f32>();
+            let size = real.h.abs().max().into_scalar::<f32>();
+            assert!(size > 1e-3 && gap < 1e-5 * size.max(1.0), "{scan:?}: {gap:e}");
+        }
+    }
+}

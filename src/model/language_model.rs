@@ -249,12 +249,12 @@ impl LanguageModel {
                     None => Tensor::ones([b, t], &home),
                 };
                 let (mut sums, mut counts) = (Vec::new(), Vec::new());
+                let d = ranks[0].final_norm_width();
                 for ((m, x), v) in ranks.iter().zip(xs).zip(shard(valid)) {
                     let h = m.final_norm.forward(x) * v.clone().unsqueeze_dim(2);
-                    sums.push(h.sum_dim(1).flatten::<1>(0, 1));
-                    counts.push(v.sum_dim(1).flatten::<1>(0, 1));
+                    sums.push(h.sum_dim(1).reshape([b * d]));
+                    counts.push(v.sum_dim(1).reshape([b]));
                 }
-                let d = ranks[0].final_norm_width();
                 let pooled = gather(sums).reshape([b, d]) / gather(counts).reshape([b, 1]);
                 let logits = ranks[0].classify_pooled(pooled);
                 let (ce, acc) =
