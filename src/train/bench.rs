@@ -3,8 +3,7 @@
 
 use std::time::Instant;
 
-use super::{Ranks, Trainer};
-use crate::data::Dataset;
+use super::{Ranks, RunData, Trainer};
 use crate::recipe::Recipe;
 
 #[derive(Debug, Clone)]
@@ -23,14 +22,20 @@ pub struct BenchResult {
 pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<BenchResult> {
     use burn::module::Module;
     let t = &recipe.training;
-    let data = Dataset::open(&recipe.data, t.seed, None, true)?;
-    data.check_seq_len(t.seq_len, &recipe.data.path)?;
-    let mut trainer = Trainer::new(recipe, data.tokenizer.vocab_size())?;
+    // A text file is prepared in memory: a bench leaves no run folder behind.
+    let data = RunData::open(recipe, None, true)?;
+    let mut trainer = match &data {
+        RunData::Text(d) => Trainer::new(recipe, d.tokenizer.vocab_size())?,
+        RunData::Task(d) => Trainer::with_classes(recipe, d.vocab_size(), d.num_classes())?,
+    };
     let parameters = trainer.model().num_params();
     let mut timed = 0.0;
     for i in 0..warmup + steps {
         let start = Instant::now();
-        let out = trainer.step(&data.train);
+        let out = match &data {
+            RunData::Text(d) => trainer.step(&d.train),
+            RunData::Task(d) => trainer.step_task(d),
+        };
         anyhow::ensure!(
             out.finite() || out.skipped,
             "bench step {i}: non-finite loss {}",
@@ -40,7 +45,7 @@ pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<Ben
             timed += start.elapsed().as_secs_f64();
         }
     }
-    let tokens_per_step = t.batch_size * t.seq_len;
+    let tokens_per_step = t.batch_size * recipe.seq_len();
     let ranks = &trainer.ranks;
     let rank_peak_bytes = (0..ranks.len())
         .map(|r| {

@@ -112,7 +112,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         }
     }
 
-    let data = RunData::open(recipe, &run_dir, opts.quiet)?;
+    let data = RunData::open(recipe, Some(&run_dir.join(DATA_DIR)), opts.quiet)?;
     let mut trainer = match &data {
         RunData::Text(d) => Trainer::new(recipe, d.tokenizer.vocab_size())?,
         RunData::Task(d) => Trainer::with_classes(recipe, d.vocab_size(), d.num_classes())?,
@@ -351,11 +351,12 @@ pub enum RunData {
 }
 
 impl RunData {
-    /// The data `recipe` names; a text file is prepared into `run_dir`'s data folder.
-    pub fn open(recipe: &Recipe, run_dir: &Path, quiet: bool) -> anyhow::Result<Self> {
+    /// The data `recipe` names; a text file is prepared into `prepare_dir` (a run's data
+    /// folder), or in memory without one.
+    pub fn open(recipe: &Recipe, prepare_dir: Option<&Path>, quiet: bool) -> anyhow::Result<Self> {
         let t = &recipe.training;
         if recipe.task.kind == TaskKind::Lm {
-            let data = Dataset::open(&recipe.data, t.seed, Some(&run_dir.join(DATA_DIR)), quiet)?;
+            let data = Dataset::open(&recipe.data, t.seed, prepare_dir, quiet)?;
             data.check_seq_len(t.seq_len, &recipe.data.path)?;
             Ok(RunData::Text(data))
         } else {
