@@ -5,6 +5,11 @@
 //! ids; this one keys its state by parameter path (`layers.0.mixer.q_proj.weight`), so a
 //! checkpoint's optimizer state is readable, survives re-initialisation of the model, and
 //! a resumed run continues bit for bit.
+//!
+//! On flex (the CPU backend) each parameter's update is one pass over its values
+//! ([`fused_update`]) instead of a dozen tensor ops, each allocating and sweeping memory;
+//! the tensor-op form is the reference, and other backends' path (tests hold both to
+//! PyTorch's rule).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,6 +37,8 @@ pub struct AdamW {
     /// Updates taken so far (PyTorch's `step`), for bias correction.
     step: u64,
     moments: BTreeMap<String, Moments>,
+    /// Update in one pass over host values ([`fused_update`]): on flex.
+    fused: bool,
 }
 
 /// Whether a parameter gets weight decay, by its kind: the weight matrices (and filters)
@@ -106,6 +113,7 @@ impl AdamW {
         };
         Self {
             config,
+            fused: crate::device::is_flex(&device),
             device,
             step: 0,
             moments: BTreeMap::new(),
@@ -209,6 +217,7 @@ impl AdamW {
         }
         Ok(Self {
             config,
+            fused: crate::device::is_flex(device),
             device: device.clone(),
             step,
             moments,
@@ -244,9 +253,59 @@ impl ModuleMapper for UpdateMapper<'_> {
         let n: usize = dims.iter().product();
         let require_grad = tensor.is_require_grad();
         let p = tensor.inner().reshape([n]);
-        let g = grad.reshape([n]).mul_scalar(self.grad_scale);
+        let t = self.opt.step as i32;
+        let decay = if self.at.decays(D) && c.weight_decay > 0.0 {
+            1.0 - self.lr * c.weight_decay
+        } else {
+            1.0
+        };
+        let (updated, moments) = if self.opt.fused {
+            let h = Hyper {
+                lr: self.lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                step: t,
+                decay,
+                grad_scale: self.grad_scale,
+            };
+            let previous = self.opt.moments.remove(&path);
+            let (p, m, v) = fused_update(p, grad.reshape([n]), previous, &h);
+            (
+                p,
+                Moments {
+                    exp_avg: m,
+                    exp_avg_sq: v,
+                },
+            )
+        } else {
+            self.update_ops(p, grad.reshape([n]), &path, t, decay)
+        };
+        let updated = updated.reshape(dims);
+        self.opt.moments.insert(path, moments);
 
-        let moments = match self.opt.moments.remove(&path) {
+        let mut updated = Tensor::from_inner(updated);
+        if require_grad {
+            updated = updated.require_grad();
+        }
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+impl UpdateMapper<'_> {
+    /// The reference update in tensor ops (every backend but flex): the new flat parameter
+    /// and moments.
+    fn update_ops(
+        &mut self,
+        p: Tensor<1>,
+        g: Tensor<1>,
+        path: &str,
+        t: i32,
+        decay: f64,
+    ) -> (Tensor<1>, Moments) {
+        let c = &self.opt.config;
+        let g = g.mul_scalar(self.grad_scale);
+        let moments = match self.opt.moments.remove(path) {
             Some(m) => Moments {
                 exp_avg: m.exp_avg.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1),
                 exp_avg_sq: m.exp_avg_sq.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2),
@@ -256,7 +315,6 @@ impl ModuleMapper for UpdateMapper<'_> {
                 exp_avg_sq: g.square().mul_scalar(1.0 - c.beta2),
             },
         };
-        let t = self.opt.step as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2 = 1.0 - c.beta2.powi(t);
         let denom = moments
@@ -270,20 +328,71 @@ impl ModuleMapper for UpdateMapper<'_> {
             .clone()
             .div(denom)
             .mul_scalar(self.lr / bias1);
-        let decayed = if self.at.decays(D) && c.weight_decay > 0.0 {
-            p.mul_scalar(1.0 - self.lr * c.weight_decay)
-        } else {
-            p
-        };
-        let updated = (decayed - update).reshape(dims);
-        self.opt.moments.insert(path, moments);
-
-        let mut updated = Tensor::from_inner(updated);
-        if require_grad {
-            updated = updated.require_grad();
-        }
-        Param::from_mapped_value(id, updated, mapper)
+        let decayed = if decay != 1.0 { p.mul_scalar(decay) } else { p };
+        (decayed - update, moments)
     }
+}
+
+/// The scalars of one AdamW update.
+struct Hyper {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    /// The update's number, from 1 (bias correction).
+    step: i32,
+    /// The weight's decay factor `1 − lr·weight_decay` (1 without decay).
+    decay: f64,
+    grad_scale: f64,
+}
+
+/// Elements per parallel task of [`fused_update`].
+const PIECE: usize = 32 * 1024;
+
+/// PyTorch's AdamW rule for one flat parameter in one pass over its values: `p`, `g` and
+/// the moments (`None` before the first update) read once, the new ones written once.
+/// Returns the parameter and both moments, on `p`'s device.
+fn fused_update(
+    p: Tensor<1>,
+    g: Tensor<1>,
+    moments: Option<Moments>,
+    h: &Hyper,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    use rayon::prelude::*;
+    let device = p.device();
+    let values = |t: Tensor<1>| -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 values")
+    };
+    let n = p.dims()[0];
+    let mut p = values(p);
+    let g = values(g);
+    let (mut m, mut v) = match moments {
+        Some(mo) => (values(mo.exp_avg), values(mo.exp_avg_sq)),
+        None => (vec![0.0; n], vec![0.0; n]),
+    };
+    let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
+    let (one_b1, one_b2) = ((1.0 - h.beta1) as f32, (1.0 - h.beta2) as f32);
+    let sqrt_bias2 = (1.0 - h.beta2.powi(h.step)).sqrt() as f32;
+    let step_size = (h.lr / (1.0 - h.beta1.powi(h.step))) as f32;
+    let (eps, decay, scale) = (h.eps as f32, h.decay as f32, h.grad_scale as f32);
+    p.par_chunks_mut(PIECE)
+        .zip(m.par_chunks_mut(PIECE))
+        .zip(v.par_chunks_mut(PIECE))
+        .zip(g.par_chunks(PIECE))
+        .for_each(|(((p, m), v), g)| {
+            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                let g = g * scale;
+                *m = *m * b1 + g * one_b1;
+                *v = *v * b2 + g * g * one_b2;
+                let denom = v.sqrt() / sqrt_bias2 + eps;
+                *p = *p * decay - step_size * *m / denom;
+            }
+        });
+    let tensor = |x: Vec<f32>| Tensor::<1>::from_data(TensorData::new(x, [n]), &device);
+    (tensor(p), tensor(m), tensor(v))
 }
 
 /// The global L2 norm of all gradients (one number over every parameter, as
@@ -352,8 +461,16 @@ mod tests {
         p
     }
 
+    /// Both forms — the fused pass (flex's) and the tensor ops (every other backend's) —
+    /// follow PyTorch's rule, with a gradient scale.
     #[test]
     fn matches_pytorch_adamw_and_skips_decay_on_vectors() {
+        for fused in [true, false] {
+            matches_pytorch_adamw(fused);
+        }
+    }
+
+    fn matches_pytorch_adamw(fused: bool) {
         let device = Device::flex();
         let config = OptimizerConfig {
             weight_decay: 0.5,
@@ -363,20 +480,22 @@ mod tests {
         let b0 = [0.3f32, -0.6];
         let mut model = linear(w0, b0, &device);
         let mut opt = AdamW::new(config.clone(), &device);
+        opt.fused = fused;
         let gw = |k: f32| [[0.1 * k, -0.2], [0.3, 0.05 * k], [-0.4, 0.2]];
         let gb = |k: f32| [0.7 * k, -0.1];
         let lr = 0.01;
         for k in 1..=3 {
             let mut grads = GradientsParams::new();
+            // Gradients given twice their size and scaled back by half.
             grads.register(
                 model.weight.id,
-                Tensor::<2>::from_data(TensorData::from(gw(k as f32)), &device),
+                Tensor::<2>::from_data(TensorData::from(gw(k as f32)), &device).mul_scalar(2.0),
             );
             grads.register(
                 model.bias.as_ref().unwrap().id,
-                Tensor::<1>::from_data(TensorData::from(gb(k as f32)), &device),
+                Tensor::<1>::from_data(TensorData::from(gb(k as f32)), &device).mul_scalar(2.0),
             );
-            model = opt.step(lr, model, &mut grads, 1.0);
+            model = opt.step(lr, model, &mut grads, 0.5);
         }
         let w: Vec<f32> = model.weight.val().into_data().try_to_vec().unwrap();
         let b: Vec<f32> = model.bias.unwrap().val().into_data().try_to_vec().unwrap();
@@ -386,14 +505,17 @@ mod tests {
                 let want = reference(w0[i][j] as f64, &g, &config, lr, true);
                 assert!(
                     (w[i * 2 + j] as f64 - want).abs() < 1e-6,
-                    "weight[{i}][{j}]"
+                    "fused={fused}: weight[{i}][{j}]"
                 );
             }
         }
         for j in 0..2 {
             let g: Vec<f64> = (1..=3).map(|k| gb(k as f32)[j] as f64).collect();
             let want = reference(b0[j] as f64, &g, &config, lr, false);
-            assert!((b[j] as f64 - want).abs() < 1e-6, "bias[{j}]");
+            assert!(
+                (b[j] as f64 - want).abs() < 1e-6,
+                "fused={fused}: bias[{j}]"
+            );
         }
         assert_eq!(opt.step_count(), 3);
     }
