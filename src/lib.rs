@@ -1,7 +1,9 @@
-//! metamix: train efficient MetaFormer language models from a TOML recipe, on Burn.
+//! metamix: train efficient MetaFormer models — language models, classifiers and the
+//! efficient-transformer benchmarks — from a TOML recipe, on Burn.
 //!
 //! Layers, each using only those above it in this list (no module imports one below it):
-//! - [`options`], [`mixed_precision`], [`device`]: option errors, autocast, backends.
+//! - [`options`], [`vector_math`], [`mixed_precision`], [`device`], [`padding`]: option
+//!   errors, vectorisable exp/erf, autocast, backends, the key-padding mask.
 //! - [`attention`]: the attention core (mask, heads, naive / tiled / flash forms, merge).
 //! - [`parallel`]: sequence layout, transport, ring attention, state passing.
 //! - [`mixers`]: the token mixers and their registry.
@@ -9,6 +11,8 @@
 //! - [`weights`], [`components`]: safetensors; checkpoint, optimizer, LR schedule, loss
 //!   scaler, metrics, run lock, stop signal — the trainer's parts, each with its own options.
 //! - [`data`]: tokenizers, `prepare`, token shards, the checkpointed window sampler.
+//! - [`tasks`]: `[task]` — generated benchmarks (ListOps, MQAR, selective copying,
+//!   induction heads), classification files, and their batches.
 //! - [`recipe`]: composes every section's options into one file.
 //! - [`run`], [`train`], [`export`], [`sample`]: what the commands do.
 

@@ -41,13 +41,6 @@ impl Padding {
             .unsqueeze_dim(1)
     }
 
-    /// The same mask over `[seq]` positions `range` only (a chunk of the sequence).
-    pub fn narrow(&self, start: usize, len: usize) -> Self {
-        Self {
-            valid: self.valid.clone().narrow(1, start, len),
-        }
-    }
-
     /// The mask of the sequence read backwards.
     pub fn reversed(&self) -> Self {
         Self {

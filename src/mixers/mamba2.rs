@@ -733,16 +733,7 @@ mod tests {
     #[test]
     fn the_ssm_state_passes_padding_unchanged() {
         let device = Device::flex();
-        let ctx = MixerContext {
-            d_model: 16,
-            n_heads: 2,
-            n_layers: 1,
-            bias: false,
-            dropout: 0.0,
-            init_std: 0.5,
-            max_seq_len: 16,
-            causal: true,
-        };
+        let ctx = MixerContext::for_tests(16, 16);
         for form in [Mamba2Form::Chunked, Mamba2Form::Sequential] {
             let options = Mamba2Options {
                 headdim: 8,
@@ -918,17 +909,7 @@ mod tests {
     fn step_and_state_passing_equal_forward() {
         let device = Device::flex();
         device.seed(11);
-        let ctx = MixerContext {
-            d_model: 16,
-            n_heads: 2,
-            n_layers: 2,
-            bias: false,
-            dropout: 0.0,
-            // Larger than GPT-2's 0.02, so that outputs are far from 0 and comparisons bite.
-            init_std: 0.5,
-            max_seq_len: 64,
-            causal: true,
-        };
+        let ctx = MixerContext::for_tests(16, 64);
         for form in [Mamba2Form::Chunked, Mamba2Form::Sequential] {
             let options = Mamba2Options {
                 d_state: 4,

@@ -48,6 +48,23 @@ impl MixerContext {
         self.d_model / self.n_heads
     }
 
+    /// A small causal model's context for unit tests: two heads, no bias or dropout, and an
+    /// init std of 0.5, larger than GPT-2's 0.02 so outputs are far from 0 and comparisons
+    /// bite.
+    #[cfg(test)]
+    pub(crate) fn for_tests(d_model: usize, max_seq_len: usize) -> Self {
+        Self {
+            d_model,
+            n_heads: 2,
+            n_layers: 2,
+            bias: false,
+            dropout: 0.0,
+            init_std: 0.5,
+            max_seq_len,
+            causal: true,
+        }
+    }
+
     /// GPT-2's scaled init for projections that write into the residual stream:
     /// std / sqrt(2 · n_layers), so the residual's variance does not grow with depth.
     pub fn residual_init_std(&self) -> f64 {

@@ -571,16 +571,7 @@ mod tests {
     #[test]
     fn the_scan_state_passes_padding_unchanged() {
         let device = Device::flex();
-        let ctx = MixerContext {
-            d_model: 8,
-            n_heads: 2,
-            n_layers: 1,
-            bias: false,
-            dropout: 0.0,
-            init_std: 0.5,
-            max_seq_len: 16,
-            causal: true,
-        };
+        let ctx = MixerContext::for_tests(8, 16);
         for scan in [ScanForm::Fused, ScanForm::Chunked, ScanForm::Sequential] {
             let options = SsmOptions {
                 scan,
