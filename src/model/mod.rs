@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod fused_gelu;
+pub mod fused_norm;
 pub mod language_model;
 pub mod metaformer_block;
 pub mod mlp;
