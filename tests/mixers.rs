@@ -139,17 +139,23 @@ fn linear_inputs(x: &[Tensor<4>], decay: &Tensor<3>) -> LinearInputs {
     }
 }
 
+/// Queries and keys with positive features (as elu+1 gives, so a normaliser is well
+/// conditioned) and values, as gradient leaves.
+fn qkv_leaves(b: usize, h: usize, t: usize, dk: usize, dv: usize) -> [Tensor<4>; 3] {
+    let positive = Distribution::Uniform(0.1, 1.0);
+    [
+        leaf([b, h, t, dk], positive),
+        leaf([b, h, t, dk], positive),
+        normal([b, h, t, dv]),
+    ]
+}
+
 #[test]
 fn linear_attention_chunkwise_recurrent_and_quadratic_agree() {
     let (b, h, t, dk, dv) = (2, 2, 21, 4, 5);
     for decay in ["none", "fixed", "data-dependent"] {
         for normalize in [false, true] {
-            let pos = Distribution::Uniform(0.1, 1.0);
-            let leaves = [
-                leaf([b, h, t, dk], pos),
-                leaf([b, h, t, dk], pos),
-                normal([b, h, t, dv]),
-            ];
+            let leaves = qkv_leaves(b, h, t, dk, dv);
             let log_decay = match decay {
                 "none" => Tensor::zeros([b, h, t], &device()),
                 "fixed" => Tensor::full([b, h, t], (0.9f32).ln(), &device()),
@@ -199,11 +205,11 @@ fn linear_attention_bidirectional_forms_equal_the_full_matrix() {
     let (b, h, t, dk, dv) = (2, 2, 13, 4, 3);
     for decay in ["none", "fixed", "data-dependent"] {
         for normalize in [false, true] {
-            let pos = Distribution::Uniform(0.1, 1.0);
+            let [q, k, v] = qkv_leaves(b, h, t, dk, dv);
             let leaves = [
-                leaf([b, h, t, dk], pos),
-                leaf([b, h, t, dk], pos),
-                normal([b, h, t, dv]),
+                q,
+                k,
+                v,
                 match decay {
                     "none" => Tensor::zeros([b, h, t, 1], &device()).require_grad(),
                     "fixed" => Tensor::full([b, h, t, 1], (0.9f32).ln(), &device()).require_grad(),
