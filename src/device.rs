@@ -65,6 +65,41 @@ pub fn flex_f32(t: &burn::backend::flex::FlexTensor) -> std::borrow::Cow<'_, [f3
     }
 }
 
+/// Elements per parallel task of [`flex_map`].
+const MAP_PIECE: usize = 16 * 1024;
+
+/// `f(x, other)` element by element over a flex tensor (and another of its shape, or 0s),
+/// in parallel pieces: the body of the element-wise backend extensions.
+pub fn flex_map(
+    x: burn::backend::flex::FlexTensor,
+    other: Option<burn::backend::flex::FlexTensor>,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> burn::backend::flex::FlexTensor {
+    use burn::backend::TensorMetadata;
+    use rayon::prelude::*;
+    let (shape, dtype) = (x.shape(), x.dtype());
+    let x_values = flex_f32(&x);
+    let other_values = other.as_ref().map(flex_f32);
+    let mut out = vec![0f32; x_values.len()];
+    out.par_chunks_mut(MAP_PIECE)
+        .zip(x_values.par_chunks(MAP_PIECE))
+        .enumerate()
+        .for_each(|(i, (out, x))| match &other_values {
+            Some(o) => {
+                let o = &o[i * MAP_PIECE..i * MAP_PIECE + x.len()];
+                for ((y, &x), &o) in out.iter_mut().zip(x).zip(o) {
+                    *y = f(x, o);
+                }
+            }
+            None => {
+                for (y, &x) in out.iter_mut().zip(x) {
+                    *y = f(x, 0.0);
+                }
+            }
+        });
+    flex_from_f32(out, shape, dtype)
+}
+
 /// A flex tensor of `values` with `shape`, stored as `dtype` (the inputs' dtype, which the
 /// extensions computed in f32).
 pub fn flex_from_f32(

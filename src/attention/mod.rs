@@ -6,6 +6,7 @@
 //! returning the output and each row's log-sum-exp, and the rule that merges two partial
 //! results over disjoint keys ([`merge::merge`]).
 
+pub mod exp_scores;
 pub mod flash;
 pub mod merge;
 pub mod naive;

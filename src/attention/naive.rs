@@ -48,7 +48,7 @@ pub fn attend_masked(
     }
     // The max only stabilises exp; it cancels from both results, so it needs no gradient.
     let m = s.clone().max_dim(3).detach();
-    let p = (s - m.clone()).exp();
+    let p = super::exp_scores::exp_scores(s - m.clone());
     let l = p.clone().sum_dim(3);
     let out = match dropout {
         // Dropout acts on the normalised weights.

@@ -10,12 +10,12 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
+use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::prelude::*;
-use rayon::prelude::*;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::device::flex_map;
 use crate::vector_math::{erf, exp_nonpositive};
 
 /// Forward passes the extension has run in this process (for a test that it took the path).
@@ -39,37 +39,10 @@ pub fn gelu(x: Tensor<3>) -> Tensor<3> {
     ))
 }
 
-/// Elements per parallel task.
-const PIECE: usize = 16 * 1024;
-
-fn map(x: FlexTensor, other: Option<FlexTensor>, f: impl Fn(f32, f32) -> f32 + Sync) -> FlexTensor {
-    let (shape, dtype) = (x.shape(), x.dtype());
-    let x_values = crate::device::flex_f32(&x);
-    let other_values = other.as_ref().map(crate::device::flex_f32);
-    let mut out = vec![0f32; x_values.len()];
-    out.par_chunks_mut(PIECE)
-        .zip(x_values.par_chunks(PIECE))
-        .enumerate()
-        .for_each(|(i, (out, x))| match &other_values {
-            Some(o) => {
-                let o = &o[i * PIECE..i * PIECE + x.len()];
-                for ((y, &x), &o) in out.iter_mut().zip(x).zip(o) {
-                    *y = f(x, o);
-                }
-            }
-            None => {
-                for (y, &x) in out.iter_mut().zip(x) {
-                    *y = f(x, 0.0);
-                }
-            }
-        });
-    crate::device::flex_from_f32(out, shape, dtype)
-}
-
 impl FusedGeluBackend for Flex {
     fn fused_gelu(x: FlexTensor) -> FlexTensor {
         FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
-        map(x, None, |x, _| {
+        flex_map(x, None, |x, _| {
             0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
         })
     }
@@ -77,7 +50,7 @@ impl FusedGeluBackend for Flex {
     fn fused_gelu_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
         // 1/√(2π)
         const INV_SQRT_2PI: f32 = 0.398_942_3;
-        map(x, Some(grad), |x, g| {
+        flex_map(x, Some(grad), |x, g| {
             let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
             let pdf = INV_SQRT_2PI * exp_nonpositive(-0.5 * x * x);
             g * (cdf + x * pdf)
