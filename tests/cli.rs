@@ -1,23 +1,11 @@
 //! The `metamix` binary end to end on a tiny recipe: train, eval, sample, export, and the
 //! errors a user meets (bad recipe, missing data, unknown run) with a non-zero exit.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn metamix(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_metamix"))
-        .args(args)
-        .output()
-        .expect("run metamix")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{metamix, text};
 
 fn write_recipe(dir: &Path) -> String {
     let path = dir.join("tiny.toml");

@@ -6,12 +6,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use burn::prelude::*;
 use common::{
     assert_losses_follow, assert_tensors_close, assert_updates_match, final_files, killed_after,
-    quiet, resuming, weights,
+    metamix, quiet, resuming, text, weights,
 };
 use metamix::model::language_model::Targets;
 use metamix::padding::Padding;
@@ -346,21 +345,6 @@ fn lra_tsv_files_train_and_bad_files_are_named() {
         );
         assert!(e.contains(file) && e.contains(expect), "{file}: {e}");
     }
-}
-
-fn metamix(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_metamix"))
-        .args(args)
-        .output()
-        .expect("run metamix")
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// `eval --set task.seq_len` scores a trained model at another length (no position table);

@@ -307,14 +307,15 @@ impl LanguageModel {
         };
         // CLS at position 0, the tokens at 1..=t; the CLS position is never padding.
         let d = self.final_norm_width();
-        let cls = cls.val().reshape([1, 1, d]).expand([b, 1, d]);
-        let mut x = self.token_embedding.forward(tokens);
-        x = Tensor::cat(vec![cls, x], 1);
+        let mut cls = cls.val().reshape([1, 1, d]);
         if let Some(pos) = &self.position_embedding {
-            let positions = Tensor::<1, Int>::arange(0..t as i64 + 1, &device);
-            x = x + pos.forward(positions.unsqueeze::<2>());
+            cls = cls + pos.forward(Tensor::<2, Int>::zeros([1, 1], &device));
         }
-        let x = self.embed_dropout.forward(x);
+        let positions = Tensor::<1, Int>::arange(1..t as i64 + 1, &device);
+        let x = Tensor::cat(
+            vec![cls.expand([b, 1, d]), self.embed_at(tokens, positions)],
+            1,
+        );
         let padding = padding.map(|p| Padding {
             valid: Tensor::cat(vec![Tensor::ones([b, 1], &device), p.valid.clone()], 1),
         });

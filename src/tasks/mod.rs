@@ -203,7 +203,11 @@ pub struct TaskData {
 
 enum Source {
     Generated,
-    Files { train: Vec<Example> },
+    Files {
+        train: Vec<Example>,
+        /// The last epoch's order, kept so a batch does not reshuffle the whole file.
+        order: std::sync::Mutex<(u64, Vec<usize>)>,
+    },
 }
 
 /// Seeds of the validation set and of training batches differ by this.
@@ -313,6 +317,7 @@ impl TaskData {
             seq_len,
             source: Source::Files {
                 train: encode(train, &o.train)?,
+                order: std::sync::Mutex::new((0, Vec::new())),
             },
             val: encode(val, &o.val)?,
             vocab_size: vocabulary.size(),
@@ -344,6 +349,15 @@ impl TaskData {
         self.seq_len
     }
 
+    /// The seeded order of the training file's `n` examples in `epoch`.
+    fn epoch_order(&self, epoch: u64, n: usize) -> Vec<usize> {
+        let mut perm: Vec<usize> = (0..n).collect();
+        perm.shuffle(&mut ChaCha8Rng::seed_from_u64(
+            self.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03),
+        ));
+        perm
+    }
+
     /// Training examples `index · size ..` of the run's stream: fresh draws seeded by the
     /// index (generated), or the next `size` of the epoch's seeded permutation (files).
     pub fn train_examples(&self, index: u64, size: usize) -> Vec<Example> {
@@ -354,22 +368,17 @@ impl TaskData {
                 );
                 (0..size).map(|_| self.generate(&mut rng)).collect()
             }
-            Source::Files { train } => {
+            Source::Files { train, order } => {
                 let n = train.len() as u64;
-                let mut order: Option<(u64, Vec<usize>)> = None;
+                let mut order = order.lock().unwrap_or_else(|e| e.into_inner());
                 (0..size as u64)
                     .map(|i| {
                         let at = index * size as u64 + i;
                         let epoch = at / n;
-                        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                            let mut perm: Vec<usize> = (0..train.len()).collect();
-                            perm.shuffle(&mut ChaCha8Rng::seed_from_u64(
-                                self.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03),
-                            ));
-                            order = Some((epoch, perm));
+                        if order.1.is_empty() || order.0 != epoch {
+                            *order = (epoch, self.epoch_order(epoch, train.len()));
                         }
-                        let perm = &order.as_ref().expect("set above").1;
-                        train[perm[(at % n) as usize]].clone()
+                        train[order.1[(at % n) as usize]].clone()
                     })
                     .collect()
             }

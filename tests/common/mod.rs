@@ -37,6 +37,23 @@ pub fn tensors(path: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
     out
 }
 
+/// Run the `metamix` binary with `args` and wait for it.
+pub fn metamix(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_metamix"))
+        .args(args)
+        .output()
+        .expect("run metamix")
+}
+
+/// What a command printed, stdout then stderr.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// Train without a progress bar or log lines.
 pub fn quiet() -> TrainOptions {
     TrainOptions {
