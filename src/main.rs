@@ -241,7 +241,8 @@ enum Command {
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    match metamix::device::on_compute_threads(|| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

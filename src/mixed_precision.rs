@@ -30,25 +30,32 @@ pub fn working_dtype() -> Option<FloatDType> {
 /// `x · W + b` for `x` `[.., d_in]`: Burn's `Linear::forward`, in the working dtype when
 /// under [`autocast`] (the bias is added in f32, after the product is cast back).
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
-    let Some(dtype) = working_dtype() else {
-        return layer.forward(x);
-    };
-    let out_dtype = x.dtype();
-    let w = layer.weight.val().cast(dtype).unsqueeze::<D>();
-    let y = x.cast(dtype).matmul(w).cast(out_dtype);
+    let y = matmul_rows(x, layer.weight.val());
     match &layer.bias {
         Some(b) => y + b.val().unsqueeze::<D>(),
         None => y,
     }
 }
 
-/// `a · b`, in the working dtype when under [`autocast`].
-pub fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
-    match working_dtype() {
-        None => a.matmul(b),
+/// `x · w` for `x` `[.., k]` and a weight `w` `[k, n]`, as one `[rows, k] · [k, n]` product
+/// over all leading dims, in the working dtype when under [`autocast`].
+///
+/// Burn keeps `[batch, seq]` rows as a batch of products against a broadcast weight when
+/// `seq` fills its GPU tiles; on the CPU that is `batch` small gemms, and the weight's
+/// gradient a `[batch, k, n]` tensor summed afterwards. One 2-D product is one gemm each
+/// way, with `w`'s gradient accumulated inside it.
+pub fn matmul_rows<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
+    let mut dims = x.dims();
+    let [k, n] = w.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    dims[D - 1] = n;
+    let x = x.reshape([rows, k]);
+    let y = match working_dtype() {
+        None => x.matmul(w),
         Some(dtype) => {
-            let out_dtype = a.dtype();
-            a.cast(dtype).matmul(b.cast(dtype)).cast(out_dtype)
+            let out_dtype = x.dtype();
+            x.cast(dtype).matmul(w.cast(dtype)).cast(out_dtype)
         }
-    }
+    };
+    y.reshape(dims)
 }

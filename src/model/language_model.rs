@@ -397,13 +397,9 @@ impl LanguageModel {
         let x = self.final_norm.forward(x);
         match &self.lm_head {
             Some(head) => linear(head, x),
-            None => crate::mixed_precision::matmul(
+            None => crate::mixed_precision::matmul_rows(
                 x,
-                self.token_embedding
-                    .weight
-                    .val()
-                    .transpose()
-                    .unsqueeze::<3>(),
+                self.token_embedding.weight.val().transpose(),
             ),
         }
     }
