@@ -103,20 +103,30 @@ pub fn flex_map(
     out.par_chunks_mut(MAP_PIECE)
         .zip(x_values.par_chunks(MAP_PIECE))
         .enumerate()
-        .for_each(|(i, (out, x))| match &other_values {
-            Some(o) => {
-                let o = &o[i * MAP_PIECE..i * MAP_PIECE + x.len()];
-                for ((y, &x), &o) in out.iter_mut().zip(x).zip(o) {
-                    *y = f(x, o);
-                }
-            }
-            None => {
-                for (y, &x) in out.iter_mut().zip(x) {
-                    *y = f(x, 0.0);
-                }
-            }
+        .for_each(|(i, (out, x))| {
+            let other = other_values
+                .as_ref()
+                .map(|o| &o[i * MAP_PIECE..i * MAP_PIECE + x.len()]);
+            map_piece(out, x, other, &f)
         });
     flex_from_f32(out, shape, dtype)
+}
+
+/// [`flex_map`]'s loop over one piece.
+#[multiversion::multiversion(targets = "simd")]
+fn map_piece(out: &mut [f32], x: &[f32], other: Option<&[f32]>, f: &impl Fn(f32, f32) -> f32) {
+    match other {
+        Some(o) => {
+            for ((y, &x), &o) in out.iter_mut().zip(x).zip(o) {
+                *y = f(x, o);
+            }
+        }
+        None => {
+            for (y, &x) in out.iter_mut().zip(x) {
+                *y = f(x, 0.0);
+            }
+        }
+    }
 }
 
 /// A flex tensor of `values` with `shape`, stored as `dtype` (the inputs' dtype, which the

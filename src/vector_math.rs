@@ -2,6 +2,47 @@
 //! are a call per element, and a large share of a small model's step on the CPU (perf).
 //! No stable crate offers vectorisable versions, so these are the classic approximations,
 //! branch-free, each tested against libm.
+//!
+//! The crate is built for baseline x86-64, whose loops vectorise to 4-lane SSE2 without FMA.
+//! The loops that call these are `#[multiversion(targets = "simd")]`: compiled again for
+//! AVX2 and AVX-512 and chosen at run time, as Burn's own kernels choose their instructions.
+
+/// `Σ xᵢ` in 16 interleaved partial sums, which vectorise (a single running sum cannot be
+/// reordered, so it stays one scalar add per element).
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    sum_map(x, |v| v)
+}
+
+/// `Σ f(xᵢ)`, as [`sum`].
+#[inline(always)]
+pub fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().map(|&v| f(v)).sum::<f32>();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `Σ aᵢ·bᵢ`, as [`sum`].
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut lanes = [0f32; 16];
+    let split = n - n % 16;
+    for (ca, cb) in a[..split].chunks_exact(16).zip(b[..split].chunks_exact(16)) {
+        for ((l, &x), &y) in lanes.iter_mut().zip(ca).zip(cb) {
+            *l += x * y;
+        }
+    }
+    let tail: f32 = a[split..].iter().zip(&b[split..]).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
+}
 
 /// `exp(x)` for `x ≤ 0` (decays, Gaussians) to about 2 ulp: Cephes' `expf` without
 /// branches. Values below −87 give `exp(−87)`.
@@ -56,6 +97,21 @@ mod tests {
         }
         assert!(worst < 4.0 * f32::EPSILON, "relative error {worst}");
         assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    #[test]
+    fn lane_sums_equal_plain_sums() {
+        // Lengths below, at and past the 16 lanes, with a tail.
+        for n in [0, 1, 15, 16, 17, 130] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let close = |x: f32, y: f32| (x - y).abs() <= 1e-5 * (1.0 + y.abs());
+            assert!(close(sum(&a), a.iter().sum()), "sum, n = {n}");
+            let squares: f32 = a.iter().map(|v| v * v).sum();
+            assert!(close(sum_map(&a, |v| v * v), squares), "sum_map, n = {n}");
+            let products: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!(close(dot(&a, &b), products), "dot, n = {n}");
+        }
     }
 
     #[test]

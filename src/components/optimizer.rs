@@ -349,6 +349,31 @@ struct Hyper {
 /// Elements per parallel task of [`fused_update`].
 const PIECE: usize = 32 * 1024;
 
+/// One step's AdamW constants, in f32.
+struct AdamWStep {
+    b1: f32,
+    b2: f32,
+    one_b1: f32,
+    one_b2: f32,
+    sqrt_bias2: f32,
+    step_size: f32,
+    eps: f32,
+    decay: f32,
+    scale: f32,
+}
+
+/// [`fused_update`]'s loop over one piece of a parameter.
+#[multiversion::multiversion(targets = "simd")]
+fn adamw_piece(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], r: &AdamWStep) {
+    for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+        let g = g * r.scale;
+        *m = *m * r.b1 + g * r.one_b1;
+        *v = *v * r.b2 + g * g * r.one_b2;
+        let denom = v.sqrt() / r.sqrt_bias2 + r.eps;
+        *p = *p * r.decay - r.step_size * *m / denom;
+    }
+}
+
 /// PyTorch's AdamW rule for one flat parameter in one pass over its values: `p`, `g` and
 /// the moments (`None` before the first update) read once, the new ones written once.
 /// Returns the parameter and both moments, on `p`'s device.
@@ -373,24 +398,22 @@ fn fused_update(
         Some(mo) => (values(mo.exp_avg), values(mo.exp_avg_sq)),
         None => (vec![0.0; n], vec![0.0; n]),
     };
-    let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
-    let (one_b1, one_b2) = ((1.0 - h.beta1) as f32, (1.0 - h.beta2) as f32);
-    let sqrt_bias2 = (1.0 - h.beta2.powi(h.step)).sqrt() as f32;
-    let step_size = (h.lr / (1.0 - h.beta1.powi(h.step))) as f32;
-    let (eps, decay, scale) = (h.eps as f32, h.decay as f32, h.grad_scale as f32);
+    let rule = AdamWStep {
+        b1: h.beta1 as f32,
+        b2: h.beta2 as f32,
+        one_b1: (1.0 - h.beta1) as f32,
+        one_b2: (1.0 - h.beta2) as f32,
+        sqrt_bias2: (1.0 - h.beta2.powi(h.step)).sqrt() as f32,
+        step_size: (h.lr / (1.0 - h.beta1.powi(h.step))) as f32,
+        eps: h.eps as f32,
+        decay: h.decay as f32,
+        scale: h.grad_scale as f32,
+    };
     p.par_chunks_mut(PIECE)
         .zip(m.par_chunks_mut(PIECE))
         .zip(v.par_chunks_mut(PIECE))
         .zip(g.par_chunks(PIECE))
-        .for_each(|(((p, m), v), g)| {
-            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
-                let g = g * scale;
-                *m = *m * b1 + g * one_b1;
-                *v = *v * b2 + g * g * one_b2;
-                let denom = v.sqrt() / sqrt_bias2 + eps;
-                *p = *p * decay - step_size * *m / denom;
-            }
-        });
+        .for_each(|(((p, m), v), g)| adamw_piece(p, m, v, g, &rule));
     let tensor = |x: Vec<f32>| Tensor::<1>::from_data(TensorData::new(x, [n]), &device);
     (tensor(p), tensor(m), tensor(v))
 }

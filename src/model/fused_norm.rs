@@ -21,6 +21,8 @@ use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use rayon::prelude::*;
 
+use crate::vector_math::{dot, sum, sum_map};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::device::{flex_f32, flex_from_f32};
@@ -77,15 +79,54 @@ pub fn fused_norm<const D: usize>(
 const ROWS: usize = 64;
 
 /// A row's mean (0 for RMSNorm) and `1/√(var + eps)` (RMSNorm: of the mean square).
+#[inline(always)]
 fn row_stats(x: &[f32], eps: f32, center: bool) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = if center {
-        x.iter().sum::<f32>() / n
-    } else {
-        0.0
-    };
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = if center { sum(x) / n } else { 0.0 };
+    let var = sum_map(x, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// The forward over a task's rows `x` (each `gamma.len()` long) into `out`.
+#[multiversion::multiversion(targets = "simd")]
+fn norm_rows(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, center: bool) {
+    let d = gamma.len();
+    for (y, x) in out.chunks_mut(d).zip(x.chunks(d)) {
+        let (mean, rstd) = row_stats(x, eps, center);
+        for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+            let b = if center { b } else { 0.0 };
+            *y = (x - mean) * rstd * g + b;
+        }
+    }
+}
+
+/// The backward over a task's rows: `dx` written, `dγ` and `dβ` (`sums`) accumulated.
+#[multiversion::multiversion(targets = "simd")]
+fn norm_rows_backward(
+    dx: &mut [f32],
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    (dgamma, dbeta): (&mut [f32], &mut [f32]),
+    eps: f32,
+    center: bool,
+) {
+    let d = gamma.len();
+    let (mut xhat, mut dxhat) = (vec![0f32; d], vec![0f32; d]);
+    for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+        let (mean, rstd) = row_stats(x, eps, center);
+        for j in 0..d {
+            xhat[j] = (x[j] - mean) * rstd;
+            dxhat[j] = dy[j] * gamma[j];
+            dgamma[j] += dy[j] * xhat[j];
+            dbeta[j] += dy[j];
+        }
+        let m1 = if center { sum(&dxhat) / d as f32 } else { 0.0 };
+        let m2 = dot(&dxhat, &xhat) / d as f32;
+        for j in 0..d {
+            dx[j] = rstd * (dxhat[j] - m1 - xhat[j] * m2);
+        }
+    }
 }
 
 impl FusedNormBackend for Flex {
@@ -103,15 +144,7 @@ impl FusedNormBackend for Flex {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(ROWS * d)
             .zip(x.par_chunks(ROWS * d))
-            .for_each(|(out, x)| {
-                for (y, x) in out.chunks_mut(d).zip(x.chunks(d)) {
-                    let (mean, rstd) = row_stats(x, eps as f32, center);
-                    for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(&*gamma).zip(&*beta) {
-                        let b = if center { b } else { 0.0 };
-                        *y = (x - mean) * rstd * g + b;
-                    }
-                }
-            });
+            .for_each(|(out, x)| norm_rows(out, x, &gamma, &beta, eps as f32, center));
         flex_from_f32(out, shape, dtype)
     }
 
@@ -132,23 +165,8 @@ impl FusedNormBackend for Flex {
             .zip(x.par_chunks(ROWS * d).zip(dy.par_chunks(ROWS * d)))
             .map(|(dx, (x, dy))| {
                 let (mut dgamma, mut dbeta) = (vec![0f32; d], vec![0f32; d]);
-                let mut xhat = vec![0f32; d];
-                for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
-                    let (mean, rstd) = row_stats(x, eps as f32, center);
-                    let (mut m1, mut m2) = (0f32, 0f32);
-                    for j in 0..d {
-                        xhat[j] = (x[j] - mean) * rstd;
-                        let dxhat = dy[j] * gamma[j];
-                        m1 += dxhat;
-                        m2 += dxhat * xhat[j];
-                        dgamma[j] += dy[j] * xhat[j];
-                        dbeta[j] += dy[j];
-                    }
-                    let (m1, m2) = (if center { m1 / d as f32 } else { 0.0 }, m2 / d as f32);
-                    for j in 0..d {
-                        dx[j] = rstd * (dy[j] * gamma[j] - m1 - xhat[j] * m2);
-                    }
-                }
+                let sums = (&mut dgamma[..], &mut dbeta[..]);
+                norm_rows_backward(dx, x, dy, &gamma, sums, eps as f32, center);
                 (dgamma, dbeta)
             })
             .collect();
