@@ -16,6 +16,7 @@
 //! - [`recipe`]: composes every section's options into one file.
 //! - [`run`], [`train`], [`export`], [`sample`]: what the commands do.
 
+pub mod activations;
 pub mod attention;
 pub mod components;
 pub mod data;

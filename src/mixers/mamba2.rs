@@ -37,7 +37,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn::tensor::activation::{silu, softplus};
+use crate::activations::{silu, softplus};
 use serde::{Deserialize, Serialize};
 
 use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
@@ -364,7 +364,7 @@ impl Mamba2 {
     /// Δ = softplus(dt + dt_bias) `[b, t, nheads]`.
     fn delta(&self, dir: &Direction, dt: Tensor<3>) -> Tensor<3> {
         let h = self.nheads();
-        softplus(dt + dir.dt_bias.val().reshape([1, 1, h]), 1.0)
+        softplus(dt + dir.dt_bias.val().reshape([1, 1, h]))
     }
 
     /// The conv's output `[b, t, conv_dim]` → x `[b, t, nheads, headdim]`, B and C

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use std::borrow::Cow;
 
 use crate::device::{flex_f32, flex_from_f32};
-use crate::vector_math::exp_nonpositive;
+use crate::vector_math::{dot, exp_nonpositive};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SelectiveScanBackend: Backend {
@@ -112,7 +112,7 @@ impl Dims {
     }
 
     /// (sequence, first channel, channels) of every task.
-    fn tasks(self) -> Vec<(usize, usize, usize)> {
+    fn tasks(self) -> Vec<Task> {
         let blocks = self.d.div_ceil(BLOCK);
         (0..self.b * blocks)
             .map(|i| {
@@ -121,24 +121,6 @@ impl Dims {
             })
             .collect()
     }
-}
-
-/// `Σ a·b`, in 8 lanes so that it vectorises (a float sum in order cannot).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (xa, xb) in ca.zip(cb) {
-        for l in 0..8 {
-            lanes[l] += xa[l] * xb[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// The inputs as f32 slices (borrowed from the tensors where they are contiguous f32).
@@ -223,12 +205,14 @@ impl<'a> Block<'a> {
     }
 
     /// Δ and u of this block at `step`.
+    #[inline(always)]
     fn at(&self, step: usize) -> (&'a [f32], &'a [f32]) {
         let at = (self.i * self.dims.t + step) * self.dims.d + self.d0;
         (&self.x.delta[at..at + self.w], &self.x.u[at..at + self.w])
     }
 
     /// B and C at `step`, `[n]` each.
+    #[inline(always)]
     fn bc(&self, step: usize) -> (&'a [f32], &'a [f32]) {
         let (n, row) = (self.dims.n, self.i * self.dims.t + step);
         (
@@ -239,6 +223,7 @@ impl<'a> Block<'a> {
 
     /// One step from state `h` `[n][w]` in place, writing the step's decays `[n][w]` and,
     /// if given, adding y `[w]`.
+    #[inline(always)]
     fn step(&self, step: usize, h: &mut [f32], decay: &mut [f32], mut y: Option<&mut [f32]>) {
         let w = self.w;
         let (dl, u) = self.at(step);
@@ -262,6 +247,100 @@ impl<'a> Block<'a> {
     }
 }
 
+/// One task's forward: its block's y `[t, w]` and final states `[w, n]`.
+#[multiversion::multiversion(targets = "simd")]
+fn forward_task(x: &Inputs, dims: Dims, task: Task) -> (usize, usize, usize, Vec<f32>, Vec<f32>) {
+    let (t, n) = (dims.t, dims.n);
+    let blk = Block::new(x, dims, task);
+    let w = blk.w;
+    let mut h = blk.state_from(&x.h0);
+    let mut decay = vec![0f32; n * w];
+    let mut y = vec![0f32; t * w];
+    for step in 0..t {
+        let y_t = &mut y[step * w..(step + 1) * w];
+        blk.step(step, &mut h, &mut decay, Some(y_t));
+    }
+    (task.0, task.1, w, y, blk.state_to(&h))
+}
+
+/// One task's backward: dΔ and du `[t, w]`, dA `[w, n]` (this sequence's share), dB and dC
+/// `[t, n]` (this block's share), dh0 `[w, n]`.
+#[multiversion::multiversion(targets = "simd")]
+fn backward_task(x: &Inputs, dims: Dims, task: Task, (gy, gh): (&[f32], &[f32])) -> BackwardPart {
+    let (t, dd, n) = (dims.t, dims.d, dims.n);
+    let blk = Block::new(x, dims, task);
+    let w = blk.w;
+    let nw = n * w;
+    // The states h_(−1) .. h_(T−1) and each step's decays, recomputed.
+    let mut states = vec![0f32; (t + 1) * nw];
+    let mut decays = vec![0f32; t * nw];
+    states[..nw].copy_from_slice(&blk.state_from(&x.h0));
+    for step in 0..t {
+        let (done, next) = states.split_at_mut((step + 1) * nw);
+        next[..nw].copy_from_slice(&done[step * nw..]);
+        let decay = &mut decays[step * nw..(step + 1) * nw];
+        blk.step(step, &mut next[..nw], decay, None);
+    }
+    // λ = ∂L/∂h_t, from the final state's gradient back in time.
+    let mut lambda = blk.state_from(&gh);
+    let (mut g_delta, mut g_u) = (vec![0f32; t * w], vec![0f32; t * w]);
+    let mut g_a = vec![0f32; nw];
+    let (mut g_b, mut g_c) = (vec![0f32; t * n], vec![0f32; t * n]);
+    let mut dlu = vec![0f32; w];
+    for step in (0..t).rev() {
+        let (dl, u) = blk.at(step);
+        let (b, c) = blk.bc(step);
+        let at = (task.0 * t + step) * dd + task.1;
+        let gy = &gy[at..at + w];
+        for j in 0..w {
+            dlu[j] = dl[j] * u[j];
+        }
+        let gd = &mut g_delta[step * w..(step + 1) * w];
+        let gu = &mut g_u[step * w..(step + 1) * w];
+        let e_t = &decays[step * nw..(step + 1) * nw];
+        let h_prev_t = &states[step * nw..(step + 1) * nw];
+        let h_t = &states[(step + 1) * nw..(step + 2) * nw];
+        for k in 0..n {
+            let r = k * w..(k + 1) * w;
+            let lam = &mut lambda[r.clone()];
+            let (e, h_prev, h) = (&e_t[r.clone()], &h_prev_t[r.clone()], &h_t[r.clone()]);
+            let (a, ga) = (&blk.a[r.clone()], &mut g_a[r]);
+            // y_t = C_t · h_t
+            g_c[step * n + k] = dot(gy, h);
+            for j in 0..w {
+                lam[j] += gy[j] * c[k];
+            }
+            // h_t = e ⊙ h_(t−1) + Δ·u·B_t, e = exp(Δ·A)
+            g_b[step * n + k] = dot(lam, &dlu);
+            for j in 0..w {
+                let back = lam[j] * e[j] * h_prev[j];
+                gd[j] += back * a[j] + lam[j] * u[j] * b[k];
+                gu[j] += lam[j] * dl[j] * b[k];
+                ga[j] += back * dl[j];
+                lam[j] *= e[j];
+            }
+        }
+    }
+    let (ga, gh0) = (blk.state_to(&g_a), blk.state_to(&lambda));
+    (task.0, task.1, w, g_delta, g_u, ga, g_b, g_c, gh0)
+}
+
+/// A task's sequence, first channel and width.
+type Task = (usize, usize, usize);
+
+/// [`backward_task`]'s result: sequence, first channel, width, dΔ, du, dA, dB, dC, dh0.
+type BackwardPart = (
+    usize,
+    usize,
+    usize,
+    Vec<f32>,
+    Vec<f32>,
+    Vec<f32>,
+    Vec<f32>,
+    Vec<f32>,
+    Vec<f32>,
+);
+
 impl SelectiveScanBackend for Flex {
     fn selective_scan(
         delta: FlexTensor,
@@ -275,22 +354,10 @@ impl SelectiveScanBackend for Flex {
         let tensors = [delta, u, a, b, c, h0];
         let x = Inputs::read(&tensors);
         let Dims { b: nb, t, d: dd, n } = dims;
-        // Each task returns its block's y `[t, w]` and final states `[w, n]`.
         let parts: Vec<_> = dims
             .tasks()
             .into_par_iter()
-            .map(|task| {
-                let blk = Block::new(&x, dims, task);
-                let w = blk.w;
-                let mut h = blk.state_from(&x.h0);
-                let mut decay = vec![0f32; n * w];
-                let mut y = vec![0f32; t * w];
-                for step in 0..t {
-                    let y_t = &mut y[step * w..(step + 1) * w];
-                    blk.step(step, &mut h, &mut decay, Some(y_t));
-                }
-                (task.0, task.1, w, y, blk.state_to(&h))
-            })
+            .map(|task| forward_task(&x, dims, task))
             .collect();
         let mut y = vec![0f32; nb * t * dd];
         let mut h_last = vec![0f32; nb * dd * n];
@@ -330,69 +397,10 @@ impl SelectiveScanBackend for Flex {
         let x = Inputs::read(&tensors);
         let (gy, gh) = (flex_f32(&gy), flex_f32(&gh));
         let Dims { b: nb, t, d: dd, n } = dims;
-        // Per task: dΔ and du `[t, w]`, dA `[w, n]` (this sequence's share), dB and dC
-        // `[t, n]` (this block's share), dh0 `[w, n]`.
         let parts: Vec<_> = dims
             .tasks()
             .into_par_iter()
-            .map(|task| {
-                let blk = Block::new(&x, dims, task);
-                let w = blk.w;
-                let nw = n * w;
-                // The states h_(−1) .. h_(T−1) and each step's decays, recomputed.
-                let mut states = vec![0f32; (t + 1) * nw];
-                let mut decays = vec![0f32; t * nw];
-                states[..nw].copy_from_slice(&blk.state_from(&x.h0));
-                for step in 0..t {
-                    let (done, next) = states.split_at_mut((step + 1) * nw);
-                    next[..nw].copy_from_slice(&done[step * nw..]);
-                    let decay = &mut decays[step * nw..(step + 1) * nw];
-                    blk.step(step, &mut next[..nw], decay, None);
-                }
-                // λ = ∂L/∂h_t, from the final state's gradient back in time.
-                let mut lambda = blk.state_from(&gh);
-                let (mut g_delta, mut g_u) = (vec![0f32; t * w], vec![0f32; t * w]);
-                let mut g_a = vec![0f32; nw];
-                let (mut g_b, mut g_c) = (vec![0f32; t * n], vec![0f32; t * n]);
-                let mut dlu = vec![0f32; w];
-                for step in (0..t).rev() {
-                    let (dl, u) = blk.at(step);
-                    let (b, c) = blk.bc(step);
-                    let at = (task.0 * t + step) * dd + task.1;
-                    let gy = &gy[at..at + w];
-                    for j in 0..w {
-                        dlu[j] = dl[j] * u[j];
-                    }
-                    let gd = &mut g_delta[step * w..(step + 1) * w];
-                    let gu = &mut g_u[step * w..(step + 1) * w];
-                    let e_t = &decays[step * nw..(step + 1) * nw];
-                    let h_prev_t = &states[step * nw..(step + 1) * nw];
-                    let h_t = &states[(step + 1) * nw..(step + 2) * nw];
-                    for k in 0..n {
-                        let r = k * w..(k + 1) * w;
-                        let lam = &mut lambda[r.clone()];
-                        let (e, h_prev, h) =
-                            (&e_t[r.clone()], &h_prev_t[r.clone()], &h_t[r.clone()]);
-                        let (a, ga) = (&blk.a[r.clone()], &mut g_a[r]);
-                        // y_t = C_t · h_t
-                        g_c[step * n + k] = dot(gy, h);
-                        for j in 0..w {
-                            lam[j] += gy[j] * c[k];
-                        }
-                        // h_t = e ⊙ h_(t−1) + Δ·u·B_t, e = exp(Δ·A)
-                        g_b[step * n + k] = dot(lam, &dlu);
-                        for j in 0..w {
-                            let back = lam[j] * e[j] * h_prev[j];
-                            gd[j] += back * a[j] + lam[j] * u[j] * b[k];
-                            gu[j] += lam[j] * dl[j] * b[k];
-                            ga[j] += back * dl[j];
-                            lam[j] *= e[j];
-                        }
-                    }
-                }
-                let (ga, gh0) = (blk.state_to(&g_a), blk.state_to(&lambda));
-                (task.0, task.1, w, g_delta, g_u, ga, g_b, g_c, gh0)
-            })
+            .map(|task| backward_task(&x, dims, task, (&gy, &gh)))
             .collect();
         let mut g_delta = vec![0f32; nb * t * dd];
         let mut g_u = vec![0f32; nb * t * dd];

@@ -4,8 +4,9 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu_approximate, relu, silu};
+use burn::tensor::activation::{gelu_approximate, relu};
 
+use crate::activations::silu;
 use crate::mixed_precision::linear;
 use crate::mixers::normal_linear;
 use serde::{Deserialize, Serialize};
@@ -86,7 +87,7 @@ pub enum Activation {
 impl Activation {
     pub fn apply(self, h: Tensor<3>) -> Tensor<3> {
         match self {
-            Activation::Gelu => super::fused_gelu::gelu(h),
+            Activation::Gelu => crate::activations::gelu(h),
             Activation::GeluTanh => gelu_approximate(h),
             Activation::Relu => relu(h),
             Activation::Silu => silu(h),

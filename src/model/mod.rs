@@ -1,7 +1,6 @@
 //! The MetaFormer language model: embeddings → blocks → final norm → LM head.
 
 pub mod config;
-pub mod fused_gelu;
 pub mod fused_norm;
 pub mod language_model;
 pub mod metaformer_block;
