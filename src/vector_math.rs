@@ -28,6 +28,24 @@ pub fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// The largest of `x` (−∞ if empty), in 16 lanes as [`sum`] (a running `max` is not
+/// reordered into vectors either).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
 /// `Σ aᵢ·bᵢ`, as [`sum`].
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -143,6 +161,8 @@ mod tests {
             assert!(close(sum_map(&a, |v| v * v), squares), "sum_map, n = {n}");
             let products: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             assert!(close(dot(&a, &b), products), "dot, n = {n}");
+            let largest = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            assert_eq!(max(&a), largest, "max, n = {n}");
         }
     }
 

@@ -8,6 +8,7 @@
 
 pub mod exp_scores;
 pub mod flash;
+pub mod fused_softmax;
 pub mod merge;
 pub mod naive;
 pub mod tiled;

@@ -15,6 +15,7 @@ use burn::tensor::activation::softmax;
 use serde::{Deserialize, Serialize};
 
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
+use crate::attention::fused_softmax;
 use crate::attention::tiled::attend_tiled;
 use crate::attention::{Visibility, merge_heads, naive, repeat_kv, split_heads};
 use crate::padding::Padding;
@@ -108,7 +109,8 @@ impl SoftmaxAttention {
             }
             // Attention dropout needs the full weight matrix, which the tiled form never builds.
             None if self.block_size > 0 => attend_tiled(q, k, v, self.block_size, self.visibility()),
-            None => naive::attend(q, k, v, (0, 0), self.visibility(), dropout).0,
+            None if dropout.is_some() => naive::attend(q, k, v, (0, 0), self.visibility(), dropout).0,
+            None => fused_softmax::attend(q, k, v, self.visibility()),
         }
     }
 

@@ -1,0 +1,279 @@
+//! Softmax attention's weights in one pass each way, as a Burn backend extension on flex:
+//! `P = softmax(scale · S)` over the keys each query sees, and in backward
+//! `dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))`. The naive form ([`super::naive::attend`])
+//! builds the same weights from about six tensor ops (scale, mask, max, subtract, exp, sum,
+//! divide), each a sweep over the `[b, h, tq, tk]` scores plus its own backward. That form
+//! is the reference, and runs wherever this one does not; a test holds the two equal,
+//! gradients included.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
+use burn::prelude::*;
+use rayon::prelude::*;
+
+use super::Visibility;
+use crate::device::{flex_f32, flex_from_f32};
+use crate::vector_math::{dot, exp_nonpositive, max, sum};
+
+/// Forward passes the extension has run in this process (for a test that it took the path).
+static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// Score rows per parallel task.
+const ROWS: usize = 32;
+
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedSoftmaxBackend: Backend {
+    /// `softmax(scale · s)` of scores `[.., tq, tk]` along the keys, query `i` seeing only
+    /// the keys `visibility` allows (weight 0 elsewhere; a row that sees none is all 0).
+    fn attention_weights(
+        s: FloatTensor<Self>,
+        scale: f64,
+        visibility: Visibility,
+    ) -> FloatTensor<Self>;
+
+    /// `dS` from the weights `p` and their gradient `dp`.
+    fn attention_weights_backward(
+        p: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
+}
+
+/// Softmax attention of q `[b, h, t, dk]` over k `[b, h, t, dk]`, v `[b, h, t, dv]` (no key
+/// mask, no dropout): the extension's weights times v on flex, [`super::naive::attend`]
+/// elsewhere.
+pub fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, visibility: Visibility) -> Tensor<4> {
+    if !crate::device::is_flex(&q.device()) {
+        return super::naive::attend(q, k, v, (0, 0), visibility, None).0;
+    }
+    let scale = super::scale(q.dims()[3]);
+    let s = q.matmul(k.swap_dims(2, 3));
+    let p = Tensor::<4>::from_dispatch(
+        <burn::backend::Dispatch as FusedSoftmaxBackend>::attention_weights(
+            s.into_dispatch(),
+            scale,
+            visibility,
+        ),
+    );
+    p.matmul(v)
+}
+
+/// The keys `[lo, hi)` query `i` sees (a contiguous range under any [`Visibility`]).
+#[inline(always)]
+fn visible(i: usize, tk: usize, v: Visibility) -> (usize, usize) {
+    let hi = if v.causal { (i + 1).min(tk) } else { tk };
+    let lo = if v.window > 0 {
+        (i + 1).saturating_sub(v.window)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
+/// The forward over a task's rows (`first_row..`, each `tk` long, `tq` per sequence).
+#[multiversion::multiversion(targets = "simd")]
+fn softmax_rows(
+    p: &mut [f32],
+    s: &[f32],
+    (first_row, tq, tk): (usize, usize, usize),
+    scale: f32,
+    visibility: Visibility,
+) {
+    for (r, (p, s)) in p.chunks_mut(tk).zip(s.chunks(tk)).enumerate() {
+        let (lo, hi) = visible((first_row + r) % tq, tk, visibility);
+        p.fill(0.0);
+        if lo == hi {
+            continue;
+        }
+        let (p, s) = (&mut p[lo..hi], &s[lo..hi]);
+        let m = max(s) * scale;
+        for (p, &s) in p.iter_mut().zip(s) {
+            *p = exp_nonpositive(s * scale - m);
+        }
+        let inv = 1.0 / sum(p);
+        for p in p.iter_mut() {
+            *p *= inv;
+        }
+    }
+}
+
+/// The backward over a task's rows.
+#[multiversion::multiversion(targets = "simd")]
+fn softmax_rows_backward(ds: &mut [f32], p: &[f32], dp: &[f32], tk: usize, scale: f32) {
+    for ((ds, p), dp) in ds.chunks_mut(tk).zip(p.chunks(tk)).zip(dp.chunks(tk)) {
+        let c = dot(p, dp);
+        for ((ds, &p), &dp) in ds.iter_mut().zip(p).zip(dp) {
+            *ds = scale * p * (dp - c);
+        }
+    }
+}
+
+impl FusedSoftmaxBackend for Flex {
+    fn attention_weights(s: FlexTensor, scale: f64, visibility: Visibility) -> FlexTensor {
+        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        let (shape, dtype) = (s.shape(), s.dtype());
+        let (tq, tk) = (shape[shape.num_dims() - 2], shape[shape.num_dims() - 1]);
+        let s = flex_f32(&s);
+        let mut p = vec![0f32; s.len()];
+        p.par_chunks_mut(ROWS * tk)
+            .zip(s.par_chunks(ROWS * tk))
+            .enumerate()
+            .for_each(|(task, (p, s))| {
+                let rows = (task * ROWS, tq, tk);
+                softmax_rows(p, s, rows, scale as f32, visibility)
+            });
+        flex_from_f32(p, shape, dtype)
+    }
+
+    fn attention_weights_backward(p: FlexTensor, dp: FlexTensor, scale: f64) -> FlexTensor {
+        let (shape, dtype) = (p.shape(), p.dtype());
+        let tk = shape[shape.num_dims() - 1];
+        let (p, dp) = (flex_f32(&p), flex_f32(&dp));
+        let mut ds = vec![0f32; p.len()];
+        ds.par_chunks_mut(ROWS * tk)
+            .zip(p.par_chunks(ROWS * tk).zip(dp.par_chunks(ROWS * tk)))
+            .for_each(|(ds, (p, dp))| softmax_rows_backward(ds, p, dp, tk, scale as f32));
+        flex_from_f32(ds, shape, dtype)
+    }
+}
+
+#[derive(Debug)]
+struct WeightsBackward;
+
+impl<B: Backend + FusedSoftmaxBackend> Backward<B, 1> for WeightsBackward {
+    /// The weights and the scale.
+    type State = (FloatTensor<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (p, scale) = ops.state;
+        if let [Some(node)] = ops.parents {
+            grads.register::<B>(node.id, B::attention_weights_backward(p, grad, scale));
+        }
+    }
+}
+
+impl<B: Backend + FusedSoftmaxBackend, C: CheckpointStrategy> FusedSoftmaxBackend
+    for Autodiff<B, C>
+{
+    fn attention_weights(
+        s: FloatTensor<Self>,
+        scale: f64,
+        visibility: Visibility,
+    ) -> FloatTensor<Self> {
+        match WeightsBackward
+            .prepare::<C>([s.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let p = B::attention_weights(s.into_primitive(), scale, visibility);
+                prep.finish((p.clone(), scale), p)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::attention_weights(s.into_primitive(), scale, visibility))
+            }
+        }
+    }
+
+    fn attention_weights_backward(
+        _p: FloatTensor<Self>,
+        _dp: FloatTensor<Self>,
+        _scale: f64,
+    ) -> FloatTensor<Self> {
+        unreachable!(
+            "the weights' backward runs on the inner backend; it is not differentiated again"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// Equal to the naive form, output and the gradients of q, k and v, for causal, sliding
+    /// window and bidirectional visibility.
+    #[test]
+    fn fused_weights_equal_the_naive_form() {
+        let device = Device::flex().autodiff();
+        device.seed(11);
+        let r =
+            |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 2.0), &device);
+        let (q, k, v, w) = (
+            r([2, 3, 37, 8]),
+            r([2, 3, 37, 8]),
+            r([2, 3, 37, 5]),
+            r([2, 3, 37, 5]),
+        );
+        let visibilities = [
+            Visibility::causal(0),
+            Visibility::causal(5),
+            Visibility {
+                causal: false,
+                window: 0,
+            },
+        ];
+        for visibility in visibilities {
+            let run = |fused: bool| {
+                let (q, k, v) = (
+                    q.clone().require_grad(),
+                    k.clone().require_grad(),
+                    v.clone().require_grad(),
+                );
+                let out = if fused {
+                    attend(q.clone(), k.clone(), v.clone(), visibility)
+                } else {
+                    crate::attention::naive::attend(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        (0, 0),
+                        visibility,
+                        None,
+                    )
+                    .0
+                };
+                let g = (out.clone() * w.clone()).sum().backward();
+                let vals = |t: Tensor<4>| {
+                    t.into_data()
+                        .convert::<f32>()
+                        .try_into_vec::<f32>()
+                        .unwrap()
+                };
+                [
+                    vals(out),
+                    vals(q.grad(&g).unwrap()),
+                    vals(k.grad(&g).unwrap()),
+                    vals(v.grad(&g).unwrap()),
+                ]
+            };
+            let calls = FORWARD_CALLS.load(Ordering::Relaxed);
+            let (ours, naive) = (run(true), run(false));
+            assert!(
+                FORWARD_CALLS.load(Ordering::Relaxed) > calls,
+                "the extension ran"
+            );
+            for (what, a, b) in ["output", "dq", "dk", "dv"]
+                .iter()
+                .zip(&ours)
+                .zip(&naive)
+                .map(|((w, a), b)| (w, a, b))
+            {
+                let err = a
+                    .iter()
+                    .zip(b)
+                    .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                    .fold(0f32, f32::max);
+                assert!(err < 2e-5, "{visibility:?} {what}: max difference {err}");
+            }
+        }
+    }
+}
