@@ -65,15 +65,26 @@ pub fn flex_f32(t: &burn::backend::flex::FlexTensor) -> std::borrow::Cow<'_, [f3
     }
 }
 
-/// Runs `f` on one of the CPU backend's own threads (rayon's global pool).
+/// Runs `f` on one of the CPU backend's own threads (rayon's global pool), with the pool's
+/// other threads kept awake for as long as `f` runs.
 ///
-/// Every flex op and gemm call splits its work with rayon. Called from a thread outside the
-/// pool, each op hands its pieces to the pool and sleeps until they are done: a wake-up per
-/// op per thread, about 12% of a default-model step in the kernel's scheduler, and one core
-/// idle while the caller waits. On a pool thread the caller does its share of each op
-/// itself (1.15–1.3× tokens/s, `scripts/bench_cpu.py`). The pool gets at least two threads,
-/// so that work another thread hands to the pool while this one waits still runs.
+/// Every flex op and gemm call splits its work with rayon, and a training step is hundreds
+/// of ops of tens of microseconds each. Left alone, that costs twice per op:
+/// - Called from a thread outside the pool, each op hands its pieces to the pool and sleeps
+///   until they are done, and one core idles while the caller waits. On a pool thread the
+///   caller does its share of each op itself.
+/// - Between ops, rayon's idle threads go to sleep within microseconds, and each op wakes
+///   them again through the kernel (about 10% of a default-model step in the scheduler, and
+///   a thread that joins late). Here they spin instead, taking work as soon as it appears,
+///   as OpenMP's threads do under PyTorch (`KMP_BLOCKTIME`, `GOMP_SPINCOUNT`): a spinning
+///   thread uses its core fully while `f` runs, and sleeps in 1 ms naps after [`SPIN_FOR`]
+///   without work.
+///
+/// The pool gets at least two threads, so that work another thread hands to the pool while
+/// this one waits still runs.
 pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         // Fails only if the pool already exists, which is as good.
@@ -81,7 +92,35 @@ pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             .num_threads(cores.max(2))
             .build_global();
     }
-    rayon::scope(|_| f())
+    rayon::scope(|_| {
+        let done = Arc::new(AtomicBool::new(false));
+        let caller = rayon::current_thread_index();
+        let spinning = done.clone();
+        rayon::spawn_broadcast(move |ctx| {
+            // The caller's own copy would spin where `f` should run.
+            if Some(ctx.index()) != caller {
+                take_work_until(&spinning);
+            }
+        });
+        let out = f();
+        done.store(true, Ordering::Relaxed);
+        out
+    })
+}
+
+/// How long a pool thread spins without finding work before it naps.
+const SPIN_FOR: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Runs the pool's pending work on this pool thread as it appears, until `done`.
+fn take_work_until(done: &std::sync::atomic::AtomicBool) {
+    let mut idle_since = std::time::Instant::now();
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => idle_since = std::time::Instant::now(),
+            _ if idle_since.elapsed() < SPIN_FOR => std::hint::spin_loop(),
+            _ => std::thread::sleep(std::time::Duration::from_millis(1)),
+        }
+    }
 }
 
 /// Elements per parallel task of [`flex_map`].
