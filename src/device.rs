@@ -114,11 +114,23 @@ const SPIN_FOR: std::time::Duration = std::time::Duration::from_millis(200);
 /// Runs the pool's pending work on this pool thread as it appears, until `done`.
 fn take_work_until(done: &std::sync::atomic::AtomicBool) {
     let mut idle_since = std::time::Instant::now();
+    let mut idle_polls = 0u32;
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
-        match rayon::yield_now() {
-            Some(rayon::Yield::Executed) => idle_since = std::time::Instant::now(),
-            _ if idle_since.elapsed() < SPIN_FOR => std::hint::spin_loop(),
-            _ => std::thread::sleep(std::time::Duration::from_millis(1)),
+        if let Some(rayon::Yield::Executed) = rayon::yield_now() {
+            idle_polls = 0;
+            continue;
+        }
+        if idle_polls == 0 {
+            idle_since = std::time::Instant::now();
+        }
+        idle_polls += 1;
+        // A few pause hints between polls: each poll reads the other threads' queues, and
+        // a sibling hyperthread may be the one doing the work.
+        for _ in 0..8 {
+            std::hint::spin_loop();
+        }
+        if idle_polls.is_multiple_of(1024) && idle_since.elapsed() > SPIN_FOR {
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 }
