@@ -51,7 +51,7 @@ pub fn matmul_rows<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     dims[D - 1] = n;
     let x = x.reshape([rows, k]);
     let y = match working_dtype() {
-        None => x.matmul(w),
+        None => crate::matmul::matmul(x, w),
         Some(dtype) => {
             let out_dtype = x.dtype();
             x.cast(dtype).matmul(w.cast(dtype)).cast(out_dtype)

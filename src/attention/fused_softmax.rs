@@ -54,7 +54,7 @@ pub fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, visibility: Visibility) 
         return super::naive::attend(q, k, v, (0, 0), visibility, None).0;
     }
     let scale = super::scale(q.dims()[3]);
-    let s = q.matmul(k.swap_dims(2, 3));
+    let s = crate::matmul::matmul(q, k.swap_dims(2, 3));
     let p = Tensor::<4>::from_dispatch(
         <burn::backend::Dispatch as FusedSoftmaxBackend>::attention_weights(
             s.into_dispatch(),
@@ -62,7 +62,7 @@ pub fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, visibility: Visibility) 
             visibility,
         ),
     );
-    p.matmul(v)
+    crate::matmul::matmul(p, v)
 }
 
 /// The keys `[lo, hi)` query `i` sees (a contiguous range under any [`Visibility`]).

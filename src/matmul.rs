@@ -1,0 +1,300 @@
+//! Matrix products `[.., m, k] · [.., k, n]` (the projections, and attention's scores and
+//! weighted values), as a Burn backend extension on flex: the gemm crate (Burn's own flex
+//! kernel) writing into an output it has not zeroed. Burn's flex matmul zero-fills each
+//! output before gemm overwrites it, about 7% of a default-model step in memset (perf),
+//! over every forward and backward product. Strided inputs (a transposed weight, the
+//! backward's transposes, heads split by a view) are read in place. Burn's `matmul` is the
+//! reference and the path for other backends, dtypes and broadcast batches; a test holds
+//! the two equal, gradients included.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use crate::device::flex_from_f32;
+
+/// Products the extension has run in this process (for a test that it took the path).
+static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// Products of at least this many multiply-adds split across threads (flex's own rule).
+const PARALLEL_FROM: usize = 192 * 192 * 192;
+
+#[backend_extension(Flex, Autodiff)]
+pub trait MatmulBackend: Backend {
+    /// `a · b` for `a` `[.., m, k]`, `b` `[.., k, n]` with the same batch dims, either of
+    /// them strided.
+    fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// `a · b`: the extension for f32 on flex with equal batch dims, Burn's `matmul` otherwise.
+pub fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    let f32s = a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    let same_batch = a.dims()[..D - 2] == b.dims()[..D - 2];
+    if !f32s || !same_batch || !crate::device::is_flex(&a.device()) {
+        return a.matmul(b);
+    }
+    Tensor::from_dispatch(<burn::backend::Dispatch as MatmulBackend>::matmul(
+        a.into_dispatch(),
+        b.into_dispatch(),
+    ))
+}
+
+/// An f32 tensor's matrices: where each one's first element lies, and the (row, column)
+/// strides, in elements.
+struct Matrices<'a> {
+    values: &'a [f32],
+    start: usize,
+    batch_dims: Vec<usize>,
+    batch_strides: Vec<isize>,
+    strides: (isize, isize),
+}
+
+impl<'a> Matrices<'a> {
+    fn of(t: &'a FlexTensor) -> Self {
+        let layout = t.layout();
+        let (dims, strides) = (t.shape().to_vec(), layout.strides());
+        let r = dims.len();
+        Self {
+            values: t.storage(),
+            start: layout.start_offset(),
+            batch_dims: dims[..r - 2].to_vec(),
+            batch_strides: strides[..r - 2].to_vec(),
+            strides: (strides[r - 2], strides[r - 1]),
+        }
+    }
+
+    /// The first element of matrix `i` (batch dims row-major).
+    fn first(&self, mut i: usize) -> *const f32 {
+        let mut at = self.start as isize;
+        for (&d, &s) in self.batch_dims.iter().zip(&self.batch_strides).rev() {
+            at += (i % d) as isize * s;
+            i /= d;
+        }
+        // SAFETY: the layout's offsets lie inside its storage.
+        unsafe { self.values.as_ptr().offset(at) }
+    }
+}
+
+/// `out = a · b` for one matrix of each: `out` row-major `[m, n]`, possibly uninitialised.
+///
+/// # Safety
+/// `out` has room for m × n values, and `a`, `b` point at `[m, k]`, `[k, n]` matrices with
+/// the given (row, column) strides, all alive for the call; k > 0.
+unsafe fn gemm_into(
+    out: *mut f32,
+    (m, k, n): (usize, usize, usize),
+    (a, (a_rs, a_cs)): (*const f32, (isize, isize)),
+    (b, (b_rs, b_cs)): (*const f32, (isize, isize)),
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: as the caller promises; gemm writes all of `out` without reading it
+    // (`read_dst` false, k > 0).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out,
+            1,
+            n as isize,
+            false,
+            a,
+            a_cs,
+            a_rs,
+            b,
+            b_cs,
+            b_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+impl MatmulBackend for Flex {
+    fn matmul(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+        CALLS.fetch_add(1, Ordering::Relaxed);
+        let (sa, sb) = (a.shape(), b.shape());
+        let r = sa.num_dims();
+        let (m, k, n) = (sa[r - 2], sa[r - 1], sb[r - 1]);
+        assert_eq!(sb[r - 2], k, "matmul: {sa:?} · {sb:?}");
+        let mut shape = sa.to_vec();
+        shape[r - 1] = n;
+        let batches: usize = shape[..r - 2].iter().product();
+        let size = m * n;
+        if k == 0 || size == 0 {
+            return flex_from_f32(vec![0.0; batches * size], shape, DType::F32);
+        }
+        let (a, b) = (Matrices::of(&a), Matrices::of(&b));
+        let one = |out: *mut f32, i: usize, parallelism| {
+            let (a, b) = ((a.first(i), a.strides), (b.first(i), b.strides));
+            // SAFETY: `out` is matrix i's own m × n piece of the output; a's and b's
+            // matrices i lie within their layouts.
+            unsafe { gemm_into(out, (m, k, n), a, b, parallelism) }
+        };
+        let mut out = Vec::<f32>::with_capacity(batches * size);
+        let large = m * n * k >= PARALLEL_FROM;
+        if large || batches == 1 {
+            // Large matrices (or one): gemm splits each across threads.
+            let parallelism = if large {
+                gemm::Parallelism::Rayon(0)
+            } else {
+                gemm::Parallelism::None
+            };
+            for i in 0..batches {
+                // SAFETY: within the capacity reserved above.
+                one(unsafe { out.as_mut_ptr().add(i * size) }, i, parallelism);
+            }
+        } else {
+            // Many small matrices: one per task.
+            use rayon::prelude::*;
+            out.spare_capacity_mut()
+                .par_chunks_mut(size)
+                .enumerate()
+                .for_each(|(i, piece)| one(piece.as_mut_ptr().cast(), i, gemm::Parallelism::None));
+        }
+        // SAFETY: every matrix of the output was written above.
+        unsafe { out.set_len(batches * size) };
+        flex_from_f32(out, shape, DType::F32)
+    }
+}
+
+#[derive(Debug)]
+struct MatmulBackward;
+
+impl<B: Backend + MatmulBackend> Backward<B, 2> for MatmulBackward {
+    /// Both inputs.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (a, b) = ops.state;
+        let [node_a, node_b] = ops.parents;
+        // d a = g · bᵀ, d b = aᵀ · g; the transposes are views.
+        let r = grad.shape().num_dims();
+        let t = |x: FloatTensor<B>| B::float_swap_dims(x, r - 2, r - 1);
+        if let Some(node) = node_a {
+            grads.register::<B>(node.id, B::matmul(grad.clone(), t(b)));
+        }
+        if let Some(node) = node_b {
+            grads.register::<B>(node.id, B::matmul(t(a), grad));
+        }
+    }
+}
+
+impl<B: Backend + MatmulBackend, C: CheckpointStrategy> MatmulBackend for Autodiff<B, C> {
+    fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        match MatmulBackward
+            .prepare::<C>([a.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (a, b) = (a.into_primitive(), b.into_primitive());
+                let y = B::matmul(a.clone(), b.clone());
+                prep.finish((a, b), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::matmul(a.into_primitive(), b.into_primitive()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn max_relative_difference(x: &[f32], y: &[f32]) -> f32 {
+        x.iter()
+            .zip(y)
+            .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+            .fold(0f32, f32::max)
+    }
+
+    /// Equal to Burn's matmul, output and both gradients: contiguous inputs, a transposed
+    /// weight (the tied LM head), a sliced one, and sizes on both sides of the threshold
+    /// where gemm splits across threads.
+    #[test]
+    fn matmul_equals_burns_in_2d() {
+        let device = Device::flex().autodiff();
+        device.seed(3);
+        let r = |s: [usize; 2]| Tensor::<2>::random(s, Distribution::Normal(0.0, 1.0), &device);
+        for (m, k, n) in [(7, 5, 3), (300, 200, 250)] {
+            let a = r([m, k]);
+            let weights = [
+                ("contiguous", r([k, n])),
+                ("transposed", r([n, k]).transpose()),
+                ("sliced", r([k, n + 4]).slice([0..k, 2..n + 2])),
+            ];
+            for (what, b) in weights {
+                let w = r([m, n]);
+                let run = |ours: bool| {
+                    let (a, b) = (a.clone().require_grad(), b.clone().require_grad());
+                    let y = if ours {
+                        matmul(a.clone(), b.clone())
+                    } else {
+                        a.clone().matmul(b.clone())
+                    };
+                    let g = (y.clone() * w.clone()).sum().backward();
+                    let v = |t: Tensor<2>| t.into_data().to_vec::<f32>().unwrap();
+                    [v(y), v(a.grad(&g).unwrap()), v(b.grad(&g).unwrap())]
+                };
+                let calls = CALLS.load(Ordering::Relaxed);
+                let (ours, burns) = (run(true), run(false));
+                assert!(
+                    CALLS.load(Ordering::Relaxed) >= calls + 3,
+                    "{what}: the extension ran"
+                );
+                for (part, (x, y)) in ["output", "da", "db"].iter().zip(ours.iter().zip(&burns)) {
+                    let err = max_relative_difference(x, y);
+                    assert!(
+                        err < 1e-5,
+                        "{m}x{k}x{n} {what} {part}: max difference {err}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Batched as attention uses it: heads split by a view, keys transposed by a view.
+    #[test]
+    fn matmul_equals_burns_batched() {
+        let device = Device::flex().autodiff();
+        device.seed(4);
+        let r = |s: [usize; 4]| Tensor::<4>::random(s, Distribution::Normal(0.0, 1.0), &device);
+        // q [2, 3 heads, 9, 4] as a view of [2, 9, 3, 4]; kᵀ a view of k [2, 3, 9, 4].
+        let q = r([2, 9, 3, 4]).swap_dims(1, 2);
+        let k = r([2, 3, 9, 4]);
+        let w = r([2, 3, 9, 9]);
+        let run = |ours: bool| {
+            let (q, k) = (q.clone().require_grad(), k.clone().require_grad());
+            let kt = k.clone().swap_dims(2, 3);
+            let y = if ours {
+                matmul(q.clone(), kt)
+            } else {
+                q.clone().matmul(kt)
+            };
+            let g = (y.clone() * w.clone()).sum().backward();
+            let v = |t: Tensor<4>| t.into_data().to_vec::<f32>().unwrap();
+            [v(y), v(q.grad(&g).unwrap()), v(k.grad(&g).unwrap())]
+        };
+        let (ours, burns) = (run(true), run(false));
+        for (part, (x, y)) in ["output", "dq", "dk"].iter().zip(ours.iter().zip(&burns)) {
+            let err = max_relative_difference(x, y);
+            assert!(err < 1e-5, "{part}: max difference {err}");
+        }
+    }
+}
