@@ -92,19 +92,24 @@ pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             .num_threads(cores.max(2))
             .build_global();
     }
+    /// Stops the spinning threads when `f` returns or unwinds.
+    struct Done(Arc<AtomicBool>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     rayon::scope(|_| {
-        let done = Arc::new(AtomicBool::new(false));
+        let done = Done(Arc::new(AtomicBool::new(false)));
         let caller = rayon::current_thread_index();
-        let spinning = done.clone();
+        let spinning = done.0.clone();
         rayon::spawn_broadcast(move |ctx| {
             // The caller's own copy would spin where `f` should run.
             if Some(ctx.index()) != caller {
                 take_work_until(&spinning);
             }
         });
-        let out = f();
-        done.store(true, Ordering::Relaxed);
-        out
+        f()
     })
 }
 
