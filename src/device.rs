@@ -377,3 +377,25 @@ pub enum Precision {
     Bf16,
     F16,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `f` runs on a pool thread, its parallel work completes while the other threads spin,
+    /// and a panic in it comes back out (with the spinning threads released).
+    #[test]
+    fn compute_threads_run_work_and_return() {
+        use rayon::prelude::*;
+        let (on_pool, total) = on_compute_threads(|| {
+            let total: u64 = (0..100_000u64).into_par_iter().map(|i| i % 7).sum();
+            (rayon::current_thread_index().is_some(), total)
+        });
+        assert!(on_pool, "f ran outside the pool");
+        assert_eq!(total, (0..100_000u64).map(|i| i % 7).sum::<u64>());
+        let panicked = std::panic::catch_unwind(|| on_compute_threads(|| panic!("inside")));
+        assert!(panicked.is_err());
+        // The pool still takes work after both.
+        assert_eq!((0..1000u32).into_par_iter().sum::<u32>(), 499_500);
+    }
+}
