@@ -34,6 +34,10 @@ MODELS = [
      ["recipes/nanogpt_shakespeare_char.toml", "--set", "model.dropout=0.0", "--steps", "4",
       "--warmup", "2"],
      ["--vocab", "83", "--steps", "8", "--warmup", "3"]),
+    ("default in bf16 (autocast; seq 64)",
+     ["recipes/shakespeare_char.toml", "--steps", "10", "--precision", "bf16"],
+     ["--vocab", "83", "--d-model", "128", "--layers", "4", "--heads", "4", "--seq-len", "64",
+      "--batch", "12", "--steps", "30", "--warmup", "10", "--precision", "bf16"]),
     ("ssm (Mamba, default size)", ["recipes/shakespeare_ssm.toml", "--steps", "10"], None),
     ("mamba2 (default size)", ["recipes/shakespeare_mamba2.toml", "--steps", "10"], None),
 ]
@@ -104,7 +108,7 @@ def main():
         f"(`python3 scripts/bench_cpu.py`): {c['model']}, {c['cores']} cores, flags "
         f"{', '.join(c['flags'])}; PyTorch {torch_version} eager (`scripts/pytorch_bench.py`).",
         "",
-        "| model | metamix tokens/s | CPU | page faults | PyTorch tokens/s | CPU | metamix / PyTorch | / softmax model |",
+        "| model | metamix tokens/s | CPU | page faults | PyTorch tokens/s | CPU | metamix / PyTorch | / default f32 model |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in result["models"].items():

@@ -29,6 +29,14 @@ pub fn open_ranks(
         opened.push((spec.clone(), device.clone()));
         devices.push(device);
     }
+    if backend == BackendKind::Cpu && working_dtype(precision).is_some() {
+        let name = format!("{precision:?}").to_lowercase();
+        eprintln!(
+            "note: training.precision = \"{name}\" on the cpu backend rounds the projections to \
+             {name} but multiplies in f32 (Burn's flex has no {name} matrix kernel), so it \
+             trains slower than \"f32\" here: use it for its numerics, not for speed"
+        );
+    }
     Ok(devices)
 }
 
