@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::decayed_scan::decayed_scan;
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::attention::{merge_heads, split_heads};
+use crate::matmul::matmul;
 use crate::mixed_precision::linear;
 use crate::options::{OptionError, at_least_one};
 use crate::padding::Padding;
@@ -386,11 +387,11 @@ pub fn chunkwise_from(
     // Within each chunk: cumulative log-decay from the chunk's start.
     let cum = a.cumsum(3);
     let last = cum.clone().slice([0..b, 0..h, 0..n, c - 1..c]); // [b, h, n, 1]
-    let intra = q.clone().matmul(k.clone().swap_dims(3, 4)) * decay_matrix::<4, 5>(cum.clone());
+    let intra = matmul(q.clone(), k.clone().swap_dims(3, 4)) * decay_matrix::<4, 5>(cum.clone());
 
     // What each chunk adds to the state, decayed to the chunk's end.
     let k_to_end = k * (last.clone() - cum.clone()).exp().unsqueeze_dim::<5>(4);
-    let chunk_state = k_to_end.clone().swap_dims(3, 4).matmul(v.clone()); // [b, h, n, dk, dv]
+    let chunk_state = matmul(k_to_end.clone().swap_dims(3, 4), v.clone()); // [b, h, n, dk, dv]
     let chunk_z = k_to_end.sum_dim(3); // [b, h, n, 1, dk]
     let chunk_decay = last.exp().unsqueeze_dim::<5>(4); // [b, h, n, 1, 1]
 
@@ -420,7 +421,7 @@ pub fn chunkwise_from(
     let s_in = entering.clone().narrow(2, 0, ds).reshape([b, h, n, dk, dv]);
     let z_in = entering.narrow(2, ds, dk).reshape([b, h, n, 1, dk]);
     let q_decayed = q * cum.exp().unsqueeze_dim::<5>(4);
-    let mut o = intra.clone().matmul(v) + q_decayed.clone().matmul(s_in);
+    let mut o = matmul(intra.clone(), v) + matmul(q_decayed.clone(), s_in);
     if normalize {
         let den = intra.sum_dim(4) + (q_decayed * z_in).sum_dim(4);
         o = o / den.add_scalar(NORM_EPS);

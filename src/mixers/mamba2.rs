@@ -38,6 +38,7 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use crate::activations::{silu, softplus};
+use crate::matmul::matmul;
 use serde::{Deserialize, Serialize};
 
 use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
@@ -676,12 +677,12 @@ pub fn ssd_chunked(
     let cum = (dt.clone() * A.reshape([1, h, 1, 1])).cumsum(3);
     let dtx = x * dt.unsqueeze_dim::<5>(4); // [b, H, nc, q, P]
 
-    let within = (C.clone().matmul(B.clone().swap_dims(3, 4)) * decay_matrix(cum.clone()))
-        .matmul(dtx.clone());
+    let scores = matmul(C.clone(), B.clone().swap_dims(3, 4)) * decay_matrix(cum.clone());
+    let within = matmul(scores, dtx.clone());
     // What each chunk adds to the state, decayed to its end, and its decay as a whole.
     let total = cum.clone().narrow(3, q - 1, 1); // [b, H, nc, 1]
     let to_end = (total.clone() - cum.clone()).exp().unsqueeze_dim::<5>(4);
-    let added = (dtx * to_end).swap_dims(3, 4).matmul(B); // [b, H, nc, P, N]
+    let added = matmul((dtx * to_end).swap_dims(3, 4), B); // [b, H, nc, P, N]
     // The state entering each chunk: one decayed scan over chunks (a linear backward).
     let (bh, pn) = (bsz * h, p * n);
     let start = initial
@@ -702,7 +703,7 @@ pub fn ssd_chunked(
     }
     .reshape([bsz, h, nc, p, n]);
     let from_state =
-        C.matmul(entering.swap_dims(3, 4)) * cum.exp().unsqueeze_dim::<5>(4); // [b, H, nc, q, P]
+        matmul(C, entering.swap_dims(3, 4)) * cum.exp().unsqueeze_dim::<5>(4); // [b, H, nc, q, P]
     let y = (within + from_state)
         .permute([0, 2, 3, 1, 4])
         .reshape([bsz, nc * q, h, p])
