@@ -249,7 +249,7 @@ mod tests {
                         a.clone().matmul(b.clone())
                     };
                     let g = (y.clone() * w.clone()).sum().backward();
-                    let v = |t: Tensor<2>| t.into_data().to_vec::<f32>().unwrap();
+                    let v = |t: Tensor<2>| t.into_data().try_into_vec::<f32>().unwrap();
                     [v(y), v(a.grad(&g).unwrap()), v(b.grad(&g).unwrap())]
                 };
                 let calls = CALLS.load(Ordering::Relaxed);
@@ -288,7 +288,7 @@ mod tests {
                 q.clone().matmul(kt)
             };
             let g = (y.clone() * w.clone()).sum().backward();
-            let v = |t: Tensor<4>| t.into_data().to_vec::<f32>().unwrap();
+            let v = |t: Tensor<4>| t.into_data().try_into_vec::<f32>().unwrap();
             [v(y), v(q.grad(&g).unwrap()), v(k.grad(&g).unwrap())]
         };
         let (ours, burns) = (run(true), run(false));

@@ -1,6 +1,7 @@
 //! The MetaFormer language model: embeddings → blocks → final norm → LM head.
 
 pub mod config;
+pub mod fused_cross_entropy;
 pub mod fused_norm;
 pub mod language_model;
 pub mod metaformer_block;

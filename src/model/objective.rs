@@ -48,6 +48,10 @@ impl Targets {
 /// Per-token negative log-likelihood `[b, t]` of `targets` under `[b, t, vocab]` logits.
 pub fn token_nll(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     let [b, t, v] = logits.dims();
+    if crate::device::is_flex(&logits.device()) && logits.dtype() == burn::tensor::DType::F32 {
+        let (logits, targets) = (logits.reshape([b * t, v]), targets.reshape([b * t]));
+        return super::fused_cross_entropy::token_nll(logits, targets).reshape([b, t]);
+    }
     let log_probs = log_softmax(logits.reshape([b * t, v]), 1);
     log_probs
         .gather(1, targets.reshape([b * t, 1]))
