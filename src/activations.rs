@@ -184,11 +184,8 @@ mod tests {
             };
             (v(y), v(x.grad(&g).unwrap()))
         };
-        let cases: [(
-            &str,
-            &dyn Fn(Tensor<3>) -> Tensor<3>,
-            &dyn Fn(Tensor<3>) -> Tensor<3>,
-        ); 3] = [
+        type Form<'a> = &'a dyn Fn(Tensor<3>) -> Tensor<3>;
+        let cases: [(&str, Form, Form); 3] = [
             ("gelu", &gelu, &burns::gelu),
             ("silu", &silu, &burns::silu),
             ("softplus", &softplus, &|x| burns::softplus(x, 1.0)),

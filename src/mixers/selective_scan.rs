@@ -282,7 +282,7 @@ fn backward_task(x: &Inputs, dims: Dims, task: Task, (gy, gh): (&[f32], &[f32]))
         blk.step(step, &mut next[..nw], decay, None);
     }
     // λ = ∂L/∂h_t, from the final state's gradient back in time.
-    let mut lambda = blk.state_from(&gh);
+    let mut lambda = blk.state_from(gh);
     let (mut g_delta, mut g_u) = (vec![0f32; t * w], vec![0f32; t * w]);
     let mut g_a = vec![0f32; nw];
     let (mut g_b, mut g_c) = (vec![0f32; t * n], vec![0f32; t * n]);

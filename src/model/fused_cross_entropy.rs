@@ -196,7 +196,12 @@ mod tests {
             };
             let g = (nll.clone() * w.clone()).sum().backward();
             let vals = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
-            let grad = x.grad(&g).unwrap().into_data().try_into_vec::<f32>().unwrap();
+            let grad = x
+                .grad(&g)
+                .unwrap()
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap();
             (vals(nll), grad)
         };
         let calls = FORWARD_CALLS.load(Ordering::Relaxed);
