@@ -242,7 +242,14 @@ enum Command {
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    match metamix::device::on_compute_threads(|| run(cli)) {
+    // A server computes for its clients on its network threads, and waits most of the time:
+    // nothing to gain from the pool, and its spinning threads would keep cores busy.
+    let result = if matches!(cli.command, Command::Serve { .. }) {
+        run(cli)
+    } else {
+        metamix::device::on_compute_threads(|| run(cli))
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
