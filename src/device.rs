@@ -73,26 +73,17 @@ pub fn flex_f32(t: &burn::backend::flex::FlexTensor) -> std::borrow::Cow<'_, [f3
     }
 }
 
-/// Runs `f` on one of the CPU backend's own threads (rayon's global pool), with the pool's
-/// other threads kept awake for as long as `f` runs.
+/// Runs `f` on one of the CPU backend's own threads (rayon's global pool).
 ///
 /// Every flex op and gemm call splits its work with rayon, and a training step is hundreds
-/// of ops of tens of microseconds each. Left alone, that costs twice per op:
-/// - Called from a thread outside the pool, each op hands its pieces to the pool and sleeps
-///   until they are done, and one core idles while the caller waits. On a pool thread the
-///   caller does its share of each op itself.
-/// - Between ops, rayon's idle threads go to sleep within microseconds, and each op wakes
-///   them again through the kernel (about 10% of a default-model step in the scheduler, and
-///   a thread that joins late). Here they spin instead, taking work as soon as it appears,
-///   as OpenMP's threads do under PyTorch (`KMP_BLOCKTIME`, `GOMP_SPINCOUNT`): a spinning
-///   thread uses its core fully while `f` runs, and sleeps in 1 ms naps after [`SPIN_FOR`]
-///   without work.
+/// of ops of tens of microseconds each. Called from a thread outside the pool, each op
+/// hands its pieces to the pool and sleeps until they are done, and one core idles while
+/// the caller waits; on a pool thread the caller does its share of each op itself
+/// (1.1–1.3× tokens/s). [`BusyPool`] then keeps the other threads from sleeping between ops.
 ///
 /// The pool gets at least two threads, so that work another thread hands to the pool while
 /// this one waits still runs.
 pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         // Fails only if the pool already exists, which is as good.
@@ -100,25 +91,52 @@ pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             .num_threads(cores.max(2))
             .build_global();
     }
-    /// Stops the spinning threads when `f` returns or unwinds.
-    struct Done(Arc<AtomicBool>);
-    impl Drop for Done {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
+    rayon::scope(|_| f())
+}
+
+/// While it lives, rayon's other threads spin for work instead of sleeping, as OpenMP's do
+/// under PyTorch (`KMP_BLOCKTIME`, `GOMP_SPINCOUNT`).
+///
+/// Between ops, rayon's idle threads go to sleep within microseconds, and each op wakes them
+/// again through the kernel: about 10% of a default-model step in the scheduler, and a
+/// thread that joins late (+25% tokens/s without it). A spinning thread uses its core fully,
+/// so this is for the cpu backend's training only: on other backends their own threads, or
+/// the GPU, do the work. A thread naps in 1 ms steps after [`SPIN_FOR`] without work.
+pub struct BusyPool(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+
+impl BusyPool {
+    /// Starts the spinning, when called on a pool thread (see [`on_compute_threads`]) of a
+    /// pool with other threads; otherwise does nothing.
+    pub fn start() -> Self {
+        let Some(caller) = rayon::current_thread_index() else {
+            return Self(None);
+        };
+        if rayon::current_num_threads() < 2 {
+            return Self(None);
         }
-    }
-    rayon::scope(|_| {
-        let done = Done(Arc::new(AtomicBool::new(false)));
-        let caller = rayon::current_thread_index();
-        let spinning = done.0.clone();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinning = done.clone();
         rayon::spawn_broadcast(move |ctx| {
-            // The caller's own copy would spin where `f` should run.
-            if Some(ctx.index()) != caller {
+            // The caller's own copy would spin where its work should run.
+            if ctx.index() != caller {
                 take_work_until(&spinning);
             }
         });
-        f()
-    })
+        Self(Some(done))
+    }
+
+    /// Whether threads are spinning for this guard.
+    pub fn is_spinning(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Drop for BusyPool {
+    fn drop(&mut self) {
+        if let Some(done) = &self.0 {
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// How long a pool thread spins without finding work before it naps.
@@ -395,13 +413,25 @@ mod tests {
     #[test]
     fn compute_threads_run_work_and_return() {
         use rayon::prelude::*;
-        let (on_pool, total) = on_compute_threads(|| {
+        let (on_pool, spinning, total) = on_compute_threads(|| {
+            let busy = BusyPool::start();
             let total: u64 = (0..100_000u64).into_par_iter().map(|i| i % 7).sum();
-            (rayon::current_thread_index().is_some(), total)
+            (
+                rayon::current_thread_index().is_some(),
+                busy.is_spinning(),
+                total,
+            )
         });
         assert!(on_pool, "f ran outside the pool");
+        assert!(spinning, "the pool's other threads did not spin");
         assert_eq!(total, (0..100_000u64).map(|i| i % 7).sum::<u64>());
-        let panicked = std::panic::catch_unwind(|| on_compute_threads(|| panic!("inside")));
+        assert!(!BusyPool::start().is_spinning(), "spinning off the pool");
+        let panicked = std::panic::catch_unwind(|| {
+            on_compute_threads(|| {
+                let _busy = BusyPool::start();
+                panic!("inside")
+            })
+        });
         assert!(panicked.is_err());
         // The pool still takes work after both.
         assert_eq!((0..1000u32).into_par_iter().sum::<u32>(), 499_500);
