@@ -242,8 +242,8 @@ enum Command {
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    // A server computes for its clients on its network threads, and waits most of the time:
-    // nothing to gain from the pool, and its spinning threads would keep cores busy.
+    // A server computes for its clients on its network threads and blocks this one: on the
+    // pool, it would only take a pool thread from them.
     let result = if matches!(cli.command, Command::Serve { .. }) {
         run(cli)
     } else {
