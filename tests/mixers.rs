@@ -307,10 +307,11 @@ fn ssm_chunked_and_fused_scans_equal_sequential() {
 
 /// The fused scan from a given state, and the final state it returns (what sequence
 /// parallelism passes on), against the reference: outputs and every gradient, the start
-/// state's included; with more channels than one parallel block.
+/// state's included; with more channels than one parallel block, and more steps than two
+/// of the backward's recompute segments.
 #[test]
 fn ssm_fused_scan_carries_state_like_the_reference() {
-    let (b, t, di, n) = (2, 11, 37, 5);
+    let (b, t, di, n) = (2, 2 * metamix::mixers::selective_scan::SEGMENT + 9, 37, 5);
     let u = normal([b, t, di]);
     let delta = leaf([b, t, di], Distribution::Uniform(0.001, 0.5));
     let b_in = normal([b, t, n]);

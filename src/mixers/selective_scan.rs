@@ -91,6 +91,10 @@ pub fn selective_scan(
 /// Channels per parallel task: one sequence's block of channels.
 const BLOCK: usize = 32;
 
+/// Steps per segment of the backward's recompute: the states of one segment at a time stay
+/// in cache (all T of them, 33 MB per task at 16k tokens, would not).
+pub const SEGMENT: usize = 256;
+
 /// The sizes of a scan.
 #[derive(Clone, Copy)]
 struct Dims {
@@ -271,15 +275,18 @@ fn backward_task(x: &Inputs, dims: Dims, task: Task, (gy, gh): (&[f32], &[f32]))
     let blk = Block::new(x, dims, task);
     let w = blk.w;
     let nw = n * w;
-    // The states h_(−1) .. h_(T−1) and each step's decays, recomputed.
-    let mut states = vec![0f32; (t + 1) * nw];
-    let mut decays = vec![0f32; t * nw];
-    states[..nw].copy_from_slice(&blk.state_from(&x.h0));
-    for step in 0..t {
-        let (done, next) = states.split_at_mut((step + 1) * nw);
-        next[..nw].copy_from_slice(&done[step * nw..]);
-        let decay = &mut decays[step * nw..(step + 1) * nw];
-        blk.step(step, &mut next[..nw], decay, None);
+    // The state entering each segment of SEGMENT steps: one pass over all but the last.
+    let segments = t.div_ceil(SEGMENT).max(1);
+    let mut entering = vec![0f32; segments * nw];
+    let mut h = blk.state_from(&x.h0);
+    entering[..nw].copy_from_slice(&h);
+    let mut decay = vec![0f32; nw];
+    for step in 0..(segments - 1) * SEGMENT {
+        blk.step(step, &mut h, &mut decay, None);
+        if (step + 1) % SEGMENT == 0 {
+            let s = (step + 1) / SEGMENT;
+            entering[s * nw..(s + 1) * nw].copy_from_slice(&h);
+        }
     }
     // λ = ∂L/∂h_t, from the final state's gradient back in time.
     let mut lambda = blk.state_from(gh);
@@ -287,37 +294,52 @@ fn backward_task(x: &Inputs, dims: Dims, task: Task, (gy, gh): (&[f32], &[f32]))
     let mut g_a = vec![0f32; nw];
     let (mut g_b, mut g_c) = (vec![0f32; t * n], vec![0f32; t * n]);
     let mut dlu = vec![0f32; w];
-    for step in (0..t).rev() {
-        let (dl, u) = blk.at(step);
-        let (b, c) = blk.bc(step);
-        let at = (task.0 * t + step) * dd + task.1;
-        let gy = &gy[at..at + w];
-        for j in 0..w {
-            dlu[j] = dl[j] * u[j];
+    // One segment's states h_(start−1) .. h_(end−1) and decays, recomputed from its entering
+    // state: a buffer that stays in cache, where all T states would not at long lengths.
+    let mut states = vec![0f32; (SEGMENT.min(t) + 1) * nw];
+    let mut decays = vec![0f32; SEGMENT.min(t) * nw];
+    for segment in (0..segments).rev() {
+        let (start, end) = (segment * SEGMENT, ((segment + 1) * SEGMENT).min(t));
+        states[..nw].copy_from_slice(&entering[segment * nw..(segment + 1) * nw]);
+        for i in 0..end - start {
+            let (done, next) = states.split_at_mut((i + 1) * nw);
+            next[..nw].copy_from_slice(&done[i * nw..]);
+            let decay = &mut decays[i * nw..(i + 1) * nw];
+            blk.step(start + i, &mut next[..nw], decay, None);
         }
-        let gd = &mut g_delta[step * w..(step + 1) * w];
-        let gu = &mut g_u[step * w..(step + 1) * w];
-        let e_t = &decays[step * nw..(step + 1) * nw];
-        let h_prev_t = &states[step * nw..(step + 1) * nw];
-        let h_t = &states[(step + 1) * nw..(step + 2) * nw];
-        for k in 0..n {
-            let r = k * w..(k + 1) * w;
-            let lam = &mut lambda[r.clone()];
-            let (e, h_prev, h) = (&e_t[r.clone()], &h_prev_t[r.clone()], &h_t[r.clone()]);
-            let (a, ga) = (&blk.a[r.clone()], &mut g_a[r]);
-            // y_t = C_t · h_t
-            g_c[step * n + k] = dot(gy, h);
+        for step in (start..end).rev() {
+            let i = step - start;
+            let (dl, u) = blk.at(step);
+            let (b, c) = blk.bc(step);
+            let at = (task.0 * t + step) * dd + task.1;
+            let gy = &gy[at..at + w];
             for j in 0..w {
-                lam[j] += gy[j] * c[k];
+                dlu[j] = dl[j] * u[j];
             }
-            // h_t = e ⊙ h_(t−1) + Δ·u·B_t, e = exp(Δ·A)
-            g_b[step * n + k] = dot(lam, &dlu);
-            for j in 0..w {
-                let back = lam[j] * e[j] * h_prev[j];
-                gd[j] += back * a[j] + lam[j] * u[j] * b[k];
-                gu[j] += lam[j] * dl[j] * b[k];
-                ga[j] += back * dl[j];
-                lam[j] *= e[j];
+            let gd = &mut g_delta[step * w..(step + 1) * w];
+            let gu = &mut g_u[step * w..(step + 1) * w];
+            let e_t = &decays[i * nw..(i + 1) * nw];
+            let h_prev_t = &states[i * nw..(i + 1) * nw];
+            let h_t = &states[(i + 1) * nw..(i + 2) * nw];
+            for k in 0..n {
+                let r = k * w..(k + 1) * w;
+                let lam = &mut lambda[r.clone()];
+                let (e, h_prev, h) = (&e_t[r.clone()], &h_prev_t[r.clone()], &h_t[r.clone()]);
+                let (a, ga) = (&blk.a[r.clone()], &mut g_a[r]);
+                // y_t = C_t · h_t
+                g_c[step * n + k] = dot(gy, h);
+                for j in 0..w {
+                    lam[j] += gy[j] * c[k];
+                }
+                // h_t = e ⊙ h_(t−1) + Δ·u·B_t, e = exp(Δ·A)
+                g_b[step * n + k] = dot(lam, &dlu);
+                for j in 0..w {
+                    let back = lam[j] * e[j] * h_prev[j];
+                    gd[j] += back * a[j] + lam[j] * u[j] * b[k];
+                    gu[j] += lam[j] * dl[j] * b[k];
+                    ga[j] += back * dl[j];
+                    lam[j] *= e[j];
+                }
             }
         }
     }
