@@ -202,11 +202,7 @@ mod tests {
                 ("gradient", &ours.1, &burns.1),
             ] {
                 // Relative past 1: the outputs grow with |x|.
-                let err = a
-                    .iter()
-                    .zip(b)
-                    .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
-                    .fold(0f32, f32::max);
+                let err = crate::testing::max_relative_difference(a, b);
                 assert!(err < 2e-6, "{name} {what}: max difference {err}");
             }
         }

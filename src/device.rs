@@ -29,14 +29,6 @@ pub fn open_ranks(
         opened.push((spec.clone(), device.clone()));
         devices.push(device);
     }
-    if backend == BackendKind::Cpu && working_dtype(precision).is_some() {
-        let name = format!("{precision:?}").to_lowercase();
-        eprintln!(
-            "note: training.precision = \"{name}\" on the cpu backend rounds the projections to \
-             {name} but multiplies in f32 (Burn's flex has no {name} matrix kernel), so it \
-             trains slower than \"f32\" here: use it for its numerics, not for speed"
-        );
-    }
     Ok(devices)
 }
 
@@ -100,8 +92,8 @@ pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// Between ops, rayon's idle threads go to sleep within microseconds, and each op wakes them
 /// again through the kernel: about 10% of a default-model step in the scheduler, and a
 /// thread that joins late (+25% tokens/s without it). A spinning thread uses its core fully,
-/// so this is for the cpu backend's training only: on other backends their own threads, or
-/// the GPU, do the work. A thread naps in 1 ms steps after [`SPIN_FOR`] without work.
+/// so this is for the cpu backend's work only ([`Self::for_devices`]): on other backends their
+/// own threads, or the GPU, do the work. A thread naps in 1 ms steps after [`SPIN_FOR`] without work.
 pub struct BusyPool(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
 
 impl BusyPool {
@@ -123,6 +115,15 @@ impl BusyPool {
             }
         });
         Self(Some(done))
+    }
+
+    /// [`Self::start`] when every one of `devices` is flex; otherwise nothing spins.
+    pub fn for_devices<'a>(devices: impl IntoIterator<Item = &'a Device>) -> Self {
+        if devices.into_iter().all(is_flex) {
+            Self::start()
+        } else {
+            Self(None)
+        }
     }
 
     /// Whether threads are spinning for this guard.
@@ -233,6 +234,19 @@ pub fn is_flex(device: &Device) -> bool {
         device.clone()
     };
     plain == Device::flex()
+}
+
+/// Says, once per run, that `precision` on the cpu backend is for its numerics: flex has no
+/// low-precision matrix kernel, so it trains slower than f32 there.
+pub fn note_cpu_precision(backend: BackendKind, precision: Precision) {
+    if backend == BackendKind::Cpu && working_dtype(precision).is_some() {
+        let name = format!("{precision:?}").to_lowercase();
+        eprintln!(
+            "note: training.precision = \"{name}\" on the cpu backend rounds the projections to \
+             {name} but multiplies in f32 (Burn's flex has no {name} matrix kernel), so it \
+             trains slower than \"f32\" here: use it for its numerics, not for speed"
+        );
+    }
 }
 
 /// The low-precision working dtype of `precision`, if any.

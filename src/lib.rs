@@ -33,6 +33,8 @@ pub mod recipe;
 pub mod run;
 pub mod sample;
 pub mod tasks;
+#[cfg(test)]
+mod testing;
 pub mod train;
 pub mod vector_math;
 pub mod weights;

@@ -386,6 +386,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let run = Run::open(&run)?;
             let tokenizer = run.text_tokenizer("sample")?;
             let device = Ranks::from_recipe(&run.recipe)?.device(0).clone();
+            let _busy = metamix::device::BusyPool::for_devices([&device]);
             let (model, _) = run.load_model(step, &device)?;
             let text = generate(
                 &model,
@@ -477,6 +478,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let run = Run::open(&run)?;
             let r = &run.recipe;
             let device = Ranks::from_recipe(r)?.device(0).clone();
+            let _busy = metamix::device::BusyPool::for_devices([&device]);
             let (model, ckpt) = run.load_model(step, &device)?;
             if batches == Some(0) {
                 anyhow::bail!("--batches must be at least 1");

@@ -215,14 +215,8 @@ impl<B: Backend + MatmulBackend, C: CheckpointStrategy> MatmulBackend for Autodi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_relative_difference;
     use burn::tensor::Distribution;
-
-    fn max_relative_difference(x: &[f32], y: &[f32]) -> f32 {
-        x.iter()
-            .zip(y)
-            .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
-            .fold(0f32, f32::max)
-    }
 
     /// Equal to Burn's matmul, output and both gradients: contiguous inputs, a transposed
     /// weight (the tied LM head), a sliced one, and sizes on both sides of the threshold

@@ -211,11 +211,7 @@ mod tests {
             "the extension ran"
         );
         for (what, a, b) in [("nll", &ours.0, &burns.0), ("gradient", &ours.1, &burns.1)] {
-            let err = a
-                .iter()
-                .zip(b)
-                .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
-                .fold(0f32, f32::max);
+            let err = crate::testing::max_relative_difference(a, b);
             assert!(err < 1e-5, "{what}: max difference {err}");
         }
     }

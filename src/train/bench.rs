@@ -84,6 +84,7 @@ pub fn bench_mixer(
     use burn::prelude::*;
     use burn::tensor::Distribution;
     let plain = Ranks::from_recipe(recipe)?.device(0).clone();
+    let _busy = crate::device::BusyPool::for_devices([&plain]);
     let device = if forward_only {
         plain
     } else {

@@ -16,8 +16,6 @@ pub struct Ranks {
     data: usize,
     /// How each sequence is cut, when sequence parallelism is on.
     layout: Option<SequenceLayout>,
-    /// The cpu backend's pool threads spinning for work while these ranks train.
-    _busy: Option<crate::device::BusyPool>,
 }
 
 impl Ranks {
@@ -33,7 +31,6 @@ impl Ranks {
             devices,
             data,
             layout: (sequence > 1).then(|| SequenceLayout::new(sequence, seq_len, sharding)),
-            _busy: None,
         }
     }
 
@@ -46,18 +43,13 @@ impl Ranks {
         } else {
             p.devices.clone()
         };
-        let devices = crate::device::open_ranks(t.backend, &specs, t.precision)?;
-        let all_flex = devices.iter().all(crate::device::is_flex);
-        Ok(Self {
-            _busy: all_flex.then(crate::device::BusyPool::start),
-            ..Self::new(
-                devices,
-                p.data_parallel_degree,
-                p.sequence_parallel_degree,
-                p.sequence_sharding,
-                recipe.seq_len(),
-            )
-        })
+        Ok(Self::new(
+            crate::device::open_ranks(t.backend, &specs, t.precision)?,
+            p.data_parallel_degree,
+            p.sequence_parallel_degree,
+            p.sequence_sharding,
+            recipe.seq_len(),
+        ))
     }
 
     /// Plain device of rank `r`.

@@ -34,6 +34,8 @@ pub struct Trainer {
     /// f16's dynamic loss scale (absent in f32 and bf16).
     pub loss_scaler: Option<LossScaler>,
     pub schedule: LrSchedule,
+    /// The cpu backend's pool threads spinning for work while this trainer lives.
+    _busy: crate::device::BusyPool,
 }
 
 /// How far a run has got.
@@ -131,6 +133,7 @@ impl Trainer {
     ) -> anyhow::Result<Self> {
         let t = &recipe.training;
         let ranks = Ranks::from_recipe(recipe)?;
+        crate::device::note_cpu_precision(t.backend, t.precision);
         let device = ranks.device(0).clone().autodiff();
         if recipe.model.vocab_size != 0 && recipe.model.vocab_size < vocab_size {
             anyhow::bail!(
@@ -145,6 +148,7 @@ impl Trainer {
         check_memory(&config, recipe)?;
         let model = config.init_seeded(t.seed, &device);
         let optimizer = AdamW::new(recipe.optimizer.clone(), &device);
+        let busy = crate::device::BusyPool::for_devices((0..ranks.len()).map(|r| ranks.device(r)));
         let mut trainer = Self {
             recipe: recipe.clone(),
             ranks,
@@ -156,6 +160,7 @@ impl Trainer {
             sampler: WindowSampler::new(recipe.data.sampling, t.seed),
             loss_scaler: None,
             schedule: LrSchedule::new(&recipe.lr_scheduler, recipe.optimizer.lr, t.steps),
+            _busy: busy,
         };
         trainer.fit_loss_scaler();
         Ok(trainer)
