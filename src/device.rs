@@ -196,7 +196,12 @@ pub fn flex_map(
 }
 
 /// [`flex_map`]'s loop over one piece.
-#[multiversion::multiversion(targets = "simd")]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
 fn map_piece(out: &mut [f32], x: &[f32], other: Option<&[f32]>, f: &impl Fn(f32, f32) -> f32) {
     match other {
         Some(o) => {

@@ -4,8 +4,11 @@
 //! branch-free, each tested against libm.
 //!
 //! The crate is built for baseline x86-64, whose loops vectorise to 4-lane SSE2 without FMA.
-//! The loops that call these are `#[multiversion(targets = "simd")]`: compiled again for
-//! AVX2 and AVX-512 and chosen at run time, as Burn's own kernels choose their instructions.
+//! The loops that call these are `#[multiversion(targets(...))]`: compiled again for
+//! AVX-512, AVX2 and SSE4.2 and chosen at run time, as Burn's own kernels choose their
+//! instructions. The targets are listed at each kernel: multiversion's `"simd"` shorthand
+//! leaves AVX-512 out (written before Rust 1.89 made it stable), which kept the kernels on
+//! AVX2 until this was noticed.
 
 /// `Σ xᵢ` in 16 interleaved partial sums, which vectorise (a single running sum cannot be
 /// reordered, so it stays one scalar add per element).
@@ -25,7 +28,18 @@ pub fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
             *l += f(v);
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    add_lanes(lanes) + tail
+}
+
+/// The sum of 16 lanes by halves: 8 + 4 + 2 + 1 vector adds. `iter().sum()` would add them
+/// one after another in order (floats do not reassociate), a serial chain of 16 scalar adds
+/// that perf showed costing more than the products it sums in short dots.
+#[inline(always)]
+fn add_lanes(lanes: [f32; 16]) -> f32 {
+    // Fixed-size halves (a loop over the half width was left a loop, not unrolled).
+    let h8: [f32; 8] = std::array::from_fn(|i| lanes[i] + lanes[i + 8]);
+    let h4: [f32; 4] = std::array::from_fn(|i| h8[i] + h8[i + 4]);
+    (h4[0] + h4[2]) + (h4[1] + h4[3])
 }
 
 /// The largest of `x` (−∞ if empty), in 16 lanes as [`sum`] (a running `max` is not
@@ -43,7 +57,10 @@ pub fn max(x: &[f32]) -> f32 {
             *l = if v > *l { v } else { *l };
         }
     }
-    lanes.iter().fold(tail, |m, &v| m.max(v))
+    let larger = |a: f32, b: f32| if b > a { b } else { a };
+    let h8: [f32; 8] = std::array::from_fn(|i| larger(lanes[i], lanes[i + 8]));
+    let h4: [f32; 4] = std::array::from_fn(|i| larger(h8[i], h8[i + 4]));
+    larger(larger(h4[0], h4[2]), larger(h4[1], h4[3])).max(tail)
 }
 
 /// `Σ aᵢ·bᵢ`, as [`sum`].
@@ -59,7 +76,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     let tail: f32 = a[split..].iter().zip(&b[split..]).map(|(x, y)| x * y).sum();
-    lanes.iter().sum::<f32>() + tail
+    add_lanes(lanes) + tail
 }
 
 /// `exp(x)` for `x ≤ 0` (decays, Gaussians) to about 2 ulp: Cephes' `expf` without

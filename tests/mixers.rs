@@ -256,7 +256,19 @@ fn linear_attention_bidirectional_forms_equal_the_full_matrix() {
 
 #[test]
 fn ssm_chunked_and_fused_scans_equal_sequential() {
-    let (b, t, di, n) = (2, 19, 6, 4);
+    scan_forms_equal_sequential((2, 19, 6, 4), &[1, 4, 8, 64]);
+}
+
+/// Enough sequences that the fused scan takes its widest channel blocks (16 × 2 blocks of
+/// 128), the second one partial.
+#[test]
+fn ssm_fused_scan_in_wide_blocks_equals_sequential() {
+    scan_forms_equal_sequential((16, 5, 130, 3), &[]);
+}
+
+/// The fused scan and the chunked ones (chunk lengths `chunks`) against the sequential
+/// reference at `(batch, steps, channels, state size)`, outputs and gradients.
+fn scan_forms_equal_sequential((b, t, di, n): (usize, usize, usize, usize), chunks: &[usize]) {
     let u = normal([b, t, di]);
     let delta = leaf([b, t, di], Distribution::Uniform(0.001, 0.5));
     let b_in = normal([b, t, n]);
@@ -287,7 +299,7 @@ fn ssm_chunked_and_fused_scans_equal_sequential() {
         "fused".into(),
         Box::new(|s| ssm::scan_fused_from(s, None).0),
     )];
-    for c in [1, 4, 8, 64] {
+    for &c in chunks {
         forms.push((
             format!("chunk={c}"),
             Box::new(move |s| ssm::scan_chunked(s, c)),

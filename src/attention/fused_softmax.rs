@@ -79,7 +79,12 @@ fn visible(i: usize, tk: usize, v: Visibility) -> (usize, usize) {
 
 /// The forward over a task's rows (`first_row..`, each `tk` long, `tq` per sequence), into
 /// `p` zeroed: hidden keys keep weight 0.
-#[multiversion::multiversion(targets = "simd")]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
 fn softmax_rows(
     p: &mut [f32],
     s: &[f32],
@@ -105,7 +110,12 @@ fn softmax_rows(
 }
 
 /// The backward over a task's rows.
-#[multiversion::multiversion(targets = "simd")]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
 fn softmax_rows_backward(ds: &mut [f32], p: &[f32], dp: &[f32], tk: usize, scale: f32) {
     for ((ds, p), dp) in ds.chunks_mut(tk).zip(p.chunks(tk)).zip(dp.chunks(tk)) {
         let c = dot(p, dp);

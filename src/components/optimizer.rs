@@ -363,7 +363,12 @@ struct AdamWStep {
 }
 
 /// [`fused_update`]'s loop over one piece of a parameter.
-#[multiversion::multiversion(targets = "simd")]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
 fn adamw_piece(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], r: &AdamWStep) {
     for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
         let g = g * r.scale;

@@ -75,7 +75,12 @@ fn row_lse(x: &[f32]) -> (f32, f32) {
     (m, sum_map(x, |v| exp_nonpositive(v - m)).ln())
 }
 
-#[multiversion::multiversion(targets = "simd")]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
 fn nll_rows(nll: &mut [f32], logits: &[f32], targets: &[usize]) {
     let v = logits.len() / nll.len().max(1);
     for ((nll, x), &t) in nll.iter_mut().zip(logits.chunks(v)).zip(targets) {
@@ -84,7 +89,12 @@ fn nll_rows(nll: &mut [f32], logits: &[f32], targets: &[usize]) {
     }
 }
 
-#[multiversion::multiversion(targets = "simd")]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
 fn nll_rows_backward(d: &mut [f32], logits: &[f32], targets: &[usize], grad: &[f32]) {
     let v = logits.len() / grad.len().max(1);
     for (((d, x), &t), &g) in d.chunks_mut(v).zip(logits.chunks(v)).zip(targets).zip(grad) {

@@ -88,7 +88,12 @@ fn row_stats(x: &[f32], eps: f32, center: bool) -> (f32, f32) {
 }
 
 /// The forward over a task's rows `x` (each `gamma.len()` long) into `out`.
-#[multiversion::multiversion(targets = "simd")]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
 fn norm_rows(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, center: bool) {
     let d = gamma.len();
     for (y, x) in out.chunks_mut(d).zip(x.chunks(d)) {
@@ -101,7 +106,12 @@ fn norm_rows(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, 
 }
 
 /// The backward over a task's rows: `dx` written, `dγ` and `dβ` (`sums`) accumulated.
-#[multiversion::multiversion(targets = "simd")]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
 fn norm_rows_backward(
     dx: &mut [f32],
     x: &[f32],
