@@ -78,7 +78,7 @@ pub fn apply<const D: usize>(x: Tensor<D>, f: Pointwise) -> Tensor<D> {
 
 /// `sigmoid(x)` and `e^(−|x|)`, from one exp that cannot overflow.
 #[inline(always)]
-fn sigmoid_and_exp(x: f32) -> (f32, f32) {
+pub(crate) fn sigmoid_and_exp(x: f32) -> (f32, f32) {
     let e = exp_nonpositive(-x.abs());
     let s = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
     (s, e)

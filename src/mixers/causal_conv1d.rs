@@ -29,8 +29,20 @@ impl CausalConv1d {
         (window * w).sum_dim(1) + self.bias.val().reshape([1, 1, ch])
     }
 
+    /// `silu(self.forward(x, history))`: on flex one fused op ([`super::fused_conv1d`]),
+    /// elsewhere the reference.
+    pub fn forward_silu(&self, x: Tensor<3>, history: Option<Tensor<3>>) -> Tensor<3> {
+        if !crate::device::is_flex(&x.device()) {
+            return crate::activations::silu(self.forward(x, history));
+        }
+        let [b, _, ch] = x.dims();
+        let history =
+            history.unwrap_or_else(|| Tensor::zeros([b, self.kernel() - 1, ch], &x.device()));
+        super::fused_conv1d::conv1d_silu(x, history, self.weight.val(), self.bias.val())
+    }
+
     /// Over `x` `[b, t, ch]`, the `kernel − 1` inputs before it in `history` (zeros at the
-    /// start of a sequence).
+    /// start of a sequence). The reference form: a slice, product and sum per tap.
     pub fn forward(&self, x: Tensor<3>, history: Option<Tensor<3>>) -> Tensor<3> {
         let [b, t, ch] = x.dims();
         let [_, _, kernel] = self.weight.dims();

@@ -428,7 +428,7 @@ impl Mamba2 {
         if let Some(p) = padding {
             delta = delta * p.column();
         }
-        let xbc = silu(dir.conv1d.forward(xbc, history));
+        let xbc = dir.conv1d.forward_silu(xbc, history);
         let (xs, B, C) = self.split_xbc(xbc);
         let A = dir.A_log.val().exp().neg();
         let (y, ssm) = match self.form {

@@ -9,6 +9,7 @@
 
 pub mod causal_conv1d;
 pub mod decayed_scan;
+pub mod fused_conv1d;
 pub mod selective_scan;
 
 use std::fmt::Debug;

@@ -128,7 +128,7 @@ impl Ssm {
         let history = history.unwrap_or_else(|| Tensor::zeros([bsz, kernel - 1, di], &u.device()));
         let window = Tensor::cat(vec![history.clone(), u.clone()], 1);
         let next_history = window.narrow(1, t, kernel - 1);
-        let u = silu(dir.conv1d.forward(u, Some(history)));
+        let u = dir.conv1d.forward_silu(u, Some(history));
         let dbc = linear(dir.x_proj, u.clone());
         let dt = dbc.clone().narrow(2, 0, r);
         let b = dbc.clone().narrow(2, r, n);

@@ -1,0 +1,442 @@
+//! Mamba's and Mamba-2's depthwise causal conv and the SiLU after it, fused, as a Burn
+//! backend extension on flex: `y_s = silu(bias + Σ_j w_j ⊙ p_(s+j))` over the sequence `p`
+//! = history then x, channels innermost so every loop is element-wise. The backward
+//! recomputes the pre-activation from the inputs and gathers each input row's gradient from
+//! the `kernel` outputs that read it, so no two tasks write the same row.
+//!
+//! The reference is [`super::causal_conv1d::CausalConv1d::forward`] followed by
+//! [`crate::activations::silu`]: a concatenation, `kernel` slices, products and sums, each
+//! with its own backward (about 20 ops and several zero-filled buffers per layer). The
+//! tests hold the two equal, gradients included.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
+use burn::prelude::*;
+use rayon::prelude::*;
+
+use crate::activations::sigmoid_and_exp;
+use crate::device::{flex_f32, flex_from_f32};
+
+#[backend_extension(Flex, Autodiff)]
+pub trait ConvSiluBackend: Backend {
+    /// x `[b, t, ch]` after history `[b, kernel − 1, ch]`, weight `[ch, 1, kernel]`, bias
+    /// `[ch]` → `silu(conv)` `[b, t, ch]`.
+    fn conv1d_silu(
+        x: FloatTensor<Self>,
+        history: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// The gradients of x, history, weight and bias given the output's.
+    #[allow(clippy::type_complexity)]
+    fn conv1d_silu_backward(
+        x: FloatTensor<Self>,
+        history: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+}
+
+static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times the fused conv's forward has run in this process (for tests that check a
+/// form took this path).
+pub fn forward_calls() -> usize {
+    FORWARD_CALLS.load(Ordering::Relaxed)
+}
+
+/// `silu(conv(x))` through the extension (flex and its autodiff only; see
+/// [`crate::device::is_flex`]).
+pub fn conv1d_silu(
+    x: Tensor<3>,
+    history: Tensor<3>,
+    weight: Tensor<3>,
+    bias: Tensor<1>,
+) -> Tensor<3> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as ConvSiluBackend>::conv1d_silu(
+        x.into_dispatch(),
+        history.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
+/// Output rows per parallel task, so one long sequence still spreads over every core.
+const PIECE: usize = 256;
+
+/// The inputs as f32, the weight transposed to `[kernel][ch]`.
+struct Inputs<'a> {
+    x: std::borrow::Cow<'a, [f32]>,
+    history: std::borrow::Cow<'a, [f32]>,
+    /// `[kernel][ch]`.
+    w: Vec<f32>,
+    bias: std::borrow::Cow<'a, [f32]>,
+    t: usize,
+    ch: usize,
+    kernel: usize,
+}
+
+impl<'a> Inputs<'a> {
+    fn read(
+        x: &'a FlexTensor,
+        history: &'a FlexTensor,
+        weight: &FlexTensor,
+        bias: &'a FlexTensor,
+    ) -> Self {
+        let (s, kernel) = (x.shape(), weight.shape()[2]);
+        let (t, ch) = (s[1], s[2]);
+        let raw = flex_f32(weight);
+        let mut w = vec![0f32; kernel * ch];
+        for c in 0..ch {
+            for j in 0..kernel {
+                w[j * ch + c] = raw[c * kernel + j];
+            }
+        }
+        Self {
+            x: flex_f32(x),
+            history: flex_f32(history),
+            w,
+            bias: flex_f32(bias),
+            t,
+            ch,
+            kernel,
+        }
+    }
+
+    /// Row `r` of sequence `i` counted from the start of its history (`r < kernel − 1`
+    /// reads the history).
+    #[inline(always)]
+    fn row(&self, i: usize, r: usize) -> &[f32] {
+        let (ch, h) = (self.ch, self.kernel - 1);
+        if r < h {
+            &self.history[(i * h + r) * ch..(i * h + r + 1) * ch]
+        } else {
+            let s = r - h;
+            &self.x[(i * self.t + s) * ch..(i * self.t + s + 1) * ch]
+        }
+    }
+
+    /// The pre-activation at output step `s` of sequence `i` into `z` `[ch]`.
+    #[inline(always)]
+    fn conv_at(&self, i: usize, s: usize, z: &mut [f32]) {
+        let ch = self.ch;
+        let z = &mut z[..ch];
+        z.copy_from_slice(&self.bias[..ch]);
+        for j in 0..self.kernel {
+            let (w, p) = (&self.w[j * ch..(j + 1) * ch], self.row(i, s + j));
+            for c in 0..ch {
+                z[c] += w[c] * p[c];
+            }
+        }
+    }
+}
+
+/// Output steps `s0..s0 + out.len() / ch` of sequence `i`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn forward_piece(x: &Inputs, i: usize, s0: usize, out: &mut [f32]) {
+    let ch = x.ch;
+    for (k, y) in out.chunks_exact_mut(ch).enumerate() {
+        x.conv_at(i, s0 + k, y);
+        for v in y.iter_mut() {
+            *v *= sigmoid_and_exp(*v).0;
+        }
+    }
+}
+
+impl Inputs<'_> {
+    /// ∂L/∂z at output steps `first..last` of sequence `i`, `[last − first][ch]`, from the
+    /// output's gradient: the pre-activation z recomputed, `silu'(z) = σ(z)(1 + z(1 − σ(z)))`.
+    #[inline(always)]
+    fn grad_z(&self, grad: &[f32], i: usize, (first, last): (usize, usize)) -> Vec<f32> {
+        let (t, ch) = (self.t, self.ch);
+        let mut gz = vec![0f32; (last - first) * ch];
+        let mut z = vec![0f32; ch];
+        for (k, gz) in gz.chunks_exact_mut(ch).enumerate() {
+            let s = first + k;
+            self.conv_at(i, s, &mut z);
+            let g = &grad[(i * t + s) * ch..(i * t + s + 1) * ch];
+            for c in 0..ch {
+                let sig = sigmoid_and_exp(z[c]).0;
+                gz[c] = g[c] * sig * (1.0 + z[c] * (1.0 - sig));
+            }
+        }
+        gz
+    }
+
+    /// The gradient of padded row `r` into `out` `[ch]`: row r is read by output steps
+    /// `r − j` (j < kernel) with weight `w_j`; `gz` holds ∂L/∂z from step `first`.
+    #[inline(always)]
+    fn gather(&self, gz: &[f32], first: usize, r: usize, out: &mut [f32]) {
+        let ch = self.ch;
+        let out = &mut out[..ch];
+        out.fill(0.0);
+        for j in 0..self.kernel {
+            if r >= j + first && r - j < self.t {
+                let s = r - j - first;
+                let (w, g) = (&self.w[j * ch..(j + 1) * ch], &gz[s * ch..(s + 1) * ch]);
+                for c in 0..ch {
+                    out[c] += g[c] * w[c];
+                }
+            }
+        }
+    }
+}
+
+/// The gradients of x's rows `s0..s0 + gx.len() / ch` of sequence `i`, and this piece's
+/// share of the weight's and bias's gradients (`[kernel][ch]`, `[ch]`): those of output
+/// steps `s0..`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn backward_piece(x: &Inputs, grad: &[f32], (i, s0): (usize, usize), gx: &mut [f32]) -> Sums {
+    let (t, ch, kernel) = (x.t, x.ch, x.kernel);
+    let h = kernel - 1;
+    let s1 = s0 + gx.len() / ch;
+    // x's row s is padded row s + h, read by steps s .. s + h.
+    let gz = x.grad_z(grad, i, (s0, (s1 + h).min(t)));
+    for (k, row) in gx.chunks_exact_mut(ch).enumerate() {
+        x.gather(&gz, s0, s0 + k + h, row);
+    }
+    let (mut g_w, mut g_b) = (vec![0f32; kernel * ch], vec![0f32; ch]);
+    for s in s0..s1 {
+        let g = &gz[(s - s0) * ch..(s - s0 + 1) * ch];
+        for c in 0..ch {
+            g_b[c] += g[c];
+        }
+        for j in 0..kernel {
+            let (gw, p) = (&mut g_w[j * ch..(j + 1) * ch], x.row(i, s + j));
+            for c in 0..ch {
+                gw[c] += g[c] * p[c];
+            }
+        }
+    }
+    (g_w, g_b)
+}
+
+/// The gradient of sequence `i`'s history rows into `g_history` `[kernel − 1][ch]`.
+fn history_backward(x: &Inputs, grad: &[f32], i: usize, g_history: &mut [f32]) {
+    let h = x.kernel - 1;
+    let gz = x.grad_z(grad, i, (0, h.min(x.t)));
+    for (r, row) in g_history.chunks_exact_mut(x.ch).enumerate() {
+        x.gather(&gz, 0, r, row);
+    }
+}
+
+/// A weight gradient `[kernel][ch]` and a bias gradient `[ch]`, partial or summed.
+type Sums = (Vec<f32>, Vec<f32>);
+
+fn add_sums((mut w, mut b): Sums, (w2, b2): Sums) -> Sums {
+    w.iter_mut().zip(w2).for_each(|(a, v)| *a += v);
+    b.iter_mut().zip(b2).for_each(|(a, v)| *a += v);
+    (w, b)
+}
+
+impl ConvSiluBackend for Flex {
+    fn conv1d_silu(
+        x: FlexTensor,
+        history: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+    ) -> FlexTensor {
+        let (shape, dtype) = (x.shape(), x.dtype());
+        let inputs = Inputs::read(&x, &history, &weight, &bias);
+        let (t, ch) = (inputs.t, inputs.ch);
+        let mut y = vec![0f32; shape.num_elements()];
+        if t > 0 && ch > 0 {
+            y.par_chunks_mut(t * ch).enumerate().for_each(|(i, seq)| {
+                seq.par_chunks_mut(PIECE * ch)
+                    .enumerate()
+                    .for_each(|(p, out)| forward_piece(&inputs, i, p * PIECE, out));
+            });
+        }
+        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        flex_from_f32(y, shape, dtype)
+    }
+
+    fn conv1d_silu_backward(
+        x: FlexTensor,
+        history: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
+        let (x_shape, h_shape, dtype) = (x.shape(), history.shape(), x.dtype());
+        let (w_shape, b_shape) = (weight.shape(), bias.shape());
+        let inputs = Inputs::read(&x, &history, &weight, &bias);
+        let grad = flex_f32(&grad);
+        let (t, ch, kernel) = (inputs.t, inputs.ch, inputs.kernel);
+        let h = kernel - 1;
+        let mut gx = vec![0f32; x_shape.num_elements()];
+        let mut g_history = vec![0f32; h_shape.num_elements()];
+        let zero = || (vec![0f32; kernel * ch], vec![0f32; ch]);
+        let (g_w, g_b) = if t > 0 && ch > 0 {
+            gx.par_chunks_mut(t * ch)
+                .enumerate()
+                .map(|(i, gx)| {
+                    gx.par_chunks_mut(PIECE * ch)
+                        .enumerate()
+                        .map(|(p, gx)| backward_piece(&inputs, &grad, (i, p * PIECE), gx))
+                        .reduce(zero, add_sums)
+                })
+                .reduce(zero, add_sums)
+        } else {
+            zero()
+        };
+        if t > 0 && h > 0 && ch > 0 {
+            g_history
+                .par_chunks_mut(h * ch)
+                .enumerate()
+                .for_each(|(i, gh)| history_backward(&inputs, &grad, i, gh));
+        }
+        (
+            flex_from_f32(gx, x_shape, dtype),
+            flex_from_f32(g_history, h_shape, dtype),
+            flex_from_f32(g_w_to_weight(&g_w, ch, kernel), w_shape, dtype),
+            flex_from_f32(g_b, b_shape, dtype),
+        )
+    }
+}
+
+/// `[kernel][ch]` back to the weight's `[ch, 1, kernel]`.
+fn g_w_to_weight(g: &[f32], ch: usize, kernel: usize) -> Vec<f32> {
+    let mut out = vec![0f32; ch * kernel];
+    for c in 0..ch {
+        for j in 0..kernel {
+            out[c * kernel + j] = g[j * ch + c];
+        }
+    }
+    out
+}
+
+#[derive(Debug)]
+struct ConvSiluBackward;
+
+impl<B: Backend + ConvSiluBackend> Backward<B, 4> for ConvSiluBackward {
+    /// x, history, weight, bias: the output is recomputed from them.
+    type State = [FloatTensor<B>; 4];
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let [x, history, weight, bias] = ops.state;
+        let (gx, gh, gw, gb) = B::conv1d_silu_backward(x, history, weight, bias, grad);
+        for (node, g) in ops.parents.into_iter().zip([gx, gh, gw, gb]) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+impl<B: Backend + ConvSiluBackend, C: CheckpointStrategy> ConvSiluBackend for Autodiff<B, C> {
+    fn conv1d_silu(
+        x: FloatTensor<Self>,
+        history: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let nodes = [x.node(), history.node(), weight.node(), bias.node()];
+        let inputs = [x, history, weight, bias].map(|t| t.into_primitive());
+        let [x, history, weight, bias] = inputs.clone();
+        let y = B::conv1d_silu(x, history, weight, bias);
+        match ConvSiluBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(inputs, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn conv1d_silu_backward(
+        _x: FloatTensor<Self>,
+        _history: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _bias: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        unreachable!(
+            "the conv's backward runs on the inner backend; it is not differentiated again"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::causal_conv1d::CausalConv1d;
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// The fused conv + SiLU equals the reference, output and the gradients of x, history,
+    /// weight and bias: across a piece boundary, and with fewer steps than the history.
+    #[test]
+    fn fused_conv_silu_equals_the_reference() {
+        let device = Device::flex().autodiff();
+        device.seed(11);
+        for (b, t, ch, kernel) in [(3, PIECE + 37, 13, 4), (2, 2, 5, 4), (2, 9, 6, 1)] {
+            let normal = |shape: [usize; 3]| {
+                Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.5), &device).require_grad()
+            };
+            let x = normal([b, t, ch]);
+            let history = normal([b, kernel - 1, ch]);
+            let mut conv = CausalConv1d::new(ch, kernel, &device);
+            let bias = Tensor::<1>::random([ch], Distribution::Normal(0.0, 0.5), &device);
+            conv.bias = burn::module::Param::from_tensor(bias);
+            let probe = Tensor::<3>::random([b, t, ch], Distribution::Normal(0.0, 1.0), &device);
+            let run = |fused: bool| {
+                let y = if fused {
+                    conv.forward_silu(x.clone(), Some(history.clone()))
+                } else {
+                    crate::activations::silu(conv.forward(x.clone(), Some(history.clone())))
+                };
+                let g = (y.clone() * probe.clone()).sum().backward();
+                let v = |t: Tensor<3>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+                let v1 = |t: Tensor<1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+                [
+                    v(y),
+                    v(x.grad(&g).unwrap()),
+                    // An empty history (kernel 1) has no gradient.
+                    history.grad(&g).map(v).unwrap_or_default(),
+                    v(conv.weight.grad(&g).unwrap()),
+                    v1(conv.bias.grad(&g).unwrap()),
+                ]
+            };
+            let calls = forward_calls();
+            let fused = run(true);
+            assert!(forward_calls() > calls, "the extension ran");
+            let reference = run(false);
+            let names = ["output", "dx", "dhistory", "dweight", "dbias"];
+            for ((name, a), r) in names.iter().zip(&fused).zip(&reference) {
+                let err = crate::testing::max_relative_difference(a, r);
+                assert!(err < 1e-5, "{b}×{t}×{ch} k={kernel} {name}: {err:e}");
+            }
+        }
+    }
+}
