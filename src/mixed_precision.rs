@@ -37,6 +37,32 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// `linear(layer, x)` cut along its output features into pieces `widths` wide (summing to
+/// its width), each its own product with a column block of the weight. Narrowing one
+/// output instead leaves each piece a strided view, copied by whatever reads it, whose
+/// gradient is a zero-filled tensor of the whole output with the piece written in: a cost
+/// per activation, where this pays it once per weight.
+pub fn linear_split<const D: usize>(
+    layer: &Linear,
+    x: Tensor<D>,
+    widths: &[usize],
+) -> Vec<Tensor<D>> {
+    let (w, bias) = (layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
+    let mut start = 0;
+    widths
+        .iter()
+        .map(|&width| {
+            let y = matmul_rows(x.clone(), w.clone().narrow(1, start, width));
+            let y = match &bias {
+                Some(b) => y + b.clone().narrow(0, start, width).unsqueeze::<D>(),
+                None => y,
+            };
+            start += width;
+            y
+        })
+        .collect()
+}
+
 /// `x · w` for `x` `[.., k]` and a weight `w` `[k, n]`, as one `[rows, k] · [k, n]` product
 /// over all leading dims, in the working dtype when under [`autocast`].
 ///

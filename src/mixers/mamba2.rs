@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
 use super::decayed_scan::decayed_scan;
 use super::{MixerContext, MixerOptions, OptionError, ShardedForm, TokenMixer, normal_linear};
-use crate::mixed_precision::linear;
+use crate::mixed_precision::{linear, linear_split};
 use crate::options::{at_least_one, divisors, fail, non_negative, positive};
 use crate::padding::Padding;
 use crate::parallel::SequenceParallel;
@@ -352,13 +352,13 @@ impl Mamba2 {
         }
     }
 
-    /// `in_proj`'s output `[b, t, ·]` → z `[b, t, d_inner]`, xBC `[b, t, conv_dim]` and dt
-    /// `[b, t, nheads]` (before the direction's bias and softplus).
-    fn split_in_proj(&self, zxbcdt: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
+    /// `in_proj` of x `[b, t, d_model]` as its pieces: z `[b, t, d_inner]`, xBC
+    /// `[b, t, conv_dim]` and dt `[b, t, nheads]` (before the direction's bias and softplus).
+    fn split_in_proj(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
         let (di, h, conv_dim) = (self.d_inner, self.nheads(), self.conv_dim());
-        let z = zxbcdt.clone().narrow(2, 0, di);
-        let xbc = zxbcdt.clone().narrow(2, di, conv_dim);
-        let dt = zxbcdt.narrow(2, di + conv_dim, h);
+        let [z, xbc, dt] =
+            <[_; 3]>::try_from(linear_split(&self.in_proj, x, &[di, conv_dim, h]))
+                .expect("three pieces");
         (z, xbc, dt)
     }
 
@@ -404,7 +404,7 @@ impl Mamba2 {
                 None,
             ),
         };
-        let (z, xbc, dt) = self.split_in_proj(linear(&self.in_proj, x));
+        let (z, xbc, dt) = self.split_in_proj(x);
         let dir = self.forward_direction();
         let (y, ssm) = self.direction_output(&dir, xbc.clone(), dt, (Some(history.clone()), h0), None);
         // The next chunk's history: the last kernel − 1 conv inputs, some of them from
@@ -495,7 +495,7 @@ impl TokenMixer for Mamba2 {
         x: Tensor<3>,
         padding: Option<&Padding>,
     ) -> (Tensor<3>, Option<Tensor<1>>) {
-        let (z, xbc, dt) = self.split_in_proj(linear(&self.in_proj, x));
+        let (z, xbc, dt) = self.split_in_proj(x);
         // Zeroed padding cannot reach a real position through the conv either.
         let xbc = match padding {
             Some(p) => p.zero_padded(xbc),
@@ -533,7 +533,7 @@ impl TokenMixer for Mamba2 {
             conv: Tensor::zeros([bsz, kernel - 1, self.conv_dim()], &device),
             h: Tensor::zeros([bsz, h, p, n], &device),
         });
-        let (z, xbc, dt) = self.split_in_proj(linear(&self.in_proj, x));
+        let (z, xbc, dt) = self.split_in_proj(x);
         let dir = self.forward_direction();
         let dt = self.delta(&dir, dt);
         let window = Tensor::cat(vec![state.conv, xbc], 1);
@@ -745,7 +745,7 @@ mod tests {
             let m = Mamba2::init(&options, &ctx, &device);
             let x = Tensor::<3>::random([2, 9, 16], Distribution::Normal(0.0, 1.0), &device);
             let padding = Padding::from_lengths(&[5, 5], 9, &device);
-            let (_, xbc, dt) = m.split_in_proj(linear(&m.in_proj, x));
+            let (_, xbc, dt) = m.split_in_proj(x);
             let xbc = padding.zero_padded(xbc);
             let dir = m.forward_direction();
             let fresh = (None, None);

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::decayed_scan::decayed_scan;
 use super::selective_scan;
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
-use crate::mixed_precision::linear;
+use crate::mixed_precision::{linear, linear_split};
 use crate::options::{OptionError, at_least_one, fail, positive};
 use crate::padding::Padding;
 use crate::parallel::SequenceParallel;
@@ -107,8 +107,9 @@ impl Ssm {
     /// in_proj's output, split into the conv's input u and the gate z `[b, t, d_inner]`.
     fn split_in_proj(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
         let di = self.d_inner;
-        let xz = linear(&self.in_proj, x);
-        (xz.clone().narrow(2, 0, di), xz.narrow(2, di, di))
+        let [u, z] = <[_; 2]>::try_from(linear_split(&self.in_proj, x, &[di, di]))
+            .expect("two pieces");
+        (u, z)
     }
 
     /// One direction's scan inputs from the conv's input `u` `[b, t, d_inner]` that follows
