@@ -77,8 +77,8 @@ pub struct Mamba2Options {
     pub a_init_min: f64,
     /// Upper end of −A's initial range.
     pub a_init_max: f64,
-    /// Which form trains: `chunked` (SSD's dual form, the fast one) or `sequential` (the
-    /// reference).
+    /// Which form trains: `fused` (the fastest on the CPU), `chunked` (SSD's dual form) or
+    /// `sequential` (the reference).
     pub form: Mamba2Form,
 }
 
@@ -86,6 +86,9 @@ pub struct Mamba2Options {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mamba2Form {
+    /// [`ssd_fused`]: on flex the recurrence in one pass per group, Mamba's fused selective
+    /// scan over the heads' channels; elsewhere the chunked form.
+    Fused,
     /// [`ssd_chunked`]: matmuls within chunks, the recurrence between them.
     Chunked,
     /// [`ssd_sequential`]: the recurrence, one step at a time.
@@ -106,7 +109,7 @@ impl Default for Mamba2Options {
             dt_init_floor: 1e-4,
             a_init_min: 1.0,
             a_init_max: 16.0,
-            form: Mamba2Form::Chunked,
+            form: Mamba2Form::Fused,
         }
     }
 }
@@ -432,6 +435,7 @@ impl Mamba2 {
         let (xs, B, C) = self.split_xbc(xbc);
         let A = dir.A_log.val().exp().neg();
         let (y, ssm) = match self.form {
+            Mamba2Form::Fused => ssd_fused(xs.clone(), delta, A, B, C, h0, self.chunk_size),
             Mamba2Form::Chunked => ssd_chunked(xs.clone(), delta, A, B, C, h0, self.chunk_size),
             Mamba2Form::Sequential => ssd_sequential(xs.clone(), delta, A, B, C, h0),
         };
@@ -634,6 +638,63 @@ pub fn ssd_sequential(
     (Tensor::cat(ys, 1), state)
 }
 
+/// Fast form on the CPU: the recurrence, each group of heads in one call of Mamba's fused
+/// [`selective_scan`](super::selective_scan) over its heads' `P` channels each (Δ and A, one
+/// per head, broadcast to their channels; B and C the group's), whose state never leaves the
+/// cache. On the CPU this beats the dual form's matmuls, whose many small products and
+/// layout copies (about a third of a layer's time in copies) cost more than the
+/// recurrence's arithmetic saves. Elsewhere, [`ssd_chunked`] with chunks of `chunk`.
+/// Arguments and result as [`ssd_sequential`].
+pub fn ssd_fused(
+    x: Tensor<4>,
+    dt: Tensor<3>,
+    A: Tensor<1>,
+    B: Tensor<4>,
+    C: Tensor<4>,
+    initial: Option<Tensor<4>>,
+    chunk: usize,
+) -> (Tensor<4>, Tensor<4>) {
+    if !crate::device::is_flex(&x.device()) {
+        return ssd_chunked(x, dt, A, B, C, initial, chunk);
+    }
+    let [bsz, t, h, p] = x.dims();
+    let [_, _, g, n] = B.dims();
+    let per_group = h / g;
+    let width = per_group * p;
+    let initial = initial.unwrap_or_else(|| Tensor::zeros([bsz, h, p, n], &x.device()));
+    let (mut ys, mut states) = (Vec::with_capacity(g), Vec::with_capacity(g));
+    for group in 0..g {
+        let heads = |x: Tensor<4>| x.narrow(2, group * per_group, per_group);
+        let delta = dt
+            .clone()
+            .narrow(2, group * per_group, per_group)
+            .unsqueeze_dim::<4>(3)
+            .expand([bsz, t, per_group, p])
+            .reshape([bsz, t, width]);
+        let a = A
+            .clone()
+            .narrow(0, group * per_group, per_group)
+            .reshape([per_group, 1, 1])
+            .expand([per_group, p, n])
+            .reshape([width, n]);
+        let of_group = |x: Tensor<4>| x.narrow(2, group, 1).reshape([bsz, t, n]);
+        let (y, state) = super::selective_scan::selective_scan(
+            delta,
+            heads(x.clone()).reshape([bsz, t, width]),
+            a,
+            of_group(B.clone()),
+            of_group(C.clone()),
+            initial
+                .clone()
+                .narrow(1, group * per_group, per_group)
+                .reshape([bsz, width, n]),
+        );
+        ys.push(y.reshape([bsz, t, per_group, p]));
+        states.push(state.reshape([bsz, per_group, p, n]));
+    }
+    (Tensor::cat(ys, 2), Tensor::cat(states, 1))
+}
+
 /// Fast form, SSD's dual form: [`ssd_sequential`]'s map in chunks of `chunk` steps, all
 /// chunks at once (the sequence padded to whole chunks), the state carried from chunk to
 /// chunk by one [`decayed_scan`]. Within a chunk, with `cum_i` the cumulative sum of `Δ A` from the
@@ -735,7 +796,7 @@ mod tests {
     fn the_ssm_state_passes_padding_unchanged() {
         let device = Device::flex();
         let ctx = MixerContext::for_tests(16, 16);
-        for form in [Mamba2Form::Chunked, Mamba2Form::Sequential] {
+        for form in [Mamba2Form::Fused, Mamba2Form::Chunked, Mamba2Form::Sequential] {
             let options = Mamba2Options {
                 headdim: 8,
                 chunk_size: 4,
@@ -839,10 +900,15 @@ mod tests {
             ssd_sequential(x, dt, A, self.B.clone(), self.C.clone(), h0)
         }
 
-        fn chunked(&self, initial: bool, chunk: usize) -> (Tensor<4>, Tensor<4>) {
+        /// The chunked form, or with `fused` the fused one (the chunked form off flex).
+        fn fast(&self, initial: bool, chunk: usize, fused: bool) -> (Tensor<4>, Tensor<4>) {
             let h0 = initial.then(|| self.h0.clone());
             let (x, dt, A) = (self.x.clone(), self.dt.clone(), self.A.clone());
-            ssd_chunked(x, dt, A, self.B.clone(), self.C.clone(), h0, chunk)
+            let (B, C) = (self.B.clone(), self.C.clone());
+            match fused {
+                true => ssd_fused(x, dt, A, B, C, h0, chunk),
+                false => ssd_chunked(x, dt, A, B, C, h0, chunk),
+            }
         }
     }
 
@@ -857,24 +923,29 @@ mod tests {
     ];
 
     #[test]
-    fn chunked_equals_sequential() {
+    fn chunked_and_fused_equal_sequential() {
         let device = Device::flex();
         device.seed(2405);
-        for &(t, chunk, g, initial) in CASES {
+        let calls = crate::mixers::selective_scan::forward_calls();
+        for (&(t, chunk, g, initial), fused) in CASES.iter().flat_map(|c| [(c, false), (c, true)]) {
             let inputs = Inputs::random(t, g, &device);
             let (y_ref, h_ref) = inputs.sequential(initial);
-            let (y, h) = inputs.chunked(initial, chunk);
-            let case = format!("t={t} chunk={chunk} ngroups={g} initial={initial}");
+            let (y, h) = inputs.fast(initial, chunk, fused);
+            let case = format!("t={t} chunk={chunk} ngroups={g} initial={initial} fused={fused}");
             assert_close(y, y_ref, RTOL, ATOL, &format!("{case}: y"));
             assert_close(h, h_ref, RTOL, ATOL, &format!("{case}: final state"));
         }
+        assert!(
+            crate::mixers::selective_scan::forward_calls() > calls,
+            "the fused form ran the fused scan"
+        );
     }
 
     #[test]
-    fn chunked_gradients_equal_sequential() {
+    fn chunked_and_fused_gradients_equal_sequential() {
         let device = Device::flex().autodiff();
         device.seed(21);
-        for &(t, chunk, g, initial) in CASES {
+        for (&(t, chunk, g, initial), fused) in CASES.iter().flat_map(|c| [(c, false), (c, true)]) {
             let inputs = Inputs::random(t, g, &device).require_grad();
             let normal = Distribution::Normal(0.0, 1.0);
             let w = Tensor::<4>::random(inputs.x.dims(), normal, &device);
@@ -891,8 +962,8 @@ mod tests {
                 )
             };
             let (g4_ref, dt_ref, a_ref, h0_ref) = grads_of(inputs.sequential(initial));
-            let (g4, dt, a, h0) = grads_of(inputs.chunked(initial, chunk));
-            let case = format!("t={t} chunk={chunk} ngroups={g} initial={initial}");
+            let (g4, dt, a, h0) = grads_of(inputs.fast(initial, chunk, fused));
+            let case = format!("t={t} chunk={chunk} ngroups={g} initial={initial} fused={fused}");
             for ((actual, expected), name) in g4.into_iter().zip(g4_ref).zip(["x", "B", "C"]) {
                 assert_close(actual, expected, RTOL, ATOL, &format!("{case}: ∂/∂{name}"));
             }
@@ -911,7 +982,7 @@ mod tests {
         let device = Device::flex();
         device.seed(11);
         let ctx = MixerContext::for_tests(16, 64);
-        for form in [Mamba2Form::Chunked, Mamba2Form::Sequential] {
+        for form in [Mamba2Form::Fused, Mamba2Form::Chunked, Mamba2Form::Sequential] {
             let options = Mamba2Options {
                 d_state: 4,
                 headdim: 8,

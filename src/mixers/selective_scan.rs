@@ -173,6 +173,9 @@ struct Block<'a> {
     w: usize,
     /// A `[n][w]`.
     a: Vec<f32>,
+    /// Whether every channel's A is one number across its state (Mamba-2's scalar A per
+    /// head, broadcast): then each step's decay is one exp per channel, not `n`.
+    shared_decay: bool,
 }
 
 impl<'a> Block<'a> {
@@ -184,6 +187,7 @@ impl<'a> Block<'a> {
                 a[k * w + j] = x.a[(d0 + j) * n + k];
             }
         }
+        let shared_decay = (1..n).all(|k| a[k * w..(k + 1) * w] == a[..w]);
         Self {
             x,
             dims,
@@ -191,6 +195,7 @@ impl<'a> Block<'a> {
             d0,
             w,
             a,
+            shared_decay,
         }
     }
 
@@ -243,13 +248,16 @@ impl<'a> Block<'a> {
         let (dl, u) = self.at(step);
         let (b, c) = self.bc(step);
         for k in 0..self.dims.n {
-            let (hk, ek, ak) = (
-                &mut h[k * w..(k + 1) * w],
-                &mut decay[k * w..(k + 1) * w],
-                &self.a[k * w..(k + 1) * w],
-            );
+            if k > 0 && self.shared_decay {
+                decay.copy_within(..w, k * w);
+            } else {
+                let (ek, ak) = (&mut decay[k * w..(k + 1) * w], &self.a[k * w..(k + 1) * w]);
+                for j in 0..w {
+                    ek[j] = exp_nonpositive(dl[j] * ak[j]);
+                }
+            }
+            let (hk, ek) = (&mut h[k * w..(k + 1) * w], &decay[k * w..(k + 1) * w]);
             for j in 0..w {
-                ek[j] = exp_nonpositive(dl[j] * ak[j]);
                 hk[j] = ek[j] * hk[j] + dl[j] * u[j] * b[k];
             }
             if let Some(y) = y.as_deref_mut() {
