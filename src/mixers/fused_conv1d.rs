@@ -417,8 +417,18 @@ mod tests {
                     crate::activations::silu(conv.forward(x.clone(), Some(history.clone())))
                 };
                 let g = (y.clone() * probe.clone()).sum().backward();
-                let v = |t: Tensor<3>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
-                let v1 = |t: Tensor<1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+                let v = |t: Tensor<3>| {
+                    t.into_data()
+                        .convert::<f32>()
+                        .try_into_vec::<f32>()
+                        .unwrap()
+                };
+                let v1 = |t: Tensor<1>| {
+                    t.into_data()
+                        .convert::<f32>()
+                        .try_into_vec::<f32>()
+                        .unwrap()
+                };
                 [
                     v(y),
                     v(x.grad(&g).unwrap()),

@@ -39,6 +39,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use crate::activations::{silu, softplus};
 use crate::matmul::matmul;
+use crate::model::fused_norm::fused_norm;
 use serde::{Deserialize, Serialize};
 
 use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
@@ -262,8 +263,25 @@ impl GatedRmsNorm {
         }
     }
 
-    /// `y`, `z` `[b, t, d]` → `[b, t, d]`.
+    /// `y`, `z` `[b, t, d]` → `[b, t, d]`. On flex in f32 the normalisation is the fused
+    /// RMSNorm kernel (one op each way where the reference form takes six).
     pub fn forward(&self, y: Tensor<3>, z: Tensor<3>) -> Tensor<3> {
+        if !(crate::device::is_flex(&y.device()) && y.dtype() == burn::tensor::DType::F32) {
+            return self.forward_reference(y, z);
+        }
+        let [bsz, t, d] = y.dims();
+        let gs = self.group_size;
+        let gated = y * silu(z);
+        if gs == d {
+            return fused_norm(gated, self.weight.val(), None, Self::EPS, false);
+        }
+        let unit = Tensor::ones([gs], &gated.device());
+        let normed = fused_norm(gated.reshape([bsz, t, d / gs, gs]), unit, None, Self::EPS, false);
+        normed.reshape([bsz, t, d]) * self.weight.val().reshape([1, 1, d])
+    }
+
+    /// The tensor-op form: other backends' path, and the fused one's reference.
+    pub fn forward_reference(&self, y: Tensor<3>, z: Tensor<3>) -> Tensor<3> {
         let [bsz, t, d] = y.dims();
         let gs = self.group_size;
         let gated = (y * silu(z)).reshape([bsz, t, d / gs, gs]);
@@ -921,6 +939,39 @@ mod tests {
         (7, 1, 2, true),
         (19, 16, 1, true),
     ];
+
+    /// The gated norm through the fused RMSNorm equals its tensor-op form, output and the
+    /// gradients of y, z and the weight: one group, and groups smaller than the width.
+    #[test]
+    fn fused_gated_norm_equals_the_reference() {
+        let device = Device::flex().autodiff();
+        device.seed(7);
+        for group_size in [12, 4] {
+            let normal = |shape: [usize; 3]| {
+                Tensor::<3>::random(shape, Distribution::Normal(0.0, 2.0), &device).require_grad()
+            };
+            let (y, z) = (normal([2, 5, 12]), normal([2, 5, 12]));
+            let mut norm = GatedRmsNorm::new(12, group_size, &device);
+            let weight = Tensor::<1>::random([12], Distribution::Normal(1.0, 0.3), &device);
+            norm.weight = Param::from_tensor(weight);
+            let probe = Tensor::<3>::random([2, 5, 12], Distribution::Normal(0.0, 1.0), &device);
+            let run = |out: Tensor<3>| {
+                let g = (out.clone() * probe.clone()).sum().backward();
+                let w = norm.weight.grad(&g).unwrap();
+                (out, y.grad(&g).unwrap(), z.grad(&g).unwrap(), w)
+            };
+            let calls = crate::model::fused_norm::forward_calls();
+            let fused = run(norm.forward(y.clone(), z.clone()));
+            assert!(crate::model::fused_norm::forward_calls() > calls, "the fused norm ran");
+            let reference = run(norm.forward_reference(y.clone(), z.clone()));
+            let what = format!("group size {group_size}");
+            assert_close(fused.0, reference.0, RTOL, ATOL, &format!("{what}: output"));
+            assert_close(fused.1, reference.1, RTOL, ATOL, &format!("{what}: ∂/∂y"));
+            assert_close(fused.2, reference.2, RTOL, ATOL, &format!("{what}: ∂/∂z"));
+            let (w, w_ref) = (fused.3.unsqueeze::<3>(), reference.3.unsqueeze::<3>());
+            assert_close(w, w_ref, RTOL, ATOL, &format!("{what}: ∂/∂weight"));
+        }
+    }
 
     #[test]
     fn chunked_and_fused_equal_sequential() {
