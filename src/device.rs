@@ -182,8 +182,10 @@ pub fn flex_map(
     let (shape, dtype) = (x.shape(), x.dtype());
     let x_values = flex_f32(&x);
     let other_values = other.as_ref().map(flex_f32);
-    let mut out = vec![0f32; x_values.len()];
-    out.par_chunks_mut(MAP_PIECE)
+    // Written in place of a zero fill: every element is written once below.
+    let mut out = Vec::<f32>::with_capacity(x_values.len());
+    out.spare_capacity_mut()
+        .par_chunks_mut(MAP_PIECE)
         .zip(x_values.par_chunks(MAP_PIECE))
         .enumerate()
         .for_each(|(i, (out, x))| {
@@ -192,6 +194,8 @@ pub fn flex_map(
                 .map(|o| &o[i * MAP_PIECE..i * MAP_PIECE + x.len()]);
             map_piece(out, x, other, &f)
         });
+    // SAFETY: map_piece wrote each of the x_values.len() elements.
+    unsafe { out.set_len(x_values.len()) };
     flex_from_f32(out, shape, dtype)
 }
 
@@ -202,16 +206,22 @@ pub fn flex_map(
     "x86_64+sse4.2",
     "aarch64+neon"
 ))]
-fn map_piece(out: &mut [f32], x: &[f32], other: Option<&[f32]>, f: &impl Fn(f32, f32) -> f32) {
+fn map_piece(
+    out: &mut [std::mem::MaybeUninit<f32>],
+    x: &[f32],
+    other: Option<&[f32]>,
+    f: &impl Fn(f32, f32) -> f32,
+) {
+    assert_eq!(out.len(), x.len(), "every output element is written");
     match other {
         Some(o) => {
             for ((y, &x), &o) in out.iter_mut().zip(x).zip(o) {
-                *y = f(x, o);
+                y.write(f(x, o));
             }
         }
         None => {
             for (y, &x) in out.iter_mut().zip(x) {
-                *y = f(x, 0.0);
+                y.write(f(x, 0.0));
             }
         }
     }
