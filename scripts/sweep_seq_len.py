@@ -24,7 +24,8 @@ VARIANTS = {
     "linear (chunk 64)": ["model.mixer=\"linear\"", "model.linear.chunk_size=64"],
     "gla (gated, chunkwise)": ["model.mixer=\"linear\"", "model.linear.decay=\"gated\"",
                                "model.linear.normalize=false", "model.linear.chunk_size=64"],
-    "mamba2 (chunk 64)": ["model.mixer=\"mamba2\"", "model.mamba2.chunk_size=64"],
+    "mamba2 (chunked, chunk 64)": ["model.mixer=\"mamba2\"", "model.mamba2.form=\"chunked\"",
+                                   "model.mamba2.chunk_size=64"],
     # Inference (no autodiff): the tiled form keeps one block of scores at a time.
     "softmax (naive), forward only": ["model.mixer=\"softmax\"", "--forward-only"],
     "softmax (tiled), forward only": ["model.mixer=\"softmax\"", "model.softmax.tiled=true",
