@@ -710,6 +710,10 @@ pub fn ssd_fused(
         ys.push(y.reshape([bsz, t, per_group, p]));
         states.push(state.reshape([bsz, per_group, p, n]));
     }
+    if g == 1 {
+        // One group (the default): nothing to join, so no copy.
+        return (ys.remove(0), states.remove(0));
+    }
     (Tensor::cat(ys, 2), Tensor::cat(states, 1))
 }
 
