@@ -291,16 +291,20 @@ impl ConvSiluBackend for Flex {
         let mut gx = vec![0f32; x_shape.num_elements()];
         let mut g_history = vec![0f32; h_shape.num_elements()];
         let zero = || (vec![0f32; kernel * ch], vec![0f32; ch]);
+        // The pieces' partial sums are added in piece order, not as rayon's reduce would
+        // (its order follows the work stealing), so every run gives the same bits.
         let (g_w, g_b) = if t > 0 && ch > 0 {
-            gx.par_chunks_mut(t * ch)
+            let parts: Vec<Sums> = gx
+                .par_chunks_mut(t * ch)
                 .enumerate()
-                .map(|(i, gx)| {
+                .flat_map(|(i, gx)| {
                     gx.par_chunks_mut(PIECE * ch)
                         .enumerate()
-                        .map(|(p, gx)| backward_piece(&inputs, &grad, (i, p * PIECE), gx))
-                        .reduce(zero, add_sums)
+                        .map(move |(p, gx)| (i, p, gx))
                 })
-                .reduce(zero, add_sums)
+                .map(|(i, p, gx)| backward_piece(&inputs, &grad, (i, p * PIECE), gx))
+                .collect();
+            parts.into_iter().fold(zero(), add_sums)
         } else {
             zero()
         };
