@@ -39,7 +39,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use crate::activations::{silu, softplus};
 use crate::matmul::matmul;
-use crate::model::fused_norm::fused_norm;
+use crate::fused_norm::fused_norm;
 use serde::{Deserialize, Serialize};
 
 use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
@@ -964,9 +964,9 @@ mod tests {
                 let w = norm.weight.grad(&g).unwrap();
                 (out, y.grad(&g).unwrap(), z.grad(&g).unwrap(), w)
             };
-            let calls = crate::model::fused_norm::forward_calls();
+            let calls = crate::fused_norm::forward_calls();
             let fused = run(norm.forward(y.clone(), z.clone()));
-            assert!(crate::model::fused_norm::forward_calls() > calls, "the fused norm ran");
+            assert!(crate::fused_norm::forward_calls() > calls, "the fused norm ran");
             let reference = run(norm.forward_reference(y.clone(), z.clone()));
             let what = format!("group size {group_size}");
             assert_close(fused.0, reference.0, RTOL, ATOL, &format!("{what}: output"));

@@ -2,7 +2,6 @@
 
 pub mod config;
 pub mod fused_cross_entropy;
-pub mod fused_norm;
 pub mod language_model;
 pub mod metaformer_block;
 pub mod mlp;

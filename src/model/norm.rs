@@ -1,5 +1,5 @@
 //! The normalisation a block uses before its mixer and its MLP: LayerNorm or RMSNorm over
-//! the last dimension. On flex both run as one fused extension ([`super::fused_norm`]);
+//! the last dimension. On flex both run as one fused extension ([`crate::fused_norm`]);
 //! elsewhere, and as the reference, Burn's `layer_norm` and RMSNorm's formula in tensor ops.
 
 use burn::module::{Module, Param};
@@ -8,7 +8,7 @@ use burn::tensor::DType;
 
 use serde::{Deserialize, Serialize};
 
-use super::fused_norm::fused_norm;
+use crate::fused_norm::fused_norm;
 
 /// `(x − mean)/√(var + eps)·gamma + beta` (biased variance), as `torch.nn.LayerNorm`.
 #[derive(Module, Debug)]
@@ -149,10 +149,10 @@ mod tests {
                     .collect();
                 (v(y), v(x.grad(&g).unwrap()), p)
             };
-            let calls = super::super::fused_norm::forward_calls();
+            let calls = crate::fused_norm::forward_calls();
             let (fused, reference) = (run(true), run(false));
             assert!(
-                super::super::fused_norm::forward_calls() > calls,
+                crate::fused_norm::forward_calls() > calls,
                 "the extension ran"
             );
             for (what, a, b) in [
