@@ -104,7 +104,7 @@ impl Ssm {
         (inputs, z)
     }
 
-    /// in_proj's output, split into the conv's input u and the gate z `[b, t, d_inner]`.
+    /// in_proj of x as its two pieces: the conv's input u and the gate z `[b, t, d_inner]`.
     fn split_in_proj(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
         let di = self.d_inner;
         let [u, z] = <[_; 2]>::try_from(linear_split(&self.in_proj, x, &[di, di]))
@@ -127,8 +127,13 @@ impl Ssm {
         let (n, r) = (self.d_state, self.dt_rank);
         let kernel = dir.conv1d.weight.dims()[2];
         let history = history.unwrap_or_else(|| Tensor::zeros([bsz, kernel - 1, di], &u.device()));
-        let window = Tensor::cat(vec![history.clone(), u.clone()], 1);
-        let next_history = window.narrow(1, t, kernel - 1);
+        // The last kernel − 1 conv inputs, from u alone unless it is shorter than that (a
+        // concatenation of the whole of u was a copy per layer, mostly thrown away).
+        let next_history = if t >= kernel - 1 {
+            u.clone().narrow(1, t - (kernel - 1), kernel - 1)
+        } else {
+            Tensor::cat(vec![history.clone(), u.clone()], 1).narrow(1, t, kernel - 1)
+        };
         let u = dir.conv1d.forward_silu(u, Some(history));
         let dbc = linear(dir.x_proj, u.clone());
         let dt = dbc.clone().narrow(2, 0, r);
