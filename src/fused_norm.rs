@@ -3,7 +3,7 @@
 //! gradients) in one more, where Burn's autodiff runs the decomposed form — mean,
 //! subtract, square, mean, add, sqrt, divide, scale, shift, each with its own backward —
 //! as some twenty whole-tensor ops. The references are `burn::tensor::module::layer_norm`
-//! and RMSNorm's formula in tensor ops ([`super::norm`]); a test holds them equal,
+//! and RMSNorm's formula in tensor ops ([`norm_reference`]); a test holds them equal,
 //! gradients included.
 //!
 //! Per row of `d` values, with `xhat = (x − mean)·rstd` (RMSNorm: no mean, `rstd` from the
@@ -57,7 +57,9 @@ pub trait FusedNormBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// The normalisation of `x` over its last dimension; `beta` absent is a zero shift.
+/// The normalisation of `x` over its last dimension (`center`: LayerNorm, else RMSNorm);
+/// `beta` absent is a zero shift. The extension on flex in f32, [`norm_reference`]
+/// elsewhere.
 pub fn fused_norm<const D: usize>(
     x: Tensor<D>,
     gamma: Tensor<1>,
@@ -65,6 +67,9 @@ pub fn fused_norm<const D: usize>(
     eps: f64,
     center: bool,
 ) -> Tensor<D> {
+    if !(crate::device::is_flex(&x.device()) && x.dtype() == burn::tensor::DType::F32) {
+        return norm_reference(x, gamma, beta, eps, center);
+    }
     let beta = beta.unwrap_or_else(|| gamma.zeros_like());
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedNormBackend>::fused_norm(
         x.into_dispatch(),
@@ -73,6 +78,22 @@ pub fn fused_norm<const D: usize>(
         eps,
         center,
     ))
+}
+
+/// [`fused_norm`] in tensor ops: Burn's `layer_norm`, or RMSNorm's formula. Other backends'
+/// path, and the fused one's reference.
+pub fn norm_reference<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Option<Tensor<1>>,
+    eps: f64,
+    center: bool,
+) -> Tensor<D> {
+    if center {
+        return burn::tensor::module::layer_norm(x, gamma, beta, eps);
+    }
+    let rms = (x.clone().square().mean_dim(D - 1) + eps).sqrt();
+    (x / rms) * gamma.unsqueeze()
 }
 
 /// Rows per parallel task.

@@ -30,9 +30,14 @@ pub fn working_dtype() -> Option<FloatDType> {
 /// `x · W + b` for `x` `[.., d_in]`: Burn's `Linear::forward`, in the working dtype when
 /// under [`autocast`] (the bias is added in f32, after the product is cast back).
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
-    let y = matmul_rows(x, layer.weight.val());
-    match &layer.bias {
-        Some(b) => y + b.val().unsqueeze::<D>(),
+    project(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+}
+
+/// `x · w + b`, the bias (if any) added after the product.
+fn project<const D: usize>(x: Tensor<D>, w: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
+    let y = matmul_rows(x, w);
+    match bias {
+        Some(b) => y + b.unsqueeze::<D>(),
         None => y,
     }
 }
@@ -42,25 +47,17 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
 /// output instead leaves each piece a strided view, copied by whatever reads it, whose
 /// gradient is a zero-filled tensor of the whole output with the piece written in: a cost
 /// per activation, where this pays it once per weight.
-pub fn linear_split<const D: usize>(
+pub fn linear_split<const D: usize, const N: usize>(
     layer: &Linear,
     x: Tensor<D>,
-    widths: &[usize],
-) -> Vec<Tensor<D>> {
+    widths: [usize; N],
+) -> [Tensor<D>; N] {
     let (w, bias) = (layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
-    let mut start = 0;
-    widths
-        .iter()
-        .map(|&width| {
-            let y = matmul_rows(x.clone(), w.clone().narrow(1, start, width));
-            let y = match &bias {
-                Some(b) => y + b.clone().narrow(0, start, width).unsqueeze::<D>(),
-                None => y,
-            };
-            start += width;
-            y
-        })
-        .collect()
+    std::array::from_fn(|i| {
+        let (start, width) = (widths[..i].iter().sum(), widths[i]);
+        let b = bias.clone().map(|b| b.narrow(0, start, width));
+        project(x.clone(), w.clone().narrow(1, start, width), b)
+    })
 }
 
 /// `x · w` for `x` `[.., k]` and a weight `w` `[k, n]`, as one `[rows, k] · [k, n]` product

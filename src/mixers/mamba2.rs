@@ -263,12 +263,9 @@ impl GatedRmsNorm {
         }
     }
 
-    /// `y`, `z` `[b, t, d]` → `[b, t, d]`. On flex in f32 the normalisation is the fused
-    /// RMSNorm kernel (one op each way where the reference form takes six).
+    /// `y`, `z` `[b, t, d]` → `[b, t, d]`, the normalisation through [`fused_norm`] (one op
+    /// each way on flex, where the tensor-op form takes six).
     pub fn forward(&self, y: Tensor<3>, z: Tensor<3>) -> Tensor<3> {
-        if !(crate::device::is_flex(&y.device()) && y.dtype() == burn::tensor::DType::F32) {
-            return self.forward_reference(y, z);
-        }
         let [bsz, t, d] = y.dims();
         let gs = self.group_size;
         let gated = y * silu(z);
@@ -280,8 +277,9 @@ impl GatedRmsNorm {
         normed.reshape([bsz, t, d]) * self.weight.val().reshape([1, 1, d])
     }
 
-    /// The tensor-op form: other backends' path, and the fused one's reference.
-    pub fn forward_reference(&self, y: Tensor<3>, z: Tensor<3>) -> Tensor<3> {
+    /// The tensor-op form: the reference of [`Self::forward`].
+    #[cfg(test)]
+    fn forward_reference(&self, y: Tensor<3>, z: Tensor<3>) -> Tensor<3> {
         let [bsz, t, d] = y.dims();
         let gs = self.group_size;
         let gated = (y * silu(z)).reshape([bsz, t, d / gs, gs]);
@@ -377,9 +375,7 @@ impl Mamba2 {
     /// `[b, t, conv_dim]` and dt `[b, t, nheads]` (before the direction's bias and softplus).
     fn split_in_proj(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
         let (di, h, conv_dim) = (self.d_inner, self.nheads(), self.conv_dim());
-        let [z, xbc, dt] =
-            <[_; 3]>::try_from(linear_split(&self.in_proj, x, &[di, conv_dim, h]))
-                .expect("three pieces");
+        let [z, xbc, dt] = linear_split(&self.in_proj, x, [di, conv_dim, h]);
         (z, xbc, dt)
     }
 

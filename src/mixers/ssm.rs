@@ -107,8 +107,7 @@ impl Ssm {
     /// in_proj of x as its two pieces: the conv's input u and the gate z `[b, t, d_inner]`.
     fn split_in_proj(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
         let di = self.d_inner;
-        let [u, z] = <[_; 2]>::try_from(linear_split(&self.in_proj, x, &[di, di]))
-            .expect("two pieces");
+        let [u, z] = linear_split(&self.in_proj, x, [di, di]);
         (u, z)
     }
 

@@ -4,11 +4,10 @@
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use burn::tensor::DType;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fused_norm::fused_norm;
+use crate::fused_norm::{fused_norm, norm_reference};
 
 /// `(x − mean)/√(var + eps)·gamma + beta` (biased variance), as `torch.nn.LayerNorm`.
 #[derive(Module, Debug)]
@@ -49,34 +48,29 @@ impl Norm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if crate::device::is_flex(&x.device()) && x.dtype() == DType::F32 {
-            return match self {
-                Norm::LayerNorm(n) => fused_norm(
-                    x,
-                    n.gamma.val(),
-                    n.beta.as_ref().map(Param::val),
-                    n.epsilon,
-                    true,
-                ),
-                Norm::RmsNorm(n) => fused_norm(x, n.gamma.val(), None, n.epsilon, false),
-            };
-        }
-        self.forward_reference(x)
+        self.with(x, fused_norm)
     }
 
     /// The tensor-op form: other backends' path, and the fused one's reference.
     pub fn forward_reference<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.with(x, norm_reference)
+    }
+
+    /// `form(x, gamma, beta, eps, center)` with this norm's parameters.
+    fn with<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        form: fn(Tensor<D>, Tensor<1>, Option<Tensor<1>>, f64, bool) -> Tensor<D>,
+    ) -> Tensor<D> {
         match self {
-            Norm::LayerNorm(n) => burn::tensor::module::layer_norm(
+            Norm::LayerNorm(n) => form(
                 x,
                 n.gamma.val(),
                 n.beta.as_ref().map(Param::val),
                 n.epsilon,
+                true,
             ),
-            Norm::RmsNorm(n) => {
-                let rms = (x.clone().square().mean_dim(D - 1) + n.epsilon).sqrt();
-                (x / rms) * n.gamma.val().unsqueeze()
-            }
+            Norm::RmsNorm(n) => form(x, n.gamma.val(), None, n.epsilon, false),
         }
     }
 }
