@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use std::borrow::Cow;
 
 use crate::device::{flex_f32, flex_from_f32};
-use crate::vector_math::{dot, exp_nonpositive};
+use crate::vector_math::{dot_fma, exp_nonpositive_fma, has_fma, mul_add};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SelectiveScanBackend: Backend {
@@ -240,32 +240,67 @@ impl<'a> Block<'a> {
         )
     }
 
-    /// One step from state `h` `[n][w]` in place, writing the step's decays `[n][w]` and,
-    /// if given, adding y `[w]`.
+    /// One step from state `h` `[n][w]` in place. `Y`: adds `C_t · h_t` to `y` `[w]`.
+    /// `DECAYS`: writes the step's decays `[n][w]` for the backward (only row 0 under a
+    /// shared decay, which is every row's). `FMA`: see [`mul_add`].
     #[inline(always)]
-    fn step(&self, step: usize, h: &mut [f32], decay: &mut [f32], mut y: Option<&mut [f32]>) {
+    fn step<const FMA: bool, const DECAYS: bool, const Y: bool>(
+        &self,
+        step: usize,
+        h: &mut [f32],
+        decay: &mut [f32],
+        y: &mut [f32],
+    ) {
         let w = self.w;
         let (dl, u) = self.at(step);
         let (b, c) = self.bc(step);
+        let mut dlu = [0f32; BLOCK_WIDTHS[0]];
+        let dlu = &mut dlu[..w];
+        for j in 0..w {
+            dlu[j] = dl[j] * u[j];
+        }
         for k in 0..self.dims.n {
-            if k > 0 && self.shared_decay {
-                decay.copy_within(..w, k * w);
+            let (hk, bk) = (&mut h[k * w..(k + 1) * w], b[k]);
+            let a = &self.a[k * w..(k + 1) * w];
+            if self.shared_decay && k > 0 {
+                decay_row::<FMA, false, false>(hk, &mut decay[..w], (a, dl, dlu), bk);
+            } else if DECAYS || self.shared_decay {
+                decay_row::<FMA, true, true>(hk, &mut decay[k * w..(k + 1) * w], (a, dl, dlu), bk);
             } else {
-                let (ek, ak) = (&mut decay[k * w..(k + 1) * w], &self.a[k * w..(k + 1) * w]);
-                for j in 0..w {
-                    ek[j] = exp_nonpositive(dl[j] * ak[j]);
-                }
+                decay_row::<FMA, true, false>(hk, &mut decay[..w], (a, dl, dlu), bk);
             }
-            let (hk, ek) = (&mut h[k * w..(k + 1) * w], &decay[k * w..(k + 1) * w]);
-            for j in 0..w {
-                hk[j] = ek[j] * hk[j] + dl[j] * u[j] * b[k];
-            }
-            if let Some(y) = y.as_deref_mut() {
+            if Y {
+                let (y, ck) = (&mut y[..w], c[k]);
                 for j in 0..w {
-                    y[j] += c[k] * hk[j];
+                    y[j] = mul_add::<FMA>(ck, hk[j], y[j]);
                 }
             }
         }
+    }
+}
+
+/// One state row of a step, `h ← e ⊙ h + Δ·u·B[k]` over the block's channels, with
+/// `e = exp(Δ·A[k])` computed (`EXP`, and written to `decay` if `KEEP`) or read from `decay`
+/// (a shared decay's row 0). One loop per case, so each vectorises without a branch.
+#[inline(always)]
+fn decay_row<const FMA: bool, const EXP: bool, const KEEP: bool>(
+    h: &mut [f32],
+    decay: &mut [f32],
+    (a, dl, dlu): (&[f32], &[f32], &[f32]),
+    b: f32,
+) {
+    let w = h.len();
+    let (decay, a, dl, dlu) = (&mut decay[..w], &a[..w], &dl[..w], &dlu[..w]);
+    for j in 0..w {
+        let e = if EXP {
+            exp_nonpositive_fma::<FMA>(dl[j] * a[j])
+        } else {
+            decay[j]
+        };
+        if KEEP {
+            decay[j] = e;
+        }
+        h[j] = mul_add::<FMA>(e, h[j], dlu[j] * b);
     }
 }
 
@@ -277,6 +312,7 @@ impl<'a> Block<'a> {
     "aarch64+neon"
 ))]
 fn forward_task(x: &Inputs, dims: Dims, task: Task) -> (usize, usize, usize, Vec<f32>, Vec<f32>) {
+    const FMA: bool = has_fma!();
     let (t, n) = (dims.t, dims.n);
     let blk = Block::new(x, dims, task);
     let w = blk.w;
@@ -285,7 +321,7 @@ fn forward_task(x: &Inputs, dims: Dims, task: Task) -> (usize, usize, usize, Vec
     let mut y = vec![0f32; t * w];
     for step in 0..t {
         let y_t = &mut y[step * w..(step + 1) * w];
-        blk.step(step, &mut h, &mut decay, Some(y_t));
+        blk.step::<FMA, false, true>(step, &mut h, &mut decay, y_t);
     }
     (task.0, task.1, w, y, blk.state_to(&h))
 }
@@ -305,6 +341,7 @@ fn backward_task(
     (gy, gh): (&[f32], &[f32]),
     scratch: &mut Scratch,
 ) -> BackwardPart {
+    const FMA: bool = has_fma!();
     let (t, dd, n) = (dims.t, dims.d, dims.n);
     let blk = Block::new(x, dims, task);
     let w = blk.w;
@@ -320,7 +357,7 @@ fn backward_task(
     // Every element is written before it is read, so the buffers are reused across tasks.
     let (states, decays) = scratch.buffers((SEGMENT.min(t) + 1) * nw, SEGMENT.min(t) * nw);
     for step in 0..(segments - 1) * SEGMENT {
-        blk.step(step, &mut h, &mut decay, None);
+        blk.step::<FMA, false, false>(step, &mut h, &mut decay, &mut []);
         if (step + 1) % SEGMENT == 0 {
             let s = (step + 1) / SEGMENT;
             entering[s * nw..(s + 1) * nw].copy_from_slice(&h);
@@ -341,7 +378,7 @@ fn backward_task(
             let (done, next) = states.split_at_mut((i + 1) * nw);
             next[..nw].copy_from_slice(&done[i * nw..]);
             let decay = &mut decays[i * nw..(i + 1) * nw];
-            blk.step(start + i, &mut next[..nw], decay, None);
+            blk.step::<FMA, true, false>(start + i, &mut next[..nw], decay, &mut []);
         }
         for step in (start..end).rev() {
             let i = step - start;
@@ -360,23 +397,29 @@ fn backward_task(
             for k in 0..n {
                 let r = k * w..(k + 1) * w;
                 let lam = &mut lambda[r.clone()];
-                let (e, h_prev, h) = (&e_t[r.clone()], &h_prev_t[r.clone()], &h_t[r.clone()]);
+                // A shared decay is kept in row 0 only.
+                let e = if blk.shared_decay {
+                    &e_t[..w]
+                } else {
+                    &e_t[r.clone()]
+                };
+                let (h_prev, h) = (&h_prev_t[r.clone()], &h_t[r.clone()]);
                 let (a, ga) = (&blk.a[r.clone()], &mut g_a[r]);
                 // y_t = C_t · h_t
-                g_c[step * n + k] = dot(gy, h);
+                g_c[step * n + k] = dot_fma::<FMA>(gy, h);
                 for j in 0..w {
-                    lam[j] += gy[j] * c[k];
+                    lam[j] = mul_add::<FMA>(gy[j], c[k], lam[j]);
                 }
                 // h_t = e ⊙ h_(t−1) + Δ·u·B_t, e = exp(Δ·A)
-                g_b[step * n + k] = dot(lam, &dlu);
+                g_b[step * n + k] = dot_fma::<FMA>(lam, &dlu);
                 let sums = (&mut via_decay[..], &mut via_input[..]);
-                adjoint_step(lam, ga, sums, (e, h_prev, a, dl), b[k]);
+                adjoint_step::<FMA>(lam, ga, sums, (e, h_prev, a, dl), b[k]);
             }
             let gd = &mut g_delta[step * w..(step + 1) * w];
             let gu = &mut g_u[step * w..(step + 1) * w];
             let (vd, vi) = (&via_decay[..w], &via_input[..w]);
             for j in 0..w {
-                gd[j] = vd[j] + vi[j] * u[j];
+                gd[j] = mul_add::<FMA>(vi[j], u[j], vd[j]);
                 gu[j] = vi[j] * dl[j];
             }
         }
@@ -390,7 +433,7 @@ fn backward_task(
 /// ∂L/∂h_(t−1). A function of its own so that its slices are known not to overlap: inline,
 /// with five written and read arrays, LLVM gave up proving it and left the loop scalar.
 #[inline(always)]
-fn adjoint_step(
+fn adjoint_step<const FMA: bool>(
     lam: &mut [f32],
     g_a: &mut [f32],
     (via_decay, via_input): (&mut [f32], &mut [f32]),
@@ -402,9 +445,9 @@ fn adjoint_step(
     let (e, h_prev, a, delta) = (&e[..w], &h_prev[..w], &a[..w], &delta[..w]);
     for j in 0..w {
         let back = lam[j] * e[j] * h_prev[j];
-        via_decay[j] += back * a[j];
-        via_input[j] += lam[j] * b;
-        g_a[j] += back * delta[j];
+        via_decay[j] = mul_add::<FMA>(back, a[j], via_decay[j]);
+        via_input[j] = mul_add::<FMA>(lam[j], b, via_input[j]);
+        g_a[j] = mul_add::<FMA>(back, delta[j], g_a[j]);
         lam[j] *= e[j];
     }
 }
