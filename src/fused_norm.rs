@@ -21,7 +21,7 @@ use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use rayon::prelude::*;
 
-use crate::vector_math::{dot, sum, sum_map};
+use crate::vector_math::{dot_fma, has_fma, sum, sum_map};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -142,6 +142,7 @@ fn norm_rows_backward(
     eps: f32,
     center: bool,
 ) {
+    const FMA: bool = has_fma!();
     let d = gamma.len();
     let (mut xhat, mut dxhat) = (vec![0f32; d], vec![0f32; d]);
     for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
@@ -153,7 +154,7 @@ fn norm_rows_backward(
             dbeta[j] += dy[j];
         }
         let m1 = if center { sum(&dxhat) / d as f32 } else { 0.0 };
-        let m2 = dot(&dxhat, &xhat) / d as f32;
+        let m2 = dot_fma::<FMA>(&dxhat, &xhat) / d as f32;
         for j in 0..d {
             dx[j] = rstd * (dxhat[j] - m1 - xhat[j] * m2);
         }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::Visibility;
 use crate::device::{flex_f32, flex_from_f32};
-use crate::vector_math::{dot, exp_nonpositive, max, sum};
+use crate::vector_math::{dot_fma, exp_nonpositive_fma, has_fma, max, sum};
 
 /// Forward passes the extension has run in this process (for a test that it took the path).
 static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
@@ -92,6 +92,7 @@ fn softmax_rows(
     scale: f32,
     visibility: Visibility,
 ) {
+    const FMA: bool = has_fma!();
     for (r, (p, s)) in p.chunks_mut(tk).zip(s.chunks(tk)).enumerate() {
         let (lo, hi) = visible((first_row + r) % tq, tk, visibility);
         if lo == hi {
@@ -100,7 +101,7 @@ fn softmax_rows(
         let (p, s) = (&mut p[lo..hi], &s[lo..hi]);
         let m = max(s) * scale;
         for (p, &s) in p.iter_mut().zip(s) {
-            *p = exp_nonpositive(s * scale - m);
+            *p = exp_nonpositive_fma::<FMA>(s * scale - m);
         }
         let inv = 1.0 / sum(p);
         for p in p.iter_mut() {
@@ -117,8 +118,9 @@ fn softmax_rows(
     "aarch64+neon"
 ))]
 fn softmax_rows_backward(ds: &mut [f32], p: &[f32], dp: &[f32], tk: usize, scale: f32) {
+    const FMA: bool = has_fma!();
     for ((ds, p), dp) in ds.chunks_mut(tk).zip(p.chunks(tk)).zip(dp.chunks(tk)) {
-        let c = dot(p, dp);
+        let c = dot_fma::<FMA>(p, dp);
         for ((ds, &p), &dp) in ds.iter_mut().zip(p).zip(dp) {
             *ds = scale * p * (dp - c);
         }

@@ -20,7 +20,7 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use crate::device::{flex_f32, flex_from_f32};
-use crate::vector_math::{exp_nonpositive, max, sum_map};
+use crate::vector_math::{exp_nonpositive_fma, has_fma, max, sum_map};
 
 /// Forward passes the extension has run in this process (for a test that it took the path).
 static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
@@ -70,9 +70,9 @@ fn indices(targets: FlexTensor, vocab: usize) -> Vec<usize> {
 
 /// A row's max and `ln Σ exp(x − max)`.
 #[inline(always)]
-fn row_lse(x: &[f32]) -> (f32, f32) {
+fn row_lse<const FMA: bool>(x: &[f32]) -> (f32, f32) {
     let m = max(x);
-    (m, sum_map(x, |v| exp_nonpositive(v - m)).ln())
+    (m, sum_map(x, |v| exp_nonpositive_fma::<FMA>(v - m)).ln())
 }
 
 #[multiversion::multiversion(targets(
@@ -82,9 +82,10 @@ fn row_lse(x: &[f32]) -> (f32, f32) {
     "aarch64+neon"
 ))]
 fn nll_rows(nll: &mut [f32], logits: &[f32], targets: &[usize]) {
+    const FMA: bool = has_fma!();
     let v = logits.len() / nll.len().max(1);
     for ((nll, x), &t) in nll.iter_mut().zip(logits.chunks(v)).zip(targets) {
-        let (m, log_sum) = row_lse(x);
+        let (m, log_sum) = row_lse::<FMA>(x);
         *nll = m + log_sum - x[t];
     }
 }
@@ -96,12 +97,13 @@ fn nll_rows(nll: &mut [f32], logits: &[f32], targets: &[usize]) {
     "aarch64+neon"
 ))]
 fn nll_rows_backward(d: &mut [f32], logits: &[f32], targets: &[usize], grad: &[f32]) {
+    const FMA: bool = has_fma!();
     let v = logits.len() / grad.len().max(1);
     for (((d, x), &t), &g) in d.chunks_mut(v).zip(logits.chunks(v)).zip(targets).zip(grad) {
-        let (m, log_sum) = row_lse(x);
+        let (m, log_sum) = row_lse::<FMA>(x);
         let shift = m + log_sum;
         for (d, &x) in d.iter_mut().zip(x) {
-            *d = g * exp_nonpositive(x - shift);
+            *d = g * exp_nonpositive_fma::<FMA>(x - shift);
         }
         d[t] -= g;
     }
