@@ -223,10 +223,16 @@ impl<'a> Block<'a> {
         rows
     }
 
+    /// Where this block's channels of `step` start in a `[b, t, d]` tensor.
+    #[inline(always)]
+    fn row(&self, step: usize) -> usize {
+        (self.i * self.dims.t + step) * self.dims.d + self.d0
+    }
+
     /// Δ and u of this block at `step`.
     #[inline(always)]
     fn at(&self, step: usize) -> (&'a [f32], &'a [f32]) {
-        let at = (self.i * self.dims.t + step) * self.dims.d + self.d0;
+        let at = self.row(step);
         (&self.x.delta[at..at + self.w], &self.x.u[at..at + self.w])
     }
 
@@ -311,23 +317,26 @@ fn decay_row<const FMA: bool, const EXP: bool, const KEEP: bool>(
     "x86_64+sse4.2",
     "aarch64+neon"
 ))]
-fn forward_task(x: &Inputs, dims: Dims, task: Task) -> (usize, usize, usize, Vec<f32>, Vec<f32>) {
+fn forward_task(x: &Inputs, dims: Dims, task: Task, (y_out, h_out): (Output, Output)) {
     const FMA: bool = has_fma!();
     let (t, n) = (dims.t, dims.n);
     let blk = Block::new(x, dims, task);
     let w = blk.w;
     let mut h = blk.state_from(&x.h0);
     let mut decay = vec![0f32; n * w];
-    let mut y = vec![0f32; t * w];
+    let mut y_t = vec![0f32; w];
     for step in 0..t {
-        let y_t = &mut y[step * w..(step + 1) * w];
-        blk.step::<FMA, false, true>(step, &mut h, &mut decay, y_t);
+        y_t.fill(0.0);
+        blk.step::<FMA, false, true>(step, &mut h, &mut decay, &mut y_t);
+        // SAFETY: this task's channels of this step's row.
+        unsafe { y_out.write(blk.row(step), &y_t) };
     }
-    (task.0, task.1, w, y, blk.state_to(&h))
+    // SAFETY: this task's rows of the final state.
+    unsafe { h_out.write((task.0 * dims.d + task.1) * n, &blk.state_to(&h)) };
 }
 
-/// One task's backward: dΔ and du `[t, w]`, dA `[w, n]` (this sequence's share), dB and dC
-/// `[t, n]` (this block's share), dh0 `[w, n]`.
+/// One task's backward: dΔ, du and dh0 written to its block of `outputs`; dA `[w, n]`
+/// (this sequence's share), dB and dC `[t, n]` (this block's share) returned.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
@@ -340,6 +349,7 @@ fn backward_task(
     task: Task,
     (gy, gh): (&[f32], &[f32]),
     scratch: &mut Scratch,
+    [d_delta, d_u, d_h0]: [Output; 3],
 ) -> BackwardPart {
     const FMA: bool = has_fma!();
     let (t, dd, n) = (dims.t, dims.d, dims.n);
@@ -365,7 +375,7 @@ fn backward_task(
     }
     // λ = ∂L/∂h_t, from the final state's gradient back in time.
     let mut lambda = blk.state_from(gh);
-    let (mut g_delta, mut g_u) = (vec![0f32; t * w], vec![0f32; t * w]);
+    let (mut gd, mut gu) = (vec![0f32; w], vec![0f32; w]);
     let mut g_a = vec![0f32; nw];
     let (mut g_b, mut g_c) = (vec![0f32; t * n], vec![0f32; t * n]);
     let mut dlu = vec![0f32; w];
@@ -415,17 +425,21 @@ fn backward_task(
                 let sums = (&mut via_decay[..], &mut via_input[..]);
                 adjoint_step::<FMA>(lam, ga, sums, (e, h_prev, a, dl), b[k]);
             }
-            let gd = &mut g_delta[step * w..(step + 1) * w];
-            let gu = &mut g_u[step * w..(step + 1) * w];
             let (vd, vi) = (&via_decay[..w], &via_input[..w]);
             for j in 0..w {
                 gd[j] = mul_add::<FMA>(vi[j], u[j], vd[j]);
                 gu[j] = vi[j] * dl[j];
             }
+            // SAFETY: this task's channels of this step's row.
+            unsafe {
+                d_delta.write(blk.row(step), &gd);
+                d_u.write(blk.row(step), &gu);
+            }
         }
     }
-    let (ga, gh0) = (blk.state_to(&g_a), blk.state_to(&lambda));
-    (task.0, task.1, w, g_delta, g_u, ga, g_b, g_c, gh0)
+    // SAFETY: this task's rows of the start state.
+    unsafe { d_h0.write((task.0 * dd + task.1) * n, &blk.state_to(&lambda)) };
+    (task.0, task.1, w, blk.state_to(&g_a), g_b, g_c)
 }
 
 /// One state row's part of a backward step (row k of a block, `w` channels): the
@@ -476,18 +490,52 @@ impl Scratch {
     }
 }
 
-/// [`backward_task`]'s result: sequence, first channel, width, dΔ, du, dA, dB, dC, dh0.
-type BackwardPart = (
-    usize,
-    usize,
-    usize,
-    Vec<f32>,
-    Vec<f32>,
-    Vec<f32>,
-    Vec<f32>,
-    Vec<f32>,
-    Vec<f32>,
-);
+/// [`backward_task`]'s shares of the sums: sequence, first channel, width, dA, dB, dC.
+type BackwardPart = (usize, usize, usize, Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// An output that the tasks write in disjoint pieces, in parallel, allocated but not zeroed:
+/// each task writes its own channels of each step's row (and its rows of a state), and
+/// together they write every element once. Writing from the tasks, where each step's piece
+/// is still in cache, replaced a serial pass that copied every task's result into place
+/// after all had run, and the zero fills of both.
+#[derive(Clone, Copy)]
+struct Output(*mut f32);
+
+// SAFETY: tasks write disjoint elements (see `write`), and the buffer outlives them.
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+impl Output {
+    /// `len` values' worth of room, and the handle the tasks write through.
+    fn alloc(len: usize) -> (Vec<f32>, Self) {
+        let mut values = Vec::with_capacity(len);
+        let out = Self(values.as_mut_ptr());
+        (values, out)
+    }
+
+    /// Writes `values` at element `at` on.
+    ///
+    /// # Safety
+    /// Inside the buffer, and no other task writes those elements.
+    unsafe fn write(self, at: usize, values: &[f32]) {
+        // SAFETY: as the caller promises.
+        unsafe {
+            self.0
+                .add(at)
+                .copy_from_nonoverlapping(values.as_ptr(), values.len())
+        }
+    }
+
+    /// The buffer, once every element has been written.
+    ///
+    /// # Safety
+    /// Every one of `len` elements was written.
+    unsafe fn finish(mut values: Vec<f32>, len: usize) -> Vec<f32> {
+        // SAFETY: as the caller promises.
+        unsafe { values.set_len(len) };
+        values
+    }
+}
 
 impl SelectiveScanBackend for Flex {
     fn selective_scan(
@@ -502,20 +550,18 @@ impl SelectiveScanBackend for Flex {
         let tensors = [delta, u, a, b, c, h0];
         let x = Inputs::read(&tensors);
         let Dims { b: nb, t, d: dd, n } = dims;
-        let parts: Vec<_> = dims
-            .tasks()
+        let ((y, y_out), (h_last, h_out)) =
+            (Output::alloc(nb * t * dd), Output::alloc(nb * dd * n));
+        dims.tasks()
             .into_par_iter()
-            .map(|task| forward_task(&x, dims, task))
-            .collect();
-        let mut y = vec![0f32; nb * t * dd];
-        let mut h_last = vec![0f32; nb * dd * n];
-        for (i, d0, w, py, pl) in parts {
-            for step in 0..t {
-                let at = (i * t + step) * dd + d0;
-                y[at..at + w].copy_from_slice(&py[step * w..(step + 1) * w]);
-            }
-            h_last[(i * dd + d0) * n..(i * dd + d0 + w) * n].copy_from_slice(&pl);
-        }
+            .for_each(|task| forward_task(&x, dims, task, (y_out, h_out)));
+        // SAFETY: the tasks cover every sequence and channel: every step's row and state.
+        let (y, h_last) = unsafe {
+            (
+                Output::finish(y, nb * t * dd),
+                Output::finish(h_last, nb * dd * n),
+            )
+        };
         FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
         (
             flex_from_f32(y, [nb, t, dd], dtype),
@@ -545,25 +591,31 @@ impl SelectiveScanBackend for Flex {
         let x = Inputs::read(&tensors);
         let (gy, gh) = (flex_f32(&gy), flex_f32(&gh));
         let Dims { b: nb, t, d: dd, n } = dims;
+        let (g_delta, d_delta) = Output::alloc(nb * t * dd);
+        let (g_u, d_u) = Output::alloc(nb * t * dd);
+        let (g_h0, d_h0) = Output::alloc(nb * dd * n);
         let parts: Vec<_> = dims
             .tasks()
             .into_par_iter()
             .map_init(Scratch::default, |scratch, task| {
-                backward_task(&x, dims, task, (&gy, &gh), scratch)
+                let outputs = [d_delta, d_u, d_h0];
+                backward_task(&x, dims, task, (&gy, &gh), scratch, outputs)
             })
             .collect();
-        let mut g_delta = vec![0f32; nb * t * dd];
-        let mut g_u = vec![0f32; nb * t * dd];
+        // SAFETY: the tasks cover every sequence and channel: every step's row and state.
+        let (g_delta, g_u, g_h0) = unsafe {
+            let rows = nb * t * dd;
+            let states = nb * dd * n;
+            (
+                Output::finish(g_delta, rows),
+                Output::finish(g_u, rows),
+                Output::finish(g_h0, states),
+            )
+        };
         let mut g_a = vec![0f32; dd * n];
         let mut g_b = vec![0f32; nb * t * n];
         let mut g_c = vec![0f32; nb * t * n];
-        let mut g_h0 = vec![0f32; nb * dd * n];
-        for (i, d0, w, pd, pu, pa, pb, pc, ph) in parts {
-            for step in 0..t {
-                let at = (i * t + step) * dd + d0;
-                g_delta[at..at + w].copy_from_slice(&pd[step * w..(step + 1) * w]);
-                g_u[at..at + w].copy_from_slice(&pu[step * w..(step + 1) * w]);
-            }
+        for (i, d0, w, pa, pb, pc) in parts {
             for (acc, v) in g_a[d0 * n..(d0 + w) * n].iter_mut().zip(pa) {
                 *acc += v;
             }
@@ -573,7 +625,6 @@ impl SelectiveScanBackend for Flex {
             for (acc, v) in g_c[i * t * n..(i + 1) * t * n].iter_mut().zip(pc) {
                 *acc += v;
             }
-            g_h0[(i * dd + d0) * n..(i * dd + d0 + w) * n].copy_from_slice(&ph);
         }
         (
             flex_from_f32(g_delta, [nb, t, dd], dtype),
