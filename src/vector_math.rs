@@ -9,6 +9,11 @@
 //! instructions. The targets are listed at each kernel: multiversion's `"simd"` shorthand
 //! leaves AVX-512 out (written before Rust 1.89 made it stable), which kept the kernels on
 //! AVX2 until this was noticed.
+//!
+//! Rust never fuses `a * b + c` into one instruction by itself. The `…_fma` forms take the
+//! choice as a constant: a kernel passes [`has_fma`]`!()`, true in its AVX-512 and AVX2
+//! clones, so those get fused multiply-adds (half the instructions in a polynomial) and the
+//! baseline clone keeps its separate products and sums.
 
 /// `Σ xᵢ` in 16 interleaved partial sums, which vectorise (a single running sum cannot be
 /// reordered, so it stays one scalar add per element).

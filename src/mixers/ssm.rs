@@ -29,6 +29,7 @@ use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
 use serde::{Deserialize, Serialize};
 
 use super::decayed_scan::decayed_scan;
+use super::fused_gate::skip_gate;
 use super::selective_scan;
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::{linear, linear_split};
@@ -147,27 +148,27 @@ impl Ssm {
     }
 
     /// One direction from conv input `u` (history and scan state as in
-    /// [`Self::forward_from`]): `scan + D u` before the gate, the conv history and scan
-    /// state after.
+    /// [`Self::forward_from`]): the scan's output and its input (the conv's output), for
+    /// `scan + D u` in the gate, and the conv history and scan state after.
     fn direction_output(
         &self,
         dir: &Direction,
         u: Tensor<3>,
         state: Option<SsmState>,
         padding: Option<&Padding>,
-    ) -> (Tensor<3>, SsmState) {
+    ) -> (Tensor<3>, Tensor<3>, SsmState) {
         let (history, h) = match state {
             Some(s) => (Some(s.conv), Some(s.h)),
             None => (None, None),
         };
         let (inputs, conv) = self.direction_inputs(dir, u, history, padding);
-        let skip = inputs.u.clone() * dir.D.val().unsqueeze::<3>();
+        let scanned = inputs.u.clone();
         let (y, h) = match self.scan {
             ScanForm::Fused => scan_fused_from(inputs, h),
             ScanForm::Chunked => scan_chunked_from(inputs, self.chunk_size, h),
             ScanForm::Sequential => scan_sequential_from(inputs, h),
         };
-        (y + skip, SsmState { conv, h })
+        (y, scanned, SsmState { conv, h })
     }
 
     pub fn scan(&self, inputs: ScanInputs) -> Tensor<3> {
@@ -284,7 +285,7 @@ impl TokenMixer for Ssm {
             None => u,
         };
         let forward = self.forward_direction();
-        let (mut y, _) = self.direction_output(&forward, u.clone(), None, padding);
+        let (mut y, scanned, _) = self.direction_output(&forward, u.clone(), None, padding);
         if let Some(rev) = &self.reverse {
             let backward = Direction {
                 conv1d: &rev.conv1d,
@@ -294,10 +295,14 @@ impl TokenMixer for Ssm {
                 D: &rev.D,
             };
             let reversed = padding.map(Padding::reversed);
-            let (y_rev, _) = self.direction_output(&backward, u.flip([1]), None, reversed.as_ref());
+            let (y_rev, u_rev, _) =
+                self.direction_output(&backward, u.flip([1]), None, reversed.as_ref());
+            // The reverse direction's own skip, D_rev u_rev, joins it here; the forward's
+            // is the gate's.
+            let y_rev = y_rev + u_rev * rev.D.val().unsqueeze::<3>();
             y = y + y_rev.flip([1]);
         }
-        (linear(&self.out_proj, y * silu(z)), None)
+        (linear(&self.out_proj, skip_gate(y, scanned, forward.D.val(), z)), None)
     }
 
     /// State passing: the scan state and the conv's last inputs go from rank to rank.
@@ -315,8 +320,9 @@ impl Ssm {
     /// `forward` of positions that follow those summarised by `state`, and the state after.
     pub fn forward_from(&self, x: Tensor<3>, state: Option<SsmState>) -> (Tensor<3>, SsmState) {
         let (u, z) = self.split_in_proj(x);
-        let (y, state) = self.direction_output(&self.forward_direction(), u, state, None);
-        (linear(&self.out_proj, y * silu(z)), state)
+        let forward = self.forward_direction();
+        let (y, scanned, state) = self.direction_output(&forward, u, state, None);
+        (linear(&self.out_proj, skip_gate(y, scanned, forward.D.val(), z)), state)
     }
 }
 
@@ -589,8 +595,8 @@ mod tests {
             let (u, _) = ssm.split_in_proj(x);
             let u = padding.zero_padded(u);
             let dir = ssm.forward_direction();
-            let (_, padded) = ssm.direction_output(&dir, u.clone(), None, Some(&padding));
-            let (_, real) = ssm.direction_output(&dir, u.narrow(1, 0, 5), None, None);
+            let (_, _, padded) = ssm.direction_output(&dir, u.clone(), None, Some(&padding));
+            let (_, _, real) = ssm.direction_output(&dir, u.narrow(1, 0, 5), None, None);
             let gap = (padded.h - real.h.clone()).abs().max().into_scalar::<f32>();
             let size = real.h.abs().max().into_scalar::<f32>();
             assert!(size > 1e-3 && gap < 1e-5 * size.max(1.0), "{scan:?}: {gap:e}");

@@ -1,0 +1,328 @@
+//! Mamba's output gate `(y + D ⊙ u) ⊙ silu(z)`, fused, as a Burn backend extension on flex:
+//! one pass forward, and one backward that writes the gradients of y, u and z and sums D's.
+//! mamba_ssm folds the same gate into its scan kernel (`selective_scan_fn(…, D, z)`).
+//!
+//! The reference, [`skip_gate_reference`], is four tensor ops (a broadcast product, a sum,
+//! the SiLU, a product) whose backward is about eight more, each a pass over the layer's
+//! activations into a fresh buffer. A test holds the two equal, gradients included.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
+use burn::prelude::*;
+use burn::tensor::DType;
+use rayon::prelude::*;
+
+use crate::activations::{sigmoid_and_exp, silu};
+use crate::device::{flex_f32, flex_from_f32, is_flex};
+
+#[backend_extension(Flex, Autodiff)]
+pub trait SkipGateBackend: Backend {
+    /// y, u, z `[.., d]` and D `[d]` → `(y + D ⊙ u) ⊙ silu(z)`.
+    fn skip_gate(
+        y: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        d: FloatTensor<Self>,
+        z: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// The gradients of y, u, D and z given the output's.
+    #[allow(clippy::type_complexity)]
+    fn skip_gate_backward(
+        y: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        d: FloatTensor<Self>,
+        z: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+}
+
+static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times the fused gate's forward has run in this process (for a test that the
+/// extension took this path).
+pub fn forward_calls() -> usize {
+    FORWARD_CALLS.load(Ordering::Relaxed)
+}
+
+/// `(y + D ⊙ u) ⊙ silu(z)`: the extension for f32 on flex, [`skip_gate_reference`]
+/// elsewhere.
+pub fn skip_gate(y: Tensor<3>, u: Tensor<3>, d: Tensor<1>, z: Tensor<3>) -> Tensor<3> {
+    let f32s = [y.dtype(), u.dtype(), d.dtype(), z.dtype()] == [DType::F32; 4];
+    if !f32s || !is_flex(&y.device()) {
+        return skip_gate_reference(y, u, d, z);
+    }
+    Tensor::from_dispatch(<burn::backend::Dispatch as SkipGateBackend>::skip_gate(
+        y.into_dispatch(),
+        u.into_dispatch(),
+        d.into_dispatch(),
+        z.into_dispatch(),
+    ))
+}
+
+/// The gate in tensor ops: the reference, and the form on other backends.
+pub fn skip_gate_reference(y: Tensor<3>, u: Tensor<3>, d: Tensor<1>, z: Tensor<3>) -> Tensor<3> {
+    (y + u * d.unsqueeze::<3>()) * silu(z)
+}
+
+/// Rows (positions) per parallel task.
+const ROWS: usize = 64;
+
+/// The inputs as f32 slices.
+struct Inputs<'a> {
+    y: std::borrow::Cow<'a, [f32]>,
+    u: std::borrow::Cow<'a, [f32]>,
+    d: std::borrow::Cow<'a, [f32]>,
+    z: std::borrow::Cow<'a, [f32]>,
+}
+
+impl<'a> Inputs<'a> {
+    fn read(tensors: &'a [FlexTensor; 4]) -> Self {
+        let [y, u, d, z] = tensors.each_ref().map(flex_f32);
+        Self { y, u, d, z }
+    }
+
+    /// The channel count (D's length).
+    fn width(&self) -> usize {
+        self.d.len()
+    }
+}
+
+/// The output at rows `first..first + out.len() / d`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn forward_rows(x: &Inputs, first: usize, out: &mut [f32]) {
+    let w = x.width();
+    let d = &x.d[..w];
+    for (r, out) in out.chunks_exact_mut(w).enumerate() {
+        let at = (first + r) * w;
+        let (y, u, z) = (&x.y[at..at + w], &x.u[at..at + w], &x.z[at..at + w]);
+        for c in 0..w {
+            let silu = z[c] * sigmoid_and_exp(z[c]).0;
+            out[c] = (y[c] + d[c] * u[c]) * silu;
+        }
+    }
+}
+
+/// The gradients of y, u and z at rows `first..`, and these rows' share of D's.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn backward_rows(
+    x: &Inputs,
+    grad: &[f32],
+    first: usize,
+    (gy, gu, gz): (&mut [f32], &mut [f32], &mut [f32]),
+) -> Vec<f32> {
+    let w = x.width();
+    let d = &x.d[..w];
+    let mut gd = vec![0f32; w];
+    let rows = gy
+        .chunks_exact_mut(w)
+        .zip(gu.chunks_exact_mut(w))
+        .zip(gz.chunks_exact_mut(w));
+    for (r, ((gy, gu), gz)) in rows.enumerate() {
+        let at = (first + r) * w;
+        let (y, u, z, g) = (
+            &x.y[at..at + w],
+            &x.u[at..at + w],
+            &x.z[at..at + w],
+            &grad[at..at + w],
+        );
+        for c in 0..w {
+            let sig = sigmoid_and_exp(z[c]).0;
+            // g · silu(z): the gradient of y + D ⊙ u.
+            let g_pre = g[c] * z[c] * sig;
+            gy[c] = g_pre;
+            gu[c] = g_pre * d[c];
+            gd[c] += g_pre * u[c];
+            // silu'(z) = σ(z)(1 + z(1 − σ(z))).
+            gz[c] = g[c] * (y[c] + d[c] * u[c]) * sig * (1.0 + z[c] * (1.0 - sig));
+        }
+    }
+    gd
+}
+
+impl SkipGateBackend for Flex {
+    fn skip_gate(y: FlexTensor, u: FlexTensor, d: FlexTensor, z: FlexTensor) -> FlexTensor {
+        let (shape, dtype) = (y.shape(), y.dtype());
+        let tensors = [y, u, d, z];
+        let x = Inputs::read(&tensors);
+        let w = x.width();
+        let mut out = vec![0f32; shape.num_elements()];
+        if w > 0 {
+            out.par_chunks_mut(ROWS * w)
+                .enumerate()
+                .for_each(|(p, out)| forward_rows(&x, p * ROWS, out));
+        }
+        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        flex_from_f32(out, shape, dtype)
+    }
+
+    fn skip_gate_backward(
+        y: FlexTensor,
+        u: FlexTensor,
+        d: FlexTensor,
+        z: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
+        let (shape, d_shape, dtype) = (y.shape(), d.shape(), y.dtype());
+        let tensors = [y, u, d, z];
+        let x = Inputs::read(&tensors);
+        let grad = flex_f32(&grad);
+        let (w, len) = (x.width(), shape.num_elements());
+        let (mut gy, mut gu, mut gz) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
+        let mut gd = vec![0f32; w];
+        if w > 0 {
+            let piece = ROWS * w;
+            let parts: Vec<Vec<f32>> = gy
+                .par_chunks_mut(piece)
+                .zip(gu.par_chunks_mut(piece))
+                .zip(gz.par_chunks_mut(piece))
+                .enumerate()
+                .map(|(p, ((gy, gu), gz))| backward_rows(&x, &grad, p * ROWS, (gy, gu, gz)))
+                .collect();
+            // Summed in piece order, not as rayon's reduce would (its order follows the work
+            // stealing), so every run gives the same bits.
+            for part in parts {
+                gd.iter_mut().zip(part).for_each(|(acc, v)| *acc += v);
+            }
+        }
+        (
+            flex_from_f32(gy, shape.clone(), dtype),
+            flex_from_f32(gu, shape.clone(), dtype),
+            flex_from_f32(gd, d_shape, dtype),
+            flex_from_f32(gz, shape, dtype),
+        )
+    }
+}
+
+#[derive(Debug)]
+struct SkipGateBackward;
+
+impl<B: Backend + SkipGateBackend> Backward<B, 4> for SkipGateBackward {
+    /// y, u, D, z: the backward recomputes silu(z) from them.
+    type State = [FloatTensor<B>; 4];
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let [y, u, d, z] = ops.state;
+        let (gy, gu, gd, gz) = B::skip_gate_backward(y, u, d, z, grad);
+        for (node, g) in ops.parents.into_iter().zip([gy, gu, gd, gz]) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+impl<B: Backend + SkipGateBackend, C: CheckpointStrategy> SkipGateBackend for Autodiff<B, C> {
+    fn skip_gate(
+        y: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        d: FloatTensor<Self>,
+        z: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let nodes = [y.node(), u.node(), d.node(), z.node()];
+        let inputs = [y, u, d, z].map(|t| t.into_primitive());
+        let [y, u, d, z] = inputs.clone();
+        let out = B::skip_gate(y, u, d, z);
+        match SkipGateBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(inputs, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn skip_gate_backward(
+        _y: FloatTensor<Self>,
+        _u: FloatTensor<Self>,
+        _d: FloatTensor<Self>,
+        _z: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        unreachable!(
+            "the gate's backward runs on the inner backend; it is not differentiated again"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::max_relative_difference;
+    use burn::tensor::Distribution;
+
+    /// The fused gate equals the tensor ops, output and the gradients of y, u, D and z,
+    /// over more rows than one task's.
+    #[test]
+    fn fused_gate_equals_the_reference() {
+        let device = Device::flex().autodiff();
+        device.seed(17);
+        let (b, t, w) = (2, ROWS + 13, 24);
+        let normal = |shape: [usize; 3]| {
+            Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.5), &device).require_grad()
+        };
+        let (y, u, z) = (normal([b, t, w]), normal([b, t, w]), normal([b, t, w]));
+        let d = Tensor::<1>::random([w], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let probe = Tensor::<3>::random([b, t, w], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            let (y, u, d, z) = (y.clone(), u.clone(), d.clone(), z.clone());
+            let out = if fused {
+                skip_gate(y.clone(), u.clone(), d.clone(), z.clone())
+            } else {
+                skip_gate_reference(y.clone(), u.clone(), d.clone(), z.clone())
+            };
+            let g = (out.clone() * probe.clone()).sum().backward();
+            let v = |t: Tensor<3>| t.into_data().try_into_vec::<f32>().unwrap();
+            let grad_d = d
+                .grad(&g)
+                .unwrap()
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap();
+            let grads = [y.grad(&g), u.grad(&g), z.grad(&g)].map(|t| v(t.unwrap()));
+            (v(out), grads, grad_d)
+        };
+        let calls = forward_calls();
+        let (ours, reference) = (run(true), run(false));
+        assert!(forward_calls() > calls, "the extension ran");
+        let err = max_relative_difference(&ours.0, &reference.0);
+        assert!(err < 1e-5, "output: max difference {err}");
+        for (part, (a, r)) in ["dy", "du", "dz"]
+            .iter()
+            .zip(ours.1.iter().zip(&reference.1))
+        {
+            let err = max_relative_difference(a, r);
+            assert!(err < 1e-5, "{part}: max difference {err}");
+        }
+        let err = max_relative_difference(&ours.2, &reference.2);
+        assert!(err < 1e-4, "dD: max difference {err}");
+    }
+}
