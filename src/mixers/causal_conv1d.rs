@@ -32,31 +32,67 @@ impl CausalConv1d {
     /// `silu(self.forward(x, history))`: on flex one fused op ([`super::fused_conv1d`]),
     /// elsewhere the reference.
     pub fn forward_silu(&self, x: Tensor<3>, history: Option<Tensor<3>>) -> Tensor<3> {
-        if !crate::device::is_flex(&x.device()) {
-            return crate::activations::silu(self.forward(x, history));
-        }
-        let [b, _, ch] = x.dims();
-        let history =
-            history.unwrap_or_else(|| Tensor::zeros([b, self.kernel() - 1, ch], &x.device()));
-        super::fused_conv1d::conv1d_silu(x, history, self.weight.val(), self.bias.val())
+        conv_silu(x, history, self.weight.val(), self.bias.val())
+    }
+
+    /// [`Self::forward_silu`] of channel groups given apart (`parts`, whose widths sum to
+    /// the channels, in order; `history` over all channels): each part through its own
+    /// filters. Mamba-2's x, B and C stay separate tensors this way: split after the conv,
+    /// each slice's gradient was a zero-filled buffer of the whole width, and B and C
+    /// strided views that every later reshape copied.
+    pub fn forward_silu_parts<const N: usize>(
+        &self,
+        parts: [Tensor<3>; N],
+        history: Option<Tensor<3>>,
+    ) -> [Tensor<3>; N] {
+        let mut first = 0;
+        parts.map(|x| {
+            let width = x.dims()[2];
+            let weight = self.weight.val().narrow(0, first, width);
+            let bias = self.bias.val().narrow(0, first, width);
+            let history = history.clone().map(|h| h.narrow(2, first, width));
+            first += width;
+            conv_silu(x, history, weight, bias)
+        })
     }
 
     /// Over `x` `[b, t, ch]`, the `kernel − 1` inputs before it in `history` (zeros at the
     /// start of a sequence). The reference form: a slice, product and sum per tap.
     pub fn forward(&self, x: Tensor<3>, history: Option<Tensor<3>>) -> Tensor<3> {
-        let [b, t, ch] = x.dims();
-        let [_, _, kernel] = self.weight.dims();
-        let device = x.device();
-        let history = history.unwrap_or_else(|| Tensor::zeros([b, kernel - 1, ch], &device));
-        let padded = Tensor::cat(vec![history, x], 1);
-        let w = self.weight.val().reshape([ch, kernel]).transpose(); // [kernel, ch]
-        let mut y = self.bias.val().reshape([1, 1, ch]).expand([b, t, ch]);
-        for i in 0..kernel {
-            let tap = w.clone().slice([i..i + 1, 0..ch]).reshape([1, 1, ch]);
-            y = y + padded.clone().slice([0..b, i..i + t, 0..ch]) * tap;
-        }
-        y
+        conv(x, history, self.weight.val(), self.bias.val())
     }
+}
+
+/// The conv with filters `weight` `[ch, 1, kernel]` and `bias` `[ch]` ([`CausalConv1d::forward`]).
+fn conv(x: Tensor<3>, history: Option<Tensor<3>>, weight: Tensor<3>, bias: Tensor<1>) -> Tensor<3> {
+    let [b, t, ch] = x.dims();
+    let [_, _, kernel] = weight.dims();
+    let device = x.device();
+    let history = history.unwrap_or_else(|| Tensor::zeros([b, kernel - 1, ch], &device));
+    let padded = Tensor::cat(vec![history, x], 1);
+    let w = weight.reshape([ch, kernel]).transpose(); // [kernel, ch]
+    let mut y = bias.reshape([1, 1, ch]).expand([b, t, ch]);
+    for i in 0..kernel {
+        let tap = w.clone().slice([i..i + 1, 0..ch]).reshape([1, 1, ch]);
+        y = y + padded.clone().slice([0..b, i..i + t, 0..ch]) * tap;
+    }
+    y
+}
+
+/// `silu(conv(..))` ([`CausalConv1d::forward_silu`]): fused on flex.
+fn conv_silu(
+    x: Tensor<3>,
+    history: Option<Tensor<3>>,
+    weight: Tensor<3>,
+    bias: Tensor<1>,
+) -> Tensor<3> {
+    if !crate::device::is_flex(&x.device()) {
+        return crate::activations::silu(conv(x, history, weight, bias));
+    }
+    let [b, _, ch] = x.dims();
+    let kernel = weight.dims()[2];
+    let history = history.unwrap_or_else(|| Tensor::zeros([b, kernel - 1, ch], &x.device()));
+    super::fused_conv1d::conv1d_silu(x, history, weight, bias)
 }
 
 impl CausalConv1d {

@@ -449,7 +449,14 @@ mod tests {
             let names = ["output", "dx", "dhistory", "dweight", "dbias"];
             for ((name, a), r) in names.iter().zip(&fused).zip(&reference) {
                 let err = crate::testing::max_relative_difference(a, r);
-                assert!(err < 1e-5, "{b}×{t}×{ch} k={kernel} {name}: {err:e}");
+                // The weight's and bias's gradients are sums over all b·t positions, added
+                // in another order than the reference's: 1.7e-5 was seen at 879 of them.
+                let tolerance = if name.starts_with("dw") || name.starts_with("db") {
+                    1e-4
+                } else {
+                    1e-5
+                };
+                assert!(err < tolerance, "{b}×{t}×{ch} k={kernel} {name}: {err:e}");
             }
         }
     }

@@ -371,18 +371,28 @@ impl Mamba2 {
         }
     }
 
-    /// `in_proj` of x `[b, t, d_model]` as its pieces: z `[b, t, d_inner]`, xBC
-    /// `[b, t, conv_dim]` and dt `[b, t, nheads]` (before the direction's bias and softplus).
-    fn split_in_proj(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
-        let (di, h, conv_dim) = (self.d_inner, self.nheads(), self.conv_dim());
-        let [z, xbc, dt] = linear_split(&self.in_proj, x, [di, conv_dim, h]);
-        (z, xbc, dt)
+    /// `in_proj` of x `[b, t, d_model]` as its pieces: z `[b, t, d_inner]`, xBC (as
+    /// [`Xbc`]'s three parts) and dt `[b, t, nheads]` (before the direction's bias and
+    /// softplus).
+    fn split_in_proj(&self, x: Tensor<3>) -> (Tensor<3>, Xbc, Tensor<3>) {
+        let (di, h, gn) = (self.d_inner, self.nheads(), self.ngroups * self.d_state);
+        let [z, x, b, c, dt] = linear_split(&self.in_proj, x, [di, di, gn, gn, h]);
+        (z, Xbc([x, b, c]), dt)
     }
 
     /// Δ = softplus(dt + dt_bias) `[b, t, nheads]`.
     fn delta(&self, dir: &Direction, dt: Tensor<3>) -> Tensor<3> {
         let h = self.nheads();
         softplus(dt + dir.dt_bias.val().reshape([1, 1, h]))
+    }
+
+    /// The conv's output as its parts → x `[b, t, nheads, headdim]`, B and C
+    /// `[b, t, ngroups, d_state]` (contiguous, so these reshapes copy nothing).
+    fn heads_of(&self, [x, b, c]: [Tensor<3>; 3]) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [bsz, t, _] = x.dims();
+        let (g, n) = (self.ngroups, self.d_state);
+        let x = x.reshape([bsz, t, self.nheads(), self.headdim]);
+        (x, b.reshape([bsz, t, g, n]), c.reshape([bsz, t, g, n]))
     }
 
     /// The conv's output `[b, t, conv_dim]` → x `[b, t, nheads, headdim]`, B and C
@@ -426,7 +436,7 @@ impl Mamba2 {
         let (y, ssm) = self.direction_output(&dir, xbc.clone(), dt, (Some(history.clone()), h0), None);
         // The next chunk's history: the last kernel − 1 conv inputs, some of them from
         // `history` when this chunk is shorter than that.
-        let conv = Tensor::cat(vec![history, xbc], 1).narrow(1, t, kernel - 1);
+        let conv = Tensor::cat(vec![history, xbc.joined()], 1).narrow(1, t, kernel - 1);
         (self.project_out(y, z), Mamba2State { conv, h: ssm })
     }
 
@@ -436,7 +446,7 @@ impl Mamba2 {
     fn direction_output(
         &self,
         dir: &Direction,
-        xbc: Tensor<3>,
+        xbc: Xbc,
         dt: Tensor<3>,
         (history, h0): (Option<Tensor<3>>, Option<Tensor<4>>),
         padding: Option<&Padding>,
@@ -445,8 +455,7 @@ impl Mamba2 {
         if let Some(p) = padding {
             delta = delta * p.column();
         }
-        let xbc = dir.conv1d.forward_silu(xbc, history);
-        let (xs, B, C) = self.split_xbc(xbc);
+        let (xs, B, C) = self.heads_of(dir.conv1d.forward_silu_parts(xbc.0, history));
         let A = dir.A_log.val().exp().neg();
         let (y, ssm) = match self.form {
             Mamba2Form::Fused => ssd_fused(xs.clone(), delta, A, B, C, h0, self.chunk_size),
@@ -454,6 +463,25 @@ impl Mamba2 {
             Mamba2Form::Sequential => ssd_sequential(xs.clone(), delta, A, B, C, h0),
         };
         (y + xs * dir.D.val().reshape([1, 1, self.nheads(), 1]), ssm)
+    }
+}
+
+/// xBC, the conv's input, as its three parts x `[b, t, d_inner]`, B and C
+/// `[b, t, ngroups · d_state]`: in_proj makes them apart and the conv runs on each
+/// ([`CausalConv1d::forward_silu_parts`]); joined only where a state keeps the conv's
+/// last inputs.
+#[derive(Clone)]
+struct Xbc([Tensor<3>; 3]);
+
+impl Xbc {
+    /// `f` on each part.
+    fn map(self, f: impl Fn(Tensor<3>) -> Tensor<3>) -> Self {
+        Self(self.0.map(f))
+    }
+
+    /// The parts side by side, `[b, t, conv_dim]`.
+    fn joined(self) -> Tensor<3> {
+        Tensor::cat(self.0.to_vec(), 2)
     }
 }
 
@@ -516,7 +544,7 @@ impl TokenMixer for Mamba2 {
         let (z, xbc, dt) = self.split_in_proj(x);
         // Zeroed padding cannot reach a real position through the conv either.
         let xbc = match padding {
-            Some(p) => p.zero_padded(xbc),
+            Some(p) => xbc.map(|t| p.zero_padded(t)),
             None => xbc,
         };
         let forward = self.forward_direction();
@@ -532,7 +560,7 @@ impl TokenMixer for Mamba2 {
             let reversed = padding.map(Padding::reversed);
             let (y_rev, _) = self.direction_output(
                 &backward,
-                xbc.flip([1]),
+                xbc.map(|t| t.flip([1])),
                 dt.flip([1]),
                 (None, None),
                 reversed.as_ref(),
@@ -554,7 +582,7 @@ impl TokenMixer for Mamba2 {
         let (z, xbc, dt) = self.split_in_proj(x);
         let dir = self.forward_direction();
         let dt = self.delta(&dir, dt);
-        let window = Tensor::cat(vec![state.conv, xbc], 1);
+        let window = Tensor::cat(vec![state.conv, xbc.joined()], 1);
         let xbc = silu(self.conv1d.step(window.clone()));
         let conv = window.narrow(1, 1, kernel - 1);
         let (xs, B, C) = self.split_xbc(xbc);
@@ -825,13 +853,13 @@ mod tests {
             let x = Tensor::<3>::random([2, 9, 16], Distribution::Normal(0.0, 1.0), &device);
             let padding = Padding::from_lengths(&[5, 5], 9, &device);
             let (_, xbc, dt) = m.split_in_proj(x);
-            let xbc = padding.zero_padded(xbc);
+            let xbc = xbc.map(|t| padding.zero_padded(t));
             let dir = m.forward_direction();
             let fresh = (None, None);
             let (_, padded) = m.direction_output(&dir, xbc.clone(), dt.clone(), fresh, Some(&padding));
             let (_, real) = m.direction_output(
                 &dir,
-                xbc.narrow(1, 0, 5),
+                xbc.map(|t| t.narrow(1, 0, 5)),
                 dt.narrow(1, 0, 5),
                 (None, None),
                 None,
