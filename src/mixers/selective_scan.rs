@@ -1,8 +1,10 @@
 //! Mamba's selective scan, fused, as a Burn backend extension on flex: for each sequence
 //! and channel d, `h_t = exp(Δ_t[d]·A[d]) ⊙ h_(t−1) + Δ_t[d]·u_t[d]·B_t`,
-//! `y_t[d] = C_t · h_t`, with the `[d_state]` state kept in registers and never written
-//! out — as mamba_ssm's CUDA kernel does. The backward pass recomputes each channel's
-//! states (a `[T, d_state]` buffer in cache) and runs the adjoint recurrence back in time.
+//! `y_t[d] = C_t · h_t`, with each task's states (a block of channels × `d_state`) kept
+//! in cache and never written out — as mamba_ssm's CUDA kernel keeps them in registers.
+//! The backward pass recomputes the states a segment at a time (a buffer in cache) and runs
+//! the adjoint recurrence back in time. Its tasks write their pieces of the outputs in
+//! place (`Output`).
 //!
 //! The reference forms are [`super::ssm::scan_sequential`] (a loop of tensor ops) and
 //! [`super::ssm::scan_chunked`]; the tests hold this one equal to them, gradients included.
