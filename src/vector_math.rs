@@ -76,13 +76,7 @@ pub fn max(x: &[f32]) -> f32 {
     larger(larger(h4[0], h4[2]), larger(h4[1], h4[3])).max(tail)
 }
 
-/// `Σ aᵢ·bᵢ`, as [`sum`].
-#[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dot_fma::<false>(a, b)
-}
-
-/// [`dot`] with each lane's product added in one [`mul_add`], fused where `FMA`.
+/// `Σ aᵢ·bᵢ`, as [`sum`], each lane's product added in one [`mul_add`] (fused where `FMA`).
 #[inline(always)]
 pub fn dot_fma<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
@@ -223,7 +217,11 @@ mod tests {
             let squares: f32 = a.iter().map(|v| v * v).sum();
             assert!(close(sum_map(&a, |v| v * v), squares), "sum_map, n = {n}");
             let products: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            assert!(close(dot(&a, &b), products), "dot, n = {n}");
+            assert!(close(dot_fma::<false>(&a, &b), products), "dot, n = {n}");
+            assert!(
+                close(dot_fma::<true>(&a, &b), products),
+                "dot fused, n = {n}"
+            );
             let largest = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             assert_eq!(max(&a), largest, "max, n = {n}");
         }
