@@ -22,6 +22,7 @@ pub mod components;
 pub mod data;
 pub mod device;
 pub mod export;
+pub mod fused_dropout;
 pub mod fused_norm;
 pub mod matmul;
 pub mod mixed_precision;

@@ -15,6 +15,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
+use burn::nn::Dropout;
 use burn::prelude::*;
 use rayon::prelude::*;
 
@@ -47,11 +48,17 @@ pub trait FusedSoftmaxBackend: Backend {
 }
 
 /// Softmax attention of q `[b, h, t, dk]` over k `[b, h, t, dk]`, v `[b, h, t, dv]` (no key
-/// mask, no dropout): the extension's weights times v on flex, [`super::naive::attend`]
-/// elsewhere.
-pub fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, visibility: Visibility) -> Tensor<4> {
+/// mask), `dropout` acting on the weights: the extension's weights times v on flex,
+/// [`super::naive::attend`] elsewhere.
+pub fn attend(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    visibility: Visibility,
+    dropout: Option<&Dropout>,
+) -> Tensor<4> {
     if !crate::device::is_flex(&q.device()) {
-        return super::naive::attend(q, k, v, (0, 0), visibility, None).0;
+        return super::naive::attend(q, k, v, (0, 0), visibility, dropout).0;
     }
     let scale = super::scale(q.dims()[3]);
     let s = crate::matmul::matmul(q, k.swap_dims(2, 3));
@@ -62,6 +69,10 @@ pub fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, visibility: Visibility) 
             visibility,
         ),
     );
+    let p = match dropout {
+        Some(d) => crate::fused_dropout::forward(d, p),
+        None => p,
+    };
     crate::matmul::matmul(p, v)
 }
 
@@ -212,7 +223,8 @@ mod tests {
     use burn::tensor::Distribution;
 
     /// Equal to the naive form, output and the gradients of q, k and v, for causal, sliding
-    /// window and bidirectional visibility.
+    /// window and bidirectional visibility, with and without dropout on the weights (the
+    /// device re-seeded before each form, so both draw the same mask).
     #[test]
     fn fused_weights_equal_the_naive_form() {
         let device = Device::flex().autodiff();
@@ -233,15 +245,20 @@ mod tests {
                 window: 0,
             },
         ];
-        for visibility in visibilities {
+        let dropouts = [None, Some(burn::nn::DropoutConfig::new(0.25).init())];
+        for (visibility, dropout) in visibilities
+            .into_iter()
+            .flat_map(|v| dropouts.iter().map(move |d| (v, d.as_ref())))
+        {
             let run = |fused: bool| {
+                device.seed(99);
                 let (q, k, v) = (
                     q.clone().require_grad(),
                     k.clone().require_grad(),
                     v.clone().require_grad(),
                 );
                 let out = if fused {
-                    attend(q.clone(), k.clone(), v.clone(), visibility)
+                    attend(q.clone(), k.clone(), v.clone(), visibility, dropout)
                 } else {
                     crate::attention::naive::attend(
                         q.clone(),
@@ -249,7 +266,7 @@ mod tests {
                         v.clone(),
                         (0, 0),
                         visibility,
-                        None,
+                        dropout,
                     )
                     .0
                 };
@@ -268,11 +285,14 @@ mod tests {
                 ]
             };
             let calls = FORWARD_CALLS.load(Ordering::Relaxed);
+            let dropped = crate::fused_dropout::calls();
             let (ours, naive) = (run(true), run(false));
             assert!(
                 FORWARD_CALLS.load(Ordering::Relaxed) > calls,
                 "the extension ran"
             );
+            let dropped = crate::fused_dropout::calls() > dropped;
+            assert_eq!(dropped, dropout.is_some(), "dropout ran only where asked");
             for (what, a, b) in ["output", "dq", "dk", "dv"]
                 .iter()
                 .zip(&ours)
@@ -280,7 +300,11 @@ mod tests {
                 .map(|((w, a), b)| (w, a, b))
             {
                 let err = crate::testing::max_relative_difference(a, b);
-                assert!(err < 2e-5, "{visibility:?} {what}: max difference {err}");
+                let p = dropout.map(|d| d.prob);
+                assert!(
+                    err < 2e-5,
+                    "{visibility:?} dropout {p:?} {what}: max difference {err}"
+                );
             }
         }
     }

@@ -52,7 +52,7 @@ pub fn attend_masked(
     let l = p.clone().sum_dim(3);
     let out = match dropout {
         // Dropout acts on the normalised weights.
-        Some(d) => d.forward(p / l.clone()).matmul(v),
+        Some(d) => crate::fused_dropout::forward(d, p / l.clone()).matmul(v),
         // Normalising the output instead of the weights keeps one [tq, tk] tensor fewer
         // alive for backward (what a ring rank holds per visited block).
         None => p.matmul(v) / l.clone(),

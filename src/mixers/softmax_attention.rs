@@ -109,8 +109,7 @@ impl SoftmaxAttention {
             }
             // Attention dropout needs the full weight matrix, which the tiled form never builds.
             None if self.block_size > 0 => attend_tiled(q, k, v, self.block_size, self.visibility()),
-            None if dropout.is_some() => naive::attend(q, k, v, (0, 0), self.visibility(), dropout).0,
-            None => fused_softmax::attend(q, k, v, self.visibility()),
+            None => fused_softmax::attend(q, k, v, self.visibility(), dropout),
         }
     }
 
@@ -170,8 +169,8 @@ impl SoftmaxAttention {
 
     /// Heads `[b, n_heads, t, hd]` → `out_proj` of their concatenation.
     pub fn project_out(&self, heads: Tensor<4>) -> Tensor<3> {
-        self.resid_dropout
-            .forward(linear(&self.out_proj, merge_heads(heads)))
+        let out = linear(&self.out_proj, merge_heads(heads));
+        crate::fused_dropout::forward(&self.resid_dropout, out)
     }
 }
 

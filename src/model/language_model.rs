@@ -12,6 +12,7 @@ use burn::tensor::Distribution;
 pub use super::objective::{Targets, cross_entropy};
 use super::objective::{classification, masked_sums};
 use super::{MetaFormerBlock, MetaFormerBlockConfig, ModelConfig, Norm, Pooling, PositionKind};
+use crate::fused_dropout;
 use crate::mixed_precision::linear;
 use crate::mixers::{MixerKind, MixerState, normal_linear};
 use crate::padding::Padding;
@@ -167,7 +168,7 @@ impl LanguageModel {
         if let Some(pos) = &self.position_embedding {
             x = x + pos.forward(positions.unsqueeze::<2>());
         }
-        self.embed_dropout.forward(x)
+        fused_dropout::forward(&self.embed_dropout, x)
     }
 
     /// [`Self::objective`] of sequences split across ranks (sequence parallelism):

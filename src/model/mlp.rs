@@ -7,6 +7,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu_approximate, relu};
 
 use crate::activations::silu;
+use crate::fused_dropout;
 use crate::mixed_precision::linear;
 use crate::mixers::normal_linear;
 use serde::{Deserialize, Serialize};
@@ -57,7 +58,7 @@ impl Mlp {
             Some(gate) => silu(linear(gate, x.clone())) * linear(&self.fc1, x),
             None => self.activation.apply(linear(&self.fc1, x)),
         };
-        self.dropout.forward(linear(&self.fc2, h))
+        fused_dropout::forward(&self.dropout, linear(&self.fc2, h))
     }
 }
 
