@@ -31,6 +31,8 @@ pub enum Pointwise {
     Silu,
     /// `ln(1 + eˣ)` (β = 1).
     Softplus,
+    /// `elu(x) + 1`: `x + 1` above 0, `eˣ` below (linear attention's feature map).
+    EluPlusOne,
 }
 
 #[backend_extension(Flex, Autodiff)]
@@ -60,6 +62,11 @@ pub fn softplus<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     apply(x, Pointwise::Softplus)
 }
 
+/// `elu(x) + 1`, as `burn::tensor::activation::elu(x, 1.0).add_scalar(1.0)`.
+pub fn elu_plus_one<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    apply(x, Pointwise::EluPlusOne)
+}
+
 /// `f(x)`: the extension on flex, Burn's form elsewhere.
 pub fn apply<const D: usize>(x: Tensor<D>, f: Pointwise) -> Tensor<D> {
     use burn::tensor::activation as burns;
@@ -68,6 +75,7 @@ pub fn apply<const D: usize>(x: Tensor<D>, f: Pointwise) -> Tensor<D> {
             Pointwise::Gelu => burns::gelu(x),
             Pointwise::Silu => burns::silu(x),
             Pointwise::Softplus => burns::softplus(x, 1.0),
+            Pointwise::EluPlusOne => burns::elu(x, 1.0).add_scalar(1.0),
         };
     }
     Tensor::from_dispatch(<burn::backend::Dispatch as ActivationBackend>::activation(
@@ -95,6 +103,15 @@ impl ActivationBackend for Flex {
             Pointwise::Softplus => flex_map(x, None, |x, _| {
                 x.max(0.0) + ln_1p_unit(sigmoid_and_exp(x).1)
             }),
+            Pointwise::EluPlusOne => {
+                flex_map(
+                    x,
+                    None,
+                    |x, _| {
+                        if x > 0.0 { x + 1.0 } else { exp_nonpositive(x) }
+                    },
+                )
+            }
         }
     }
 
@@ -112,6 +129,9 @@ impl ActivationBackend for Flex {
                 g * s * (1.0 + x * (1.0 - s))
             }),
             Pointwise::Softplus => flex_map(x, Some(grad), |x, g| g * sigmoid_and_exp(x).0),
+            Pointwise::EluPlusOne => flex_map(x, Some(grad), |x, g| {
+                if x > 0.0 { g } else { g * exp_nonpositive(x) }
+            }),
         }
     }
 }
@@ -185,10 +205,13 @@ mod tests {
             (v(y), v(x.grad(&g).unwrap()))
         };
         type Form<'a> = &'a dyn Fn(Tensor<3>) -> Tensor<3>;
-        let cases: [(&str, Form, Form); 3] = [
+        let cases: [(&str, Form, Form); 4] = [
             ("gelu", &gelu, &burns::gelu),
             ("silu", &silu, &burns::silu),
             ("softplus", &softplus, &|x| burns::softplus(x, 1.0)),
+            ("elu + 1", &elu_plus_one, &|x| {
+                burns::elu(x, 1.0).add_scalar(1.0)
+            }),
         ];
         for (name, ours, burns) in cases {
             let calls = FORWARD_CALLS.load(Ordering::Relaxed);

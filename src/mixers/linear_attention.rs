@@ -19,12 +19,14 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation::{elu, log_sigmoid, relu};
+use burn::tensor::activation::{log_sigmoid, relu};
 
 use serde::{Deserialize, Serialize};
 
 use super::decayed_scan::decayed_scan;
+use super::fused_linear_attention::{self, linear_scan};
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
+use crate::activations::elu_plus_one;
 use crate::attention::{merge_heads, split_heads};
 use crate::matmul::matmul;
 use crate::mixed_precision::linear;
@@ -34,7 +36,7 @@ use crate::parallel::state_passing::{Carry, pass_state};
 use crate::parallel::{SequenceParallel, Transport};
 
 /// Added to the normaliser so a near-zero denominator cannot blow up.
-const NORM_EPS: f64 = 1e-6;
+pub(crate) const NORM_EPS: f64 = 1e-6;
 /// GLA's gate temperature: γ = sigmoid(·)^(1/16) keeps decays close to 1.
 const GATE_TEMPERATURE: f64 = 16.0;
 
@@ -69,7 +71,7 @@ impl LinearAttention {
 
     fn feature_map(&self, x: Tensor<4>) -> Tensor<4> {
         match self.options.feature_map {
-            FeatureMap::EluPlusOne => elu(x, 1.0).add_scalar(1.0),
+            FeatureMap::EluPlusOne => elu_plus_one(x),
             FeatureMap::Relu => relu(x),
             FeatureMap::Identity => x,
         }
@@ -116,7 +118,17 @@ impl LinearAttention {
     /// Mix with the configured form, causally or over the whole sequence.
     pub fn mix(&self, inputs: LinearInputs) -> Tensor<4> {
         let (normalize, chunk) = (self.options.normalize, self.options.chunk_size);
-        match (self.options.form, self.causal) {
+        let form = match self.options.form {
+            LinearForm::Fused if !fused_linear_attention::available(&inputs) => {
+                LinearForm::Chunkwise
+            }
+            form => form,
+        };
+        match (form, self.causal) {
+            (LinearForm::Fused, true) => linear_scan(inputs, normalize),
+            (LinearForm::Fused, false) => {
+                bidirectional(inputs, normalize, |i| linear_scan(i, false))
+            }
             (LinearForm::Chunkwise, true) => chunkwise(inputs, normalize, chunk),
             (LinearForm::Recurrent, true) => recurrent(inputs, normalize),
             (LinearForm::Quadratic, true) => quadratic(inputs, normalize),
@@ -441,7 +453,8 @@ pub struct LinearAttentionOptions {
     /// Divide by φ(q)ᵀΣφ(k) (Katharopoulos et al.); off is RetNet/GLA style.
     pub normalize: bool,
     pub decay: DecayMode,
-    /// Which form trains: `chunkwise` (fast), `recurrent` or `quadratic` (references).
+    /// Which form trains: `fused` (fast on flex), `chunkwise` (fast elsewhere), `recurrent`
+    /// or `quadratic` (references).
     pub form: LinearForm,
     pub chunk_size: usize,
 }
@@ -452,7 +465,7 @@ impl Default for LinearAttentionOptions {
             feature_map: FeatureMap::EluPlusOne,
             normalize: true,
             decay: DecayMode::None,
-            form: LinearForm::Chunkwise,
+            form: LinearForm::Fused,
             chunk_size: 16,
         }
     }
@@ -481,6 +494,9 @@ pub enum DecayMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LinearForm {
+    /// The recurrence as one extension on flex in f32 ([`super::fused_linear_attention`]),
+    /// the chunkwise form elsewhere.
+    Fused,
     Chunkwise,
     Recurrent,
     Quadratic,
