@@ -21,9 +21,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # other forms worth seeing.
 VARIANTS = {
     "softmax (tiled)": ["model.mixer=\"softmax\"", "model.softmax.tiled=true", "model.softmax.block_size=128"],
-    "linear (chunk 64)": ["model.mixer=\"linear\"", "model.linear.chunk_size=64"],
-    "gla (gated, chunkwise)": ["model.mixer=\"linear\"", "model.linear.decay=\"gated\"",
-                               "model.linear.normalize=false", "model.linear.chunk_size=64"],
+    "linear (chunkwise, chunk 64)": ["model.mixer=\"linear\"", "model.linear.form=\"chunkwise\"",
+                                     "model.linear.chunk_size=64"],
+    "gla (gated, fused)": ["model.mixer=\"linear\"", "model.linear.decay=\"gated\"",
+                           "model.linear.normalize=false"],
+    "gla (gated, chunkwise, chunk 64)": ["model.mixer=\"linear\"", "model.linear.decay=\"gated\"",
+                                         "model.linear.normalize=false",
+                                         "model.linear.form=\"chunkwise\"",
+                                         "model.linear.chunk_size=64"],
     "mamba2 (chunked, chunk 64)": ["model.mixer=\"mamba2\"", "model.mamba2.form=\"chunked\"",
                                    "model.mamba2.chunk_size=64"],
     # Inference (no autodiff): the tiled form keeps one block of scores at a time.

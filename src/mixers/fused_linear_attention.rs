@@ -69,7 +69,9 @@ pub fn forward_calls() -> usize {
 
 /// Whether [`linear_scan`] runs the extension for these inputs (f32 on flex).
 pub fn available(inputs: &LinearInputs) -> bool {
-    inputs.q.dtype() == DType::F32 && is_flex(&inputs.q.device())
+    let LinearInputs { q, k, v, log_decay } = inputs;
+    let dtypes = [q.dtype(), k.dtype(), v.dtype(), log_decay.dtype()];
+    dtypes == [DType::F32; 4] && is_flex(&q.device())
 }
 
 /// Causal linear attention by the fused recurrence; see [`available`] for where it runs.
