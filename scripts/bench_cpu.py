@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU training throughput of metamix against PyTorch eager, measured alternately in one run
 (this machine is shared and noisy, and CPUs differ between machines: only the ratios mean
-anything), and of the SSM, Mamba-2 and softmax models against each other.
+anything), and of the SSM, Mamba-2, linear attention and GLA models against the softmax model.
 
 Usage: python3 scripts/bench_cpu.py [--rounds 3] [--out results/cpu_throughput]
 Writes OUT.md and OUT.json: the CPU, its flags and cores, each figure's median over the
@@ -43,6 +43,8 @@ MODELS = [
       "--batch", "12", "--steps", "30", "--warmup", "10", "--precision", "bf16"]),
     ("ssm (Mamba, default size)", ["recipes/shakespeare_ssm.toml", "--steps", "10"], None),
     ("mamba2 (default size)", ["recipes/shakespeare_mamba2.toml", "--steps", "10"], None),
+    ("linear attention (default size)", ["recipes/shakespeare_linear.toml", "--steps", "10"], None),
+    ("gla (default size)", ["recipes/shakespeare_gla.toml", "--steps", "10"], None),
 ]
 TIME = ["/usr/bin/time", "-f", "TIME %P %R %S"]
 
@@ -119,7 +121,7 @@ def main():
     c = result["cpu"]
     lines = [
         f"CPU training throughput, f32, medians of {a.rounds} alternating rounds; each ratio "
-        f"is the median of the rounds' ratios (an SSM's to the default model, to a run of "
+        f"is the median of the rounds' ratios (a mixer's to the default model, to a run of "
         f"that model just before it) "
         f"(`python3 scripts/bench_cpu.py`): {c['model']}, {c['cores']} cores, flags "
         f"{', '.join(c['flags'])}; PyTorch {torch_version} eager (`scripts/pytorch_bench.py`).",
