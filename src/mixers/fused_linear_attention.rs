@@ -144,7 +144,28 @@ struct Inputs<'a> {
     normalize: bool,
 }
 
-impl Inputs<'_> {
+impl<'a> Inputs<'a> {
+    /// q, k, v and the log-decays read in place (copied only where a last dim is strided).
+    fn of(
+        tensors: &'a [FlexTensor; 4],
+        copies: &'a mut [Option<FlexTensor>; 4],
+        normalize: bool,
+    ) -> Self {
+        let [q, k, v, a] = tensors;
+        let [cq, ck, cv, ca] = copies;
+        let (_, _, t, dk, dv) = sizes(q, v);
+        Self {
+            q: Strided::of(q, cq),
+            k: Strided::of(k, ck),
+            v: Strided::of(v, cv),
+            a: Strided::of(a, ca),
+            t,
+            dk,
+            dv,
+            normalize,
+        }
+    }
+
     /// One step of (sequence, head) `task`'s recurrence from the state `(s, z)` in place:
     /// returns γ_t. z is kept only when normalising (it is unused otherwise).
     #[inline(always)]
@@ -399,19 +420,9 @@ impl LinearScanBackend for Flex {
         normalize: bool,
     ) -> FlexTensor {
         FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
-        let (b, h, t, dk, dv) = sizes(&q, &v);
-        let mut copies: [Option<FlexTensor>; 4] = Default::default();
-        let [cq, ck, cv, ca] = &mut copies;
-        let x = Inputs {
-            q: Strided::of(&q, cq),
-            k: Strided::of(&k, ck),
-            v: Strided::of(&v, cv),
-            a: Strided::of(&a, ca),
-            t,
-            dk,
-            dv,
-            normalize,
-        };
+        let (b, h, t, _, dv) = sizes(&q, &v);
+        let (tensors, mut copies) = ([q, k, v, a], Default::default());
+        let x = Inputs::of(&tensors, &mut copies, normalize);
         let mut out = vec![0f32; b * h * t * dv];
         if t * dv > 0 {
             out.par_chunks_mut(t * dv)
@@ -431,18 +442,8 @@ impl LinearScanBackend for Flex {
         decay_grad: bool,
     ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
         let (b, h, t, dk, dv) = sizes(&q, &v);
-        let mut copies: [Option<FlexTensor>; 4] = Default::default();
-        let [cq, ck, cv, ca] = &mut copies;
-        let x = Inputs {
-            q: Strided::of(&q, cq),
-            k: Strided::of(&k, ck),
-            v: Strided::of(&v, cv),
-            a: Strided::of(&a, ca),
-            t,
-            dk,
-            dv,
-            normalize,
-        };
+        let (tensors, mut copies) = ([q, k, v, a], Default::default());
+        let x = Inputs::of(&tensors, &mut copies, normalize);
         let grad = crate::device::flex_f32(&grad);
         let tasks = b * h;
         let (mut gq, mut gk) = (vec![0f32; tasks * t * dk], vec![0f32; tasks * t * dk]);
