@@ -239,6 +239,18 @@ fn linear_attention_bidirectional_forms_equal_the_full_matrix() {
                     },
                 );
             }
+            // The fused recurrence on flex, run over the flipped sequence too.
+            compare_forms(
+                &format!("bidirectional linear fused decay={decay} normalize={normalize}"),
+                &leaves,
+                [b, h, t, dv],
+                reference,
+                |x| {
+                    linear_attention::bidirectional(inputs(x), normalize, |i| {
+                        metamix::mixers::fused_linear_attention::linear_scan(i, false)
+                    })
+                },
+            );
             compare_forms(
                 &format!("bidirectional linear recurrent decay={decay} normalize={normalize}"),
                 &leaves,
