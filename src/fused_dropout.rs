@@ -25,6 +25,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use rayon::prelude::*;
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::device::{flex_f32, flex_from_f32, is_flex};
@@ -59,9 +60,26 @@ pub fn forward<const D: usize>(dropout: &Dropout, x: Tensor<D>) -> Tensor<D> {
     ))
 }
 
+thread_local! {
+    static FIXED_KEY: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with every mask on this thread keyed by `key` instead of a draw from the
+/// device's RNG: for tests that compare two forms under one mask, since flex's RNG is one
+/// per process and tests running beside them draw from it too.
+pub fn with_fixed_key<T>(key: u64, f: impl FnOnce() -> T) -> T {
+    let before = FIXED_KEY.with(|k| k.replace(Some(key)));
+    let out = f();
+    FIXED_KEY.with(|k| k.set(before));
+    out
+}
+
 /// A mask's key from the device's RNG: the top 16 bits of four uniform draws (each f32 in
 /// [0, 1) carries at least 23 random bits).
 fn draw_key(device: &Device) -> u64 {
+    if let Some(key) = FIXED_KEY.with(Cell::get) {
+        return key;
+    }
     let draws = Tensor::<1>::random([4], Distribution::Default, device)
         .into_data()
         .convert::<f32>()
