@@ -16,10 +16,8 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
+use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::prelude::*;
-use burn::tensor::DType;
-use rayon::prelude::*;
 
 use crate::device::flex_map;
 
@@ -51,34 +49,9 @@ fn round(v: f32) -> f32 {
     f32::from_bits(if nan { quiet } else { rounded })
 }
 
-/// Values per parallel task of the in-place rounding.
-const PIECE: usize = 16 * 1024;
-
-/// Rounds `values` in place.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
-    "x86_64+avx2+fma",
-    "x86_64+sse4.2",
-    "aarch64+neon"
-))]
-fn round_piece(values: &mut [f32]) {
-    values.iter_mut().for_each(|v| *v = round(*v));
-}
-
 impl Bf16RoundingBackend for Flex {
-    fn round_to_bf16(mut x: FlexTensor) -> FlexTensor {
-        // In place when x is the only owner of a buffer it fills in row-major order (a
-        // product's output, a gradient): no allocation, one pass over memory.
-        let len = x.shape().num_elements();
-        let whole = x.layout().contiguous_offsets() == Some((0, len));
-        if whole
-            && x.dtype() == DType::F32
-            && let Some(values) = x.try_storage_mut::<f32>()
-            && values.len() == len
-        {
-            values.par_chunks_mut(PIECE).for_each(round_piece);
-            return x;
-        }
+    /// In place where the tensor is unshared (a product's output, a gradient).
+    fn round_to_bf16(x: FlexTensor) -> FlexTensor {
         flex_map(x, None, |v, _| round(v))
     }
 }
@@ -113,7 +86,7 @@ impl<B: Backend + Bf16RoundingBackend, C: CheckpointStrategy> Bf16RoundingBacken
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
+    use burn::tensor::{DType, Distribution};
 
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         t.into_data()

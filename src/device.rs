@@ -170,15 +170,38 @@ fn take_work_until(done: &std::sync::atomic::AtomicBool) {
 /// Elements per parallel task of [`flex_map`].
 const MAP_PIECE: usize = 16 * 1024;
 
+/// `x`'s values in row-major order, to overwrite, when x is f32 and the only owner of a
+/// buffer it fills from the start (a fresh product's output, a gradient): an element-wise
+/// op can then write its result over its input instead of into a new buffer.
+pub fn unshared_f32(x: &mut burn::backend::flex::FlexTensor) -> Option<&mut [f32]> {
+    use burn::backend::TensorMetadata;
+    let len = x.shape().num_elements();
+    let whole = x.layout().contiguous_offsets() == Some((0, len));
+    if !whole || x.dtype() != burn::tensor::DType::F32 {
+        return None;
+    }
+    x.try_storage_mut::<f32>()
+        .filter(|values| values.len() == len)
+}
+
 /// `f(x, other)` element by element over a flex tensor (and another of its shape, or 0s),
-/// in parallel pieces: the body of the element-wise backend extensions.
+/// in parallel pieces: the body of the element-wise backend extensions. Without `other`,
+/// in place where [`unshared_f32`] allows.
 pub fn flex_map(
-    x: burn::backend::flex::FlexTensor,
+    mut x: burn::backend::flex::FlexTensor,
     other: Option<burn::backend::flex::FlexTensor>,
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> burn::backend::flex::FlexTensor {
     use burn::backend::TensorMetadata;
     use rayon::prelude::*;
+    if other.is_none()
+        && let Some(values) = unshared_f32(&mut x)
+    {
+        values
+            .par_chunks_mut(MAP_PIECE)
+            .for_each(|piece| map_piece_in_place(piece, &f));
+        return x;
+    }
     let (shape, dtype) = (x.shape(), x.dtype());
     let x_values = flex_f32(&x);
     let other_values = other.as_ref().map(flex_f32);
@@ -224,6 +247,19 @@ fn map_piece(
                 y.write(f(x, 0.0));
             }
         }
+    }
+}
+
+/// [`flex_map`]'s loop over one piece of an unshared tensor.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn map_piece_in_place(values: &mut [f32], f: &impl Fn(f32, f32) -> f32) {
+    for v in values.iter_mut() {
+        *v = f(*v, 0.0);
     }
 }
 

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::device::{flex_f32, flex_from_f32, is_flex};
+use crate::device::{flex_f32, flex_from_f32, is_flex, unshared_f32};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DropoutBackend: Backend {
@@ -192,14 +192,7 @@ impl DropoutBackend for Flex {
                 .enumerate()
                 .for_each(|(i, piece)| drop_piece(piece, (i * PIECE) as u64, mask, scale));
         };
-        let len = x.shape().num_elements();
-        // In place when x is the only owner of a buffer it fills in row-major order.
-        let whole = x.is_contiguous() && x.layout().contiguous_offsets() == Some((0, len));
-        if whole
-            && x.dtype() == DType::F32
-            && let Some(values) = x.try_storage_mut::<f32>()
-            && values.len() == len
-        {
+        if let Some(values) = unshared_f32(&mut x) {
             apply(values);
             return x;
         }
