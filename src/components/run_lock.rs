@@ -13,8 +13,18 @@ pub const LOCK_FILE: &str = ".lock";
 /// Held for as long as the run is being changed.
 #[derive(Debug)]
 pub struct RunLock {
-    _file: File,
+    file: File,
     pub path: PathBuf,
+}
+
+impl Drop for RunLock {
+    /// Unlocks before the file closes. Closing alone releases the lock only when no other
+    /// descriptor shares the open file: a child forked by another thread shares it until its
+    /// `exec`, and in that window the next `acquire` (a resume in the same process) would
+    /// find the run locked by its own PID.
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
 }
 
 impl RunLock {
@@ -33,7 +43,7 @@ impl RunLock {
                 file.set_len(0)
                     .and_then(|_| write!(file, "{}", std::process::id()))
                     .with_context(|| format!("writing {}", path.display()))?;
-                Ok(Self { _file: file, path })
+                Ok(Self { file, path })
             }
             Err(TryLockError::WouldBlock) => {
                 let pid = std::fs::read_to_string(&path).unwrap_or_default();
@@ -67,5 +77,16 @@ mod tests {
         assert!(err.contains(&std::process::id().to_string()), "{err}");
         drop(first);
         RunLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn dropping_the_lock_releases_it_while_a_duplicate_descriptor_lives() {
+        // What a child forked by another thread holds until it execs.
+        let dir = tempfile::tempdir().unwrap();
+        let first = RunLock::acquire(dir.path()).unwrap();
+        let duplicate = first.file.try_clone().unwrap();
+        drop(first);
+        RunLock::acquire(dir.path()).unwrap();
+        drop(duplicate);
     }
 }
