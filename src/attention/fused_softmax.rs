@@ -21,6 +21,7 @@ use rayon::prelude::*;
 
 use super::Visibility;
 use crate::device::{flex_f32, flex_from_f32};
+use crate::matmul::{Blocks, matmul_blocks};
 use crate::vector_math::{dot_fma, exp_nonpositive_fma, has_fma, max, sum};
 
 /// Forward passes the extension has run in this process (for a test that it took the path).
@@ -28,6 +29,10 @@ static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// Score rows per parallel task.
 const ROWS: usize = 32;
+
+/// Rows and columns of the blocks causal attention's products skip above the diagonal
+/// ([`Blocks`]); sequences no longer than one block take plain products.
+pub const CAUSAL_BLOCK: usize = 64;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedSoftmaxBackend: Backend {
@@ -61,7 +66,17 @@ pub fn attend(
         return super::naive::attend(q, k, v, (0, 0), visibility, dropout).0;
     }
     let scale = super::scale(q.dims()[3]);
-    let s = crate::matmul::matmul(q, k.swap_dims(2, 3));
+    let (tq, tk) = (q.dims()[2], k.dims()[2]);
+    // Causal scores above the diagonal blocks are masked and their weights are 0.
+    let (scores, weighted) = if visibility.causal && tq == tk && tq > CAUSAL_BLOCK {
+        (
+            Blocks::OutLower(CAUSAL_BLOCK),
+            Blocks::LeftLower(CAUSAL_BLOCK),
+        )
+    } else {
+        (Blocks::Dense, Blocks::Dense)
+    };
+    let s = matmul_blocks(q, k.swap_dims(2, 3), scores);
     let p = Tensor::<4>::from_dispatch(
         <burn::backend::Dispatch as FusedSoftmaxBackend>::attention_weights(
             s.into_dispatch(),
@@ -73,7 +88,7 @@ pub fn attend(
         Some(d) => crate::fused_dropout::forward(d, p),
         None => p,
     };
-    crate::matmul::matmul(p, v)
+    matmul_blocks(p, v, weighted)
 }
 
 /// The keys `[lo, hi)` query `i` sees (a contiguous range under any [`Visibility`]).
@@ -224,18 +239,20 @@ mod tests {
 
     /// Equal to the naive form, output and the gradients of q, k and v, for causal, sliding
     /// window and bidirectional visibility, with and without dropout on the weights (both
-    /// forms under one fixed mask key, so both draw the same mask).
+    /// forms under one fixed mask key, so both draw the same mask). The sequence spans
+    /// three causal blocks, the last one partial, so the causal forms skip blocks.
     #[test]
     fn fused_weights_equal_the_naive_form() {
         let device = Device::flex().autodiff();
         device.seed(11);
         let r =
             |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 2.0), &device);
+        let t = 2 * CAUSAL_BLOCK + 22;
         let (q, k, v, w) = (
-            r([2, 3, 37, 8]),
-            r([2, 3, 37, 8]),
-            r([2, 3, 37, 5]),
-            r([2, 3, 37, 5]),
+            r([2, 3, t, 8]),
+            r([2, 3, t, 8]),
+            r([2, 3, t, 5]),
+            r([2, 3, t, 5]),
         );
         let visibilities = [
             Visibility::causal(0),
