@@ -161,6 +161,13 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+impl Shared {
+    /// Through a method, so a closure captures the whole (Sync) wrapper, not its pointer.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The products of [`Blocks`] other than `Dense`: one task per matrix and block of rows
 /// (columns for `RightLower`), each one gemm over the part its block needs.
 fn matmul_blocks_flex(
@@ -189,12 +196,11 @@ fn matmul_blocks_flex(
         let (lo, hi) = (blk * bs, ((blk + 1) * bs).min(t));
         let (a0, b0) = (a.first(i), b.first(i));
         let ((a_rs, a_cs), (b_rs, b_cs)) = (a.strides, b.strides);
-        let base = base;
         // SAFETY: matrix i's output lies at i × size within the capacity reserved above;
         // each task writes its own rows [lo, hi) (its columns for RightLower), and every
         // offset below stays inside matrix i of a, b and the output.
         unsafe {
-            let out = base.0.add(i * size);
+            let out = base.ptr().add(i * size);
             let at = |p: *const f32, r: usize, rs: isize, c: usize, cs: isize| {
                 p.offset(r as isize * rs + c as isize * cs)
             };
