@@ -48,8 +48,7 @@ pub fn calls() -> usize {
 /// autodiff device, and not at p = 0): the extension for f32 on flex, Burn's elsewhere.
 pub fn forward<const D: usize>(dropout: &Dropout, x: Tensor<D>) -> Tensor<D> {
     let device = x.device();
-    let active = dropout.training.is_enabled() && device.is_autodiff() && dropout.prob > 0.0;
-    if !active || x.dtype() != DType::F32 || !is_flex(&device) {
+    if !is_active(dropout, &device) || x.dtype() != DType::F32 || !is_flex(&device) {
         return dropout.forward(x);
     }
     let key = draw_key(&device);
@@ -58,6 +57,48 @@ pub fn forward<const D: usize>(dropout: &Dropout, x: Tensor<D>) -> Tensor<D> {
         dropout.prob,
         key,
     ))
+}
+
+/// Whether `dropout` acts now on `device`, as Burn's does: training, on an autodiff
+/// device, p > 0.
+fn is_active(dropout: &Dropout, device: &Device) -> bool {
+    dropout.training.is_enabled() && device.is_autodiff() && dropout.prob > 0.0
+}
+
+/// `(p, key)` of `dropout`'s mask for a call on `device` now, or `None` where it does not
+/// act: for kernels that apply the mask inside themselves (FlashAttention's tiles, with
+/// [`block_factors`]).
+pub fn mask_for(dropout: &Dropout, device: &Device) -> Option<(f64, u64)> {
+    is_active(dropout, device).then(|| (dropout.prob, draw_key(device)))
+}
+
+/// The factors (0 or `1 / (1 − p)`) the mask under `key` gives the block `rows × cols` of
+/// each of `n` row-major `[t_rows, t_cols]` matrices stored one after another (as a
+/// `[.., t_rows, t_cols]` tensor is): `[n, rows, cols]`, row-major. A tiled kernel that
+/// multiplies its blocks by these drops what [`forward`] drops over the whole tensor.
+pub fn block_factors(
+    (p, key): (f64, u64),
+    (n, t_rows, t_cols): (usize, usize, usize),
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) -> Vec<f32> {
+    let (mask, scale) = (Mask::new(p, key), (1.0 / (1.0 - p)) as f32);
+    let (height, width) = (rows.len(), cols.len());
+    let mut out = vec![0f32; n * height * width];
+    out.par_chunks_mut(width.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            let (m, i) = (r / height, rows.start + r % height);
+            let first = ((m * t_rows + i) * t_cols + cols.start) as u64;
+            for (j, f) in row.iter_mut().enumerate() {
+                *f = if mask.keeps(first + j as u64) {
+                    scale
+                } else {
+                    0.0
+                };
+            }
+        });
+    out
 }
 
 thread_local! {

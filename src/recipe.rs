@@ -254,6 +254,21 @@ impl Recipe {
         recipe
             .validate(&written)
             .map_err(|e| err(&e.key, e.message))?;
+        let attention = recipe
+            .layer_mixers()
+            .iter()
+            .any(|m| matches!(m, MixerKind::Softmax | MixerKind::Moh));
+        if attention
+            && recipe.parallelism.sequence_parallel_degree > 1
+            && recipe.model.dropout > 0.0
+        {
+            eprintln!(
+                "note: {file}: ring attention (parallelism.sequence_parallel_degree > 1) does not \
+                 drop attention weights; model.dropout = {} still acts on the residual stream \
+                 and the MLP",
+                recipe.model.dropout
+            );
+        }
         Ok(recipe)
     }
 

@@ -32,7 +32,14 @@ fn flex_runs_the_flash_extension_for_tiled_attention_and_ring_blocks() {
         "the naive form must not run the extension"
     );
 
-    let y = attend_tiled(q.clone(), k.clone(), v.clone(), 4, Visibility::causal(0));
+    let y = attend_tiled(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        4,
+        Visibility::causal(0),
+        None,
+    );
     assert_eq!(forward_calls(), before + 1, "tiled attention on flex");
     let grads = y.sum().backward();
     assert!(

@@ -103,10 +103,10 @@ fn tiled_softmax_equals_naive() {
             };
             // FlashAttention (custom backward, flex) and the tensor-op form other backends use.
             let flash = |x: &[Tensor<4>]| {
-                attend_tiled(x[0].clone(), x[1].clone(), x[2].clone(), block, vis)
+                attend_tiled(x[0].clone(), x[1].clone(), x[2].clone(), block, vis, None)
             };
             let ops = |x: &[Tensor<4>]| {
-                attend_tiled_ops(x[0].clone(), x[1].clone(), x[2].clone(), block, vis).0
+                attend_tiled_ops(x[0].clone(), x[1].clone(), x[2].clone(), block, vis, None).0
             };
             for (form, fast) in [
                 ("flash", &flash as &dyn Fn(&[Tensor<4>]) -> Tensor<4>),
@@ -123,8 +123,63 @@ fn tiled_softmax_equals_naive() {
             // Both forms' row log-sum-exps, which merges (ring attention) rely on.
             let (q, k, v) = (leaves[0].clone(), leaves[1].clone(), leaves[2].clone());
             let (_, lse_ref) = naive::attend(q.clone(), k.clone(), v.clone(), (0, 0), vis, None);
-            let (_, lse) = attend_tiled_ops(q, k, v, block, vis);
+            let (_, lse) = attend_tiled_ops(q, k, v, block, vis, None);
             assert_close(lse, lse_ref, &format!("lse t={t} block={block} {vis:?}"));
+        }
+    }
+}
+
+/// With dropout on the weights, both tiled forms drop what the naive form drops under one
+/// mask key, tile by tile: outputs and gradients equal; and the dropout did act.
+#[test]
+fn tiled_softmax_with_dropout_equals_naive() {
+    use metamix::fused_dropout::with_fixed_key;
+    let (p, key) = (0.3, 7);
+    let dropout = burn::nn::DropoutConfig::new(p).init();
+    let bidirectional = Visibility {
+        causal: false,
+        window: 0,
+    };
+    for (t, block, vis) in [
+        (23, 8, Visibility::causal(0)),
+        (30, 8, Visibility::causal(9)),
+        (20, 16, bidirectional),
+    ] {
+        let leaves = [
+            normal([2, 3, t, 8]),
+            normal([2, 3, t, 8]),
+            normal([2, 3, t, 8]),
+        ];
+        let naive_with = |x: &[Tensor<4>], d| {
+            let (q, k, v) = (x[0].clone(), x[1].clone(), x[2].clone());
+            with_fixed_key(key, || naive::attend(q, k, v, (0, 0), vis, d).0)
+        };
+        let naive = |x: &[Tensor<4>]| naive_with(x, Some(&dropout));
+        let flash = |x: &[Tensor<4>]| {
+            let (q, k, v) = (x[0].clone(), x[1].clone(), x[2].clone());
+            with_fixed_key(key, || attend_tiled(q, k, v, block, vis, Some(&dropout)))
+        };
+        let ops = |x: &[Tensor<4>]| {
+            let (q, k, v) = (x[0].clone(), x[1].clone(), x[2].clone());
+            attend_tiled_ops(q, k, v, block, vis, Some((p, key))).0
+        };
+        let undropped = naive_with(&leaves, None).detach();
+        let diff = (naive(&leaves).detach() - undropped)
+            .abs()
+            .max()
+            .into_scalar::<f32>();
+        assert!(diff > 0.1, "t={t}: dropout changed the output ({diff})");
+        for (form, fast) in [
+            ("flash", &flash as &dyn Fn(&[Tensor<4>]) -> Tensor<4>),
+            ("tensor ops", &ops),
+        ] {
+            compare_forms(
+                &format!("softmax {form} with dropout t={t} block={block} {vis:?}"),
+                &leaves,
+                [2, 3, t, 8],
+                naive,
+                fast,
+            );
         }
     }
 }

@@ -10,6 +10,10 @@
 //! (`[b, h, tq, dv + 1]`), so a ring can merge blocks and still get gradients through the
 //! log-sum-exp (`dS = P ∘ (dP − (rowsum(dO ∘ O) − dlse))`).
 //!
+//! Dropout on the weights, for a whole sequence, multiplies each block of weights by its
+//! part of [`crate::fused_dropout`]'s counter-based mask, recomputed in backward as the
+//! blocks of weights are, so no mask is stored (FlashAttention's own dropout works so).
+//!
 //! Written with backend primitive ops so any backend can run it; it is registered for flex
 //! (and its autodiff), the CPU backend. Other backends use the tensor-op forms.
 
@@ -31,8 +35,9 @@ use super::naive::HIDDEN;
 pub trait FlashAttentionBackend: Backend {
     /// Attention of q `[b, h, tq, dk]` at global positions `q_start..` over k `[b, h, tk, dk]`,
     /// v `[b, h, tk, dv]` at `k_start..`, in `block`-sized tiles, each query seeing the keys
-    /// `causal`/`window` allow ([`Visibility`]). Returns `[b, h, tq, dv + 1]`: the output,
-    /// then each row's log-sum-exp.
+    /// `causal`/`window` allow ([`Visibility`]), the weights dropped with probability
+    /// `dropout` under the mask `key` (a whole sequence only; 0 for none). Returns
+    /// `[b, h, tq, dv + 1]`: the output, then each row's log-sum-exp.
     #[allow(clippy::too_many_arguments)]
     fn flash_attention(
         q: FloatTensor<Self>,
@@ -43,6 +48,8 @@ pub trait FlashAttentionBackend: Backend {
         k_start: usize,
         causal: bool,
         window: usize,
+        dropout: f64,
+        key: u64,
     ) -> FloatTensor<Self>;
 }
 
@@ -55,23 +62,49 @@ pub fn forward_calls() -> usize {
     FORWARD_CALLS.load(Ordering::Relaxed)
 }
 
-/// Where the queries and keys sit and what they see.
+/// Where the queries and keys sit, what they see, and the weights' dropout mask.
 #[derive(Clone, Copy, Debug)]
 struct Span {
     block: usize,
     q_start: usize,
     k_start: usize,
     visibility: Visibility,
+    dropout: Option<(f64, u64)>,
 }
 
 impl Span {
-    fn new(block: usize, (q_start, k_start): (usize, usize), visibility: Visibility) -> Self {
+    fn new(
+        block: usize,
+        (q_start, k_start): (usize, usize),
+        visibility: Visibility,
+        (p, key): (f64, u64),
+    ) -> Self {
+        assert!(
+            p == 0.0 || (q_start, k_start) == (0, 0),
+            "FlashAttention drops weights over whole sequences only"
+        );
         Self {
             block,
             q_start,
             k_start,
             visibility,
+            dropout: (p > 0.0).then_some((p, key)),
         }
+    }
+
+    /// The dropout factors of the block pair (`[b, h, q1 − q0, k1 − k0]`, of `[b, h, tq,
+    /// tk]` weights), or `None` without dropout.
+    fn dropout_factors<B: Backend>(
+        &self,
+        (b, h, tq, tk): (usize, usize, usize, usize),
+        (q0, q1): (usize, usize),
+        (k0, k1): (usize, usize),
+        device: &<FloatTensor<B> as TensorMetadata>::Device,
+    ) -> Option<FloatTensor<B>> {
+        self.dropout.map(|mask| {
+            let f = crate::fused_dropout::block_factors(mask, (b * h, tq, tk), q0..q1, k0..k1);
+            B::float_from_data(TensorData::new(f, [b, h, q1 - q0, k1 - k0]), device)
+        })
     }
 
     /// The key blocks (local positions) of `tk` keys that query block `[q0, q1)` (local)
@@ -114,8 +147,11 @@ impl FlashAttentionBackend for Flex {
         k_start: usize,
         causal: bool,
         window: usize,
+        dropout: f64,
+        key: u64,
     ) -> FloatTensor<Self> {
-        let span = Span::new(block, (q_start, k_start), Visibility { causal, window });
+        let visibility = Visibility { causal, window };
+        let span = Span::new(block, (q_start, k_start), visibility, (dropout, key));
         let (out, lse) = forward::<Flex>(q, k, v, span);
         Flex::float_cat(vec![out, lse], 3)
     }
@@ -162,8 +198,11 @@ impl<B: Backend + FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBa
         k_start: usize,
         causal: bool,
         window: usize,
+        dropout: f64,
+        key: u64,
     ) -> FloatTensor<Self> {
-        let span = Span::new(block, (q_start, k_start), Visibility { causal, window });
+        let visibility = Visibility { causal, window };
+        let span = Span::new(block, (q_start, k_start), visibility, (dropout, key));
         match FlashBackward
             .prepare::<C>([q.node(), k.node(), v.node()])
             .compute_bound()
@@ -262,14 +301,16 @@ fn forward<B: Backend>(
             let s = scores::<B>(q_blk.clone(), rows::<B>(&k, k0, k1), &bias, scale);
             let v_blk = rows::<B>(&v, k0, k1);
             let blk_max = B::float_max_dim(s.clone(), 3);
+            let factors = span.dropout_factors::<B>((b, h, tq, tk), (q0, q1), (k0, k1), &device);
+            // The weights meet the values dropped; the normaliser sums them whole.
+            let weighted = |p: FloatTensor<B>| match factors {
+                Some(f) => B::float_matmul(B::float_mul(p, f), v_blk),
+                None => B::float_matmul(p, v_blk),
+            };
             state = Some(match state {
                 None => {
                     let p = B::float_exp(B::float_sub(s, blk_max.clone()));
-                    (
-                        blk_max,
-                        B::float_sum_dim(p.clone(), 3),
-                        B::float_matmul(p, v_blk),
-                    )
+                    (blk_max, B::float_sum_dim(p.clone(), 3), weighted(p))
                 }
                 Some((m, l, acc)) => {
                     let m_new = B::float_max_dim(B::float_cat(vec![m.clone(), blk_max], 3), 3);
@@ -277,7 +318,7 @@ fn forward<B: Backend>(
                     let c = B::float_exp(B::float_sub(m, m_new.clone()));
                     let l =
                         B::float_add(B::float_mul(l, c.clone()), B::float_sum_dim(p.clone(), 3));
-                    let acc = B::float_add(B::float_mul(acc, c), B::float_matmul(p, v_blk));
+                    let acc = B::float_add(B::float_mul(acc, c), weighted(p));
                     (m_new, l, acc)
                 }
             });
@@ -309,7 +350,8 @@ fn forward<B: Backend>(
 /// FlashAttention-2's backward: per block pair, recompute `P = exp(S − lse)`, then
 /// `dV += Pᵀ dO`, `dS = P ∘ (dO Vᵀ − δ)`, `dQ += dS K / √dk`, `dK += dSᵀ Q / √dk`, with
 /// `δ = rowsum(dO ∘ O) − dlse`: the gradient reaching the log-sum-exp output enters there,
-/// since `∂lse_i/∂S_ij = P_ij`.
+/// since `∂lse_i/∂S_ij = P_ij`. With dropout factors F, `dV += (P ∘ F)ᵀ dO` and
+/// `dS = P ∘ ((dO Vᵀ) ∘ F − δ)`; δ is unchanged, as `rowsum(P ∘ F ∘ dO Vᵀ) = rowsum(dO ∘ O)`.
 fn backward<B: Backend>(
     saved: Saved<B>,
     grad_packed: FloatTensor<B>,
@@ -322,7 +364,7 @@ fn backward<B: Backend>(
         lse,
         span,
     } = saved;
-    let tq = q.shape()[2];
+    let (b, h, tq) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let tk = k.shape()[2];
     let dk = q.shape()[3];
     let dv = v.shape()[3];
@@ -349,8 +391,17 @@ fn backward<B: Backend>(
             let v_blk = rows::<B>(&v, k0, k1);
             let s = scores::<B>(q_blk.clone(), k_blk.clone(), &bias, scale);
             let p = B::float_exp(B::float_sub(s, lse_blk.clone()));
-            let dv_part = B::float_matmul(B::float_swap_dims(p.clone(), 2, 3), do_blk.clone());
+            let factors = span.dropout_factors::<B>((b, h, tq, tk), (q0, q1), (k0, k1), &device);
+            let dropped = match &factors {
+                Some(f) => B::float_mul(p.clone(), f.clone()),
+                None => p.clone(),
+            };
+            let dv_part = B::float_matmul(B::float_swap_dims(dropped, 2, 3), do_blk.clone());
             let dp = B::float_matmul(do_blk.clone(), B::float_swap_dims(v_blk, 2, 3));
+            let dp = match factors {
+                Some(f) => B::float_mul(dp, f),
+                None => dp,
+            };
             let ds = B::float_mul_scalar(
                 B::float_mul(p, B::float_sub(dp, delta_blk.clone())),
                 scale.into(),

@@ -1,25 +1,31 @@
 //! The memory-efficient form of causal softmax attention: queries and keys in blocks, an
 //! online softmax over the key blocks each query block sees.
 
+use burn::nn::Dropout;
 use burn::prelude::*;
 
 use super::Visibility;
 use super::flash::FlashAttentionBackend;
 
-/// Attention over a whole sequence, tiled in `block`s. On flex (the CPU backend) it runs as a backend
-/// extension with FlashAttention's recomputing backward ([`super::flash`]), so training
-/// memory is linear in sequence length too; elsewhere, as [`attend_tiled_ops`].
+/// Attention over a whole sequence, tiled in `block`s, `dropout` acting on the weights.
+/// On flex (the CPU backend) it runs as a backend extension with FlashAttention's
+/// recomputing backward ([`super::flash`]), so training memory is linear in sequence
+/// length too; elsewhere, as [`attend_tiled_ops`]. Both drop weights by the counter-based
+/// mask of [`crate::fused_dropout`], tile by tile, so they drop what the naive form drops
+/// on flex under the same key.
 pub fn attend_tiled(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
     block: usize,
     visibility: Visibility,
+    dropout: Option<&Dropout>,
 ) -> Tensor<4> {
+    let mask = dropout.and_then(|d| crate::fused_dropout::mask_for(d, &q.device()));
     if takes_flash_path(&q.device()) {
-        flash(q, k, v, (0, 0), visibility, block).0
+        flash(q, k, v, (0, 0), visibility, block, mask).0
     } else {
-        attend_tiled_ops(q, k, v, block, visibility).0
+        attend_tiled_ops(q, k, v, block, visibility, mask).0
     }
 }
 
@@ -37,13 +43,14 @@ pub fn attend_block(
     block: usize,
 ) -> (Tensor<4>, Tensor<4>) {
     if takes_flash_path(&q.device()) {
-        flash(q, k, v, (q_start, k_start), visibility, block)
+        flash(q, k, v, (q_start, k_start), visibility, block, None)
     } else {
         super::naive::attend(q, k, v, (q_start, k_start), visibility, None)
     }
 }
 
-/// The FlashAttention extension (flex only): output and row log-sum-exp.
+/// The FlashAttention extension (flex only): output and row log-sum-exp. `dropout`: the
+/// weights' mask `(p, key)`, for a whole sequence only (both starts 0).
 fn flash(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -51,8 +58,10 @@ fn flash(
     (q_start, k_start): (usize, usize),
     visibility: Visibility,
     block: usize,
+    dropout: Option<(f64, u64)>,
 ) -> (Tensor<4>, Tensor<4>) {
     let dv = v.dims()[3];
+    let (p, key) = dropout.unwrap_or((0.0, 0));
     let packed = <burn::backend::Dispatch as FlashAttentionBackend>::flash_attention(
         q.into_dispatch(),
         k.into_dispatch(),
@@ -62,6 +71,8 @@ fn flash(
         k_start,
         visibility.causal,
         visibility.window,
+        p,
+        key,
     );
     let packed = Tensor::<4>::from_dispatch(packed);
     (packed.clone().narrow(3, 0, dv), packed.narrow(3, dv, 1))
@@ -79,16 +90,27 @@ pub fn takes_flash_path(device: &Device) -> bool {
 /// rescaled whenever the max grows. Scores exist one block pair at a time, so inference
 /// memory grows linearly with sequence length (Burn's autodiff still keeps every block for
 /// backward: that is what the extension avoids). Returns the output and row log-sum-exp.
+/// `dropout`, the mask `(p, key)` of [`crate::fused_dropout`], multiplies each block of
+/// weights before it meets the values; the normaliser sums them undropped.
 pub fn attend_tiled_ops(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
     block: usize,
     visibility: Visibility,
+    dropout: Option<(f64, u64)>,
 ) -> (Tensor<4>, Tensor<4>) {
     let [b, h, t, dk] = q.dims();
     let dv = v.dims()[3];
     let device = q.device();
+    let dropped = |p: Tensor<4>, (q0, q1), (k0, k1)| match dropout {
+        Some(mask) => {
+            let f = crate::fused_dropout::block_factors(mask, (b * h, t, t), q0..q1, k0..k1);
+            let f = TensorData::new(f, [b, h, q1 - q0, k1 - k0]);
+            p * Tensor::<4>::from_data(f, &device)
+        }
+        None => p,
+    };
     let (mut outputs, mut lses) = (Vec::new(), Vec::new());
     for q0 in (0..t).step_by(block) {
         let q1 = (q0 + block).min(t);
@@ -109,14 +131,16 @@ pub fn attend_tiled_ops(
             state = Some(match state {
                 None => {
                     let p = (scores - blk_max.clone()).exp();
-                    (blk_max, p.clone().sum_dim(3), p.matmul(v_blk))
+                    let pv = dropped(p.clone(), (q0, q1), (k0, k1)).matmul(v_blk);
+                    (blk_max, p.sum_dim(3), pv)
                 }
                 Some((m, l, acc)) => {
                     let m_new = m.clone().max_pair(blk_max);
                     let p = (scores - m_new.clone()).exp();
                     let correction = (m - m_new.clone()).exp();
-                    let l = l * correction.clone() + p.clone().sum_dim(3);
-                    (m_new, l, acc * correction + p.matmul(v_blk))
+                    let pv = dropped(p.clone(), (q0, q1), (k0, k1)).matmul(v_blk);
+                    let l = l * correction.clone() + p.sum_dim(3);
+                    (m_new, l, acc * correction + pv)
                 }
             });
         }

@@ -107,8 +107,9 @@ impl SoftmaxAttention {
                 let hidden = Some(p.hidden_keys());
                 naive::attend_masked(q, k, v, (0, 0), self.visibility(), hidden, dropout).0
             }
-            // Attention dropout needs the full weight matrix, which the tiled form never builds.
-            None if self.block_size > 0 => attend_tiled(q, k, v, self.block_size, self.visibility()),
+            None if self.block_size > 0 => {
+                attend_tiled(q, k, v, self.block_size, self.visibility(), dropout)
+            }
             None => fused_softmax::attend(q, k, v, self.visibility(), dropout),
         }
     }
@@ -213,7 +214,7 @@ impl TokenMixer for SoftmaxAttention {
         (self.project_out(self.heads(x, padding)), None)
     }
 
-    /// Ring attention. Attention-weight dropout is not applied (as in the tiled form).
+    /// Ring attention. Attention-weight dropout is not applied (the recipe's loader says so).
     fn forward_sharded(
         ranks: &[&Self],
         xs: Vec<Tensor<3>>,
