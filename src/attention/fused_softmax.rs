@@ -6,7 +6,6 @@
 //! is the reference, and runs wherever this one does not; a test holds the two equal,
 //! gradients included.
 
-use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -21,7 +20,7 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use super::Visibility;
-use crate::device::{flex_f32, flex_from_f32};
+use crate::device::{flex_f32, flex_from_f32, unshared_f32};
 use crate::matmul::{Blocks, matmul_blocks};
 use crate::vector_math::{dot_fma, exp_nonpositive_fma, has_fma, max, sum};
 
@@ -105,24 +104,15 @@ fn visible(i: usize, tk: usize, v: Visibility) -> (usize, usize) {
     (lo.min(hi), hi)
 }
 
-/// A row of the output with every element written: the same memory as `[f32]`.
-fn written(row: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    // SAFETY: MaybeUninit<f32> has f32's layout, and the caller has written every element.
-    unsafe { &mut *(row as *mut [MaybeUninit<f32>] as *mut [f32]) }
-}
-
 /// Writes 0 to the hidden keys of a row, outside `[lo, hi)`.
 #[inline(always)]
-fn zero_outside(row: &mut [MaybeUninit<f32>], (lo, hi): (usize, usize)) {
-    let (head, rest) = row.split_at_mut(lo);
-    for x in head.iter_mut().chain(&mut rest[hi - lo..]) {
-        x.write(0.0);
-    }
+fn zero_outside(row: &mut [f32], (lo, hi): (usize, usize)) {
+    row[..lo].fill(0.0);
+    row[hi..].fill(0.0);
 }
 
 /// The forward over a task's rows (`first_row..`, each `tk` long, `tq` per sequence),
-/// writing every element once: hidden keys get weight 0. An output zeroed beforehand cost
-/// a sweep of its own, 6% of nanoGPT's step at seq 1024 (perf).
+/// turning each row of scores into its weights in place: hidden keys get weight 0.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
@@ -130,25 +120,23 @@ fn zero_outside(row: &mut [MaybeUninit<f32>], (lo, hi): (usize, usize)) {
     "aarch64+neon"
 ))]
 fn softmax_rows(
-    p: &mut [MaybeUninit<f32>],
-    s: &[f32],
+    rows: &mut [f32],
     (first_row, tq, tk): (usize, usize, usize),
     scale: f32,
     visibility: Visibility,
 ) {
     const FMA: bool = has_fma!();
-    for (r, (p, s)) in p.chunks_mut(tk).zip(s.chunks(tk)).enumerate() {
+    for (r, row) in rows.chunks_mut(tk).enumerate() {
         let (lo, hi) = visible((first_row + r) % tq, tk, visibility);
-        zero_outside(p, (lo, hi));
+        zero_outside(row, (lo, hi));
         if lo == hi {
             continue;
         }
-        let s = &s[lo..hi];
-        let m = max(s) * scale;
-        for (p, &s) in p[lo..hi].iter_mut().zip(s) {
-            p.write(exp_nonpositive_fma::<FMA>(s * scale - m));
+        let p = &mut row[lo..hi];
+        let m = max(p) * scale;
+        for p in p.iter_mut() {
+            *p = exp_nonpositive_fma::<FMA>(*p * scale - m);
         }
-        let p = &mut written(p)[lo..hi];
         let inv = 1.0 / sum(p);
         for p in p.iter_mut() {
             *p *= inv;
@@ -156,8 +144,9 @@ fn softmax_rows(
     }
 }
 
-/// The backward over a task's rows, writing every element once; a hidden key's weight is
-/// 0, so its `dS` is too, and neither `p` nor `dp` is read there (half of a causal row).
+/// The backward over a task's rows, turning each row of `dp` into `dS` in place. A hidden
+/// key's weight is 0, so its `dS` is too, and neither `p` nor `dp` is read there (half of
+/// a causal row).
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
@@ -165,53 +154,52 @@ fn softmax_rows(
     "aarch64+neon"
 ))]
 fn softmax_rows_backward(
-    ds: &mut [MaybeUninit<f32>],
-    (p, dp): (&[f32], &[f32]),
+    dp: &mut [f32],
+    p: &[f32],
     (first_row, tq, tk): (usize, usize, usize),
     scale: f32,
     visibility: Visibility,
 ) {
     const FMA: bool = has_fma!();
-    let rows = ds.chunks_mut(tk).zip(p.chunks(tk)).zip(dp.chunks(tk));
-    for (r, ((ds, p), dp)) in rows.enumerate() {
+    for (r, (dp, p)) in dp.chunks_mut(tk).zip(p.chunks(tk)).enumerate() {
         let (lo, hi) = visible((first_row + r) % tq, tk, visibility);
-        zero_outside(ds, (lo, hi));
-        let (p, dp) = (&p[lo..hi], &dp[lo..hi]);
+        zero_outside(dp, (lo, hi));
+        let (dp, p) = (&mut dp[lo..hi], &p[lo..hi]);
         let c = dot_fma::<FMA>(p, dp);
-        for ((ds, &p), &dp) in ds[lo..hi].iter_mut().zip(p).zip(dp) {
-            ds.write(scale * p * (dp - c));
+        for (dp, &p) in dp.iter_mut().zip(p) {
+            *dp = scale * p * (*dp - c);
         }
     }
 }
 
-/// A `[.., tq, tk]` f32 output of `n` elements, its rows written in parallel tasks of
-/// [`ROWS`] rows by `rows(task's rows, first row)`, each writing every element it is given.
-fn by_row_tasks(
-    n: usize,
-    tk: usize,
-    rows: impl Fn(&mut [MaybeUninit<f32>], usize) + Sync,
-) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n);
-    out.spare_capacity_mut()
-        .par_chunks_mut(ROWS * tk)
-        .enumerate()
-        .for_each(|(task, piece)| rows(piece, task * ROWS));
-    // SAFETY: the tasks cover the n elements and write each one.
-    unsafe { out.set_len(n) };
-    out
+/// Runs `rows(task's rows, first row)` over `x`'s rows (`tk` long) in parallel tasks of
+/// [`ROWS`] rows, over x's own buffer where it is the only owner (a fresh product or
+/// gradient: no new `[b, h, t, t]` buffer to fault in), else over a copy.
+fn over_rows(mut x: FlexTensor, tk: usize, rows: impl Fn(&mut [f32], usize) + Sync) -> FlexTensor {
+    let run = |values: &mut [f32]| {
+        values
+            .par_chunks_mut(ROWS * tk)
+            .enumerate()
+            .for_each(|(task, piece)| rows(piece, task * ROWS))
+    };
+    if let Some(values) = unshared_f32(&mut x) {
+        run(values);
+        return x;
+    }
+    let (shape, dtype) = (x.shape(), x.dtype());
+    let mut values = flex_f32(&x).into_owned();
+    run(&mut values);
+    flex_from_f32(values, shape, dtype)
 }
 
 impl FusedSoftmaxBackend for Flex {
     fn attention_weights(s: FlexTensor, scale: f64, visibility: Visibility) -> FlexTensor {
         FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
-        let (shape, dtype) = (s.shape(), s.dtype());
+        let shape = s.shape();
         let (tq, tk) = (shape[shape.num_dims() - 2], shape[shape.num_dims() - 1]);
-        let s = flex_f32(&s);
-        let p = by_row_tasks(s.len(), tk, |p, first| {
-            let s = &s[first * tk..first * tk + p.len()];
-            softmax_rows(p, s, (first, tq, tk), scale as f32, visibility)
-        });
-        flex_from_f32(p, shape, dtype)
+        over_rows(s, tk, |rows, first| {
+            softmax_rows(rows, (first, tq, tk), scale as f32, visibility)
+        })
     }
 
     fn attention_weights_backward(
@@ -220,15 +208,13 @@ impl FusedSoftmaxBackend for Flex {
         scale: f64,
         visibility: Visibility,
     ) -> FlexTensor {
-        let (shape, dtype) = (p.shape(), p.dtype());
+        let shape = p.shape();
         let (tq, tk) = (shape[shape.num_dims() - 2], shape[shape.num_dims() - 1]);
-        let (p, dp) = (flex_f32(&p), flex_f32(&dp));
-        let ds = by_row_tasks(p.len(), tk, |ds, first| {
-            let span = first * tk..first * tk + ds.len();
-            let inputs = (&p[span.clone()], &dp[span]);
-            softmax_rows_backward(ds, inputs, (first, tq, tk), scale as f32, visibility)
-        });
-        flex_from_f32(ds, shape, dtype)
+        let p = flex_f32(&p);
+        over_rows(dp, tk, |rows, first| {
+            let p = &p[first * tk..first * tk + rows.len()];
+            softmax_rows_backward(rows, p, (first, tq, tk), scale as f32, visibility)
+        })
     }
 }
 
@@ -288,6 +274,31 @@ impl<B: Backend + FusedSoftmaxBackend, C: CheckpointStrategy> FusedSoftmaxBacken
 mod tests {
     use super::*;
     use burn::tensor::Distribution;
+
+    /// The weights overwrite the scores only where nothing else holds them: a score tensor
+    /// a caller still holds is left as it was, and gives the same weights.
+    #[test]
+    fn weights_leave_shared_scores_alone() {
+        let device = Device::flex();
+        device.seed(12);
+        let s = Tensor::<4>::random([2, 3, 9, 9], Distribution::Normal(0.0, 2.0), &device);
+        let before = s.to_data();
+        let weights = |s: Tensor<4>| {
+            Tensor::<4>::from_dispatch(
+                <burn::backend::Dispatch as FusedSoftmaxBackend>::attention_weights(
+                    s.into_dispatch(),
+                    0.5,
+                    Visibility::causal(0),
+                ),
+            )
+            .into_data()
+        };
+        let shared = weights(s.clone());
+        s.to_data().assert_eq(&before, true);
+        let owned = weights(Tensor::from_data(before.clone(), &device));
+        shared.assert_eq(&owned, true);
+        assert_ne!(shared, before, "the weights are not the scores");
+    }
 
     /// Equal to the naive form, output and the gradients of q, k and v, for causal, sliding
     /// window and bidirectional visibility, with and without dropout on the weights (both
