@@ -3,10 +3,13 @@
 a table (val loss, tokens/s, peak memory, parameters, wall time) and a plot of val loss
 against wall-clock time, so you can see which mixer learns best per second.
 
-Usage: python3 scripts/compare_mixers.py [--steps N] [--out results/mixers] [RECIPE ...]
+Usage: python3 scripts/compare_mixers.py [--steps N] [--out results/mixers] [--from-json F] [RECIPE ...]
 Default recipes: for every registered mixer (`metamix mixers`), the recipes/shakespeare_*.toml
-that uses it alone, then the other single-device shakespeare recipes (GLA, the hybrid);
-2000 steps.
+that uses it alone, then the other single-device character-level shakespeare recipes (GLA,
+the hybrid, the Llama-shaped one); 2000 steps. Recipes with another tokenizer are another
+task (`scripts/compare_tokenizers.py` compares those).
+`--from-json results/mixers.json` writes the table and plot again from an earlier run's rows
+(the default recipes' rows, or those named), without training.
 Each run goes to runs/compare-<recipe> (replaced). The plot needs matplotlib
 (pip install matplotlib); without it the table is still written.
 """
@@ -63,6 +66,9 @@ def default_recipes(binary: pathlib.Path) -> list:
         recipe = tomllib.loads(path.read_text())
         if recipe.get("parallelism", {}).get("sequence_parallel_degree", 1) > 1:
             continue
+        # One task for all: the character-level model (tokenizer recipes are compared apart).
+        if recipe.get("data", {}).get("tokenizer", "char") != "char":
+            continue
         candidates[path] = recipe.get("model", {})
     chosen = []
     for name in registry:
@@ -79,12 +85,16 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--out", default="results/mixers")
+    ap.add_argument("--from-json", help="rows of an earlier run to write out again, untrained")
     ap.add_argument("recipes", nargs="*")
     args = ap.parse_args()
     binary = metamix_build.binary()
     recipes = [pathlib.Path(r) for r in args.recipes] or default_recipes(binary)
     rows = []
-    for r in recipes:
+    if args.from_json:
+        earlier = {r["recipe"]: r for r in json.loads(pathlib.Path(args.from_json).read_text())}
+        rows = [earlier[r.stem] for r in recipes if r.stem in earlier]
+    for r in [] if args.from_json else recipes:
         row = run(r, args.steps, binary)
         rows.append(row)
         print(f"{row['recipe']}: val {row['val']:.4f}, {row['tokens_per_s']} tok/s, {row['train_s']:.0f} s", flush=True)
