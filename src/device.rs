@@ -184,6 +184,23 @@ pub fn unshared_f32(x: &mut burn::backend::flex::FlexTensor) -> Option<&mut [f32
         .filter(|values| values.len() == len)
 }
 
+/// `x` with `f` applied to its f32 values (row-major): over x's own buffer where
+/// [`unshared_f32`] allows, else over a copy, so a tensor something else holds is left alone.
+pub fn overwrite_f32(
+    mut x: burn::backend::flex::FlexTensor,
+    f: impl FnOnce(&mut [f32]),
+) -> burn::backend::flex::FlexTensor {
+    use burn::backend::TensorMetadata;
+    if let Some(values) = unshared_f32(&mut x) {
+        f(values);
+        return x;
+    }
+    let (shape, dtype) = (x.shape(), x.dtype());
+    let mut values = flex_f32(&x).into_owned();
+    f(&mut values);
+    flex_from_f32(values, shape, dtype)
+}
+
 /// `f(x, other)` element by element over a flex tensor (and another of its shape, or 0s),
 /// in parallel pieces: the body of the element-wise backend extensions. Without `other`,
 /// in place where [`unshared_f32`] allows.

@@ -19,7 +19,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
+use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::nn::Dropout;
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::device::{flex_f32, flex_from_f32, is_flex, unshared_f32};
+use crate::device::{is_flex, overwrite_f32};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DropoutBackend: Backend {
@@ -224,23 +224,15 @@ fn drop_piece(values: &mut [f32], first: u64, mask: Mask, scale: f32) {
 }
 
 impl DropoutBackend for Flex {
-    fn fused_dropout(mut x: FlexTensor, p: f64, key: u64) -> FlexTensor {
+    fn fused_dropout(x: FlexTensor, p: f64, key: u64) -> FlexTensor {
         CALLS.fetch_add(1, Ordering::Relaxed);
         let (mask, scale) = (Mask::new(p, key), (1.0 / (1.0 - p)) as f32);
-        let apply = |values: &mut [f32]| {
+        overwrite_f32(x, |values| {
             values
                 .par_chunks_mut(PIECE)
                 .enumerate()
                 .for_each(|(i, piece)| drop_piece(piece, (i * PIECE) as u64, mask, scale));
-        };
-        if let Some(values) = unshared_f32(&mut x) {
-            apply(values);
-            return x;
-        }
-        let (shape, dtype) = (x.shape(), x.dtype());
-        let mut values = flex_f32(&x).into_owned();
-        apply(&mut values);
-        flex_from_f32(values, shape, dtype)
+        })
     }
 }
 

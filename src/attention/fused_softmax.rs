@@ -20,7 +20,7 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use super::Visibility;
-use crate::device::{flex_f32, flex_from_f32, unshared_f32};
+use crate::device::{flex_f32, overwrite_f32};
 use crate::matmul::{Blocks, matmul_blocks};
 use crate::vector_math::{dot_fma, exp_nonpositive_fma, has_fma, max, sum};
 
@@ -175,21 +175,13 @@ fn softmax_rows_backward(
 /// Runs `rows(task's rows, first row)` over `x`'s rows (`tk` long) in parallel tasks of
 /// [`ROWS`] rows, over x's own buffer where it is the only owner (a fresh product or
 /// gradient: no new `[b, h, t, t]` buffer to fault in), else over a copy.
-fn over_rows(mut x: FlexTensor, tk: usize, rows: impl Fn(&mut [f32], usize) + Sync) -> FlexTensor {
-    let run = |values: &mut [f32]| {
+fn over_rows(x: FlexTensor, tk: usize, rows: impl Fn(&mut [f32], usize) + Sync) -> FlexTensor {
+    overwrite_f32(x, |values| {
         values
             .par_chunks_mut(ROWS * tk)
             .enumerate()
             .for_each(|(task, piece)| rows(piece, task * ROWS))
-    };
-    if let Some(values) = unshared_f32(&mut x) {
-        run(values);
-        return x;
-    }
-    let (shape, dtype) = (x.shape(), x.dtype());
-    let mut values = flex_f32(&x).into_owned();
-    run(&mut values);
-    flex_from_f32(values, shape, dtype)
+    })
 }
 
 impl FusedSoftmaxBackend for Flex {
