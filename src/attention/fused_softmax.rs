@@ -292,6 +292,56 @@ mod tests {
         assert_ne!(shared, before, "the weights are not the scores");
     }
 
+    /// Grouped key/value heads (expanded views of fewer heads, as grouped-query attention
+    /// gives) over three causal blocks: equal to the naive form, gradients of the shared
+    /// keys and values included.
+    #[test]
+    fn grouped_kv_heads_equal_the_naive_form() {
+        let device = Device::flex().autodiff();
+        device.seed(13);
+        let t = 2 * CAUSAL_BLOCK + 22;
+        let r = |s: [usize; 4]| Tensor::<4>::random(s, Distribution::Normal(0.0, 1.0), &device);
+        let (q, k, v, w) = (
+            r([2, 4, t, 8]),
+            r([2, 2, t, 8]),
+            r([2, 2, t, 8]),
+            r([2, 4, t, 8]),
+        );
+        let run = |fused: bool| {
+            let (q, k, v) = (
+                q.clone().require_grad(),
+                k.clone().require_grad(),
+                v.clone().require_grad(),
+            );
+            let (kk, vv) = (
+                crate::attention::repeat_kv(k.clone(), 2),
+                crate::attention::repeat_kv(v.clone(), 2),
+            );
+            let vis = Visibility::causal(0);
+            let out = if fused {
+                attend(q.clone(), kk, vv, vis, None)
+            } else {
+                crate::attention::naive::attend(q.clone(), kk, vv, (0, 0), vis, None).0
+            };
+            let g = (out.clone() * w.clone()).sum().backward();
+            let vals = |t: Tensor<4>| t.into_data().try_into_vec::<f32>().unwrap();
+            [
+                vals(out),
+                vals(q.grad(&g).unwrap()),
+                vals(k.grad(&g).unwrap()),
+                vals(v.grad(&g).unwrap()),
+            ]
+        };
+        let (ours, naive) = (run(true), run(false));
+        for (what, (a, b)) in ["output", "dq", "dk", "dv"]
+            .iter()
+            .zip(ours.iter().zip(&naive))
+        {
+            let err = crate::testing::max_relative_difference(a, b);
+            assert!(err < 2e-5, "{what}: max difference {err}");
+        }
+    }
+
     /// Equal to the naive form, output and the gradients of q, k and v, for causal, sliding
     /// window and bidirectional visibility, with and without dropout on the weights (both
     /// forms under one fixed mask key, so both draw the same mask). The sequence spans
