@@ -44,9 +44,11 @@ pub enum Blocks {
     OutLower(usize),
     /// `a` is `[t, t]` and taken as 0 above the diagonal blocks (the weights times v).
     LeftLower(usize),
-    /// `a` is `[t, t]` and taken as 0 below the diagonal blocks (a backward's `Pᵀ · dO`).
+    /// `a` is `[t, t]` and taken as 0 below the diagonal blocks (a backward's `Pᵀ · dO`;
+    /// backward products only: such a product has no gradient of its own).
     LeftUpper(usize),
-    /// `b` is `[t, t]` and taken as 0 above the diagonal blocks (a backward's `qᵀ · dS`).
+    /// `b` is `[t, t]` and taken as 0 above the diagonal blocks (a backward's `qᵀ · dS`;
+    /// backward products only, as `LeftUpper`).
     RightLower(usize),
 }
 
@@ -330,7 +332,7 @@ impl<B: Backend + MatmulBackend> Backward<B, 2> for MatmulBackward {
             Blocks::OutLower(bs) => (Blocks::LeftLower(bs), Blocks::RightLower(bs)),
             Blocks::LeftLower(bs) => (Blocks::OutLower(bs), Blocks::LeftUpper(bs)),
             Blocks::LeftUpper(_) | Blocks::RightLower(_) => {
-                unreachable!("{blocks:?} products run only in backward passes")
+                panic!("a {blocks:?} product has no gradient: it is for backward passes only")
             }
         };
         let r = grad.shape().num_dims();
