@@ -14,13 +14,13 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::prelude::*;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::device::RunCount;
 
 use crate::device::flex_map;
 use crate::vector_math::{erf, exp_nonpositive, ln_1p_unit};
 
 /// Forward passes the extension has run in this process (for a test that it took the path).
-static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
+pub static FORWARD_CALLS: RunCount = RunCount::new();
 
 /// The element-wise functions the extension computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,7 +94,7 @@ pub(crate) fn sigmoid_and_exp(x: f32) -> (f32, f32) {
 
 impl ActivationBackend for Flex {
     fn activation(x: FlexTensor, f: Pointwise) -> FlexTensor {
-        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        FORWARD_CALLS.record();
         match f {
             Pointwise::Gelu => flex_map(x, None, |x, _| {
                 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
@@ -214,12 +214,9 @@ mod tests {
             }),
         ];
         for (name, ours, burns) in cases {
-            let calls = FORWARD_CALLS.load(Ordering::Relaxed);
+            let calls = FORWARD_CALLS.get();
             let (ours, burns) = (run(ours), run(burns));
-            assert!(
-                FORWARD_CALLS.load(Ordering::Relaxed) > calls,
-                "{name}: the extension ran"
-            );
+            assert!(FORWARD_CALLS.get() > calls, "{name}: the extension ran");
             for (what, a, b) in [
                 ("output", &ours.0, &burns.0),
                 ("gradient", &ours.1, &burns.1),

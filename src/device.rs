@@ -184,6 +184,30 @@ pub fn unshared_f32(x: &mut burn::backend::flex::FlexTensor) -> Option<&mut [f32
         .filter(|values| values.len() == len)
 }
 
+/// How many times a flex extension has run in this process: tests read it to see that a
+/// form really took the extension's path, rather than only matching its output.
+pub struct RunCount(std::sync::atomic::AtomicUsize);
+
+impl RunCount {
+    pub const fn new() -> Self {
+        Self(std::sync::atomic::AtomicUsize::new(0))
+    }
+
+    pub fn record(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Default for RunCount {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// `x` with `f` applied to its f32 values (row-major): over x's own buffer where
 /// [`unshared_f32`] allows, else over a copy, so a tensor something else holds is left alone.
 pub fn overwrite_f32(

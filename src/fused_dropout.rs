@@ -25,8 +25,8 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use rayon::prelude::*;
 
+use crate::device::RunCount;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::device::{is_flex, overwrite_f32};
 
@@ -36,13 +36,8 @@ pub trait DropoutBackend: Backend {
     fn fused_dropout(x: FloatTensor<Self>, p: f64, key: u64) -> FloatTensor<Self>;
 }
 
-static CALLS: AtomicUsize = AtomicUsize::new(0);
-
-/// How many times the fused dropout has run in this process (for a test that a model took
-/// this path).
-pub fn calls() -> usize {
-    CALLS.load(Ordering::Relaxed)
-}
+/// Fused dropouts run in this process (for a test that a model took this path).
+pub static CALLS: RunCount = RunCount::new();
 
 /// `dropout` applied to `x`, as Burn's `Dropout::forward` (only while training on an
 /// autodiff device, and not at p = 0): the extension for f32 on flex, Burn's elsewhere.
@@ -225,7 +220,7 @@ fn drop_piece(values: &mut [f32], first: u64, mask: Mask, scale: f32) {
 
 impl DropoutBackend for Flex {
     fn fused_dropout(x: FlexTensor, p: f64, key: u64) -> FlexTensor {
-        CALLS.fetch_add(1, Ordering::Relaxed);
+        CALLS.record();
         let (mask, scale) = (Mask::new(p, key), (1.0 / (1.0 - p)) as f32);
         overwrite_f32(x, |values| {
             values
@@ -306,9 +301,9 @@ mod tests {
                 let v = |t: Tensor<3>| t.into_data().try_into_vec::<f32>().unwrap();
                 (v(out), v(x.grad(&g).unwrap()))
             };
-            let before = calls();
+            let before = CALLS.get();
             let (ours, reference) = (run(true), run(false));
-            assert!(calls() > before, "the extension ran");
+            assert!(CALLS.get() > before, "the extension ran");
             assert_eq!(ours.0, reference.0, "output (strided: {strided})");
             let err = max_relative_difference(&ours.1, &reference.1);
             assert!(
@@ -358,9 +353,9 @@ mod tests {
         let device = Device::flex().autodiff();
         device.seed(5);
         let x = Tensor::<2>::ones([64, 64], &device);
-        let before = calls();
+        let before = CALLS.get();
         let out = forward(&DropoutConfig::new(0.25).init(), x.clone());
-        assert!(calls() > before, "the extension ran");
+        assert!(CALLS.get() > before, "the extension ran");
         let values = out.into_data().try_into_vec::<f32>().unwrap();
         assert!(
             values

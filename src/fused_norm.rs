@@ -23,17 +23,12 @@ use rayon::prelude::*;
 
 use crate::vector_math::{dot_fma, has_fma, sum, sum_map};
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::device::RunCount;
 
 use crate::device::{flex_f32, flex_from_f32};
 
-static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
-
-/// How many times the fused norm's forward has run in this process (for a test that the
-/// model took this path).
-pub fn forward_calls() -> usize {
-    FORWARD_CALLS.load(Ordering::Relaxed)
-}
+/// Fused norms run in this process (for a test that the model took this path).
+pub static FORWARD_CALLS: RunCount = RunCount::new();
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedNormBackend: Backend {
@@ -169,7 +164,7 @@ impl FusedNormBackend for Flex {
         eps: f64,
         center: bool,
     ) -> FlexTensor {
-        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        FORWARD_CALLS.record();
         let (shape, dtype) = (x.shape(), x.dtype());
         let (x, gamma, beta) = (flex_f32(&x), flex_f32(&gamma), flex_f32(&beta));
         let d = gamma.len();

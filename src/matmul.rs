@@ -12,7 +12,7 @@
 //! backward, is known before it is computed. PyTorch's CPU attention kernel skips them
 //! too; on nanoGPT's model (seq 256) they are a tenth of a step's products.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::device::RunCount;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -27,7 +27,7 @@ use burn::tensor::DType;
 use crate::device::flex_from_f32;
 
 /// Products the extension has run in this process (for a test that it took the path).
-static CALLS: AtomicUsize = AtomicUsize::new(0);
+pub static CALLS: RunCount = RunCount::new();
 
 /// Products of at least this many multiply-adds split across threads (flex's own rule).
 const PARALLEL_FROM: usize = 192 * 192 * 192;
@@ -264,7 +264,7 @@ fn matmul_blocks_flex(
 
 impl MatmulBackend for Flex {
     fn matmul(a: FlexTensor, b: FlexTensor, blocks: Blocks) -> FlexTensor {
-        CALLS.fetch_add(1, Ordering::Relaxed);
+        CALLS.record();
         let (sa, sb) = (a.shape(), b.shape());
         let r = sa.num_dims();
         let (m, k, n) = (sa[r - 2], sa[r - 1], sb[r - 1]);
@@ -399,12 +399,9 @@ mod tests {
                     let v = |t: Tensor<2>| t.into_data().try_into_vec::<f32>().unwrap();
                     [v(y), v(a.grad(&g).unwrap()), v(b.grad(&g).unwrap())]
                 };
-                let calls = CALLS.load(Ordering::Relaxed);
+                let calls = CALLS.get();
                 let (ours, burns) = (run(true), run(false));
-                assert!(
-                    CALLS.load(Ordering::Relaxed) >= calls + 3,
-                    "{what}: the extension ran"
-                );
+                assert!(CALLS.get() >= calls + 3, "{what}: the extension ran");
                 for (part, (x, y)) in ["output", "da", "db"].iter().zip(ours.iter().zip(&burns)) {
                     let err = max_relative_difference(x, y);
                     assert!(

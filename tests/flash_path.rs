@@ -6,7 +6,7 @@ mod common;
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use metamix::attention::flash::forward_calls;
+use metamix::attention::flash::FORWARD_CALLS;
 use metamix::attention::tiled::{attend_block, attend_tiled};
 use metamix::attention::{Visibility, naive};
 use metamix::mixers::MixerKind;
@@ -17,7 +17,7 @@ fn flex_runs_the_flash_extension_for_tiled_attention_and_ring_blocks() {
     let x = || Tensor::<4>::random([1, 2, 10, 4], Distribution::Normal(0.0, 1.0), &device);
     let (q, k, v) = (x().require_grad(), x(), x());
 
-    let before = forward_calls();
+    let before = FORWARD_CALLS.get();
     let _ = naive::attend(
         q.clone(),
         k.clone(),
@@ -27,7 +27,7 @@ fn flex_runs_the_flash_extension_for_tiled_attention_and_ring_blocks() {
         None,
     );
     assert_eq!(
-        forward_calls(),
+        FORWARD_CALLS.get(),
         before,
         "the naive form must not run the extension"
     );
@@ -40,7 +40,7 @@ fn flex_runs_the_flash_extension_for_tiled_attention_and_ring_blocks() {
         Visibility::causal(0),
         None,
     );
-    assert_eq!(forward_calls(), before + 1, "tiled attention on flex");
+    assert_eq!(FORWARD_CALLS.get(), before + 1, "tiled attention on flex");
     let grads = y.sum().backward();
     assert!(
         q.grad(&grads).is_some(),
@@ -48,7 +48,7 @@ fn flex_runs_the_flash_extension_for_tiled_attention_and_ring_blocks() {
     );
 
     let (_, lse) = attend_block(q, k, v, (10, 0), Visibility::causal(0), 4);
-    assert_eq!(forward_calls(), before + 2, "a ring block on flex");
+    assert_eq!(FORWARD_CALLS.get(), before + 2, "a ring block on flex");
     assert_eq!(lse.dims(), [1, 2, 10, 1]);
 
     // The whole model: one extension call per tiled softmax layer.
@@ -60,7 +60,7 @@ fn flex_runs_the_flash_extension_for_tiled_attention_and_ring_blocks() {
     );
     let model = metamix::run::model_config(&recipe, 11).init_seeded(1, &device);
     let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64; 8], [1, 8]), &device);
-    let before = forward_calls();
+    let before = FORWARD_CALLS.get();
     let _ = model.forward(ids);
-    assert_eq!(forward_calls(), before + 1);
+    assert_eq!(FORWARD_CALLS.get(), before + 1);
 }

@@ -360,7 +360,7 @@ fn scan_forms_equal_sequential((b, t, di, n): (usize, usize, usize, usize), chun
         )
     };
     let (y_ref, g_ref, ga_ref) = run(&ssm::scan_sequential);
-    let calls = metamix::mixers::selective_scan::forward_calls();
+    let calls = metamix::mixers::selective_scan::FORWARD_CALLS.get();
     type Form = Box<dyn Fn(ScanInputs) -> Tensor<3>>;
     let mut forms: Vec<(String, Form)> = vec![(
         "fused".into(),
@@ -381,7 +381,7 @@ fn scan_forms_equal_sequential((b, t, di, n): (usize, usize, usize, usize), chun
         assert_close(ga, ga_ref.clone(), &format!("ssm {chunk}: gradient of A"));
     }
     // The fused form ran the fused scan extension.
-    assert!(metamix::mixers::selective_scan::forward_calls() > calls);
+    assert!(metamix::mixers::selective_scan::FORWARD_CALLS.get() > calls);
 }
 
 /// The fused scan from a given state, and the final state it returns (what sequence

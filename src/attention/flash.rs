@@ -17,7 +17,7 @@
 //! Written with backend primitive ops so any backend can run it; it is registered for flex
 //! (and its autodiff), the CPU backend. Other backends use the tensor-op forms.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::device::RunCount;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -55,12 +55,7 @@ pub trait FlashAttentionBackend: Backend {
 
 /// Forward passes the extension has run in this process: lets a test see that a form
 /// really took this path rather than only matching its output.
-static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
-
-/// How many times the FlashAttention forward has run in this process.
-pub fn forward_calls() -> usize {
-    FORWARD_CALLS.load(Ordering::Relaxed)
-}
+pub static FORWARD_CALLS: RunCount = RunCount::new();
 
 /// Where the queries and keys sit, what they see, and the weights' dropout mask.
 #[derive(Clone, Copy, Debug)]
@@ -283,7 +278,7 @@ fn forward<B: Backend>(
     v: FloatTensor<B>,
     span: Span,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+    FORWARD_CALLS.record();
     let shape = q.shape();
     let (b, h, tq, dk) = (shape[0], shape[1], shape[2], shape[3]);
     let tk = k.shape()[2];

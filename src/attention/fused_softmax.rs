@@ -6,7 +6,7 @@
 //! is the reference, and runs wherever this one does not; a test holds the two equal,
 //! gradients included.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::device::RunCount;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -25,7 +25,7 @@ use crate::matmul::{Blocks, matmul_blocks};
 use crate::vector_math::{dot_fma, exp_nonpositive_fma, has_fma, max, sum};
 
 /// Forward passes the extension has run in this process (for a test that it took the path).
-static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
+pub static FORWARD_CALLS: RunCount = RunCount::new();
 
 /// Score rows per parallel task.
 const ROWS: usize = 32;
@@ -186,7 +186,7 @@ fn over_rows(x: FlexTensor, tk: usize, rows: impl Fn(&mut [f32], usize) + Sync) 
 
 impl FusedSoftmaxBackend for Flex {
     fn attention_weights(s: FlexTensor, scale: f64, visibility: Visibility) -> FlexTensor {
-        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        FORWARD_CALLS.record();
         let shape = s.shape();
         let (tq, tk) = (shape[shape.num_dims() - 2], shape[shape.num_dims() - 1]);
         over_rows(s, tk, |rows, first| {
@@ -407,14 +407,11 @@ mod tests {
                     vals(v.grad(&g).unwrap()),
                 ]
             };
-            let calls = FORWARD_CALLS.load(Ordering::Relaxed);
-            let dropped = crate::fused_dropout::calls();
+            let calls = FORWARD_CALLS.get();
+            let dropped = crate::fused_dropout::CALLS.get();
             let (ours, naive) = (run(true), run(false));
-            assert!(
-                FORWARD_CALLS.load(Ordering::Relaxed) > calls,
-                "the extension ran"
-            );
-            let dropped = crate::fused_dropout::calls() > dropped;
+            assert!(FORWARD_CALLS.get() > calls, "the extension ran");
+            let dropped = crate::fused_dropout::CALLS.get() > dropped;
             assert_eq!(dropped, dropout.is_some(), "dropout ran only where asked");
             for (what, a, b) in ["output", "dq", "dk", "dv"]
                 .iter()

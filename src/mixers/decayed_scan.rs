@@ -17,17 +17,12 @@ use burn::backend::{Autodiff, Backend, Flex, Slice, TensorMetadata, backend_exte
 use burn::prelude::*;
 use rayon::prelude::*;
 
+use crate::device::RunCount;
 use crate::device::{flex_f32, flex_from_f32};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Scans the extension has run in this process: lets a test see that a form took this
 /// path rather than only matching its output.
-static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
-
-/// How many times the extension's scan has run in this process.
-pub fn forward_calls() -> usize {
-    FORWARD_CALLS.load(Ordering::Relaxed)
-}
+pub static FORWARD_CALLS: RunCount = RunCount::new();
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DecayedScanBackend: Backend {
@@ -105,7 +100,7 @@ impl DecayedScanBackend for Flex {
                 out[at..at + w].copy_from_slice(row);
             }
         }
-        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        FORWARD_CALLS.record();
         flex_from_f32(out, [n, t, d], dtype)
     }
 }
@@ -253,10 +248,10 @@ mod tests {
                 values(s0.grad(&grads).unwrap()),
             )
         };
-        let calls = forward_calls();
+        let calls = FORWARD_CALLS.get();
         let fast = run(decayed_scan);
         // The forward, and the backward's reverse scan, took the extension.
-        assert!(forward_calls() >= calls + 2);
+        assert!(FORWARD_CALLS.get() >= calls + 2);
         let reference = run(decayed_scan_reference);
         assert_close(&fast.0, &reference.0, "states");
         assert_close(&fast.1, &reference.1, "∂a");

@@ -9,7 +9,7 @@
 //! with its own backward (about 20 ops and several zero-filled buffers per layer). The
 //! tests hold the two equal, gradients included.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::device::RunCount;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -51,13 +51,8 @@ pub trait ConvSiluBackend: Backend {
     );
 }
 
-static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
-
-/// How many times the fused conv's forward has run in this process (for tests that check a
-/// form took this path).
-pub fn forward_calls() -> usize {
-    FORWARD_CALLS.load(Ordering::Relaxed)
-}
+/// Fused convs run in this process (for a test that the extension took this path).
+pub static FORWARD_CALLS: RunCount = RunCount::new();
 
 /// `silu(conv(x))` through the extension (flex and its autodiff only; see
 /// [`crate::device::is_flex`]).
@@ -271,7 +266,7 @@ impl ConvSiluBackend for Flex {
                     .for_each(|(p, out)| forward_piece(&inputs, i, p * PIECE, out));
             });
         }
-        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        FORWARD_CALLS.record();
         flex_from_f32(y, shape, dtype)
     }
 
@@ -442,9 +437,9 @@ mod tests {
                     v1(conv.bias.grad(&g).unwrap()),
                 ]
             };
-            let calls = forward_calls();
+            let calls = FORWARD_CALLS.get();
             let fused = run(true);
-            assert!(forward_calls() > calls, "the extension ran");
+            assert!(FORWARD_CALLS.get() > calls, "the extension ran");
             let reference = run(false);
             let names = ["output", "dx", "dhistory", "dweight", "dbias"];
             for ((name, a), r) in names.iter().zip(&fused).zip(&reference) {

@@ -6,7 +6,7 @@
 //! the SiLU, a product) whose backward is about eight more, each a pass over the layer's
 //! activations into a fresh buffer. A test holds the two equal, gradients included.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::device::RunCount;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -48,13 +48,8 @@ pub trait SkipGateBackend: Backend {
     );
 }
 
-static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
-
-/// How many times the fused gate's forward has run in this process (for a test that the
-/// extension took this path).
-pub fn forward_calls() -> usize {
-    FORWARD_CALLS.load(Ordering::Relaxed)
-}
+/// Fused gates run in this process (for a test that the extension took this path).
+pub static FORWARD_CALLS: RunCount = RunCount::new();
 
 /// `(y + D ⊙ u) ⊙ silu(z)`: the extension for f32 on flex, [`skip_gate_reference`]
 /// elsewhere.
@@ -173,7 +168,7 @@ impl SkipGateBackend for Flex {
                 .enumerate()
                 .for_each(|(p, out)| forward_rows(&x, p * ROWS, out));
         }
-        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        FORWARD_CALLS.record();
         flex_from_f32(out, shape, dtype)
     }
 
@@ -310,9 +305,9 @@ mod tests {
             let grads = [y.grad(&g), u.grad(&g), z.grad(&g)].map(|t| v(t.unwrap()));
             (v(out), grads, grad_d)
         };
-        let calls = forward_calls();
+        let calls = FORWARD_CALLS.get();
         let (ours, reference) = (run(true), run(false));
-        assert!(forward_calls() > calls, "the extension ran");
+        assert!(FORWARD_CALLS.get() > calls, "the extension ran");
         let err = max_relative_difference(&ours.0, &reference.0);
         assert!(err < 1e-5, "output: max difference {err}");
         for (part, (a, r)) in ["dy", "du", "dz"]

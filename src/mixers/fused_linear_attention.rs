@@ -22,7 +22,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use rayon::prelude::*;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::device::RunCount;
 
 use super::linear_attention::{LinearInputs, NORM_EPS};
 use crate::device::{flex_from_f32, is_flex};
@@ -59,13 +59,8 @@ pub trait LinearScanBackend: Backend {
     );
 }
 
-static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
-
-/// How many times the fused recurrence has run in this process (for a test that a form
-/// took this path).
-pub fn forward_calls() -> usize {
-    FORWARD_CALLS.load(Ordering::Relaxed)
-}
+/// Fused recurrences run in this process (for a test that a form took this path).
+pub static FORWARD_CALLS: RunCount = RunCount::new();
 
 /// Whether [`linear_scan`] runs the extension for these inputs (f32 on flex).
 pub fn available(inputs: &LinearInputs) -> bool {
@@ -430,7 +425,7 @@ impl LinearScanBackend for Flex {
         a: FlexTensor,
         normalize: bool,
     ) -> FlexTensor {
-        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        FORWARD_CALLS.record();
         let (b, h, t, _, dv) = sizes(&q, &v);
         let (tensors, mut copies) = ([q, k, v, a], Default::default());
         let x = Inputs::of(&tensors, &mut copies, normalize);
@@ -591,9 +586,9 @@ mod tests {
                 let grads = [q.grad(&g), k.grad(&g), v.grad(&g)].map(|t| v4(t.unwrap()));
                 (v4(out), grads, ga)
             };
-            let calls = forward_calls();
+            let calls = FORWARD_CALLS.get();
             let ours = run(0);
-            assert!(forward_calls() > calls, "the extension ran");
+            assert!(FORWARD_CALLS.get() > calls, "the extension ran");
             for (name, reference) in [("recurrent", run(1)), ("chunkwise", run(2))] {
                 let err = max_relative_difference(&ours.0, &reference.0);
                 assert!(err < 1e-4, "{name} normalize {normalize}: output {err}");

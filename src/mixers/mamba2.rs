@@ -988,9 +988,9 @@ mod tests {
                 let w = norm.weight.grad(&g).unwrap();
                 (out, y.grad(&g).unwrap(), z.grad(&g).unwrap(), w)
             };
-            let calls = crate::fused_norm::forward_calls();
+            let calls = crate::fused_norm::FORWARD_CALLS.get();
             let fused = run(norm.forward(y.clone(), z.clone()));
-            assert!(crate::fused_norm::forward_calls() > calls, "the fused norm ran");
+            assert!(crate::fused_norm::FORWARD_CALLS.get() > calls, "the fused norm ran");
             let reference = run(norm.forward_reference(y.clone(), z.clone()));
             let what = format!("group size {group_size}");
             assert_close(fused.0, reference.0, RTOL, ATOL, &format!("{what}: output"));
@@ -1005,7 +1005,7 @@ mod tests {
     fn chunked_and_fused_equal_sequential() {
         let device = Device::flex();
         device.seed(2405);
-        let calls = crate::mixers::selective_scan::forward_calls();
+        let calls = crate::mixers::selective_scan::FORWARD_CALLS.get();
         for (&(t, chunk, g, initial), fused) in CASES.iter().flat_map(|c| [(c, false), (c, true)]) {
             let inputs = Inputs::random(t, g, &device);
             let (y_ref, h_ref) = inputs.sequential(initial);
@@ -1015,7 +1015,7 @@ mod tests {
             assert_close(h, h_ref, RTOL, ATOL, &format!("{case}: final state"));
         }
         assert!(
-            crate::mixers::selective_scan::forward_calls() > calls,
+            crate::mixers::selective_scan::FORWARD_CALLS.get() > calls,
             "the fused form ran the fused scan"
         );
     }

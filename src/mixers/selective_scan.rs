@@ -9,7 +9,7 @@
 //! The reference forms are [`super::ssm::scan_sequential`] (a loop of tensor ops) and
 //! [`super::ssm::scan_chunked`]; the tests hold this one equal to them, gradients included.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::device::RunCount;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -61,13 +61,8 @@ pub trait SelectiveScanBackend: Backend {
     );
 }
 
-static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
-
-/// How many times the fused scan's forward has run in this process (for tests that check a
-/// form took this path).
-pub fn forward_calls() -> usize {
-    FORWARD_CALLS.load(Ordering::Relaxed)
-}
+/// Fused scans run in this process (for tests that check a form took this path).
+pub static FORWARD_CALLS: RunCount = RunCount::new();
 
 /// The fused scan: y `[b, T, D]` and the final state `[b, D, N]`. Registered for flex
 /// and its autodiff ([`crate::device::is_flex`]).
@@ -564,7 +559,7 @@ impl SelectiveScanBackend for Flex {
                 Output::finish(h_last, nb * dd * n),
             )
         };
-        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        FORWARD_CALLS.record();
         (
             flex_from_f32(y, [nb, t, dd], dtype),
             flex_from_f32(h_last, [nb, dd, n], dtype),

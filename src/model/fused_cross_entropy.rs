@@ -7,7 +7,7 @@
 //! model's memory traffic. That form is the reference ([`super::objective::token_nll`]
 //! elsewhere); a test holds the two equal, gradients included.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::device::RunCount;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -23,7 +23,7 @@ use crate::device::{flex_f32, flex_from_f32};
 use crate::vector_math::{exp_nonpositive_fma, has_fma, max, sum_map};
 
 /// Forward passes the extension has run in this process (for a test that it took the path).
-static FORWARD_CALLS: AtomicUsize = AtomicUsize::new(0);
+pub static FORWARD_CALLS: RunCount = RunCount::new();
 
 /// Rows per parallel task.
 const ROWS: usize = 16;
@@ -111,7 +111,7 @@ fn nll_rows_backward(d: &mut [f32], logits: &[f32], targets: &[usize], grad: &[f
 
 impl TokenNllBackend for Flex {
     fn token_nll(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
-        FORWARD_CALLS.fetch_add(1, Ordering::Relaxed);
+        FORWARD_CALLS.record();
         let (shape, dtype) = (logits.shape(), logits.dtype());
         let (n, v) = (shape[0], shape[1]);
         let targets = indices(targets, v);
@@ -216,12 +216,9 @@ mod tests {
                 .unwrap();
             (vals(nll), grad)
         };
-        let calls = FORWARD_CALLS.load(Ordering::Relaxed);
+        let calls = FORWARD_CALLS.get();
         let (ours, burns) = (run(true), run(false));
-        assert!(
-            FORWARD_CALLS.load(Ordering::Relaxed) > calls,
-            "the extension ran"
-        );
+        assert!(FORWARD_CALLS.get() > calls, "the extension ran");
         for (what, a, b) in [("nll", &ours.0, &burns.0), ("gradient", &ours.1, &burns.1)] {
             let err = crate::testing::max_relative_difference(a, b);
             assert!(err < 1e-5, "{what}: max difference {err}");
