@@ -14,9 +14,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::prelude::*;
 
-use crate::device::RunCount;
-
-use crate::device::flex_map;
+use crate::device::{RunCount, flex_map};
 use crate::vector_math::{erf, exp_nonpositive, ln_1p_unit};
 
 /// Forward passes the extension has run in this process (for a test that it took the path).

@@ -25,10 +25,9 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use rayon::prelude::*;
 
-use crate::device::RunCount;
 use std::cell::Cell;
 
-use crate::device::{is_flex, overwrite_f32};
+use crate::device::{RunCount, is_flex, overwrite_f32};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DropoutBackend: Backend {

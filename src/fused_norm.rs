@@ -23,9 +23,7 @@ use rayon::prelude::*;
 
 use crate::vector_math::{dot_fma, has_fma, sum, sum_map};
 
-use crate::device::RunCount;
-
-use crate::device::{flex_f32, flex_from_f32};
+use crate::device::{RunCount, flex_f32, flex_from_f32};
 
 /// Fused norms run in this process (for a test that the model took this path).
 pub static FORWARD_CALLS: RunCount = RunCount::new();

@@ -12,8 +12,6 @@
 //! backward, is known before it is computed. PyTorch's CPU attention kernel skips them
 //! too; on nanoGPT's model (seq 256) they are a tenth of a step's products.
 
-use crate::device::RunCount;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -24,7 +22,7 @@ use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use crate::device::flex_from_f32;
+use crate::device::{RunCount, flex_from_f32};
 
 /// Products the extension has run in this process (for a test that it took the path).
 pub static CALLS: RunCount = RunCount::new();

@@ -6,8 +6,6 @@
 //! is the reference, and runs wherever this one does not; a test holds the two equal,
 //! gradients included.
 
-use crate::device::RunCount;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -20,7 +18,7 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use super::Visibility;
-use crate::device::{flex_f32, overwrite_f32};
+use crate::device::{RunCount, flex_f32, overwrite_f32};
 use crate::matmul::{Blocks, matmul_blocks};
 use crate::vector_math::{dot_fma, exp_nonpositive_fma, has_fma, max, sum};
 

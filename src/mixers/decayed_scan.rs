@@ -17,8 +17,7 @@ use burn::backend::{Autodiff, Backend, Flex, Slice, TensorMetadata, backend_exte
 use burn::prelude::*;
 use rayon::prelude::*;
 
-use crate::device::RunCount;
-use crate::device::{flex_f32, flex_from_f32};
+use crate::device::{RunCount, flex_f32, flex_from_f32};
 
 /// Scans the extension has run in this process: lets a test see that a form took this
 /// path rather than only matching its output.

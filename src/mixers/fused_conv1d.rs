@@ -9,8 +9,6 @@
 //! with its own backward (about 20 ops and several zero-filled buffers per layer). The
 //! tests hold the two equal, gradients included.
 
-use crate::device::RunCount;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -22,7 +20,7 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use crate::activations::sigmoid_and_exp;
-use crate::device::{flex_f32, flex_from_f32};
+use crate::device::{RunCount, flex_f32, flex_from_f32};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait ConvSiluBackend: Backend {

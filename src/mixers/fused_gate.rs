@@ -6,8 +6,6 @@
 //! the SiLU, a product) whose backward is about eight more, each a pass over the layer's
 //! activations into a fresh buffer. A test holds the two equal, gradients included.
 
-use crate::device::RunCount;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -20,7 +18,7 @@ use burn::tensor::DType;
 use rayon::prelude::*;
 
 use crate::activations::{sigmoid_and_exp, silu};
-use crate::device::{flex_f32, flex_from_f32, is_flex};
+use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SkipGateBackend: Backend {

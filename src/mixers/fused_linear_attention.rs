@@ -22,10 +22,8 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use rayon::prelude::*;
 
-use crate::device::RunCount;
-
 use super::linear_attention::{LinearInputs, NORM_EPS};
-use crate::device::{flex_from_f32, is_flex};
+use crate::device::{RunCount, flex_from_f32, is_flex};
 use crate::vector_math::{dot_fma, has_fma, mul_add};
 
 #[backend_extension(Flex, Autodiff)]

@@ -9,8 +9,6 @@
 //! The reference forms are [`super::ssm::scan_sequential`] (a loop of tensor ops) and
 //! [`super::ssm::scan_chunked`]; the tests hold this one equal to them, gradients included.
 
-use crate::device::RunCount;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -23,7 +21,7 @@ use rayon::prelude::*;
 
 use std::borrow::Cow;
 
-use crate::device::{flex_f32, flex_from_f32};
+use crate::device::{RunCount, flex_f32, flex_from_f32};
 use crate::vector_math::{dot_fma, exp_nonpositive_fma, has_fma, mul_add};
 
 #[backend_extension(Flex, Autodiff)]

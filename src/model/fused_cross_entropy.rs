@@ -7,8 +7,6 @@
 //! model's memory traffic. That form is the reference ([`super::objective::token_nll`]
 //! elsewhere); a test holds the two equal, gradients included.
 
-use crate::device::RunCount;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -19,7 +17,7 @@ use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use rayon::prelude::*;
 
-use crate::device::{flex_f32, flex_from_f32};
+use crate::device::{RunCount, flex_f32, flex_from_f32};
 use crate::vector_math::{exp_nonpositive_fma, has_fma, max, sum_map};
 
 /// Forward passes the extension has run in this process (for a test that it took the path).
