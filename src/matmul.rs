@@ -80,16 +80,17 @@ pub fn matmul_blocks<const D: usize>(a: Tensor<D>, b: Tensor<D>, blocks: Blocks)
 
 /// An f32 tensor's matrices: where each one's first element lies, and the (row, column)
 /// strides, in elements.
-struct Matrices<'a> {
+pub(crate) struct Matrices<'a> {
     values: &'a [f32],
     start: usize,
     batch_dims: Vec<usize>,
     batch_strides: Vec<isize>,
-    strides: (isize, isize),
+    pub strides: (isize, isize),
 }
 
 impl<'a> Matrices<'a> {
-    fn of(t: &'a FlexTensor) -> Self {
+    /// The matrices of an f32 tensor of at least 2 dims, batch dims row-major.
+    pub fn of(t: &'a FlexTensor) -> Self {
         let layout = t.layout();
         let (dims, strides) = (t.shape().to_vec(), layout.strides());
         let r = dims.len();
@@ -103,7 +104,7 @@ impl<'a> Matrices<'a> {
     }
 
     /// The first element of matrix `i` (batch dims row-major).
-    fn first(&self, mut i: usize) -> *const f32 {
+    pub fn first(&self, mut i: usize) -> *const f32 {
         let mut at = self.start as isize;
         for (&d, &s) in self.batch_dims.iter().zip(&self.batch_strides).rev() {
             at += (i % d) as isize * s;
@@ -120,15 +121,46 @@ impl<'a> Matrices<'a> {
 /// # Safety
 /// `out` has room for m rows of n values `ld` apart, and `a`, `b` point at `[m, k]`,
 /// `[k, n]` matrices with the given (row, column) strides, all alive for the call; k > 0.
-unsafe fn gemm_into(
-    (out, ld): (*mut f32, usize),
-    (m, k, n): (usize, usize, usize),
-    (a, (a_rs, a_cs)): (*const f32, (isize, isize)),
-    (b, (b_rs, b_cs)): (*const f32, (isize, isize)),
+pub(crate) unsafe fn gemm_into(
+    out: (*mut f32, usize),
+    mkn: (usize, usize, usize),
+    a: (*const f32, (isize, isize)),
+    b: (*const f32, (isize, isize)),
     parallelism: gemm::Parallelism,
 ) {
     // SAFETY: as the caller promises; gemm writes all of `out` without reading it
     // (`read_dst` false, k > 0).
+    unsafe { gemm_call(out, mkn, a, b, false, parallelism) }
+}
+
+/// `out += a · b`, as [`gemm_into`] but over an initialised `out`.
+///
+/// # Safety
+/// As [`gemm_into`], and `out`'s elements are initialised.
+pub(crate) unsafe fn gemm_add_into(
+    out: (*mut f32, usize),
+    mkn: (usize, usize, usize),
+    a: (*const f32, (isize, isize)),
+    b: (*const f32, (isize, isize)),
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: as the caller promises.
+    unsafe { gemm_call(out, mkn, a, b, true, parallelism) }
+}
+
+/// gemm's `out = (read_dst ? out : 0) + a · b`.
+///
+/// # Safety
+/// As [`gemm_add_into`] when `read_dst`, else as [`gemm_into`].
+unsafe fn gemm_call(
+    (out, ld): (*mut f32, usize),
+    (m, k, n): (usize, usize, usize),
+    (a, (a_rs, a_cs)): (*const f32, (isize, isize)),
+    (b, (b_rs, b_cs)): (*const f32, (isize, isize)),
+    read_dst: bool,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: as the callers promise.
     unsafe {
         gemm::gemm(
             m,
@@ -137,14 +169,14 @@ unsafe fn gemm_into(
             out,
             1,
             ld as isize,
-            false,
+            read_dst,
             a,
             a_cs,
             a_rs,
             b,
             b_cs,
             b_rs,
-            0.0,
+            if read_dst { 1.0 } else { 0.0 },
             1.0,
             false,
             false,

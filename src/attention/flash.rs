@@ -14,10 +14,15 @@
 //! part of [`crate::fused_dropout`]'s counter-based mask, recomputed in backward as the
 //! blocks of weights are, so no mask is stored (FlashAttention's own dropout works so).
 //!
-//! Written with backend primitive ops so any backend can run it; it is registered for flex
-//! (and its autodiff), the CPU backend. Other backends use the tensor-op forms.
+//! On flex in f32 it runs as native kernels ([`kernel`]): a gemm per block of queries over
+//! every key the block sees, the softmax in cache. The block-pair form here, in backend
+//! primitive ops, is the same computation for flex's other dtypes; the extension is
+//! registered for flex (and its autodiff), the CPU backend. Other backends use the
+//! tensor-op forms.
 
-use crate::device::RunCount;
+mod kernel;
+
+use crate::device::{RunCount, flex_from_f32};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -26,7 +31,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, Slice, TensorMetadata, backend_extension};
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData};
 
 use super::Visibility;
 use super::naive::HIDDEN;
@@ -51,11 +56,38 @@ pub trait FlashAttentionBackend: Backend {
         dropout: f64,
         key: u64,
     ) -> FloatTensor<Self>;
+
+    /// The gradients of q, k and v from the inputs, the packed output [`Self::flash_attention`]
+    /// returned and its gradient (the output's, then the log-sum-exp's), the other
+    /// arguments as there.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        packed: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        block: usize,
+        q_start: usize,
+        k_start: usize,
+        causal: bool,
+        window: usize,
+        dropout: f64,
+        key: u64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// Forward passes the extension has run in this process: lets a test see that a form
 /// really took this path rather than only matching its output.
 pub static FORWARD_CALLS: RunCount = RunCount::new();
+
+/// Of those, the ones that ran the native f32 kernels ([`kernel`]).
+pub static KERNEL_CALLS: RunCount = RunCount::new();
+
+/// Whether the native kernels take these inputs (else the block-pair form in primitive ops).
+fn takes_kernel(tensors: &[&FloatTensor<Flex>]) -> bool {
+    tensors.iter().all(|t| t.dtype() == DType::F32)
+}
 
 /// Where the queries and keys sit, what they see, and the weights' dropout mask.
 #[derive(Clone, Copy, Debug)]
@@ -147,32 +179,90 @@ impl FlashAttentionBackend for Flex {
     ) -> FloatTensor<Self> {
         let visibility = Visibility { causal, window };
         let span = Span::new(block, (q_start, k_start), visibility, (dropout, key));
-        let (out, lse) = forward::<Flex>(q, k, v, span);
-        Flex::float_cat(vec![out, lse], 3)
+        if !takes_kernel(&[&q, &k, &v]) {
+            let (out, lse) = forward::<Flex>(q, k, v, span);
+            return Flex::float_cat(vec![out, lse], 3);
+        }
+        FORWARD_CALLS.record();
+        KERNEL_CALLS.record();
+        let mut shape = q.shape();
+        shape[3] = v.shape()[3] + 1;
+        flex_from_f32(kernel::forward(&q, &k, &v, &span), shape, DType::F32)
+    }
+
+    fn flash_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        packed: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        block: usize,
+        q_start: usize,
+        k_start: usize,
+        causal: bool,
+        window: usize,
+        dropout: f64,
+        key: u64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let visibility = Visibility { causal, window };
+        let span = Span::new(block, (q_start, k_start), visibility, (dropout, key));
+        if !takes_kernel(&[&q, &k, &v, &packed, &grad]) {
+            let saved = Saved {
+                q,
+                k,
+                v,
+                packed,
+                span,
+            };
+            return backward::<Flex>(saved, grad);
+        }
+        let (dq, dk, dv) = kernel::backward((&q, &k, &v), &packed, &grad, &span);
+        let f = |values, like: &FloatTensor<Self>| flex_from_f32(values, like.shape(), DType::F32);
+        (f(dq, &q), f(dk, &k), f(dv, &v))
     }
 }
 
-/// What the backward pass keeps: the inputs, the output and each row's log-sum-exp.
+/// What the backward pass keeps: the inputs, and the output packed with each row's
+/// log-sum-exp as the extension returned it.
 #[derive(Clone, Debug)]
 struct Saved<B: Backend> {
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
-    out: FloatTensor<B>,
-    lse: FloatTensor<B>,
+    packed: FloatTensor<B>,
     span: Span,
 }
 
 #[derive(Debug)]
 struct FlashBackward;
 
-impl<B: Backend> Backward<B, 3> for FlashBackward {
+impl<B: Backend + FlashAttentionBackend> Backward<B, 3> for FlashBackward {
     type State = Saved<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
         let grad_packed = grads.consume::<B>(&ops.node);
-        let (dq, dk, dv) = backward::<B>(ops.state, grad_packed);
+        let Saved {
+            q,
+            k,
+            v,
+            packed,
+            span,
+        } = ops.state;
+        let (dq, dk, dv) = B::flash_attention_backward(
+            q,
+            k,
+            v,
+            packed,
+            grad_packed,
+            span.block,
+            span.q_start,
+            span.k_start,
+            span.visibility.causal,
+            span.visibility.window,
+            span.dropout.map_or(0.0, |(p, _)| p),
+            span.dropout.map_or(0, |(_, key)| key),
+        );
         for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
@@ -205,28 +295,59 @@ impl<B: Backend + FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBa
         {
             OpsKind::Tracked(prep) => {
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let (out, lse) = forward::<B>(q.clone(), k.clone(), v.clone(), span);
-                let packed = B::float_cat(vec![out.clone(), lse.clone()], 3);
+                let packed = B::flash_attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    block,
+                    q_start,
+                    k_start,
+                    causal,
+                    window,
+                    dropout,
+                    key,
+                );
                 let saved = Saved {
                     q,
                     k,
                     v,
-                    out,
-                    lse,
+                    packed: packed.clone(),
                     span,
                 };
                 prep.finish(saved, packed)
             }
-            OpsKind::UnTracked(prep) => {
-                let (out, lse) = forward::<B>(
-                    q.into_primitive(),
-                    k.into_primitive(),
-                    v.into_primitive(),
-                    span,
-                );
-                prep.finish(B::float_cat(vec![out, lse], 3))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::flash_attention(
+                q.into_primitive(),
+                k.into_primitive(),
+                v.into_primitive(),
+                block,
+                q_start,
+                k_start,
+                causal,
+                window,
+                dropout,
+                key,
+            )),
         }
+    }
+
+    fn flash_attention_backward(
+        _q: FloatTensor<Self>,
+        _k: FloatTensor<Self>,
+        _v: FloatTensor<Self>,
+        _packed: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+        _block: usize,
+        _q_start: usize,
+        _k_start: usize,
+        _causal: bool,
+        _window: usize,
+        _dropout: f64,
+        _key: u64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!(
+            "FlashAttention's backward runs on the inner backend; it is not differentiated again"
+        )
     }
 }
 
@@ -355,14 +476,15 @@ fn backward<B: Backend>(
         q,
         k,
         v,
-        out,
-        lse,
+        packed,
         span,
     } = saved;
     let (b, h, tq) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let tk = k.shape()[2];
     let dk = q.shape()[3];
     let dv = v.shape()[3];
+    let out = channels::<B>(&packed, 0, dv);
+    let lse = channels::<B>(&packed, dv, dv + 1);
     let scale = super::scale(dk);
     let device = q.device();
     let grad_out = channels::<B>(&grad_packed, 0, dv);
@@ -450,4 +572,90 @@ fn backward<B: Backend>(
         B::float_cat(dks, 2),
         B::float_cat(dvs, 2),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::flex_f32;
+    use crate::testing::max_relative_difference;
+
+    /// A flex tensor of normal values (a seeded LCG and Box–Muller: no device RNG, which
+    /// tests running beside this one draw from too).
+    fn normal(shape: [usize; 4], seed: u64) -> FloatTensor<Flex> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let mut uniform = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+        };
+        let n = shape.iter().product();
+        let values = (0..n)
+            .map(|_| {
+                let (a, b) = (uniform(), uniform());
+                (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
+            })
+            .collect();
+        flex_from_f32(values, shape, DType::F32)
+    }
+
+    /// The native kernels equal the block-pair form in primitive ops, which other dtypes
+    /// take: the packed output, and the gradients of q, k and v under a gradient on both
+    /// the output and the log-sum-exp. Whole sequences (causal, windowed, bidirectional,
+    /// dropout) and ring-attention blocks at offsets (one whose last queries see no key),
+    /// blocks that leave a partial one, queries as a strided view (heads split).
+    #[test]
+    fn kernels_equal_the_block_pair_form() {
+        let bidirectional = Visibility {
+            causal: false,
+            window: 0,
+        };
+        // (tq, tk, (q_start, k_start), visibility, block, dropout)
+        let cases = [
+            (37, 37, (0, 0), Visibility::causal(0), 8, 0.0),
+            (37, 37, (0, 0), Visibility::causal(11), 16, 0.0),
+            (30, 30, (0, 0), bidirectional, 8, 0.0),
+            (37, 37, (0, 0), Visibility::causal(0), 8, 0.3),
+            (33, 33, (0, 0), Visibility::causal(9), 16, 0.25),
+            (20, 20, (40, 20), Visibility::causal(0), 8, 0.0),
+            // Queries 48.. see no key (the block form leaves a row that sees none inside a
+            // block it visits unspecified: weight 0 in a merge either way).
+            (20, 20, (40, 0), Visibility::causal(29), 8, 0.0),
+            (20, 24, (20, 40), bidirectional, 8, 0.0),
+        ];
+        for (seed, (tq, tk, starts, visibility, block, p)) in cases.into_iter().enumerate() {
+            let seed = 10 * seed as u64;
+            let q = Flex::float_swap_dims(normal([2, tq, 3, 8], seed), 1, 2);
+            let (k, v) = (
+                normal([2, 3, tk, 8], seed + 1),
+                normal([2, 3, tk, 5], seed + 2),
+            );
+            let grad = normal([2, 3, tq, 6], seed + 3);
+            let span = Span::new(block, starts, visibility, (p, 77));
+            let (out, lse) = forward::<Flex>(q.clone(), k.clone(), v.clone(), span);
+            let packed = Flex::float_cat(vec![out, lse], 3);
+            let ours = kernel::forward(&q, &k, &v, &span);
+            let what = format!("tq {tq} tk {tk} at {starts:?} {visibility:?} block {block} p {p}");
+            let err = max_relative_difference(&ours, &flex_f32(&packed));
+            assert!(err < 1e-5, "{what} packed output: max difference {err}");
+            let saved = Saved {
+                q: q.clone(),
+                k: k.clone(),
+                v: v.clone(),
+                packed: packed.clone(),
+                span,
+            };
+            let reference = backward::<Flex>(saved, grad.clone());
+            let ours = kernel::backward((&q, &k, &v), &packed, &grad, &span);
+            for (name, a, b) in [
+                ("dq", ours.0, reference.0),
+                ("dk", ours.1, reference.1),
+                ("dv", ours.2, reference.2),
+            ] {
+                let err = max_relative_difference(&a, &flex_f32(&b));
+                assert!(err < 1e-4, "{what} {name}: max difference {err}");
+            }
+        }
+    }
 }
