@@ -18,6 +18,7 @@
 
 pub mod activations;
 pub mod attention;
+pub mod bf16_gemm;
 pub mod bf16_rounding;
 pub mod components;
 pub mod data;

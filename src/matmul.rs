@@ -55,6 +55,11 @@ pub trait MatmulBackend: Backend {
     /// `a · b` for `a` `[.., m, k]`, `b` `[.., k, n]` with the same batch dims, either of
     /// them strided, over the blocks `blocks` names.
     fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>, blocks: Blocks) -> FloatTensor<Self>;
+
+    /// `a · b` as [`MatmulBackend::matmul`] (dense), for operands that hold bf16 values
+    /// (bf16 autocast's rounded ones), whose gradients do too: with the CPU's bf16 dot
+    /// product where it has one ([`crate::bf16_gemm`]).
+    fn matmul_bf16_values(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// `a · b`: the extension for f32 on flex with equal batch dims, Burn's `matmul` otherwise.
@@ -76,6 +81,25 @@ pub fn matmul_blocks<const D: usize>(a: Tensor<D>, b: Tensor<D>, blocks: Blocks)
         b.into_dispatch(),
         blocks,
     ))
+}
+
+/// `a · b` for f32 operands that hold bf16 values (each rounded to bf16, still f32) and
+/// whose gradients will too: on flex with AVX-512 BF16, the bf16 kernel
+/// ([`crate::bf16_gemm`]), twice the multiply-adds per instruction, the same products
+/// summed in another order; elsewhere [`matmul`].
+pub fn matmul_bf16_values<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    let f32s = a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    let same_batch = a.dims()[..D - 2] == b.dims()[..D - 2];
+    let kernel = crate::bf16_gemm::available() && crate::device::is_flex(&a.device());
+    if !(f32s && same_batch && kernel) {
+        return matmul(a, b);
+    }
+    Tensor::from_dispatch(
+        <burn::backend::Dispatch as MatmulBackend>::matmul_bf16_values(
+            a.into_dispatch(),
+            b.into_dispatch(),
+        ),
+    )
 }
 
 /// An f32 tensor's matrices: where each one's first element lies, and the (row, column)
@@ -342,6 +366,65 @@ impl MatmulBackend for Flex {
         unsafe { out.set_len(batches * size) };
         flex_from_f32(out, shape, DType::F32)
     }
+
+    fn matmul_bf16_values(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+        if !crate::bf16_gemm::available() {
+            return Self::matmul(a, b, Blocks::Dense);
+        }
+        CALLS.record();
+        BF16_CALLS.record();
+        let (sa, sb) = (a.shape(), b.shape());
+        let r = sa.num_dims();
+        let (m, k, n) = (sa[r - 2], sa[r - 1], sb[r - 1]);
+        assert_eq!(sb[r - 2], k, "matmul: {sa:?} · {sb:?}");
+        let mut shape = sa.to_vec();
+        shape[r - 1] = n;
+        let batches: usize = shape[..r - 2].iter().product();
+        let (a, b) = (Matrices::of(&a), Matrices::of(&b));
+        let mut out = Vec::<f32>::with_capacity(batches * m * n);
+        for i in 0..batches {
+            // SAFETY: the CPU has the instruction (checked above); matrix i's output lies
+            // within the capacity reserved above; a's and b's matrices i lie within their
+            // layouts. The kernel writes every element (`accumulate` false).
+            unsafe {
+                crate::bf16_gemm::gemm_bf16(
+                    (out.as_mut_ptr().add(i * m * n), n),
+                    (m, k, n),
+                    (a.first(i), a.strides),
+                    (b.first(i), b.strides),
+                    false,
+                );
+            }
+        }
+        // SAFETY: every matrix of the output was written above.
+        unsafe { out.set_len(batches * m * n) };
+        flex_from_f32(out, shape, DType::F32)
+    }
+}
+
+/// Products [`MatmulBackend::matmul_bf16_values`] ran with the bf16 kernel.
+pub static BF16_CALLS: RunCount = RunCount::new();
+
+#[derive(Debug)]
+struct Bf16ValuesBackward;
+
+impl<B: Backend + MatmulBackend> Backward<B, 2> for Bf16ValuesBackward {
+    /// Both inputs.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (a, b) = ops.state;
+        let [node_a, node_b] = ops.parents;
+        let r = grad.shape().num_dims();
+        let t = |x: FloatTensor<B>| B::float_swap_dims(x, r - 2, r - 1);
+        if let Some(node) = node_a {
+            grads.register::<B>(node.id, B::matmul_bf16_values(grad.clone(), t(b)));
+        }
+        if let Some(node) = node_b {
+            grads.register::<B>(node.id, B::matmul_bf16_values(t(a), grad));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -391,6 +474,24 @@ impl<B: Backend + MatmulBackend, C: CheckpointStrategy> MatmulBackend for Autodi
             OpsKind::UnTracked(prep) => {
                 prep.finish(B::matmul(a.into_primitive(), b.into_primitive(), blocks))
             }
+        }
+    }
+
+    fn matmul_bf16_values(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        match Bf16ValuesBackward
+            .prepare::<C>([a.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (a, b) = (a.into_primitive(), b.into_primitive());
+                let y = B::matmul_bf16_values(a.clone(), b.clone());
+                prep.finish((a, b), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::matmul_bf16_values(
+                a.into_primitive(),
+                b.into_primitive(),
+            )),
         }
     }
 }
@@ -501,6 +602,51 @@ mod tests {
                         err < 1e-5,
                         "t {t} block {bs} {blocks:?} {part}: max difference {err}"
                     );
+                }
+            }
+        }
+    }
+
+    /// On bf16 values (with gradients that are bf16 values too), the bf16 product equals
+    /// the f32 one to summation order, output and both gradients, a transposed weight among
+    /// them; and it ran the bf16 kernel where the CPU has it.
+    #[test]
+    fn bf16_values_product_equals_the_f32_one() {
+        let device = Device::flex().autodiff();
+        device.seed(6);
+        let bf16 = |t: Tensor<2>| t.cast(burn::tensor::DType::BF16).cast(DType::F32);
+        let r = |s: [usize; 2]| {
+            bf16(Tensor::<2>::random(
+                s,
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            ))
+        };
+        for (m, k, n) in [(70, 300, 45), (5, 3, 7)] {
+            let (a, w) = (r([m, k]), r([m, n]));
+            for b in [r([k, n]), r([n, k]).transpose()] {
+                let run = |bf16_kernel: bool| {
+                    let (a, b) = (a.clone().require_grad(), b.clone().require_grad());
+                    let y = if bf16_kernel {
+                        matmul_bf16_values(a.clone(), b.clone())
+                    } else {
+                        matmul(a.clone(), b.clone())
+                    };
+                    let g = (y.clone() * w.clone()).sum().backward();
+                    let v = |t: Tensor<2>| t.into_data().try_into_vec::<f32>().unwrap();
+                    [v(y), v(a.grad(&g).unwrap()), v(b.grad(&g).unwrap())]
+                };
+                let calls = BF16_CALLS.get();
+                let (ours, f32s) = (run(true), run(false));
+                let ran = BF16_CALLS.get() >= calls + 3;
+                assert_eq!(
+                    ran,
+                    crate::bf16_gemm::available(),
+                    "the bf16 kernel ran where it can"
+                );
+                for (part, (x, y)) in ["output", "da", "db"].iter().zip(ours.iter().zip(&f32s)) {
+                    let err = max_relative_difference(x, y);
+                    assert!(err < 1e-5, "{m}x{k}x{n} {part}: max difference {err}");
                 }
             }
         }

@@ -78,11 +78,12 @@ pub fn matmul_rows<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
     let y = match working_dtype() {
         None => crate::matmul::matmul(x, w),
-        // Flex multiplies bf16 in f32 anyway: the same numbers from rounded f32 operands
-        // and a rounded f32 product, without the casts' element-by-element conversions.
+        // Flex has no bf16 matmul of its own: the same numbers come from rounded f32
+        // operands and a rounded f32 product, without the casts' element-by-element
+        // conversions; the product runs on the CPU's bf16 dot product where it has one.
         Some(FloatDType::BF16) if f32s && crate::device::is_flex(&x.device()) => {
             let round = round_to_bf16::<2>;
-            round(crate::matmul::matmul(round(x), round(w)))
+            round(crate::matmul::matmul_bf16_values(round(x), round(w)))
         }
         Some(dtype) => {
             let out_dtype = x.dtype();
