@@ -37,7 +37,7 @@ pub fn round_to_bf16<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// One value rounded as `half::bf16::from_f32` rounds it, back in f32: branch-free, so
 /// the loop over a tensor vectorises.
 #[inline(always)]
-fn round(v: f32) -> f32 {
+pub(crate) fn round(v: f32) -> f32 {
     let x = v.to_bits();
     let nan = x & 0x7fff_ffff > 0x7f80_0000;
     // Round half to even: up when the dropped half is over ½, or exactly ½ with an odd
@@ -154,7 +154,7 @@ mod tests {
             let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
             let y = if fused {
                 let r = round_to_bf16::<2>;
-                r(crate::matmul::matmul(r(x.clone()), r(w.clone())))
+                r(r(x.clone()).matmul(r(w.clone())))
             } else {
                 x.clone()
                     .cast(DType::BF16)

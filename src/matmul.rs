@@ -22,6 +22,7 @@ use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
 
+use crate::bf16_rounding::{Bf16RoundingBackend, round_to_bf16};
 use crate::device::{RunCount, flex_from_f32};
 
 /// Products the extension has run in this process (for a test that it took the path).
@@ -56,10 +57,9 @@ pub trait MatmulBackend: Backend {
     /// them strided, over the blocks `blocks` names.
     fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>, blocks: Blocks) -> FloatTensor<Self>;
 
-    /// `a · b` as [`MatmulBackend::matmul`] (dense), for operands that hold bf16 values
-    /// (bf16 autocast's rounded ones), whose gradients do too: with the CPU's bf16 dot
-    /// product where it has one ([`crate::bf16_gemm`]).
-    fn matmul_bf16_values(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// bf16 autocast's product of f32 operands: `a` and `b` rounded to bf16, multiplied and
+    /// summed in f32, the result rounded to bf16 ([`matmul_bf16`]).
+    fn matmul_bf16(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// `a · b`: the extension for f32 on flex with equal batch dims, Burn's `matmul` otherwise.
@@ -83,23 +83,24 @@ pub fn matmul_blocks<const D: usize>(a: Tensor<D>, b: Tensor<D>, blocks: Blocks)
     ))
 }
 
-/// `a · b` for f32 operands that hold bf16 values (each rounded to bf16, still f32) and
-/// whose gradients will too: on flex with AVX-512 BF16, the bf16 kernel
-/// ([`crate::bf16_gemm`]), twice the multiply-adds per instruction, the same products
-/// summed in another order; elsewhere [`matmul`].
-pub fn matmul_bf16_values<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+/// bf16 autocast's product of f32 operands on flex, in f32: `round(round(a) · round(b))`,
+/// each rounding to bf16 ([`round_to_bf16`], whose backward rounds the gradient), so in
+/// backward `da = round(round(g) · round(b)ᵀ)` and `db = round(round(a)ᵀ · round(g))`: the
+/// same product again. With AVX-512 BF16 it is one kernel ([`crate::bf16_gemm`]) that
+/// rounds as it packs and stores, on the CPU's bf16 dot product; elsewhere the roundings
+/// and the f32 product, its reference, which other backends and dtypes take too.
+pub fn matmul_bf16<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
     let f32s = a.dtype() == DType::F32 && b.dtype() == DType::F32;
     let same_batch = a.dims()[..D - 2] == b.dims()[..D - 2];
     let kernel = crate::bf16_gemm::available() && crate::device::is_flex(&a.device());
     if !(f32s && same_batch && kernel) {
-        return matmul(a, b);
+        let round = round_to_bf16::<D>;
+        return round(matmul(round(a), round(b)));
     }
-    Tensor::from_dispatch(
-        <burn::backend::Dispatch as MatmulBackend>::matmul_bf16_values(
-            a.into_dispatch(),
-            b.into_dispatch(),
-        ),
-    )
+    Tensor::from_dispatch(<burn::backend::Dispatch as MatmulBackend>::matmul_bf16(
+        a.into_dispatch(),
+        b.into_dispatch(),
+    ))
 }
 
 /// An f32 tensor's matrices: where each one's first element lies, and the (row, column)
@@ -367,9 +368,10 @@ impl MatmulBackend for Flex {
         flex_from_f32(out, shape, DType::F32)
     }
 
-    fn matmul_bf16_values(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+    fn matmul_bf16(a: FlexTensor, b: FlexTensor) -> FlexTensor {
         if !crate::bf16_gemm::available() {
-            return Self::matmul(a, b, Blocks::Dense);
+            let round = <Self as Bf16RoundingBackend>::round_to_bf16;
+            return round(Self::matmul(round(a), round(b), Blocks::Dense));
         }
         CALLS.record();
         BF16_CALLS.record();
@@ -385,14 +387,14 @@ impl MatmulBackend for Flex {
         for i in 0..batches {
             // SAFETY: the CPU has the instruction (checked above); matrix i's output lies
             // within the capacity reserved above; a's and b's matrices i lie within their
-            // layouts. The kernel writes every element (`accumulate` false).
+            // layouts. The kernel writes every element.
             unsafe {
                 crate::bf16_gemm::gemm_bf16(
                     (out.as_mut_ptr().add(i * m * n), n),
                     (m, k, n),
                     (a.first(i), a.strides),
                     (b.first(i), b.strides),
-                    false,
+                    true,
                 );
             }
         }
@@ -402,14 +404,14 @@ impl MatmulBackend for Flex {
     }
 }
 
-/// Products [`MatmulBackend::matmul_bf16_values`] ran with the bf16 kernel.
+/// Products [`MatmulBackend::matmul_bf16`] ran with the bf16 kernel.
 pub static BF16_CALLS: RunCount = RunCount::new();
 
 #[derive(Debug)]
-struct Bf16ValuesBackward;
+struct Bf16Backward;
 
-impl<B: Backend + MatmulBackend> Backward<B, 2> for Bf16ValuesBackward {
-    /// Both inputs.
+impl<B: Backend + MatmulBackend> Backward<B, 2> for Bf16Backward {
+    /// Both inputs (unrounded: the product rounds them again, the same bf16 values).
     type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -419,10 +421,10 @@ impl<B: Backend + MatmulBackend> Backward<B, 2> for Bf16ValuesBackward {
         let r = grad.shape().num_dims();
         let t = |x: FloatTensor<B>| B::float_swap_dims(x, r - 2, r - 1);
         if let Some(node) = node_a {
-            grads.register::<B>(node.id, B::matmul_bf16_values(grad.clone(), t(b)));
+            grads.register::<B>(node.id, B::matmul_bf16(grad.clone(), t(b)));
         }
         if let Some(node) = node_b {
-            grads.register::<B>(node.id, B::matmul_bf16_values(t(a), grad));
+            grads.register::<B>(node.id, B::matmul_bf16(t(a), grad));
         }
     }
 }
@@ -477,21 +479,20 @@ impl<B: Backend + MatmulBackend, C: CheckpointStrategy> MatmulBackend for Autodi
         }
     }
 
-    fn matmul_bf16_values(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
-        match Bf16ValuesBackward
+    fn matmul_bf16(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        match Bf16Backward
             .prepare::<C>([a.node(), b.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
                 let (a, b) = (a.into_primitive(), b.into_primitive());
-                let y = B::matmul_bf16_values(a.clone(), b.clone());
+                let y = B::matmul_bf16(a.clone(), b.clone());
                 prep.finish((a, b), y)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::matmul_bf16_values(
-                a.into_primitive(),
-                b.into_primitive(),
-            )),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::matmul_bf16(a.into_primitive(), b.into_primitive()))
+            }
         }
     }
 }
@@ -607,46 +608,53 @@ mod tests {
         }
     }
 
-    /// On bf16 values (with gradients that are bf16 values too), the bf16 product equals
-    /// the f32 one to summation order, output and both gradients, a transposed weight among
-    /// them; and it ran the bf16 kernel where the CPU has it.
+    /// bf16 autocast's product equals its reference, the roundings around the f32 product
+    /// (to summation order, so to one bf16 step where the order tips a rounding), output
+    /// and both gradients, a transposed weight among them; and it ran the bf16 kernel where
+    /// the CPU has it.
     #[test]
-    fn bf16_values_product_equals_the_f32_one() {
+    fn bf16_product_equals_the_roundings_around_the_f32_one() {
         let device = Device::flex().autodiff();
         device.seed(6);
-        let bf16 = |t: Tensor<2>| t.cast(burn::tensor::DType::BF16).cast(DType::F32);
-        let r = |s: [usize; 2]| {
-            bf16(Tensor::<2>::random(
-                s,
-                Distribution::Normal(0.0, 1.0),
-                &device,
-            ))
-        };
+        let r = |s: [usize; 2]| Tensor::<2>::random(s, Distribution::Normal(0.0, 1.0), &device);
         for (m, k, n) in [(70, 300, 45), (5, 3, 7)] {
             let (a, w) = (r([m, k]), r([m, n]));
             for b in [r([k, n]), r([n, k]).transpose()] {
-                let run = |bf16_kernel: bool| {
+                let run = |fused: bool| {
                     let (a, b) = (a.clone().require_grad(), b.clone().require_grad());
-                    let y = if bf16_kernel {
-                        matmul_bf16_values(a.clone(), b.clone())
+                    let y = if fused {
+                        matmul_bf16(a.clone(), b.clone())
                     } else {
-                        matmul(a.clone(), b.clone())
+                        let round = round_to_bf16::<2>;
+                        round(matmul(round(a.clone()), round(b.clone())))
                     };
                     let g = (y.clone() * w.clone()).sum().backward();
                     let v = |t: Tensor<2>| t.into_data().try_into_vec::<f32>().unwrap();
                     [v(y), v(a.grad(&g).unwrap()), v(b.grad(&g).unwrap())]
                 };
                 let calls = BF16_CALLS.get();
-                let (ours, f32s) = (run(true), run(false));
+                let (ours, reference) = (run(true), run(false));
                 let ran = BF16_CALLS.get() >= calls + 3;
                 assert_eq!(
                     ran,
                     crate::bf16_gemm::available(),
                     "the bf16 kernel ran where it can"
                 );
-                for (part, (x, y)) in ["output", "da", "db"].iter().zip(ours.iter().zip(&f32s)) {
+                for (part, (x, y)) in ["output", "da", "db"]
+                    .iter()
+                    .zip(ours.iter().zip(&reference))
+                {
                     let err = max_relative_difference(x, y);
-                    assert!(err < 1e-5, "{m}x{k}x{n} {part}: max difference {err}");
+                    assert!(
+                        err <= 2f32.powi(-8),
+                        "{m}x{k}x{n} {part}: max difference {err}"
+                    );
+                    let same = x.iter().zip(y).filter(|(x, y)| x == y).count();
+                    assert!(
+                        same * 10 >= x.len() * 9,
+                        "{m}x{k}x{n} {part}: {same} of {} equal",
+                        x.len()
+                    );
                 }
             }
         }

@@ -10,8 +10,6 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
 
-use crate::bf16_rounding::round_to_bf16;
-
 thread_local! {
     static WORKING_DTYPE: Cell<Option<FloatDType>> = const { Cell::new(None) };
 }
@@ -80,10 +78,9 @@ pub fn matmul_rows<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
         None => crate::matmul::matmul(x, w),
         // Flex has no bf16 matmul of its own: the same numbers come from rounded f32
         // operands and a rounded f32 product, without the casts' element-by-element
-        // conversions; the product runs on the CPU's bf16 dot product where it has one.
+        // conversions; on the CPU's bf16 dot product where it has one.
         Some(FloatDType::BF16) if f32s && crate::device::is_flex(&x.device()) => {
-            let round = round_to_bf16::<2>;
-            round(crate::matmul::matmul_bf16_values(round(x), round(w)))
+            crate::matmul::matmul_bf16(x, w)
         }
         Some(dtype) => {
             let out_dtype = x.dtype();
