@@ -78,6 +78,17 @@ fn flash(
     (packed.clone().narrow(3, 0, dv), packed.narrow(3, dv, 1))
 }
 
+/// From this many tokens, whole-sequence attention on flex takes the FlashAttention kernels
+/// (in blocks of [`FLASH_BLOCK`] queries) even where the recipe did not ask for the tiled
+/// form: from 2k tokens they are faster than the materialised weights (1.04–1.2× one layer
+/// of nanoGPT's and of the default model at 2k, ~2× at 4k–16k), and their memory grows
+/// linearly; at 512–1k the two were within noise of each other.
+pub const FLASH_FROM: usize = 2048;
+
+/// Queries per block of the FlashAttention kernels where metamix picks them (128 measured
+/// a few percent faster than 64 from 2k tokens on).
+pub const FLASH_BLOCK: usize = 128;
+
 /// Whether [`attend_tiled`] runs the FlashAttention extension on `device` (registered for
 /// flex and its autodiff).
 pub fn takes_flash_path(device: &Device) -> bool {

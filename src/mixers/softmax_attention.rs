@@ -6,7 +6,9 @@
 //! Two forms, both from the attention core ([`crate::attention`]): the naive one
 //! materialises the `[t, t]` score matrix; the tiled one streams key blocks with an online
 //! softmax (FlashAttention on the CPU backend), so memory grows linearly with sequence
-//! length. Under sequence parallelism it runs as ring attention.
+//! length. On the CPU backend sequences from [`FLASH_FROM`] tokens take the tiled form
+//! whatever the recipe says, faster there too. Under sequence parallelism it runs as ring
+//! attention.
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
@@ -16,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::attention::fused_softmax;
-use crate::attention::tiled::attend_tiled;
+use crate::attention::tiled::{FLASH_BLOCK, FLASH_FROM, attend_tiled, takes_flash_path};
 use crate::attention::{Visibility, merge_heads, naive, repeat_kv, split_heads};
 use crate::padding::Padding;
 use crate::mixed_precision::linear;
@@ -109,6 +111,10 @@ impl SoftmaxAttention {
             }
             None if self.block_size > 0 => {
                 attend_tiled(q, k, v, self.block_size, self.visibility(), dropout)
+            }
+            // Long sequences on the CPU: the FlashAttention kernels, faster there too.
+            None if q.dims()[2] >= FLASH_FROM && takes_flash_path(&q.device()) => {
+                attend_tiled(q, k, v, FLASH_BLOCK, self.visibility(), dropout)
             }
             None => fused_softmax::attend(q, k, v, self.visibility(), dropout),
         }
@@ -243,7 +249,8 @@ impl TokenMixer for SoftmaxAttention {
 #[serde(deny_unknown_fields, default)]
 pub struct SoftmaxOptions {
     /// Compute attention tiled over key blocks with an online softmax (memory linear in
-    /// sequence length) instead of materialising the full score matrix.
+    /// sequence length) instead of materialising the full score matrix. On the cpu backend
+    /// sequences from 2048 tokens take the tiled form either way.
     pub tiled: bool,
     /// Key block size of the tiled form.
     pub block_size: usize,
