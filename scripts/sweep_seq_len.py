@@ -32,7 +32,11 @@ VARIANTS = {
     "mamba2 (chunked, chunk 64)": ["model.mixer=\"mamba2\"", "model.mamba2.form=\"chunked\"",
                                    "model.mamba2.chunk_size=64"],
     # Inference (no autodiff): the tiled form keeps one block of scores at a time.
-    "softmax (naive), forward only": ["model.mixer=\"softmax\"", "--forward-only"],
+    # The default softmax row takes the tiled form from 2048 tokens (`tiled` unset); these
+    # keep the materialised weights at every length.
+    "softmax (naive)": ["model.mixer=\"softmax\"", "model.softmax.tiled=false"],
+    "softmax (naive), forward only": ["model.mixer=\"softmax\"", "model.softmax.tiled=false",
+                                      "--forward-only"],
     "softmax (tiled), forward only": ["model.mixer=\"softmax\"", "model.softmax.tiled=true",
                                       "model.softmax.block_size=128", "--forward-only"],
 }

@@ -39,7 +39,7 @@ fn variants() -> Vec<(String, MixerKind, MixerOptionsSet)> {
         .map(|&k| (k.name().to_string(), k, MixerOptionsSet::default()))
         .collect();
     let mut o = MixerOptionsSet::default();
-    o.softmax.tiled = true;
+    o.softmax.tiled = Some(true);
     o.softmax.block_size = 3;
     out.push(("softmax tiled".into(), MixerKind::Softmax, o));
     for decay in [DecayMode::Gated, DecayMode::Retnet] {

@@ -79,8 +79,7 @@ fn flash(
 }
 
 /// From this many tokens, whole-sequence attention on flex takes the FlashAttention kernels
-/// (in blocks of [`FLASH_BLOCK`] queries) even where the recipe did not ask for the tiled
-/// form: from 2k tokens they are faster than the materialised weights (1.04–1.2× one layer
+/// (in blocks of [`FLASH_BLOCK`] queries) where the recipe leaves `tiled` unset: from 2k tokens they are faster than the materialised weights (1.04–1.2× one layer
 /// of nanoGPT's and of the default model at 2k, ~2× at 4k–16k), and their memory grows
 /// linearly; at 512–1k the two were within noise of each other.
 pub const FLASH_FROM: usize = 2048;

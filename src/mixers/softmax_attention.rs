@@ -6,8 +6,8 @@
 //! Two forms, both from the attention core ([`crate::attention`]): the naive one
 //! materialises the `[t, t]` score matrix; the tiled one streams key blocks with an online
 //! softmax (FlashAttention on the CPU backend), so memory grows linearly with sequence
-//! length. On the CPU backend sequences from [`FLASH_FROM`] tokens take the tiled form
-//! whatever the recipe says, faster there too. Under sequence parallelism it runs as ring
+//! length. Unless the recipe chooses, sequences from [`FLASH_FROM`] tokens take the tiled
+//! form on the CPU backend, faster there too. Under sequence parallelism it runs as ring
 //! attention.
 
 use burn::module::Module;
@@ -40,6 +40,9 @@ pub struct SoftmaxAttention {
     n_kv_heads: usize,
     /// Key/query block of the tiled form; 0 = the naive form.
     block_size: usize,
+    /// With `block_size` 0, sequences from this many tokens take the tiled form on flex
+    /// (`tiled` unset: [`FLASH_FROM`]; set to false: never).
+    tiled_from: usize,
     /// Keys each query sees, itself included; 0 = all.
     window: usize,
     /// Queries see only keys at or before them; false: every key (an encoder).
@@ -113,7 +116,7 @@ impl SoftmaxAttention {
                 attend_tiled(q, k, v, self.block_size, self.visibility(), dropout)
             }
             // Long sequences on the CPU: the FlashAttention kernels, faster there too.
-            None if q.dims()[2] >= FLASH_FROM && takes_flash_path(&q.device()) => {
+            None if q.dims()[2] >= self.tiled_from && takes_flash_path(&q.device()) => {
                 attend_tiled(q, k, v, FLASH_BLOCK, self.visibility(), dropout)
             }
             None => fused_softmax::attend(q, k, v, self.visibility(), dropout),
@@ -205,7 +208,8 @@ impl TokenMixer for SoftmaxAttention {
             resid_dropout: DropoutConfig::new(ctx.dropout).init(),
             n_heads: ctx.n_heads,
             n_kv_heads,
-            block_size: if o.tiled { o.block_size } else { 0 },
+            block_size: if o.tiled == Some(true) { o.block_size } else { 0 },
+            tiled_from: if o.tiled.is_none() { FLASH_FROM } else { usize::MAX },
             window: o.window,
             causal: ctx.causal,
             rope_len: if o.rotary { ctx.max_seq_len } else { 0 },
@@ -249,9 +253,9 @@ impl TokenMixer for SoftmaxAttention {
 #[serde(deny_unknown_fields, default)]
 pub struct SoftmaxOptions {
     /// Compute attention tiled over key blocks with an online softmax (memory linear in
-    /// sequence length) instead of materialising the full score matrix. On the cpu backend
-    /// sequences from 2048 tokens take the tiled form either way.
-    pub tiled: bool,
+    /// sequence length), `true`, or materialise the full score matrix, `false`. Unset:
+    /// tiled on the cpu backend from 2048 tokens (faster there), the full matrix otherwise.
+    pub tiled: Option<bool>,
     /// Key block size of the tiled form.
     pub block_size: usize,
     /// Key/value heads for grouped-query attention; 0 = n_heads (plain multi-head).
@@ -266,7 +270,7 @@ pub struct SoftmaxOptions {
 impl Default for SoftmaxOptions {
     fn default() -> Self {
         Self {
-            tiled: false,
+            tiled: None,
             block_size: 64,
             n_kv_heads: 0,
             rotary: false,
