@@ -285,31 +285,13 @@ unsafe fn pack_a(
         }
         return (MR, 1);
     }
-    if rs == 1 {
-        // Columns contiguous (a transposed operand): the panel's rows side by side.
-        let column =
-            |c: usize| unsafe { std::slice::from_raw_parts(first.offset(c as isize * cs), rows) };
-        for (kp, lanes) in packed.chunks_mut(MR).take(pairs).enumerate() {
-            let c = 2 * kp;
-            if c + 1 < kc {
-                for ((lane, &l), &h) in lanes.iter_mut().zip(column(c)).zip(column(c + 1)) {
-                    *lane = pair(l, h);
-                }
-            } else {
-                for (lane, &l) in lanes.iter_mut().zip(column(c)) {
-                    *lane = pair(l, 0.0);
-                }
-            }
-        }
-    } else {
-        for r in 0..rows {
-            let row = unsafe { first.offset(r as isize * rs) };
-            unsafe {
-                line_pairs(row, cs, (kc / 2, kc % 2 == 1), |kp, v| {
-                    packed[kp * MR + r] = v
-                })
-            };
-        }
+    for r in 0..rows {
+        let row = unsafe { first.offset(r as isize * rs) };
+        unsafe {
+            line_pairs(row, cs, (kc / 2, kc % 2 == 1), |kp, v| {
+                packed[kp * MR + r] = v
+            })
+        };
     }
     (MR, 1)
 }
