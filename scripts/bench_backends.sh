@@ -26,13 +26,17 @@ bench() { # bench <label> <binary> <metamix flags...>
   printf '%-34s %s\n' "$label" "$tps"
 }
 
+# A binary built with `tch` loads libtorch at start, whichever backend it runs: its env
+# first (the same one builds all three rows when BIN_WGPU and BIN_TCH are one binary).
+if [ -f "$TORCH_ENV" ]; then
+  # shellcheck disable=SC1090
+  source "$TORCH_ENV"
+fi
 for p in f32 bf16 f16; do bench "metamix cpu (flex) $p" "$BIN_CPU" --precision $p; done
 if [ -n "$BIN_WGPU" ]; then
   for p in f32 f16; do bench "metamix wgpu $p" "$BIN_WGPU" --backend wgpu --precision $p; done
 fi
 if [ -f "$TORCH_ENV" ]; then
-  # shellcheck disable=SC1090
-  source "$TORCH_ENV"
   if [ -n "$BIN_TCH" ]; then
     for p in f32 bf16; do bench "metamix libtorch cpu $p" "$BIN_TCH" --backend libtorch --device cpu --precision $p; done
   fi

@@ -7,7 +7,7 @@ mod common;
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use metamix::attention::flash::FORWARD_CALLS;
+use metamix::attention::flash::{FORWARD_CALLS, KERNEL_CALLS};
 use metamix::attention::tiled::{attend_block, attend_tiled};
 use metamix::attention::{Visibility, naive};
 use metamix::mixers::MixerKind;
@@ -37,6 +37,7 @@ fn flex_runs_the_flash_extension_for_tiled_attention_and_ring_blocks() {
         "the naive form must not run the extension"
     );
 
+    let kernels = KERNEL_CALLS.get();
     let y = attend_tiled(
         q.clone(),
         k.clone(),
@@ -46,6 +47,7 @@ fn flex_runs_the_flash_extension_for_tiled_attention_and_ring_blocks() {
         None,
     );
     assert_eq!(FORWARD_CALLS.get(), before + 1, "tiled attention on flex");
+    assert_eq!(KERNEL_CALLS.get(), kernels + 1, "in f32, as the native kernels");
     let grads = y.sum().backward();
     assert!(
         q.grad(&grads).is_some(),
