@@ -47,7 +47,11 @@ fn flex_runs_the_flash_extension_for_tiled_attention_and_ring_blocks() {
         None,
     );
     assert_eq!(FORWARD_CALLS.get(), before + 1, "tiled attention on flex");
-    assert_eq!(KERNEL_CALLS.get(), kernels + 1, "in f32, as the native kernels");
+    assert_eq!(
+        KERNEL_CALLS.get(),
+        kernels + 1,
+        "in f32, as the native kernels"
+    );
     let grads = y.sum().backward();
     assert!(
         q.grad(&grads).is_some(),
