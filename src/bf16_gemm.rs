@@ -69,11 +69,11 @@ fn amd() -> bool {
 /// A matrix operand: its first element and (row, column) strides, in elements.
 pub type Operand = (*const f32, (isize, isize));
 
-/// Two f32s rounded to bf16 ([`crate::bf16_rounding::round`]) as one 32-bit lane, `lo`
+/// Two f32s rounded to bf16 ([`crate::half_rounding::round`]) as one 32-bit lane, `lo`
 /// in the low half.
 #[inline(always)]
 fn pair(lo: f32, hi: f32) -> u32 {
-    use crate::bf16_rounding::round;
+    use crate::half_rounding::round;
     (round(lo).to_bits() >> 16) | (round(hi).to_bits() & 0xffff_0000)
 }
 
@@ -326,7 +326,7 @@ unsafe fn pack_a(
     (MR, 1)
 }
 
-/// Each lane rounded to bf16 as [`crate::bf16_rounding::round`] rounds (nearest, ties to
+/// Each lane rounded to bf16 as [`crate::half_rounding::round`] rounds (nearest, ties to
 /// even; a NaN made quiet), its bits in the top half and 0 below.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -419,7 +419,7 @@ unsafe fn kernel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bf16_rounding::round;
+    use crate::half_rounding::round;
 
     /// Values from a seeded LCG, not bf16 (rounding them is part of the product).
     fn values(n: usize, seed: u64) -> Vec<f32> {

@@ -328,25 +328,6 @@ pub fn is_flex(device: &Device) -> bool {
     plain == Device::flex()
 }
 
-/// Says, once per run, that `precision` on the cpu backend is for its numerics: flex has no
-/// low-precision matrix kernel, so it is not faster than f32 there (f16 is slower).
-pub fn note_cpu_precision(backend: BackendKind, precision: Precision) {
-    if backend != BackendKind::Cpu || working_dtype(precision).is_none() {
-        return;
-    }
-    let name = format!("{precision:?}").to_lowercase();
-    let speed = match precision {
-        // crate::bf16_rounding: rounded f32 operands, no conversions.
-        Precision::Bf16 => "so it trains at about f32's speed",
-        _ => "and converts to and from it element by element, so it trains slower than \"f32\"",
-    };
-    eprintln!(
-        "note: training.precision = \"{name}\" on the cpu backend rounds the projections to \
-         {name} but multiplies in f32 (Burn's flex has no {name} matrix kernel), {speed} here: \
-         use it for its numerics, not for speed"
-    );
-}
-
 /// The low-precision working dtype of `precision`, if any.
 pub fn working_dtype(precision: Precision) -> Option<FloatDType> {
     match precision {

@@ -19,13 +19,13 @@
 pub mod activations;
 pub mod attention;
 pub mod bf16_gemm;
-pub mod bf16_rounding;
 pub mod components;
 pub mod data;
 pub mod device;
 pub mod export;
 pub mod fused_dropout;
 pub mod fused_norm;
+pub mod half_rounding;
 pub mod matmul;
 pub mod mixed_precision;
 pub mod mixers;

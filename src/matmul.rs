@@ -22,8 +22,8 @@ use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use crate::bf16_rounding::{Bf16RoundingBackend, round_to_bf16};
 use crate::device::{RunCount, flex_from_f32};
+use crate::half_rounding::{HalfFormat, HalfRoundingBackend, round_to_bf16};
 
 /// Products the extension has run in this process (for a test that it took the path).
 pub static CALLS: RunCount = RunCount::new();
@@ -370,7 +370,7 @@ impl MatmulBackend for Flex {
 
     fn matmul_bf16(a: FlexTensor, b: FlexTensor) -> FlexTensor {
         if !crate::bf16_gemm::available() {
-            let round = <Self as Bf16RoundingBackend>::round_to_bf16;
+            let round = |x| <Self as HalfRoundingBackend>::round_to_half(x, HalfFormat::Bf16);
             return round(Self::matmul(round(a), round(b), Blocks::Dense));
         }
         CALLS.record();

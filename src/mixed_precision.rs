@@ -10,6 +10,8 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
 
+use crate::device::{BackendKind, Precision};
+
 thread_local! {
     static WORKING_DTYPE: Cell<Option<FloatDType>> = const { Cell::new(None) };
 }
@@ -25,6 +27,30 @@ pub fn autocast<T>(dtype: Option<FloatDType>, f: impl FnOnce() -> T) -> T {
 /// The dtype projections run in now, if not f32.
 pub fn working_dtype() -> Option<FloatDType> {
     WORKING_DTYPE.with(Cell::get)
+}
+
+/// Says, once per run, what `precision` does for speed on the cpu backend: bf16 multiplies
+/// on the CPU's bf16 dot product where metamix uses it ([`crate::bf16_gemm`]), faster than
+/// f32; otherwise bf16 and f16 round f32 operands around an f32 product
+/// ([`crate::half_rounding`]), at about f32's speed. Activations stay f32 either way.
+pub fn note_cpu_precision(backend: BackendKind, precision: Precision) {
+    if backend != BackendKind::Cpu || crate::device::working_dtype(precision).is_none() {
+        return;
+    }
+    if precision == Precision::Bf16 && crate::bf16_gemm::available() {
+        eprintln!(
+            "note: training.precision = \"bf16\" on the cpu backend multiplies on this CPU's \
+             bf16 dot product, faster than f32; activations stay f32 between projections, so \
+             it saves no memory"
+        );
+        return;
+    }
+    let name = format!("{precision:?}").to_lowercase();
+    eprintln!(
+        "note: training.precision = \"{name}\" on the cpu backend rounds the projections to \
+         {name} but multiplies in f32 (metamix has no {name} matrix kernel for this CPU), so it \
+         trains at about f32's speed here: use it for its numerics, not for speed"
+    );
 }
 
 /// `x · W + b` for `x` `[.., d_in]`: Burn's `Linear::forward`, in the working dtype when
@@ -76,11 +102,15 @@ pub fn matmul_rows<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
     let y = match working_dtype() {
         None => crate::matmul::matmul(x, w),
-        // Flex has no bf16 matmul of its own: the same numbers come from rounded f32
-        // operands and a rounded f32 product, without the casts' element-by-element
-        // conversions; on the CPU's bf16 dot product where it has one.
+        // Flex has no bf16 or f16 matmul of its own: the same numbers come from rounded
+        // f32 operands and a rounded f32 product, without the casts' element-by-element
+        // conversions; bf16's on the CPU's bf16 dot product where it has one.
         Some(FloatDType::BF16) if f32s && crate::device::is_flex(&x.device()) => {
             crate::matmul::matmul_bf16(x, w)
+        }
+        Some(FloatDType::F16) if f32s && crate::device::is_flex(&x.device()) => {
+            let round = crate::half_rounding::round_to_f16::<2>;
+            round(crate::matmul::matmul(round(x), round(w)))
         }
         Some(dtype) => {
             let out_dtype = x.dtype();

@@ -133,7 +133,7 @@ impl Trainer {
     ) -> anyhow::Result<Self> {
         let t = &recipe.training;
         let ranks = Ranks::from_recipe(recipe)?;
-        crate::device::note_cpu_precision(t.backend, t.precision);
+        crate::mixed_precision::note_cpu_precision(t.backend, t.precision);
         let device = ranks.device(0).clone().autodiff();
         if recipe.model.vocab_size != 0 && recipe.model.vocab_size < vocab_size {
             anyhow::bail!(
