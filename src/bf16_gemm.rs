@@ -13,6 +13,8 @@
 
 use rayon::prelude::*;
 
+use crate::device::SendPtr;
+
 /// Rows of a register tile.
 const MR: usize = 12;
 /// Columns of a register tile: two vectors of 16 f32 lanes.
@@ -77,33 +79,6 @@ fn pair(lo: f32, hi: f32) -> u32 {
     (round(lo).to_bits() >> 16) | (round(hi).to_bits() & 0xffff_0000)
 }
 
-/// Where a raw pointer may cross threads: each task writes its own rows.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint rows of the output, which outlives them.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// Through a method, so a closure captures the whole (Sync) wrapper.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// An operand the tasks read (shared, read only).
-#[derive(Clone, Copy)]
-struct In(Operand);
-// SAFETY: read only while the call runs.
-unsafe impl Send for In {}
-unsafe impl Sync for In {}
-
-impl In {
-    fn get(self) -> Operand {
-        self.0
-    }
-}
-
 /// `out = a · b` for `a` `[m, k]` and `b` `[k, n]` rounded to bf16, summed in f32, `out`
 /// row-major with rows `ld` apart, each value rounded to bf16 where `round_output`.
 ///
@@ -117,12 +92,13 @@ pub unsafe fn gemm_bf16(
     b: Operand,
     round_output: bool,
 ) {
-    let (out, a, b) = (Out(out), In(a), In(b));
+    // Tasks write their own rows of `out` and only read a and b.
+    let (out, a, b) = (SendPtr(out), SendPtr(a), SendPtr(b));
     let (m_panels, n_panels) = (m.div_ceil(MR), n.div_ceil(NR));
     if k == 0 {
         for r in 0..m {
             // SAFETY: row r of the output.
-            unsafe { std::slice::from_raw_parts_mut(out.ptr().add(r * ld), n).fill(0.0) };
+            unsafe { std::slice::from_raw_parts_mut(out.get().add(r * ld), n).fill(0.0) };
         }
     }
     for k0 in (0..k).step_by(KC) {
@@ -155,7 +131,7 @@ pub unsafe fn gemm_bf16(
                 // SAFETY: the tile's rows and columns lie inside the output; the packed
                 // blocks hold `pairs` pairs of MR and NR lanes; the caller checked the CPU.
                 unsafe {
-                    let tile = out.ptr().add(mp * MR * ld + np * NR);
+                    let tile = out.get().add(mp * MR * ld + np * NR);
                     kernel(
                         (packed_a.as_ptr(), a_strides),
                         packed_b.as_ptr().add(np * pairs * NR),

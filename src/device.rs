@@ -184,6 +184,23 @@ pub fn unshared_f32(x: &mut burn::backend::flex::FlexTensor) -> Option<&mut [f32
         .filter(|values| values.len() == len)
 }
 
+/// A raw pointer (or a value holding one) that a kernel's parallel tasks share: each task
+/// writes its own part of the buffer behind it, or only reads it, and the buffer outlives
+/// the tasks. Rust will not send raw pointers across threads without this promise.
+#[derive(Clone, Copy)]
+pub struct SendPtr<P: Copy>(pub P);
+
+// SAFETY: the users' promise above: disjoint writes, reads of a live buffer.
+unsafe impl<P: Copy> Send for SendPtr<P> {}
+unsafe impl<P: Copy> Sync for SendPtr<P> {}
+
+impl<P: Copy> SendPtr<P> {
+    /// Through a method, so a closure captures the whole (Sync) wrapper, not its pointer.
+    pub fn get(self) -> P {
+        self.0
+    }
+}
+
 /// How many times a flex extension has run in this process: tests read it to see that a
 /// form really took the extension's path, rather than only matching its output.
 pub struct RunCount(std::sync::atomic::AtomicUsize);

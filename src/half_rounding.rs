@@ -6,11 +6,11 @@
 //! autocast's casts around it are more such passes (perf: a quarter of a bf16 step; f16 ran
 //! at 0.41× f32). The same numbers come from rounding the f32 operands, one f32 product (a
 //! product of two bf16 or two f16 values is exact in f32), and rounding its result:
-//! [`round_to_bf16`] and [`round_to_f16`] are those roundings, one parallel vectorised pass
-//! each, and in backward they round the gradient, as the cast's backward and the low-precision
-//! product's output do. The reference is Burn's cast there and back
-//! (`x.cast(BF16).cast(F32)`); tests hold the two equal bit for bit, and the whole projection
-//! equal to the cast chain, gradients included.
+//! [`round_to_half`] is that rounding, one parallel vectorised pass, and in backward it
+//! rounds the gradient, as the cast's backward and the low-precision product's output do.
+//! The reference is Burn's cast there and back (`x.cast(BF16).cast(F32)`); tests hold the
+//! two equal bit for bit, and the whole projection equal to the cast chain, gradients
+//! included. [`crate::matmul::matmul_rounded`] puts the roundings around the product.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -37,17 +37,8 @@ pub trait HalfRoundingBackend: Backend {
     fn round_to_half(x: FloatTensor<Self>, format: HalfFormat) -> FloatTensor<Self>;
 }
 
-/// `x` rounded to bf16 precision, still f32 (flex only: [`crate::device::is_flex`]).
-pub fn round_to_bf16<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    round_to_half(x, HalfFormat::Bf16)
-}
-
-/// `x` rounded to f16 precision, still f32 (flex only: [`crate::device::is_flex`]).
-pub fn round_to_f16<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    round_to_half(x, HalfFormat::F16)
-}
-
-fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor<D> {
+/// `x` rounded to `format`'s precision, still f32 (flex only: [`crate::device::is_flex`]).
+pub fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor<D> {
     Tensor::from_dispatch(
         <burn::backend::Dispatch as HalfRoundingBackend>::round_to_half(x.into_dispatch(), format),
     )
@@ -72,7 +63,7 @@ pub(crate) fn round(v: f32) -> f32 {
 /// mantissa bits kept (ties to even) in f16's normal range, multiples of 2⁻²⁴ below it (its
 /// subnormals), ±∞ past 65504.
 #[inline(always)]
-pub(crate) fn round_f16(v: f32) -> f32 {
+fn round_f16(v: f32) -> f32 {
     let x = v.to_bits();
     let magnitude = x & 0x7fff_ffff;
     let nan = magnitude > 0x7f80_0000;

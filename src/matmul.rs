@@ -22,8 +22,8 @@ use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use crate::device::{RunCount, flex_from_f32};
-use crate::half_rounding::{HalfFormat, HalfRoundingBackend, round_to_bf16};
+use crate::device::{RunCount, SendPtr, flex_from_f32};
+use crate::half_rounding::{HalfFormat, HalfRoundingBackend, round_to_half};
 
 /// Products the extension has run in this process (for a test that it took the path).
 pub static CALLS: RunCount = RunCount::new();
@@ -58,7 +58,7 @@ pub trait MatmulBackend: Backend {
     fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>, blocks: Blocks) -> FloatTensor<Self>;
 
     /// bf16 autocast's product of f32 operands: `a` and `b` rounded to bf16, multiplied and
-    /// summed in f32, the result rounded to bf16 ([`matmul_bf16`]).
+    /// summed in f32, the result rounded to bf16 ([`matmul_rounded`]).
     fn matmul_bf16(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
@@ -83,24 +83,22 @@ pub fn matmul_blocks<const D: usize>(a: Tensor<D>, b: Tensor<D>, blocks: Blocks)
     ))
 }
 
-/// bf16 autocast's product of f32 operands on flex, in f32: `round(round(a) · round(b))`,
-/// each rounding to bf16 ([`round_to_bf16`], whose backward rounds the gradient), so in
-/// backward `da = round(round(g) · round(b)ᵀ)` and `db = round(round(a)ᵀ · round(g))`: the
-/// same product again. With AVX-512 BF16 it is one kernel ([`crate::bf16_gemm`]) that
-/// rounds as it packs and stores, on the CPU's bf16 dot product; elsewhere the roundings
-/// and the f32 product, its reference, which other backends and dtypes take too.
-pub fn matmul_bf16<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
-    let f32s = a.dtype() == DType::F32 && b.dtype() == DType::F32;
+/// bf16 or f16 autocast's product of f32 operands on flex, in f32:
+/// `round(round(a) · round(b))`, each rounding to `format` ([`round_to_half`], whose
+/// backward rounds the gradient), so in backward `da = round(round(g) · round(b)ᵀ)` and
+/// `db = round(round(a)ᵀ · round(g))`: the same product again. bf16's is one kernel where
+/// [`crate::bf16_gemm::available`], which rounds as it packs and stores; otherwise the
+/// roundings around the f32 product, its reference.
+pub fn matmul_rounded<const D: usize>(a: Tensor<D>, b: Tensor<D>, format: HalfFormat) -> Tensor<D> {
     let same_batch = a.dims()[..D - 2] == b.dims()[..D - 2];
-    let kernel = crate::bf16_gemm::available() && crate::device::is_flex(&a.device());
-    if !(f32s && same_batch && kernel) {
-        let round = round_to_bf16::<D>;
-        return round(matmul(round(a), round(b)));
+    if format == HalfFormat::Bf16 && same_batch && crate::bf16_gemm::available() {
+        return Tensor::from_dispatch(<burn::backend::Dispatch as MatmulBackend>::matmul_bf16(
+            a.into_dispatch(),
+            b.into_dispatch(),
+        ));
     }
-    Tensor::from_dispatch(<burn::backend::Dispatch as MatmulBackend>::matmul_bf16(
-        a.into_dispatch(),
-        b.into_dispatch(),
-    ))
+    let round = |x| round_to_half::<D>(x, format);
+    round(matmul(round(a), round(b)))
 }
 
 /// An f32 tensor's matrices: where each one's first element lies, and the (row, column)
@@ -211,20 +209,6 @@ unsafe fn gemm_call(
     }
 }
 
-/// Where a raw pointer may cross threads: each task writes its own rows or columns.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: tasks write disjoint parts of the buffer behind it, which outlives them.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// Through a method, so a closure captures the whole (Sync) wrapper, not its pointer.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// The products of [`Blocks`] other than `Dense`: one task per matrix and block of rows
 /// (columns for `RightLower`), each one gemm over the part its block needs.
 fn matmul_blocks_flex(
@@ -247,7 +231,8 @@ fn matmul_blocks_flex(
     let (t, size) = (t.0, m * n);
     let n_blocks = t.div_ceil(bs);
     let mut out = Vec::<f32>::with_capacity(batches * size);
-    let base = Shared(out.as_mut_ptr());
+    // Each task writes its own rows (columns for RightLower).
+    let base = SendPtr(out.as_mut_ptr());
     (0..batches * n_blocks).into_par_iter().for_each(|task| {
         let (i, blk) = (task / n_blocks, task % n_blocks);
         let (lo, hi) = (blk * bs, ((blk + 1) * bs).min(t));
@@ -257,7 +242,7 @@ fn matmul_blocks_flex(
         // each task writes its own rows [lo, hi) (its columns for RightLower), and every
         // offset below stays inside matrix i of a, b and the output.
         unsafe {
-            let out = base.ptr().add(i * size);
+            let out = base.get().add(i * size);
             let at = |p: *const f32, r: usize, rs: isize, c: usize, cs: isize| {
                 p.offset(r as isize * rs + c as isize * cs)
             };
@@ -623,9 +608,9 @@ mod tests {
                 let run = |fused: bool| {
                     let (a, b) = (a.clone().require_grad(), b.clone().require_grad());
                     let y = if fused {
-                        matmul_bf16(a.clone(), b.clone())
+                        matmul_rounded(a.clone(), b.clone(), HalfFormat::Bf16)
                     } else {
-                        let round = round_to_bf16::<2>;
+                        let round = |x| round_to_half::<2>(x, HalfFormat::Bf16);
                         round(matmul(round(a.clone()), round(b.clone())))
                     };
                     let g = (y.clone() * w.clone()).sum().backward();

@@ -11,6 +11,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
 
 use crate::device::{BackendKind, Precision};
+use crate::half_rounding::HalfFormat;
 
 thread_local! {
     static WORKING_DTYPE: Cell<Option<FloatDType>> = const { Cell::new(None) };
@@ -105,12 +106,14 @@ pub fn matmul_rows<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
         // Flex has no bf16 or f16 matmul of its own: the same numbers come from rounded
         // f32 operands and a rounded f32 product, without the casts' element-by-element
         // conversions; bf16's on the CPU's bf16 dot product where it has one.
-        Some(FloatDType::BF16) if f32s && crate::device::is_flex(&x.device()) => {
-            crate::matmul::matmul_bf16(x, w)
-        }
-        Some(FloatDType::F16) if f32s && crate::device::is_flex(&x.device()) => {
-            let round = crate::half_rounding::round_to_f16::<2>;
-            round(crate::matmul::matmul(round(x), round(w)))
+        Some(dtype @ (FloatDType::BF16 | FloatDType::F16))
+            if f32s && crate::device::is_flex(&x.device()) =>
+        {
+            let format = match dtype {
+                FloatDType::BF16 => HalfFormat::Bf16,
+                _ => HalfFormat::F16,
+            };
+            crate::matmul::matmul_rounded(x, w, format)
         }
         Some(dtype) => {
             let out_dtype = x.dtype();

@@ -38,42 +38,25 @@ use super::naive::HIDDEN;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FlashAttentionBackend: Backend {
-    /// Attention of q `[b, h, tq, dk]` at global positions `q_start..` over k `[b, h, tk, dk]`,
-    /// v `[b, h, tk, dv]` at `k_start..`, in `block`-sized tiles, each query seeing the keys
-    /// `causal`/`window` allow ([`Visibility`]), the weights dropped with probability
-    /// `dropout` under the mask `key` (a whole sequence only; 0 for none). Returns
-    /// `[b, h, tq, dv + 1]`: the output, then each row's log-sum-exp.
-    #[allow(clippy::too_many_arguments)]
+    /// Attention of q `[b, h, tq, dk]` over k `[b, h, tk, dk]`, v `[b, h, tk, dv]`, placed,
+    /// tiled and masked as `span` says. Returns `[b, h, tq, dv + 1]`: the output, then each
+    /// row's log-sum-exp.
     fn flash_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        block: usize,
-        q_start: usize,
-        k_start: usize,
-        causal: bool,
-        window: usize,
-        dropout: f64,
-        key: u64,
+        span: Span,
     ) -> FloatTensor<Self>;
 
     /// The gradients of q, k and v from the inputs, the packed output [`Self::flash_attention`]
-    /// returned and its gradient (the output's, then the log-sum-exp's), the other
-    /// arguments as there.
-    #[allow(clippy::too_many_arguments)]
+    /// returned and its gradient (the output's, then the log-sum-exp's), under the same span.
     fn flash_attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         packed: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        block: usize,
-        q_start: usize,
-        k_start: usize,
-        causal: bool,
-        window: usize,
-        dropout: f64,
-        key: u64,
+        span: Span,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -89,9 +72,11 @@ fn takes_kernel(tensors: &[&FloatTensor<Flex>]) -> bool {
     tensors.iter().all(|t| t.dtype() == DType::F32)
 }
 
-/// Where the queries and keys sit, what they see, and the weights' dropout mask.
-#[derive(Clone, Copy, Debug)]
-struct Span {
+/// Where the queries and keys sit (global positions `q_start..`, `k_start..`), the query
+/// tile, which keys each query sees, and the weights' dropout mask `(p, key)` of
+/// [`crate::fused_dropout`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Span {
     block: usize,
     q_start: usize,
     k_start: usize,
@@ -100,14 +85,16 @@ struct Span {
 }
 
 impl Span {
-    fn new(
+    /// Dropout (`p > 0`) over a whole sequence only (both starts 0).
+    pub fn new(
         block: usize,
         (q_start, k_start): (usize, usize),
         visibility: Visibility,
-        (p, key): (f64, u64),
+        dropout: Option<(f64, u64)>,
     ) -> Self {
+        let dropout = dropout.filter(|&(p, _)| p > 0.0);
         assert!(
-            p == 0.0 || (q_start, k_start) == (0, 0),
+            dropout.is_none() || (q_start, k_start) == (0, 0),
             "FlashAttention drops weights over whole sequences only"
         );
         Self {
@@ -115,7 +102,7 @@ impl Span {
             q_start,
             k_start,
             visibility,
-            dropout: (p > 0.0).then_some((p, key)),
+            dropout,
         }
     }
 
@@ -169,16 +156,8 @@ impl FlashAttentionBackend for Flex {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        block: usize,
-        q_start: usize,
-        k_start: usize,
-        causal: bool,
-        window: usize,
-        dropout: f64,
-        key: u64,
+        span: Span,
     ) -> FloatTensor<Self> {
-        let visibility = Visibility { causal, window };
-        let span = Span::new(block, (q_start, k_start), visibility, (dropout, key));
         if !takes_kernel(&[&q, &k, &v]) {
             let (out, lse) = forward::<Flex>(q, k, v, span);
             return Flex::float_cat(vec![out, lse], 3);
@@ -196,16 +175,8 @@ impl FlashAttentionBackend for Flex {
         v: FloatTensor<Self>,
         packed: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        block: usize,
-        q_start: usize,
-        k_start: usize,
-        causal: bool,
-        window: usize,
-        dropout: f64,
-        key: u64,
+        span: Span,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let visibility = Visibility { causal, window };
-        let span = Span::new(block, (q_start, k_start), visibility, (dropout, key));
         if !takes_kernel(&[&q, &k, &v, &packed, &grad]) {
             let saved = Saved {
                 q,
@@ -249,20 +220,7 @@ impl<B: Backend + FlashAttentionBackend> Backward<B, 3> for FlashBackward {
             packed,
             span,
         } = ops.state;
-        let (dq, dk, dv) = B::flash_attention_backward(
-            q,
-            k,
-            v,
-            packed,
-            grad_packed,
-            span.block,
-            span.q_start,
-            span.k_start,
-            span.visibility.causal,
-            span.visibility.window,
-            span.dropout.map_or(0.0, |(p, _)| p),
-            span.dropout.map_or(0, |(_, key)| key),
-        );
+        let (dq, dk, dv) = B::flash_attention_backward(q, k, v, packed, grad_packed, span);
         for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
@@ -278,16 +236,8 @@ impl<B: Backend + FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBa
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        block: usize,
-        q_start: usize,
-        k_start: usize,
-        causal: bool,
-        window: usize,
-        dropout: f64,
-        key: u64,
+        span: Span,
     ) -> FloatTensor<Self> {
-        let visibility = Visibility { causal, window };
-        let span = Span::new(block, (q_start, k_start), visibility, (dropout, key));
         match FlashBackward
             .prepare::<C>([q.node(), k.node(), v.node()])
             .compute_bound()
@@ -295,18 +245,7 @@ impl<B: Backend + FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBa
         {
             OpsKind::Tracked(prep) => {
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let packed = B::flash_attention(
-                    q.clone(),
-                    k.clone(),
-                    v.clone(),
-                    block,
-                    q_start,
-                    k_start,
-                    causal,
-                    window,
-                    dropout,
-                    key,
-                );
+                let packed = B::flash_attention(q.clone(), k.clone(), v.clone(), span);
                 let saved = Saved {
                     q,
                     k,
@@ -320,13 +259,7 @@ impl<B: Backend + FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBa
                 q.into_primitive(),
                 k.into_primitive(),
                 v.into_primitive(),
-                block,
-                q_start,
-                k_start,
-                causal,
-                window,
-                dropout,
-                key,
+                span,
             )),
         }
     }
@@ -337,13 +270,7 @@ impl<B: Backend + FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBa
         _v: FloatTensor<Self>,
         _packed: FloatTensor<Self>,
         _grad: FloatTensor<Self>,
-        _block: usize,
-        _q_start: usize,
-        _k_start: usize,
-        _causal: bool,
-        _window: usize,
-        _dropout: f64,
-        _key: u64,
+        _span: Span,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!(
             "FlashAttention's backward runs on the inner backend; it is not differentiated again"
@@ -632,7 +559,7 @@ mod tests {
                 normal([2, 3, tk, 5], seed + 2),
             );
             let grad = normal([2, 3, tq, 6], seed + 3);
-            let span = Span::new(block, starts, visibility, (p, 77));
+            let span = Span::new(block, starts, visibility, Some((p, 77)));
             let (out, lse) = forward::<Flex>(q.clone(), k.clone(), v.clone(), span);
             let packed = Flex::float_cat(vec![out, lse], 3);
             let ours = kernel::forward(&q, &k, &v, &span);

@@ -90,18 +90,6 @@ pub fn attend(
     matmul_blocks(p, v, weighted)
 }
 
-/// The keys `[lo, hi)` query `i` sees (a contiguous range under any [`Visibility`]).
-#[inline(always)]
-fn visible(i: usize, tk: usize, v: Visibility) -> (usize, usize) {
-    let hi = if v.causal { (i + 1).min(tk) } else { tk };
-    let lo = if v.window > 0 {
-        (i + 1).saturating_sub(v.window)
-    } else {
-        0
-    };
-    (lo.min(hi), hi)
-}
-
 /// Writes 0 to the hidden keys of a row, outside `[lo, hi)`.
 #[inline(always)]
 fn zero_outside(row: &mut [f32], (lo, hi): (usize, usize)) {
@@ -125,21 +113,28 @@ fn softmax_rows(
 ) {
     const FMA: bool = has_fma!();
     for (r, row) in rows.chunks_mut(tk).enumerate() {
-        let (lo, hi) = visible((first_row + r) % tq, tk, visibility);
+        let (lo, hi) = visibility.visible_keys((first_row + r) % tq, (0, tk));
         zero_outside(row, (lo, hi));
-        if lo == hi {
-            continue;
-        }
-        let p = &mut row[lo..hi];
-        let m = max(p) * scale;
-        for p in p.iter_mut() {
-            *p = exp_nonpositive_fma::<FMA>(*p * scale - m);
-        }
-        let inv = 1.0 / sum(p);
-        for p in p.iter_mut() {
-            *p *= inv;
+        if lo < hi {
+            softmax_in_place::<FMA>(&mut row[lo..hi], scale);
         }
     }
+}
+
+/// `softmax(scale · p)` in place over a row's visible scores (not empty), returning its
+/// log-sum-exp `log Σ exp(scale · p)`: the body of every softmax kernel here.
+#[inline(always)]
+pub(super) fn softmax_in_place<const FMA: bool>(p: &mut [f32], scale: f32) -> f32 {
+    let m = max(p) * scale;
+    for p in p.iter_mut() {
+        *p = exp_nonpositive_fma::<FMA>(*p * scale - m);
+    }
+    let l = sum(p);
+    let inv = 1.0 / l;
+    for p in p.iter_mut() {
+        *p *= inv;
+    }
+    m + l.ln()
 }
 
 /// The backward over a task's rows, turning each row of `dp` into `dS` in place. A hidden
@@ -160,7 +155,7 @@ fn softmax_rows_backward(
 ) {
     const FMA: bool = has_fma!();
     for (r, (dp, p)) in dp.chunks_mut(tk).zip(p.chunks(tk)).enumerate() {
-        let (lo, hi) = visible((first_row + r) % tq, tk, visibility);
+        let (lo, hi) = visibility.visible_keys((first_row + r) % tq, (0, tk));
         zero_outside(dp, (lo, hi));
         let (dp, p) = (&mut dp[lo..hi], &p[lo..hi]);
         let c = dot_fma::<FMA>(p, dp);

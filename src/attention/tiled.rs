@@ -5,7 +5,7 @@ use burn::nn::Dropout;
 use burn::prelude::*;
 
 use super::Visibility;
-use super::flash::FlashAttentionBackend;
+use super::flash::{FlashAttentionBackend, Span};
 
 /// Attention over a whole sequence, tiled in `block`s, `dropout` acting on the weights.
 /// On flex (the CPU backend) it runs as a backend extension with FlashAttention's
@@ -61,18 +61,12 @@ fn flash(
     dropout: Option<(f64, u64)>,
 ) -> (Tensor<4>, Tensor<4>) {
     let dv = v.dims()[3];
-    let (p, key) = dropout.unwrap_or((0.0, 0));
+    let span = Span::new(block, (q_start, k_start), visibility, dropout);
     let packed = <burn::backend::Dispatch as FlashAttentionBackend>::flash_attention(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
-        block,
-        q_start,
-        k_start,
-        visibility.causal,
-        visibility.window,
-        p,
-        key,
+        span,
     );
     let packed = Tensor::<4>::from_dispatch(packed);
     (packed.clone().narrow(3, 0, dv), packed.narrow(3, dv, 1))

@@ -25,6 +25,21 @@ impl Visibility {
         (self.causal && j > i) || (self.window > 0 && j + self.window <= i)
     }
 
+    /// The keys query `i` (global) sees among `len` keys from global position `k_start`,
+    /// as local positions `[lo, hi)`: a contiguous range, empty where it sees none.
+    #[inline(always)]
+    pub fn visible_keys(&self, i: usize, (k_start, len): (usize, usize)) -> (usize, usize) {
+        let hi = if self.causal { i + 1 } else { usize::MAX };
+        let lo = if self.window > 0 {
+            (i + 1).saturating_sub(self.window)
+        } else {
+            0
+        };
+        let local = |g: usize| g.saturating_sub(k_start).min(len);
+        let (lo, hi) = (local(lo), local(hi));
+        (lo.min(hi), hi)
+    }
+
     /// No query of `[q0, q1)` sees any key of `[k0, k1)`: the keys lie wholly in the
     /// future, or wholly before the window.
     pub fn all_hidden(&self, (q0, q1): (usize, usize), (k0, k1): (usize, usize)) -> bool {

@@ -13,10 +13,11 @@ use burn::backend::flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::Span;
+use crate::attention::fused_softmax::softmax_in_place;
 use crate::attention::naive::HIDDEN;
 use crate::fused_dropout::Mask;
 use crate::matmul::{Matrices, gemm_add_into, gemm_into};
-use crate::vector_math::{exp_nonpositive_fma, has_fma, max, sum};
+use crate::vector_math::{exp_nonpositive_fma, has_fma};
 
 /// Sizes of a call: (sequences × heads, queries, keys, key width, value width).
 type Sizes = (usize, usize, usize, usize, usize);
@@ -44,20 +45,10 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 }
 
 impl Span {
-    /// The keys `[lo, hi)` (local) that query `r` (local) sees, of `tk`: a contiguous range
-    /// under any [`crate::attention::Visibility`], empty where it sees none.
+    /// The keys `[lo, hi)` (local) that query `r` (local) sees, of `tk`.
     fn visible(&self, r: usize, tk: usize) -> (usize, usize) {
-        let i = self.q_start + r;
-        let v = self.visibility;
-        let hi = if v.causal { i + 1 } else { usize::MAX };
-        let lo = if v.window > 0 {
-            (i + 1).saturating_sub(v.window)
-        } else {
-            0
-        };
-        let local = |g: usize| g.saturating_sub(self.k_start).min(tk);
-        let (lo, hi) = (local(lo), local(hi));
-        (lo.min(hi), hi)
+        self.visibility
+            .visible_keys(self.q_start + r, (self.k_start, tk))
     }
 
     /// Each row's visible keys relative to the block's first key, and the block's keys
@@ -116,21 +107,11 @@ fn softmax_rows(s: &mut [f32], len: usize, ranges: &[(usize, usize)], scale: f32
     for ((row, &(lo, hi)), lse) in s.chunks_mut(len).zip(ranges).zip(lse) {
         row[..lo].fill(0.0);
         row[hi..].fill(0.0);
-        if lo == hi {
-            *lse = HIDDEN;
-            continue;
-        }
-        let p = &mut row[lo..hi];
-        let m = max(p) * scale;
-        for p in p.iter_mut() {
-            *p = exp_nonpositive_fma::<FMA>(*p * scale - m);
-        }
-        let l = sum(p);
-        let inv = 1.0 / l;
-        for p in p.iter_mut() {
-            *p *= inv;
-        }
-        *lse = m + l.ln();
+        *lse = if lo < hi {
+            softmax_in_place::<FMA>(&mut row[lo..hi], scale)
+        } else {
+            HIDDEN
+        };
     }
 }
 
