@@ -23,6 +23,7 @@ pub mod components;
 pub mod data;
 pub mod device;
 pub mod export;
+pub mod f32x16;
 pub mod fused_dropout;
 pub mod fused_norm;
 pub mod half_rounding;

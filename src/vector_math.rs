@@ -45,7 +45,7 @@ pub fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 /// add does). `black_box` is the identity; it only keeps the loop from being planned
 /// together with the tree, at the cost of one store and load of the lanes per sum.
 #[inline(always)]
-fn add_lanes(lanes: [f32; 16]) -> f32 {
+pub fn add_lanes(lanes: [f32; 16]) -> f32 {
     let lanes = std::hint::black_box(lanes);
     // Fixed-size halves (a loop over the half width was left a loop, not unrolled).
     let h8: [f32; 8] = std::array::from_fn(|i| lanes[i] + lanes[i + 8]);

@@ -331,6 +331,9 @@ fn ssm_chunked_and_fused_scans_equal_sequential() {
 #[test]
 fn ssm_fused_scan_in_wide_blocks_equals_sequential() {
     scan_forms_equal_sequential((16, 5, 130, 3), &[]);
+    // State rows in every group size the fused scan keeps in registers (8 + 4 + 1), and a
+    // last chunk of channels narrower than a register.
+    scan_forms_equal_sequential((3, 7, 21, 13), &[]);
 }
 
 /// The fused scan and the chunked ones (chunk lengths `chunks`) against the sequential

@@ -433,7 +433,9 @@ impl Mamba2 {
         };
         let (z, xbc, dt) = self.split_in_proj(x);
         let dir = self.forward_direction();
-        let (y, ssm) = self.direction_output(&dir, xbc.clone(), dt, (Some(history.clone()), h0), None);
+        let start = (Some(history.clone()), h0);
+        let (y, ssm) = self.direction_output(&dir, xbc.clone(), dt, start, (None, true));
+        let ssm = ssm.expect("kept");
         // The next chunk's history: the last kernel − 1 conv inputs, some of them from
         // `history` when this chunk is shorter than that.
         let conv = Tensor::cat(vec![history, xbc.joined()], 1).narrow(1, t, kernel - 1);
@@ -449,18 +451,25 @@ impl Mamba2 {
         xbc: Xbc,
         dt: Tensor<3>,
         (history, h0): (Option<Tensor<3>>, Option<Tensor<4>>),
-        padding: Option<&Padding>,
-    ) -> (Tensor<4>, Tensor<4>) {
+        (padding, keep_state): (Option<&Padding>, bool),
+    ) -> (Tensor<4>, Option<Tensor<4>>) {
         let mut delta = self.delta(dir, dt);
         if let Some(p) = padding {
             delta = delta * p.column();
         }
         let (xs, B, C) = self.heads_of(dir.conv1d.forward_silu_parts(xbc.0, history));
         let A = dir.A_log.val().exp().neg();
+        let x = xs.clone();
         let (y, ssm) = match self.form {
-            Mamba2Form::Fused => ssd_fused(xs.clone(), delta, A, B, C, h0, self.chunk_size),
-            Mamba2Form::Chunked => ssd_chunked(xs.clone(), delta, A, B, C, h0, self.chunk_size),
-            Mamba2Form::Sequential => ssd_sequential(xs.clone(), delta, A, B, C, h0),
+            Mamba2Form::Fused => ssd_fused_kept(x, delta, A, B, C, (h0, keep_state), self.chunk_size),
+            Mamba2Form::Chunked => {
+                let (y, ssm) = ssd_chunked(x, delta, A, B, C, h0, self.chunk_size);
+                (y, keep_state.then_some(ssm))
+            }
+            Mamba2Form::Sequential => {
+                let (y, ssm) = ssd_sequential(x, delta, A, B, C, h0);
+                (y, keep_state.then_some(ssm))
+            }
         };
         (y + xs * dir.D.val().reshape([1, 1, self.nheads(), 1]), ssm)
     }
@@ -549,7 +558,8 @@ impl TokenMixer for Mamba2 {
         };
         let forward = self.forward_direction();
         let fresh = (None, None);
-        let (mut y, _) = self.direction_output(&forward, xbc.clone(), dt.clone(), fresh, padding);
+        let dropped = (padding, false);
+        let (mut y, _) = self.direction_output(&forward, xbc.clone(), dt.clone(), fresh, dropped);
         if let Some(rev) = &self.reverse {
             let backward = Direction {
                 conv1d: &rev.conv1d,
@@ -563,7 +573,7 @@ impl TokenMixer for Mamba2 {
                 xbc.map(|t| t.flip([1])),
                 dt.flip([1]),
                 (None, None),
-                reversed.as_ref(),
+                (reversed.as_ref(), false),
             );
             y = y + y_rev.flip([1]);
         }
@@ -696,8 +706,36 @@ pub fn ssd_fused(
     initial: Option<Tensor<4>>,
     chunk: usize,
 ) -> (Tensor<4>, Tensor<4>) {
+    let (y, state) = ssd_fused_kept(x, dt, A, B, C, (initial, true), chunk);
+    (y, state.expect("kept"))
+}
+
+/// [`ssd_fused`]'s y alone: on flex the fused scan then tracks y by itself.
+pub fn ssd_fused_output(
+    x: Tensor<4>,
+    dt: Tensor<3>,
+    A: Tensor<1>,
+    B: Tensor<4>,
+    C: Tensor<4>,
+    initial: Option<Tensor<4>>,
+    chunk: usize,
+) -> Tensor<4> {
+    ssd_fused_kept(x, dt, A, B, C, (initial, false), chunk).0
+}
+
+/// [`ssd_fused`], the final state returned where `keep_state`.
+fn ssd_fused_kept(
+    x: Tensor<4>,
+    dt: Tensor<3>,
+    A: Tensor<1>,
+    B: Tensor<4>,
+    C: Tensor<4>,
+    (initial, keep_state): (Option<Tensor<4>>, bool),
+    chunk: usize,
+) -> (Tensor<4>, Option<Tensor<4>>) {
     if !crate::device::is_flex(&x.device()) {
-        return ssd_chunked(x, dt, A, B, C, initial, chunk);
+        let (y, state) = ssd_chunked(x, dt, A, B, C, initial, chunk);
+        return (y, keep_state.then_some(state));
     }
     let [bsz, t, h, p] = x.dims();
     let [_, _, g, n] = B.dims();
@@ -720,7 +758,7 @@ pub fn ssd_fused(
             .expand([per_group, p, n])
             .reshape([width, n]);
         let of_group = |x: Tensor<4>| x.narrow(2, group, 1).reshape([bsz, t, n]);
-        let (y, state) = super::selective_scan::selective_scan(
+        let inputs = (
             delta,
             heads(x.clone()).reshape([bsz, t, width]),
             a,
@@ -731,14 +769,25 @@ pub fn ssd_fused(
                 .narrow(1, group * per_group, per_group)
                 .reshape([bsz, width, n]),
         );
+        let (delta, u, a, b, c, h0) = inputs;
+        let y = if keep_state {
+            let (y, state) = super::selective_scan::selective_scan(delta, u, a, b, c, h0);
+            states.push(state.reshape([bsz, per_group, p, n]));
+            y
+        } else {
+            super::selective_scan::selective_scan_output(delta, u, a, b, c, h0)
+        };
         ys.push(y.reshape([bsz, t, per_group, p]));
-        states.push(state.reshape([bsz, per_group, p, n]));
     }
+    let state = keep_state.then(|| match g {
+        1 => states.remove(0),
+        _ => Tensor::cat(states, 1),
+    });
     if g == 1 {
         // One group (the default): nothing to join, so no copy.
-        return (ys.remove(0), states.remove(0));
+        return (ys.remove(0), state);
     }
-    (Tensor::cat(ys, 2), Tensor::cat(states, 1))
+    (Tensor::cat(ys, 2), state)
 }
 
 /// Fast form, SSD's dual form: [`ssd_sequential`]'s map in chunks of `chunk` steps, all
@@ -856,14 +905,16 @@ mod tests {
             let xbc = xbc.map(|t| padding.zero_padded(t));
             let dir = m.forward_direction();
             let fresh = (None, None);
-            let (_, padded) = m.direction_output(&dir, xbc.clone(), dt.clone(), fresh, Some(&padding));
+            let kept = (Some(&padding), true);
+            let (_, padded) = m.direction_output(&dir, xbc.clone(), dt.clone(), fresh, kept);
             let (_, real) = m.direction_output(
                 &dir,
                 xbc.map(|t| t.narrow(1, 0, 5)),
                 dt.narrow(1, 0, 5),
                 (None, None),
-                None,
+                (None, true),
             );
+            let (padded, real) = (padded.unwrap(), real.unwrap());
             let gap = (padded - real.clone()).abs().max().into_scalar::<f32>();
             let size = real.abs().max().into_scalar::<f32>();
             assert!(size > 1e-3 && gap < 1e-5 * size.max(1.0), "{form:?}: {gap:e}");
@@ -1030,8 +1081,13 @@ mod tests {
             let w = Tensor::<4>::random(inputs.x.dims(), normal, &device);
             let w_state = Tensor::<4>::random(inputs.h0.dims(), normal, &device);
             // The final state is an output too (state passing carries it to the next chunk).
-            let grads_of = |(y, h): (Tensor<4>, Tensor<4>)| {
-                let grads = ((y * w.clone()).sum() + (h * w_state.clone()).sum()).backward();
+            let grads_of = |(y, h): (Tensor<4>, Option<Tensor<4>>)| {
+                let loss = (y * w.clone()).sum();
+                let loss = match h {
+                    Some(h) => loss + (h * w_state.clone()).sum(),
+                    None => loss,
+                };
+                let grads = loss.backward();
                 let g4 = |x: &Tensor<4>| x.grad(&grads).expect("leaf has a gradient");
                 (
                     [g4(&inputs.x), g4(&inputs.B), g4(&inputs.C)],
@@ -1040,16 +1096,33 @@ mod tests {
                     initial.then(|| g4(&inputs.h0)),
                 )
             };
-            let (g4_ref, dt_ref, a_ref, h0_ref) = grads_of(inputs.sequential(initial));
-            let (g4, dt, a, h0) = grads_of(inputs.fast(initial, chunk, fused));
-            let case = format!("t={t} chunk={chunk} ngroups={g} initial={initial} fused={fused}");
-            for ((actual, expected), name) in g4.into_iter().zip(g4_ref).zip(["x", "B", "C"]) {
-                assert_close(actual, expected, RTOL, ATOL, &format!("{case}: ∂/∂{name}"));
+            let with_state = |(y, h): (Tensor<4>, Tensor<4>)| (y, Some(h));
+            let mut pairs = vec![(
+                "with its final state",
+                grads_of(with_state(inputs.sequential(initial))),
+                grads_of(with_state(inputs.fast(initial, chunk, fused))),
+            )];
+            if fused {
+                // y alone: the fused scan's op that tracks y by itself.
+                let (x, dt, A) = (inputs.x.clone(), inputs.dt.clone(), inputs.A.clone());
+                let (B, C) = (inputs.B.clone(), inputs.C.clone());
+                let h0 = initial.then(|| inputs.h0.clone());
+                let y = ssd_fused_output(x, dt, A, B, C, h0, chunk);
+                let y_ref = inputs.sequential(initial).0;
+                pairs.push(("y alone", grads_of((y_ref, None)), grads_of((y, None))));
             }
-            assert_close(dt, dt_ref, RTOL, ATOL, &format!("{case}: ∂/∂dt"));
-            assert_close(a, a_ref, RTOL, ATOL, &format!("{case}: ∂/∂A"));
-            if let (Some(h0), Some(h0_ref)) = (h0, h0_ref) {
-                assert_close(h0, h0_ref, RTOL, ATOL, &format!("{case}: ∂/∂h0"));
+            for (what, (g4_ref, dt_ref, a_ref, h0_ref), (g4, dt, a, h0)) in pairs {
+                let case = format!(
+                    "t={t} chunk={chunk} ngroups={g} initial={initial} fused={fused}, {what}"
+                );
+                for ((actual, expected), name) in g4.into_iter().zip(g4_ref).zip(["x", "B", "C"]) {
+                    assert_close(actual, expected, RTOL, ATOL, &format!("{case}: ∂/∂{name}"));
+                }
+                assert_close(dt, dt_ref, RTOL, ATOL, &format!("{case}: ∂/∂dt"));
+                assert_close(a, a_ref, RTOL, ATOL, &format!("{case}: ∂/∂A"));
+                if let (Some(h0), Some(h0_ref)) = (h0, h0_ref) {
+                    assert_close(h0, h0_ref, RTOL, ATOL, &format!("{case}: ∂/∂h0"));
+                }
             }
         }
     }

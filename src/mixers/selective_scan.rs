@@ -22,7 +22,8 @@ use rayon::prelude::*;
 use std::borrow::Cow;
 
 use crate::device::{RunCount, flex_f32, flex_from_f32};
-use crate::vector_math::{dot_fma, exp_nonpositive_fma, has_fma, mul_add};
+use crate::f32x16::{F32x16, with_f32x16};
+use crate::vector_math::add_lanes;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SelectiveScanBackend: Backend {
@@ -36,6 +37,18 @@ pub trait SelectiveScanBackend: Backend {
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// [`Self::selective_scan`]'s y alone: where the final state is not wanted, autodiff
+    /// tracks y by itself instead of y and the state packed into one output (whose slices'
+    /// gradients are each a zero-filled copy of the whole).
+    fn selective_scan_output(
+        delta: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 
     /// The gradients of [`Self::selective_scan`]'s inputs (Δ, u, A, B, C, h0) given those of
     /// its outputs (`gy` `[b, T, D]`, `gh` `[b, D, N]`).
@@ -83,6 +96,27 @@ pub fn selective_scan(
     (Tensor::from_dispatch(y), Tensor::from_dispatch(h))
 }
 
+/// [`selective_scan`]'s y `[b, T, D]` alone, for callers that drop the final state.
+pub fn selective_scan_output(
+    delta: Tensor<3>,
+    u: Tensor<3>,
+    a: Tensor<2>,
+    b: Tensor<3>,
+    c: Tensor<3>,
+    h0: Tensor<3>,
+) -> Tensor<3> {
+    Tensor::from_dispatch(
+        <burn::backend::Dispatch as SelectiveScanBackend>::selective_scan_output(
+            delta.into_dispatch(),
+            u.into_dispatch(),
+            a.into_dispatch(),
+            b.into_dispatch(),
+            c.into_dispatch(),
+            h0.into_dispatch(),
+        ),
+    )
+}
+
 /// Channels per parallel task (one sequence's block of channels): the widest of these that
 /// still leaves [`MIN_TASKS`] tasks. Wider blocks share each step's sums over channels (dB,
 /// dC) among more channels: 128 against 32 cut the backward by a fifth at batch 12.
@@ -94,7 +128,7 @@ const MIN_TASKS: usize = 16;
 
 /// Steps per segment of the backward's recompute: the states of one segment at a time stay
 /// in cache (all T of them, 33 MB per task at 16k tokens, would not).
-pub const SEGMENT: usize = 256;
+pub const SEGMENT: usize = 64;
 
 /// The sizes of a scan.
 #[derive(Clone, Copy)]
@@ -157,181 +191,345 @@ impl<'a> Inputs<'a> {
     }
 }
 
-/// One task's view: sequence `i`, channels `d0..d0 + w`. Its state is laid out `[n][w]`
-/// (channel fastest), so every loop over the block's channels is element-wise and
-/// vectorises; A and the start state are transposed to match.
-struct Block<'a> {
+/// Channels whose states run through time together, a chunk: one AVX-512 register of f32
+/// (two AVX2 ones). A chunk keeps a group of its state rows in registers for the whole
+/// scan, as mamba_ssm's CUDA kernel keeps a channel's state in a thread's registers, where
+/// a `[n][block width]` layout loaded and stored at every step was twice as slow.
+const LANES: usize = 16;
+
+/// One value per channel of a chunk, in memory.
+type Lanes = [f32; LANES];
+
+/// The sizes of the groups of state rows a chunk holds in registers, largest first:
+/// `d_state` is cut into these (Mamba's default 16 is one group).
+const GROUPS: [usize; 4] = [8, 4, 2, 1];
+
+/// (first row, rows) of each group of `n` state rows.
+fn groups(n: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut k0 = 0;
+    for g in GROUPS {
+        while n - k0 >= g {
+            out.push((k0, g));
+            k0 += g;
+        }
+    }
+    out
+}
+
+/// Runs `$body` with `$g` a constant equal to `$rows` (one of [`GROUPS`]), so that each
+/// group size gets its own code, its rows in registers.
+macro_rules! with_group {
+    ($rows:expr, $g:ident => $body:expr) => {
+        match $rows {
+            16 => {
+                const $g: usize = 16;
+                $body
+            }
+            8 => {
+                const $g: usize = 8;
+                $body
+            }
+            4 => {
+                const $g: usize = 4;
+                $body
+            }
+            2 => {
+                const $g: usize = 2;
+                $body
+            }
+            _ => {
+                const $g: usize = 1;
+                $body
+            }
+        }
+    };
+}
+
+/// `rows` as lanes `V`. (A loop: `std::array::from_fn`'s closure would be a function
+/// boundary that `V`'s intrinsics are not inlined across.)
+#[inline(always)]
+fn load_rows<V: F32x16, const G: usize>(rows: &[Lanes; G]) -> [V; G] {
+    let mut out = [V::zero(); G];
+    for (v, row) in out.iter_mut().zip(rows) {
+        *v = V::load(row);
+    }
+    out
+}
+
+/// One chunk: sequence `i`, channels `c0 .. c0 + width` (`width ≤ LANES`). Lanes past the
+/// width read as zeros: Δ = 0 there, so their states stay zero and add nothing.
+struct Chunk<'a> {
     x: &'a Inputs<'a>,
     dims: Dims,
     i: usize,
-    d0: usize,
-    w: usize,
-    /// A `[n][w]`.
-    a: Vec<f32>,
-    /// Whether every channel's A is one number across its state (Mamba-2's scalar A per
-    /// head, broadcast): then each step's decay is one exp per channel, not `n`.
+    c0: usize,
+    width: usize,
+    /// Whether each channel's A is one number across its state rows (Mamba-2's scalar A
+    /// per head, broadcast): then a step's decay is one exp per channel, not one per row.
     shared_decay: bool,
 }
 
-impl<'a> Block<'a> {
-    fn new(x: &'a Inputs<'a>, dims: Dims, (i, d0, w): (usize, usize, usize)) -> Self {
+impl<'a> Chunk<'a> {
+    fn new(x: &'a Inputs<'a>, dims: Dims, (i, c0, width): (usize, usize, usize)) -> Self {
         let n = dims.n;
-        let mut a = vec![0f32; n * w];
-        for j in 0..w {
-            for k in 0..n {
-                a[k * w + j] = x.a[(d0 + j) * n + k];
-            }
-        }
-        let shared_decay = (1..n).all(|k| a[k * w..(k + 1) * w] == a[..w]);
+        let shared_decay = (c0..c0 + width).all(|d| {
+            let row = &x.a[d * n..(d + 1) * n];
+            row.iter().all(|&v| v == row[0])
+        });
         Self {
             x,
             dims,
             i,
-            d0,
-            w,
-            a,
+            c0,
+            width,
             shared_decay,
         }
     }
 
-    /// This block's rows of a `[b][d][n]` tensor (h0, the final state's gradient) as `[n][w]`.
-    fn state_from(&self, rows: &[f32]) -> Vec<f32> {
-        let (n, w, dd) = (self.dims.n, self.w, self.dims.d);
-        let mut h = vec![0f32; n * w];
-        for j in 0..w {
-            for k in 0..n {
-                h[k * w + j] = rows[(self.i * dd + self.d0 + j) * n + k];
-            }
-        }
-        h
+    /// Where this chunk's channels of `step` start in a `[b, t, d]` tensor.
+    #[inline(always)]
+    fn row(&self, step: usize) -> usize {
+        (self.i * self.dims.t + step) * self.dims.d + self.c0
     }
 
-    /// `[n][w]` back to this block's `[w][n]` rows.
-    fn state_to(&self, h: &[f32]) -> Vec<f32> {
-        let (n, w) = (self.dims.n, self.w);
-        let mut rows = vec![0f32; w * n];
-        for j in 0..w {
-            for k in 0..n {
-                rows[j * n + k] = h[k * w + j];
+    /// This chunk's lanes of a `[b, t, d]` tensor at `step`.
+    #[inline(always)]
+    fn lanes<V: F32x16>(&self, values: &[f32], step: usize) -> V {
+        V::load_first(&values[self.row(step)..], self.width)
+    }
+
+    /// Writes `v`'s first `width` lanes at this chunk's channels of `step` in `out`.
+    ///
+    /// # Safety
+    /// No other task writes this chunk's channels of `out`.
+    #[inline(always)]
+    unsafe fn store<V: F32x16>(&self, out: Output, step: usize, v: V) {
+        let v = v.to_array();
+        // SAFETY: as the caller promises.
+        unsafe { out.write(self.row(step), &v[..self.width]) }
+    }
+
+    /// B or C of `step`, rows `k0 .. k0 + G`.
+    #[inline(always)]
+    fn bc<const G: usize>(&self, values: &'a [f32], step: usize, k0: usize) -> &'a [f32; G] {
+        let at = (self.i * self.dims.t + step) * self.dims.n + k0;
+        values[at..at + G].try_into().unwrap()
+    }
+
+    /// A's rows `k0 .. k0 + G` for this chunk's channels.
+    #[inline(always)]
+    fn a_rows<V: F32x16, const G: usize>(&self, k0: usize) -> [V; G] {
+        let n = self.dims.n;
+        let mut rows = [[0f32; LANES]; G];
+        for l in 0..self.width {
+            for (g, row) in rows.iter_mut().enumerate() {
+                row[l] = self.x.a[(self.c0 + l) * n + k0 + g];
+            }
+        }
+        load_rows(&rows)
+    }
+
+    /// All `n` rows of this chunk's state in a `[b, d, n]` array, as `[n]` lanes.
+    fn read_state(&self, values: &[f32]) -> Vec<Lanes> {
+        let n = self.dims.n;
+        let mut rows = vec![[0f32; LANES]; n];
+        for l in 0..self.width {
+            let at = (self.i * self.dims.d + self.c0 + l) * n;
+            for (k, row) in rows.iter_mut().enumerate() {
+                row[l] = values[at + k];
             }
         }
         rows
     }
 
-    /// Where this block's channels of `step` start in a `[b, t, d]` tensor.
-    #[inline(always)]
-    fn row(&self, step: usize) -> usize {
-        (self.i * self.dims.t + step) * self.dims.d + self.d0
+    /// `rows` (`[n]` lanes) into this chunk's part of a `[b, d, n]` output.
+    ///
+    /// # Safety
+    /// No other task writes this chunk's channels of `out`.
+    unsafe fn write_state(&self, out: Output, rows: &[Lanes]) {
+        let n = self.dims.n;
+        let mut values = vec![0f32; n];
+        for l in 0..self.width {
+            for (v, row) in values.iter_mut().zip(rows) {
+                *v = row[l];
+            }
+            // SAFETY: as the caller promises.
+            unsafe { out.write((self.i * self.dims.d + self.c0 + l) * n, &values) };
+        }
     }
 
-    /// Δ and u of this block at `step`.
+    /// One step of rows `k0 .. k0 + G`: `h ← e ⊙ h + Δ·u·B`, `e = exp(Δ·A)`; the decays
+    /// written to `decays` (`[G]` lanes) where given.
     #[inline(always)]
-    fn at(&self, step: usize) -> (&'a [f32], &'a [f32]) {
-        let at = self.row(step);
-        (&self.x.delta[at..at + self.w], &self.x.u[at..at + self.w])
-    }
-
-    /// B and C at `step`, `[n]` each.
-    #[inline(always)]
-    fn bc(&self, step: usize) -> (&'a [f32], &'a [f32]) {
-        let (n, row) = (self.dims.n, self.i * self.dims.t + step);
-        (
-            &self.x.b[row * n..(row + 1) * n],
-            &self.x.c[row * n..(row + 1) * n],
-        )
-    }
-
-    /// One step from state `h` `[n][w]` in place. `Y`: adds `C_t · h_t` to `y` `[w]`.
-    /// `DECAYS`: writes the step's decays `[n][w]` for the backward (only row 0 under a
-    /// shared decay, which is every row's). `FMA`: see [`mul_add`].
-    #[inline(always)]
-    fn step<const FMA: bool, const DECAYS: bool, const Y: bool>(
+    fn step<V: F32x16, const G: usize>(
         &self,
         step: usize,
-        h: &mut [f32],
-        decay: &mut [f32],
-        y: &mut [f32],
+        k0: usize,
+        (a, h): (&[V; G], &mut [V; G]),
+        mut decays: Option<&mut [Lanes]>,
     ) {
-        let w = self.w;
-        let (dl, u) = self.at(step);
-        let (b, c) = self.bc(step);
-        let mut dlu = [0f32; BLOCK_WIDTHS[0]];
-        let dlu = &mut dlu[..w];
-        for j in 0..w {
-            dlu[j] = dl[j] * u[j];
-        }
-        for k in 0..self.dims.n {
-            let (hk, bk) = (&mut h[k * w..(k + 1) * w], b[k]);
-            let a = &self.a[k * w..(k + 1) * w];
-            if self.shared_decay && k > 0 {
-                decay_row::<FMA, false, false>(hk, &mut decay[..w], (a, dl, dlu), bk);
-            } else if DECAYS || self.shared_decay {
-                decay_row::<FMA, true, true>(hk, &mut decay[k * w..(k + 1) * w], (a, dl, dlu), bk);
-            } else {
-                decay_row::<FMA, true, false>(hk, &mut decay[..w], (a, dl, dlu), bk);
-            }
-            if Y {
-                let (y, ck) = (&mut y[..w], c[k]);
-                for j in 0..w {
-                    y[j] = mul_add::<FMA>(ck, hk[j], y[j]);
-                }
-            }
-        }
-    }
-}
-
-/// One state row of a step, `h ← e ⊙ h + Δ·u·B[k]` over the block's channels, with
-/// `e = exp(Δ·A[k])` computed (`EXP`, and written to `decay` if `KEEP`) or read from `decay`
-/// (a shared decay's row 0). One loop per case, so each vectorises without a branch.
-#[inline(always)]
-fn decay_row<const FMA: bool, const EXP: bool, const KEEP: bool>(
-    h: &mut [f32],
-    decay: &mut [f32],
-    (a, dl, dlu): (&[f32], &[f32], &[f32]),
-    b: f32,
-) {
-    let w = h.len();
-    let (decay, a, dl, dlu) = (&mut decay[..w], &a[..w], &dl[..w], &dlu[..w]);
-    for j in 0..w {
-        let e = if EXP {
-            exp_nonpositive_fma::<FMA>(dl[j] * a[j])
+        let (dl, u) = (
+            self.lanes::<V>(&self.x.delta, step),
+            self.lanes::<V>(&self.x.u, step),
+        );
+        let dlu = dl.mul(u);
+        let b = self.bc::<G>(&self.x.b, step, k0);
+        // (Branches, not closures: a closure is a function boundary that the intrinsics
+        // behind `V` are not inlined across.)
+        let shared = if self.shared_decay {
+            dl.mul(a[0]).exp_nonpositive()
         } else {
-            decay[j]
+            V::zero()
         };
-        if KEEP {
-            decay[j] = e;
+        for g in 0..G {
+            let e = if self.shared_decay {
+                shared
+            } else {
+                dl.mul(a[g]).exp_nonpositive()
+            };
+            if let Some(decays) = decays.as_deref_mut() {
+                e.store(&mut decays[g]);
+            }
+            h[g] = e.mul_add(h[g], dlu.mul(V::splat(b[g])));
         }
-        h[j] = mul_add::<FMA>(e, h[j], dlu[j] * b);
+    }
+
+    /// The forward of rows `k0 .. k0 + G` from their state `h` (left at the final state):
+    /// their terms of y, added to `y` (`[t]` lanes).
+    #[inline(always)]
+    fn forward<V: F32x16, const G: usize>(&self, k0: usize, h: &mut [Lanes], y: &mut [Lanes]) {
+        let a = self.a_rows::<V, G>(k0);
+        let mut hr: [V; G] = load_rows(h[k0..k0 + G].try_into().unwrap());
+        for (step, y) in y.iter_mut().enumerate() {
+            self.step::<V, G>(step, k0, (&a, &mut hr), None);
+            let c = self.bc::<G>(&self.x.c, step, k0);
+            let mut acc = V::load(y);
+            for g in 0..G {
+                acc = V::splat(c[g]).mul_add(hr[g], acc);
+            }
+            acc.store(y);
+        }
+        for g in 0..G {
+            hr[g].store(&mut h[k0 + g]);
+        }
+    }
+
+    /// Rows `k0 .. k0 + G` through all but the last segment, keeping the state that enters
+    /// each segment: `entering[s]` (`[n]` lanes).
+    #[inline(always)]
+    fn enter_segments<V: F32x16, const G: usize>(&self, k0: usize, entering: &mut [Vec<Lanes>]) {
+        let a = self.a_rows::<V, G>(k0);
+        let mut h: [V; G] = load_rows(entering[0][k0..k0 + G].try_into().unwrap());
+        for s in 1..entering.len() {
+            for step in (s - 1) * SEGMENT..s * SEGMENT {
+                self.step::<V, G>(step, k0, (&a, &mut h), None);
+            }
+            for g in 0..G {
+                h[g].store(&mut entering[s][k0 + g]);
+            }
+        }
+    }
+
+    /// The backward of rows `k0 .. k0 + G` over one segment's steps, from the state that
+    /// enters it: λ = ∂L/∂h and dA's rows (`[n]` lanes) carried back through it; each
+    /// step's sums over rows for dΔ and du added to `buffers.via`, and its per-channel terms
+    /// of dB and dC to `buffers.sums_b`, `buffers.sums_c`.
+    #[inline(always)]
+    fn backward_segment<V: F32x16, const G: usize>(
+        &self,
+        k0: usize,
+        (start, end): (usize, usize),
+        (gy, entering): (&[f32], &[Lanes]),
+        (lam, g_a): (&mut [Lanes], &mut [Lanes]),
+        buffers: &mut SegmentBuffers,
+    ) {
+        let n = self.dims.n;
+        let a = self.a_rows::<V, G>(k0);
+        // Slices, not the Vecs: LLVM reloaded each Vec's pointer at every access.
+        let (states, decays) = (&mut buffers.states[..], &mut buffers.decays[..]);
+        let (sums_b, sums_c) = (&mut buffers.sums_b[..], &mut buffers.sums_c[..]);
+        let via = &mut buffers.via[..];
+        // Recompute the segment's states h_(t−1) and decays from its entering state, and
+        // dC's terms gy ⊙ h_t on the way.
+        let mut h: [V; G] = load_rows(entering[k0..k0 + G].try_into().unwrap());
+        for (s, step) in (start..end).enumerate() {
+            for g in 0..G {
+                h[g].store(&mut states[s * G + g]);
+            }
+            let kept = &mut decays[s * G..(s + 1) * G];
+            self.step::<V, G>(step, k0, (&a, &mut h), Some(kept));
+            let gy = self.lanes::<V>(gy, step);
+            for g in 0..G {
+                let sum = &mut sums_c[s * n + k0 + g];
+                gy.mul_add(h[g], V::load(sum)).store(sum);
+            }
+        }
+        // Back in time through y_t = C_t · h_t and h_t = e ⊙ h_(t−1) + Δ·u·B_t.
+        let mut lam_r: [V; G] = load_rows(lam[k0..k0 + G].try_into().unwrap());
+        let mut ga_r: [V; G] = load_rows(g_a[k0..k0 + G].try_into().unwrap());
+        for (s, step) in (start..end).enumerate().rev() {
+            let (dl, u) = (
+                self.lanes::<V>(&self.x.delta, step),
+                self.lanes::<V>(&self.x.u, step),
+            );
+            let (gy, dlu) = (self.lanes::<V>(gy, step), dl.mul(u));
+            let (b, c) = (
+                self.bc::<G>(&self.x.b, step, k0),
+                self.bc::<G>(&self.x.c, step, k0),
+            );
+            // Σ_k λ_k·A_k·e_k·h_(t−1),k and Σ_k λ_k·B_k per channel: dΔ and du follow.
+            let (mut via_decay, mut via_input) = (V::load(&via[2 * s]), V::load(&via[2 * s + 1]));
+            for g in 0..G {
+                let (e, h_prev) = (V::load(&decays[s * G + g]), V::load(&states[s * G + g]));
+                let lam = gy.mul_add(V::splat(c[g]), lam_r[g]);
+                let sum = &mut sums_b[s * n + k0 + g];
+                lam.mul_add(dlu, V::load(sum)).store(sum);
+                let back = lam.mul(e).mul(h_prev);
+                via_decay = back.mul_add(a[g], via_decay);
+                via_input = lam.mul_add(V::splat(b[g]), via_input);
+                ga_r[g] = back.mul_add(dl, ga_r[g]);
+                lam_r[g] = lam.mul(e);
+            }
+            via_decay.store(&mut via[2 * s]);
+            via_input.store(&mut via[2 * s + 1]);
+        }
+        for g in 0..G {
+            lam_r[g].store(&mut lam[k0 + g]);
+            ga_r[g].store(&mut g_a[k0 + g]);
+        }
     }
 }
 
-/// One task's forward: its block's y `[t, w]` and final states `[w, n]`.
+/// One task's forward: its channels' y and final states.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
     "x86_64+sse4.2",
     "aarch64+neon"
 ))]
-fn forward_task(x: &Inputs, dims: Dims, task: Task, (y_out, h_out): (Output, Output)) {
-    const FMA: bool = has_fma!();
-    let (t, n) = (dims.t, dims.n);
-    let blk = Block::new(x, dims, task);
-    let w = blk.w;
-    let mut h = blk.state_from(&x.h0);
-    let mut decay = vec![0f32; n * w];
-    let mut y_t = vec![0f32; w];
-    for step in 0..t {
-        y_t.fill(0.0);
-        blk.step::<FMA, false, true>(step, &mut h, &mut decay, &mut y_t);
-        // SAFETY: this task's channels of this step's row.
-        unsafe { y_out.write(blk.row(step), &y_t) };
+fn forward_task(x: &Inputs, dims: Dims, (i, d0, w): Task, (y_out, h_out): (Output, Output)) {
+    let mut y = vec![[0f32; LANES]; dims.t];
+    for c0 in (d0..d0 + w).step_by(LANES) {
+        let chunk = Chunk::new(x, dims, (i, c0, (d0 + w - c0).min(LANES)));
+        let mut h = chunk.read_state(&x.h0);
+        y.fill([0.0; LANES]);
+        for (k0, rows) in groups(dims.n) {
+            with_f32x16!(V => with_group!(rows, G => chunk.forward::<V, G>(k0, &mut h, &mut y)));
+        }
+        // SAFETY: this chunk's channels of every row, and its rows of the final state.
+        unsafe {
+            for (step, y) in y.iter().enumerate() {
+                y_out.write(chunk.row(step), &y[..chunk.width]);
+            }
+            chunk.write_state(h_out, &h);
+        }
     }
-    // SAFETY: this task's rows of the final state.
-    unsafe { h_out.write((task.0 * dims.d + task.1) * n, &blk.state_to(&h)) };
 }
 
-/// One task's backward: dΔ, du and dh0 written to its block of `outputs`; dA `[w, n]`
-/// (this sequence's share), dB and dC `[t, n]` (this block's share) returned.
+/// One task's backward: dΔ, du and dh0 written to its channels of `outputs`; dA `[w, n]`
+/// (this sequence's share), dB and dC `[t, n]` (this block's share) returned. The states
+/// are recomputed a segment at a time, from the state entering each.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
@@ -341,147 +539,128 @@ fn forward_task(x: &Inputs, dims: Dims, task: Task, (y_out, h_out): (Output, Out
 fn backward_task(
     x: &Inputs,
     dims: Dims,
-    task: Task,
+    (i, d0, w): Task,
     (gy, gh): (&[f32], &[f32]),
-    scratch: &mut Scratch,
+    buffers: &mut SegmentBuffers,
     [d_delta, d_u, d_h0]: [Output; 3],
 ) -> BackwardPart {
-    const FMA: bool = has_fma!();
-    let (t, dd, n) = (dims.t, dims.d, dims.n);
-    let blk = Block::new(x, dims, task);
-    let w = blk.w;
-    let nw = n * w;
-    // The state entering each segment of SEGMENT steps: one pass over all but the last.
-    let segments = t.div_ceil(SEGMENT).max(1);
-    let mut entering = vec![0f32; segments * nw];
-    let mut h = blk.state_from(&x.h0);
-    entering[..nw].copy_from_slice(&h);
-    let mut decay = vec![0f32; nw];
-    // One segment's states h_(start−1) .. h_(end−1) and decays, recomputed from its entering
-    // state: a buffer that stays in cache, where all T states would not at long lengths.
-    // Every element is written before it is read, so the buffers are reused across tasks.
-    let (states, decays) = scratch.buffers((SEGMENT.min(t) + 1) * nw, SEGMENT.min(t) * nw);
-    for step in 0..(segments - 1) * SEGMENT {
-        blk.step::<FMA, false, false>(step, &mut h, &mut decay, &mut []);
-        if (step + 1) % SEGMENT == 0 {
-            let s = (step + 1) / SEGMENT;
-            entering[s * nw..(s + 1) * nw].copy_from_slice(&h);
-        }
-    }
-    // λ = ∂L/∂h_t, from the final state's gradient back in time.
-    let mut lambda = blk.state_from(gh);
-    let (mut gd, mut gu) = (vec![0f32; w], vec![0f32; w]);
-    let mut g_a = vec![0f32; nw];
-    let (mut g_b, mut g_c) = (vec![0f32; t * n], vec![0f32; t * n]);
-    let mut dlu = vec![0f32; w];
-    // Σ_k λ_k·A_k·e_k·h_(t−1),k and Σ_k λ_k·B_k per channel: dΔ and du follow from them.
-    let (mut via_decay, mut via_input) = (vec![0f32; w], vec![0f32; w]);
-    for segment in (0..segments).rev() {
-        let (start, end) = (segment * SEGMENT, ((segment + 1) * SEGMENT).min(t));
-        states[..nw].copy_from_slice(&entering[segment * nw..(segment + 1) * nw]);
-        for i in 0..end - start {
-            let (done, next) = states.split_at_mut((i + 1) * nw);
-            next[..nw].copy_from_slice(&done[i * nw..]);
-            let decay = &mut decays[i * nw..(i + 1) * nw];
-            blk.step::<FMA, true, false>(start + i, &mut next[..nw], decay, &mut []);
-        }
-        for step in (start..end).rev() {
-            let i = step - start;
-            let (dl, u) = blk.at(step);
-            let (b, c) = blk.bc(step);
-            let at = (task.0 * t + step) * dd + task.1;
-            let gy = &gy[at..at + w];
-            for j in 0..w {
-                dlu[j] = dl[j] * u[j];
-            }
-            let e_t = &decays[i * nw..(i + 1) * nw];
-            let h_prev_t = &states[i * nw..(i + 1) * nw];
-            let h_t = &states[(i + 1) * nw..(i + 2) * nw];
-            via_decay.fill(0.0);
-            via_input.fill(0.0);
-            for k in 0..n {
-                let r = k * w..(k + 1) * w;
-                let lam = &mut lambda[r.clone()];
-                // A shared decay is kept in row 0 only.
-                let e = if blk.shared_decay {
-                    &e_t[..w]
-                } else {
-                    &e_t[r.clone()]
-                };
-                let (h_prev, h) = (&h_prev_t[r.clone()], &h_t[r.clone()]);
-                let (a, ga) = (&blk.a[r.clone()], &mut g_a[r]);
-                // y_t = C_t · h_t
-                g_c[step * n + k] = dot_fma::<FMA>(gy, h);
-                for j in 0..w {
-                    lam[j] = mul_add::<FMA>(gy[j], c[k], lam[j]);
-                }
-                // h_t = e ⊙ h_(t−1) + Δ·u·B_t, e = exp(Δ·A)
-                g_b[step * n + k] = dot_fma::<FMA>(lam, &dlu);
-                let sums = (&mut via_decay[..], &mut via_input[..]);
-                adjoint_step::<FMA>(lam, ga, sums, (e, h_prev, a, dl), b[k]);
-            }
-            let (vd, vi) = (&via_decay[..w], &via_input[..w]);
-            for j in 0..w {
-                gd[j] = mul_add::<FMA>(vi[j], u[j], vd[j]);
-                gu[j] = vi[j] * dl[j];
-            }
-            // SAFETY: this task's channels of this step's row.
-            unsafe {
-                d_delta.write(blk.row(step), &gd);
-                d_u.write(blk.row(step), &gu);
-            }
-        }
-    }
-    // SAFETY: this task's rows of the start state.
-    unsafe { d_h0.write((task.0 * dd + task.1) * n, &blk.state_to(&lambda)) };
-    (task.0, task.1, w, blk.state_to(&g_a), g_b, g_c)
+    with_f32x16!(V => backward_task_in::<V>(x, dims, (i, d0, w), (gy, gh), buffers, [d_delta, d_u, d_h0]))
 }
 
-/// One state row's part of a backward step (row k of a block, `w` channels): the
-/// gradients through `h_t = e ⊙ h_(t−1) + Δ·u·B_t[k]` given λ = ∂L/∂h_t, which becomes
-/// ∂L/∂h_(t−1). A function of its own so that its slices are known not to overlap: inline,
-/// with five written and read arrays, LLVM gave up proving it and left the loop scalar.
+/// [`backward_task`] on lanes `V`.
 #[inline(always)]
-fn adjoint_step<const FMA: bool>(
-    lam: &mut [f32],
-    g_a: &mut [f32],
-    (via_decay, via_input): (&mut [f32], &mut [f32]),
-    (e, h_prev, a, delta): (&[f32], &[f32], &[f32], &[f32]),
-    b: f32,
-) {
-    let w = lam.len();
-    let (g_a, via_decay, via_input) = (&mut g_a[..w], &mut via_decay[..w], &mut via_input[..w]);
-    let (e, h_prev, a, delta) = (&e[..w], &h_prev[..w], &a[..w], &delta[..w]);
-    for j in 0..w {
-        let back = lam[j] * e[j] * h_prev[j];
-        via_decay[j] = mul_add::<FMA>(back, a[j], via_decay[j]);
-        via_input[j] = mul_add::<FMA>(lam[j], b, via_input[j]);
-        g_a[j] = mul_add::<FMA>(back, delta[j], g_a[j]);
-        lam[j] *= e[j];
+fn backward_task_in<V: F32x16>(
+    x: &Inputs,
+    dims: Dims,
+    (i, d0, w): Task,
+    (gy, gh): (&[f32], &[f32]),
+    buffers: &mut SegmentBuffers,
+    [d_delta, d_u, d_h0]: [Output; 3],
+) -> BackwardPart {
+    let (t, n) = (dims.t, dims.n);
+    let groups = groups(n);
+    let segments = t.div_ceil(SEGMENT).max(1);
+    let chunks: Vec<Chunk> = (d0..d0 + w)
+        .step_by(LANES)
+        .map(|c0| Chunk::new(x, dims, (i, c0, (d0 + w - c0).min(LANES))))
+        .collect();
+    // Per chunk: λ (from the final state's gradient), dA, and the state entering each
+    // segment, `[n]` lanes each.
+    let mut lam: Vec<Vec<Lanes>> = chunks.iter().map(|c| c.read_state(gh)).collect();
+    let mut g_a = vec![vec![[0f32; LANES]; n]; chunks.len()];
+    let entering: Vec<Vec<Vec<Lanes>>> = chunks
+        .iter()
+        .map(|chunk| {
+            let mut entering = vec![vec![[0f32; LANES]; n]; segments];
+            entering[0] = chunk.read_state(&x.h0);
+            for &(k0, rows) in &groups {
+                with_group!(rows, G => chunk.enter_segments::<V, G>(k0, &mut entering));
+            }
+            entering
+        })
+        .collect();
+    let (mut g_b, mut g_c) = (vec![0f32; t * n], vec![0f32; t * n]);
+    buffers.fit(SEGMENT.min(t), n);
+    for segment in (0..segments).rev() {
+        let (start, end) = (segment * SEGMENT, ((segment + 1) * SEGMENT).min(t));
+        let len = end - start;
+        buffers.sums_b[..len * n].fill([0.0; LANES]);
+        buffers.sums_c[..len * n].fill([0.0; LANES]);
+        for (c, chunk) in chunks.iter().enumerate() {
+            buffers.via[..2 * len].fill([0.0; LANES]);
+            for &(k0, rows) in &groups {
+                let inputs = (gy, &entering[c][segment][..]);
+                let carried = (&mut lam[c][..], &mut g_a[c][..]);
+                with_group!(rows, G => chunk.backward_segment::<V, G>(
+                    k0, (start, end), inputs, carried, buffers
+                ));
+            }
+            for (s, step) in (start..end).enumerate() {
+                let (dl, u) = (
+                    chunk.lanes::<V>(&x.delta, step),
+                    chunk.lanes::<V>(&x.u, step),
+                );
+                let (via_decay, via_input) = (
+                    V::load(&buffers.via[2 * s]),
+                    V::load(&buffers.via[2 * s + 1]),
+                );
+                // SAFETY: this chunk's channels of this step's row.
+                unsafe {
+                    chunk.store(d_delta, step, via_input.mul_add(u, via_decay));
+                    chunk.store(d_u, step, via_input.mul(dl));
+                }
+            }
+        }
+        for s in 0..len {
+            for k in 0..n {
+                g_b[(start + s) * n + k] = add_lanes(buffers.sums_b[s * n + k]);
+                g_c[(start + s) * n + k] = add_lanes(buffers.sums_c[s * n + k]);
+            }
+        }
     }
+    let mut part_a = vec![0f32; w * n];
+    for (chunk, (lam, g_a)) in chunks.iter().zip(lam.iter().zip(&g_a)) {
+        // SAFETY: this chunk's rows of the start state.
+        unsafe { chunk.write_state(d_h0, lam) };
+        for l in 0..chunk.width {
+            for k in 0..n {
+                part_a[(chunk.c0 - d0 + l) * n + k] = g_a[k][l];
+            }
+        }
+    }
+    (i, d0, w, part_a, g_b, g_c)
 }
 
 /// A task's sequence, first channel and width.
 type Task = (usize, usize, usize);
 
-/// Buffers the backward reuses from task to task on one thread (zeroing fresh ones for each
-/// of a layer's ~100 tasks was about 3% of a Mamba layer's time).
+/// One segment's buffers, reused from task to task on a thread: a group's recomputed
+/// states h_(t−1) and decays (`[SEGMENT][16]` lanes each), the per-channel terms of dB and
+/// dC (`[SEGMENT][n]` lanes), and the per-step sums for dΔ and du (`[SEGMENT][2]` lanes).
 #[derive(Default)]
-struct Scratch {
-    states: Vec<f32>,
-    decays: Vec<f32>,
+struct SegmentBuffers {
+    states: Vec<Lanes>,
+    decays: Vec<Lanes>,
+    sums_b: Vec<Lanes>,
+    sums_c: Vec<Lanes>,
+    via: Vec<Lanes>,
 }
 
-impl Scratch {
-    /// The states and decays buffers, at least `states` and `decays` long.
-    fn buffers(&mut self, states: usize, decays: usize) -> (&mut [f32], &mut [f32]) {
-        if self.states.len() < states {
-            self.states.resize(states, 0.0);
+impl SegmentBuffers {
+    /// Room for segments of `len` steps and `n` state rows.
+    fn fit(&mut self, len: usize, n: usize) {
+        let group = GROUPS[0];
+        for (buffer, size) in [
+            (&mut self.states, len * group),
+            (&mut self.decays, len * group),
+            (&mut self.sums_b, len * n),
+            (&mut self.sums_c, len * n),
+            (&mut self.via, 2 * len),
+        ] {
+            if buffer.len() < size {
+                buffer.resize(size, [0.0; LANES]);
+            }
         }
-        if self.decays.len() < decays {
-            self.decays.resize(decays, 0.0);
-        }
-        (&mut self.states[..states], &mut self.decays[..decays])
     }
 }
 
@@ -564,6 +743,17 @@ impl SelectiveScanBackend for Flex {
         )
     }
 
+    fn selective_scan_output(
+        delta: FlexTensor,
+        u: FlexTensor,
+        a: FlexTensor,
+        b: FlexTensor,
+        c: FlexTensor,
+        h0: FlexTensor,
+    ) -> FlexTensor {
+        Self::selective_scan(delta, u, a, b, c, h0).0
+    }
+
     fn selective_scan_backward(
         delta: FlexTensor,
         u: FlexTensor,
@@ -592,9 +782,9 @@ impl SelectiveScanBackend for Flex {
         let parts: Vec<_> = dims
             .tasks()
             .into_par_iter()
-            .map_init(Scratch::default, |scratch, task| {
+            .map_init(SegmentBuffers::default, |buffers, task| {
                 let outputs = [d_delta, d_u, d_h0];
-                backward_task(&x, dims, task, (&gy, &gh), scratch, outputs)
+                backward_task(&x, dims, task, (&gy, &gh), buffers, outputs)
             })
             .collect();
         // SAFETY: the tasks cover every sequence and channel: every step's row and state.
@@ -653,6 +843,28 @@ impl<B: Backend + SelectiveScanBackend> Backward<B, 6> for ScanBackward {
         // The output is y and the final state side by side (see the Autodiff forward).
         let (gy, gh) = unpack::<B>(packed, delta.shape(), h_shape);
         let (gd, gu, ga, gb, gc, gh0) = B::selective_scan_backward(delta, u, a, b, c, h0, gy, gh);
+        for (node, g) in ops.parents.into_iter().zip([gd, gu, ga, gb, gc, gh0]) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+/// The backward of [`SelectiveScanBackend::selective_scan_output`]: the final state's
+/// gradient is zero.
+#[derive(Debug)]
+struct OutputBackward;
+
+impl<B: Backend + SelectiveScanBackend> Backward<B, 6> for OutputBackward {
+    type State = Saved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let gy = grads.consume::<B>(&ops.node);
+        let Saved { inputs, h_shape } = ops.state;
+        let [delta, u, a, b, c, h0] = inputs;
+        let zero = B::float_zeros(h_shape, &delta.device(), delta.dtype().into());
+        let (gd, gu, ga, gb, gc, gh0) = B::selective_scan_backward(delta, u, a, b, c, h0, gy, zero);
         for (node, g) in ops.parents.into_iter().zip([gd, gu, ga, gb, gc, gh0]) {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
@@ -725,6 +937,36 @@ impl<B: Backend + SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBack
             OpsKind::UnTracked(prep) => prep.finish(packed),
         };
         unpack::<Self>(packed, y_shape, h_shape)
+    }
+
+    fn selective_scan_output(
+        delta: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let nodes = [
+            delta.node(),
+            u.node(),
+            a.node(),
+            b.node(),
+            c.node(),
+            h0.node(),
+        ];
+        let inputs = [delta, u, a, b, c, h0].map(|x| x.into_primitive());
+        let [d, u, a, b, c, h0] = inputs.clone();
+        let h_shape = h0.shape();
+        let y = B::selective_scan_output(d, u, a, b, c, h0);
+        match OutputBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(Saved { inputs, h_shape }, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
     }
 
     fn selective_scan_backward(

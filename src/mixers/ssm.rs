@@ -150,13 +150,15 @@ impl Ssm {
     /// One direction from conv input `u` (history and scan state as in
     /// [`Self::forward_from`]): the scan's output and its input (the conv's output), for
     /// `scan + D u` in the gate, and the conv history and scan state after.
+    /// The state after is returned where `keep_state` asks for it (decoding, state
+    /// passing); without it the fused scan tracks y alone.
     fn direction_output(
         &self,
         dir: &Direction,
         u: Tensor<3>,
-        state: Option<SsmState>,
+        (state, keep_state): (Option<SsmState>, bool),
         padding: Option<&Padding>,
-    ) -> (Tensor<3>, Tensor<3>, SsmState) {
+    ) -> (Tensor<3>, Tensor<3>, Option<SsmState>) {
         let (history, h) = match state {
             Some(s) => (Some(s.conv), Some(s.h)),
             None => (None, None),
@@ -164,16 +166,17 @@ impl Ssm {
         let (inputs, conv) = self.direction_inputs(dir, u, history, padding);
         let scanned = inputs.u.clone();
         let (y, h) = match self.scan {
+            ScanForm::Fused if !keep_state => return (scan_fused(inputs, h), scanned, None),
             ScanForm::Fused => scan_fused_from(inputs, h),
             ScanForm::Chunked => scan_chunked_from(inputs, self.chunk_size, h),
             ScanForm::Sequential => scan_sequential_from(inputs, h),
         };
-        (y, scanned, SsmState { conv, h })
+        (y, scanned, keep_state.then_some(SsmState { conv, h }))
     }
 
     pub fn scan(&self, inputs: ScanInputs) -> Tensor<3> {
         match self.scan {
-            ScanForm::Fused => scan_fused_from(inputs, None).0,
+            ScanForm::Fused => scan_fused(inputs, None),
             ScanForm::Chunked => scan_chunked(inputs, self.chunk_size),
             ScanForm::Sequential => scan_sequential(inputs),
         }
@@ -285,7 +288,8 @@ impl TokenMixer for Ssm {
             None => u,
         };
         let forward = self.forward_direction();
-        let (mut y, scanned, _) = self.direction_output(&forward, u.clone(), None, padding);
+        let (mut y, scanned, _) =
+            self.direction_output(&forward, u.clone(), (None, false), padding);
         if let Some(rev) = &self.reverse {
             let backward = Direction {
                 conv1d: &rev.conv1d,
@@ -296,7 +300,7 @@ impl TokenMixer for Ssm {
             };
             let reversed = padding.map(Padding::reversed);
             let (y_rev, u_rev, _) =
-                self.direction_output(&backward, u.flip([1]), None, reversed.as_ref());
+                self.direction_output(&backward, u.flip([1]), (None, false), reversed.as_ref());
             // The reverse direction's own skip, D_rev u_rev, joins it here; the forward's
             // is the gate's.
             let y_rev = y_rev + u_rev * rev.D.val().unsqueeze::<3>();
@@ -321,7 +325,8 @@ impl Ssm {
     pub fn forward_from(&self, x: Tensor<3>, state: Option<SsmState>) -> (Tensor<3>, SsmState) {
         let (u, z) = self.split_in_proj(x);
         let forward = self.forward_direction();
-        let (y, scanned, state) = self.direction_output(&forward, u, state, None);
+        let (y, scanned, state) = self.direction_output(&forward, u, (state, true), None);
+        let state = state.expect("kept");
         (linear(&self.out_proj, skip_gate(y, scanned, forward.D.val(), z)), state)
     }
 }
@@ -370,6 +375,17 @@ pub fn scan_step(
     let h = (delta.clone() * a).exp() * h + (delta * u) * b;
     let y = (h.clone() * c).sum_dim(2).reshape([bsz, 1, di]);
     (y, h)
+}
+
+/// [`scan_fused_from`]'s y alone: on flex the fused scan then tracks y by itself.
+pub fn scan_fused(s: ScanInputs, h: Option<Tensor<3>>) -> Tensor<3> {
+    let device = s.u.device();
+    if !crate::device::is_flex(&device) {
+        return scan_fused_from(s, h).0;
+    }
+    let [bsz, _, di] = s.u.dims();
+    let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, s.a.dims()[1]], &device));
+    selective_scan::selective_scan_output(s.delta, s.u, s.a, s.b, s.c, h)
 }
 
 /// Fast form: on flex, the fused [`selective_scan`] (the state never leaves the cache);
@@ -595,8 +611,10 @@ mod tests {
             let (u, _) = ssm.split_in_proj(x);
             let u = padding.zero_padded(u);
             let dir = ssm.forward_direction();
-            let (_, _, padded) = ssm.direction_output(&dir, u.clone(), None, Some(&padding));
-            let (_, _, real) = ssm.direction_output(&dir, u.narrow(1, 0, 5), None, None);
+            let (_, _, padded) =
+                ssm.direction_output(&dir, u.clone(), (None, true), Some(&padding));
+            let (_, _, real) = ssm.direction_output(&dir, u.narrow(1, 0, 5), (None, true), None);
+            let (padded, real) = (padded.unwrap(), real.unwrap());
             let gap = (padded.h - real.h.clone()).abs().max().into_scalar::<f32>();
             let size = real.h.abs().max().into_scalar::<f32>();
             assert!(size > 1e-3 && gap < 1e-5 * size.max(1.0), "{scan:?}: {gap:e}");

@@ -1,0 +1,201 @@
+//! Sixteen f32 lanes as one value: one AVX-512 register where the CPU has them, an array
+//! that LLVM vectorises otherwise. Kernels written against [`F32x16`] keep a value per lane
+//! in a register across a loop, where plain arrays of lanes let LLVM vectorise across the
+//! wrong loop (gathers and scatters of every lane; see `mixers::selective_scan`).
+//!
+//! A kernel is generic over the type and picks it inside a `#[multiversion]` function with
+//! [`with_f32x16`], so that [`Avx512`] is only ever built in a clone for a CPU with AVX-512.
+
+use crate::vector_math::{exp_nonpositive_fma, mul_add};
+
+/// Sixteen f32 lanes and the element-wise operations kernels use on them.
+pub trait F32x16: Copy {
+    /// Every lane `x`.
+    fn splat(x: f32) -> Self;
+    /// The lanes of `x`.
+    fn load(x: &[f32; 16]) -> Self;
+    /// Writes the lanes to `out`.
+    fn store(self, out: &mut [f32; 16]);
+    fn add(self, other: Self) -> Self;
+    fn mul(self, other: Self) -> Self;
+    /// `self · b + c`, fused where the CPU has FMA.
+    fn mul_add(self, b: Self, c: Self) -> Self;
+    /// `exp` of each lane, for lanes ≤ 0: [`crate::vector_math::exp_nonpositive`]'s value.
+    fn exp_nonpositive(self) -> Self;
+
+    /// Every lane 0.
+    #[inline(always)]
+    fn zero() -> Self {
+        Self::splat(0.0)
+    }
+
+    /// The first `width` lanes from `values` (all 16 when `width` is), the rest 0.
+    #[inline(always)]
+    fn load_first(values: &[f32], width: usize) -> Self {
+        if width == 16 {
+            Self::load(values[..16].try_into().unwrap())
+        } else {
+            let mut lanes = [0f32; 16];
+            lanes[..width].copy_from_slice(&values[..width]);
+            Self::load(&lanes)
+        }
+    }
+
+    /// The lanes as an array.
+    #[inline(always)]
+    fn to_array(self) -> [f32; 16] {
+        let mut out = [0f32; 16];
+        self.store(&mut out);
+        out
+    }
+}
+
+/// The lanes as an array, element-wise loops that LLVM turns into the target's vectors.
+/// `FMA`: see [`mul_add`].
+#[derive(Clone, Copy)]
+pub struct Portable<const FMA: bool>([f32; 16]);
+
+impl<const FMA: bool> Portable<FMA> {
+    #[inline(always)]
+    fn map2(self, other: Self, f: impl Fn(f32, f32) -> f32) -> Self {
+        let mut out = [0f32; 16];
+        for l in 0..16 {
+            out[l] = f(self.0[l], other.0[l]);
+        }
+        Self(out)
+    }
+}
+
+impl<const FMA: bool> F32x16 for Portable<FMA> {
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        Self([x; 16])
+    }
+    #[inline(always)]
+    fn load(x: &[f32; 16]) -> Self {
+        Self(*x)
+    }
+    #[inline(always)]
+    fn store(self, out: &mut [f32; 16]) {
+        *out = self.0;
+    }
+    #[inline(always)]
+    fn add(self, other: Self) -> Self {
+        self.map2(other, |a, b| a + b)
+    }
+    #[inline(always)]
+    fn mul(self, other: Self) -> Self {
+        self.map2(other, |a, b| a * b)
+    }
+    #[inline(always)]
+    fn mul_add(self, b: Self, c: Self) -> Self {
+        let mut out = [0f32; 16];
+        for l in 0..16 {
+            out[l] = mul_add::<FMA>(self.0[l], b.0[l], c.0[l]);
+        }
+        Self(out)
+    }
+    #[inline(always)]
+    fn exp_nonpositive(self) -> Self {
+        let mut out = [0f32; 16];
+        for l in 0..16 {
+            out[l] = exp_nonpositive_fma::<FMA>(self.0[l]);
+        }
+        Self(out)
+    }
+}
+
+/// One AVX-512 register. Only built by [`with_f32x16`] in a multiversion clone whose target
+/// has AVX-512F, which is what makes its intrinsics sound to call.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub struct Avx512(std::arch::x86_64::__m512);
+
+#[cfg(target_arch = "x86_64")]
+impl F32x16 for Avx512 {
+    // SAFETY (every method): an `Avx512` exists only on a CPU with AVX-512F (see the type).
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        Self(unsafe { std::arch::x86_64::_mm512_set1_ps(x) })
+    }
+    #[inline(always)]
+    fn load(x: &[f32; 16]) -> Self {
+        Self(unsafe { std::arch::x86_64::_mm512_loadu_ps(x.as_ptr()) })
+    }
+    #[inline(always)]
+    fn store(self, out: &mut [f32; 16]) {
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(out.as_mut_ptr(), self.0) }
+    }
+    #[inline(always)]
+    fn add(self, other: Self) -> Self {
+        Self(unsafe { std::arch::x86_64::_mm512_add_ps(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn mul(self, other: Self) -> Self {
+        Self(unsafe { std::arch::x86_64::_mm512_mul_ps(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn mul_add(self, b: Self, c: Self) -> Self {
+        Self(unsafe { std::arch::x86_64::_mm512_fmadd_ps(self.0, b.0, c.0) })
+    }
+    /// [`exp_nonpositive_fma`]'s steps, with 2^k applied by `vscalefps` (one correctly
+    /// rounded product, as its exponent bits and multiply are): the same value in fewer
+    /// instructions.
+    #[inline(always)]
+    fn exp_nonpositive(self) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let x = _mm512_min_ps(
+                _mm512_max_ps(self.0, _mm512_set1_ps(-87.0)),
+                _mm512_setzero_ps(),
+            );
+            // k = round(x·log2 e) by the same fused magic-number sum, so k is the same.
+            let magic = _mm512_set1_ps(12_582_912.0);
+            let shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
+            let k = _mm512_sub_ps(shifted, magic);
+            let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), x);
+            let r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.121_944_4e-4), r);
+            let c = |v: f32| _mm512_set1_ps(v);
+            let mut p = c(1.987_569_1e-4);
+            p = _mm512_fmadd_ps(p, r, c(1.398_199_9e-3));
+            p = _mm512_fmadd_ps(p, r, c(8.333_452e-3));
+            p = _mm512_fmadd_ps(p, r, c(4.166_579_6e-2));
+            p = _mm512_fmadd_ps(p, r, c(1.666_666_5e-1));
+            p = _mm512_fmadd_ps(p, r, c(0.5));
+            let e_r = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), c(1.0));
+            Self(_mm512_scalef_ps(e_r, k))
+        }
+    }
+}
+
+/// Runs `$body` with `$v` the [`F32x16`] type for the multiversion clone this expands in:
+/// [`Avx512`] where its target has AVX-512F, [`Portable`] otherwise. Only inside a
+/// `#[multiversion]` function's body.
+macro_rules! with_f32x16 {
+    ($v:ident => $body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if multiversion::target::selected_target!().supports_feature_str("avx512f") {
+                type $v = $crate::f32x16::Avx512;
+                $body
+            } else if $crate::vector_math::has_fma!() {
+                type $v = $crate::f32x16::Portable<true>;
+                $body
+            } else {
+                type $v = $crate::f32x16::Portable<false>;
+                $body
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            if $crate::vector_math::has_fma!() {
+                type $v = $crate::f32x16::Portable<true>;
+                $body
+            } else {
+                type $v = $crate::f32x16::Portable<false>;
+                $body
+            }
+        }
+    }};
+}
+pub(crate) use with_f32x16;
