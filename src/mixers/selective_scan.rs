@@ -568,17 +568,16 @@ fn backward_task_in<V: F32x16>(
     // segment, `[n]` lanes each.
     let mut lam: Vec<Vec<Lanes>> = chunks.iter().map(|c| c.read_state(gh)).collect();
     let mut g_a = vec![vec![[0f32; LANES]; n]; chunks.len()];
-    let entering: Vec<Vec<Vec<Lanes>>> = chunks
-        .iter()
-        .map(|chunk| {
-            let mut entering = vec![vec![[0f32; LANES]; n]; segments];
-            entering[0] = chunk.read_state(&x.h0);
-            for &(k0, rows) in &groups {
-                with_group!(rows, G => chunk.enter_segments::<V, G>(k0, &mut entering));
-            }
-            entering
-        })
-        .collect();
+    // (A loop, not a closure: `V`'s intrinsics are not inlined across a closure.)
+    let mut entering = Vec::with_capacity(chunks.len());
+    for chunk in &chunks {
+        let mut states = vec![vec![[0f32; LANES]; n]; segments];
+        states[0] = chunk.read_state(&x.h0);
+        for &(k0, rows) in &groups {
+            with_group!(rows, G => chunk.enter_segments::<V, G>(k0, &mut states));
+        }
+        entering.push(states);
+    }
     let (mut g_b, mut g_c) = (vec![0f32; t * n], vec![0f32; t * n]);
     buffers.fit(SEGMENT.min(t), n);
     for segment in (0..segments).rev() {
