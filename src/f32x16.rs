@@ -1,5 +1,6 @@
 //! Sixteen f32 lanes as one value: one AVX-512 register where the CPU has them, an array
-//! that LLVM vectorises otherwise. Kernels written against [`F32x16`] keep a value per lane
+//! that LLVM vectorises otherwise (on AVX2, as well as two registers written out by hand:
+//! tried, and no faster). Kernels written against [`F32x16`] keep a value per lane
 //! in a register across a loop, where plain arrays of lanes let LLVM vectorise across the
 //! wrong loop (gathers and scatters of every lane; see `mixers::selective_scan`).
 //!
@@ -62,9 +63,9 @@ pub struct Portable<const FMA: bool>([f32; 16]);
 impl<const FMA: bool> Portable<FMA> {
     #[inline(always)]
     fn map2(self, other: Self, f: impl Fn(f32, f32) -> f32) -> Self {
-        let mut out = [0f32; 16];
-        for l in 0..16 {
-            out[l] = f(self.0[l], other.0[l]);
+        let mut out = self.0;
+        for (o, b) in out.iter_mut().zip(other.0) {
+            *o = f(*o, b);
         }
         Self(out)
     }
@@ -93,17 +94,17 @@ impl<const FMA: bool> F32x16 for Portable<FMA> {
     }
     #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
-        let mut out = [0f32; 16];
-        for l in 0..16 {
-            out[l] = mul_add::<FMA>(self.0[l], b.0[l], c.0[l]);
+        let mut out = c.0;
+        for ((o, a), b) in out.iter_mut().zip(self.0).zip(b.0) {
+            *o = mul_add::<FMA>(a, b, *o);
         }
         Self(out)
     }
     #[inline(always)]
     fn exp_nonpositive(self) -> Self {
-        let mut out = [0f32; 16];
-        for l in 0..16 {
-            out[l] = exp_nonpositive_fma::<FMA>(self.0[l]);
+        let mut out = self.0;
+        for o in out.iter_mut() {
+            *o = exp_nonpositive_fma::<FMA>(*o);
         }
         Self(out)
     }

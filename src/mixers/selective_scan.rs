@@ -421,12 +421,12 @@ impl<'a> Chunk<'a> {
     fn enter_segments<V: F32x16, const G: usize>(&self, k0: usize, entering: &mut [Vec<Lanes>]) {
         let a = self.a_rows::<V, G>(k0);
         let mut h: [V; G] = load_rows(entering[0][k0..k0 + G].try_into().unwrap());
-        for s in 1..entering.len() {
+        for (s, enter) in entering.iter_mut().enumerate().skip(1) {
             for step in (s - 1) * SEGMENT..s * SEGMENT {
                 self.step::<V, G>(step, k0, (&a, &mut h), None);
             }
             for g in 0..G {
-                h[g].store(&mut entering[s][k0 + g]);
+                h[g].store(&mut enter[k0 + g]);
             }
         }
     }
