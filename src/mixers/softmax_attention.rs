@@ -136,7 +136,23 @@ impl SoftmaxAttention {
             k.push(kr);
             v.push(vr);
         }
-        ring_attention(q, k, v, ranks[0].visibility(), ranks[0].block_size, sp)
+        let tile = ranks[0].ring_tile(sp.layout.chunk_len(), &q[0].device());
+        ring_attention(q, k, v, ranks[0].visibility(), tile, sp)
+    }
+
+    /// The tiles ring attention's blocks run in: the recipe's `block_size` where `tiled =
+    /// true`; where `tiled` is unset, FlashAttention's blocks once a chunk has
+    /// [`FLASH_FROM`] tokens on flex, as a whole sequence takes them (the materialised
+    /// weights of every block pair would otherwise stay for the backward, quadratic in the
+    /// shard); else 0, the materialised form.
+    fn ring_tile(&self, chunk_len: usize, device: &Device) -> usize {
+        if self.block_size > 0 {
+            self.block_size
+        } else if chunk_len >= self.tiled_from && takes_flash_path(device) {
+            FLASH_BLOCK
+        } else {
+            0
+        }
     }
 
     /// The heads of one new token `[b, 1, d]` given the cache of those before it; the
@@ -386,5 +402,30 @@ impl MixerOptions for SoftmaxOptions {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ring blocks tile as whole sequences do: unset from `FLASH_FROM` tokens per chunk,
+    /// never with `tiled = false`, always (in the recipe's blocks) with `tiled = true`.
+    #[test]
+    fn ring_blocks_tile_from_flash_from_tokens_unless_the_recipe_says() {
+        let device = Device::flex();
+        let ctx = MixerContext::for_tests(8, 16);
+        let layer = |tiled| {
+            let options = SoftmaxOptions {
+                tiled,
+                ..SoftmaxOptions::default()
+            };
+            <SoftmaxAttention as TokenMixer>::init(&options, &ctx, &device)
+        };
+        assert_eq!(layer(None).ring_tile(FLASH_FROM, &device), FLASH_BLOCK);
+        assert_eq!(layer(None).ring_tile(FLASH_FROM - 1, &device), 0);
+        assert_eq!(layer(Some(false)).ring_tile(FLASH_FROM, &device), 0);
+        let block = SoftmaxOptions::default().block_size;
+        assert_eq!(layer(Some(true)).ring_tile(16, &device), block);
     }
 }
