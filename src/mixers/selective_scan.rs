@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use std::borrow::Cow;
 
-use crate::device::{RunCount, flex_f32, flex_from_f32};
+use crate::device::{RunCount, SendPtr, flex_f32, flex_from_f32};
 use crate::f32x16::{F32x16, with_f32x16};
 use crate::vector_math::add_lanes;
 
@@ -671,18 +671,16 @@ type BackwardPart = (usize, usize, usize, Vec<f32>, Vec<f32>, Vec<f32>);
 /// together they write every element once. Writing from the tasks, where each step's piece
 /// is still in cache, replaced a serial pass that copied every task's result into place
 /// after all had run, and the zero fills of both.
+/// Tasks write disjoint elements (see `write`), and the buffer outlives them: what
+/// [`SendPtr`] asks.
 #[derive(Clone, Copy)]
-struct Output(*mut f32);
-
-// SAFETY: tasks write disjoint elements (see `write`), and the buffer outlives them.
-unsafe impl Send for Output {}
-unsafe impl Sync for Output {}
+struct Output(SendPtr<*mut f32>);
 
 impl Output {
     /// `len` values' worth of room, and the handle the tasks write through.
     fn alloc(len: usize) -> (Vec<f32>, Self) {
         let mut values = Vec::with_capacity(len);
-        let out = Self(values.as_mut_ptr());
+        let out = Self(SendPtr(values.as_mut_ptr()));
         (values, out)
     }
 
@@ -694,6 +692,7 @@ impl Output {
         // SAFETY: as the caller promises.
         unsafe {
             self.0
+                .get()
                 .add(at)
                 .copy_from_nonoverlapping(values.as_ptr(), values.len())
         }
