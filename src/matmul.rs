@@ -28,7 +28,9 @@ use crate::half_rounding::{HalfFormat, HalfRoundingBackend, round_to_half};
 /// Products the extension has run in this process (for a test that it took the path).
 pub static CALLS: RunCount = RunCount::new();
 
-/// Products of at least this many multiply-adds split across threads (flex's own rule).
+/// Products of at least this many multiply-adds split across threads. Flex's own rule is
+/// 192³; split in bands (see `gemm_call`), the small models' LM head products (6.4 M) gain
+/// from two threads too.
 const PARALLEL_FROM: usize = 128 * 128 * 128;
 
 /// Which blocks of a product with a square `[t, t]` matrix (in blocks of `.0` rows and
@@ -246,6 +248,7 @@ unsafe fn gemm_call(
 /// The narrowest band of a product's output that one thread takes.
 const BAND: usize = 64;
 
+/// One thread: each band's own gemm.
 const NONE: gemm::Parallelism = gemm::Parallelism::None;
 
 /// The products of [`Blocks`] other than `Dense`: one task per matrix and block of rows

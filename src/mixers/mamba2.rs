@@ -443,7 +443,8 @@ impl Mamba2 {
     }
 
     /// One direction from the conv's input xBC and Δ's dt: the heads with their skip
-    /// `D x`, and the final SSM state. Padded positions get Δ = 0, so the state passes
+    /// `D x`, and the final SSM state where `keep_state` asks for it (without it the fused
+    /// form tracks y alone). Padded positions get Δ = 0, so the state passes
     /// them unchanged and takes nothing from them (xBC is zeroed there by the caller).
     fn direction_output(
         &self,
@@ -758,18 +759,12 @@ fn ssd_fused_kept(
             .expand([per_group, p, n])
             .reshape([width, n]);
         let of_group = |x: Tensor<4>| x.narrow(2, group, 1).reshape([bsz, t, n]);
-        let inputs = (
-            delta,
-            heads(x.clone()).reshape([bsz, t, width]),
-            a,
-            of_group(B.clone()),
-            of_group(C.clone()),
-            initial
-                .clone()
-                .narrow(1, group * per_group, per_group)
-                .reshape([bsz, width, n]),
-        );
-        let (delta, u, a, b, c, h0) = inputs;
+        let u = heads(x.clone()).reshape([bsz, t, width]);
+        let (b, c) = (of_group(B.clone()), of_group(C.clone()));
+        let h0 = initial
+            .clone()
+            .narrow(1, group * per_group, per_group)
+            .reshape([bsz, width, n]);
         let y = if keep_state {
             let (y, state) = super::selective_scan::selective_scan(delta, u, a, b, c, h0);
             states.push(state.reshape([bsz, per_group, p, n]));

@@ -1,9 +1,10 @@
 //! Mamba's selective scan, fused, as a Burn backend extension on flex: for each sequence
 //! and channel d, `h_t = exp(Δ_t[d]·A[d]) ⊙ h_(t−1) + Δ_t[d]·u_t[d]·B_t`,
-//! `y_t[d] = C_t · h_t`, with each task's states (a block of channels × `d_state`) kept
-//! in cache and never written out — as mamba_ssm's CUDA kernel keeps them in registers.
-//! The backward pass recomputes the states a segment at a time (a buffer in cache) and runs
-//! the adjoint recurrence back in time. Its tasks write their pieces of the outputs in
+//! `y_t[d] = C_t · h_t`. Each chunk of 16 channels runs through time with its states in
+//! registers (a group of state rows at a time, [`F32x16`] lanes) and never writes them out,
+//! as mamba_ssm's CUDA kernel keeps a channel's in a thread's registers. The backward
+//! recomputes the states a segment at a time (a buffer in cache) and runs the adjoint
+//! recurrence back in time, λ in registers. Its tasks write their pieces of the outputs in
 //! place (`Output`).
 //!
 //! The reference forms are [`super::ssm::scan_sequential`] (a loop of tensor ops) and
@@ -126,8 +127,8 @@ const BLOCK_WIDTHS: [usize; 3] = [128, 64, 32];
 /// depends on the shape alone, so results do not depend on the thread count.
 const MIN_TASKS: usize = 16;
 
-/// Steps per segment of the backward's recompute: the states of one segment at a time stay
-/// in cache (all T of them, 33 MB per task at 16k tokens, would not).
+/// Steps per segment of the backward's recompute: one segment's states and decays of a
+/// group (32 KB each) and its dB, dC terms stay in cache, where all T steps' would not.
 pub const SEGMENT: usize = 64;
 
 /// The sizes of a scan.
@@ -634,7 +635,7 @@ fn backward_task_in<V: F32x16>(
 type Task = (usize, usize, usize);
 
 /// One segment's buffers, reused from task to task on a thread: a group's recomputed
-/// states h_(t−1) and decays (`[SEGMENT][16]` lanes each), the per-channel terms of dB and
+/// states h_(t−1) and decays (`[SEGMENT][GROUPS[0]]` lanes each), the per-channel terms of dB and
 /// dC (`[SEGMENT][n]` lanes), and the per-step sums for dΔ and du (`[SEGMENT][2]` lanes).
 #[derive(Default)]
 struct SegmentBuffers {

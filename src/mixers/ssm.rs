@@ -149,9 +149,9 @@ impl Ssm {
 
     /// One direction from conv input `u` (history and scan state as in
     /// [`Self::forward_from`]): the scan's output and its input (the conv's output), for
-    /// `scan + D u` in the gate, and the conv history and scan state after.
-    /// The state after is returned where `keep_state` asks for it (decoding, state
-    /// passing); without it the fused scan tracks y alone.
+    /// `scan + D u` in the gate, and, where `keep_state` asks for them (decoding, state
+    /// passing), the conv history and scan state after; without them the fused scan
+    /// tracks y alone.
     fn direction_output(
         &self,
         dir: &Direction,
