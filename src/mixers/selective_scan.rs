@@ -837,16 +837,10 @@ impl<B: Backend + SelectiveScanBackend> Backward<B, 6> for ScanBackward {
 
     fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
         let packed = grads.consume::<B>(&ops.node);
-        let Saved { inputs, h_shape } = ops.state;
-        let [delta, u, a, b, c, h0] = inputs;
         // The output is y and the final state side by side (see the Autodiff forward).
-        let (gy, gh) = unpack::<B>(packed, delta.shape(), h_shape);
-        let (gd, gu, ga, gb, gc, gh0) = B::selective_scan_backward(delta, u, a, b, c, h0, gy, gh);
-        for (node, g) in ops.parents.into_iter().zip([gd, gu, ga, gb, gc, gh0]) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        let y_shape = ops.state.inputs[0].shape();
+        let (gy, gh) = unpack::<B>(packed, y_shape, ops.state.h_shape.clone());
+        register_gradients(ops, (gy, Some(gh)), grads);
     }
 }
 
@@ -860,14 +854,23 @@ impl<B: Backend + SelectiveScanBackend> Backward<B, 6> for OutputBackward {
 
     fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
         let gy = grads.consume::<B>(&ops.node);
-        let Saved { inputs, h_shape } = ops.state;
-        let [delta, u, a, b, c, h0] = inputs;
-        let zero = B::float_zeros(h_shape, &delta.device(), delta.dtype().into());
-        let (gd, gu, ga, gb, gc, gh0) = B::selective_scan_backward(delta, u, a, b, c, h0, gy, zero);
-        for (node, g) in ops.parents.into_iter().zip([gd, gu, ga, gb, gc, gh0]) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
+        register_gradients(ops, (gy, None), grads);
+    }
+}
+
+/// The inputs' gradients, given those of y and of the final state (`None`: zero).
+fn register_gradients<B: Backend + SelectiveScanBackend>(
+    ops: Ops<Saved<B>, 6>,
+    (gy, gh): (FloatTensor<B>, Option<FloatTensor<B>>),
+    grads: &mut Gradients,
+) {
+    let Saved { inputs, h_shape } = ops.state;
+    let [delta, u, a, b, c, h0] = inputs;
+    let gh = gh.unwrap_or_else(|| B::float_zeros(h_shape, &delta.device(), delta.dtype().into()));
+    let (gd, gu, ga, gb, gc, gh0) = B::selective_scan_backward(delta, u, a, b, c, h0, gy, gh);
+    for (node, g) in ops.parents.into_iter().zip([gd, gu, ga, gb, gc, gh0]) {
+        if let Some(node) = node {
+            grads.register::<B>(node.id, g);
         }
     }
 }
