@@ -914,15 +914,9 @@ impl<B: Backend + SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBack
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let nodes = [
-            delta.node(),
-            u.node(),
-            a.node(),
-            b.node(),
-            c.node(),
-            h0.node(),
-        ];
-        let inputs = [delta, u, a, b, c, h0].map(|x| x.into_primitive());
+        let inputs = [delta, u, a, b, c, h0];
+        let nodes = inputs.each_ref().map(|x| x.node());
+        let inputs = inputs.map(|x| x.into_primitive());
         let [d, u, a, b, c, h0] = inputs.clone();
         let (y, h) = B::selective_scan(d.clone(), u, a, b, c, h0);
         let (y_shape, h_shape) = (y.shape(), h.shape());
@@ -949,15 +943,9 @@ impl<B: Backend + SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBack
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let nodes = [
-            delta.node(),
-            u.node(),
-            a.node(),
-            b.node(),
-            c.node(),
-            h0.node(),
-        ];
-        let inputs = [delta, u, a, b, c, h0].map(|x| x.into_primitive());
+        let inputs = [delta, u, a, b, c, h0];
+        let nodes = inputs.each_ref().map(|x| x.node());
+        let inputs = inputs.map(|x| x.into_primitive());
         let [d, u, a, b, c, h0] = inputs.clone();
         let h_shape = h0.shape();
         let y = B::selective_scan_output(d, u, a, b, c, h0);
