@@ -1,6 +1,9 @@
 //! Mixed precision, as PyTorch's autocast does it: inside [`autocast`], every projection
 //! (the matmuls that hold almost all of a step's FLOPs) runs on a low-precision copy of its
-//! f32 weight and input, and returns f32. Everything else — norms, softmax statistics,
+//! f32 weight and input, and returns f32 — or, where it feeds another projection on a
+//! backend with half-precision kernels (the MLP's hidden layer on libtorch and wgpu,
+//! [`linear_low`]), stays in the low precision, as PyTorch's autocast leaves a linear's
+//! output. Everything else — norms, softmax statistics,
 //! recurrent states and scans, the loss — stays f32, as do the master weights and the
 //! optimizer. The casts are in the autodiff graph, so gradients arrive in f32 on the masters.
 
@@ -60,6 +63,30 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     project(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
 }
 
+/// [`linear`] whose output feeds another projection: under [`autocast`] on a backend with
+/// half-precision kernels of its own (libtorch, wgpu) it stays in the working dtype, as
+/// PyTorch's autocast leaves a linear's output, so the activation between the two (the
+/// MLP's GELU, SwiGLU's product) runs on half the bytes and the next projection casts
+/// nothing. Flex keeps activations f32 (its projections round f32 operands instead).
+pub fn linear_low<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let (w, b) = (layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
+    match low_dtype(&x) {
+        Some(dtype) => {
+            let y = matmul_rows_in(x, w, Some(dtype));
+            match b {
+                Some(b) => y + b.cast(dtype).unsqueeze::<D>(),
+                None => y,
+            }
+        }
+        None => project(x, w, b),
+    }
+}
+
+/// The working dtype [`linear_low`] keeps `x`'s projection in, if any.
+fn low_dtype<const D: usize>(x: &Tensor<D>) -> Option<FloatDType> {
+    working_dtype().filter(|_| !crate::device::is_flex(&x.device()))
+}
+
 /// `x · w + b`, the bias (if any) added after the product.
 fn project<const D: usize>(x: Tensor<D>, w: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
     let y = matmul_rows(x, w);
@@ -95,6 +122,16 @@ pub fn linear_split<const D: usize, const N: usize>(
 /// gradient a `[batch, k, n]` tensor summed afterwards. One 2-D product is one gemm each
 /// way, with `w`'s gradient accumulated inside it.
 pub fn matmul_rows<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
+    matmul_rows_in(x, w, None)
+}
+
+/// [`matmul_rows`], its product left in `keep` (the working dtype) instead of f32 where
+/// given (see [`linear_low`]).
+fn matmul_rows_in<const D: usize>(
+    x: Tensor<D>,
+    w: Tensor<2>,
+    keep: Option<FloatDType>,
+) -> Tensor<D> {
     let mut dims = x.dims();
     let [k, n] = w.dims();
     let rows = dims[..D - 1].iter().product::<usize>();
@@ -116,8 +153,11 @@ pub fn matmul_rows<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
             crate::matmul::matmul_rounded(x, w, format)
         }
         Some(dtype) => {
-            let out_dtype = x.dtype();
-            x.cast(dtype).matmul(w.cast(dtype)).cast(out_dtype)
+            let y = x.cast(dtype).matmul(w.cast(dtype));
+            match keep {
+                Some(_) => y,
+                None => y.cast(FloatDType::F32),
+            }
         }
     };
     y.reshape(dims)

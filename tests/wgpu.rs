@@ -85,3 +85,32 @@ fn ring_across_two_wgpu_devices_follows_one_device() {
         );
     }
 }
+
+/// Under f16 autocast, a projection whose output feeds another (`linear_low`: the MLP's
+/// hidden layer) stays f16 on wgpu, as PyTorch's autocast leaves it, and the one that
+/// ends the block returns f32; flex keeps both f32 (its projections round f32 operands).
+#[test]
+#[cfg_attr(not(feature = "wgpu"), ignore = "needs `cargo test --features wgpu`")]
+fn hidden_activations_stay_half_precision_on_wgpu_only() {
+    #[cfg(feature = "wgpu")]
+    hidden_activations_on_wgpu();
+}
+
+#[cfg(feature = "wgpu")]
+fn hidden_activations_on_wgpu() {
+    use burn::prelude::*;
+    use burn::tensor::{DType, Distribution, FloatDType};
+    use metamix::mixed_precision::{autocast, linear, linear_low};
+    let wgpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    for (device, hidden) in [(wgpu, DType::F16), (Device::flex(), DType::F32)] {
+        let layer = burn::nn::LinearConfig::new(8, 16).init(&device);
+        let x = Tensor::<2>::random([4, 8], Distribution::Normal(0.0, 1.0), &device);
+        let (low, full) = autocast(Some(FloatDType::F16), || {
+            let h = linear_low(&layer, x.clone());
+            let back = burn::nn::LinearConfig::new(16, 8).init(&device);
+            (h.dtype(), linear(&back, linear_low(&layer, x)).dtype())
+        });
+        assert_eq!(low, hidden, "{device:?}: the hidden projection");
+        assert_eq!(full, DType::F32, "{device:?}: the block's last projection");
+    }
+}

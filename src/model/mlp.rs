@@ -8,7 +8,7 @@ use burn::tensor::activation::{gelu_approximate, relu};
 
 use crate::activations::silu;
 use crate::fused_dropout;
-use crate::mixed_precision::linear;
+use crate::mixed_precision::{linear, linear_low};
 use crate::mixers::normal_linear;
 use serde::{Deserialize, Serialize};
 
@@ -54,9 +54,10 @@ impl MlpConfig {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        // The hidden activation in the working dtype where autocast keeps it (libtorch).
         let h = match &self.gate {
-            Some(gate) => silu(linear(gate, x.clone())) * linear(&self.fc1, x),
-            None => self.activation.apply(linear(&self.fc1, x)),
+            Some(gate) => silu(linear_low(gate, x.clone())) * linear_low(&self.fc1, x),
+            None => self.activation.apply(linear_low(&self.fc1, x)),
         };
         fused_dropout::forward(&self.dropout, linear(&self.fc2, h))
     }
