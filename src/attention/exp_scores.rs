@@ -26,12 +26,19 @@ pub trait ExpScoresBackend: Backend {
 /// `exp(x)` for scores `x ≤ 0`: the extension on flex, Burn's `exp` elsewhere.
 pub fn exp_scores<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if !crate::device::is_flex(&x.device()) {
-        return x.exp();
+        // Hidden keys' −1e30 scores would send libtorch's exp (MKL's) down its underflow
+        // path, element by element. From −80 the weight is below 2e-35 (and its gradient,
+        // through the clamp, 0), within f32's rounding of any row's sum of weights.
+        return x.clamp_min(EXP_FLOOR).exp();
     }
     Tensor::from_dispatch(<burn::backend::Dispatch as ExpScoresBackend>::exp_scores(
         x.into_dispatch(),
     ))
 }
+
+/// Where [`exp_scores`] clamps scores on backends other than flex: `exp(−80)` is a normal
+/// f32 (1.8e-35), so no exp takes an underflow path.
+const EXP_FLOOR: f32 = -80.0;
 
 impl ExpScoresBackend for Flex {
     fn exp_scores(x: FlexTensor) -> FlexTensor {
