@@ -24,7 +24,7 @@ pub trait ExpScoresBackend: Backend {
 }
 
 /// `exp(x)` for scores `x ≤ 0`: the extension on flex, Burn's `exp` of the scores clamped
-/// at [`EXP_FLOOR`] elsewhere.
+/// at −80 elsewhere.
 pub fn exp_scores<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if !crate::device::is_flex(&x.device()) {
         // Hidden keys' −1e30 scores would send libtorch's exp (MKL's) down its underflow
