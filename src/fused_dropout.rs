@@ -78,19 +78,12 @@ pub fn block_factors(
 ) -> Vec<f32> {
     let (mask, scale) = (Mask::new(p, key), (1.0 / (1.0 - p)) as f32);
     let (height, width) = (rows.len(), cols.len());
-    let mut out = vec![0f32; n * height * width];
+    let mut out = vec![1f32; n * height * width];
     out.par_chunks_mut(width.max(1))
         .enumerate()
         .for_each(|(r, row)| {
             let (m, i) = (r / height, rows.start + r % height);
-            let first = ((m * t_rows + i) * t_cols + cols.start) as u64;
-            for (j, f) in row.iter_mut().enumerate() {
-                *f = if mask.keeps(first + j as u64) {
-                    scale
-                } else {
-                    0.0
-                };
-            }
+            mask.apply(row, ((m * t_rows + i) * t_cols + cols.start) as u64, scale);
         });
     out
 }
@@ -163,6 +156,30 @@ impl Mask {
         self.part_key(i >> 32).keeps(i as u32, self.threshold)
     }
 
+    /// `values[j] *= scale` where element `first + j` survives, else `0` (a product, so a
+    /// NaN stays NaN as it does in Burn's dropout): what every fused form applies, so they
+    /// all drop the same elements.
+    #[inline(always)]
+    pub fn apply(&self, values: &mut [f32], first: u64, scale: f32) {
+        let last = first + values.len().saturating_sub(1) as u64;
+        if first >> 32 == last >> 32 {
+            // One part key for the whole run: the loop vectorises.
+            let (key, low) = (self.part_key(first >> 32), first as u32);
+            for (j, v) in values.iter_mut().enumerate() {
+                let keep = key.keeps(low.wrapping_add(j as u32), self.threshold);
+                *v *= if keep { scale } else { 0.0 };
+            }
+        } else {
+            for (j, v) in values.iter_mut().enumerate() {
+                *v *= if self.keeps(first + j as u64) {
+                    scale
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+
     /// The key for the elements whose index has these high 32 bits.
     #[inline(always)]
     fn part_key(&self, high: u64) -> PartKey {
@@ -201,8 +218,7 @@ fn mix(mut x: u32) -> u32 {
 /// 2³² and each has one [`PartKey`].
 const PIECE: usize = 1 << 14;
 
-/// `values[j] *= scale` where element `first + j` survives, else `0` (a product, so a NaN
-/// stays NaN as it does in Burn's dropout).
+/// [`Mask::apply`] compiled for each target, so that its loop vectorises.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
@@ -210,11 +226,7 @@ const PIECE: usize = 1 << 14;
     "aarch64+neon"
 ))]
 fn drop_piece(values: &mut [f32], first: u64, mask: Mask, scale: f32) {
-    let (key, low) = (mask.part_key(first >> 32), first as u32);
-    for (j, v) in values.iter_mut().enumerate() {
-        let keep = key.keeps(low.wrapping_add(j as u32), mask.threshold);
-        *v *= if keep { scale } else { 0.0 };
-    }
+    mask.apply(values, first, scale);
 }
 
 impl DropoutBackend for Flex {

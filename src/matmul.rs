@@ -29,8 +29,8 @@ use crate::half_rounding::{HalfFormat, HalfRoundingBackend, round_to_half};
 pub static CALLS: RunCount = RunCount::new();
 
 /// Products of at least this many multiply-adds split across threads. Flex's own rule is
-/// 192³; split in bands (see `gemm_call`), the small models' LM head products (6.4 M) gain
-/// from two threads too.
+/// 192³; split in bands ([`gemm_into_bands`]), the small models' LM head products (6.4 M)
+/// gain from two threads too.
 const PARALLEL_FROM: usize = 128 * 128 * 128;
 
 /// Which blocks of a product with a square `[t, t]` matrix (in blocks of `.0` rows and
@@ -151,11 +151,10 @@ pub(crate) unsafe fn gemm_into(
     mkn: (usize, usize, usize),
     a: (*const f32, (isize, isize)),
     b: (*const f32, (isize, isize)),
-    parallelism: gemm::Parallelism,
 ) {
     // SAFETY: as the caller promises; gemm writes all of `out` without reading it
     // (`read_dst` false, k > 0).
-    unsafe { gemm_call(out, mkn, a, b, false, parallelism) }
+    unsafe { gemm_call(out, mkn, a, b, false, gemm::Parallelism::None) }
 }
 
 /// `out += a · b`, as [`gemm_into`] but over an initialised `out`.
@@ -167,10 +166,68 @@ pub(crate) unsafe fn gemm_add_into(
     mkn: (usize, usize, usize),
     a: (*const f32, (isize, isize)),
     b: (*const f32, (isize, isize)),
-    parallelism: gemm::Parallelism,
 ) {
     // SAFETY: as the caller promises.
-    unsafe { gemm_call(out, mkn, a, b, true, parallelism) }
+    unsafe { gemm_call(out, mkn, a, b, true, gemm::Parallelism::None) }
+}
+
+/// [`gemm_into`] across threads: each thread one gemm over its own band of the output,
+/// along its longer side. gemm's own split was slower than one thread on some of a small
+/// model's shapes (128 × 768 × 65, the LM head's weight gradient: 140 µs on two threads,
+/// 78 on one; Mamba's x_proj, 768 × 256 × 40: 99 against 88) and no faster on the rest.
+/// An output too small for two bands takes gemm's own split.
+///
+/// # Safety
+/// As [`gemm_into`].
+unsafe fn gemm_into_bands(
+    (out, ld): (*mut f32, usize),
+    (m, k, n): (usize, usize, usize),
+    (a, (a_rs, a_cs)): (*const f32, (isize, isize)),
+    (b, (b_rs, b_cs)): (*const f32, (isize, isize)),
+) {
+    let split_rows = m >= n;
+    let long = if split_rows { m } else { n };
+    let bands = rayon::current_num_threads().min(long / BAND);
+    if bands < 2 {
+        let (a, b) = ((a, (a_rs, a_cs)), (b, (b_rs, b_cs)));
+        // SAFETY: as the caller promises.
+        return unsafe {
+            gemm_call(
+                (out, ld),
+                (m, k, n),
+                a,
+                b,
+                false,
+                gemm::Parallelism::Rayon(0),
+            )
+        };
+    }
+    let width = long.div_ceil(bands);
+    let (out, a, b) = (SendPtr(out), SendPtr(a), SendPtr(b));
+    rayon::scope(|scope| {
+        for start in (0..long).step_by(width) {
+            let size = width.min(long - start);
+            scope.spawn(move |_| {
+                let (out, a, b) = (out.get(), a.get(), b.get());
+                let at = start as isize;
+                // SAFETY: this band's rows (columns) of `out` and `a` (`b`) alone.
+                unsafe {
+                    if split_rows {
+                        let a = (a.offset(at * a_rs), (a_rs, a_cs));
+                        gemm_into(
+                            (out.add(start * ld), ld),
+                            (size, k, n),
+                            a,
+                            (b, (b_rs, b_cs)),
+                        )
+                    } else {
+                        let b = (b.offset(at * b_cs), (b_rs, b_cs));
+                        gemm_into((out.add(start), ld), (m, k, size), (a, (a_rs, a_cs)), b)
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// gemm's `out = (read_dst ? out : 0) + a · b`.
@@ -185,40 +242,6 @@ unsafe fn gemm_call(
     read_dst: bool,
     parallelism: gemm::Parallelism,
 ) {
-    let threads = rayon::current_num_threads();
-    let split_rows = m >= n;
-    let long = if split_rows { m } else { n };
-    if threads > 1 && long >= 2 * BAND && !matches!(parallelism, gemm::Parallelism::None) {
-        // Each thread one gemm over its own band of the output, along its longer side.
-        // gemm's own split was slower than one thread on some of a small model's shapes
-        // (128 × 768 × 65, the LM head's weight gradient: 140 µs on two threads, 78 on
-        // one; Mamba's x_proj, 768 × 256 × 40: 99 against 88) and no faster on the rest.
-        let bands = threads.min(long / BAND);
-        let width = long.div_ceil(bands);
-        let (out, a, b) = (SendPtr(out), SendPtr(a), SendPtr(b));
-        rayon::scope(|scope| {
-            for start in (0..long).step_by(width) {
-                let size = width.min(long - start);
-                scope.spawn(move |_| {
-                    let (out, a, b) = (out.get(), a.get(), b.get());
-                    let at = start as isize;
-                    // SAFETY: this band's rows (columns) of `out` and `a` (`b`) alone.
-                    unsafe {
-                        if split_rows {
-                            let a = (a.offset(at * a_rs), (a_rs, a_cs));
-                            let out = (out.add(start * ld), ld);
-                            gemm_call(out, (size, k, n), a, (b, (b_rs, b_cs)), read_dst, NONE)
-                        } else {
-                            let b = (b.offset(at * b_cs), (b_rs, b_cs));
-                            let out = (out.add(start), ld);
-                            gemm_call(out, (m, k, size), (a, (a_rs, a_cs)), b, read_dst, NONE)
-                        }
-                    }
-                });
-            }
-        });
-        return;
-    }
     // SAFETY: as the callers promise.
     unsafe {
         gemm::gemm(
@@ -247,9 +270,6 @@ unsafe fn gemm_call(
 
 /// The narrowest band of a product's output that one thread takes.
 const BAND: usize = 64;
-
-/// One thread: each band's own gemm.
-const NONE: gemm::Parallelism = gemm::Parallelism::None;
 
 /// The products of [`Blocks`] other than `Dense`: one task per matrix and block of rows
 /// (columns for `RightLower`), each one gemm over the part its block needs.
@@ -292,48 +312,24 @@ fn matmul_blocks_flex(
                 Blocks::OutLower(_) => {
                     let row = out.add(lo * n);
                     let a = (at(a0, lo, a_rs, 0, a_cs), a.strides);
-                    gemm_into(
-                        (row, n),
-                        (hi - lo, k, hi),
-                        a,
-                        (b0, b.strides),
-                        gemm::Parallelism::None,
-                    );
+                    gemm_into((row, n), (hi - lo, k, hi), a, (b0, b.strides));
                     for r in 0..hi - lo {
                         std::ptr::write_bytes(row.add(r * n + hi), 0, n - hi);
                     }
                 }
                 Blocks::LeftLower(_) => {
                     let a = (at(a0, lo, a_rs, 0, a_cs), a.strides);
-                    gemm_into(
-                        (out.add(lo * n), n),
-                        (hi - lo, hi, n),
-                        a,
-                        (b0, b.strides),
-                        gemm::Parallelism::None,
-                    );
+                    gemm_into((out.add(lo * n), n), (hi - lo, hi, n), a, (b0, b.strides));
                 }
                 Blocks::LeftUpper(_) => {
                     let a = (at(a0, lo, a_rs, lo, a_cs), a.strides);
                     let b = (at(b0, lo, b_rs, 0, b_cs), b.strides);
-                    gemm_into(
-                        (out.add(lo * n), n),
-                        (hi - lo, t - lo, n),
-                        a,
-                        b,
-                        gemm::Parallelism::None,
-                    );
+                    gemm_into((out.add(lo * n), n), (hi - lo, t - lo, n), a, b);
                 }
                 Blocks::RightLower(_) => {
                     let a = (at(a0, 0, a_rs, lo, a_cs), a.strides);
                     let b = (at(b0, lo, b_rs, lo, b_cs), b.strides);
-                    gemm_into(
-                        (out.add(lo), n),
-                        (m, t - lo, hi - lo),
-                        a,
-                        b,
-                        gemm::Parallelism::None,
-                    );
+                    gemm_into((out.add(lo), n), (m, t - lo, hi - lo), a, b);
                 }
                 Blocks::Dense => unreachable!(),
             }
@@ -363,24 +359,25 @@ impl MatmulBackend for Flex {
             let out = matmul_blocks_flex((&a, &b), (m, k, n), batches, blocks);
             return flex_from_f32(out, shape, DType::F32);
         }
-        let one = |out: *mut f32, i: usize, parallelism| {
+        let one = |out: *mut f32, i: usize, split: bool| {
             let (a, b) = ((a.first(i), a.strides), (b.first(i), b.strides));
             // SAFETY: `out` is matrix i's own m × n piece of the output; a's and b's
             // matrices i lie within their layouts.
-            unsafe { gemm_into((out, n), (m, k, n), a, b, parallelism) }
+            unsafe {
+                if split {
+                    gemm_into_bands((out, n), (m, k, n), a, b)
+                } else {
+                    gemm_into((out, n), (m, k, n), a, b)
+                }
+            }
         };
         let mut out = Vec::<f32>::with_capacity(batches * size);
         let large = m * n * k >= PARALLEL_FROM;
         if large || batches == 1 {
-            // Large matrices (or one): gemm splits each across threads.
-            let parallelism = if large {
-                gemm::Parallelism::Rayon(0)
-            } else {
-                gemm::Parallelism::None
-            };
+            // Large matrices (or one): each split across threads.
             for i in 0..batches {
                 // SAFETY: within the capacity reserved above.
-                one(unsafe { out.as_mut_ptr().add(i * size) }, i, parallelism);
+                one(unsafe { out.as_mut_ptr().add(i * size) }, i, large);
             }
         } else {
             // Many small matrices: one per task.
@@ -388,7 +385,7 @@ impl MatmulBackend for Flex {
             out.spare_capacity_mut()
                 .par_chunks_mut(size)
                 .enumerate()
-                .for_each(|(i, piece)| one(piece.as_mut_ptr().cast(), i, gemm::Parallelism::None));
+                .for_each(|(i, piece)| one(piece.as_mut_ptr().cast(), i, false));
         }
         // SAFETY: every matrix of the output was written above.
         unsafe { out.set_len(batches * size) };

@@ -829,32 +829,27 @@ struct Saved<B: Backend> {
     h_shape: burn::tensor::Shape,
 }
 
+/// The scan's backward: of its packed y and final state (see the Autodiff forward), or,
+/// `packed` false, of [`SelectiveScanBackend::selective_scan_output`]'s y alone (the final
+/// state's gradient zero).
 #[derive(Debug)]
-struct ScanBackward;
+struct ScanBackward {
+    packed: bool,
+}
 
 impl<B: Backend + SelectiveScanBackend> Backward<B, 6> for ScanBackward {
     type State = Saved<B>;
 
     fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let packed = grads.consume::<B>(&ops.node);
-        // The output is y and the final state side by side (see the Autodiff forward).
-        let y_shape = ops.state.inputs[0].shape();
-        let (gy, gh) = unpack::<B>(packed, y_shape, ops.state.h_shape.clone());
-        register_gradients(ops, (gy, Some(gh)), grads);
-    }
-}
-
-/// The backward of [`SelectiveScanBackend::selective_scan_output`]: the final state's
-/// gradient is zero.
-#[derive(Debug)]
-struct OutputBackward;
-
-impl<B: Backend + SelectiveScanBackend> Backward<B, 6> for OutputBackward {
-    type State = Saved<B>;
-
-    fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let gy = grads.consume::<B>(&ops.node);
-        register_gradients(ops, (gy, None), grads);
+        let grad = grads.consume::<B>(&ops.node);
+        let (gy, gh) = if self.packed {
+            let y_shape = ops.state.inputs[0].shape();
+            let (gy, gh) = unpack::<B>(grad, y_shape, ops.state.h_shape.clone());
+            (gy, Some(gh))
+        } else {
+            (grad, None)
+        };
+        register_gradients(ops, (gy, gh), grads);
     }
 }
 
@@ -918,11 +913,15 @@ impl<B: Backend + SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBack
         let nodes = inputs.each_ref().map(|x| x.node());
         let inputs = inputs.map(|x| x.into_primitive());
         let [d, u, a, b, c, h0] = inputs.clone();
-        let (y, h) = B::selective_scan(d.clone(), u, a, b, c, h0);
+        let (y, h) = B::selective_scan(d, u, a, b, c, h0);
         let (y_shape, h_shape) = (y.shape(), h.shape());
         let packed = pack::<B>(y, h);
         // Autodiff tracks one output; y and h are cut from it, so both carry gradients.
-        let packed = match ScanBackward.prepare::<C>(nodes).compute_bound().stateful() {
+        let packed = match (ScanBackward { packed: true })
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => prep.finish(
                 Saved {
                     inputs,
@@ -949,7 +948,7 @@ impl<B: Backend + SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBack
         let [d, u, a, b, c, h0] = inputs.clone();
         let h_shape = h0.shape();
         let y = B::selective_scan_output(d, u, a, b, c, h0);
-        match OutputBackward
+        match (ScanBackward { packed: false })
             .prepare::<C>(nodes)
             .compute_bound()
             .stateful()

@@ -81,14 +81,7 @@ impl Span {
         };
         let (mask, keep) = (Mask::new(prob, key), (1.0 / (1.0 - prob)) as f32);
         for (r, row) in p.chunks_mut(len).enumerate() {
-            let first = ((m * tq + q0 + r) * tk + k0) as u64;
-            for (j, x) in row.iter_mut().enumerate() {
-                *x *= if mask.keeps(first + j as u64) {
-                    keep
-                } else {
-                    0.0
-                };
-            }
+            mask.apply(row, ((m * tq + q0 + r) * tk + k0) as u64, keep);
         }
     }
 }
@@ -197,7 +190,6 @@ pub(super) fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, span: &Spa
                         (rows, dk, len),
                         (qm.first(m).offset(q0 as isize * q_rs), qm.strides),
                         (km.first(m).offset(k0 as isize * k_rs), (k_cs, k_rs)),
-                        gemm::Parallelism::None,
                     );
                 }
                 let mut lse = vec![0f32; rows];
@@ -210,7 +202,6 @@ pub(super) fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, span: &Spa
                         (rows, len, dv),
                         (p.as_ptr(), (len as isize, 1)),
                         (vm.first(m).offset(k0 as isize * v_rs), (v_rs, v_cs)),
-                        gemm::Parallelism::None,
                     );
                 }
                 for (row, lse) in out.chunks_mut(width).zip(lse) {
@@ -294,14 +285,12 @@ pub(super) fn backward(
                             (rows, dk, len),
                             (q_blk, qm.strides),
                             (k_blk, (k_cs, k_rs)),
-                            gemm::Parallelism::None,
                         );
                         gemm_into(
                             (dp.as_mut_ptr(), len),
                             (rows, dv, len),
                             (do_blk, gm.strides),
                             (v_blk, (v_cs, v_rs)),
-                            gemm::Parallelism::None,
                         );
                     }
                     weights_again(p, len, &ranges, scale, &lse);
@@ -321,7 +310,6 @@ pub(super) fn backward(
                             (len, rows, dv),
                             (met.as_ptr(), pt),
                             (do_blk, gm.strides),
-                            gemm::Parallelism::None,
                         );
                     }
                     score_gradients(dp, p, len, &ranges, scale, &delta);
@@ -332,14 +320,12 @@ pub(super) fn backward(
                             (rows, len, dk),
                             (dp.as_ptr(), pl),
                             (k_blk, km.strides),
-                            gemm::Parallelism::None,
                         );
                         gemm_add_into(
                             (dk_m.as_mut_ptr().add(k0 * dk), dk),
                             (len, rows, dk),
                             (dp.as_ptr(), pt),
                             (q_blk, qm.strides),
-                            gemm::Parallelism::None,
                         );
                     }
                 });
