@@ -334,6 +334,24 @@ pub fn flex_from_f32(
     )
 }
 
+/// Whether `device` is libtorch (CPU or GPU), or its autodiff: where torch's own attention
+/// kernel is registered ([`crate::attention::torch_sdpa`]).
+pub fn is_libtorch(device: &Device) -> bool {
+    #[cfg(feature = "tch")]
+    {
+        let plain = device.clone().without_autodiff();
+        matches!(
+            plain.as_dispatch(),
+            burn::backend::DispatchDevice::LibTorch(_)
+        )
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// Whether `device` is flex, the CPU backend, or its autodiff: where metamix's backend
 /// extensions (FlashAttention, the scans) are registered.
 pub fn is_flex(device: &Device) -> bool {

@@ -51,8 +51,8 @@ pub trait FusedNormBackend: Backend {
 }
 
 /// The normalisation of `x` over its last dimension (`center`: LayerNorm, else RMSNorm);
-/// `beta` absent is a zero shift. The extension on flex in f32, [`norm_reference`]
-/// elsewhere.
+/// `beta` absent is a zero shift. The extension on flex in f32, torch's kernels on libtorch
+/// ([`crate::torch_kernels::norm`]), [`norm_reference`] elsewhere.
 pub fn fused_norm<const D: usize>(
     x: Tensor<D>,
     gamma: Tensor<1>,
@@ -60,6 +60,10 @@ pub fn fused_norm<const D: usize>(
     eps: f64,
     center: bool,
 ) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if crate::device::is_libtorch(&x.device()) {
+        return crate::torch_kernels::norm(x, gamma, beta, eps, center);
+    }
     if !(crate::device::is_flex(&x.device()) && x.dtype() == burn::tensor::DType::F32) {
         return norm_reference(x, gamma, beta, eps, center);
     }
@@ -86,7 +90,11 @@ pub fn norm_reference<const D: usize>(
         return burn::tensor::module::layer_norm(x, gamma, beta, eps);
     }
     let rms = (x.clone().square().mean_dim(D - 1) + eps).sqrt();
-    (x / rms) * gamma.unsqueeze()
+    let y = (x / rms) * gamma.unsqueeze();
+    match beta {
+        Some(beta) => y + beta.unsqueeze(),
+        None => y,
+    }
 }
 
 /// Rows per parallel task.

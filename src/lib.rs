@@ -3,7 +3,8 @@
 //!
 //! Layers, each using only those above it in this list (no module imports one below it):
 //! - [`options`], [`vector_math`], [`mixed_precision`], [`device`], [`padding`]: option
-//!   errors, vectorisable exp/erf, autocast, backends, the key-padding mask.
+//!   errors, vectorisable exp/erf, autocast, backends, the key-padding mask; `torch_kernels`
+//!   (with `--features tch`): torch's attention and norm kernels on libtorch.
 //! - [`attention`]: the attention core (mask, heads, naive / tiled / flash forms, merge).
 //! - [`parallel`]: sequence layout, transport, ring attention, state passing.
 //! - [`mixers`]: the token mixers and their registry.
@@ -40,6 +41,8 @@ pub mod sample;
 pub mod tasks;
 #[cfg(test)]
 mod testing;
+#[cfg(feature = "tch")]
+pub mod torch_kernels;
 pub mod train;
 pub mod vector_math;
 pub mod weights;

@@ -52,8 +52,9 @@ pub trait FusedSoftmaxBackend: Backend {
 }
 
 /// Softmax attention of q `[b, h, t, dk]` over k `[b, h, t, dk]`, v `[b, h, t, dv]` (no key
-/// mask), `dropout` acting on the weights: the extension's weights times v on flex,
-/// [`super::naive::attend`] elsewhere.
+/// mask), `dropout` acting on the weights: the extension's weights times v on flex, torch's
+/// fused kernel on libtorch where it applies ([`takes_torch_kernel`]), [`super::naive::attend`]
+/// elsewhere.
 pub fn attend(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -62,6 +63,13 @@ pub fn attend(
     dropout: Option<&Dropout>,
 ) -> Tensor<4> {
     if !crate::device::is_flex(&q.device()) {
+        #[cfg(feature = "tch")]
+        if dropout.is_none()
+            && takes_torch_kernel(&q.device(), visibility, (q.dims()[2], k.dims()[2]))
+        {
+            let scale = super::scale(q.dims()[3]);
+            return crate::torch_kernels::attention(q, k, v, visibility.causal, scale);
+        }
         return super::naive::attend(q, k, v, (0, 0), visibility, dropout).0;
     }
     let scale = super::scale(q.dims()[3]);
@@ -88,6 +96,22 @@ pub fn attend(
         None => p,
     };
     matmul_blocks(p, v, weighted)
+}
+
+/// Whether [`attend`] without dropout takes torch's kernel
+/// ([`crate::torch_kernels::attention`]): on libtorch, without a window (torch's causal flag
+/// has none) or causal attention between unequal lengths (torch aligns its causal mask
+/// top-left, [`Visibility`] by position). With dropout it never does: torch's would draw
+/// from its own generator, not the recipe's seed.
+pub fn takes_torch_kernel(
+    device: &Device,
+    visibility: Visibility,
+    (tq, tk): (usize, usize),
+) -> bool {
+    cfg!(feature = "tch")
+        && crate::device::is_libtorch(device)
+        && visibility.window == 0
+        && (!visibility.causal || tq == tk)
 }
 
 /// Writes 0 to the hidden keys of a row, outside `[lo, hi)`.

@@ -21,7 +21,8 @@ use crate::attention::fused_softmax;
 use crate::attention::tiled::{FLASH_BLOCK, FLASH_FROM, attend_tiled, takes_flash_path};
 use crate::attention::{Visibility, merge_heads, naive, repeat_kv, split_heads};
 use crate::padding::Padding;
-use crate::mixed_precision::linear;
+use crate::mixed_precision::{linear, linear_low};
+use burn::tensor::FloatDType;
 use crate::options::{OptionError, at_least_one, divisors, fail, positive};
 use crate::parallel::SequenceParallel;
 use crate::parallel::ring_attention::ring_attention;
@@ -64,9 +65,20 @@ impl SoftmaxAttention {
     /// Queries, keys and values of `x` `[b, t, d]` as heads, rotated from position `start`
     /// when RoPE is on: q `[b, n_heads, t, hd]`, k and v `[b, n_kv_heads, t, hd]`.
     pub fn qkv(&self, x: Tensor<3>, start: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let q = split_heads(linear(&self.q_proj, x.clone()), self.n_heads);
-        let k = split_heads(linear(&self.k_proj, x.clone()), self.n_kv_heads);
-        let v = split_heads(linear(&self.v_proj, x), self.n_kv_heads);
+        self.qkv_with(x, start, linear)
+    }
+
+    /// [`Self::qkv`] through `project` (`linear`, or `linear_low` to keep them in the
+    /// working dtype for a kernel that takes it).
+    fn qkv_with(
+        &self,
+        x: Tensor<3>,
+        start: usize,
+        project: fn(&Linear, Tensor<3>) -> Tensor<3>,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let q = split_heads(project(&self.q_proj, x.clone()), self.n_heads);
+        let k = split_heads(project(&self.k_proj, x.clone()), self.n_kv_heads);
+        let v = split_heads(project(&self.v_proj, x), self.n_kv_heads);
         match &self.rope {
             Some(rope) => (rope.apply(q, start), rope.apply(k, start), v),
             None => (q, k, v),
@@ -102,10 +114,33 @@ impl SoftmaxAttention {
     /// The attention heads `[b, n_heads, t, hd]` of `x` `[b, t, d]`, before `out_proj`;
     /// padded keys are hidden from every query.
     pub fn heads(&self, x: Tensor<3>, padding: Option<&Padding>) -> Tensor<4> {
-        let (q, k, v) = self.qkv(x, 0);
+        let heads = self.heads_in(x, padding);
+        if heads.dtype() == burn::tensor::DType::F32 {
+            heads
+        } else {
+            heads.cast(FloatDType::F32)
+        }
+    }
+
+    /// [`Self::heads`], left in the working dtype where torch's kernel takes the heads in
+    /// it (libtorch under autocast): out_proj casts them to it anyway, and so no f32 copy
+    /// of q, k, v or the output is made between the bf16 products and the kernel, as
+    /// under PyTorch's autocast. (Not with RoPE, whose rotation runs in f32.)
+    fn heads_in(&self, x: Tensor<3>, padding: Option<&Padding>) -> Tensor<4> {
+        let dropout = (self.attn_dropout.prob > 0.0).then_some(&self.attn_dropout);
+        let t = x.dims()[1];
+        let torch_kernel = padding.is_none()
+            && self.block_size == 0
+            && dropout.is_none()
+            && self.rope.is_none()
+            && fused_softmax::takes_torch_kernel(&x.device(), self.visibility(), (t, t));
+        let (q, k, v) = if torch_kernel {
+            self.qkv_with(x, 0, linear_low)
+        } else {
+            self.qkv(x, 0)
+        };
         let groups = self.n_heads / self.n_kv_heads;
         let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
-        let dropout = (self.attn_dropout.prob > 0.0).then_some(&self.attn_dropout);
         match padding {
             // The tiled kernel has no key mask: padded batches take the reference form.
             Some(p) => {
@@ -237,7 +272,7 @@ impl TokenMixer for SoftmaxAttention {
         x: Tensor<3>,
         padding: Option<&Padding>,
     ) -> (Tensor<3>, Option<Tensor<1>>) {
-        (self.project_out(self.heads(x, padding)), None)
+        (self.project_out(self.heads_in(x, padding)), None)
     }
 
     /// Ring attention. Attention-weight dropout is not applied (the recipe's loader says so).
