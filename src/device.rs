@@ -335,7 +335,7 @@ pub fn flex_from_f32(
 }
 
 /// Whether `device` is libtorch (CPU or GPU), or its autodiff: where torch's own attention
-/// kernel is registered ([`crate::attention::torch_sdpa`]).
+/// and norm kernels are registered (`crate::torch_kernels`, with `--features tch`).
 pub fn is_libtorch(device: &Device) -> bool {
     #[cfg(feature = "tch")]
     {

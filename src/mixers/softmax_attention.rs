@@ -13,6 +13,7 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use burn::tensor::activation::softmax;
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +23,6 @@ use crate::attention::tiled::{FLASH_BLOCK, FLASH_FROM, attend_tiled, takes_flash
 use crate::attention::{Visibility, merge_heads, naive, repeat_kv, split_heads};
 use crate::padding::Padding;
 use crate::mixed_precision::{linear, linear_low};
-use burn::tensor::FloatDType;
 use crate::options::{OptionError, at_least_one, divisors, fail, positive};
 use crate::parallel::SequenceParallel;
 use crate::parallel::ring_attention::ring_attention;
