@@ -53,8 +53,8 @@ pub trait FusedSoftmaxBackend: Backend {
 
 /// Softmax attention of q `[b, h, t, dk]` over k `[b, h, t, dk]`, v `[b, h, t, dv]` (no key
 /// mask), `dropout` acting on the weights: the extension's weights times v on flex, torch's
-/// fused kernel on libtorch where it applies ([`takes_torch_kernel`]), [`super::naive::attend`]
-/// elsewhere.
+/// fused kernel on libtorch where it applies ([`takes_torch_kernel`]),
+/// [`super::naive::attend`] elsewhere.
 pub fn attend(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -64,9 +64,7 @@ pub fn attend(
 ) -> Tensor<4> {
     if !crate::device::is_flex(&q.device()) {
         #[cfg(feature = "tch")]
-        if dropout.is_none()
-            && takes_torch_kernel(&q.device(), visibility, (q.dims()[2], k.dims()[2]))
-        {
+        if takes_torch_kernel(&q.device(), visibility, (q.dims()[2], k.dims()[2]), dropout) {
             let scale = super::scale(q.dims()[3]);
             return crate::torch_kernels::attention(q, k, v, visibility.causal, scale);
         }
@@ -98,18 +96,18 @@ pub fn attend(
     matmul_blocks(p, v, weighted)
 }
 
-/// Whether [`attend`] without dropout takes torch's kernel
-/// ([`crate::torch_kernels::attention`]): on libtorch, without a window (torch's causal flag
-/// has none) or causal attention between unequal lengths (torch aligns its causal mask
-/// top-left, [`Visibility`] by position). With dropout it never does: torch's would draw
-/// from its own generator, not the recipe's seed.
+/// Whether [`attend`] takes torch's kernel ([`crate::torch_kernels::attention`]): on
+/// libtorch, without dropout (torch's would draw from its own generator, not the recipe's
+/// seed), a window (torch's causal flag has none) or causal attention between unequal
+/// lengths (torch aligns its causal mask top-left, [`Visibility`] by position).
 pub fn takes_torch_kernel(
     device: &Device,
     visibility: Visibility,
     (tq, tk): (usize, usize),
+    dropout: Option<&Dropout>,
 ) -> bool {
-    cfg!(feature = "tch")
-        && crate::device::is_libtorch(device)
+    crate::device::is_libtorch(device)
+        && dropout.is_none()
         && visibility.window == 0
         && (!visibility.causal || tq == tk)
 }

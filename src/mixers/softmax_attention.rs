@@ -128,33 +128,29 @@ impl SoftmaxAttention {
     /// under PyTorch's autocast. (Not with RoPE, whose rotation runs in f32.)
     fn heads_in(&self, x: Tensor<3>, padding: Option<&Padding>) -> Tensor<4> {
         let dropout = (self.attn_dropout.prob > 0.0).then_some(&self.attn_dropout);
-        let t = x.dims()[1];
-        let torch_kernel = padding.is_none()
-            && self.block_size == 0
-            && dropout.is_none()
-            && self.rope.is_none()
-            && fused_softmax::takes_torch_kernel(&x.device(), self.visibility(), (t, t));
-        let (q, k, v) = if torch_kernel {
-            self.qkv_with(x, 0, linear_low)
-        } else {
-            self.qkv(x, 0)
+        let (t, device, vis) = (x.dims()[1], x.device(), self.visibility());
+        // The form is chosen before the projections: it decides their output dtype.
+        let form = match padding {
+            // The tiled kernel has no key mask: padded batches take the reference form.
+            Some(_) => Form::Masked,
+            None if self.block_size > 0 => Form::Tiled(self.block_size),
+            // Long sequences on the CPU: the FlashAttention kernels, faster there too.
+            None if t >= self.tiled_from && takes_flash_path(&device) => Form::Tiled(FLASH_BLOCK),
+            None => Form::Fused,
         };
+        let low = form == Form::Fused
+            && self.rope.is_none()
+            && fused_softmax::takes_torch_kernel(&device, vis, (t, t), dropout);
+        let (q, k, v) = self.qkv_with(x, 0, if low { linear_low } else { linear });
         let groups = self.n_heads / self.n_kv_heads;
         let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
-        match padding {
-            // The tiled kernel has no key mask: padded batches take the reference form.
-            Some(p) => {
+        match (form, padding) {
+            (Form::Masked, Some(p)) => {
                 let hidden = Some(p.hidden_keys());
-                naive::attend_masked(q, k, v, (0, 0), self.visibility(), hidden, dropout).0
+                naive::attend_masked(q, k, v, (0, 0), vis, hidden, dropout).0
             }
-            None if self.block_size > 0 => {
-                attend_tiled(q, k, v, self.block_size, self.visibility(), dropout)
-            }
-            // Long sequences on the CPU: the FlashAttention kernels, faster there too.
-            None if q.dims()[2] >= self.tiled_from && takes_flash_path(&q.device()) => {
-                attend_tiled(q, k, v, FLASH_BLOCK, self.visibility(), dropout)
-            }
-            None => fused_softmax::attend(q, k, v, self.visibility(), dropout),
+            (Form::Tiled(block), _) => attend_tiled(q, k, v, block, vis, dropout),
+            _ => fused_softmax::attend(q, k, v, vis, dropout),
         }
     }
 
@@ -233,6 +229,17 @@ impl SoftmaxAttention {
         let out = linear(&self.out_proj, merge_heads(heads));
         crate::fused_dropout::forward(&self.resid_dropout, out)
     }
+}
+
+/// Which form [`SoftmaxAttention::heads`] runs attention in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// The reference form with a key mask (padded batches).
+    Masked,
+    /// Tiled, in blocks of this many queries.
+    Tiled(usize),
+    /// [`fused_softmax::attend`].
+    Fused,
 }
 
 impl TokenMixer for SoftmaxAttention {
