@@ -11,7 +11,7 @@
 //! uses loops, not closures, around these operations (one closure made a backward 14×
 //! slower, an intrinsic call per vector).
 
-use crate::vector_math::{exp_nonpositive_fma, mul_add};
+use crate::vector_math::{EXP2_POLY, exp2_nonpositive_fma, mul_add};
 
 /// Sixteen f32 lanes and the element-wise operations kernels use on them.
 pub trait F32x16: Copy {
@@ -25,8 +25,8 @@ pub trait F32x16: Copy {
     fn mul(self, other: Self) -> Self;
     /// `self · b + c`, fused where the CPU has FMA.
     fn mul_add(self, b: Self, c: Self) -> Self;
-    /// `exp` of each lane, for lanes ≤ 0: [`crate::vector_math::exp_nonpositive`]'s value.
-    fn exp_nonpositive(self) -> Self;
+    /// `2^x` of each lane, for lanes ≤ 0: [`exp2_nonpositive_fma`]'s value.
+    fn exp2_nonpositive(self) -> Self;
 
     /// Every lane 0.
     #[inline(always)]
@@ -101,10 +101,10 @@ impl<const FMA: bool> F32x16 for Portable<FMA> {
         Self(out)
     }
     #[inline(always)]
-    fn exp_nonpositive(self) -> Self {
+    fn exp2_nonpositive(self) -> Self {
         let mut out = self.0;
         for o in out.iter_mut() {
-            *o = exp_nonpositive_fma::<FMA>(*o);
+            *o = exp2_nonpositive_fma::<FMA>(*o);
         }
         Self(out)
     }
@@ -143,32 +143,25 @@ impl F32x16 for Avx512 {
     fn mul_add(self, b: Self, c: Self) -> Self {
         Self(unsafe { std::arch::x86_64::_mm512_fmadd_ps(self.0, b.0, c.0) })
     }
-    /// [`exp_nonpositive_fma`]'s steps, with 2^k applied by `vscalefps` (one correctly
-    /// rounded product, as its exponent bits and multiply are): the same value in fewer
-    /// instructions.
+    /// [`exp2_nonpositive_fma`]'s steps, k by `vrndscaleps` and 2^k applied by
+    /// `vscalefps` (one correctly rounded product, as the exponent bits and multiply are):
+    /// the same value in fewer instructions.
     #[inline(always)]
-    fn exp_nonpositive(self) -> Self {
+    fn exp2_nonpositive(self) -> Self {
         use std::arch::x86_64::*;
         unsafe {
-            let x = _mm512_min_ps(
-                _mm512_max_ps(self.0, _mm512_set1_ps(-87.0)),
+            let y = _mm512_min_ps(
+                _mm512_max_ps(self.0, _mm512_set1_ps(-126.0)),
                 _mm512_setzero_ps(),
             );
-            // k = round(x·log2 e) by the same fused magic-number sum, so k is the same.
-            let magic = _mm512_set1_ps(12_582_912.0);
-            let shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
-            let k = _mm512_sub_ps(shifted, magic);
-            let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), x);
-            let r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.121_944_4e-4), r);
-            let c = |v: f32| _mm512_set1_ps(v);
-            let mut p = c(1.987_569_1e-4);
-            p = _mm512_fmadd_ps(p, r, c(1.398_199_9e-3));
-            p = _mm512_fmadd_ps(p, r, c(8.333_452e-3));
-            p = _mm512_fmadd_ps(p, r, c(4.166_579_6e-2));
-            p = _mm512_fmadd_ps(p, r, c(1.666_666_5e-1));
-            p = _mm512_fmadd_ps(p, r, c(0.5));
-            let e_r = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), c(1.0));
-            Self(_mm512_scalef_ps(e_r, k))
+            let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
+            let f = _mm512_sub_ps(y, k);
+            let mut p = _mm512_set1_ps(EXP2_POLY[5]);
+            for c in EXP2_POLY[..5].iter().rev() {
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
+            }
+            let p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0));
+            Self(_mm512_scalef_ps(p, k))
         }
     }
 }

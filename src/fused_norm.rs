@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use crate::vector_math::{dot_fma, has_fma, sum, sum_map};
 
-use crate::device::{RunCount, flex_f32, flex_from_f32};
+use crate::device::{RunCount, flex_f32, flex_from_f32, zeroed};
 
 /// Fused norms run in this process (for a test that the model took this path).
 pub static FORWARD_CALLS: RunCount = RunCount::new();
@@ -174,10 +174,13 @@ impl FusedNormBackend for Flex {
         let (shape, dtype) = (x.shape(), x.dtype());
         let (x, gamma, beta) = (flex_f32(&x), flex_f32(&gamma), flex_f32(&beta));
         let d = gamma.len();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(ROWS * d)
+        let mut out = Vec::with_capacity(x.len());
+        out.spare_capacity_mut()[..x.len()]
+            .par_chunks_mut(ROWS * d)
             .zip(x.par_chunks(ROWS * d))
-            .for_each(|(out, x)| norm_rows(out, x, &gamma, &beta, eps as f32, center));
+            .for_each(|(out, x)| norm_rows(zeroed(out), x, &gamma, &beta, eps as f32, center));
+        // SAFETY: the pieces above, one per piece of x, cover all of x's length.
+        unsafe { out.set_len(x.len()) };
         flex_from_f32(out, shape, dtype)
     }
 
@@ -191,18 +194,20 @@ impl FusedNormBackend for Flex {
         let (shape, dtype, g_shape) = (x.shape(), x.dtype(), gamma.shape());
         let (x, gamma, dy) = (flex_f32(&x), flex_f32(&gamma), flex_f32(&grad));
         let d = gamma.len();
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = Vec::with_capacity(x.len());
         // Each task's partial sums of dgamma and dbeta, added up after.
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx.spare_capacity_mut()[..x.len()]
             .par_chunks_mut(ROWS * d)
             .zip(x.par_chunks(ROWS * d).zip(dy.par_chunks(ROWS * d)))
             .map(|(dx, (x, dy))| {
                 let (mut dgamma, mut dbeta) = (vec![0f32; d], vec![0f32; d]);
                 let sums = (&mut dgamma[..], &mut dbeta[..]);
-                norm_rows_backward(dx, x, dy, &gamma, sums, eps as f32, center);
+                norm_rows_backward(zeroed(dx), x, dy, &gamma, sums, eps as f32, center);
                 (dgamma, dbeta)
             })
             .collect();
+        // SAFETY: the pieces above, one per piece of x, cover all of x's length.
+        unsafe { dx.set_len(x.len()) };
         let (mut dgamma, mut dbeta) = (vec![0f32; d], vec![0f32; d]);
         for (g, b) in partials {
             for j in 0..d {

@@ -20,7 +20,7 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use crate::activations::sigmoid_and_exp;
-use crate::device::{RunCount, flex_f32, flex_from_f32};
+use crate::device::{RunCount, flex_f32, flex_from_f32, zeroed};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait ConvSiluBackend: Backend {
@@ -256,14 +256,18 @@ impl ConvSiluBackend for Flex {
         let (shape, dtype) = (x.shape(), x.dtype());
         let inputs = Inputs::read(&x, &history, &weight, &bias);
         let (t, ch) = (inputs.t, inputs.ch);
-        let mut y = vec![0f32; shape.num_elements()];
+        let len = shape.num_elements();
+        let mut y = Vec::with_capacity(len);
         if t > 0 && ch > 0 {
-            y.par_chunks_mut(t * ch).enumerate().for_each(|(i, seq)| {
+            let sequences = y.spare_capacity_mut()[..len].par_chunks_mut(t * ch);
+            sequences.enumerate().for_each(|(i, seq)| {
                 seq.par_chunks_mut(PIECE * ch)
                     .enumerate()
-                    .for_each(|(p, out)| forward_piece(&inputs, i, p * PIECE, out));
+                    .for_each(|(p, out)| forward_piece(&inputs, i, p * PIECE, zeroed(out)));
             });
         }
+        // SAFETY: the pieces above cover all `len` elements (none when t or ch is 0).
+        unsafe { y.set_len(len) };
         FORWARD_CALLS.record();
         flex_from_f32(y, shape, dtype)
     }
@@ -281,13 +285,14 @@ impl ConvSiluBackend for Flex {
         let grad = flex_f32(&grad);
         let (t, ch, kernel) = (inputs.t, inputs.ch, inputs.kernel);
         let h = kernel - 1;
-        let mut gx = vec![0f32; x_shape.num_elements()];
+        let len = x_shape.num_elements();
+        let mut gx = Vec::with_capacity(len);
         let mut g_history = vec![0f32; h_shape.num_elements()];
         let zero = || (vec![0f32; kernel * ch], vec![0f32; ch]);
         // The pieces' partial sums are added in piece order, not as rayon's reduce would
         // (its order follows the work stealing), so every run gives the same bits.
         let (g_w, g_b) = if t > 0 && ch > 0 {
-            let parts: Vec<Sums> = gx
+            let parts: Vec<Sums> = gx.spare_capacity_mut()[..len]
                 .par_chunks_mut(t * ch)
                 .enumerate()
                 .flat_map(|(i, gx)| {
@@ -295,12 +300,14 @@ impl ConvSiluBackend for Flex {
                         .enumerate()
                         .map(move |(p, gx)| (i, p, gx))
                 })
-                .map(|(i, p, gx)| backward_piece(&inputs, &grad, (i, p * PIECE), gx))
+                .map(|(i, p, gx)| backward_piece(&inputs, &grad, (i, p * PIECE), zeroed(gx)))
                 .collect();
             parts.into_iter().fold(zero(), add_sums)
         } else {
             zero()
         };
+        // SAFETY: the pieces above cover all `len` elements (none when t or ch is 0).
+        unsafe { gx.set_len(len) };
         if t > 0 && h > 0 && ch > 0 {
             g_history
                 .par_chunks_mut(h * ch)

@@ -18,7 +18,7 @@ use burn::tensor::DType;
 use rayon::prelude::*;
 
 use crate::activations::{sigmoid_and_exp, silu};
-use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex};
+use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, zeroed};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SkipGateBackend: Backend {
@@ -160,12 +160,16 @@ impl SkipGateBackend for Flex {
         let tensors = [y, u, d, z];
         let x = Inputs::read(&tensors);
         let w = x.width();
-        let mut out = vec![0f32; shape.num_elements()];
+        let len = shape.num_elements();
+        let mut out = Vec::with_capacity(len);
         if w > 0 {
-            out.par_chunks_mut(ROWS * w)
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(ROWS * w)
                 .enumerate()
-                .for_each(|(p, out)| forward_rows(&x, p * ROWS, out));
+                .for_each(|(p, out)| forward_rows(&x, p * ROWS, zeroed(out)));
         }
+        // SAFETY: the pieces above cover all `len` elements (none when w = 0: len = 0).
+        unsafe { out.set_len(len) };
         FORWARD_CALLS.record();
         flex_from_f32(out, shape, dtype)
     }
@@ -182,22 +186,31 @@ impl SkipGateBackend for Flex {
         let x = Inputs::read(&tensors);
         let grad = flex_f32(&grad);
         let (w, len) = (x.width(), shape.num_elements());
-        let (mut gy, mut gu, mut gz) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
+        let [mut gy, mut gu, mut gz] = [(); 3].map(|_| Vec::with_capacity(len));
         let mut gd = vec![0f32; w];
         if w > 0 {
             let piece = ROWS * w;
-            let parts: Vec<Vec<f32>> = gy
+            let parts: Vec<Vec<f32>> = gy.spare_capacity_mut()[..len]
                 .par_chunks_mut(piece)
-                .zip(gu.par_chunks_mut(piece))
-                .zip(gz.par_chunks_mut(piece))
+                .zip(gu.spare_capacity_mut()[..len].par_chunks_mut(piece))
+                .zip(gz.spare_capacity_mut()[..len].par_chunks_mut(piece))
                 .enumerate()
-                .map(|(p, ((gy, gu), gz))| backward_rows(&x, &grad, p * ROWS, (gy, gu, gz)))
+                .map(|(p, ((gy, gu), gz))| {
+                    let outputs = (zeroed(gy), zeroed(gu), zeroed(gz));
+                    backward_rows(&x, &grad, p * ROWS, outputs)
+                })
                 .collect();
             // Summed in piece order, not as rayon's reduce would (its order follows the work
             // stealing), so every run gives the same bits.
             for part in parts {
                 gd.iter_mut().zip(part).for_each(|(acc, v)| *acc += v);
             }
+        }
+        // SAFETY: the pieces above cover all `len` elements of each (none when w = 0).
+        unsafe {
+            gy.set_len(len);
+            gu.set_len(len);
+            gz.set_len(len);
         }
         (
             flex_from_f32(gy, shape.clone(), dtype),

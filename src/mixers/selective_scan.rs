@@ -294,6 +294,24 @@ impl<'a> Chunk<'a> {
         (self.i * self.dims.t + step) * self.dims.d + self.c0
     }
 
+    /// This chunk's lanes of a `[b, t, d]` tensor at steps `start .. start + out.len()`,
+    /// into `out` (lanes past the width 0). A segment's inputs are gathered once and read
+    /// by every group of rows, from a buffer whose index needs no bounds check per row.
+    fn gather(&self, values: &[f32], start: usize, out: &mut [Lanes]) {
+        let d = self.dims.d;
+        let rows = values[self.row(start)..].chunks(d);
+        if self.width == LANES {
+            for (lanes, row) in out.iter_mut().zip(rows) {
+                *lanes = row[..LANES].try_into().unwrap();
+            }
+        } else {
+            for (lanes, row) in out.iter_mut().zip(rows) {
+                lanes[..self.width].copy_from_slice(&row[..self.width]);
+                lanes[self.width..].fill(0.0);
+            }
+        }
+    }
+
     /// This chunk's lanes of a `[b, t, d]` tensor at `step`.
     #[inline(always)]
     fn lanes<V: F32x16>(&self, values: &[f32], step: usize) -> V {
@@ -311,21 +329,22 @@ impl<'a> Chunk<'a> {
         unsafe { out.write(self.row(step), &v[..self.width]) }
     }
 
-    /// B or C of `step`, rows `k0 .. k0 + G`.
+    /// This chunk's sequence's rows of B or C `[b, t, n]` at steps `start .. end`.
     #[inline(always)]
-    fn bc<const G: usize>(&self, values: &'a [f32], step: usize, k0: usize) -> &'a [f32; G] {
-        let at = (self.i * self.dims.t + step) * self.dims.n + k0;
-        values[at..at + G].try_into().unwrap()
+    fn seq_rows(&self, values: &'a [f32], (start, end): (usize, usize)) -> &'a [f32] {
+        let (t, n) = (self.dims.t, self.dims.n);
+        &values[(self.i * t + start) * n..(self.i * t + end) * n]
     }
 
-    /// A's rows `k0 .. k0 + G` for this chunk's channels.
+    /// A's rows `k0 .. k0 + G` for this chunk's channels, times log₂e: a step's decay
+    /// `exp(Δ·A)` is then `2^(Δ·A log₂e)`, the cheaper exponential.
     #[inline(always)]
     fn a_rows<V: F32x16, const G: usize>(&self, k0: usize) -> [V; G] {
         let n = self.dims.n;
         let mut rows = [[0f32; LANES]; G];
         for l in 0..self.width {
             for (g, row) in rows.iter_mut().enumerate() {
-                row[l] = self.x.a[(self.c0 + l) * n + k0 + g];
+                row[l] = self.x.a[(self.c0 + l) * n + k0 + g] * std::f32::consts::LOG2_E;
             }
         }
         load_rows(&rows)
@@ -360,26 +379,20 @@ impl<'a> Chunk<'a> {
         }
     }
 
-    /// One step of rows `k0 .. k0 + G`: `h ← e ⊙ h + Δ·u·B`, `e = exp(Δ·A)`; the decays
-    /// written to `decays` (`[G]` lanes) where given.
+    /// One step of rows `k0 .. k0 + G` (`a` from [`Self::a_rows`]), given the step's Δ, Δ·u
+    /// and its B rows: `h ← e ⊙ h + Δ·u·B`, `e = exp(Δ·A)`; the decays written to `decays`
+    /// where given.
     #[inline(always)]
     fn step<V: F32x16, const G: usize>(
         &self,
-        step: usize,
-        k0: usize,
+        (dl, dlu, b): (V, V, &[f32; G]),
         (a, h): (&[V; G], &mut [V; G]),
-        mut decays: Option<&mut [Lanes]>,
+        mut decays: Option<&mut [Lanes; G]>,
     ) {
-        let (dl, u) = (
-            self.lanes::<V>(&self.x.delta, step),
-            self.lanes::<V>(&self.x.u, step),
-        );
-        let dlu = dl.mul(u);
-        let b = self.bc::<G>(&self.x.b, step, k0);
         // (Branches, not closures: a closure is a function boundary that the intrinsics
         // behind `V` are not inlined across.)
         let shared = if self.shared_decay {
-            dl.mul(a[0]).exp_nonpositive()
+            dl.mul(a[0]).exp2_nonpositive()
         } else {
             V::zero()
         };
@@ -387,7 +400,7 @@ impl<'a> Chunk<'a> {
             let e = if self.shared_decay {
                 shared
             } else {
-                dl.mul(a[g]).exp_nonpositive()
+                dl.mul(a[g]).exp2_nonpositive()
             };
             if let Some(decays) = decays.as_deref_mut() {
                 e.store(&mut decays[g]);
@@ -396,43 +409,38 @@ impl<'a> Chunk<'a> {
         }
     }
 
-    /// The forward of rows `k0 .. k0 + G` from their state `h` (left at the final state):
-    /// their terms of y, added to `y` (`[t]` lanes).
+    /// Rows `k0 .. k0 + G` through a segment's `steps` from their state `h` (left at the
+    /// state after): their terms of y, added to `y` (`[len]` lanes) where given.
     #[inline(always)]
-    fn forward<V: F32x16, const G: usize>(&self, k0: usize, h: &mut [Lanes], y: &mut [Lanes]) {
+    fn forward<V: F32x16, const G: usize>(
+        &self,
+        k0: usize,
+        steps: &Steps,
+        h: &mut [Lanes],
+        mut y: Option<&mut [Lanes]>,
+    ) {
+        let n = self.dims.n;
         let a = self.a_rows::<V, G>(k0);
         let mut hr: [V; G] = load_rows(h[k0..k0 + G].try_into().unwrap());
-        for (step, y) in y.iter_mut().enumerate() {
-            self.step::<V, G>(step, k0, (&a, &mut hr), None);
-            let c = self.bc::<G>(&self.x.c, step, k0);
-            let mut acc = V::load(y);
-            for g in 0..G {
-                acc = V::splat(c[g]).mul_add(hr[g], acc);
+        let inputs = steps.dl.iter().zip(steps.dlu).zip(steps.b.chunks_exact(n));
+        for (s, ((dl, dlu), b)) in inputs.enumerate() {
+            let b = b[k0..k0 + G].try_into().unwrap();
+            self.step::<V, G>((V::load(dl), V::load(dlu), b), (&a, &mut hr), None);
+            if let Some(y) = y.as_deref_mut() {
+                let c: &[f32; G] = steps.c[s * n + k0..s * n + k0 + G].try_into().unwrap();
+                let mut acc = V::load(&y[s]);
+                for g in 0..G {
+                    acc = V::splat(c[g]).mul_add(hr[g], acc);
+                }
+                acc.store(&mut y[s]);
             }
-            acc.store(y);
         }
         for g in 0..G {
             hr[g].store(&mut h[k0 + g]);
         }
     }
 
-    /// Rows `k0 .. k0 + G` through all but the last segment, keeping the state that enters
-    /// each segment: `entering[s]` (`[n]` lanes).
-    #[inline(always)]
-    fn enter_segments<V: F32x16, const G: usize>(&self, k0: usize, entering: &mut [Vec<Lanes>]) {
-        let a = self.a_rows::<V, G>(k0);
-        let mut h: [V; G] = load_rows(entering[0][k0..k0 + G].try_into().unwrap());
-        for (s, enter) in entering.iter_mut().enumerate().skip(1) {
-            for step in (s - 1) * SEGMENT..s * SEGMENT {
-                self.step::<V, G>(step, k0, (&a, &mut h), None);
-            }
-            for g in 0..G {
-                h[g].store(&mut enter[k0 + g]);
-            }
-        }
-    }
-
-    /// The backward of rows `k0 .. k0 + G` over one segment's steps, from the state that
+    /// The backward of rows `k0 .. k0 + G` over one segment's `steps`, from the state that
     /// enters it: λ = ∂L/∂h and dA's rows (`[n]` lanes) carried back through it; each
     /// step's sums over rows for dΔ and du added to `buffers.via`, and its per-channel terms
     /// of dB and dC to `buffers.sums_b`, `buffers.sums_c`.
@@ -440,64 +448,105 @@ impl<'a> Chunk<'a> {
     fn backward_segment<V: F32x16, const G: usize>(
         &self,
         k0: usize,
-        (start, end): (usize, usize),
-        (gy, entering): (&[f32], &[Lanes]),
+        (steps, gy): (&Steps, &[Lanes]),
+        entering: &[Lanes],
         (lam, g_a): (&mut [Lanes], &mut [Lanes]),
-        buffers: &mut SegmentBuffers,
+        buffers: &mut SegmentWork,
     ) {
-        let n = self.dims.n;
+        let (n, len) = (self.dims.n, steps.dl.len());
         let a = self.a_rows::<V, G>(k0);
-        // Slices, not the Vecs: LLVM reloaded each Vec's pointer at every access.
-        let (states, decays) = (&mut buffers.states[..], &mut buffers.decays[..]);
-        let (sums_b, sums_c) = (&mut buffers.sums_b[..], &mut buffers.sums_c[..]);
-        let via = &mut buffers.via[..];
+        // Slices of the segment's length, walked by iterators: no bounds check per row.
+        let (states, decays) = (
+            &mut buffers.states[..len * G],
+            &mut buffers.decays[..len * G],
+        );
+        let (sums_b, sums_c) = (
+            &mut buffers.sums_b[..len * n],
+            &mut buffers.sums_c[..len * n],
+        );
+        let via = &mut buffers.via[..2 * len];
+        let inputs = || steps.dl.iter().zip(steps.dlu).zip(gy);
         // Recompute the segment's states h_(t−1) and decays from its entering state, and
         // dC's terms gy ⊙ h_t on the way.
         let mut h: [V; G] = load_rows(entering[k0..k0 + G].try_into().unwrap());
-        for (s, step) in (start..end).enumerate() {
+        let kept = states.chunks_exact_mut(G).zip(decays.chunks_exact_mut(G));
+        let rows = steps.b.chunks_exact(n).zip(sums_c.chunks_exact_mut(n));
+        for (((state, decay), (b, sum_c)), ((dl, dlu), gy)) in kept.zip(rows).zip(inputs()) {
             for g in 0..G {
-                h[g].store(&mut states[s * G + g]);
+                h[g].store(&mut state[g]);
             }
-            let kept = &mut decays[s * G..(s + 1) * G];
-            self.step::<V, G>(step, k0, (&a, &mut h), Some(kept));
-            let gy = self.lanes::<V>(gy, step);
+            let b = b[k0..k0 + G].try_into().unwrap();
+            let decay = decay.try_into().unwrap();
+            self.step::<V, G>((V::load(dl), V::load(dlu), b), (&a, &mut h), Some(decay));
+            let gy = V::load(gy);
             for g in 0..G {
-                let sum = &mut sums_c[s * n + k0 + g];
+                let sum = &mut sum_c[k0 + g];
                 gy.mul_add(h[g], V::load(sum)).store(sum);
             }
         }
         // Back in time through y_t = C_t · h_t and h_t = e ⊙ h_(t−1) + Δ·u·B_t.
         let mut lam_r: [V; G] = load_rows(lam[k0..k0 + G].try_into().unwrap());
         let mut ga_r: [V; G] = load_rows(g_a[k0..k0 + G].try_into().unwrap());
-        for (s, step) in (start..end).enumerate().rev() {
-            let (dl, u) = (
-                self.lanes::<V>(&self.x.delta, step),
-                self.lanes::<V>(&self.x.u, step),
-            );
-            let (gy, dlu) = (self.lanes::<V>(gy, step), dl.mul(u));
-            let (b, c) = (
-                self.bc::<G>(&self.x.b, step, k0),
-                self.bc::<G>(&self.x.c, step, k0),
-            );
+        let kept = states.chunks_exact(G).zip(decays.chunks_exact(G));
+        let rows = steps.b.chunks_exact(n).zip(steps.c.chunks_exact(n));
+        let sums = sums_b.chunks_exact_mut(n).zip(via.chunks_exact_mut(2));
+        let back_in_time = kept.zip(rows).zip(sums).zip(inputs()).rev();
+        for ((((states, decays), (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
+            let (dl, dlu, gy) = (V::load(dl), V::load(dlu), V::load(gy));
+            let (b, c) = (&b[k0..k0 + G], &c[k0..k0 + G]);
+            let sum_b = &mut sum_b[k0..k0 + G];
             // Σ_k λ_k·A_k·e_k·h_(t−1),k and Σ_k λ_k·B_k per channel: dΔ and du follow.
-            let (mut via_decay, mut via_input) = (V::load(&via[2 * s]), V::load(&via[2 * s + 1]));
+            let (mut via_decay, mut via_input) = (V::load(&via[0]), V::load(&via[1]));
             for g in 0..G {
-                let (e, h_prev) = (V::load(&decays[s * G + g]), V::load(&states[s * G + g]));
+                let (e, h_prev) = (V::load(&decays[g]), V::load(&states[g]));
                 let lam = gy.mul_add(V::splat(c[g]), lam_r[g]);
-                let sum = &mut sums_b[s * n + k0 + g];
-                lam.mul_add(dlu, V::load(sum)).store(sum);
+                lam.mul_add(dlu, V::load(&sum_b[g])).store(&mut sum_b[g]);
                 let back = lam.mul(e).mul(h_prev);
                 via_decay = back.mul_add(a[g], via_decay);
                 via_input = lam.mul_add(V::splat(b[g]), via_input);
                 ga_r[g] = back.mul_add(dl, ga_r[g]);
                 lam_r[g] = lam.mul(e);
             }
-            via_decay.store(&mut via[2 * s]);
-            via_input.store(&mut via[2 * s + 1]);
+            via_decay.store(&mut via[0]);
+            via_input.store(&mut via[1]);
         }
         for g in 0..G {
             lam_r[g].store(&mut lam[k0 + g]);
             ga_r[g].store(&mut g_a[k0 + g]);
+        }
+    }
+}
+
+/// A segment's inputs for one chunk: Δ and Δ·u per step (`[len]` lanes, gathered once per
+/// chunk and segment), and the sequence's B and C rows (`[len][n]`, in place).
+struct Steps<'s> {
+    dl: &'s [Lanes],
+    dlu: &'s [Lanes],
+    b: &'s [f32],
+    c: &'s [f32],
+}
+
+impl<'s> Steps<'s> {
+    /// Steps `start .. end` of `chunk`, Δ and Δ·u gathered into `dl` and `dlu`.
+    fn gather(
+        chunk: &Chunk<'s>,
+        (start, end): (usize, usize),
+        (dl, dlu): (&'s mut [Lanes], &'s mut [Lanes]),
+    ) -> Self {
+        let len = end - start;
+        let (dl, dlu) = (&mut dl[..len], &mut dlu[..len]);
+        chunk.gather(&chunk.x.delta, start, dl);
+        chunk.gather(&chunk.x.u, start, dlu);
+        for (dlu, dl) in dlu.iter_mut().zip(dl.iter()) {
+            for (v, d) in dlu.iter_mut().zip(dl) {
+                *v *= d;
+            }
+        }
+        Self {
+            dl,
+            dlu,
+            b: chunk.seq_rows(&chunk.x.b, (start, end)),
+            c: chunk.seq_rows(&chunk.x.c, (start, end)),
         }
     }
 }
@@ -509,22 +558,40 @@ impl<'a> Chunk<'a> {
     "x86_64+sse4.2",
     "aarch64+neon"
 ))]
-fn forward_task(x: &Inputs, dims: Dims, (i, d0, w): Task, (y_out, h_out): (Output, Output)) {
-    let mut y = vec![[0f32; LANES]; dims.t];
+fn forward_task(x: &Inputs, dims: Dims, task: Task, outputs: (Output, Output)) {
+    with_f32x16!(V => forward_task_in::<V>(x, dims, task, outputs))
+}
+
+/// [`forward_task`] on lanes `V`, a segment of steps at a time.
+#[inline(always)]
+fn forward_task_in<V: F32x16>(
+    x: &Inputs,
+    dims: Dims,
+    (i, d0, w): Task,
+    (y_out, h_out): (Output, Output),
+) {
+    let len = SEGMENT.min(dims.t);
+    let [mut dl, mut dlu, mut y] = [(); 3].map(|_| vec![[0f32; LANES]; len]);
     for c0 in (d0..d0 + w).step_by(LANES) {
         let chunk = Chunk::new(x, dims, (i, c0, (d0 + w - c0).min(LANES)));
         let mut h = chunk.read_state(&x.h0);
-        y.fill([0.0; LANES]);
-        for (k0, rows) in groups(dims.n) {
-            with_f32x16!(V => with_group!(rows, G => chunk.forward::<V, G>(k0, &mut h, &mut y)));
-        }
-        // SAFETY: this chunk's channels of every row, and its rows of the final state.
-        unsafe {
-            for (step, y) in y.iter().enumerate() {
-                y_out.write(chunk.row(step), &y[..chunk.width]);
+        for start in (0..dims.t).step_by(SEGMENT) {
+            let end = (start + SEGMENT).min(dims.t);
+            let steps = Steps::gather(&chunk, (start, end), (&mut dl, &mut dlu));
+            let y = &mut y[..end - start];
+            y.fill([0.0; LANES]);
+            for (k0, rows) in groups(dims.n) {
+                with_group!(rows, G => chunk.forward::<V, G>(k0, &steps, &mut h, Some(&mut *y)));
             }
-            chunk.write_state(h_out, &h);
+            // SAFETY: this chunk's channels of the segment's rows.
+            unsafe {
+                for (step, y) in (start..).zip(y.iter()) {
+                    y_out.write(chunk.row(step), &y[..chunk.width]);
+                }
+            }
         }
+        // SAFETY: this chunk's rows of the final state.
+        unsafe { chunk.write_state(h_out, &h) };
     }
 }
 
@@ -565,6 +632,13 @@ fn backward_task_in<V: F32x16>(
         .step_by(LANES)
         .map(|c0| Chunk::new(x, dims, (i, c0, (d0 + w - c0).min(LANES))))
         .collect();
+    buffers.fit(SEGMENT.min(t), n);
+    let SegmentBuffers {
+        dl,
+        dlu,
+        gy: gy_steps,
+        work,
+    } = buffers;
     // Per chunk: λ (from the final state's gradient), dA, and the state entering each
     // segment, `[n]` lanes each.
     let mut lam: Vec<Vec<Lanes>> = chunks.iter().map(|c| c.read_state(gh)).collect();
@@ -572,38 +646,41 @@ fn backward_task_in<V: F32x16>(
     // (A loop, not a closure: `V`'s intrinsics are not inlined across a closure.)
     let mut entering = Vec::with_capacity(chunks.len());
     for chunk in &chunks {
-        let mut states = vec![vec![[0f32; LANES]; n]; segments];
-        states[0] = chunk.read_state(&x.h0);
-        for &(k0, rows) in &groups {
-            with_group!(rows, G => chunk.enter_segments::<V, G>(k0, &mut states));
+        let mut states = vec![chunk.read_state(&x.h0)];
+        for segment in 1..segments {
+            let range = ((segment - 1) * SEGMENT, segment * SEGMENT);
+            let steps = Steps::gather(chunk, range, (&mut dl[..], &mut dlu[..]));
+            let mut h = states[segment - 1].clone();
+            for &(k0, rows) in &groups {
+                with_group!(rows, G => chunk.forward::<V, G>(k0, &steps, &mut h, None));
+            }
+            states.push(h);
         }
         entering.push(states);
     }
     let (mut g_b, mut g_c) = (vec![0f32; t * n], vec![0f32; t * n]);
-    buffers.fit(SEGMENT.min(t), n);
     for segment in (0..segments).rev() {
         let (start, end) = (segment * SEGMENT, ((segment + 1) * SEGMENT).min(t));
         let len = end - start;
-        buffers.sums_b[..len * n].fill([0.0; LANES]);
-        buffers.sums_c[..len * n].fill([0.0; LANES]);
+        work.sums_b[..len * n].fill([0.0; LANES]);
+        work.sums_c[..len * n].fill([0.0; LANES]);
         for (c, chunk) in chunks.iter().enumerate() {
-            buffers.via[..2 * len].fill([0.0; LANES]);
+            let steps = Steps::gather(chunk, (start, end), (&mut dl[..], &mut dlu[..]));
+            let gy_steps = &mut gy_steps[..len];
+            chunk.gather(gy, start, gy_steps);
+            work.via[..2 * len].fill([0.0; LANES]);
             for &(k0, rows) in &groups {
-                let inputs = (gy, &entering[c][segment][..]);
                 let carried = (&mut lam[c][..], &mut g_a[c][..]);
                 with_group!(rows, G => chunk.backward_segment::<V, G>(
-                    k0, (start, end), inputs, carried, buffers
+                    k0, (&steps, gy_steps), &entering[c][segment], carried, work
                 ));
             }
-            for (s, step) in (start..end).enumerate() {
-                let (dl, u) = (
-                    chunk.lanes::<V>(&x.delta, step),
-                    chunk.lanes::<V>(&x.u, step),
-                );
-                let (via_decay, via_input) = (
-                    V::load(&buffers.via[2 * s]),
-                    V::load(&buffers.via[2 * s + 1]),
-                );
+            let via = work.via[..2 * len].chunks_exact(2);
+            for ((step, dl), via) in (start..end).zip(steps.dl).zip(via) {
+                let (dl, u) = (V::load(dl), chunk.lanes::<V>(&x.u, step));
+                // via_decay summed A log₂e: ln 2 brings it back to A.
+                let via_decay = V::load(&via[0]).mul(V::splat(std::f32::consts::LN_2));
+                let via_input = V::load(&via[1]);
                 // SAFETY: this chunk's channels of this step's row.
                 unsafe {
                     chunk.store(d_delta, step, via_input.mul_add(u, via_decay));
@@ -613,8 +690,8 @@ fn backward_task_in<V: F32x16>(
         }
         for s in 0..len {
             for k in 0..n {
-                g_b[(start + s) * n + k] = add_lanes(buffers.sums_b[s * n + k]);
-                g_c[(start + s) * n + k] = add_lanes(buffers.sums_c[s * n + k]);
+                g_b[(start + s) * n + k] = add_lanes(work.sums_b[s * n + k]);
+                g_c[(start + s) * n + k] = add_lanes(work.sums_c[s * n + k]);
             }
         }
     }
@@ -634,11 +711,21 @@ fn backward_task_in<V: F32x16>(
 /// A task's sequence, first channel and width.
 type Task = (usize, usize, usize);
 
-/// One segment's buffers, reused from task to task on a thread: a group's recomputed
-/// states h_(t−1) and decays (`[SEGMENT][GROUPS[0]]` lanes each), the per-channel terms of dB and
-/// dC (`[SEGMENT][n]` lanes), and the per-step sums for dΔ and du (`[SEGMENT][2]` lanes).
+/// One segment's buffers, reused from task to task on a thread: a chunk's gathered Δ, Δ·u
+/// and output gradient (`[SEGMENT]` lanes each) and the backward's work space.
 #[derive(Default)]
 struct SegmentBuffers {
+    dl: Vec<Lanes>,
+    dlu: Vec<Lanes>,
+    gy: Vec<Lanes>,
+    work: SegmentWork,
+}
+
+/// A group's recomputed states h_(t−1) and decays (`[SEGMENT][GROUPS[0]]` lanes each), the
+/// per-channel terms of dB and dC (`[SEGMENT][n]` lanes), and the per-step sums for dΔ and
+/// du (`[SEGMENT][2]` lanes).
+#[derive(Default)]
+struct SegmentWork {
     states: Vec<Lanes>,
     decays: Vec<Lanes>,
     sums_b: Vec<Lanes>,
@@ -650,12 +737,16 @@ impl SegmentBuffers {
     /// Room for segments of `len` steps and `n` state rows.
     fn fit(&mut self, len: usize, n: usize) {
         let group = GROUPS[0];
+        let work = &mut self.work;
         for (buffer, size) in [
-            (&mut self.states, len * group),
-            (&mut self.decays, len * group),
-            (&mut self.sums_b, len * n),
-            (&mut self.sums_c, len * n),
-            (&mut self.via, 2 * len),
+            (&mut self.dl, len),
+            (&mut self.dlu, len),
+            (&mut self.gy, len),
+            (&mut work.states, len * group),
+            (&mut work.decays, len * group),
+            (&mut work.sums_b, len * n),
+            (&mut work.sums_c, len * n),
+            (&mut work.via, 2 * len),
         ] {
             if buffer.len() < size {
                 buffer.resize(size, [0.0; LANES]);
