@@ -82,6 +82,12 @@ pub fn apply<const D: usize>(x: Tensor<D>, f: Pointwise) -> Tensor<D> {
     ))
 }
 
+/// `ln(1 + eˣ)`, as `max(x, 0) + ln(1 + e^(−|x|))`, which cannot overflow.
+#[inline(always)]
+pub(crate) fn softplus_of(x: f32) -> f32 {
+    x.max(0.0) + ln_1p_unit(sigmoid_and_exp(x).1)
+}
+
 /// `sigmoid(x)` and `e^(−|x|)`, from one exp that cannot overflow.
 #[inline(always)]
 pub(crate) fn sigmoid_and_exp(x: f32) -> (f32, f32) {
@@ -98,9 +104,7 @@ impl ActivationBackend for Flex {
                 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
             }),
             Pointwise::Silu => flex_map(x, None, |x, _| x * sigmoid_and_exp(x).0),
-            Pointwise::Softplus => flex_map(x, None, |x, _| {
-                x.max(0.0) + ln_1p_unit(sigmoid_and_exp(x).1)
-            }),
+            Pointwise::Softplus => flex_map(x, None, |x, _| softplus_of(x)),
             Pointwise::EluPlusOne => {
                 flex_map(
                     x,

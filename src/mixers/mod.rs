@@ -10,6 +10,7 @@
 pub mod causal_conv1d;
 pub mod decayed_scan;
 pub mod fused_conv1d;
+pub mod fused_delta;
 pub mod fused_gate;
 pub mod fused_linear_attention;
 pub mod selective_scan;

@@ -23,12 +23,13 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use crate::activations::{silu, softplus};
+use crate::activations::silu;
 
 use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
 use serde::{Deserialize, Serialize};
 
 use super::decayed_scan::decayed_scan;
+use super::fused_delta;
 use super::fused_gate::skip_gate;
 use super::selective_scan;
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
@@ -139,7 +140,7 @@ impl Ssm {
         let dt = dbc.clone().narrow(2, 0, r);
         let b = dbc.clone().narrow(2, r, n);
         let c = dbc.narrow(2, r + n, n);
-        let mut delta = softplus(linear(dir.dt_proj, dt));
+        let mut delta = fused_delta::delta(dir.dt_proj, dt);
         if let Some(p) = padding {
             delta = delta * p.column();
         }
@@ -268,7 +269,7 @@ impl TokenMixer for Ssm {
         let dt = dbc.clone().slice([0..bsz, 0..1, 0..r]);
         let b = dbc.clone().slice([0..bsz, 0..1, r..r + n]);
         let c = dbc.slice([0..bsz, 0..1, r + n..r + 2 * n]);
-        let delta = softplus(linear(&self.dt_proj, dt));
+        let delta = fused_delta::delta(&self.dt_proj, dt);
         let a = self.A_log.val().exp().neg().unsqueeze::<3>();
         let (y, h) = scan_step(state.h, delta, u.clone(), a, b, c);
         let y = (y + u * self.D.val().unsqueeze::<3>()) * silu(z);

@@ -1,0 +1,294 @@
+//! Mamba's step sizes Δ = softplus(dt · W + b), dt_proj and its softplus, fused as a Burn
+//! backend extension on flex. dt is x_proj's first `dt_rank` outputs, few columns
+//! (⌈d_model / 16⌉, 8 at the default size), so `dt · W` is mostly its output's writes: gemm
+//! ran a default layer's 768 × 8 × 256 product at a quarter of its rate on wide ones
+//! (60 µs, and splitting it across threads did not help), then the bias and the softplus
+//! were a pass each, and their backwards three more passes and two products. Here one pass
+//! over rows forms each row's `dt_rank`-term sums, adds the bias and applies the softplus;
+//! the backward recomputes them and, in one more pass, writes dt's gradient and sums W's
+//! and b's. mamba_ssm folds the bias and softplus into its scan (`delta_bias`,
+//! `delta_softplus`) and leaves the product to cuBLAS.
+//!
+//! The reference is [`delta_reference`]; a test holds the two equal, gradients included.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::DType;
+use rayon::prelude::*;
+
+use crate::activations::{sigmoid_and_exp, softplus, softplus_of};
+use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, zeroed};
+use crate::mixed_precision::{linear, working_dtype};
+use crate::vector_math::{dot_fma, has_fma, mul_add};
+
+#[backend_extension(Flex, Autodiff)]
+pub trait DeltaBackend: Backend {
+    /// dt `[rows, r]`, W `[r, d]`, b `[d]` → Δ `[rows, d]`.
+    fn delta(
+        dt: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// The gradients of dt, W and b given Δ's (`grad` `[rows, d]`).
+    fn delta_backward(
+        dt: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// Fused Δs run in this process (for a test that the extension took this path).
+pub static FORWARD_CALLS: RunCount = RunCount::new();
+
+/// Δ = softplus(dt_proj(dt)) for dt `[b, t, dt_rank]`: the extension for f32 on flex when
+/// dt_proj has its bias (Mamba's always does), [`delta_reference`] otherwise (and under
+/// autocast, whose projection rounds its operands).
+pub fn delta(dt_proj: &Linear, dt: Tensor<3>) -> Tensor<3> {
+    let fused = is_flex(&dt.device())
+        && working_dtype().is_none()
+        && dt.dtype() == DType::F32
+        && dt.dims()[2] > 0;
+    let Some(bias) = dt_proj.bias.as_ref().filter(|_| fused) else {
+        return delta_reference(dt_proj, dt);
+    };
+    let [bsz, t, r] = dt.dims();
+    let d = dt_proj.weight.dims()[1];
+    let out = <burn::backend::Dispatch as DeltaBackend>::delta(
+        dt.reshape([bsz * t, r]).into_dispatch(),
+        dt_proj.weight.val().into_dispatch(),
+        bias.val().into_dispatch(),
+    );
+    Tensor::<2>::from_dispatch(out).reshape([bsz, t, d])
+}
+
+/// The reference: the projection, then the softplus.
+pub fn delta_reference(dt_proj: &Linear, dt: Tensor<3>) -> Tensor<3> {
+    softplus(linear(dt_proj, dt))
+}
+
+/// Rows per parallel task.
+const ROWS: usize = 64;
+
+/// `b + dt_row · W` into `pre` `[d]`.
+#[inline(always)]
+fn pre_activation<const FMA: bool>(dt_row: &[f32], (w, b): (&[f32], &[f32]), pre: &mut [f32]) {
+    pre.copy_from_slice(b);
+    for (&x, w_row) in dt_row.iter().zip(w.chunks_exact(pre.len())) {
+        for (p, &w) in pre.iter_mut().zip(w_row) {
+            *p = mul_add::<FMA>(x, w, *p);
+        }
+    }
+}
+
+/// Δ for a task's rows: `dt` `[rows, r]` → `out` `[rows, d]`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn forward_rows(dt: &[f32], (w, b): (&[f32], &[f32]), out: &mut [f32]) {
+    const FMA: bool = has_fma!();
+    let (d, r) = (b.len(), w.len() / b.len());
+    for (dt_row, out) in dt.chunks_exact(r).zip(out.chunks_exact_mut(d)) {
+        pre_activation::<FMA>(dt_row, (w, b), out);
+        for o in out.iter_mut() {
+            *o = softplus_of(*o);
+        }
+    }
+}
+
+/// The backward over a task's rows: dt's gradient written to `g_dt` `[rows, r]`, the rows'
+/// shares of W's and b's gradients added to `g_w` `[r, d]` and `g_b` `[d]`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn backward_rows(
+    (dt, grad): (&[f32], &[f32]),
+    (w, b): (&[f32], &[f32]),
+    g_dt: &mut [f32],
+    (g_w, g_b): (&mut [f32], &mut [f32]),
+) {
+    const FMA: bool = has_fma!();
+    let (d, r) = (b.len(), w.len() / b.len());
+    let mut g_pre = vec![0f32; d];
+    let rows = dt.chunks_exact(r).zip(grad.chunks_exact(d));
+    for ((dt_row, grad), g_dt) in rows.zip(g_dt.chunks_exact_mut(r)) {
+        pre_activation::<FMA>(dt_row, (w, b), &mut g_pre);
+        // softplus' = sigmoid.
+        for (p, &g) in g_pre.iter_mut().zip(grad) {
+            *p = g * sigmoid_and_exp(*p).0;
+        }
+        for (p, gb) in g_pre.iter().zip(g_b.iter_mut()) {
+            *gb += p;
+        }
+        let w_rows = w.chunks_exact(d).zip(g_w.chunks_exact_mut(d));
+        for ((&x, g), (w_row, g_w_row)) in dt_row.iter().zip(g_dt.iter_mut()).zip(w_rows) {
+            *g = dot_fma::<FMA>(&g_pre, w_row);
+            for (&p, gw) in g_pre.iter().zip(g_w_row.iter_mut()) {
+                *gw = mul_add::<FMA>(x, p, *gw);
+            }
+        }
+    }
+}
+
+impl DeltaBackend for Flex {
+    fn delta(dt: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
+        let (rows, dtype) = (dt.shape()[0], dt.dtype());
+        let (dt, w, b) = (flex_f32(&dt), flex_f32(&w), flex_f32(&b));
+        let (d, r) = (b.len(), w.len() / b.len().max(1));
+        assert!(r > 0, "Δ's projection has inputs");
+        let len = rows * d;
+        let mut out = Vec::with_capacity(len);
+        if len > 0 {
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(ROWS * d)
+                .zip(dt.par_chunks(ROWS * r))
+                .for_each(|(out, dt)| forward_rows(dt, (&w, &b), zeroed(out)));
+        }
+        // SAFETY: the pieces above cover all `len` elements.
+        unsafe { out.set_len(len) };
+        FORWARD_CALLS.record();
+        flex_from_f32(out, [rows, d], dtype)
+    }
+
+    fn delta_backward(
+        dt: FlexTensor,
+        w: FlexTensor,
+        b: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (dt_shape, w_shape, b_shape, dtype) = (dt.shape(), w.shape(), b.shape(), dt.dtype());
+        let (dt, w, b, grad) = (flex_f32(&dt), flex_f32(&w), flex_f32(&b), flex_f32(&grad));
+        let (d, r) = (b.len(), w.len() / b.len().max(1));
+        let mut g_dt = vec![0f32; dt.len()];
+        let (mut g_w, mut g_b) = (vec![0f32; r * d], vec![0f32; d]);
+        if d > 0 && !dt.is_empty() {
+            // Each task's shares of W's and b's gradients, added in task order (not as
+            // rayon's reduce would, which follows the work stealing): the same bits each run.
+            let parts: Vec<(Vec<f32>, Vec<f32>)> = g_dt
+                .par_chunks_mut(ROWS * r)
+                .zip(dt.par_chunks(ROWS * r).zip(grad.par_chunks(ROWS * d)))
+                .map(|(g_dt, (dt, grad))| {
+                    let (mut g_w, mut g_b) = (vec![0f32; r * d], vec![0f32; d]);
+                    backward_rows((dt, grad), (&w, &b), g_dt, (&mut g_w, &mut g_b));
+                    (g_w, g_b)
+                })
+                .collect();
+            for (pw, pb) in parts {
+                g_w.iter_mut().zip(pw).for_each(|(acc, v)| *acc += v);
+                g_b.iter_mut().zip(pb).for_each(|(acc, v)| *acc += v);
+            }
+        }
+        (
+            flex_from_f32(g_dt, dt_shape, dtype),
+            flex_from_f32(g_w, w_shape, dtype),
+            flex_from_f32(g_b, b_shape, dtype),
+        )
+    }
+}
+
+#[derive(Debug)]
+struct DeltaBackward;
+
+impl<B: Backend + DeltaBackend> Backward<B, 3> for DeltaBackward {
+    /// dt, W, b: the backward recomputes the pre-activation from them.
+    type State = [FloatTensor<B>; 3];
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let [dt, w, b] = ops.state;
+        let (g_dt, g_w, g_b) = B::delta_backward(dt, w, b, grad);
+        for (node, g) in ops.parents.into_iter().zip([g_dt, g_w, g_b]) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+impl<B: Backend + DeltaBackend, C: CheckpointStrategy> DeltaBackend for Autodiff<B, C> {
+    fn delta(
+        dt: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let nodes = [dt.node(), w.node(), b.node()];
+        let inputs = [dt, w, b].map(|t| t.into_primitive());
+        let [dt, w, b] = inputs.clone();
+        let out = B::delta(dt, w, b);
+        match DeltaBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(inputs, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn delta_backward(
+        _dt: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _b: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("Δ's backward runs on the inner backend; it is not differentiated again")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::max_relative_difference;
+    use burn::nn::LinearConfig;
+    use burn::tensor::Distribution;
+
+    /// The fused Δ equals the projection and softplus, output and the gradients of dt, W
+    /// and b, over more rows than one task's and pre-activations of both signs.
+    #[test]
+    fn fused_delta_equals_the_reference() {
+        let device = Device::flex().autodiff();
+        device.seed(23);
+        let (b, t, r, d) = (3, ROWS / 2 + 9, 5, 37);
+        let dt_proj = LinearConfig::new(r, d).init(&device);
+        let dt =
+            Tensor::<3>::random([b, t, r], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let probe = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            let out = if fused {
+                delta(&dt_proj, dt.clone())
+            } else {
+                delta_reference(&dt_proj, dt.clone())
+            };
+            let g = (out.clone() * probe.clone()).sum().backward();
+            let v = |t: Tensor<3>| t.into_data().try_into_vec::<f32>().unwrap();
+            let w = |t: Tensor<2>| t.into_data().try_into_vec::<f32>().unwrap();
+            let bias = dt_proj.bias.as_ref().unwrap().grad(&g).unwrap();
+            [
+                v(out),
+                v(dt.grad(&g).unwrap()),
+                w(dt_proj.weight.grad(&g).unwrap()),
+                bias.into_data().try_into_vec::<f32>().unwrap(),
+            ]
+        };
+        let calls = FORWARD_CALLS.get();
+        let (ours, reference) = (run(true), run(false));
+        assert!(FORWARD_CALLS.get() > calls, "the extension ran");
+        for (part, (a, r)) in ["output", "d dt", "dW", "db"]
+            .iter()
+            .zip(ours.iter().zip(&reference))
+        {
+            let err = max_relative_difference(a, r);
+            assert!(err < 1e-5, "{part}: max difference {err}");
+        }
+    }
+}
