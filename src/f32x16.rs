@@ -197,3 +197,37 @@ macro_rules! with_f32x16 {
     }};
 }
 pub(crate) use with_f32x16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`Avx512`]'s `2^x` is [`Portable`]'s, bit for bit, over the whole range and past
+    /// its clamp (where the CPU has AVX-512F; elsewhere there is no `Avx512` to compare).
+    #[test]
+    fn avx512_exp2_equals_the_portable_one() {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            /// # Safety
+            /// The CPU has AVX-512F.
+            #[target_feature(enable = "avx512f")]
+            unsafe fn exp2_avx512(x: &[f32; 16]) -> [f32; 16] {
+                Avx512::load(x).exp2_nonpositive().to_array()
+            }
+            let xs: Vec<f32> = (0..16 * 20_000)
+                .map(|i| -130.0 * i as f32 / 320_000.0)
+                .collect();
+            for lanes in xs.chunks_exact(16) {
+                let lanes: &[f32; 16] = lanes.try_into().unwrap();
+                // SAFETY: checked above.
+                let ours = unsafe { exp2_avx512(lanes) };
+                let portable = Portable::<true>::load(lanes).exp2_nonpositive().to_array();
+                assert_eq!(
+                    ours.map(f32::to_bits),
+                    portable.map(f32::to_bits),
+                    "{lanes:?}"
+                );
+            }
+        }
+    }
+}

@@ -4,7 +4,9 @@
 //! registers (a group of state rows at a time, [`F32x16`] lanes) and never writes them out,
 //! as mamba_ssm's CUDA kernel keeps a channel's in a thread's registers. The backward
 //! recomputes the states a segment at a time (a buffer in cache) and runs the adjoint
-//! recurrence back in time, λ in registers. Its tasks write their pieces of the outputs in
+//! recurrence back in time, λ in registers. Both gather a segment's per-step inputs of a
+//! chunk once ([`Steps`]) and walk them with iterators, and take a decay as
+//! `2^(Δ·A log₂e)`, the cheaper exponential. Its tasks write their pieces of the outputs in
 //! place (`Output`).
 //!
 //! The reference forms are [`super::ssm::scan_sequential`] (a loop of tensor ops) and
@@ -202,7 +204,7 @@ const LANES: usize = 16;
 type Lanes = [f32; LANES];
 
 /// The sizes of the groups of state rows a chunk holds in registers, largest first:
-/// `d_state` is cut into these (Mamba's default 16 is one group).
+/// `d_state` is cut into these (Mamba's default 16 is two groups of 8).
 const GROUPS: [usize; 4] = [8, 4, 2, 1];
 
 /// (first row, rows) of each group of `n` state rows.
