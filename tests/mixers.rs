@@ -327,10 +327,10 @@ fn ssm_chunked_and_fused_scans_equal_sequential() {
 }
 
 /// Enough sequences that the fused scan takes its widest channel blocks (16 × 2 blocks of
-/// 128), the second one partial.
+/// 256), the second one partial.
 #[test]
 fn ssm_fused_scan_in_wide_blocks_equals_sequential() {
-    scan_forms_equal_sequential((16, 5, 130, 3), &[]);
+    scan_forms_equal_sequential((16, 5, 300, 3), &[]);
     // State rows in every group size the fused scan keeps in registers (8 + 4 + 1), and a
     // last chunk of channels narrower than a register.
     scan_forms_equal_sequential((3, 7, 21, 13), &[]);
