@@ -34,8 +34,9 @@ pub static CALLS: RunCount = RunCount::new();
 const PARALLEL_FROM: usize = 128 * 64 * 64;
 
 /// Below this many multiply-adds, a product over fewer than [`NARROW_K`] terms stays on one
-/// thread: it is mostly its output's writes, and split it took longer (Mamba-2's Δ gradient,
-/// 768 × 8 × 128: 12 µs on one thread, 27 on two).
+/// thread: it is mostly its output's writes, and split it took longer (in Mamba-2's in_proj
+/// backward, the input's gradient through Δ's columns, 768 × 8 × 128: 12 µs on one thread,
+/// 27 on two).
 const NARROW_PARALLEL_FROM: usize = 4 * PARALLEL_FROM;
 const NARROW_K: usize = 16;
 

@@ -146,10 +146,11 @@ fn backward_rows(
 
 impl DeltaBackend for Flex {
     fn delta(dt: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
-        let (rows, dtype) = (dt.shape()[0], dt.dtype());
-        let (dt, w, b) = (flex_f32(&dt), flex_f32(&w), flex_f32(&b));
-        let (d, r) = (b.len(), w.len() / b.len().max(1));
+        let (shape, dtype) = (dt.shape(), dt.dtype());
+        let (rows, r) = (shape[0], shape[1]);
         assert!(r > 0, "Δ's projection has inputs");
+        let (dt, w, b) = (flex_f32(&dt), flex_f32(&w), flex_f32(&b));
+        let d = b.len();
         let len = rows * d;
         let mut out = Vec::with_capacity(len);
         if len > 0 {
@@ -171,11 +172,12 @@ impl DeltaBackend for Flex {
         grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let (dt_shape, w_shape, b_shape, dtype) = (dt.shape(), w.shape(), b.shape(), dt.dtype());
+        let r = dt_shape[1];
         let (dt, w, b, grad) = (flex_f32(&dt), flex_f32(&w), flex_f32(&b), flex_f32(&grad));
-        let (d, r) = (b.len(), w.len() / b.len().max(1));
+        let d = b.len();
         let mut g_dt = vec![0f32; dt.len()];
         let (mut g_w, mut g_b) = (vec![0f32; r * d], vec![0f32; d]);
-        if d > 0 && !dt.is_empty() {
+        if d > 0 && r > 0 && !dt.is_empty() {
             // Each task's shares of W's and b's gradients, added in task order (not as
             // rayon's reduce would, which follows the work stealing): the same bits each run.
             let parts: Vec<(Vec<f32>, Vec<f32>)> = g_dt
