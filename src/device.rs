@@ -201,6 +201,21 @@ impl<P: Copy> SendPtr<P> {
     }
 }
 
+/// Registers each input's gradient where autodiff tracks that input: the last step of every
+/// backend extension's backward. `parents` are the op's parent nodes' ids, in the order of
+/// `values` (`ops.parents.map(|p| p.map(|n| n.id))`: Burn does not export the node type).
+pub fn register_gradients<B: burn::backend::Backend, const N: usize>(
+    grads: &mut burn::backend::autodiff::grads::Gradients,
+    parents: [Option<burn::backend::autodiff::NodeId>; N],
+    values: [burn::backend::tensor::FloatTensor<B>; N],
+) {
+    for (id, value) in parents.into_iter().zip(values) {
+        if let Some(id) = id {
+            grads.register::<B>(id, value);
+        }
+    }
+}
+
 /// How many times a flex extension has run in this process: tests read it to see that a
 /// form really took the extension's path, rather than only matching its output.
 pub struct RunCount(std::sync::atomic::AtomicUsize);

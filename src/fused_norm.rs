@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use crate::vector_math::{dot_fma, has_fma, sum, sum_map};
 
-use crate::device::{RunCount, flex_f32, flex_from_f32, zeroed};
+use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients, zeroed};
 
 /// Fused norms run in this process (for a test that the model took this path).
 pub static FORWARD_CALLS: RunCount = RunCount::new();
@@ -242,12 +242,8 @@ impl<B: Backend + FusedNormBackend> Backward<B, 3> for NormBackward {
         let grad = grads.consume::<B>(&ops.node);
         let s = ops.state;
         let (dx, dgamma, dbeta) = B::fused_norm_backward(s.x, s.gamma, grad, s.eps, s.center);
-        let [x, gamma, beta] = ops.parents;
-        for (node, g) in [(x, dx), (gamma, dgamma), (beta, dbeta)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        let parents = ops.parents.map(|p| p.map(|n| n.id));
+        register_gradients::<B, _>(grads, parents, [dx, dgamma, dbeta]);
     }
 }
 

@@ -26,6 +26,8 @@ use burn::backend::{Autodiff, Backend, LibTorch, backend_extension};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 
+use crate::device::register_gradients;
+
 thread_local! {
     /// Calls that took torch's kernels on this thread: (attention, norm).
     static CALLS: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
@@ -298,11 +300,7 @@ impl<B: Backend + TorchKernelsBackend> Backward<B, 3> for TorchBackward {
         let grad = grads.consume::<B>(&ops.node);
         let (graph, a, b, c) = ops.state;
         let (ga, gb, gc) = B::torch_grads(graph, a, b, c, grad);
-        for (node, g) in ops.parents.into_iter().zip([ga, gb, gc]) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register_gradients::<B, _>(grads, ops.parents.map(|p| p.map(|n| n.id)), [ga, gb, gc]);
     }
 }
 

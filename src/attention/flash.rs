@@ -22,7 +22,7 @@
 
 mod kernel;
 
-use crate::device::{RunCount, flex_from_f32};
+use crate::device::{RunCount, flex_from_f32, register_gradients};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -211,7 +211,7 @@ impl<B: Backend + FlashAttentionBackend> Backward<B, 3> for FlashBackward {
     type State = Saved<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_q, node_k, node_v] = ops.parents;
+        let parents = ops.parents.map(|p| p.map(|n| n.id));
         let grad_packed = grads.consume::<B>(&ops.node);
         let Saved {
             q,
@@ -221,11 +221,7 @@ impl<B: Backend + FlashAttentionBackend> Backward<B, 3> for FlashBackward {
             span,
         } = ops.state;
         let (dq, dk, dv) = B::flash_attention_backward(q, k, v, packed, grad_packed, span);
-        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, grad);
-            }
-        }
+        register_gradients::<B, _>(grads, parents, [dq, dk, dv]);
     }
 }
 

@@ -17,7 +17,7 @@ use burn::backend::{Autodiff, Backend, Flex, Slice, TensorMetadata, backend_exte
 use burn::prelude::*;
 use rayon::prelude::*;
 
-use crate::device::{RunCount, flex_f32, flex_from_f32};
+use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients};
 
 /// Scans the extension has run in this process: lets a test see that a form took this
 /// path rather than only matching its output.
@@ -132,7 +132,7 @@ impl<B: Backend + DecayedScanBackend> Backward<B, 3> for ScanBackward {
     /// the same recurrence backwards in time; then ∂L/∂b_t = λ_t, ∂L/∂a_t = λ_t ⊙ s_(t−1)
     /// and ∂L/∂s0 = a_0 ⊙ λ_0.
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_a, node_b, node_s0] = ops.parents;
+        let parents = ops.parents.map(|p| p.map(|n| n.id));
         let grad = grads.consume::<B>(&ops.node);
         let Saved { a, s0, states } = ops.state;
         let shape = a.shape();
@@ -161,11 +161,7 @@ impl<B: Backend + DecayedScanBackend> Backward<B, 3> for ScanBackward {
             B::float_mul(steps::<B>(&a, 0, 1), steps::<B>(&lambda, 0, 1)),
             [n, d].into(),
         );
-        for (node, g) in [(node_a, da), (node_b, lambda), (node_s0, ds0)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register_gradients::<B, _>(grads, parents, [da, lambda, ds0]);
     }
 }
 

@@ -20,7 +20,7 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use crate::activations::sigmoid_and_exp;
-use crate::device::{RunCount, flex_f32, flex_from_f32, zeroed};
+use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients, zeroed};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait ConvSiluBackend: Backend {
@@ -345,11 +345,11 @@ impl<B: Backend + ConvSiluBackend> Backward<B, 4> for ConvSiluBackward {
         let grad = grads.consume::<B>(&ops.node);
         let [x, history, weight, bias] = ops.state;
         let (gx, gh, gw, gb) = B::conv1d_silu_backward(x, history, weight, bias, grad);
-        for (node, g) in ops.parents.into_iter().zip([gx, gh, gw, gb]) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register_gradients::<B, _>(
+            grads,
+            ops.parents.map(|p| p.map(|n| n.id)),
+            [gx, gh, gw, gb],
+        );
     }
 }
 

@@ -24,7 +24,7 @@ use burn::tensor::DType;
 use rayon::prelude::*;
 
 use crate::activations::{sigmoid_and_exp, softplus, softplus_of};
-use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, zeroed};
+use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, register_gradients, zeroed};
 use crate::mixed_precision::{linear, working_dtype};
 use crate::vector_math::{dot_fma, has_fma, mul_add};
 
@@ -213,11 +213,11 @@ impl<B: Backend + DeltaBackend> Backward<B, 3> for DeltaBackward {
         let grad = grads.consume::<B>(&ops.node);
         let [dt, w, b] = ops.state;
         let (g_dt, g_w, g_b) = B::delta_backward(dt, w, b, grad);
-        for (node, g) in ops.parents.into_iter().zip([g_dt, g_w, g_b]) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register_gradients::<B, _>(
+            grads,
+            ops.parents.map(|p| p.map(|n| n.id)),
+            [g_dt, g_w, g_b],
+        );
     }
 }
 

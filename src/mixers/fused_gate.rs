@@ -18,7 +18,7 @@ use burn::tensor::DType;
 use rayon::prelude::*;
 
 use crate::activations::{sigmoid_and_exp, silu};
-use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, zeroed};
+use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, register_gradients, zeroed};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SkipGateBackend: Backend {
@@ -232,11 +232,11 @@ impl<B: Backend + SkipGateBackend> Backward<B, 4> for SkipGateBackward {
         let grad = grads.consume::<B>(&ops.node);
         let [y, u, d, z] = ops.state;
         let (gy, gu, gd, gz) = B::skip_gate_backward(y, u, d, z, grad);
-        for (node, g) in ops.parents.into_iter().zip([gy, gu, gd, gz]) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register_gradients::<B, _>(
+            grads,
+            ops.parents.map(|p| p.map(|n| n.id)),
+            [gy, gu, gd, gz],
+        );
     }
 }
 

@@ -23,7 +23,7 @@ use burn::tensor::DType;
 use rayon::prelude::*;
 
 use super::linear_attention::{LinearInputs, NORM_EPS};
-use crate::device::{RunCount, flex_from_f32, is_flex};
+use crate::device::{RunCount, flex_from_f32, is_flex, register_gradients};
 use crate::vector_math::{dot_fma, has_fma, mul_add};
 
 #[backend_extension(Flex, Autodiff)]
@@ -484,11 +484,11 @@ impl<B: Backend + LinearScanBackend> Backward<B, 4> for LinearScanBackward {
         let ([q, k, v, a], normalize) = ops.state;
         let decay_grad = ops.parents[3].is_some();
         let (gq, gk, gv, ga) = B::linear_scan_backward(q, k, v, a, grad, normalize, decay_grad);
-        for (node, g) in ops.parents.into_iter().zip([gq, gk, gv, ga]) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register_gradients::<B, _>(
+            grads,
+            ops.parents.map(|p| p.map(|n| n.id)),
+            [gq, gk, gv, ga],
+        );
     }
 }
 

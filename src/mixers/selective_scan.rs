@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use std::borrow::Cow;
 
-use crate::device::{RunCount, SendPtr, flex_f32, flex_from_f32};
+use crate::device::{RunCount, SendPtr, flex_f32, flex_from_f32, register_gradients};
 use crate::f32x16::{F32x16, with_f32x16};
 use crate::vector_math::add_lanes;
 
@@ -945,12 +945,12 @@ impl<B: Backend + SelectiveScanBackend> Backward<B, 6> for ScanBackward {
         } else {
             (grad, None)
         };
-        register_gradients(ops, (gy, gh), grads);
+        register_scan_gradients(ops, (gy, gh), grads);
     }
 }
 
 /// The inputs' gradients, given those of y and of the final state (`None`: zero).
-fn register_gradients<B: Backend + SelectiveScanBackend>(
+fn register_scan_gradients<B: Backend + SelectiveScanBackend>(
     ops: Ops<Saved<B>, 6>,
     (gy, gh): (FloatTensor<B>, Option<FloatTensor<B>>),
     grads: &mut Gradients,
@@ -959,11 +959,11 @@ fn register_gradients<B: Backend + SelectiveScanBackend>(
     let [delta, u, a, b, c, h0] = inputs;
     let gh = gh.unwrap_or_else(|| B::float_zeros(h_shape, &delta.device(), delta.dtype().into()));
     let (gd, gu, ga, gb, gc, gh0) = B::selective_scan_backward(delta, u, a, b, c, h0, gy, gh);
-    for (node, g) in ops.parents.into_iter().zip([gd, gu, ga, gb, gc, gh0]) {
-        if let Some(node) = node {
-            grads.register::<B>(node.id, g);
-        }
-    }
+    register_gradients::<B, _>(
+        grads,
+        ops.parents.map(|p| p.map(|n| n.id)),
+        [gd, gu, ga, gb, gc, gh0],
+    );
 }
 
 /// One tracked output for autodiff: y `[b, T, D]` flattened, then the final state flattened,
