@@ -334,6 +334,9 @@ fn ssm_fused_scan_in_wide_blocks_equals_sequential() {
     // State rows in every group size the fused scan keeps in registers (8 + 4 + 1), and a
     // last chunk of channels narrower than a register.
     scan_forms_equal_sequential((3, 7, 21, 13), &[]);
+    // More state rows than 16: dB's and dC's sums over channels 16 rows at a time, then
+    // the rest one by one.
+    scan_forms_equal_sequential((2, 9, 20, 19), &[]);
 }
 
 /// The fused scan and the chunked ones (chunk lengths `chunks`) against the sequential

@@ -206,6 +206,16 @@ const LANES: usize = 16;
 /// One value per channel of a chunk, in memory.
 type Lanes = [f32; LANES];
 
+/// `rows` (`[n]` lanes) as channel-major `[width][n]` values, `width` from `out`'s length.
+#[inline(always)]
+fn lanes_to_channels(rows: &[Lanes], out: &mut [f32]) {
+    for (l, channel) in (0..LANES).zip(out.chunks_exact_mut(rows.len())) {
+        for (v, row) in channel.iter_mut().zip(rows) {
+            *v = row[l];
+        }
+    }
+}
+
 /// The sizes of the groups of state rows a chunk holds in registers, largest first:
 /// `d_state` is cut into these (Mamba's default 16 is two groups of 8).
 const GROUPS: [usize; 4] = [8, 4, 2, 1];
@@ -302,25 +312,12 @@ impl<'a> Chunk<'a> {
     /// This chunk's lanes of a `[b, t, d]` tensor at steps `start .. start + out.len()`,
     /// into `out` (lanes past the width 0). A segment's inputs are gathered once and read
     /// by every group of rows, from a buffer whose index needs no bounds check per row.
-    fn gather(&self, values: &[f32], start: usize, out: &mut [Lanes]) {
-        let d = self.dims.d;
-        let rows = values[self.row(start)..].chunks(d);
-        if self.width == LANES {
-            for (lanes, row) in out.iter_mut().zip(rows) {
-                *lanes = row[..LANES].try_into().unwrap();
-            }
-        } else {
-            for (lanes, row) in out.iter_mut().zip(rows) {
-                lanes[..self.width].copy_from_slice(&row[..self.width]);
-                lanes[self.width..].fill(0.0);
-            }
-        }
-    }
-
-    /// This chunk's lanes of a `[b, t, d]` tensor at `step`.
     #[inline(always)]
-    fn lanes<V: F32x16>(&self, values: &[f32], step: usize) -> V {
-        V::load_first(&values[self.row(step)..], self.width)
+    fn gather<V: F32x16>(&self, values: &[f32], start: usize, out: &mut [Lanes]) {
+        let rows = values[self.row(start)..].chunks(self.dims.d);
+        for (lanes, row) in out.iter_mut().zip(rows) {
+            V::load_first(row, self.width).store(lanes);
+        }
     }
 
     /// Writes `v`'s first `width` lanes at this chunk's channels of `step` in `out`.
@@ -329,9 +326,8 @@ impl<'a> Chunk<'a> {
     /// No other task writes this chunk's channels of `out`.
     #[inline(always)]
     unsafe fn store<V: F32x16>(&self, out: Output, step: usize, v: V) {
-        let v = v.to_array();
         // SAFETY: as the caller promises.
-        unsafe { out.write(self.row(step), &v[..self.width]) }
+        unsafe { out.write_lanes(self.row(step), v, self.width) }
     }
 
     /// This chunk's sequence's rows of B or C `[b, t, n]` at steps `start .. end`.
@@ -356,13 +352,15 @@ impl<'a> Chunk<'a> {
     }
 
     /// All `n` rows of this chunk's state in a `[b, d, n]` array, as `[n]` lanes.
+    #[inline(always)]
     fn read_state(&self, values: &[f32]) -> Vec<Lanes> {
         let n = self.dims.n;
+        let at = (self.i * self.dims.d + self.c0) * n;
         let mut rows = vec![[0f32; LANES]; n];
-        for l in 0..self.width {
-            let at = (self.i * self.dims.d + self.c0 + l) * n;
-            for (k, row) in rows.iter_mut().enumerate() {
-                row[l] = values[at + k];
+        let channels = values[at..at + self.width * n].chunks_exact(n);
+        for (l, channel) in (0..LANES).zip(channels) {
+            for (row, &v) in rows.iter_mut().zip(channel) {
+                row[l] = v;
             }
         }
         rows
@@ -372,16 +370,13 @@ impl<'a> Chunk<'a> {
     ///
     /// # Safety
     /// No other task writes this chunk's channels of `out`.
+    #[inline(always)]
     unsafe fn write_state(&self, out: Output, rows: &[Lanes]) {
         let n = self.dims.n;
-        let mut values = vec![0f32; n];
-        for l in 0..self.width {
-            for (v, row) in values.iter_mut().zip(rows) {
-                *v = row[l];
-            }
-            // SAFETY: as the caller promises.
-            unsafe { out.write((self.i * self.dims.d + self.c0 + l) * n, &values) };
-        }
+        let mut values = vec![0f32; self.width * n];
+        lanes_to_channels(rows, &mut values);
+        // SAFETY: as the caller promises; the chunk's channels are consecutive.
+        unsafe { out.write((self.i * self.dims.d + self.c0) * n, &values) };
     }
 
     /// One step of rows `k0 .. k0 + G` (`a` from [`Self::a_rows`]), given the step's Δ, Δ·u
@@ -526,29 +521,36 @@ impl<'a> Chunk<'a> {
 /// chunk and segment), and the sequence's B and C rows (`[len][n]`, in place).
 struct Steps<'s> {
     dl: &'s [Lanes],
+    u: &'s [Lanes],
     dlu: &'s [Lanes],
     b: &'s [f32],
     c: &'s [f32],
 }
 
 impl<'s> Steps<'s> {
-    /// Steps `start .. end` of `chunk`, Δ and Δ·u gathered into `dl` and `dlu`.
-    fn gather(
+    /// Steps `start .. end` of `chunk`: Δ, u and Δ·u gathered into `lanes`' buffers, in
+    /// one pass over the rows.
+    #[inline(always)]
+    fn gather<V: F32x16>(
         chunk: &Chunk<'s>,
         (start, end): (usize, usize),
-        (dl, dlu): (&'s mut [Lanes], &'s mut [Lanes]),
+        lanes: &'s mut StepLanes,
     ) -> Self {
         let len = end - start;
-        let (dl, dlu) = (&mut dl[..len], &mut dlu[..len]);
-        chunk.gather(&chunk.x.delta, start, dl);
-        chunk.gather(&chunk.x.u, start, dlu);
-        for (dlu, dl) in dlu.iter_mut().zip(dl.iter()) {
-            for (v, d) in dlu.iter_mut().zip(dl) {
-                *v *= d;
-            }
+        let StepLanes { dl, u, dlu } = lanes;
+        let (dl, u, dlu) = (&mut dl[..len], &mut u[..len], &mut dlu[..len]);
+        let (at, d, width) = (chunk.row(start), chunk.dims.d, chunk.width);
+        let rows = chunk.x.delta[at..].chunks(d).zip(chunk.x.u[at..].chunks(d));
+        let out = dl.iter_mut().zip(u.iter_mut()).zip(dlu.iter_mut());
+        for (((dl, u), dlu), (row_dl, row_u)) in out.zip(rows) {
+            let (vd, vu) = (V::load_first(row_dl, width), V::load_first(row_u, width));
+            vd.store(dl);
+            vu.store(u);
+            vd.mul(vu).store(dlu);
         }
         Self {
             dl,
+            u,
             dlu,
             b: chunk.seq_rows(&chunk.x.b, (start, end)),
             c: chunk.seq_rows(&chunk.x.c, (start, end)),
@@ -563,8 +565,14 @@ impl<'s> Steps<'s> {
     "x86_64+sse4.2",
     "aarch64+neon"
 ))]
-fn forward_task(x: &Inputs, dims: Dims, task: Task, outputs: (Output, Output)) {
-    with_f32x16!(V => forward_task_in::<V>(x, dims, task, outputs))
+fn forward_task(
+    x: &Inputs,
+    dims: Dims,
+    task: Task,
+    buffers: &mut SegmentBuffers,
+    outputs: (Output, Output),
+) {
+    with_f32x16!(V => forward_task_in::<V>(x, dims, task, buffers, outputs))
 }
 
 /// [`forward_task`] on lanes `V`, a segment of steps at a time.
@@ -573,16 +581,17 @@ fn forward_task_in<V: F32x16>(
     x: &Inputs,
     dims: Dims,
     (i, d0, w): Task,
+    buffers: &mut SegmentBuffers,
     (y_out, h_out): (Output, Output),
 ) {
-    let len = SEGMENT.min(dims.t);
-    let [mut dl, mut dlu, mut y] = [(); 3].map(|_| vec![[0f32; LANES]; len]);
+    buffers.fit(SEGMENT.min(dims.t), dims.n);
+    let SegmentBuffers { lanes, gy: y, .. } = buffers;
     for c0 in (d0..d0 + w).step_by(LANES) {
         let chunk = Chunk::new(x, dims, (i, c0, (d0 + w - c0).min(LANES)));
         let mut h = chunk.read_state(&x.h0);
         for start in (0..dims.t).step_by(SEGMENT) {
             let end = (start + SEGMENT).min(dims.t);
-            let steps = Steps::gather(&chunk, (start, end), (&mut dl, &mut dlu));
+            let steps = Steps::gather::<V>(&chunk, (start, end), lanes);
             let y = &mut y[..end - start];
             y.fill([0.0; LANES]);
             for (k0, rows) in groups(dims.n) {
@@ -591,7 +600,7 @@ fn forward_task_in<V: F32x16>(
             // SAFETY: this chunk's channels of the segment's rows.
             unsafe {
                 for (step, y) in (start..).zip(y.iter()) {
-                    y_out.write(chunk.row(step), &y[..chunk.width]);
+                    y_out.write_lanes(chunk.row(step), V::load(y), chunk.width);
                 }
             }
         }
@@ -639,8 +648,7 @@ fn backward_task_in<V: F32x16>(
         .collect();
     buffers.fit(SEGMENT.min(t), n);
     let SegmentBuffers {
-        dl,
-        dlu,
+        lanes,
         gy: gy_steps,
         work,
     } = buffers;
@@ -654,7 +662,7 @@ fn backward_task_in<V: F32x16>(
         let mut states = vec![chunk.read_state(&x.h0)];
         for segment in 1..segments {
             let range = ((segment - 1) * SEGMENT, segment * SEGMENT);
-            let steps = Steps::gather(chunk, range, (&mut dl[..], &mut dlu[..]));
+            let steps = Steps::gather::<V>(chunk, range, lanes);
             let mut h = states[segment - 1].clone();
             for &(k0, rows) in &groups {
                 with_group!(rows, G => chunk.forward::<V, G>(k0, &steps, &mut h, None));
@@ -670,9 +678,9 @@ fn backward_task_in<V: F32x16>(
         work.sums_b[..len * n].fill([0.0; LANES]);
         work.sums_c[..len * n].fill([0.0; LANES]);
         for (c, chunk) in chunks.iter().enumerate() {
-            let steps = Steps::gather(chunk, (start, end), (&mut dl[..], &mut dlu[..]));
+            let steps = Steps::gather::<V>(chunk, (start, end), lanes);
             let gy_steps = &mut gy_steps[..len];
-            chunk.gather(gy, start, gy_steps);
+            chunk.gather::<V>(gy, start, gy_steps);
             work.via[..2 * len].fill([0.0; LANES]);
             for &(k0, rows) in &groups {
                 let carried = (&mut lam[c][..], &mut g_a[c][..]);
@@ -681,8 +689,8 @@ fn backward_task_in<V: F32x16>(
                 ));
             }
             let via = work.via[..2 * len].chunks_exact(2);
-            for ((step, dl), via) in (start..end).zip(steps.dl).zip(via) {
-                let (dl, u) = (V::load(dl), chunk.lanes::<V>(&x.u, step));
+            for ((step, (dl, u)), via) in (start..end).zip(steps.dl.iter().zip(steps.u)).zip(via) {
+                let (dl, u) = (V::load(dl), V::load(u));
                 // via_decay summed A log₂e: ln 2 brings it back to A.
                 let via_decay = V::load(&via[0]).mul(V::splat(std::f32::consts::LN_2));
                 let via_input = V::load(&via[1]);
@@ -693,10 +701,17 @@ fn backward_task_in<V: F32x16>(
                 }
             }
         }
-        for s in 0..len {
-            for k in 0..n {
-                g_b[(start + s) * n + k] = add_lanes(work.sums_b[s * n + k]);
-                g_c[(start + s) * n + k] = add_lanes(work.sums_c[s * n + k]);
+        // Each step's sums over the channels, 16 state rows at a time where there are.
+        let full = n / LANES * LANES;
+        for (sums, g) in [(&work.sums_b, &mut g_b), (&work.sums_c, &mut g_c)] {
+            let steps = sums[..len * n].chunks_exact(n);
+            for (rows, out) in steps.zip(g[start * n..end * n].chunks_exact_mut(n)) {
+                for (rows, out) in rows.chunks_exact(LANES).zip(out.chunks_exact_mut(LANES)) {
+                    V::sum_rows(rows.try_into().unwrap()).store(out.try_into().unwrap());
+                }
+                for (row, out) in rows[full..].iter().zip(&mut out[full..]) {
+                    *out = add_lanes(*row);
+                }
             }
         }
     }
@@ -704,11 +719,8 @@ fn backward_task_in<V: F32x16>(
     for (chunk, (lam, g_a)) in chunks.iter().zip(lam.iter().zip(&g_a)) {
         // SAFETY: this chunk's rows of the start state.
         unsafe { chunk.write_state(d_h0, lam) };
-        for l in 0..chunk.width {
-            for k in 0..n {
-                part_a[(chunk.c0 - d0 + l) * n + k] = g_a[k][l];
-            }
-        }
+        let at = (chunk.c0 - d0) * n;
+        lanes_to_channels(g_a, &mut part_a[at..at + chunk.width * n]);
     }
     (i, d0, w, part_a, g_b, g_c)
 }
@@ -716,14 +728,28 @@ fn backward_task_in<V: F32x16>(
 /// A task's sequence, first channel and width.
 type Task = (usize, usize, usize);
 
-/// One segment's buffers, reused from task to task on a thread: a chunk's gathered Δ, Δ·u
-/// and output gradient (`[SEGMENT]` lanes each) and the backward's work space.
+/// A chunk's Δ, u and Δ·u over a segment, gathered (`[SEGMENT]` lanes each).
+#[derive(Default)]
+struct StepLanes {
+    dl: Vec<Lanes>,
+    u: Vec<Lanes>,
+    dlu: Vec<Lanes>,
+}
+
+/// One segment's buffers, reused from task to task on a thread (see [`BUFFERS`]): a chunk's
+/// gathered inputs and output gradient (the forward's output: `[SEGMENT]` lanes each) and
+/// the backward's work space.
 #[derive(Default)]
 struct SegmentBuffers {
-    dl: Vec<Lanes>,
-    dlu: Vec<Lanes>,
+    lanes: StepLanes,
     gy: Vec<Lanes>,
     work: SegmentWork,
+}
+
+thread_local! {
+    /// Each thread's [`SegmentBuffers`], kept from call to call: rayon's `map_init` made
+    /// them afresh for every split of the tasks, 130 KB of zeroed buffers a time.
+    static BUFFERS: std::cell::RefCell<SegmentBuffers> = Default::default();
 }
 
 /// A group's recomputed states h_(t−1) and decays (`[SEGMENT][GROUPS[0]]` lanes each), the
@@ -744,8 +770,9 @@ impl SegmentBuffers {
         let group = GROUPS[0];
         let work = &mut self.work;
         for (buffer, size) in [
-            (&mut self.dl, len),
-            (&mut self.dlu, len),
+            (&mut self.lanes.dl, len),
+            (&mut self.lanes.u, len),
+            (&mut self.lanes.dlu, len),
             (&mut self.gy, len),
             (&mut work.states, len * group),
             (&mut work.decays, len * group),
@@ -795,6 +822,23 @@ impl Output {
         }
     }
 
+    /// Writes `v`'s first `width` lanes at element `at` on: one vector store when all 16
+    /// are (a copy of a variable length is a call to `memcpy`, one per step and chunk).
+    ///
+    /// # Safety
+    /// As [`Self::write`], for `width` elements.
+    #[inline(always)]
+    unsafe fn write_lanes<V: F32x16>(self, at: usize, v: V, width: usize) {
+        // SAFETY: as the caller promises.
+        unsafe {
+            if width == LANES {
+                v.store(&mut *self.0.get().add(at).cast::<Lanes>());
+            } else {
+                self.write(at, &v.to_array()[..width]);
+            }
+        }
+    }
+
     /// The buffer, once every element has been written.
     ///
     /// # Safety
@@ -821,9 +865,9 @@ impl SelectiveScanBackend for Flex {
         let Dims { b: nb, t, d: dd, n } = dims;
         let ((y, y_out), (h_last, h_out)) =
             (Output::alloc(nb * t * dd), Output::alloc(nb * dd * n));
-        dims.tasks()
-            .into_par_iter()
-            .for_each(|task| forward_task(&x, dims, task, (y_out, h_out)));
+        dims.tasks().into_par_iter().for_each(|task| {
+            BUFFERS.with_borrow_mut(|buffers| forward_task(&x, dims, task, buffers, (y_out, h_out)))
+        });
         // SAFETY: the tasks cover every sequence and channel: every step's row and state.
         let (y, h_last) = unsafe {
             (
@@ -877,9 +921,11 @@ impl SelectiveScanBackend for Flex {
         let parts: Vec<_> = dims
             .tasks()
             .into_par_iter()
-            .map_init(SegmentBuffers::default, |buffers, task| {
+            .map(|task| {
                 let outputs = [d_delta, d_u, d_h0];
-                backward_task(&x, dims, task, (&gy, &gh), buffers, outputs)
+                BUFFERS.with_borrow_mut(|buffers| {
+                    backward_task(&x, dims, task, (&gy, &gh), buffers, outputs)
+                })
             })
             .collect();
         // SAFETY: the tasks cover every sequence and channel: every step's row and state.
