@@ -15,7 +15,7 @@ use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::prelude::*;
 
 use crate::device::{RunCount, flex_map};
-use crate::vector_math::{erf, exp_nonpositive, ln_1p_unit};
+use crate::vector_math::{Real, erf, exp_nonpositive, exp_nonpositive_of, ln_1p_unit_of};
 
 /// Forward passes the extension has run in this process (for a test that it took the path).
 pub static FORWARD_CALLS: RunCount = RunCount::new();
@@ -85,14 +85,26 @@ pub fn apply<const D: usize>(x: Tensor<D>, f: Pointwise) -> Tensor<D> {
 /// `ln(1 + eˣ)`, as `max(x, 0) + ln(1 + e^(−|x|))`, which cannot overflow.
 #[inline(always)]
 pub(crate) fn softplus_of(x: f32) -> f32 {
-    x.max(0.0) + ln_1p_unit(sigmoid_and_exp(x).1)
+    softplus_in::<f32, false>(x)
+}
+
+/// [`softplus_of`] in any [`Real`], fused multiply-adds where `FMA`.
+#[inline(always)]
+pub(crate) fn softplus_in<R: Real, const FMA: bool>(x: R) -> R {
+    x.max(0.0) + ln_1p_unit_of::<R, FMA>(sigmoid_and_exp_in::<R, FMA>(x).1)
 }
 
 /// `sigmoid(x)` and `e^(−|x|)`, from one exp that cannot overflow.
 #[inline(always)]
 pub(crate) fn sigmoid_and_exp(x: f32) -> (f32, f32) {
-    let e = exp_nonpositive(-x.abs());
-    let s = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
+    sigmoid_and_exp_in::<f32, false>(x)
+}
+
+/// [`sigmoid_and_exp`] in any [`Real`], fused multiply-adds where `FMA`.
+#[inline(always)]
+pub(crate) fn sigmoid_and_exp_in<R: Real, const FMA: bool>(x: R) -> (R, R) {
+    let e = exp_nonpositive_of::<R, FMA>(-x.abs());
+    let s = R::select_nonnegative(x, R::splat(1.0), e) / (e + 1.0);
     (s, e)
 }
 

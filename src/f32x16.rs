@@ -11,7 +11,9 @@
 //! uses loops, not closures, around these operations (one closure made a backward 14×
 //! slower, an intrinsic call per vector).
 
-use crate::vector_math::{EXP2_POLY, add_lanes, exp2_nonpositive_fma, mul_add};
+use crate::vector_math::{
+    EXP2_POLY, MAGIC, Real, add_lanes, exp2_nonpositive_fma, mul_add, pow2_of_shifted,
+};
 
 /// Sixteen f32 lanes and the element-wise operations kernels use on them.
 pub trait F32x16: Copy {
@@ -27,6 +29,20 @@ pub trait F32x16: Copy {
     fn mul_add(self, b: Self, c: Self) -> Self;
     /// `2^x` of each lane, for lanes ≤ 0: [`exp2_nonpositive_fma`]'s value.
     fn exp2_nonpositive(self) -> Self;
+    fn sub(self, other: Self) -> Self;
+    fn div(self, other: Self) -> Self;
+    fn neg(self) -> Self;
+    fn abs(self) -> Self;
+    /// `f32::max` of each lane and `x` (not NaN).
+    fn max(self, x: f32) -> Self;
+    /// `f32::clamp` of each lane.
+    fn clamp(self, lo: f32, hi: f32) -> Self;
+    /// Each lane's magnitude with `sign`'s sign.
+    fn copysign(self, sign: Self) -> Self;
+    /// `a` where `x ≥ 0`, else `b`, lane by lane.
+    fn select_nonnegative(x: Self, a: Self, b: Self) -> Self;
+    /// `2^k` for `k + 1.5·2^23` in each lane (see `vector_math::pow2_of_shifted`).
+    fn pow2_of_shifted(self) -> Self;
 
     /// Every lane 0.
     #[inline(always)]
@@ -72,6 +88,14 @@ pub struct Portable<const FMA: bool>([f32; 16]);
 
 impl<const FMA: bool> Portable<FMA> {
     #[inline(always)]
+    fn map(self, f: impl Fn(f32) -> f32) -> Self {
+        let mut out = self.0;
+        for o in out.iter_mut() {
+            *o = f(*o);
+        }
+        Self(out)
+    }
+    #[inline(always)]
     fn map2(self, other: Self, f: impl Fn(f32, f32) -> f32) -> Self {
         let mut out = self.0;
         for (o, b) in out.iter_mut().zip(other.0) {
@@ -112,11 +136,49 @@ impl<const FMA: bool> F32x16 for Portable<FMA> {
     }
     #[inline(always)]
     fn exp2_nonpositive(self) -> Self {
-        let mut out = self.0;
-        for o in out.iter_mut() {
-            *o = exp2_nonpositive_fma::<FMA>(*o);
+        self.map(exp2_nonpositive_fma::<FMA>)
+    }
+    #[inline(always)]
+    fn sub(self, other: Self) -> Self {
+        self.map2(other, |a, b| a - b)
+    }
+    #[inline(always)]
+    fn div(self, other: Self) -> Self {
+        self.map2(other, |a, b| a / b)
+    }
+    #[inline(always)]
+    fn neg(self) -> Self {
+        self.map(|a| -a)
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        self.map(f32::abs)
+    }
+    #[inline(always)]
+    fn max(self, x: f32) -> Self {
+        self.map(|a| a.max(x))
+    }
+    #[inline(always)]
+    fn clamp(self, lo: f32, hi: f32) -> Self {
+        self.map(|a| a.clamp(lo, hi))
+    }
+    #[inline(always)]
+    fn copysign(self, sign: Self) -> Self {
+        self.map2(sign, f32::copysign)
+    }
+    #[inline(always)]
+    fn select_nonnegative(x: Self, a: Self, b: Self) -> Self {
+        let mut out = b.0;
+        for ((o, x), a) in out.iter_mut().zip(x.0).zip(a.0) {
+            if x >= 0.0 {
+                *o = a;
+            }
         }
         Self(out)
+    }
+    #[inline(always)]
+    fn pow2_of_shifted(self) -> Self {
+        self.map(pow2_of_shifted)
     }
 }
 
@@ -160,10 +222,7 @@ impl F32x16 for Avx512 {
     fn exp2_nonpositive(self) -> Self {
         use std::arch::x86_64::*;
         unsafe {
-            let y = _mm512_min_ps(
-                _mm512_max_ps(self.0, _mm512_set1_ps(-126.0)),
-                _mm512_setzero_ps(),
-            );
+            let y = _mm512_max_ps(self.0, _mm512_set1_ps(-126.0));
             let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
             let f = _mm512_sub_ps(y, k);
             let mut p = _mm512_set1_ps(EXP2_POLY[5]);
@@ -172,6 +231,75 @@ impl F32x16 for Avx512 {
             }
             let p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0));
             Self(_mm512_scalef_ps(p, k))
+        }
+    }
+
+    #[inline(always)]
+    fn sub(self, other: Self) -> Self {
+        Self(unsafe { std::arch::x86_64::_mm512_sub_ps(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn div(self, other: Self) -> Self {
+        Self(unsafe { std::arch::x86_64::_mm512_div_ps(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn neg(self) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let sign = _mm512_set1_epi32(i32::MIN);
+            Self(_mm512_castsi512_ps(_mm512_xor_si512(
+                _mm512_castps_si512(self.0),
+                sign,
+            )))
+        }
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        Self(unsafe { std::arch::x86_64::_mm512_abs_ps(self.0) })
+    }
+    /// `vmaxps` returns its second operand where either is NaN: `x`, as `f32::max`.
+    #[inline(always)]
+    fn max(self, x: f32) -> Self {
+        use std::arch::x86_64::*;
+        Self(unsafe { _mm512_max_ps(self.0, _mm512_set1_ps(x)) })
+    }
+    /// Bounds first: NaN lanes come through as the second operands, as `f32::clamp`'s.
+    #[inline(always)]
+    fn clamp(self, lo: f32, hi: f32) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let y = _mm512_max_ps(_mm512_set1_ps(lo), self.0);
+            Self(_mm512_min_ps(_mm512_set1_ps(hi), y))
+        }
+    }
+    #[inline(always)]
+    fn copysign(self, sign: Self) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let (m, s) = (_mm512_castps_si512(self.0), _mm512_castps_si512(sign.0));
+            // Bits from `s` where the mask's bit (the sign) is set, else from `m`.
+            let mask = _mm512_set1_epi32(i32::MIN);
+            let bits = _mm512_or_si512(_mm512_andnot_si512(mask, m), _mm512_and_si512(mask, s));
+            Self(_mm512_castsi512_ps(bits))
+        }
+    }
+    #[inline(always)]
+    fn select_nonnegative(x: Self, a: Self, b: Self) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let nonnegative = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x.0, _mm512_setzero_ps());
+            Self(_mm512_mask_blend_ps(nonnegative, b.0, a.0))
+        }
+    }
+    #[inline(always)]
+    fn pow2_of_shifted(self) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let k = _mm512_sub_epi32(
+                _mm512_castps_si512(self.0),
+                _mm512_set1_epi32(MAGIC.to_bits() as i32 - 127),
+            );
+            Self(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(k)))
         }
     }
 
@@ -216,6 +344,159 @@ impl F32x16 for Avx512 {
             let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
             Self(_mm512_permutexvar_ps(order, sums))
         }
+    }
+}
+
+/// Elements in a [`Quad`].
+pub const QUAD: usize = 64;
+
+/// Four [`F32x16`] as one [`Real`]: each operation on all four side by side, so a function
+/// written in `Real` (an exp, a division, a series) runs four independent chains at once.
+/// Applied to one vector at a time, such a chain of some 100 cycles' latency is more than
+/// out-of-order execution hides: perf had the fused Δ's softplus at a third of its
+/// arithmetic's rate, stalled on each step. (Arrays of 64 f32 as the value instead made
+/// LLVM shuffle lanes through the stack; the explicit vectors stay in registers.)
+#[derive(Clone, Copy)]
+pub struct Quad<V>(pub [V; 4]);
+
+impl<V: F32x16> Quad<V> {
+    /// The 64 values at the start of `values`.
+    #[inline(always)]
+    pub fn load(values: &[f32]) -> Self {
+        let values: &[f32; QUAD] = values[..QUAD].try_into().unwrap();
+        let mut out = [V::zero(); 4];
+        for (v, x) in out.iter_mut().zip(values.chunks_exact(16)) {
+            *v = V::load(x.try_into().unwrap());
+        }
+        Self(out)
+    }
+
+    /// The 64 values at `at` in each of `slices`.
+    #[inline(always)]
+    pub fn load_each<const N: usize>(slices: [&[f32]; N], at: usize) -> [Self; N] {
+        let mut out = [Self([V::zero(); 4]); N];
+        for (q, values) in out.iter_mut().zip(slices) {
+            *q = Self::load(&values[at..]);
+        }
+        out
+    }
+
+    /// Writes the 64 values to the start of `out`.
+    #[inline(always)]
+    pub fn store(self, out: &mut [f32]) {
+        let out: &mut [f32; QUAD] = (&mut out[..QUAD]).try_into().unwrap();
+        for (v, o) in self.0.iter().zip(out.chunks_exact_mut(16)) {
+            v.store(o.try_into().unwrap());
+        }
+    }
+}
+
+/// `Quad`'s operations lane-group by lane-group. (Loops, not closures: see the module.)
+macro_rules! quad_binary {
+    ($trait:ident, $method:ident, $op:ident) => {
+        impl<V: F32x16> std::ops::$trait for Quad<V> {
+            type Output = Self;
+            #[inline(always)]
+            fn $method(self, other: Self) -> Self {
+                let mut out = self.0;
+                for (o, b) in out.iter_mut().zip(other.0) {
+                    *o = o.$op(b);
+                }
+                Self(out)
+            }
+        }
+        impl<V: F32x16> std::ops::$trait<f32> for Quad<V> {
+            type Output = Self;
+            #[inline(always)]
+            fn $method(self, other: f32) -> Self {
+                let (mut out, b) = (self.0, V::splat(other));
+                for o in out.iter_mut() {
+                    *o = o.$op(b);
+                }
+                Self(out)
+            }
+        }
+    };
+}
+quad_binary!(Add, add, add);
+quad_binary!(Sub, sub, sub);
+quad_binary!(Mul, mul, mul);
+quad_binary!(Div, div, div);
+
+impl<V: F32x16> std::ops::Neg for Quad<V> {
+    type Output = Self;
+    #[inline(always)]
+    fn neg(self) -> Self {
+        let mut out = self.0;
+        for o in out.iter_mut() {
+            *o = o.neg();
+        }
+        Self(out)
+    }
+}
+
+impl<V: F32x16> Real for Quad<V> {
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        Self([V::splat(x); 4])
+    }
+    /// Fused wherever `V` has FMA, whatever `FMA` says: a kernel passes its clone's
+    /// [`crate::vector_math::has_fma`], which agrees.
+    #[inline(always)]
+    fn mul_add<const FMA: bool>(self, b: Self, c: Self) -> Self {
+        let mut out = c.0;
+        for ((o, a), b) in out.iter_mut().zip(self.0).zip(b.0) {
+            *o = a.mul_add(b, *o);
+        }
+        Self(out)
+    }
+    #[inline(always)]
+    fn max(self, x: f32) -> Self {
+        let mut out = self.0;
+        for o in out.iter_mut() {
+            *o = o.max(x);
+        }
+        Self(out)
+    }
+    #[inline(always)]
+    fn clamp(self, lo: f32, hi: f32) -> Self {
+        let mut out = self.0;
+        for o in out.iter_mut() {
+            *o = o.clamp(lo, hi);
+        }
+        Self(out)
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        let mut out = self.0;
+        for o in out.iter_mut() {
+            *o = o.abs();
+        }
+        Self(out)
+    }
+    #[inline(always)]
+    fn copysign(self, sign: Self) -> Self {
+        let mut out = self.0;
+        for (o, s) in out.iter_mut().zip(sign.0) {
+            *o = o.copysign(s);
+        }
+        Self(out)
+    }
+    #[inline(always)]
+    fn select_nonnegative(x: Self, a: Self, b: Self) -> Self {
+        let mut out = b.0;
+        for ((o, x), a) in out.iter_mut().zip(x.0).zip(a.0) {
+            *o = V::select_nonnegative(x, a, *o);
+        }
+        Self(out)
+    }
+    #[inline(always)]
+    fn pow2_of_shifted(self) -> Self {
+        let mut out = self.0;
+        for o in out.iter_mut() {
+            *o = o.pow2_of_shifted();
+        }
+        Self(out)
     }
 }
 
@@ -312,6 +593,63 @@ mod tests {
                 assert_eq!(ours.map(f32::to_bits), want.map(f32::to_bits));
                 let portable = Portable::<true>::sum_rows(&rows).to_array();
                 assert_eq!(portable.map(f32::to_bits), want.map(f32::to_bits));
+            }
+        }
+    }
+
+    /// [`Quad`] of [`Avx512`] computes the element-wise functions bit for bit as f32 does
+    /// (with FMA), over arguments of both signs, zeros, large magnitudes and a NaN: its
+    /// intrinsics (select, copysign, clamp, the exponent bits) implement f32's semantics.
+    #[test]
+    fn avx512_quads_equal_f32_functions() {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+            use crate::activations::{sigmoid_and_exp_in, softplus_in};
+            use crate::vector_math::{erf_of, exp_nonpositive_of, ln_1p_unit_of};
+            type Q = Quad<Avx512>;
+            /// # Safety
+            /// The CPU has AVX-512F and DQ.
+            #[target_feature(enable = "avx512f,avx512dq,fma")]
+            unsafe fn on_quads(x: &[f32]) -> [[f32; QUAD]; 6] {
+                let q = Q::load(x);
+                let results = [
+                    exp_nonpositive_of::<Q, true>(-q.abs()),
+                    ln_1p_unit_of::<Q, true>(q.abs().clamp(0.0, 1.0)),
+                    erf_of::<Q, true>(q),
+                    sigmoid_and_exp_in::<Q, true>(q).0,
+                    sigmoid_and_exp_in::<Q, true>(q).1,
+                    softplus_in::<Q, true>(q),
+                ];
+                results.map(|r| {
+                    let mut out = [0f32; QUAD];
+                    r.store(&mut out);
+                    out
+                })
+            }
+            let scalar: [fn(f32) -> f32; 6] = [
+                |x| exp_nonpositive_of::<f32, true>(-x.abs()),
+                |x| ln_1p_unit_of::<f32, true>(x.abs().clamp(0.0, 1.0)),
+                erf_of::<f32, true>,
+                |x| sigmoid_and_exp_in::<f32, true>(x).0,
+                |x| sigmoid_and_exp_in::<f32, true>(x).1,
+                softplus_in::<f32, true>,
+            ];
+            let mut xs: Vec<f32> = (0..40 * QUAD)
+                .map(|i| (i as f32 - 20.0 * QUAD as f32) * 0.037)
+                .collect();
+            xs[..6].copy_from_slice(&[0.0, -0.0, 1e-30, -200.0, 200.0, f32::NAN]);
+            for x in xs.chunks_exact(QUAD) {
+                // SAFETY: checked above.
+                let ours = unsafe { on_quads(x) };
+                for (f, (ours, f32s)) in ours.iter().zip(scalar).enumerate() {
+                    for (o, &v) in ours.iter().zip(x) {
+                        let want = f32s(v);
+                        assert!(
+                            o.to_bits() == want.to_bits() || (o.is_nan() && want.is_nan()),
+                            "function {f} at {v}: {o} against {want}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -102,38 +102,54 @@ pub fn exp_nonpositive(x: f32) -> f32 {
 /// [`exp_nonpositive`] with its polynomial in [`mul_add`]s, fused where `FMA`.
 #[inline(always)]
 pub fn exp_nonpositive_fma<const FMA: bool>(x: f32) -> f32 {
+    exp_nonpositive_of::<f32, FMA>(x)
+}
+
+/// [`exp_nonpositive_fma`] in any [`Real`].
+#[inline(always)]
+pub fn exp_nonpositive_of<R: Real, const FMA: bool>(x: R) -> R {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // Adding 1.5·2^23 rounds to an integer held in the low mantissa bits: k = round(x·log2 e)
-    // without a float→int conversion, which baseline x86-64 only has one lane at a time.
-    const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 0.0);
-    let shifted = mul_add::<FMA>(x, LOG2_E, MAGIC);
+    let shifted = x.mul_add::<FMA>(R::splat(LOG2_E), R::splat(MAGIC));
     let k = shifted - MAGIC;
     // x = k·ln 2 + r, |r| ≤ ln 2 / 2; ln 2 split in two so k·ln 2 is exact.
-    let r = mul_add::<FMA>(k, 2.121_944_4e-4, mul_add::<FMA>(-k, 0.693_359_4, x));
-    let mut p = 1.987_569_1e-4;
-    p = mul_add::<FMA>(p, r, 1.398_199_9e-3);
-    p = mul_add::<FMA>(p, r, 8.333_452e-3);
-    p = mul_add::<FMA>(p, r, 4.166_579_6e-2);
-    p = mul_add::<FMA>(p, r, 1.666_666_5e-1);
-    p = mul_add::<FMA>(p, r, 0.5);
-    let e_r = mul_add::<FMA>(p * r, r, r) + 1.0;
-    // 2^k from its exponent bits (k ∈ [−126, 0]), k read off the shifted sum's bits.
+    let r = k.mul_add::<FMA>(
+        R::splat(2.121_944_4e-4),
+        (-k).mul_add::<FMA>(R::splat(0.693_359_4), x),
+    );
+    let mut p = R::splat(1.987_569_1e-4);
+    p = p.mul_add::<FMA>(r, R::splat(1.398_199_9e-3));
+    p = p.mul_add::<FMA>(r, R::splat(8.333_452e-3));
+    p = p.mul_add::<FMA>(r, R::splat(4.166_579_6e-2));
+    p = p.mul_add::<FMA>(r, R::splat(1.666_666_5e-1));
+    p = p.mul_add::<FMA>(r, R::splat(0.5));
+    let e_r = (p * r).mul_add::<FMA>(r, r) + 1.0;
+    e_r * shifted.pow2_of_shifted()
+}
+
+/// Adding 1.5·2^23 rounds to an integer held in the low mantissa bits: k = round(x·log2 e)
+/// without a float→int conversion, which baseline x86-64 only has one lane at a time.
+pub(crate) const MAGIC: f32 = 12_582_912.0;
+
+/// 2^k from its exponent bits (k ∈ [−126, 127]), k read off the bits of `shifted = k + MAGIC`.
+#[inline(always)]
+pub(crate) fn pow2_of_shifted(shifted: f32) -> f32 {
     let k_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
-    e_r * f32::from_bits(k_bits.wrapping_add(127) << 23)
+    f32::from_bits(k_bits.wrapping_add(127) << 23)
 }
 
 /// `2^y` for `y ≤ 0` to under 1 ulp (with FMA): a degree-6 polynomial for `2^f`,
 /// `|f| ≤ ½`, fitted for relative error, times `2^k`. In base 2 the argument needs no
 /// `k·ln 2` split, so a decay `exp(Δ·A)` computed as `2^(Δ·A·log₂e)`, `A·log₂e` formed
 /// once, costs 9 vector operations instead of [`exp_nonpositive_fma`]'s 15 (the selective
-/// scan's inner loop). Values below −126 give `2^−126`.
+/// scan's inner loop). Values below −126 give `2^−126`; above 0, `2^y` still (k ≤ 127).
 #[inline(always)]
 pub fn exp2_nonpositive_fma<const FMA: bool>(y: f32) -> f32 {
     // Adding 1.5·2^23 rounds to an integer held in the low mantissa bits (see
     // `exp_nonpositive_fma`); f = y − k is exact.
-    const MAGIC: f32 = 12_582_912.0;
-    let y = y.clamp(-126.0, 0.0);
+    // (No clamp at 0: the callers' arguments are ≤ 0, and one operation less per state
+    // element and step shows in the scan.)
+    let y = y.max(-126.0);
     let shifted = y + MAGIC;
     let k = shifted - MAGIC;
     let f = y - k;
@@ -142,8 +158,7 @@ pub fn exp2_nonpositive_fma<const FMA: bool>(y: f32) -> f32 {
         p = mul_add::<FMA>(p, f, *c);
     }
     let p = mul_add::<FMA>(p, f, 1.0);
-    let k_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
-    p * f32::from_bits(k_bits.wrapping_add(127) << 23)
+    p * pow2_of_shifted(shifted)
 }
 
 /// `2^f ≈ 1 + f·(c₁ + f·(c₂ + …))` on `[−½, ½]`, the coefficients c₁ … c₆ fitted for
@@ -181,31 +196,108 @@ pub(crate) use has_fma;
 /// split and keeps full relative accuracy as `e → 0`.
 #[inline(always)]
 pub fn ln_1p_unit(e: f32) -> f32 {
-    let z = e / (2.0 + e);
+    ln_1p_unit_of::<f32, false>(e)
+}
+
+/// [`ln_1p_unit`] in any [`Real`], its series in [`mul_add`]s, fused where `FMA`.
+#[inline(always)]
+pub fn ln_1p_unit_of<R: Real, const FMA: bool>(e: R) -> R {
+    let z = e / (e + 2.0);
     let z2 = z * z;
-    let mut p = 1.0 / 15.0;
-    p = p * z2 + 1.0 / 13.0;
-    p = p * z2 + 1.0 / 11.0;
-    p = p * z2 + 1.0 / 9.0;
-    p = p * z2 + 1.0 / 7.0;
-    p = p * z2 + 1.0 / 5.0;
-    p = p * z2 + 1.0 / 3.0;
-    p = p * z2 + 1.0;
-    2.0 * z * p
+    let mut p = R::splat(1.0 / 15.0);
+    p = p.mul_add::<FMA>(z2, R::splat(1.0 / 13.0));
+    p = p.mul_add::<FMA>(z2, R::splat(1.0 / 11.0));
+    p = p.mul_add::<FMA>(z2, R::splat(1.0 / 9.0));
+    p = p.mul_add::<FMA>(z2, R::splat(1.0 / 7.0));
+    p = p.mul_add::<FMA>(z2, R::splat(1.0 / 5.0));
+    p = p.mul_add::<FMA>(z2, R::splat(1.0 / 3.0));
+    p = p.mul_add::<FMA>(z2, R::splat(1.0));
+    z * 2.0 * p
 }
 
 /// `erf(x)` to 6e-7 absolute (Abramowitz & Stegun 7.1.26: 1.5e-7, plus f32 rounding).
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
+    erf_of::<f32, false>(x)
+}
+
+/// [`erf`] in any [`Real`], [`mul_add`]s fused where `FMA`.
+#[inline(always)]
+pub fn erf_of<R: Real, const FMA: bool>(x: R) -> R {
     let z = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * z);
-    let mut p = 1.061_405_4;
-    p = p * t - 1.453_152;
-    p = p * t + 1.421_413_8;
-    p = p * t - 0.284_496_74;
-    p = p * t + 0.254_829_6;
-    let y = 1.0 - p * t * exp_nonpositive(-z * z);
+    let t = R::splat(1.0) / z.mul_add::<FMA>(R::splat(0.327_591_1), R::splat(1.0));
+    let mut p = R::splat(1.061_405_4);
+    p = p.mul_add::<FMA>(t, R::splat(-1.453_152));
+    p = p.mul_add::<FMA>(t, R::splat(1.421_413_8));
+    p = p.mul_add::<FMA>(t, R::splat(-0.284_496_74));
+    p = p.mul_add::<FMA>(t, R::splat(0.254_829_6));
+    let y = -(p * t * exp_nonpositive_of::<R, FMA>(-(z * z))) + 1.0;
     y.copysign(x)
+}
+
+/// What the functions above are written in: one f32, or four vectors of them
+/// ([`crate::f32x16::Quad`]), on which the element-wise kernels call them.
+pub trait Real:
+    Copy
+    + std::ops::Add<Output = Self>
+    + std::ops::Add<f32, Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Sub<f32, Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Mul<f32, Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+{
+    /// Every element `x`.
+    fn splat(x: f32) -> Self;
+    /// `self·b + c`, fused where `FMA` (see [`mul_add`]).
+    fn mul_add<const FMA: bool>(self, b: Self, c: Self) -> Self;
+    /// `f32::max` of each element and `x`.
+    fn max(self, x: f32) -> Self;
+    /// `f32::clamp` of each element.
+    fn clamp(self, lo: f32, hi: f32) -> Self;
+    fn abs(self) -> Self;
+    /// Each element's magnitude with `sign`'s sign.
+    fn copysign(self, sign: Self) -> Self;
+    /// `a` where `x ≥ 0`, else `b`, element by element.
+    fn select_nonnegative(x: Self, a: Self, b: Self) -> Self;
+    /// [`pow2_of_shifted`] of each element.
+    fn pow2_of_shifted(self) -> Self;
+}
+
+impl Real for f32 {
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn mul_add<const FMA: bool>(self, b: Self, c: Self) -> Self {
+        mul_add::<FMA>(self, b, c)
+    }
+    #[inline(always)]
+    fn max(self, x: f32) -> Self {
+        f32::max(self, x)
+    }
+    #[inline(always)]
+    fn clamp(self, lo: f32, hi: f32) -> Self {
+        f32::clamp(self, lo, hi)
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+    #[inline(always)]
+    fn copysign(self, sign: Self) -> Self {
+        f32::copysign(self, sign)
+    }
+    #[inline(always)]
+    fn select_nonnegative(x: Self, a: Self, b: Self) -> Self {
+        if x >= 0.0 { a } else { b }
+    }
+    #[inline(always)]
+    fn pow2_of_shifted(self) -> Self {
+        pow2_of_shifted(self)
+    }
 }
 
 #[cfg(test)]

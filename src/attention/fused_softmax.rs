@@ -426,8 +426,12 @@ mod tests {
             let dropped = crate::fused_dropout::CALLS.get();
             let (ours, naive) = (run(true), run(false));
             assert!(FORWARD_CALLS.get() > calls, "the extension ran");
-            let dropped = crate::fused_dropout::CALLS.get() > dropped;
-            assert_eq!(dropped, dropout.is_some(), "dropout ran only where asked");
+            // (Only that it ran where asked: the count is global, and a test running beside
+            // this one may drop out too. Where not asked, the outputs' equality with the
+            // naive form's below shows that nothing was dropped.)
+            if dropout.is_some() {
+                assert!(crate::fused_dropout::CALLS.get() > dropped, "dropout ran");
+            }
             for (what, a, b) in ["output", "dq", "dk", "dv"]
                 .iter()
                 .zip(&ours)

@@ -19,8 +19,10 @@ use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use rayon::prelude::*;
 
-use crate::activations::sigmoid_and_exp;
+use crate::activations::sigmoid_and_exp_in;
 use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients, zeroed};
+use crate::f32x16::{F32x16, QUAD, Quad, with_f32x16};
+use crate::vector_math::{Real, has_fma};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait ConvSiluBackend: Backend {
@@ -146,30 +148,60 @@ impl<'a> Inputs<'a> {
     "aarch64+neon"
 ))]
 fn forward_piece(x: &Inputs, i: usize, s0: usize, out: &mut [f32]) {
+    const FMA: bool = has_fma!();
+    with_f32x16!(V => forward_piece_in::<V, FMA>(x, i, s0, out))
+}
+
+/// [`forward_piece`], the SiLU [`QUAD`] channels at a time (the rest one by one, the same
+/// arithmetic).
+#[inline(always)]
+fn forward_piece_in<V: F32x16, const FMA: bool>(x: &Inputs, i: usize, s0: usize, out: &mut [f32]) {
     let ch = x.ch;
+    let full = ch / QUAD * QUAD;
     for (k, y) in out.chunks_exact_mut(ch).enumerate() {
         x.conv_at(i, s0 + k, y);
-        for v in y.iter_mut() {
-            *v *= sigmoid_and_exp(*v).0;
+        for c in (0..full).step_by(QUAD) {
+            let z = Quad::<V>::load(&y[c..]);
+            (z * sigmoid_and_exp_in::<_, FMA>(z).0).store(&mut y[c..]);
+        }
+        for v in &mut y[full..] {
+            *v *= sigmoid_and_exp_in::<_, FMA>(*v).0;
         }
     }
+}
+
+/// `g · silu'(z)`, `silu'(z) = σ(z)(1 + z(1 − σ(z)))`.
+#[inline(always)]
+fn silu_backward<R: Real, const FMA: bool>(z: R, g: R) -> R {
+    let sig = sigmoid_and_exp_in::<R, FMA>(z).0;
+    g * sig * (z * (-sig + 1.0) + 1.0)
 }
 
 impl Inputs<'_> {
     /// ∂L/∂z at output steps `first..last` of sequence `i`, `[last − first][ch]`, from the
     /// output's gradient: the pre-activation z recomputed, `silu'(z) = σ(z)(1 + z(1 − σ(z)))`.
+    /// [`QUAD`] channels at a time (the rest one by one, the same arithmetic).
     #[inline(always)]
-    fn grad_z(&self, grad: &[f32], i: usize, (first, last): (usize, usize)) -> Vec<f32> {
+    fn grad_z<V: F32x16, const FMA: bool>(
+        &self,
+        grad: &[f32],
+        i: usize,
+        (first, last): (usize, usize),
+    ) -> Vec<f32> {
         let (t, ch) = (self.t, self.ch);
+        let full = ch / QUAD * QUAD;
         let mut gz = vec![0f32; (last - first) * ch];
         let mut z = vec![0f32; ch];
         for (k, gz) in gz.chunks_exact_mut(ch).enumerate() {
             let s = first + k;
             self.conv_at(i, s, &mut z);
             let g = &grad[(i * t + s) * ch..(i * t + s + 1) * ch];
-            for c in 0..ch {
-                let sig = sigmoid_and_exp(z[c]).0;
-                gz[c] = g[c] * sig * (1.0 + z[c] * (1.0 - sig));
+            for c in (0..full).step_by(QUAD) {
+                let [z, g] = Quad::<V>::load_each([&z, g], c);
+                silu_backward::<_, FMA>(z, g).store(&mut gz[c..]);
+            }
+            for c in full..ch {
+                gz[c] = silu_backward::<_, FMA>(z[c], g[c]);
             }
         }
         gz
@@ -204,11 +236,22 @@ impl Inputs<'_> {
     "aarch64+neon"
 ))]
 fn backward_piece(x: &Inputs, grad: &[f32], (i, s0): (usize, usize), gx: &mut [f32]) -> Sums {
+    const FMA: bool = has_fma!();
+    with_f32x16!(V => backward_piece_in::<V, FMA>(x, grad, (i, s0), gx))
+}
+
+#[inline(always)]
+fn backward_piece_in<V: F32x16, const FMA: bool>(
+    x: &Inputs,
+    grad: &[f32],
+    (i, s0): (usize, usize),
+    gx: &mut [f32],
+) -> Sums {
     let (t, ch, kernel) = (x.t, x.ch, x.kernel);
     let h = kernel - 1;
     let s1 = s0 + gx.len() / ch;
     // x's row s is padded row s + h, read by steps s .. s + h.
-    let gz = x.grad_z(grad, i, (s0, (s1 + h).min(t)));
+    let gz = x.grad_z::<V, FMA>(grad, i, (s0, (s1 + h).min(t)));
     for (k, row) in gx.chunks_exact_mut(ch).enumerate() {
         x.gather(&gz, s0, s0 + k + h, row);
     }
@@ -229,9 +272,16 @@ fn backward_piece(x: &Inputs, grad: &[f32], (i, s0): (usize, usize), gx: &mut [f
 }
 
 /// The gradient of sequence `i`'s history rows into `g_history` `[kernel − 1][ch]`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
 fn history_backward(x: &Inputs, grad: &[f32], i: usize, g_history: &mut [f32]) {
+    const FMA: bool = has_fma!();
     let h = x.kernel - 1;
-    let gz = x.grad_z(grad, i, (0, h.min(x.t)));
+    let gz = with_f32x16!(V => x.grad_z::<V, FMA>(grad, i, (0, h.min(x.t))));
     for (r, row) in g_history.chunks_exact_mut(x.ch).enumerate() {
         x.gather(&gz, 0, r, row);
     }
@@ -399,12 +449,19 @@ mod tests {
     use burn::tensor::Distribution;
 
     /// The fused conv + SiLU equals the reference, output and the gradients of x, history,
-    /// weight and bias: across a piece boundary, and with fewer steps than the history.
+    /// weight and bias: across a piece boundary, with fewer steps than the history, and
+    /// with channels in a [`QUAD`] and past it.
     #[test]
     fn fused_conv_silu_equals_the_reference() {
         let device = Device::flex().autodiff();
         device.seed(11);
-        for (b, t, ch, kernel) in [(3, PIECE + 37, 13, 4), (2, 2, 5, 4), (2, 9, 6, 1)] {
+        let shapes = [
+            (3, PIECE + 37, 13, 4),
+            (2, 2, 5, 4),
+            (2, 9, 6, 1),
+            (2, 7, QUAD + 5, 4),
+        ];
+        for (b, t, ch, kernel) in shapes {
             let normal = |shape: [usize; 3]| {
                 Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.5), &device).require_grad()
             };

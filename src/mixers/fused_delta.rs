@@ -23,10 +23,11 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use rayon::prelude::*;
 
-use crate::activations::{sigmoid_and_exp, softplus, softplus_of};
+use crate::activations::{sigmoid_and_exp_in, softplus, softplus_in};
 use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, register_gradients, zeroed};
+use crate::f32x16::{F32x16, QUAD, Quad, with_f32x16};
 use crate::mixed_precision::{linear, working_dtype};
-use crate::vector_math::{dot_fma, has_fma, mul_add};
+use crate::vector_math::{Real, dot_fma, has_fma, mul_add};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DeltaBackend: Backend {
@@ -78,18 +79,28 @@ pub fn delta_reference(dt_proj: &Linear, dt: Tensor<3>) -> Tensor<3> {
 /// Rows per parallel task.
 const ROWS: usize = 64;
 
-/// `b + dt_row · W` into `pre` `[d]`.
+/// `b + dt_row · W` at columns `c0 .. c0 + QUAD`, the sums in registers.
 #[inline(always)]
-fn pre_activation<const FMA: bool>(dt_row: &[f32], (w, b): (&[f32], &[f32]), pre: &mut [f32]) {
-    pre.copy_from_slice(b);
-    for (&x, w_row) in dt_row.iter().zip(w.chunks_exact(pre.len())) {
-        for (p, &w) in pre.iter_mut().zip(w_row) {
-            *p = mul_add::<FMA>(x, w, *p);
-        }
+fn pre_activation_quad<V: F32x16>(dt_row: &[f32], (w, b): (&[f32], &[f32]), c0: usize) -> Quad<V> {
+    let mut pre = Quad::<V>::load(&b[c0..]);
+    for (&x, w_row) in dt_row.iter().zip(w.chunks_exact(b.len())) {
+        pre = Quad::splat(x).mul_add::<true>(Quad::load(&w_row[c0..]), pre);
     }
+    pre
 }
 
-/// Δ for a task's rows: `dt` `[rows, r]` → `out` `[rows, d]`.
+/// `b + dt_row · W` at column `c`: [`pre_activation_quad`]'s arithmetic.
+#[inline(always)]
+fn pre_activation_one<const FMA: bool>(dt_row: &[f32], (w, b): (&[f32], &[f32]), c: usize) -> f32 {
+    let mut pre = b[c];
+    for (&x, w_row) in dt_row.iter().zip(w.chunks_exact(b.len())) {
+        pre = mul_add::<FMA>(x, w_row[c], pre);
+    }
+    pre
+}
+
+/// Δ for a task's rows: `dt` `[rows, r]` → `out` `[rows, d]`, [`QUAD`] columns at a time
+/// (the rest one by one, the same arithmetic): four vectors' softplus side by side.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
@@ -98,11 +109,24 @@ fn pre_activation<const FMA: bool>(dt_row: &[f32], (w, b): (&[f32], &[f32]), pre
 ))]
 fn forward_rows(dt: &[f32], (w, b): (&[f32], &[f32]), out: &mut [f32]) {
     const FMA: bool = has_fma!();
+    with_f32x16!(V => forward_rows_in::<V, FMA>(dt, (w, b), out))
+}
+
+#[inline(always)]
+fn forward_rows_in<V: F32x16, const FMA: bool>(
+    dt: &[f32],
+    (w, b): (&[f32], &[f32]),
+    out: &mut [f32],
+) {
     let (d, r) = (b.len(), w.len() / b.len());
+    let full = d / QUAD * QUAD;
     for (dt_row, out) in dt.chunks_exact(r).zip(out.chunks_exact_mut(d)) {
-        pre_activation::<FMA>(dt_row, (w, b), out);
-        for o in out.iter_mut() {
-            *o = softplus_of(*o);
+        for c0 in (0..full).step_by(QUAD) {
+            let pre = pre_activation_quad::<V>(dt_row, (w, b), c0);
+            softplus_in::<Quad<V>, FMA>(pre).store(&mut out[c0..]);
+        }
+        for (c, out) in out.iter_mut().enumerate().skip(full) {
+            *out = softplus_in::<f32, FMA>(pre_activation_one::<FMA>(dt_row, (w, b), c));
         }
     }
 }
@@ -122,14 +146,30 @@ fn backward_rows(
     (g_w, g_b): (&mut [f32], &mut [f32]),
 ) {
     const FMA: bool = has_fma!();
+    with_f32x16!(V => backward_rows_in::<V, FMA>((dt, grad), (w, b), g_dt, (g_w, g_b)))
+}
+
+#[inline(always)]
+fn backward_rows_in<V: F32x16, const FMA: bool>(
+    (dt, grad): (&[f32], &[f32]),
+    (w, b): (&[f32], &[f32]),
+    g_dt: &mut [f32],
+    (g_w, g_b): (&mut [f32], &mut [f32]),
+) {
     let (d, r) = (b.len(), w.len() / b.len());
+    let full = d / QUAD * QUAD;
     let mut g_pre = vec![0f32; d];
     let rows = dt.chunks_exact(r).zip(grad.chunks_exact(d));
     for ((dt_row, grad), g_dt) in rows.zip(g_dt.chunks_exact_mut(r)) {
-        pre_activation::<FMA>(dt_row, (w, b), &mut g_pre);
         // softplus' = sigmoid.
-        for (p, &g) in g_pre.iter_mut().zip(grad) {
-            *p = g * sigmoid_and_exp(*p).0;
+        for c0 in (0..full).step_by(QUAD) {
+            let pre = pre_activation_quad::<V>(dt_row, (w, b), c0);
+            let sig = sigmoid_and_exp_in::<Quad<V>, FMA>(pre).0;
+            (Quad::<V>::load(&grad[c0..]) * sig).store(&mut g_pre[c0..]);
+        }
+        for c in full..d {
+            let pre = pre_activation_one::<FMA>(dt_row, (w, b), c);
+            g_pre[c] = grad[c] * sigmoid_and_exp_in::<f32, FMA>(pre).0;
         }
         for (p, gb) in g_pre.iter().zip(g_b.iter_mut()) {
             *gb += p;
@@ -255,12 +295,13 @@ mod tests {
     use burn::tensor::Distribution;
 
     /// The fused Δ equals the projection and softplus, output and the gradients of dt, W
-    /// and b, over more rows than one task's and pre-activations of both signs.
+    /// and b, over more rows than one task's, pre-activations of both signs, and columns
+    /// both in a [`QUAD`] and past the last one.
     #[test]
     fn fused_delta_equals_the_reference() {
         let device = Device::flex().autodiff();
         device.seed(23);
-        let (b, t, r, d) = (3, ROWS / 2 + 9, 5, 37);
+        let (b, t, r, d) = (3, ROWS / 2 + 9, 5, QUAD + 37);
         let dt_proj = LinearConfig::new(r, d).init(&device);
         let dt =
             Tensor::<3>::random([b, t, r], Distribution::Normal(0.0, 1.0), &device).require_grad();

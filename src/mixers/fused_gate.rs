@@ -17,8 +17,10 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use rayon::prelude::*;
 
-use crate::activations::{sigmoid_and_exp, silu};
+use crate::activations::{sigmoid_and_exp_in, silu};
 use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, register_gradients, zeroed};
+use crate::f32x16::{F32x16, QUAD, Quad, with_f32x16};
+use crate::vector_math::{Real, has_fma};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SkipGateBackend: Backend {
@@ -100,16 +102,44 @@ impl<'a> Inputs<'a> {
     "aarch64+neon"
 ))]
 fn forward_rows(x: &Inputs, first: usize, out: &mut [f32]) {
+    const FMA: bool = has_fma!();
+    with_f32x16!(V => forward_rows_in::<V, FMA>(x, first, out))
+}
+
+/// [`forward_rows`], [`QUAD`] channels at a time (the rest one by one, the same arithmetic).
+#[inline(always)]
+fn forward_rows_in<V: F32x16, const FMA: bool>(x: &Inputs, first: usize, out: &mut [f32]) {
     let w = x.width();
-    let d = &x.d[..w];
+    let (d, full) = (&x.d[..w], w / QUAD * QUAD);
     for (r, out) in out.chunks_exact_mut(w).enumerate() {
         let at = (first + r) * w;
         let (y, u, z) = (&x.y[at..at + w], &x.u[at..at + w], &x.z[at..at + w]);
-        for c in 0..w {
-            let silu = z[c] * sigmoid_and_exp(z[c]).0;
-            out[c] = (y[c] + d[c] * u[c]) * silu;
+        for c in (0..full).step_by(QUAD) {
+            let [y, u, d, z] = Quad::<V>::load_each([y, u, d, z], c);
+            gate::<_, FMA>(y, u, d, z).store(&mut out[c..]);
+        }
+        for c in full..w {
+            out[c] = gate::<_, FMA>(y[c], u[c], d[c], z[c]);
         }
     }
+}
+
+/// `(y + D·u) · silu(z)`.
+#[inline(always)]
+fn gate<R: Real, const FMA: bool>(y: R, u: R, d: R, z: R) -> R {
+    (y + d * u) * (z * sigmoid_and_exp_in::<R, FMA>(z).0)
+}
+
+/// [`gate`]'s gradients given the output's, `g`: those of y (of u: times D; of D: times
+/// u) and of z.
+#[inline(always)]
+fn gate_backward<R: Real, const FMA: bool>(y: R, u: R, d: R, z: R, g: R) -> (R, R) {
+    let sig = sigmoid_and_exp_in::<R, FMA>(z).0;
+    // g · silu(z): the gradient of y + D ⊙ u.
+    let g_pre = g * z * sig;
+    // silu'(z) = σ(z)(1 + z(1 − σ(z))).
+    let gz = g * (y + d * u) * sig * (z * (-sig + 1.0) + 1.0);
+    (g_pre, gz)
 }
 
 /// The gradients of y, u and z at rows `first..`, and these rows' share of D's.
@@ -125,8 +155,21 @@ fn backward_rows(
     first: usize,
     (gy, gu, gz): (&mut [f32], &mut [f32], &mut [f32]),
 ) -> Vec<f32> {
+    const FMA: bool = has_fma!();
+    with_f32x16!(V => backward_rows_in::<V, FMA>(x, grad, first, (gy, gu, gz)))
+}
+
+/// [`backward_rows`], [`QUAD`] channels at a time (the rest one by one, the same
+/// arithmetic).
+#[inline(always)]
+fn backward_rows_in<V: F32x16, const FMA: bool>(
+    x: &Inputs,
+    grad: &[f32],
+    first: usize,
+    (gy, gu, gz): (&mut [f32], &mut [f32], &mut [f32]),
+) -> Vec<f32> {
     let w = x.width();
-    let d = &x.d[..w];
+    let (d, full) = (&x.d[..w], w / QUAD * QUAD);
     let mut gd = vec![0f32; w];
     let rows = gy
         .chunks_exact_mut(w)
@@ -140,15 +183,20 @@ fn backward_rows(
             &x.z[at..at + w],
             &grad[at..at + w],
         );
-        for c in 0..w {
-            let sig = sigmoid_and_exp(z[c]).0;
-            // g · silu(z): the gradient of y + D ⊙ u.
-            let g_pre = g[c] * z[c] * sig;
+        for c in (0..full).step_by(QUAD) {
+            let [y, u, d, z, g] = Quad::<V>::load_each([y, u, d, z, g], c);
+            let (g_pre, g_z) = gate_backward::<_, FMA>(y, u, d, z, g);
+            g_pre.store(&mut gy[c..]);
+            (g_pre * d).store(&mut gu[c..]);
+            (Quad::<V>::load(&gd[c..]) + g_pre * u).store(&mut gd[c..]);
+            g_z.store(&mut gz[c..]);
+        }
+        for c in full..w {
+            let (g_pre, g_z) = gate_backward::<_, FMA>(y[c], u[c], d[c], z[c], g[c]);
             gy[c] = g_pre;
             gu[c] = g_pre * d[c];
             gd[c] += g_pre * u[c];
-            // silu'(z) = σ(z)(1 + z(1 − σ(z))).
-            gz[c] = g[c] * (y[c] + d[c] * u[c]) * sig * (1.0 + z[c] * (1.0 - sig));
+            gz[c] = g_z;
         }
     }
     gd
@@ -286,12 +334,12 @@ mod tests {
     use burn::tensor::Distribution;
 
     /// The fused gate equals the tensor ops, output and the gradients of y, u, D and z,
-    /// over more rows than one task's.
+    /// over more rows than one task's, channels in a [`QUAD`] and past it.
     #[test]
     fn fused_gate_equals_the_reference() {
         let device = Device::flex().autodiff();
         device.seed(17);
-        let (b, t, w) = (2, ROWS + 13, 24);
+        let (b, t, w) = (2, ROWS + 13, QUAD + 24);
         let normal = |shape: [usize; 3]| {
             Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.5), &device).require_grad()
         };
