@@ -17,6 +17,11 @@ use crate::vector_math::{
 
 /// Sixteen f32 lanes and the element-wise operations kernels use on them.
 pub trait F32x16: Copy {
+    /// Whether a [`Quad`] of these runs as four registers side by side, so that kernels
+    /// take it. [`Portable`] lanes are arrays LLVM vectorises one operation at a time; four
+    /// of them as one value came out 4× slower than a plain loop over elements (AVX2, a
+    /// probe of softplus and sigmoid), so kernels loop over elements there.
+    const QUADS: bool;
     /// Every lane `x`.
     fn splat(x: f32) -> Self;
     /// The lanes of `x`.
@@ -106,6 +111,7 @@ impl<const FMA: bool> Portable<FMA> {
 }
 
 impl<const FMA: bool> F32x16 for Portable<FMA> {
+    const QUADS: bool = false;
     #[inline(always)]
     fn splat(x: f32) -> Self {
         Self([x; 16])
@@ -190,6 +196,7 @@ pub struct Avx512(std::arch::x86_64::__m512);
 
 #[cfg(target_arch = "x86_64")]
 impl F32x16 for Avx512 {
+    const QUADS: bool = true;
     // SAFETY (every method): an `Avx512` exists only on a CPU with AVX-512F (see the type).
     #[inline(always)]
     fn splat(x: f32) -> Self {
@@ -349,6 +356,13 @@ impl F32x16 for Avx512 {
 
 /// Elements in a [`Quad`].
 pub const QUAD: usize = 64;
+
+/// How many of `n` elements a kernel on lanes `V` runs as [`Quad`]s: the whole ones where
+/// `V` takes them ([`F32x16::QUADS`]), none otherwise; the rest go one by one.
+#[inline(always)]
+pub fn quad_part<V: F32x16>(n: usize) -> usize {
+    if V::QUADS { n / QUAD * QUAD } else { 0 }
+}
 
 /// Four [`F32x16`] as one [`Real`]: each operation on all four side by side, so a function
 /// written in `Real` (an exp, a division, a series) runs four independent chains at once.

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::activations::sigmoid_and_exp_in;
 use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients, zeroed};
-use crate::f32x16::{F32x16, QUAD, Quad, with_f32x16};
+use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_f32x16};
 use crate::vector_math::{Real, has_fma};
 
 #[backend_extension(Flex, Autodiff)]
@@ -157,7 +157,7 @@ fn forward_piece(x: &Inputs, i: usize, s0: usize, out: &mut [f32]) {
 #[inline(always)]
 fn forward_piece_in<V: F32x16, const FMA: bool>(x: &Inputs, i: usize, s0: usize, out: &mut [f32]) {
     let ch = x.ch;
-    let full = ch / QUAD * QUAD;
+    let full = quad_part::<V>(ch);
     for (k, y) in out.chunks_exact_mut(ch).enumerate() {
         x.conv_at(i, s0 + k, y);
         for c in (0..full).step_by(QUAD) {
@@ -189,7 +189,7 @@ impl Inputs<'_> {
         (first, last): (usize, usize),
     ) -> Vec<f32> {
         let (t, ch) = (self.t, self.ch);
-        let full = ch / QUAD * QUAD;
+        let full = quad_part::<V>(ch);
         let mut gz = vec![0f32; (last - first) * ch];
         let mut z = vec![0f32; ch];
         for (k, gz) in gz.chunks_exact_mut(ch).enumerate() {

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use crate::activations::{sigmoid_and_exp_in, softplus, softplus_in};
 use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, register_gradients, zeroed};
-use crate::f32x16::{F32x16, QUAD, Quad, with_f32x16};
+use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_f32x16};
 use crate::mixed_precision::{linear, working_dtype};
 use crate::vector_math::{Real, dot_fma, has_fma, mul_add};
 
@@ -89,14 +89,22 @@ fn pre_activation_quad<V: F32x16>(dt_row: &[f32], (w, b): (&[f32], &[f32]), c0: 
     pre
 }
 
-/// `b + dt_row · W` at column `c`: [`pre_activation_quad`]'s arithmetic.
+/// `b + dt_row · W` at columns `from ..` into `pre` (`[d − from]`), a pass over the row
+/// per input: [`pre_activation_quad`]'s arithmetic for the columns past its last one.
 #[inline(always)]
-fn pre_activation_one<const FMA: bool>(dt_row: &[f32], (w, b): (&[f32], &[f32]), c: usize) -> f32 {
-    let mut pre = b[c];
-    for (&x, w_row) in dt_row.iter().zip(w.chunks_exact(b.len())) {
-        pre = mul_add::<FMA>(x, w_row[c], pre);
+fn pre_activation_rest<const FMA: bool>(
+    dt_row: &[f32],
+    (w, b): (&[f32], &[f32]),
+    from: usize,
+    pre: &mut [f32],
+) {
+    let d = b.len();
+    pre.copy_from_slice(&b[from..]);
+    for (&x, w_row) in dt_row.iter().zip(w.chunks_exact(d)) {
+        for (p, &w) in pre.iter_mut().zip(&w_row[from..]) {
+            *p = mul_add::<FMA>(x, w, *p);
+        }
     }
-    pre
 }
 
 /// Δ for a task's rows: `dt` `[rows, r]` → `out` `[rows, d]`, [`QUAD`] columns at a time
@@ -119,14 +127,16 @@ fn forward_rows_in<V: F32x16, const FMA: bool>(
     out: &mut [f32],
 ) {
     let (d, r) = (b.len(), w.len() / b.len());
-    let full = d / QUAD * QUAD;
+    let full = quad_part::<V>(d);
     for (dt_row, out) in dt.chunks_exact(r).zip(out.chunks_exact_mut(d)) {
         for c0 in (0..full).step_by(QUAD) {
             let pre = pre_activation_quad::<V>(dt_row, (w, b), c0);
             softplus_in::<Quad<V>, FMA>(pre).store(&mut out[c0..]);
         }
-        for (c, out) in out.iter_mut().enumerate().skip(full) {
-            *out = softplus_in::<f32, FMA>(pre_activation_one::<FMA>(dt_row, (w, b), c));
+        let rest = &mut out[full..];
+        pre_activation_rest::<FMA>(dt_row, (w, b), full, rest);
+        for v in rest {
+            *v = softplus_in::<f32, FMA>(*v);
         }
     }
 }
@@ -157,7 +167,7 @@ fn backward_rows_in<V: F32x16, const FMA: bool>(
     (g_w, g_b): (&mut [f32], &mut [f32]),
 ) {
     let (d, r) = (b.len(), w.len() / b.len());
-    let full = d / QUAD * QUAD;
+    let full = quad_part::<V>(d);
     let mut g_pre = vec![0f32; d];
     let rows = dt.chunks_exact(r).zip(grad.chunks_exact(d));
     for ((dt_row, grad), g_dt) in rows.zip(g_dt.chunks_exact_mut(r)) {
@@ -167,9 +177,10 @@ fn backward_rows_in<V: F32x16, const FMA: bool>(
             let sig = sigmoid_and_exp_in::<Quad<V>, FMA>(pre).0;
             (Quad::<V>::load(&grad[c0..]) * sig).store(&mut g_pre[c0..]);
         }
-        for c in full..d {
-            let pre = pre_activation_one::<FMA>(dt_row, (w, b), c);
-            g_pre[c] = grad[c] * sigmoid_and_exp_in::<f32, FMA>(pre).0;
+        let rest = &mut g_pre[full..];
+        pre_activation_rest::<FMA>(dt_row, (w, b), full, rest);
+        for (p, &g) in rest.iter_mut().zip(&grad[full..]) {
+            *p = g * sigmoid_and_exp_in::<f32, FMA>(*p).0;
         }
         for (p, gb) in g_pre.iter().zip(g_b.iter_mut()) {
             *gb += p;

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::activations::{sigmoid_and_exp_in, silu};
 use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, register_gradients, zeroed};
-use crate::f32x16::{F32x16, QUAD, Quad, with_f32x16};
+use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_f32x16};
 use crate::vector_math::{Real, has_fma};
 
 #[backend_extension(Flex, Autodiff)]
@@ -110,7 +110,7 @@ fn forward_rows(x: &Inputs, first: usize, out: &mut [f32]) {
 #[inline(always)]
 fn forward_rows_in<V: F32x16, const FMA: bool>(x: &Inputs, first: usize, out: &mut [f32]) {
     let w = x.width();
-    let (d, full) = (&x.d[..w], w / QUAD * QUAD);
+    let (d, full) = (&x.d[..w], quad_part::<V>(w));
     for (r, out) in out.chunks_exact_mut(w).enumerate() {
         let at = (first + r) * w;
         let (y, u, z) = (&x.y[at..at + w], &x.u[at..at + w], &x.z[at..at + w]);
@@ -169,7 +169,7 @@ fn backward_rows_in<V: F32x16, const FMA: bool>(
     (gy, gu, gz): (&mut [f32], &mut [f32], &mut [f32]),
 ) -> Vec<f32> {
     let w = x.width();
-    let (d, full) = (&x.d[..w], w / QUAD * QUAD);
+    let (d, full) = (&x.d[..w], quad_part::<V>(w));
     let mut gd = vec![0f32; w];
     let rows = gy
         .chunks_exact_mut(w)
