@@ -152,8 +152,8 @@ fn forward_piece(x: &Inputs, i: usize, s0: usize, out: &mut [f32]) {
     with_f32x16!(V => forward_piece_in::<V, FMA>(x, i, s0, out))
 }
 
-/// [`forward_piece`], the SiLU [`QUAD`] channels at a time (the rest one by one, the same
-/// arithmetic).
+/// [`forward_piece`], the SiLU in [`Quad`]s where the lanes take them (`quad_part`; the
+/// rest one by one, the same arithmetic).
 #[inline(always)]
 fn forward_piece_in<V: F32x16, const FMA: bool>(x: &Inputs, i: usize, s0: usize, out: &mut [f32]) {
     let ch = x.ch;
@@ -180,7 +180,8 @@ fn silu_backward<R: Real, const FMA: bool>(z: R, g: R) -> R {
 impl Inputs<'_> {
     /// ∂L/∂z at output steps `first..last` of sequence `i`, `[last − first][ch]`, from the
     /// output's gradient: the pre-activation z recomputed, `silu'(z) = σ(z)(1 + z(1 − σ(z)))`.
-    /// [`QUAD`] channels at a time (the rest one by one, the same arithmetic).
+    /// In [`Quad`]s where the lanes take them (`quad_part`; the rest one by one, the same
+    /// arithmetic).
     #[inline(always)]
     fn grad_z<V: F32x16, const FMA: bool>(
         &self,
@@ -240,6 +241,7 @@ fn backward_piece(x: &Inputs, grad: &[f32], (i, s0): (usize, usize), gx: &mut [f
     with_f32x16!(V => backward_piece_in::<V, FMA>(x, grad, (i, s0), gx))
 }
 
+/// [`backward_piece`] on lanes `V`.
 #[inline(always)]
 fn backward_piece_in<V: F32x16, const FMA: bool>(
     x: &Inputs,

@@ -81,10 +81,14 @@ const ROWS: usize = 64;
 
 /// `b + dt_row · W` at columns `c0 .. c0 + QUAD`, the sums in registers.
 #[inline(always)]
-fn pre_activation_quad<V: F32x16>(dt_row: &[f32], (w, b): (&[f32], &[f32]), c0: usize) -> Quad<V> {
+fn pre_activation_quad<V: F32x16, const FMA: bool>(
+    dt_row: &[f32],
+    (w, b): (&[f32], &[f32]),
+    c0: usize,
+) -> Quad<V> {
     let mut pre = Quad::<V>::load(&b[c0..]);
     for (&x, w_row) in dt_row.iter().zip(w.chunks_exact(b.len())) {
-        pre = Quad::splat(x).mul_add::<true>(Quad::load(&w_row[c0..]), pre);
+        pre = Quad::splat(x).mul_add::<FMA>(Quad::load(&w_row[c0..]), pre);
     }
     pre
 }
@@ -107,8 +111,9 @@ fn pre_activation_rest<const FMA: bool>(
     }
 }
 
-/// Δ for a task's rows: `dt` `[rows, r]` → `out` `[rows, d]`, [`QUAD`] columns at a time
-/// (the rest one by one, the same arithmetic): four vectors' softplus side by side.
+/// Δ for a task's rows: `dt` `[rows, r]` → `out` `[rows, d]`, in [`Quad`]s
+/// where the lanes take them (`quad_part`; the rest one by one, the same arithmetic): four
+/// vectors' softplus side by side.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
@@ -120,6 +125,7 @@ fn forward_rows(dt: &[f32], (w, b): (&[f32], &[f32]), out: &mut [f32]) {
     with_f32x16!(V => forward_rows_in::<V, FMA>(dt, (w, b), out))
 }
 
+/// [`forward_rows`] on lanes `V`.
 #[inline(always)]
 fn forward_rows_in<V: F32x16, const FMA: bool>(
     dt: &[f32],
@@ -130,7 +136,7 @@ fn forward_rows_in<V: F32x16, const FMA: bool>(
     let full = quad_part::<V>(d);
     for (dt_row, out) in dt.chunks_exact(r).zip(out.chunks_exact_mut(d)) {
         for c0 in (0..full).step_by(QUAD) {
-            let pre = pre_activation_quad::<V>(dt_row, (w, b), c0);
+            let pre = pre_activation_quad::<V, FMA>(dt_row, (w, b), c0);
             softplus_in::<Quad<V>, FMA>(pre).store(&mut out[c0..]);
         }
         let rest = &mut out[full..];
@@ -159,6 +165,7 @@ fn backward_rows(
     with_f32x16!(V => backward_rows_in::<V, FMA>((dt, grad), (w, b), g_dt, (g_w, g_b)))
 }
 
+/// [`backward_rows`] on lanes `V`.
 #[inline(always)]
 fn backward_rows_in<V: F32x16, const FMA: bool>(
     (dt, grad): (&[f32], &[f32]),
@@ -173,7 +180,7 @@ fn backward_rows_in<V: F32x16, const FMA: bool>(
     for ((dt_row, grad), g_dt) in rows.zip(g_dt.chunks_exact_mut(r)) {
         // softplus' = sigmoid.
         for c0 in (0..full).step_by(QUAD) {
-            let pre = pre_activation_quad::<V>(dt_row, (w, b), c0);
+            let pre = pre_activation_quad::<V, FMA>(dt_row, (w, b), c0);
             let sig = sigmoid_and_exp_in::<Quad<V>, FMA>(pre).0;
             (Quad::<V>::load(&grad[c0..]) * sig).store(&mut g_pre[c0..]);
         }

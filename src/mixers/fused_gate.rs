@@ -106,7 +106,8 @@ fn forward_rows(x: &Inputs, first: usize, out: &mut [f32]) {
     with_f32x16!(V => forward_rows_in::<V, FMA>(x, first, out))
 }
 
-/// [`forward_rows`], [`QUAD`] channels at a time (the rest one by one, the same arithmetic).
+/// [`forward_rows`], in [`Quad`]s where the lanes take them (`quad_part`; the rest one by
+/// one, the same arithmetic).
 #[inline(always)]
 fn forward_rows_in<V: F32x16, const FMA: bool>(x: &Inputs, first: usize, out: &mut [f32]) {
     let w = x.width();
@@ -159,8 +160,8 @@ fn backward_rows(
     with_f32x16!(V => backward_rows_in::<V, FMA>(x, grad, first, (gy, gu, gz)))
 }
 
-/// [`backward_rows`], [`QUAD`] channels at a time (the rest one by one, the same
-/// arithmetic).
+/// [`backward_rows`], in [`Quad`]s where the lanes take them (`quad_part`; the rest one by
+/// one, the same arithmetic).
 #[inline(always)]
 fn backward_rows_in<V: F32x16, const FMA: bool>(
     x: &Inputs,
