@@ -458,21 +458,24 @@ impl Mamba2 {
         if let Some(p) = padding {
             delta = delta * p.column();
         }
-        let (xs, B, C) = self.heads_of(dir.conv1d.forward_silu_parts(xbc.0, history));
-        let A = dir.A_log.val().exp().neg();
-        let x = xs.clone();
-        let (y, ssm) = match self.form {
-            Mamba2Form::Fused => ssd_fused_kept(x, delta, A, B, C, (h0, keep_state), self.chunk_size),
+        let (x, B, C) = self.heads_of(dir.conv1d.forward_silu_parts(xbc.0, history));
+        let (A, D) = (dir.A_log.val().exp().neg(), dir.D.val());
+        let skip = |y: Tensor<4>, x: Tensor<4>| y + x * D.clone().reshape([1, 1, self.nheads(), 1]);
+        match self.form {
+            // The skip inside the fused scan.
+            Mamba2Form::Fused => {
+                let kept = (h0, keep_state, Some(D.clone()));
+                ssd_fused_kept(x, delta, A, B, C, kept, self.chunk_size)
+            }
             Mamba2Form::Chunked => {
-                let (y, ssm) = ssd_chunked(x, delta, A, B, C, h0, self.chunk_size);
-                (y, keep_state.then_some(ssm))
+                let (y, ssm) = ssd_chunked(x.clone(), delta, A, B, C, h0, self.chunk_size);
+                (skip(y, x), keep_state.then_some(ssm))
             }
             Mamba2Form::Sequential => {
-                let (y, ssm) = ssd_sequential(x, delta, A, B, C, h0);
-                (y, keep_state.then_some(ssm))
+                let (y, ssm) = ssd_sequential(x.clone(), delta, A, B, C, h0);
+                (skip(y, x), keep_state.then_some(ssm))
             }
-        };
-        (y + xs * dir.D.val().reshape([1, 1, self.nheads(), 1]), ssm)
+        }
     }
 }
 
@@ -707,7 +710,7 @@ pub fn ssd_fused(
     initial: Option<Tensor<4>>,
     chunk: usize,
 ) -> (Tensor<4>, Tensor<4>) {
-    let (y, state) = ssd_fused_kept(x, dt, A, B, C, (initial, true), chunk);
+    let (y, state) = ssd_fused_kept(x, dt, A, B, C, (initial, true, None), chunk);
     (y, state.expect("kept"))
 }
 
@@ -721,21 +724,28 @@ pub fn ssd_fused_output(
     initial: Option<Tensor<4>>,
     chunk: usize,
 ) -> Tensor<4> {
-    ssd_fused_kept(x, dt, A, B, C, (initial, false), chunk).0
+    ssd_fused_kept(x, dt, A, B, C, (initial, false, None), chunk).0
 }
 
-/// [`ssd_fused`], the final state returned where `keep_state`.
+/// [`ssd_fused`], the final state returned where `keep_state`, and the skip `D x` (D
+/// `[nheads]`) added to y where `skip` is given: on flex inside the fused scan, which saves
+/// the separate products and sums and their backwards.
 fn ssd_fused_kept(
     x: Tensor<4>,
     dt: Tensor<3>,
     A: Tensor<1>,
     B: Tensor<4>,
     C: Tensor<4>,
-    (initial, keep_state): (Option<Tensor<4>>, bool),
+    (initial, keep_state, skip): (Option<Tensor<4>>, bool, Option<Tensor<1>>),
     chunk: usize,
 ) -> (Tensor<4>, Option<Tensor<4>>) {
     if !crate::device::is_flex(&x.device()) {
-        let (y, state) = ssd_chunked(x, dt, A, B, C, initial, chunk);
+        let h = x.dims()[2];
+        let (y, state) = ssd_chunked(x.clone(), dt, A, B, C, initial, chunk);
+        let y = match skip {
+            Some(d) => y + x * d.reshape([1, 1, h, 1]),
+            None => y,
+        };
         return (y, keep_state.then_some(state));
     }
     let [bsz, t, h, p] = x.dims();
@@ -765,12 +775,19 @@ fn ssd_fused_kept(
             .clone()
             .narrow(1, group * per_group, per_group)
             .reshape([bsz, width, n]);
+        // The group's heads' D, one per channel.
+        let skip = skip.clone().map(|d| {
+            d.narrow(0, group * per_group, per_group)
+                .reshape([per_group, 1])
+                .expand([per_group, p])
+                .reshape([width])
+        });
         let y = if keep_state {
-            let (y, state) = super::selective_scan::selective_scan(delta, u, a, b, c, h0);
+            let (y, state) = super::selective_scan::selective_scan(delta, u, a, b, c, (h0, skip));
             states.push(state.reshape([bsz, per_group, p, n]));
             y
         } else {
-            super::selective_scan::selective_scan_output(delta, u, a, b, c, h0)
+            super::selective_scan::selective_scan_output(delta, u, a, b, c, (h0, skip))
         };
         ys.push(y.reshape([bsz, t, per_group, p]));
     }
@@ -1120,6 +1137,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The skip `D x` inside the fused scan equals `y + D x` after the sequential form:
+    /// output and the gradients of every input, D's included, with and without the final
+    /// state kept.
+    #[test]
+    fn fused_skip_equals_the_sum_after() {
+        let device = Device::flex().autodiff();
+        device.seed(29);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let calls = crate::mixers::selective_scan::FORWARD_CALLS.get();
+        for (&(t, chunk, g, initial), keep_state) in
+            CASES.iter().flat_map(|c| [(c, false), (c, true)])
+        {
+            let inputs = Inputs::random(t, g, &device).require_grad();
+            let h = inputs.A.dims()[0];
+            let d = Tensor::<1>::random([h], normal, &device).require_grad();
+            let w = Tensor::<4>::random(inputs.x.dims(), normal, &device);
+            let run = |fused: bool| {
+                let (x, dt, A) = (inputs.x.clone(), inputs.dt.clone(), inputs.A.clone());
+                let (B, C) = (inputs.B.clone(), inputs.C.clone());
+                let h0 = initial.then(|| inputs.h0.clone());
+                let y = if fused {
+                    let kept = (h0, keep_state, Some(d.clone()));
+                    ssd_fused_kept(x, dt, A, B, C, kept, chunk).0
+                } else {
+                    let (y, _) = ssd_sequential(x.clone(), dt, A, B, C, h0);
+                    y + x * d.clone().reshape([1, 1, h, 1])
+                };
+                let grads = (y.clone() * w.clone()).sum().backward();
+                let g4 = |x: &Tensor<4>| x.grad(&grads).expect("leaf has a gradient");
+                let leaves = [g4(&inputs.x), g4(&inputs.B), g4(&inputs.C)];
+                let (g_dt, g_a) = (inputs.dt.grad(&grads), inputs.A.grad(&grads));
+                (y.detach(), leaves, g_dt.unwrap(), g_a.unwrap(), d.grad(&grads).unwrap())
+            };
+            let (y, g4, g_dt, g_a, g_d) = run(true);
+            let (y_ref, g4_ref, g_dt_ref, g_a_ref, g_d_ref) = run(false);
+            let case = format!("t={t} ngroups={g} initial={initial} keep_state={keep_state}");
+            assert_close(y, y_ref, RTOL, ATOL, &format!("{case}: y"));
+            for ((actual, expected), name) in g4.into_iter().zip(g4_ref).zip(["x", "B", "C"]) {
+                assert_close(actual, expected, RTOL, ATOL, &format!("{case}: ∂/∂{name}"));
+            }
+            assert_close(g_dt, g_dt_ref, RTOL, ATOL, &format!("{case}: ∂/∂dt"));
+            assert_close(g_a, g_a_ref, RTOL, ATOL, &format!("{case}: ∂/∂A"));
+            assert_close(g_d, g_d_ref, RTOL, ATOL, &format!("{case}: ∂/∂D"));
+        }
+        assert!(crate::mixers::selective_scan::FORWARD_CALLS.get() > calls);
     }
 
     /// The layer itself: decoding token by token, and the sequence in two pieces with the

@@ -30,8 +30,8 @@ use crate::vector_math::add_lanes;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SelectiveScanBackend: Backend {
-    /// Δ, u `[b, T, D]`, A `[D, N]`, B, C `[b, T, N]`, h0 `[b, D, N]` → y `[b, T, D]` and the
-    /// final state `[b, D, N]`.
+    /// Δ, u `[b, T, D]`, A `[D, N]`, B, C `[b, T, N]`, h0 `[b, D, N]`, the skip D `[D]` →
+    /// y `[b, T, D]` (`C·h + D·u`) and the final state `[b, D, N]`.
     fn selective_scan(
         delta: FloatTensor<Self>,
         u: FloatTensor<Self>,
@@ -39,6 +39,7 @@ pub trait SelectiveScanBackend: Backend {
         b: FloatTensor<Self>,
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
+        d: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// [`Self::selective_scan`]'s y alone: where the final state is not wanted, autodiff
@@ -51,10 +52,11 @@ pub trait SelectiveScanBackend: Backend {
         b: FloatTensor<Self>,
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
+        d: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 
-    /// The gradients of [`Self::selective_scan`]'s inputs (Δ, u, A, B, C, h0) given those of
-    /// its outputs (`gy` `[b, T, D]`, `gh` `[b, D, N]`).
+    /// The gradients of [`Self::selective_scan`]'s inputs (Δ, u, A, B, C, h0, D) given those
+    /// of its outputs (`gy` `[b, T, D]`, `gh` `[b, D, N]`).
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn selective_scan_backward(
         delta: FloatTensor<Self>,
@@ -63,9 +65,11 @@ pub trait SelectiveScanBackend: Backend {
         b: FloatTensor<Self>,
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
+        d: FloatTensor<Self>,
         gy: FloatTensor<Self>,
         gh: FloatTensor<Self>,
     ) -> (
+        FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
@@ -78,16 +82,19 @@ pub trait SelectiveScanBackend: Backend {
 /// Fused scans run in this process (for tests that check a form took this path).
 pub static FORWARD_CALLS: RunCount = RunCount::new();
 
-/// The fused scan: y `[b, T, D]` and the final state `[b, D, N]`. Registered for flex
-/// and its autodiff ([`crate::device::is_flex`]).
+/// The fused scan: y `[b, T, D]` and the final state `[b, D, N]`; y gets the skip
+/// `D·u` where `skip` (`[D]`) is given (Mamba-2's; mamba_ssm's kernel takes it too), which
+/// saves the separate products and sums of `y + D·u` and their backwards. Registered for
+/// flex and its autodiff ([`crate::device::is_flex`]).
 pub fn selective_scan(
     delta: Tensor<3>,
     u: Tensor<3>,
     a: Tensor<2>,
     b: Tensor<3>,
     c: Tensor<3>,
-    h0: Tensor<3>,
+    (h0, skip): (Tensor<3>, Option<Tensor<1>>),
 ) -> (Tensor<3>, Tensor<3>) {
+    let skip = skip_or_zeros(skip, &u);
     let (y, h) = <burn::backend::Dispatch as SelectiveScanBackend>::selective_scan(
         delta.into_dispatch(),
         u.into_dispatch(),
@@ -95,6 +102,7 @@ pub fn selective_scan(
         b.into_dispatch(),
         c.into_dispatch(),
         h0.into_dispatch(),
+        skip.into_dispatch(),
     );
     (Tensor::from_dispatch(y), Tensor::from_dispatch(h))
 }
@@ -106,8 +114,9 @@ pub fn selective_scan_output(
     a: Tensor<2>,
     b: Tensor<3>,
     c: Tensor<3>,
-    h0: Tensor<3>,
+    (h0, skip): (Tensor<3>, Option<Tensor<1>>),
 ) -> Tensor<3> {
+    let skip = skip_or_zeros(skip, &u);
     Tensor::from_dispatch(
         <burn::backend::Dispatch as SelectiveScanBackend>::selective_scan_output(
             delta.into_dispatch(),
@@ -116,8 +125,15 @@ pub fn selective_scan_output(
             b.into_dispatch(),
             c.into_dispatch(),
             h0.into_dispatch(),
+            skip.into_dispatch(),
         ),
     )
+}
+
+/// The skip D, zeros `[D]` (no skip) where not given: the kernel's one extra multiply-add
+/// per step and chunk then adds nothing.
+fn skip_or_zeros(skip: Option<Tensor<1>>, u: &Tensor<3>) -> Tensor<1> {
+    skip.unwrap_or_else(|| Tensor::zeros([u.dims()[2]], &u.device()))
 }
 
 /// Channels per parallel task (one sequence's block of channels): the widest of these that
@@ -180,12 +196,13 @@ struct Inputs<'a> {
     b: Cow<'a, [f32]>,
     c: Cow<'a, [f32]>,
     h0: Cow<'a, [f32]>,
+    skip: Cow<'a, [f32]>,
 }
 
 impl<'a> Inputs<'a> {
-    /// Δ, u, A, B, C, h0 as f32.
-    fn read(tensors: &'a [FlexTensor; 6]) -> Self {
-        let [delta, u, a, b, c, h0] = tensors.each_ref().map(flex_f32);
+    /// Δ, u, A, B, C, h0, D as f32.
+    fn read(tensors: &'a [FlexTensor; 7]) -> Self {
+        let [delta, u, a, b, c, h0, skip] = tensors.each_ref().map(flex_f32);
         Self {
             delta,
             u,
@@ -193,6 +210,7 @@ impl<'a> Inputs<'a> {
             b,
             c,
             h0,
+            skip,
         }
     }
 }
@@ -328,6 +346,12 @@ impl<'a> Chunk<'a> {
     unsafe fn store<V: F32x16>(&self, out: Output, step: usize, v: V) {
         // SAFETY: as the caller promises.
         unsafe { out.write_lanes(self.row(step), v, self.width) }
+    }
+
+    /// This chunk's channels of the skip D.
+    #[inline(always)]
+    fn skip<V: F32x16>(&self) -> V {
+        V::load_first(&self.x.skip[self.c0..], self.width)
     }
 
     /// This chunk's sequence's rows of B or C `[b, t, n]` at steps `start .. end`.
@@ -597,10 +621,12 @@ fn forward_task_in<V: F32x16>(
             for (k0, rows) in groups(dims.n) {
                 with_group!(rows, G => chunk.forward::<V, G>(k0, &steps, &mut h, Some(&mut *y)));
             }
+            let skip = chunk.skip::<V>();
             // SAFETY: this chunk's channels of the segment's rows.
             unsafe {
-                for (step, y) in (start..).zip(y.iter()) {
-                    y_out.write_lanes(chunk.row(step), V::load(y), chunk.width);
+                for ((step, y), u) in (start..).zip(y.iter()).zip(steps.u) {
+                    let y = skip.mul_add(V::load(u), V::load(y));
+                    y_out.write_lanes(chunk.row(step), y, chunk.width);
                 }
             }
         }
@@ -656,6 +682,8 @@ fn backward_task_in<V: F32x16>(
     // segment, `[n]` lanes each.
     let mut lam: Vec<Vec<Lanes>> = chunks.iter().map(|c| c.read_state(gh)).collect();
     let mut g_a = vec![vec![[0f32; LANES]; n]; chunks.len()];
+    // Per chunk: the skip D's gradient, Σ_t gy·u.
+    let mut g_skip = vec![[0f32; LANES]; chunks.len()];
     // (A loop, not a closure: `V`'s intrinsics are not inlined across a closure.)
     let mut entering = Vec::with_capacity(chunks.len());
     for chunk in &chunks {
@@ -689,17 +717,21 @@ fn backward_task_in<V: F32x16>(
                 ));
             }
             let via = work.via[..2 * len].chunks_exact(2);
-            for ((step, (dl, u)), via) in (start..end).zip(steps.dl.iter().zip(steps.u)).zip(via) {
-                let (dl, u) = (V::load(dl), V::load(u));
+            let (skip, mut g_skip_c) = (chunk.skip::<V>(), V::load(&g_skip[c]));
+            let inputs = steps.dl.iter().zip(steps.u).zip(gy_steps.iter());
+            for ((step, ((dl, u), gy)), via) in (start..end).zip(inputs).zip(via) {
+                let (dl, u, gy) = (V::load(dl), V::load(u), V::load(gy));
                 // via_decay summed A log₂e: ln 2 brings it back to A.
                 let via_decay = V::load(&via[0]).mul(V::splat(std::f32::consts::LN_2));
                 let via_input = V::load(&via[1]);
+                g_skip_c = gy.mul_add(u, g_skip_c);
                 // SAFETY: this chunk's channels of this step's row.
                 unsafe {
                     chunk.store(d_delta, step, via_input.mul_add(u, via_decay));
-                    chunk.store(d_u, step, via_input.mul(dl));
+                    chunk.store(d_u, step, skip.mul_add(gy, via_input.mul(dl)));
                 }
             }
+            g_skip_c.store(&mut g_skip[c]);
         }
         // Each step's sums over the channels, 16 state rows at a time where there are.
         let full = n / LANES * LANES;
@@ -715,14 +747,16 @@ fn backward_task_in<V: F32x16>(
             }
         }
     }
-    let mut part_a = vec![0f32; w * n];
-    for (chunk, (lam, g_a)) in chunks.iter().zip(lam.iter().zip(&g_a)) {
+    let (mut part_a, mut part_skip) = (vec![0f32; w * n], vec![0f32; w]);
+    for (chunk, ((lam, g_a), g_skip)) in chunks.iter().zip(lam.iter().zip(&g_a).zip(&g_skip)) {
         // SAFETY: this chunk's rows of the start state.
         unsafe { chunk.write_state(d_h0, lam) };
         let at = (chunk.c0 - d0) * n;
         lanes_to_channels(g_a, &mut part_a[at..at + chunk.width * n]);
+        let at = chunk.c0 - d0;
+        part_skip[at..at + chunk.width].copy_from_slice(&g_skip[..chunk.width]);
     }
-    (i, d0, w, part_a, g_b, g_c)
+    (i, d0, w, part_a, g_b, g_c, part_skip)
 }
 
 /// A task's sequence, first channel and width.
@@ -787,8 +821,8 @@ impl SegmentBuffers {
     }
 }
 
-/// [`backward_task`]'s shares of the sums: sequence, first channel, width, dA, dB, dC.
-type BackwardPart = (usize, usize, usize, Vec<f32>, Vec<f32>, Vec<f32>);
+/// [`backward_task`]'s shares of the sums: sequence, first channel, width, dA, dB, dC, dD.
+type BackwardPart = (usize, usize, usize, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// An output that the tasks write in disjoint pieces, in parallel, allocated but not zeroed:
 /// each task writes its own channels of each step's row (and its rows of a state), and
@@ -858,9 +892,10 @@ impl SelectiveScanBackend for Flex {
         b: FlexTensor,
         c: FlexTensor,
         h0: FlexTensor,
+        skip: FlexTensor,
     ) -> (FlexTensor, FlexTensor) {
         let (dims, dtype) = (Dims::of(&delta, &a), delta.dtype());
-        let tensors = [delta, u, a, b, c, h0];
+        let tensors = [delta, u, a, b, c, h0, skip];
         let x = Inputs::read(&tensors);
         let Dims { b: nb, t, d: dd, n } = dims;
         let ((y, y_out), (h_last, h_out)) =
@@ -889,8 +924,9 @@ impl SelectiveScanBackend for Flex {
         b: FlexTensor,
         c: FlexTensor,
         h0: FlexTensor,
+        skip: FlexTensor,
     ) -> FlexTensor {
-        Self::selective_scan(delta, u, a, b, c, h0).0
+        Self::selective_scan(delta, u, a, b, c, h0, skip).0
     }
 
     fn selective_scan_backward(
@@ -900,6 +936,7 @@ impl SelectiveScanBackend for Flex {
         b: FlexTensor,
         c: FlexTensor,
         h0: FlexTensor,
+        skip: FlexTensor,
         gy: FlexTensor,
         gh: FlexTensor,
     ) -> (
@@ -909,9 +946,10 @@ impl SelectiveScanBackend for Flex {
         FlexTensor,
         FlexTensor,
         FlexTensor,
+        FlexTensor,
     ) {
         let (dims, dtype) = (Dims::of(&delta, &a), delta.dtype());
-        let tensors = [delta, u, a, b, c, h0];
+        let tensors = [delta, u, a, b, c, h0, skip];
         let x = Inputs::read(&tensors);
         let (gy, gh) = (flex_f32(&gy), flex_f32(&gh));
         let Dims { b: nb, t, d: dd, n } = dims;
@@ -938,10 +976,13 @@ impl SelectiveScanBackend for Flex {
                 Output::finish(g_h0, states),
             )
         };
-        let mut g_a = vec![0f32; dd * n];
+        let (mut g_a, mut g_skip) = (vec![0f32; dd * n], vec![0f32; dd]);
         let mut g_b = vec![0f32; nb * t * n];
         let mut g_c = vec![0f32; nb * t * n];
-        for (i, d0, w, pa, pb, pc) in parts {
+        for (i, d0, w, pa, pb, pc, pd) in parts {
+            for (acc, v) in g_skip[d0..d0 + w].iter_mut().zip(pd) {
+                *acc += v;
+            }
             for (acc, v) in g_a[d0 * n..(d0 + w) * n].iter_mut().zip(pa) {
                 *acc += v;
             }
@@ -959,6 +1000,7 @@ impl SelectiveScanBackend for Flex {
             flex_from_f32(g_b, [nb, t, n], dtype),
             flex_from_f32(g_c, [nb, t, n], dtype),
             flex_from_f32(g_h0, [nb, dd, n], dtype),
+            flex_from_f32(g_skip, [dd], dtype),
         )
     }
 }
@@ -966,7 +1008,7 @@ impl SelectiveScanBackend for Flex {
 /// What the backward pass keeps: the inputs (the states are recomputed).
 #[derive(Clone, Debug)]
 struct Saved<B: Backend> {
-    inputs: [FloatTensor<B>; 6],
+    inputs: [FloatTensor<B>; 7],
     /// The final state's shape, for a zero gradient when only y is used.
     h_shape: burn::tensor::Shape,
 }
@@ -979,10 +1021,10 @@ struct ScanBackward {
     packed: bool,
 }
 
-impl<B: Backend + SelectiveScanBackend> Backward<B, 6> for ScanBackward {
+impl<B: Backend + SelectiveScanBackend> Backward<B, 7> for ScanBackward {
     type State = Saved<B>;
 
-    fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, 7>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let (gy, gh) = if self.packed {
             let y_shape = ops.state.inputs[0].shape();
@@ -997,18 +1039,19 @@ impl<B: Backend + SelectiveScanBackend> Backward<B, 6> for ScanBackward {
 
 /// The inputs' gradients, given those of y and of the final state (`None`: zero).
 fn register_scan_gradients<B: Backend + SelectiveScanBackend>(
-    ops: Ops<Saved<B>, 6>,
+    ops: Ops<Saved<B>, 7>,
     (gy, gh): (FloatTensor<B>, Option<FloatTensor<B>>),
     grads: &mut Gradients,
 ) {
     let Saved { inputs, h_shape } = ops.state;
-    let [delta, u, a, b, c, h0] = inputs;
+    let [delta, u, a, b, c, h0, skip] = inputs;
     let gh = gh.unwrap_or_else(|| B::float_zeros(h_shape, &delta.device(), delta.dtype().into()));
-    let (gd, gu, ga, gb, gc, gh0) = B::selective_scan_backward(delta, u, a, b, c, h0, gy, gh);
+    let (gd, gu, ga, gb, gc, gh0, gs) =
+        B::selective_scan_backward(delta, u, a, b, c, h0, skip, gy, gh);
     register_gradients::<B, _>(
         grads,
         ops.parents.map(|p| p.map(|n| n.id)),
-        [gd, gu, ga, gb, gc, gh0],
+        [gd, gu, ga, gb, gc, gh0, gs],
     );
 }
 
@@ -1050,12 +1093,13 @@ impl<B: Backend + SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBack
         b: FloatTensor<Self>,
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
+        skip: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let inputs = [delta, u, a, b, c, h0];
+        let inputs = [delta, u, a, b, c, h0, skip];
         let nodes = inputs.each_ref().map(|x| x.node());
         let inputs = inputs.map(|x| x.into_primitive());
-        let [d, u, a, b, c, h0] = inputs.clone();
-        let (y, h) = B::selective_scan(d, u, a, b, c, h0);
+        let [d, u, a, b, c, h0, skip] = inputs.clone();
+        let (y, h) = B::selective_scan(d, u, a, b, c, h0, skip);
         let (y_shape, h_shape) = (y.shape(), h.shape());
         let packed = pack::<B>(y, h);
         // Autodiff tracks one output; y and h are cut from it, so both carry gradients.
@@ -1083,13 +1127,14 @@ impl<B: Backend + SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBack
         b: FloatTensor<Self>,
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
+        skip: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let inputs = [delta, u, a, b, c, h0];
+        let inputs = [delta, u, a, b, c, h0, skip];
         let nodes = inputs.each_ref().map(|x| x.node());
         let inputs = inputs.map(|x| x.into_primitive());
-        let [d, u, a, b, c, h0] = inputs.clone();
+        let [d, u, a, b, c, h0, skip] = inputs.clone();
         let h_shape = h0.shape();
-        let y = B::selective_scan_output(d, u, a, b, c, h0);
+        let y = B::selective_scan_output(d, u, a, b, c, h0, skip);
         match (ScanBackward { packed: false })
             .prepare::<C>(nodes)
             .compute_bound()
@@ -1107,9 +1152,11 @@ impl<B: Backend + SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBack
         _b: FloatTensor<Self>,
         _c: FloatTensor<Self>,
         _h0: FloatTensor<Self>,
+        _skip: FloatTensor<Self>,
         _gy: FloatTensor<Self>,
         _gh: FloatTensor<Self>,
     ) -> (
+        FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,

@@ -386,7 +386,7 @@ pub fn scan_fused(s: ScanInputs, h: Option<Tensor<3>>) -> Tensor<3> {
     }
     let [bsz, _, di] = s.u.dims();
     let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, s.a.dims()[1]], &device));
-    selective_scan::selective_scan_output(s.delta, s.u, s.a, s.b, s.c, h)
+    selective_scan::selective_scan_output(s.delta, s.u, s.a, s.b, s.c, (h, None))
 }
 
 /// Fast form: on flex, the fused [`selective_scan`] (the state never leaves the cache);
@@ -399,7 +399,7 @@ pub fn scan_fused_from(s: ScanInputs, h: Option<Tensor<3>>) -> (Tensor<3>, Tenso
     let device = s.u.device();
     let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, n], &device));
     if crate::device::is_flex(&device) {
-        return selective_scan::selective_scan(s.delta, s.u, s.a, s.b, s.c, h);
+        return selective_scan::selective_scan(s.delta, s.u, s.a, s.b, s.c, (h, None));
     }
     // Elsewhere, every step's decay and input at once and one decayed scan over time.
     let delta = s.delta.unsqueeze_dim::<4>(3); // [b, t, di, 1]
