@@ -66,6 +66,20 @@ pub fn skip_gate(y: Tensor<3>, u: Tensor<3>, d: Tensor<1>, z: Tensor<3>) -> Tens
     ))
 }
 
+/// `y ⊙ silu(z)`, the gate without its skip (where the scan has added `D ⊙ u` to y itself):
+/// the extension on flex with u and D empty, whose backward then writes no gradient of u.
+/// Flex only (the fused scan that adds the skip is).
+pub fn gate(y: Tensor<3>, z: Tensor<3>) -> Tensor<3> {
+    let device = y.device();
+    let empty = || Tensor::<1>::zeros([0], &device);
+    Tensor::from_dispatch(<burn::backend::Dispatch as SkipGateBackend>::skip_gate(
+        y.into_dispatch(),
+        empty().into_dispatch(),
+        empty().into_dispatch(),
+        z.into_dispatch(),
+    ))
+}
+
 /// The gate in tensor ops: the reference, and the form on other backends.
 pub fn skip_gate_reference(y: Tensor<3>, u: Tensor<3>, d: Tensor<1>, z: Tensor<3>) -> Tensor<3> {
     (y + u * d.unsqueeze::<3>()) * silu(z)
@@ -74,23 +88,30 @@ pub fn skip_gate_reference(y: Tensor<3>, u: Tensor<3>, d: Tensor<1>, z: Tensor<3
 /// Rows (positions) per parallel task.
 const ROWS: usize = 64;
 
-/// The inputs as f32 slices.
+/// The inputs as f32 slices. u and D empty: no skip (see [`gate`]).
 struct Inputs<'a> {
     y: std::borrow::Cow<'a, [f32]>,
     u: std::borrow::Cow<'a, [f32]>,
     d: std::borrow::Cow<'a, [f32]>,
     z: std::borrow::Cow<'a, [f32]>,
+    width: usize,
 }
 
 impl<'a> Inputs<'a> {
     fn read(tensors: &'a [FlexTensor; 4]) -> Self {
+        let width = tensors[0].shape().last().copied().unwrap_or(0);
         let [y, u, d, z] = tensors.each_ref().map(flex_f32);
-        Self { y, u, d, z }
+        Self { y, u, d, z, width }
     }
 
-    /// The channel count (D's length).
+    /// The channel count (y's last dim).
     fn width(&self) -> usize {
-        self.d.len()
+        self.width
+    }
+
+    /// Whether there is a skip `D ⊙ u`.
+    fn skip(&self) -> bool {
+        !self.d.is_empty()
     }
 }
 
@@ -110,40 +131,51 @@ fn forward_rows(x: &Inputs, first: usize, out: &mut [f32]) {
 /// one, the same arithmetic).
 #[inline(always)]
 fn forward_rows_in<V: F32x16, const FMA: bool>(x: &Inputs, first: usize, out: &mut [f32]) {
-    let w = x.width();
-    let (d, full) = (&x.d[..w], quad_part::<V>(w));
+    let (w, full) = (x.width(), quad_part::<V>(x.width()));
     for (r, out) in out.chunks_exact_mut(w).enumerate() {
         let at = (first + r) * w;
-        let (y, u, z) = (&x.y[at..at + w], &x.u[at..at + w], &x.z[at..at + w]);
-        for c in (0..full).step_by(QUAD) {
-            let [y, u, d, z] = Quad::<V>::load_each([y, u, d, z], c);
-            gate::<_, FMA>(y, u, d, z).store(&mut out[c..]);
-        }
-        for c in full..w {
-            out[c] = gate::<_, FMA>(y[c], u[c], d[c], z[c]);
+        let (y, z) = (&x.y[at..at + w], &x.z[at..at + w]);
+        if x.skip() {
+            let (u, d) = (&x.u[at..at + w], &x.d[..w]);
+            for c in (0..full).step_by(QUAD) {
+                let [y, u, d, z] = Quad::<V>::load_each([y, u, d, z], c);
+                gated::<_, FMA>(y + d * u, z).store(&mut out[c..]);
+            }
+            for c in full..w {
+                out[c] = gated::<_, FMA>(y[c] + d[c] * u[c], z[c]);
+            }
+        } else {
+            for c in (0..full).step_by(QUAD) {
+                let [y, z] = Quad::<V>::load_each([y, z], c);
+                gated::<_, FMA>(y, z).store(&mut out[c..]);
+            }
+            for c in full..w {
+                out[c] = gated::<_, FMA>(y[c], z[c]);
+            }
         }
     }
 }
 
-/// `(y + D·u) · silu(z)`.
+/// `x · silu(z)`, x the gated value (`y + D·u`, or y without the skip).
 #[inline(always)]
-fn gate<R: Real, const FMA: bool>(y: R, u: R, d: R, z: R) -> R {
-    (y + d * u) * (z * sigmoid_and_exp_in::<R, FMA>(z).0)
+fn gated<R: Real, const FMA: bool>(x: R, z: R) -> R {
+    x * (z * sigmoid_and_exp_in::<R, FMA>(z).0)
 }
 
-/// [`gate`]'s gradients given the output's, `g`: those of y (of u: times D; of D: times
-/// u) and of z.
+/// [`gated`]'s gradients given the output's, `g`: that of x (of y; of u: times D; of D:
+/// times u) and of z.
 #[inline(always)]
-fn gate_backward<R: Real, const FMA: bool>(y: R, u: R, d: R, z: R, g: R) -> (R, R) {
+fn gate_backward<R: Real, const FMA: bool>(x: R, z: R, g: R) -> (R, R) {
     let sig = sigmoid_and_exp_in::<R, FMA>(z).0;
-    // g · silu(z): the gradient of y + D ⊙ u.
-    let g_pre = g * z * sig;
+    // g · silu(z): the gradient of x.
+    let g_x = g * z * sig;
     // silu'(z) = σ(z)(1 + z(1 − σ(z))).
-    let gz = g * (y + d * u) * sig * (z * (-sig + 1.0) + 1.0);
-    (g_pre, gz)
+    let gz = g * x * sig * (z * (-sig + 1.0) + 1.0);
+    (g_x, gz)
 }
 
-/// The gradients of y, u and z at rows `first..`, and these rows' share of D's.
+/// The gradients of y, u (with the skip) and z at rows `first..`, and these rows' share
+/// of D's (empty without the skip).
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
@@ -161,7 +193,7 @@ fn backward_rows(
 }
 
 /// [`backward_rows`], in [`Quad`]s where the lanes take them (`quad_part`; the rest one by
-/// one, the same arithmetic).
+/// one, the same arithmetic). `gu` is empty without the skip.
 #[inline(always)]
 fn backward_rows_in<V: F32x16, const FMA: bool>(
     x: &Inputs,
@@ -169,8 +201,28 @@ fn backward_rows_in<V: F32x16, const FMA: bool>(
     first: usize,
     (gy, gu, gz): (&mut [f32], &mut [f32], &mut [f32]),
 ) -> Vec<f32> {
-    let w = x.width();
-    let (d, full) = (&x.d[..w], quad_part::<V>(w));
+    let (w, full) = (x.width(), quad_part::<V>(x.width()));
+    if !x.skip() {
+        for (r, (gy, gz)) in gy
+            .chunks_exact_mut(w)
+            .zip(gz.chunks_exact_mut(w))
+            .enumerate()
+        {
+            let at = (first + r) * w;
+            let (y, z, g) = (&x.y[at..at + w], &x.z[at..at + w], &grad[at..at + w]);
+            for c in (0..full).step_by(QUAD) {
+                let [y, z, g] = Quad::<V>::load_each([y, z, g], c);
+                let (g_y, g_z) = gate_backward::<_, FMA>(y, z, g);
+                g_y.store(&mut gy[c..]);
+                g_z.store(&mut gz[c..]);
+            }
+            for c in full..w {
+                (gy[c], gz[c]) = gate_backward::<_, FMA>(y[c], z[c], g[c]);
+            }
+        }
+        return Vec::new();
+    }
+    let d = &x.d[..w];
     let mut gd = vec![0f32; w];
     let rows = gy
         .chunks_exact_mut(w)
@@ -186,14 +238,14 @@ fn backward_rows_in<V: F32x16, const FMA: bool>(
         );
         for c in (0..full).step_by(QUAD) {
             let [y, u, d, z, g] = Quad::<V>::load_each([y, u, d, z, g], c);
-            let (g_pre, g_z) = gate_backward::<_, FMA>(y, u, d, z, g);
+            let (g_pre, g_z) = gate_backward::<_, FMA>(y + d * u, z, g);
             g_pre.store(&mut gy[c..]);
             (g_pre * d).store(&mut gu[c..]);
             (Quad::<V>::load(&gd[c..]) + g_pre * u).store(&mut gd[c..]);
             g_z.store(&mut gz[c..]);
         }
         for c in full..w {
-            let (g_pre, g_z) = gate_backward::<_, FMA>(y[c], u[c], d[c], z[c], g[c]);
+            let (g_pre, g_z) = gate_backward::<_, FMA>(y[c] + d[c] * u[c], z[c], g[c]);
             gy[c] = g_pre;
             gu[c] = g_pre * d[c];
             gd[c] += g_pre * u[c];
@@ -230,18 +282,29 @@ impl SkipGateBackend for Flex {
         z: FlexTensor,
         grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
-        let (shape, d_shape, dtype) = (y.shape(), d.shape(), y.dtype());
+        let (shape, u_shape, d_shape, dtype) = (y.shape(), u.shape(), d.shape(), y.dtype());
         let tensors = [y, u, d, z];
         let x = Inputs::read(&tensors);
         let grad = flex_f32(&grad);
         let (w, len) = (x.width(), shape.num_elements());
-        let [mut gy, mut gu, mut gz] = [(); 3].map(|_| Vec::with_capacity(len));
-        let mut gd = vec![0f32; w];
+        // u's gradient only with the skip.
+        let gu_len = if x.skip() { len } else { 0 };
+        let [mut gy, mut gz] = [(); 2].map(|_| Vec::with_capacity(len));
+        let mut gu = Vec::with_capacity(gu_len);
+        let mut gd = vec![0f32; x.d.len()];
         if w > 0 {
             let piece = ROWS * w;
+            // u's gradient in the same pieces, or (without the skip) empty ones.
+            let gu_pieces: Vec<&mut [std::mem::MaybeUninit<f32>]> = if x.skip() {
+                gu.spare_capacity_mut()[..len].chunks_mut(piece).collect()
+            } else {
+                (0..len.div_ceil(piece))
+                    .map(|_| Default::default())
+                    .collect()
+            };
             let parts: Vec<Vec<f32>> = gy.spare_capacity_mut()[..len]
                 .par_chunks_mut(piece)
-                .zip(gu.spare_capacity_mut()[..len].par_chunks_mut(piece))
+                .zip(gu_pieces)
                 .zip(gz.spare_capacity_mut()[..len].par_chunks_mut(piece))
                 .enumerate()
                 .map(|(p, ((gy, gu), gz))| {
@@ -255,15 +318,16 @@ impl SkipGateBackend for Flex {
                 gd.iter_mut().zip(part).for_each(|(acc, v)| *acc += v);
             }
         }
-        // SAFETY: the pieces above cover all `len` elements of each (none when w = 0).
+        // SAFETY: the pieces above cover all `len` elements of each (none when w = 0), and
+        // all `gu_len` of u's.
         unsafe {
             gy.set_len(len);
-            gu.set_len(len);
+            gu.set_len(gu_len);
             gz.set_len(len);
         }
         (
             flex_from_f32(gy, shape.clone(), dtype),
-            flex_from_f32(gu, shape.clone(), dtype),
+            flex_from_f32(gu, u_shape, dtype),
             flex_from_f32(gd, d_shape, dtype),
             flex_from_f32(gz, shape, dtype),
         )
@@ -379,5 +443,39 @@ mod tests {
         }
         let err = max_relative_difference(&ours.2, &reference.2);
         assert!(err < 1e-4, "dD: max difference {err}");
+    }
+
+    /// Without the skip, the fused gate equals `y ⊙ silu(z)`, output and the gradients of
+    /// y and z.
+    #[test]
+    fn fused_gate_without_skip_equals_the_reference() {
+        let device = Device::flex().autodiff();
+        device.seed(19);
+        let (b, t, w) = (2, ROWS + 13, QUAD + 24);
+        let normal = |shape: [usize; 3]| {
+            Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.5), &device).require_grad()
+        };
+        let (y, z) = (normal([b, t, w]), normal([b, t, w]));
+        let probe = Tensor::<3>::random([b, t, w], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            let (y, z) = (y.clone(), z.clone());
+            let out = if fused {
+                gate(y.clone(), z.clone())
+            } else {
+                y.clone() * silu(z.clone())
+            };
+            let g = (out.clone() * probe.clone()).sum().backward();
+            let v = |t: Tensor<3>| t.into_data().try_into_vec::<f32>().unwrap();
+            (v(out), [y.grad(&g), z.grad(&g)].map(|t| v(t.unwrap())))
+        };
+        let calls = FORWARD_CALLS.get();
+        let (ours, reference) = (run(true), run(false));
+        assert!(FORWARD_CALLS.get() > calls, "the extension ran");
+        let err = max_relative_difference(&ours.0, &reference.0);
+        assert!(err < 1e-5, "output: max difference {err}");
+        for (part, (a, r)) in ["dy", "dz"].iter().zip(ours.1.iter().zip(&reference.1)) {
+            let err = max_relative_difference(a, r);
+            assert!(err < 1e-5, "{part}: max difference {err}");
+        }
     }
 }

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::decayed_scan::decayed_scan;
 use super::fused_delta;
-use super::fused_gate::skip_gate;
+use super::fused_gate::{gate, skip_gate};
 use super::selective_scan;
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::{linear, linear_split};
@@ -149,30 +149,62 @@ impl Ssm {
     }
 
     /// One direction from conv input `u` (history and scan state as in
-    /// [`Self::forward_from`]): the scan's output and its input (the conv's output), for
-    /// `scan + D u` in the gate, and, where `keep_state` asks for them (decoding, state
-    /// passing), the conv history and scan state after; without them the fused scan
-    /// tracks y alone.
+    /// [`Self::forward_from`]): the scan's output, its input (the conv's output), for `scan
+    /// + D u` in the gate, and, where `keep_state` asks for them (decoding, state passing),
+    /// the conv history and scan state after; without them the fused scan tracks y alone.
+    /// On flex the fused scan adds `D u` itself ([`selective_scan`]'s skip), so the gate
+    /// reads neither u nor D and u's gradient has one part fewer to sum: the output's
+    /// `Skipped` says which.
     fn direction_output(
         &self,
         dir: &Direction,
         u: Tensor<3>,
         (state, keep_state): (Option<SsmState>, bool),
         padding: Option<&Padding>,
-    ) -> (Tensor<3>, Tensor<3>, Option<SsmState>) {
+    ) -> (Tensor<3>, Tensor<3>, Option<SsmState>, Skipped) {
         let (history, h) = match state {
             Some(s) => (Some(s.conv), Some(s.h)),
             None => (None, None),
         };
         let (inputs, conv) = self.direction_inputs(dir, u, history, padding);
         let scanned = inputs.u.clone();
-        let (y, h) = match self.scan {
-            ScanForm::Fused if !keep_state => return (scan_fused(inputs, h), scanned, None),
-            ScanForm::Fused => scan_fused_from(inputs, h),
-            ScanForm::Chunked => scan_chunked_from(inputs, self.chunk_size, h),
-            ScanForm::Sequential => scan_sequential_from(inputs, h),
+        let on_flex = crate::device::is_flex(&scanned.device());
+        let (y, h, skipped) = match self.scan {
+            ScanForm::Fused if on_flex => {
+                let s = inputs;
+                let [bsz, _, di] = s.u.dims();
+                let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, s.a.dims()[1]], &s.u.device()));
+                let skip = (h, Some(dir.D.val()));
+                if !keep_state {
+                    let y = selective_scan::selective_scan_output(s.delta, s.u, s.a, s.b, s.c, skip);
+                    return (y, scanned, None, Skipped(true));
+                }
+                let (y, h) = selective_scan::selective_scan(s.delta, s.u, s.a, s.b, s.c, skip);
+                (y, h, Skipped(true))
+            }
+            ScanForm::Fused => {
+                let (y, h) = scan_fused_from(inputs, h);
+                (y, h, Skipped(false))
+            }
+            ScanForm::Chunked => {
+                let (y, h) = scan_chunked_from(inputs, self.chunk_size, h);
+                (y, h, Skipped(false))
+            }
+            ScanForm::Sequential => {
+                let (y, h) = scan_sequential_from(inputs, h);
+                (y, h, Skipped(false))
+            }
         };
-        (y, scanned, keep_state.then_some(SsmState { conv, h }))
+        (y, scanned, keep_state.then_some(SsmState { conv, h }), skipped)
+    }
+
+    /// The output gate on the (summed) scan output y: `(y + D u) ⊙ silu(z)`, or `y ⊙
+    /// silu(z)` where the scan has added `D u` already.
+    fn gate_output(&self, (y, skipped): (Tensor<3>, Skipped), u: Tensor<3>, z: Tensor<3>) -> Tensor<3> {
+        match skipped {
+            Skipped(true) => gate(y, z),
+            Skipped(false) => skip_gate(y, u, self.D.val(), z),
+        }
     }
 
     pub fn scan(&self, inputs: ScanInputs) -> Tensor<3> {
@@ -183,6 +215,10 @@ impl Ssm {
         }
     }
 }
+
+/// Whether a direction's scan output already holds its skip `D u` (the fused scan on flex).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Skipped(bool);
 
 /// Decoding state: the last `d_conv − 1` conv inputs `[b, d_conv − 1, d_inner]` and the
 /// scan state `h` `[b, d_inner, d_state]`.
@@ -289,7 +325,7 @@ impl TokenMixer for Ssm {
             None => u,
         };
         let forward = self.forward_direction();
-        let (mut y, scanned, _) =
+        let (mut y, scanned, _, skipped) =
             self.direction_output(&forward, u.clone(), (None, false), padding);
         if let Some(rev) = &self.reverse {
             let backward = Direction {
@@ -300,14 +336,17 @@ impl TokenMixer for Ssm {
                 D: &rev.D,
             };
             let reversed = padding.map(Padding::reversed);
-            let (y_rev, u_rev, _) =
+            let (y_rev, u_rev, _, rev_skipped) =
                 self.direction_output(&backward, u.flip([1]), (None, false), reversed.as_ref());
-            // The reverse direction's own skip, D_rev u_rev, joins it here; the forward's
-            // is the gate's.
-            let y_rev = y_rev + u_rev * rev.D.val().unsqueeze::<3>();
+            // The reverse direction's own skip, D_rev u_rev, joins it here unless its scan
+            // added it; the forward's is the gate's, or its scan's.
+            let y_rev = match rev_skipped {
+                Skipped(true) => y_rev,
+                Skipped(false) => y_rev + u_rev * rev.D.val().unsqueeze::<3>(),
+            };
             y = y + y_rev.flip([1]);
         }
-        (linear(&self.out_proj, skip_gate(y, scanned, forward.D.val(), z)), None)
+        (linear(&self.out_proj, self.gate_output((y, skipped), scanned, z)), None)
     }
 
     /// State passing: the scan state and the conv's last inputs go from rank to rank.
@@ -326,9 +365,9 @@ impl Ssm {
     pub fn forward_from(&self, x: Tensor<3>, state: Option<SsmState>) -> (Tensor<3>, SsmState) {
         let (u, z) = self.split_in_proj(x);
         let forward = self.forward_direction();
-        let (y, scanned, state) = self.direction_output(&forward, u, (state, true), None);
+        let (y, scanned, state, skipped) = self.direction_output(&forward, u, (state, true), None);
         let state = state.expect("kept");
-        (linear(&self.out_proj, skip_gate(y, scanned, forward.D.val(), z)), state)
+        (linear(&self.out_proj, self.gate_output((y, skipped), scanned, z)), state)
     }
 }
 
@@ -594,6 +633,53 @@ impl MixerOptions for SsmOptions {
 mod tests {
     use super::*;
 
+    /// The layer with the fused scan on flex, whose scan adds the skip `D u` and whose
+    /// gate then reads neither, equals the layer with the sequential scan and the skip in
+    /// the gate: output and the gradients of the input, D and A_log; in a sequence and
+    /// with the state kept (state passing).
+    #[test]
+    fn the_fused_layer_with_its_skip_in_the_scan_equals_the_sequential_one() {
+        let device = Device::flex().autodiff();
+        let ctx = MixerContext::for_tests(8, 16);
+        // One initialisation, the form set on a copy (a seed per layer would race other
+        // tests' draws from the device's generator).
+        let fused = Ssm::init(&SsmOptions::default(), &ctx, &device);
+        let mut sequential = fused.clone();
+        sequential.scan = ScanForm::Sequential;
+        let x = Tensor::<3>::random([2, 9, 8], Distribution::Normal(0.0, 1.0), &device);
+        let probe = Tensor::<3>::random([2, 9, 8], Distribution::Normal(0.0, 1.0), &device);
+        for keep_state in [false, true] {
+            let run = |ssm: &Ssm| {
+                let x = x.clone().require_grad();
+                let y = match keep_state {
+                    true => ssm.forward_from(x.clone(), None).0,
+                    false => ssm.forward_padded(x.clone(), None).0,
+                };
+                let grads = (y.clone() * probe.clone()).sum().backward();
+                let grad = |t: Option<Tensor<1>>| t.expect("a gradient");
+                (
+                    y.detach(),
+                    x.grad(&grads).expect("input gradient"),
+                    grad(ssm.D.grad(&grads)),
+                    ssm.A_log.grad(&grads).expect("A_log's gradient"),
+                )
+            };
+            let ((y, gx, gd, ga), (y_ref, gx_ref, gd_ref, ga_ref)) = (run(&fused), run(&sequential));
+            let case = format!("keep_state={keep_state}");
+            let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
+                let err = crate::testing::max_relative_difference(&a, &b);
+                assert!(err < 1e-4, "{case}: {what}: max difference {err}");
+            };
+            let v = |t: Tensor<3>| t.into_data().try_to_vec::<f32>().unwrap();
+            let v1 = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
+            close(v(y), v(y_ref), "output");
+            close(v(gx), v(gx_ref), "input gradient");
+            close(v1(gd), v1(gd_ref), "D's gradient");
+            let v2 = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+            close(v2(ga), v2(ga_ref), "A_log's gradient");
+        }
+    }
+
     /// The scan skips padding: after trailing padding the state is the state after the last
     /// real position (padding neither feeds nor decays it), in every scan form.
     #[test]
@@ -612,9 +698,10 @@ mod tests {
             let (u, _) = ssm.split_in_proj(x);
             let u = padding.zero_padded(u);
             let dir = ssm.forward_direction();
-            let (_, _, padded) =
+            let (_, _, padded, _) =
                 ssm.direction_output(&dir, u.clone(), (None, true), Some(&padding));
-            let (_, _, real) = ssm.direction_output(&dir, u.narrow(1, 0, 5), (None, true), None);
+            let (_, _, real, _) =
+                ssm.direction_output(&dir, u.narrow(1, 0, 5), (None, true), None);
             let (padded, real) = (padded.unwrap(), real.unwrap());
             let gap = (padded.h - real.h.clone()).abs().max().into_scalar::<f32>();
             let size = real.h.abs().max().into_scalar::<f32>();
