@@ -1,6 +1,7 @@
 //! Mamba's output gate `(y + D ⊙ u) ⊙ silu(z)`, fused, as a Burn backend extension on flex:
 //! one pass forward, and one backward that writes the gradients of y, u and z and sums D's.
-//! mamba_ssm folds the same gate into its scan kernel (`selective_scan_fn(…, D, z)`).
+//! mamba_ssm folds the same gate into its scan kernel (`selective_scan_fn(…, D, z)`). Where
+//! the fused scan has added `D ⊙ u` itself, [`gate`] is `y ⊙ silu(z)` (u and D empty).
 //!
 //! The reference, [`skip_gate_reference`], is four tensor ops (a broadcast product, a sum,
 //! the SiLU, a product) whose backward is about eight more, each a pass over the layer's
