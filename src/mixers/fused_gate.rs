@@ -68,10 +68,13 @@ pub fn skip_gate(y: Tensor<3>, u: Tensor<3>, d: Tensor<1>, z: Tensor<3>) -> Tens
 }
 
 /// `y ⊙ silu(z)`, the gate without its skip (where the scan has added `D ⊙ u` to y itself):
-/// the extension on flex with u and D empty, whose backward then writes no gradient of u.
-/// Flex only (the fused scan that adds the skip is).
+/// the extension for f32 on flex with u and D empty, whose backward then writes no gradient
+/// of u; tensor ops elsewhere.
 pub fn gate(y: Tensor<3>, z: Tensor<3>) -> Tensor<3> {
     let device = y.device();
+    if [y.dtype(), z.dtype()] != [DType::F32; 2] || !is_flex(&device) {
+        return y * silu(z);
+    }
     let empty = || Tensor::<1>::zeros([0], &device);
     Tensor::from_dispatch(<burn::backend::Dispatch as SkipGateBackend>::skip_gate(
         y.into_dispatch(),

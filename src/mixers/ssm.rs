@@ -152,58 +152,49 @@ impl Ssm {
     /// [`Self::forward_from`]): the scan's output, its input (the conv's output), for `scan
     /// + D u` in the gate, and, where `keep_state` asks for them (decoding, state passing),
     /// the conv history and scan state after; without them the fused scan tracks y alone.
-    /// On flex the fused scan adds `D u` itself ([`selective_scan`]'s skip), so the gate
-    /// reads neither u nor D and u's gradient has one part fewer to sum: the output's
-    /// `Skipped` says which.
+    /// Where [`Self::skip_in_scan`], the scan's output holds the skip `D u` already.
     fn direction_output(
         &self,
         dir: &Direction,
         u: Tensor<3>,
         (state, keep_state): (Option<SsmState>, bool),
         padding: Option<&Padding>,
-    ) -> (Tensor<3>, Tensor<3>, Option<SsmState>, Skipped) {
+    ) -> (Tensor<3>, Tensor<3>, Option<SsmState>) {
         let (history, h) = match state {
             Some(s) => (Some(s.conv), Some(s.h)),
             None => (None, None),
         };
         let (inputs, conv) = self.direction_inputs(dir, u, history, padding);
         let scanned = inputs.u.clone();
-        let on_flex = crate::device::is_flex(&scanned.device());
-        let (y, h, skipped) = match self.scan {
-            ScanForm::Fused if on_flex => {
-                let s = inputs;
-                let [bsz, _, di] = s.u.dims();
-                let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, s.a.dims()[1]], &s.u.device()));
-                let skip = (h, Some(dir.D.val()));
-                if !keep_state {
-                    let y = selective_scan::selective_scan_output(s.delta, s.u, s.a, s.b, s.c, skip);
-                    return (y, scanned, None, Skipped(true));
+        let (y, h) = match self.scan {
+            _ if self.skip_in_scan(&scanned.device()) => {
+                let skip = Some(dir.D.val());
+                match fused_selective_scan(inputs, h, skip, keep_state) {
+                    (y, Some(h)) => (y, h),
+                    (y, None) => return (y, scanned, None),
                 }
-                let (y, h) = selective_scan::selective_scan(s.delta, s.u, s.a, s.b, s.c, skip);
-                (y, h, Skipped(true))
             }
-            ScanForm::Fused => {
-                let (y, h) = scan_fused_from(inputs, h);
-                (y, h, Skipped(false))
-            }
-            ScanForm::Chunked => {
-                let (y, h) = scan_chunked_from(inputs, self.chunk_size, h);
-                (y, h, Skipped(false))
-            }
-            ScanForm::Sequential => {
-                let (y, h) = scan_sequential_from(inputs, h);
-                (y, h, Skipped(false))
-            }
+            ScanForm::Fused if !keep_state => return (scan_fused(inputs, h), scanned, None),
+            ScanForm::Fused => scan_fused_from(inputs, h),
+            ScanForm::Chunked => scan_chunked_from(inputs, self.chunk_size, h),
+            ScanForm::Sequential => scan_sequential_from(inputs, h),
         };
-        (y, scanned, keep_state.then_some(SsmState { conv, h }), skipped)
+        (y, scanned, keep_state.then_some(SsmState { conv, h }))
     }
 
-    /// The output gate on the (summed) scan output y: `(y + D u) ⊙ silu(z)`, or `y ⊙
-    /// silu(z)` where the scan has added `D u` already.
-    fn gate_output(&self, (y, skipped): (Tensor<3>, Skipped), u: Tensor<3>, z: Tensor<3>) -> Tensor<3> {
-        match skipped {
-            Skipped(true) => gate(y, z),
-            Skipped(false) => skip_gate(y, u, self.D.val(), z),
+    /// Whether the scan adds the skip `D u` itself: the fused scan on flex, whose kernel
+    /// takes D, so the gate reads neither u nor D and u's gradient has one part fewer to sum
+    /// (autodiff adds the parts with Burn's add, on one thread). Elsewhere the gate adds it.
+    fn skip_in_scan(&self, device: &Device) -> bool {
+        matches!(self.scan, ScanForm::Fused) && crate::device::is_flex(device)
+    }
+
+    /// The output gate on the (summed) scan output y: `y ⊙ silu(z)` where the scan added
+    /// the skip, `(y + D u) ⊙ silu(z)` otherwise.
+    fn gate_output(&self, y: Tensor<3>, u: Tensor<3>, z: Tensor<3>) -> Tensor<3> {
+        match self.skip_in_scan(&y.device()) {
+            true => gate(y, z),
+            false => skip_gate(y, u, self.D.val(), z),
         }
     }
 
@@ -215,10 +206,6 @@ impl Ssm {
         }
     }
 }
-
-/// Whether a direction's scan output already holds its skip `D u` (the fused scan on flex).
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Skipped(bool);
 
 /// Decoding state: the last `d_conv − 1` conv inputs `[b, d_conv − 1, d_inner]` and the
 /// scan state `h` `[b, d_inner, d_state]`.
@@ -325,7 +312,7 @@ impl TokenMixer for Ssm {
             None => u,
         };
         let forward = self.forward_direction();
-        let (mut y, scanned, _, skipped) =
+        let (mut y, scanned, _) =
             self.direction_output(&forward, u.clone(), (None, false), padding);
         if let Some(rev) = &self.reverse {
             let backward = Direction {
@@ -336,17 +323,17 @@ impl TokenMixer for Ssm {
                 D: &rev.D,
             };
             let reversed = padding.map(Padding::reversed);
-            let (y_rev, u_rev, _, rev_skipped) =
+            let (y_rev, u_rev, _) =
                 self.direction_output(&backward, u.flip([1]), (None, false), reversed.as_ref());
             // The reverse direction's own skip, D_rev u_rev, joins it here unless its scan
             // added it; the forward's is the gate's, or its scan's.
-            let y_rev = match rev_skipped {
-                Skipped(true) => y_rev,
-                Skipped(false) => y_rev + u_rev * rev.D.val().unsqueeze::<3>(),
+            let y_rev = match self.skip_in_scan(&y_rev.device()) {
+                true => y_rev,
+                false => y_rev + u_rev * rev.D.val().unsqueeze::<3>(),
             };
             y = y + y_rev.flip([1]);
         }
-        (linear(&self.out_proj, self.gate_output((y, skipped), scanned, z)), None)
+        (linear(&self.out_proj, self.gate_output(y, scanned, z)), None)
     }
 
     /// State passing: the scan state and the conv's last inputs go from rank to rank.
@@ -365,9 +352,9 @@ impl Ssm {
     pub fn forward_from(&self, x: Tensor<3>, state: Option<SsmState>) -> (Tensor<3>, SsmState) {
         let (u, z) = self.split_in_proj(x);
         let forward = self.forward_direction();
-        let (y, scanned, state, skipped) = self.direction_output(&forward, u, (state, true), None);
+        let (y, scanned, state) = self.direction_output(&forward, u, (state, true), None);
         let state = state.expect("kept");
-        (linear(&self.out_proj, self.gate_output((y, skipped), scanned, z)), state)
+        (linear(&self.out_proj, self.gate_output(y, scanned, z)), state)
     }
 }
 
@@ -419,13 +406,29 @@ pub fn scan_step(
 
 /// [`scan_fused_from`]'s y alone: on flex the fused scan then tracks y by itself.
 pub fn scan_fused(s: ScanInputs, h: Option<Tensor<3>>) -> Tensor<3> {
-    let device = s.u.device();
-    if !crate::device::is_flex(&device) {
+    if !crate::device::is_flex(&s.u.device()) {
         return scan_fused_from(s, h).0;
     }
+    fused_selective_scan(s, h, None, false).0
+}
+
+/// The fused [`selective_scan`] (flex) from state `h` (`None` = zeros), `y + D u` where
+/// `skip` (D) is given: y, and the final state where `keep_state` asks for it (without it
+/// the scan tracks y alone).
+fn fused_selective_scan(
+    s: ScanInputs,
+    h: Option<Tensor<3>>,
+    skip: Option<Tensor<1>>,
+    keep_state: bool,
+) -> (Tensor<3>, Option<Tensor<3>>) {
     let [bsz, _, di] = s.u.dims();
-    let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, s.a.dims()[1]], &device));
-    selective_scan::selective_scan_output(s.delta, s.u, s.a, s.b, s.c, (h, None))
+    let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, s.a.dims()[1]], &s.u.device()));
+    if !keep_state {
+        let y = selective_scan::selective_scan_output(s.delta, s.u, s.a, s.b, s.c, (h, skip));
+        return (y, None);
+    }
+    let (y, h) = selective_scan::selective_scan(s.delta, s.u, s.a, s.b, s.c, (h, skip));
+    (y, Some(h))
 }
 
 /// Fast form: on flex, the fused [`selective_scan`] (the state never leaves the cache);
@@ -436,10 +439,11 @@ pub fn scan_fused_from(s: ScanInputs, h: Option<Tensor<3>>) -> (Tensor<3>, Tenso
     let [bsz, t, di] = s.u.dims();
     let n = s.a.dims()[1];
     let device = s.u.device();
-    let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, n], &device));
     if crate::device::is_flex(&device) {
-        return selective_scan::selective_scan(s.delta, s.u, s.a, s.b, s.c, (h, None));
+        let (y, h) = fused_selective_scan(s, h, None, true);
+        return (y, h.expect("kept"));
     }
+    let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, n], &device));
     // Elsewhere, every step's decay and input at once and one decayed scan over time.
     let delta = s.delta.unsqueeze_dim::<4>(3); // [b, t, di, 1]
     let decay = (delta.clone() * s.a.unsqueeze::<4>()).exp(); // [b, t, di, n]
@@ -698,10 +702,9 @@ mod tests {
             let (u, _) = ssm.split_in_proj(x);
             let u = padding.zero_padded(u);
             let dir = ssm.forward_direction();
-            let (_, _, padded, _) =
+            let (_, _, padded) =
                 ssm.direction_output(&dir, u.clone(), (None, true), Some(&padding));
-            let (_, _, real, _) =
-                ssm.direction_output(&dir, u.narrow(1, 0, 5), (None, true), None);
+            let (_, _, real) = ssm.direction_output(&dir, u.narrow(1, 0, 5), (None, true), None);
             let (padded, real) = (padded.unwrap(), real.unwrap());
             let gap = (padded.h - real.h.clone()).abs().max().into_scalar::<f32>();
             let size = real.h.abs().max().into_scalar::<f32>();
