@@ -28,6 +28,20 @@ pub trait F32x16: Copy {
     fn load(x: &[f32; 16]) -> Self;
     /// Writes the lanes to `out`.
     fn store(self, out: &mut [f32; 16]);
+    /// `values` (at most 16) in the first lanes, the rest 0.
+    #[inline(always)]
+    fn load_partial(values: &[f32]) -> Self {
+        let mut lanes = [0f32; 16];
+        lanes[..values.len()].copy_from_slice(values);
+        Self::load(&lanes)
+    }
+    /// The first `out.len()` (at most 16) lanes into `out`.
+    #[inline(always)]
+    fn store_partial(self, out: &mut [f32]) {
+        let mut lanes = [0f32; 16];
+        self.store(&mut lanes);
+        out.copy_from_slice(&lanes[..out.len()]);
+    }
     fn add(self, other: Self) -> Self;
     fn mul(self, other: Self) -> Self;
     /// `self · b + c`, fused where the CPU has FMA.
@@ -61,9 +75,7 @@ pub trait F32x16: Copy {
         if width == 16 {
             Self::load(values[..16].try_into().unwrap())
         } else {
-            let mut lanes = [0f32; 16];
-            lanes[..width].copy_from_slice(&values[..width]);
-            Self::load(&lanes)
+            Self::load_partial(&values[..width])
         }
     }
 
@@ -210,6 +222,18 @@ impl F32x16 for Avx512 {
     fn store(self, out: &mut [f32; 16]) {
         unsafe { std::arch::x86_64::_mm512_storeu_ps(out.as_mut_ptr(), self.0) }
     }
+    /// A masked load: the copy through an array was a `memcpy` call per use.
+    #[inline(always)]
+    fn load_partial(values: &[f32]) -> Self {
+        // Masked-off lanes are neither read nor faulted on.
+        let mask = first_lanes(values.len());
+        Self(unsafe { std::arch::x86_64::_mm512_maskz_loadu_ps(mask, values.as_ptr()) })
+    }
+    #[inline(always)]
+    fn store_partial(self, out: &mut [f32]) {
+        let mask = first_lanes(out.len());
+        unsafe { std::arch::x86_64::_mm512_mask_storeu_ps(out.as_mut_ptr(), mask, self.0) }
+    }
     #[inline(always)]
     fn add(self, other: Self) -> Self {
         Self(unsafe { std::arch::x86_64::_mm512_add_ps(self.0, other.0) })
@@ -354,6 +378,31 @@ impl F32x16 for Avx512 {
     }
 }
 
+/// The mask of the first `len` (at most 16) lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn first_lanes(len: usize) -> u16 {
+    if len >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << len) - 1
+    }
+}
+
+/// Asks the CPU to bring the cache line holding `at` into its caches ahead of a load: a
+/// hint, with no effect on any value, that never faults (any address will do).
+#[inline(always)]
+pub fn prefetch(at: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing and faults on no address; SSE is x86-64's baseline.
+    unsafe {
+        use std::arch::x86_64::*;
+        _mm_prefetch::<_MM_HINT_T0>(at.cast())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
 /// Elements in a [`Quad`].
 pub const QUAD: usize = 64;
 
@@ -393,6 +442,24 @@ impl<V: F32x16> Quad<V> {
             *q = Self::load(&values[at..]);
         }
         out
+    }
+
+    /// `values` (at most 64) followed by 0s: a row's tail past its whole Quads as one more.
+    #[inline(always)]
+    pub fn load_padded(values: &[f32]) -> Self {
+        let mut out = [V::zero(); 4];
+        for (v, part) in out.iter_mut().zip(values.chunks(16)) {
+            *v = V::load_partial(part);
+        }
+        Self(out)
+    }
+
+    /// The first `out.len()` (at most 64) values into `out`: [`Self::load_padded`]'s way back.
+    #[inline(always)]
+    pub fn store_first(self, out: &mut [f32]) {
+        for (v, part) in self.0.iter().zip(out.chunks_mut(16)) {
+            v.store_partial(part);
+        }
     }
 
     /// Writes the 64 values to the start of `out`.
@@ -582,6 +649,38 @@ mod tests {
     /// [`Avx512::sum_rows`]' shuffles put each row's [`add_lanes`] in its lane, bit for
     /// bit (values of mixed magnitudes, so that another order of additions would round
     /// differently).
+    /// Masked loads and stores of 0 to 64 values: the values in the first lanes, zeros in
+    /// the rest, and nothing past the end written (a guard value after it stays).
+    #[test]
+    fn avx512_partial_loads_and_stores_equal_the_portable_ones() {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            /// # Safety
+            /// The CPU has AVX-512F.
+            #[target_feature(enable = "avx512f")]
+            unsafe fn round_trip_avx512(values: &[f32], out: &mut [f32]) -> [f32; QUAD] {
+                let q = Quad::<Avx512>::load_padded(values);
+                q.store_first(out);
+                let mut all = [0f32; QUAD];
+                q.store(&mut all);
+                all
+            }
+            let values: Vec<f32> = (0..QUAD).map(|i| i as f32 + 0.5).collect();
+            for len in 0..=QUAD {
+                let (mut ours, mut portable) = (vec![-1f32; len + 1], vec![-1f32; len + 1]);
+                // SAFETY: AVX-512F was detected above.
+                let lanes = unsafe { round_trip_avx512(&values[..len], &mut ours[..len]) };
+                let q = Quad::<Portable<false>>::load_padded(&values[..len]);
+                q.store_first(&mut portable[..len]);
+                let mut expected = [0f32; QUAD];
+                q.store(&mut expected);
+                assert_eq!(lanes, expected, "lanes of {len} values");
+                assert_eq!(ours, portable, "stored {len} values");
+                assert_eq!(ours[len], -1.0, "past {len} values");
+            }
+        }
+    }
+
     #[test]
     fn avx512_row_sums_equal_add_lanes() {
         #[cfg(target_arch = "x86_64")]

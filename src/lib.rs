@@ -38,6 +38,7 @@ pub mod parallel;
 pub mod recipe;
 pub mod run;
 pub mod sample;
+pub mod split_product;
 pub mod tasks;
 #[cfg(test)]
 mod testing;

@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use super::causal_conv1d::{CausalConv1d, ConvScanState, time_steps};
 use super::decayed_scan::decayed_scan;
+use super::fused_gate::gate;
 use super::{MixerContext, MixerOptions, OptionError, ShardedForm, TokenMixer, normal_linear};
 use crate::mixed_precision::{linear, linear_split};
 use crate::options::{at_least_one, divisors, fail, non_negative, positive};
@@ -263,12 +264,13 @@ impl GatedRmsNorm {
         }
     }
 
-    /// `y`, `z` `[b, t, d]` → `[b, t, d]`, the normalisation through [`fused_norm`] (one op
-    /// each way on flex, where the tensor-op form takes six).
+    /// `y`, `z` `[b, t, d]` → `[b, t, d]`, the gate through [`gate`] and the normalisation
+    /// through [`fused_norm`] (one op each way on flex, where the tensor-op form takes
+    /// eight: Burn's products and their backward run on one thread).
     pub fn forward(&self, y: Tensor<3>, z: Tensor<3>) -> Tensor<3> {
         let [bsz, t, d] = y.dims();
         let gs = self.group_size;
-        let gated = y * silu(z);
+        let gated = gate(y, z);
         if gs == d {
             return fused_norm(gated, self.weight.val(), None, Self::EPS, false);
         }

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use std::borrow::Cow;
 
 use crate::device::{RunCount, SendPtr, flex_f32, flex_from_f32, register_gradients};
-use crate::f32x16::{F32x16, with_f32x16};
+use crate::f32x16::{F32x16, prefetch, with_f32x16};
 use crate::vector_math::add_lanes;
 
 #[backend_extension(Flex, Autodiff)]
@@ -334,6 +334,7 @@ impl<'a> Chunk<'a> {
     fn gather<V: F32x16>(&self, values: &[f32], start: usize, out: &mut [Lanes]) {
         let rows = values[self.row(start)..].chunks(self.dims.d);
         for (lanes, row) in out.iter_mut().zip(rows) {
+            prefetch(row.as_ptr().wrapping_add(LANES));
             V::load_first(row, self.width).store(lanes);
         }
     }
@@ -381,10 +382,15 @@ impl<'a> Chunk<'a> {
         let n = self.dims.n;
         let at = (self.i * self.dims.d + self.c0) * n;
         let mut rows = vec![[0f32; LANES]; n];
-        let channels = values[at..at + self.width * n].chunks_exact(n);
-        for (l, channel) in (0..LANES).zip(channels) {
-            for (row, &v) in rows.iter_mut().zip(channel) {
-                row[l] = v;
+        let block = &values[at..at + self.width * n];
+        // A state of zeros (a fresh scan's, the gradient of a final state left unused) needs
+        // no transposing. Rows outer: written in order, where channels outer compiled to
+        // scatters, each some dozens of cycles.
+        if block.iter().any(|v| v.to_bits() != 0) {
+            for (k, row) in rows.iter_mut().enumerate() {
+                for (l, v) in row[..self.width].iter_mut().enumerate() {
+                    *v = block[l * n + k];
+                }
             }
         }
         rows
@@ -567,6 +573,9 @@ impl<'s> Steps<'s> {
         let rows = chunk.x.delta[at..].chunks(d).zip(chunk.x.u[at..].chunks(d));
         let out = dl.iter_mut().zip(u.iter_mut()).zip(dlu.iter_mut());
         for (((dl, u), dlu), (row_dl, row_u)) in out.zip(rows) {
+            // The next chunk's lines of these rows, read after this chunk's steps.
+            prefetch(row_dl.as_ptr().wrapping_add(LANES));
+            prefetch(row_u.as_ptr().wrapping_add(LANES));
             let (vd, vu) = (V::load_first(row_dl, width), V::load_first(row_u, width));
             vd.store(dl);
             vu.store(u);
@@ -865,6 +874,8 @@ impl Output {
     unsafe fn write_lanes<V: F32x16>(self, at: usize, v: V, width: usize) {
         // SAFETY: as the caller promises.
         unsafe {
+            // The next chunk's line of this row, written after this chunk's steps.
+            prefetch(self.0.get().wrapping_add(at + LANES));
             if width == LANES {
                 v.store(&mut *self.0.get().add(at).cast::<Lanes>());
             } else {
