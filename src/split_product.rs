@@ -135,8 +135,13 @@ impl SplitProductBackward for Flex {
                         let mut at = 0;
                         for (piece, &width) in pieces.iter().zip(&widths) {
                             let row = &piece[r * width..(r + 1) * width];
-                            for (o, &v) in out[at..at + width].iter_mut().zip(row) {
-                                o.write(v);
+                            let out = &mut out[at..at + width];
+                            // SAFETY: `out` has room for the row's `width` values; a
+                            // `MaybeUninit<f32>` has f32's layout. (A copy, where a loop of
+                            // element writes compiled to scalar stores.)
+                            unsafe {
+                                let to = out.as_mut_ptr().cast::<f32>();
+                                std::ptr::copy_nonoverlapping(row.as_ptr(), to, width);
                             }
                             at += width;
                         }
