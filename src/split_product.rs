@@ -150,6 +150,9 @@ impl SplitProductBackward for Flex {
         }
         // SAFETY: the tasks wrote every one of the rows × n elements.
         unsafe { g.set_len(rows * n) };
+        // The pieces' gradients, G's size together, are freed before the products.
+        drop(pieces);
+        drop(grads);
         let g = flex_from_f32(g, [rows, n], DType::F32);
         let t = |m: FlexTensor| Flex::float_swap_dims(m, 0, 1);
         let dx = <Flex as MatmulBackend>::matmul(g.clone(), t(w), Blocks::Dense);
