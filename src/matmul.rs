@@ -182,15 +182,17 @@ pub(crate) unsafe fn gemm_add_into(
 /// along its longer side. gemm's own split was slower than one thread on some of a small
 /// model's shapes (128 × 768 × 65, the LM head's weight gradient: 140 µs on two threads,
 /// 78 on one; Mamba's x_proj, 768 × 256 × 40: 99 against 88) and no faster on the rest.
-/// An output too small for two bands takes gemm's own split.
+/// An output too small for two bands takes gemm's own split. With `accumulate`, `out +=
+/// a · b` (as [`gemm_add_into`]).
 ///
 /// # Safety
-/// As [`gemm_into`].
-unsafe fn gemm_into_bands(
+/// As [`gemm_into`], and as [`gemm_add_into`] where `accumulate`.
+pub(crate) unsafe fn gemm_into_bands(
     (out, ld): (*mut f32, usize),
     (m, k, n): (usize, usize, usize),
     (a, (a_rs, a_cs)): (*const f32, (isize, isize)),
     (b, (b_rs, b_cs)): (*const f32, (isize, isize)),
+    accumulate: bool,
 ) {
     let split_rows = m >= n;
     let long = if split_rows { m } else { n };
@@ -204,7 +206,7 @@ unsafe fn gemm_into_bands(
                 (m, k, n),
                 a,
                 b,
-                false,
+                accumulate,
                 gemm::Parallelism::Rayon(0),
             )
         };
@@ -219,9 +221,9 @@ unsafe fn gemm_into_bands(
                 let at = start as isize;
                 // SAFETY: this band's rows (columns) of `out` and `a` (`b`) alone.
                 unsafe {
-                    if split_rows {
+                    let (out, mkn, a, b) = if split_rows {
                         let a = (a.offset(at * a_rs), (a_rs, a_cs));
-                        gemm_into(
+                        (
                             (out.add(start * ld), ld),
                             (size, k, n),
                             a,
@@ -229,8 +231,9 @@ unsafe fn gemm_into_bands(
                         )
                     } else {
                         let b = (b.offset(at * b_cs), (b_rs, b_cs));
-                        gemm_into((out.add(start), ld), (m, k, size), (a, (a_rs, a_cs)), b)
-                    }
+                        ((out.add(start), ld), (m, k, size), (a, (a_rs, a_cs)), b)
+                    };
+                    gemm_call(out, mkn, a, b, accumulate, gemm::Parallelism::None)
                 }
             });
         }
@@ -372,7 +375,7 @@ impl MatmulBackend for Flex {
             // matrices i lie within their layouts.
             unsafe {
                 if split {
-                    gemm_into_bands((out, n), (m, k, n), a, b)
+                    gemm_into_bands((out, n), (m, k, n), a, b, false)
                 } else {
                     gemm_into((out, n), (m, k, n), a, b)
                 }

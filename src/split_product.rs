@@ -1,8 +1,9 @@
 //! A projection cut into column blocks, `x · [w₀ | w₁ | …]` → `[x·w₀, x·w₁, …]` (Mamba's
 //! in_proj into u and z, Mamba-2's into z, x, B, C and dt), as a Burn backend extension on
 //! flex. Forward, each piece is its own product, so each comes out contiguous for what reads
-//! it. Backward, the pieces' gradients are written side by side into one `[rows, n]`
-//! gradient G, and `dx = G · wᵀ`, `dw = xᵀ · G`: two products.
+//! it. Backward, `dx = Σ gᵢ · wᵢᵀ` accumulates in one buffer and each `xᵀ · gᵢ` is written
+//! into its columns of w's gradient: a product each way per piece (narrow pieces first
+//! gathered side by side, as one), and no sums outside them.
 //!
 //! As Burn ops (a product per piece with a narrowed weight, [`split_product_reference`])
 //! autodiff sums the pieces' gradients of x with Burn's add, on one thread, and each
@@ -27,10 +28,9 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use burn::tensor::{DType, Slice};
-use rayon::prelude::*;
 
 use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients};
-use crate::matmul::{Blocks, MatmulBackend};
+use crate::matmul::{Blocks, MatmulBackend, Matrices, gemm_into_bands};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SplitProductBackend: Backend {
@@ -89,9 +89,6 @@ pub fn split_product_reference<const N: usize>(
     })
 }
 
-/// Rows of G per parallel task of the backward's gather.
-const ROWS: usize = 64;
-
 impl SplitProductBackend for Flex {
     fn split_product(x: FlexTensor, w: FlexTensor, widths: Vec<usize>) -> Vec<FlexTensor> {
         CALLS.record();
@@ -116,49 +113,92 @@ impl SplitProductBackward for Flex {
         w: FlexTensor,
         grads: Vec<FlexTensor>,
     ) -> (FlexTensor, FlexTensor) {
-        let (rows, n) = (x.shape()[0], w.shape()[1]);
+        let (rows, k, n) = (x.shape()[0], x.shape()[1], w.shape()[1]);
         let widths: Vec<usize> = grads.iter().map(|g| g.shape()[1]).collect();
         assert_eq!(
             widths.iter().sum::<usize>(),
             n,
             "split product: piece widths"
         );
-        let pieces: Vec<_> = grads.iter().map(flex_f32).collect();
-        // G, the pieces side by side, a block of rows per task.
-        let mut g = Vec::with_capacity(rows * n);
-        if n > 0 {
-            g.spare_capacity_mut()[..rows * n]
-                .par_chunks_mut(ROWS * n)
-                .enumerate()
-                .for_each(|(task, out)| {
-                    for (r, out) in (task * ROWS..).zip(out.chunks_exact_mut(n)) {
-                        let mut at = 0;
-                        for (piece, &width) in pieces.iter().zip(&widths) {
-                            let row = &piece[r * width..(r + 1) * width];
-                            let out = &mut out[at..at + width];
-                            // SAFETY: `out` has room for the row's `width` values; a
-                            // `MaybeUninit<f32>` has f32's layout. (A copy, where a loop of
-                            // element writes compiled to scalar stores.)
-                            unsafe {
-                                let to = out.as_mut_ptr().cast::<f32>();
-                                std::ptr::copy_nonoverlapping(row.as_ptr(), to, width);
-                            }
-                            at += width;
-                        }
-                    }
-                });
+        if rows == 0 || k == 0 || n == 0 {
+            let zeros = |len, shape: [usize; 2]| flex_from_f32(vec![0.0; len], shape, DType::F32);
+            return (zeros(rows * k, [rows, k]), zeros(k * n, [k, n]));
         }
-        // SAFETY: the tasks wrote every one of the rows × n elements.
-        unsafe { g.set_len(rows * n) };
-        // The pieces' gradients, G's size together, are freed before the products.
-        drop(pieces);
-        drop(grads);
-        let g = flex_from_f32(g, [rows, n], DType::F32);
-        let t = |m: FlexTensor| Flex::float_swap_dims(m, 0, 1);
-        let dx = <Flex as MatmulBackend>::matmul(g.clone(), t(w), Blocks::Dense);
-        let dw = <Flex as MatmulBackend>::matmul(t(x), g, Blocks::Dense);
-        (dx, dw)
+        let pieces: Vec<_> = grads.iter().map(flex_f32).collect();
+        let (x, w) = (Matrices::of(&x), Matrices::of(&w));
+        let ((x0, (x_rs, x_cs)), (w0, (w_rs, w_cs))) =
+            ((x.first(0), x.strides), (w.first(0), w.strides));
+        let (mut dx, mut dw) = (
+            Vec::<f32>::with_capacity(rows * k),
+            Vec::<f32>::with_capacity(k * n),
+        );
+        let (mut column, mut written) = (0, false);
+        for run in runs(&widths) {
+            let width: usize = widths[run.clone()].iter().sum();
+            if width == 0 {
+                continue;
+            }
+            let gathered;
+            let g: &[f32] = if run.len() == 1 {
+                &pieces[run.start]
+            } else {
+                gathered = side_by_side(&pieces[run.clone()], &widths[run], rows);
+                &gathered
+            };
+            let g = (g.as_ptr(), (width as isize, 1));
+            // SAFETY: dx `[rows, k]` and dw `[k, n]` have the capacity reserved above; the
+            // first run writes every element of dx and the others add to it; each run
+            // writes its own columns of dw, and together they cover all n. x, w and the
+            // gradients are alive for the calls, their strides their layouts'.
+            unsafe {
+                // dx (+)= g · w[:, column..]ᵀ
+                let w_block = (w0.offset(column as isize * w_cs), (w_cs, w_rs));
+                gemm_into_bands((dx.as_mut_ptr(), k), (rows, width, k), g, w_block, written);
+                // dw[:, column..] = xᵀ · g
+                let out = (dw.as_mut_ptr().add(column), n);
+                gemm_into_bands(out, (k, rows, width), (x0, (x_cs, x_rs)), g, false);
+            }
+            (column, written) = (column + width, true);
+        }
+        // SAFETY: every element of both was written above (n > 0, so some run was).
+        unsafe {
+            dx.set_len(rows * k);
+            dw.set_len(k * n);
+        }
+        let dx = flex_from_f32(dx, [rows, k], DType::F32);
+        (dx, flex_from_f32(dw, [k, n], DType::F32))
     }
+}
+
+/// Pieces at least this wide have their gradients read in place; narrower neighbours are
+/// gathered side by side into one (a product over 8 or 16 columns runs far below gemm's
+/// speed on wide ones).
+const WIDE: usize = 64;
+
+/// The pieces in runs, each one wide piece or neighbouring narrow ones.
+fn runs(widths: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, &width) in widths.iter().enumerate() {
+        match out.last_mut() {
+            Some(run) if width < WIDE && widths[run.start] < WIDE => run.end = i + 1,
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
+/// Narrow pieces' gradients (`[rows, width]` each) side by side, `[rows, Σ widths]`.
+fn side_by_side(pieces: &[std::borrow::Cow<[f32]>], widths: &[usize], rows: usize) -> Vec<f32> {
+    let n: usize = widths.iter().sum();
+    let mut out = vec![0f32; rows * n];
+    let mut at = 0;
+    for (piece, &width) in pieces.iter().zip(widths) {
+        for (row, out) in piece.chunks_exact(width).zip(out.chunks_exact_mut(n)) {
+            out[at..at + width].copy_from_slice(row);
+        }
+        at += width;
+    }
+    out
 }
 
 /// The pieces' gradients, left by each piece's backward for the product's (see the module).
@@ -254,19 +294,20 @@ mod tests {
     use burn::tensor::Distribution;
 
     /// The extension equals a product per narrowed block, pieces and the gradients of x and
-    /// w, over more rows than one task's and pieces as narrow as Mamba-2's Δ; a piece that
-    /// no gradient reaches gives zeros in its block of w's gradient.
+    /// w, with wide pieces and narrow ones as Mamba-2's Δ; a piece that no gradient reaches
+    /// gives zeros in its block of w's gradient.
     #[test]
     fn split_product_equals_the_reference() {
         let device = Device::flex().autodiff();
         device.seed(23);
-        let (rows, k, widths) = (2 * ROWS + 9, 40, [48, 16, 8, 33]);
+        // Runs of one wide piece and of narrow ones gathered, in every order.
+        let (rows, k, widths) = (137, 40, [WIDE + 16, 16, 8, WIDE + 3, 33]);
         let n: usize = widths.iter().sum();
         let normal = Distribution::Normal(0.0, 1.0);
         let x = Tensor::<2>::random([rows, k], normal, &device).require_grad();
         let w = Tensor::<2>::random([k, n], normal, &device).require_grad();
         let probes = widths.map(|width| Tensor::<2>::random([rows, width], normal, &device));
-        for used in [4, 3] {
+        for used in [5, 4] {
             let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
             let run = |fused: bool| {
                 let calls = CALLS.get();
@@ -285,7 +326,7 @@ mod tests {
                     .unwrap();
                 let grads = loss.backward();
                 let (dx, dw) = (x.grad(&grads).unwrap(), w.grad(&grads).unwrap());
-                let unused = dw.clone().narrow(1, n - widths[3], widths[3]);
+                let unused = dw.clone().narrow(1, n - widths[4], widths[4]);
                 (outputs, values(dx), values(dw), values(unused))
             };
             let (fused, reference) = (run(true), run(false));
