@@ -646,9 +646,6 @@ mod tests {
         }
     }
 
-    /// [`Avx512::sum_rows`]' shuffles put each row's [`add_lanes`] in its lane, bit for
-    /// bit (values of mixed magnitudes, so that another order of additions would round
-    /// differently).
     /// Masked loads and stores of 0 to 64 values: the values in the first lanes, zeros in
     /// the rest, and nothing past the end written (a guard value after it stays).
     #[test]
@@ -681,6 +678,9 @@ mod tests {
         }
     }
 
+    /// [`Avx512::sum_rows`]' shuffles put each row's [`add_lanes`] in its lane, bit for
+    /// bit (values of mixed magnitudes, so that another order of additions would round
+    /// differently).
     #[test]
     fn avx512_row_sums_equal_add_lanes() {
         #[cfg(target_arch = "x86_64")]

@@ -9,7 +9,7 @@
 //! autodiff sums the pieces' gradients of x with Burn's add, on one thread, and each
 //! narrowed weight's gradient is a zero-filled tensor of the whole weight with the piece
 //! written in, summed again: in Mamba-2's in_proj four adds of x's gradient and five fills
-//! and four adds of w's, about a sixth of the layer's backward. A test holds the two equal.
+//! and four adds of w's. A test holds the two equal.
 //!
 //! Burn's autodiff gives an op one output, so each piece is an op of its own on one shared
 //! node, the product's: a piece's backward leaves its gradient in a slot the product holds,

@@ -166,8 +166,8 @@ fn forward_piece_in<V: F32x16, const FMA: bool>(x: &Inputs, i: usize, s0: usize,
         }
         let rest = &mut y[full..];
         if V::QUADS && !rest.is_empty() {
-            // One more Quad, padded: a tail one by one (Mamba-2's 32 channels of B and C
-            // past x's 256) took a third of the conv's time.
+            // One more Quad, padded, where the tail went one element at a time (Mamba-2's
+            // B and C convs, 16 channels each, are all tail).
             let z = Quad::<V>::load_padded(rest);
             (z * sigmoid_and_exp_in::<_, FMA>(z).0).store_first(rest);
         } else {
