@@ -1033,8 +1033,8 @@ mod tests {
         (19, 16, 1, true),
     ];
 
-    /// The gated norm through the fused RMSNorm equals its tensor-op form, output and the
-    /// gradients of y, z and the weight: one group, and groups smaller than the width.
+    /// The gated norm through the fused gate and RMSNorm equals its tensor-op form, output
+    /// and the gradients of y, z and the weight: one group, and groups smaller than the width.
     #[test]
     fn fused_gated_norm_equals_the_reference() {
         let device = Device::flex().autodiff();
@@ -1054,8 +1054,10 @@ mod tests {
                 (out, y.grad(&g).unwrap(), z.grad(&g).unwrap(), w)
             };
             let calls = crate::fused_norm::FORWARD_CALLS.get();
+            let gates = crate::mixers::fused_gate::FORWARD_CALLS.get();
             let fused = run(norm.forward(y.clone(), z.clone()));
             assert!(crate::fused_norm::FORWARD_CALLS.get() > calls, "the fused norm ran");
+            assert!(crate::mixers::fused_gate::FORWARD_CALLS.get() > gates, "the fused gate ran");
             let reference = run(norm.forward_reference(y.clone(), z.clone()));
             let what = format!("group size {group_size}");
             assert_close(fused.0, reference.0, RTOL, ATOL, &format!("{what}: output"));
