@@ -101,35 +101,36 @@ fn project<const D: usize>(x: Tensor<D>, w: Tensor<2>, bias: Option<Tensor<1>>) 
 /// its width), each its own product with a column block of the weight. Narrowing one
 /// output instead leaves each piece a strided view, copied by whatever reads it, whose
 /// gradient is a zero-filled tensor of the whole output with the piece written in: a cost
-/// per activation, where this pays it once per weight. In f32 on flex, one op
-/// ([`split_product`]) whose backward sums nothing through Burn's adds.
+/// per activation, where this pays it once per weight. In f32 the pieces are one op
+/// ([`split_product`]), whose backward on flex sums nothing through Burn's adds; under
+/// [`autocast`], a product per piece in the working dtype.
 pub fn linear_split<const D: usize, const N: usize>(
     layer: &Linear,
     x: Tensor<D>,
     widths: [usize; N],
 ) -> [Tensor<D>; N] {
     let (w, bias) = (layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
-    if working_dtype().is_none() && crate::device::is_flex(&x.device()) {
-        let mut dims = x.dims();
-        let rows = dims[..D - 1].iter().product::<usize>();
-        let pieces = split_product(x.reshape([rows, dims[D - 1]]), w, widths);
-        let mut start = 0;
-        return pieces.map(|piece| {
-            let width = piece.dims()[1];
-            dims[D - 1] = width;
-            let piece = piece.reshape(dims);
-            let b = bias.clone().map(|b| b.narrow(0, start, width));
-            start += width;
-            match b {
-                Some(b) => piece + b.unsqueeze::<D>(),
-                None => piece,
-            }
-        });
-    }
-    std::array::from_fn(|i| {
-        let (start, width) = (widths[..i].iter().sum(), widths[i]);
+    let mut dims = x.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let x = x.reshape([rows, dims[D - 1]]);
+    let pieces = match working_dtype() {
+        None => split_product(x, w, widths),
+        Some(_) => std::array::from_fn(|i| {
+            let start = widths[..i].iter().sum();
+            matmul_rows(x.clone(), w.clone().narrow(1, start, widths[i]))
+        }),
+    };
+    let mut start = 0;
+    pieces.map(|piece| {
+        let width = piece.dims()[1];
+        dims[D - 1] = width;
+        let piece = piece.reshape(dims);
         let b = bias.clone().map(|b| b.narrow(0, start, width));
-        project(x.clone(), w.clone().narrow(1, start, width), b)
+        start += width;
+        match b {
+            Some(b) => piece + b.unsqueeze::<D>(),
+            None => piece,
+        }
     })
 }
 
