@@ -339,14 +339,37 @@ fn ssm_fused_scan_in_wide_blocks_equals_sequential() {
     scan_forms_equal_sequential((2, 9, 20, 19), &[]);
 }
 
+/// A `[d_inner, 1]`, one per channel shared by its state rows (Mamba-2's): the fused scan
+/// takes one decay per channel and step and sums the rows' terms of dA; the reference forms
+/// broadcast it.
+#[test]
+fn ssm_scans_with_a_shared_across_state_rows_equal_sequential() {
+    shared_or_not_scan_forms_equal_sequential((3, 7, 37, 16), &[1, 4], true);
+    // Two segments of the backward's recompute, and groups of 8 + 4 + 1 rows.
+    let t = metamix::mixers::selective_scan::SEGMENT + 5;
+    shared_or_not_scan_forms_equal_sequential((2, t, 20, 13), &[], true);
+}
+
 /// The fused scan and the chunked ones (chunk lengths `chunks`) against the sequential
 /// reference at `(batch, steps, channels, state size)`, outputs and gradients.
-fn scan_forms_equal_sequential((b, t, di, n): (usize, usize, usize, usize), chunks: &[usize]) {
+fn scan_forms_equal_sequential(dims: (usize, usize, usize, usize), chunks: &[usize]) {
+    shared_or_not_scan_forms_equal_sequential(dims, chunks, false)
+}
+
+/// [`scan_forms_equal_sequential`], A `[d_inner, 1]` where `shared`.
+fn shared_or_not_scan_forms_equal_sequential(
+    (b, t, di, n): (usize, usize, usize, usize),
+    chunks: &[usize],
+    shared: bool,
+) {
     let u = normal([b, t, di]);
     let delta = leaf([b, t, di], Distribution::Uniform(0.001, 0.5));
     let b_in = normal([b, t, n]);
     let c_in = normal([b, t, n]);
-    let a = leaf([di, n], Distribution::Uniform(-4.0, -0.5));
+    let a = leaf(
+        [di, if shared { 1 } else { n }],
+        Distribution::Uniform(-4.0, -0.5),
+    );
     let inputs = || ScanInputs {
         u: u.clone(),
         delta: delta.clone(),

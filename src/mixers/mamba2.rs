@@ -764,12 +764,13 @@ fn ssd_fused_kept(
             .unsqueeze_dim::<4>(3)
             .expand([bsz, t, per_group, p])
             .reshape([bsz, t, width]);
+        // One A per channel, `[width, 1]`: the scan shares it across the state rows.
         let a = A
             .clone()
             .narrow(0, group * per_group, per_group)
-            .reshape([per_group, 1, 1])
-            .expand([per_group, p, n])
-            .reshape([width, n]);
+            .reshape([per_group, 1])
+            .expand([per_group, p])
+            .reshape([width, 1]);
         let of_group = |x: Tensor<4>| x.narrow(2, group, 1).reshape([bsz, t, n]);
         let u = heads(x.clone()).reshape([bsz, t, width]);
         let (b, c) = (of_group(B.clone()), of_group(C.clone()));

@@ -30,8 +30,9 @@ use crate::vector_math::add_lanes;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SelectiveScanBackend: Backend {
-    /// Δ, u `[b, T, D]`, A `[D, N]`, B, C `[b, T, N]`, h0 `[b, D, N]`, the skip D `[D]` →
-    /// y `[b, T, D]` (`C·h + D·u`) and the final state `[b, D, N]`.
+    /// Δ, u `[b, T, D]`, A `[D, N]` (or `[D, 1]`: see [`Dims::shared`]), B, C `[b, T, N]`,
+    /// h0 `[b, D, N]`, the skip D `[D]` → y `[b, T, D]` (`C·h + D·u`) and the final state
+    /// `[b, D, N]`.
     fn selective_scan(
         delta: FloatTensor<Self>,
         u: FloatTensor<Self>,
@@ -159,17 +160,28 @@ struct Dims {
     t: usize,
     d: usize,
     n: usize,
+    /// Whether A is `[D, 1]`, one number per channel shared by its state rows (Mamba-2's
+    /// scalar A per head): a step's decay is then one exp per channel, not one per row, the
+    /// backward sums `λ ⊙ h` over rows before it multiplies by the decay, and dA is `[D, 1]`.
+    shared: bool,
 }
 
 impl Dims {
-    fn of(delta: &FlexTensor, a: &FlexTensor) -> Self {
-        let (s, sa) = (delta.shape(), a.shape());
+    fn of(delta: &FlexTensor, a: &FlexTensor, b: &FlexTensor) -> Self {
+        let s = delta.shape();
+        let n = b.shape()[2];
         Self {
             b: s[0],
             t: s[1],
             d: s[2],
-            n: sa[1],
+            n,
+            shared: a.shape()[1] == 1 && n > 1,
         }
+    }
+
+    /// A's columns: 1 where [`Self::shared`], else `n`.
+    fn a_cols(self) -> usize {
+        if self.shared { 1 } else { self.n }
     }
 
     /// (sequence, first channel, channels) of every task.
@@ -299,25 +311,16 @@ struct Chunk<'a> {
     i: usize,
     c0: usize,
     width: usize,
-    /// Whether each channel's A is one number across its state rows (Mamba-2's scalar A
-    /// per head, broadcast): then a step's decay is one exp per channel, not one per row.
-    shared_decay: bool,
 }
 
 impl<'a> Chunk<'a> {
     fn new(x: &'a Inputs<'a>, dims: Dims, (i, c0, width): (usize, usize, usize)) -> Self {
-        let n = dims.n;
-        let shared_decay = (c0..c0 + width).all(|d| {
-            let row = &x.a[d * n..(d + 1) * n];
-            row.iter().all(|&v| v == row[0])
-        });
         Self {
             x,
             dims,
             i,
             c0,
             width,
-            shared_decay,
         }
     }
 
@@ -362,15 +365,17 @@ impl<'a> Chunk<'a> {
         &values[(self.i * t + start) * n..(self.i * t + end) * n]
     }
 
-    /// A's rows `k0 .. k0 + G` for this chunk's channels, times log₂e: a step's decay
-    /// `exp(Δ·A)` is then `2^(Δ·A log₂e)`, the cheaper exponential.
+    /// A's rows `k0 .. k0 + G` for this chunk's channels (each its one column where A is
+    /// shared), times log₂e: a step's decay `exp(Δ·A)` is then `2^(Δ·A log₂e)`, the
+    /// cheaper exponential.
     #[inline(always)]
     fn a_rows<V: F32x16, const G: usize>(&self, k0: usize) -> [V; G] {
-        let n = self.dims.n;
+        let (cols, shared) = (self.dims.a_cols(), self.dims.shared);
         let mut rows = [[0f32; LANES]; G];
         for l in 0..self.width {
             for (g, row) in rows.iter_mut().enumerate() {
-                row[l] = self.x.a[(self.c0 + l) * n + k0 + g] * std::f32::consts::LOG2_E;
+                let col = if shared { 0 } else { k0 + g };
+                row[l] = self.x.a[(self.c0 + l) * cols + col] * std::f32::consts::LOG2_E;
             }
         }
         load_rows(&rows)
@@ -411,7 +416,7 @@ impl<'a> Chunk<'a> {
 
     /// One step of rows `k0 .. k0 + G` (`a` from [`Self::a_rows`]), given the step's Δ, Δ·u
     /// and its B rows: `h ← e ⊙ h + Δ·u·B`, `e = exp(Δ·A)`; the decays written to `decays`
-    /// where given.
+    /// where given (where A is shared, the one decay to the first row alone).
     #[inline(always)]
     fn step<V: F32x16, const G: usize>(
         &self,
@@ -421,20 +426,25 @@ impl<'a> Chunk<'a> {
     ) {
         // (Branches, not closures: a closure is a function boundary that the intrinsics
         // behind `V` are not inlined across.)
-        let shared = if self.shared_decay {
-            dl.mul(a[0]).exp2_nonpositive()
+        let shared = if self.dims.shared {
+            let e = dl.mul(a[0]).exp2_nonpositive();
+            if let Some(decays) = decays.as_deref_mut() {
+                e.store(&mut decays[0]);
+            }
+            e
         } else {
             V::zero()
         };
         for g in 0..G {
-            let e = if self.shared_decay {
+            let e = if self.dims.shared {
                 shared
             } else {
-                dl.mul(a[g]).exp2_nonpositive()
+                let e = dl.mul(a[g]).exp2_nonpositive();
+                if let Some(decays) = decays.as_deref_mut() {
+                    e.store(&mut decays[g]);
+                }
+                e
             };
-            if let Some(decays) = decays.as_deref_mut() {
-                e.store(&mut decays[g]);
-            }
             h[g] = e.mul_add(h[g], dlu.mul(V::splat(b[g])));
         }
     }
@@ -516,11 +526,39 @@ impl<'a> Chunk<'a> {
         }
         // Back in time through y_t = C_t · h_t and h_t = e ⊙ h_(t−1) + Δ·u·B_t.
         let mut lam_r: [V; G] = load_rows(lam[k0..k0 + G].try_into().unwrap());
-        let mut ga_r: [V; G] = load_rows(g_a[k0..k0 + G].try_into().unwrap());
         let kept = states.chunks_exact(G).zip(decays.chunks_exact(G));
         let rows = steps.b.chunks_exact(n).zip(steps.c.chunks_exact(n));
         let sums = sums_b.chunks_exact_mut(n).zip(via.chunks_exact_mut(2));
         let back_in_time = kept.zip(rows).zip(sums).zip(inputs()).rev();
+        if self.dims.shared {
+            // One decay e and one A per channel: Σ_k λ_k·e·h_(t−1),k·A = e·A·Σ_k λ_k·h_(t−1),k,
+            // so the rows need only the sum; dA is one row, `g_a[0]`.
+            let mut ga = V::load(&g_a[0]);
+            for ((((states, decays), (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
+                let (dl, dlu, gy, e) =
+                    (V::load(dl), V::load(dlu), V::load(gy), V::load(&decays[0]));
+                let (b, c) = (&b[k0..k0 + G], &c[k0..k0 + G]);
+                let sum_b = &mut sum_b[k0..k0 + G];
+                let (mut held, mut via_input) = (V::zero(), V::load(&via[1]));
+                for g in 0..G {
+                    let lam = gy.mul_add(V::splat(c[g]), lam_r[g]);
+                    lam.mul_add(dlu, V::load(&sum_b[g])).store(&mut sum_b[g]);
+                    held = lam.mul_add(V::load(&states[g]), held);
+                    via_input = lam.mul_add(V::splat(b[g]), via_input);
+                    lam_r[g] = lam.mul(e);
+                }
+                let back = held.mul(e);
+                back.mul_add(a[0], V::load(&via[0])).store(&mut via[0]);
+                via_input.store(&mut via[1]);
+                ga = back.mul_add(dl, ga);
+            }
+            ga.store(&mut g_a[0]);
+            for g in 0..G {
+                lam_r[g].store(&mut lam[k0 + g]);
+            }
+            return;
+        }
+        let mut ga_r: [V; G] = load_rows(g_a[k0..k0 + G].try_into().unwrap());
         for ((((states, decays), (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
             let (dl, dlu, gy) = (V::load(dl), V::load(dlu), V::load(gy));
             let (b, c) = (&b[k0..k0 + G], &c[k0..k0 + G]);
@@ -644,7 +682,7 @@ fn forward_task_in<V: F32x16>(
     }
 }
 
-/// One task's backward: dΔ, du and dh0 written to its channels of `outputs`; dA `[w, n]`
+/// One task's backward: dΔ, du and dh0 written to its channels of `outputs`; dA `[w, n]` (`[w, 1]` shared)
 /// (this sequence's share), dB and dC `[t, n]` (this block's share) returned. The states
 /// are recomputed a segment at a time, from the state entering each.
 #[multiversion::multiversion(targets(
@@ -756,12 +794,13 @@ fn backward_task_in<V: F32x16>(
             }
         }
     }
-    let (mut part_a, mut part_skip) = (vec![0f32; w * n], vec![0f32; w]);
+    let cols = dims.a_cols();
+    let (mut part_a, mut part_skip) = (vec![0f32; w * cols], vec![0f32; w]);
     for (chunk, ((lam, g_a), g_skip)) in chunks.iter().zip(lam.iter().zip(&g_a).zip(&g_skip)) {
         // SAFETY: this chunk's rows of the start state.
         unsafe { chunk.write_state(d_h0, lam) };
-        let at = (chunk.c0 - d0) * n;
-        lanes_to_channels(g_a, &mut part_a[at..at + chunk.width * n]);
+        let at = (chunk.c0 - d0) * cols;
+        lanes_to_channels(&g_a[..cols], &mut part_a[at..at + chunk.width * cols]);
         let at = chunk.c0 - d0;
         part_skip[at..at + chunk.width].copy_from_slice(&g_skip[..chunk.width]);
     }
@@ -905,10 +944,12 @@ impl SelectiveScanBackend for Flex {
         h0: FlexTensor,
         skip: FlexTensor,
     ) -> (FlexTensor, FlexTensor) {
-        let (dims, dtype) = (Dims::of(&delta, &a), delta.dtype());
+        let (dims, dtype) = (Dims::of(&delta, &a, &b), delta.dtype());
         let tensors = [delta, u, a, b, c, h0, skip];
         let x = Inputs::read(&tensors);
-        let Dims { b: nb, t, d: dd, n } = dims;
+        let Dims {
+            b: nb, t, d: dd, n, ..
+        } = dims;
         let ((y, y_out), (h_last, h_out)) =
             (Output::alloc(nb * t * dd), Output::alloc(nb * dd * n));
         dims.tasks().into_par_iter().for_each(|task| {
@@ -959,11 +1000,13 @@ impl SelectiveScanBackend for Flex {
         FlexTensor,
         FlexTensor,
     ) {
-        let (dims, dtype) = (Dims::of(&delta, &a), delta.dtype());
+        let (dims, dtype) = (Dims::of(&delta, &a, &b), delta.dtype());
         let tensors = [delta, u, a, b, c, h0, skip];
         let x = Inputs::read(&tensors);
         let (gy, gh) = (flex_f32(&gy), flex_f32(&gh));
-        let Dims { b: nb, t, d: dd, n } = dims;
+        let Dims {
+            b: nb, t, d: dd, n, ..
+        } = dims;
         let (g_delta, d_delta) = Output::alloc(nb * t * dd);
         let (g_u, d_u) = Output::alloc(nb * t * dd);
         let (g_h0, d_h0) = Output::alloc(nb * dd * n);
@@ -987,14 +1030,15 @@ impl SelectiveScanBackend for Flex {
                 Output::finish(g_h0, states),
             )
         };
-        let (mut g_a, mut g_skip) = (vec![0f32; dd * n], vec![0f32; dd]);
+        let cols = dims.a_cols();
+        let (mut g_a, mut g_skip) = (vec![0f32; dd * cols], vec![0f32; dd]);
         let mut g_b = vec![0f32; nb * t * n];
         let mut g_c = vec![0f32; nb * t * n];
         for (i, d0, w, pa, pb, pc, pd) in parts {
             for (acc, v) in g_skip[d0..d0 + w].iter_mut().zip(pd) {
                 *acc += v;
             }
-            for (acc, v) in g_a[d0 * n..(d0 + w) * n].iter_mut().zip(pa) {
+            for (acc, v) in g_a[d0 * cols..(d0 + w) * cols].iter_mut().zip(pa) {
                 *acc += v;
             }
             for (acc, v) in g_b[i * t * n..(i + 1) * t * n].iter_mut().zip(pb) {
@@ -1007,7 +1051,7 @@ impl SelectiveScanBackend for Flex {
         (
             flex_from_f32(g_delta, [nb, t, dd], dtype),
             flex_from_f32(g_u, [nb, t, dd], dtype),
-            flex_from_f32(g_a, [dd, n], dtype),
+            flex_from_f32(g_a, [dd, cols], dtype),
             flex_from_f32(g_b, [nb, t, n], dtype),
             flex_from_f32(g_c, [nb, t, n], dtype),
             flex_from_f32(g_h0, [nb, dd, n], dtype),

@@ -79,7 +79,8 @@ struct Direction<'a> {
     D: &'a Param<Tensor<1>>,
 }
 
-/// The scan's inputs: u, Δ `[b, t, d_inner]`; B, C `[b, t, d_state]`; A `[d_inner, d_state]`.
+/// The scan's inputs: u, Δ `[b, t, d_inner]`; B, C `[b, t, d_state]`; A `[d_inner, d_state]`,
+/// or `[d_inner, 1]`, one per channel shared by its state rows (Mamba-2's, per head).
 pub struct ScanInputs {
     pub u: Tensor<3>,
     pub delta: Tensor<3>,
@@ -370,7 +371,7 @@ pub fn scan_sequential(s: ScanInputs) -> Tensor<3> {
 /// the final state too.
 pub fn scan_sequential_from(s: ScanInputs, h: Option<Tensor<3>>) -> (Tensor<3>, Tensor<3>) {
     let [bsz, t, di] = s.u.dims();
-    let n = s.a.dims()[1];
+    let n = s.b.dims()[2];
     let a = s.a.unsqueeze::<3>(); // [1, di, n]
     let mut h = h.unwrap_or_else(|| Tensor::<3>::zeros([bsz, di, n], &s.u.device()));
     let steps = time_steps(s.delta)
@@ -422,7 +423,7 @@ fn fused_selective_scan(
     keep_state: bool,
 ) -> (Tensor<3>, Option<Tensor<3>>) {
     let [bsz, _, di] = s.u.dims();
-    let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, s.a.dims()[1]], &s.u.device()));
+    let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, s.b.dims()[2]], &s.u.device()));
     if !keep_state {
         let y = selective_scan::selective_scan_output(s.delta, s.u, s.a, s.b, s.c, (h, skip));
         return (y, None);
@@ -437,7 +438,7 @@ fn fused_selective_scan(
 /// returns `y` and the final state.
 pub fn scan_fused_from(s: ScanInputs, h: Option<Tensor<3>>) -> (Tensor<3>, Tensor<3>) {
     let [bsz, t, di] = s.u.dims();
-    let n = s.a.dims()[1];
+    let n = s.b.dims()[2];
     let device = s.u.device();
     if crate::device::is_flex(&device) {
         let (y, h) = fused_selective_scan(s, h, None, true);
@@ -446,7 +447,9 @@ pub fn scan_fused_from(s: ScanInputs, h: Option<Tensor<3>>) -> (Tensor<3>, Tenso
     let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, n], &device));
     // Elsewhere, every step's decay and input at once and one decayed scan over time.
     let delta = s.delta.unsqueeze_dim::<4>(3); // [b, t, di, 1]
-    let decay = (delta.clone() * s.a.unsqueeze::<4>()).exp(); // [b, t, di, n]
+    let decay = (delta.clone() * s.a.unsqueeze::<4>())
+        .exp()
+        .expand([bsz, t, di, n]); // [b, t, di, n] (A may be shared across the n)
     let input = (delta * s.u.unsqueeze_dim::<4>(3)) * s.b.unsqueeze_dim::<4>(2);
     let states = decayed_scan(
         decay.reshape([bsz, t, di * n]),
@@ -475,7 +478,7 @@ pub fn scan_chunked_from(
     h: Option<Tensor<3>>,
 ) -> (Tensor<3>, Tensor<3>) {
     let [bsz, t, di] = s.u.dims();
-    let n = s.a.dims()[1];
+    let n = s.b.dims()[2];
     let a = s.a.unsqueeze::<4>(); // [1, 1, di, n]
     let mut h = match h {
         Some(h) => h.unsqueeze_dim::<4>(1),
