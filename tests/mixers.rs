@@ -344,42 +344,67 @@ fn ssm_fused_scan_in_wide_blocks_equals_sequential() {
 /// broadcast it.
 #[test]
 fn ssm_scans_with_a_shared_across_state_rows_equal_sequential() {
-    shared_or_not_scan_forms_equal_sequential((3, 7, 37, 16), &[1, 4], true);
+    scan_forms_equal_sequential_with((3, 7, 37, 16), &[1, 4], (true, 1));
     // Two segments of the backward's recompute, and groups of 8 + 4 + 1 rows.
     let t = metamix::mixers::selective_scan::SEGMENT + 5;
-    shared_or_not_scan_forms_equal_sequential((2, t, 20, 13), &[], true);
+    scan_forms_equal_sequential_with((2, t, 20, 13), &[], (true, 1));
+}
+
+/// Δ `[b, t, heads]`, one per head of consecutive channels (Mamba-2's), against the
+/// reference given Δ broadcast to the channels (its gradient summed back by autodiff).
+#[test]
+fn ssm_fused_scan_with_delta_per_head_equals_sequential() {
+    // Heads of 32 channels, each two whole chunks of lanes (one value broadcast), A shared,
+    // over two segments: Mamba-2's case.
+    let t = metamix::mixers::selective_scan::SEGMENT + 3;
+    scan_forms_equal_sequential_with((2, t, 64, 16), &[], (true, 2));
+    // Heads of 48 channels in tasks of 32 (2 sequences × 3 blocks take the narrowest
+    // width): a head's sums come from two tasks.
+    scan_forms_equal_sequential_with((2, 9, 96, 5), &[], (false, 2));
+    // Heads of 3 channels: a chunk's lanes cross heads, and the last chunk is partial.
+    scan_forms_equal_sequential_with((3, 7, 21, 4), &[], (false, 7));
 }
 
 /// The fused scan and the chunked ones (chunk lengths `chunks`) against the sequential
 /// reference at `(batch, steps, channels, state size)`, outputs and gradients.
 fn scan_forms_equal_sequential(dims: (usize, usize, usize, usize), chunks: &[usize]) {
-    shared_or_not_scan_forms_equal_sequential(dims, chunks, false)
+    scan_forms_equal_sequential_with(dims, chunks, (false, dims.2))
 }
 
-/// [`scan_forms_equal_sequential`], A `[d_inner, 1]` where `shared`.
-fn shared_or_not_scan_forms_equal_sequential(
+/// [`scan_forms_equal_sequential`] with A `[d_inner, 1]` where `shared`, and Δ
+/// `[b, t, heads]` (broadcast to `d_inner / heads` channels each, for the forms other than
+/// the fused one).
+fn scan_forms_equal_sequential_with(
     (b, t, di, n): (usize, usize, usize, usize),
     chunks: &[usize],
-    shared: bool,
+    (shared, heads): (bool, usize),
 ) {
     let u = normal([b, t, di]);
-    let delta = leaf([b, t, di], Distribution::Uniform(0.001, 0.5));
+    let delta = leaf([b, t, heads], Distribution::Uniform(0.001, 0.5));
     let b_in = normal([b, t, n]);
     let c_in = normal([b, t, n]);
     let a = leaf(
         [di, if shared { 1 } else { n }],
         Distribution::Uniform(-4.0, -0.5),
     );
-    let inputs = || ScanInputs {
+    // Δ as the fused scan takes it, or broadcast to the channels.
+    let inputs = |per_head: bool| ScanInputs {
         u: u.clone(),
-        delta: delta.clone(),
+        delta: match per_head || heads == di {
+            true => delta.clone(),
+            false => delta
+                .clone()
+                .unsqueeze_dim::<4>(3)
+                .expand([b, t, heads, di / heads])
+                .reshape([b, t, di]),
+        },
         a: a.clone(),
         b: b_in.clone(),
         c: c_in.clone(),
     };
     let probe = Tensor::<3>::random([b, t, di], Distribution::Normal(0.0, 1.0), &device());
-    let run = |f: &dyn Fn(ScanInputs) -> Tensor<3>| {
-        let y = f(inputs());
+    let run = |f: &dyn Fn(ScanInputs) -> Tensor<3>, per_head: bool| {
+        let y = f(inputs(per_head));
         let g = (y.clone() * probe.clone()).sum().backward();
         let g3 = |x: &Tensor<3>| x.grad(&g).unwrap();
         (
@@ -388,21 +413,23 @@ fn shared_or_not_scan_forms_equal_sequential(
             a.grad(&g).unwrap(),
         )
     };
-    let (y_ref, g_ref, ga_ref) = run(&ssm::scan_sequential);
+    let (y_ref, g_ref, ga_ref) = run(&ssm::scan_sequential, false);
     let calls = metamix::mixers::selective_scan::FORWARD_CALLS.get();
     type Form = Box<dyn Fn(ScanInputs) -> Tensor<3>>;
-    let mut forms: Vec<(String, Form)> = vec![(
+    let mut forms: Vec<(String, Form, bool)> = vec![(
         "fused".into(),
         Box::new(|s| ssm::scan_fused_from(s, None).0),
+        true,
     )];
     for &c in chunks {
         forms.push((
             format!("chunk={c}"),
             Box::new(move |s| ssm::scan_chunked(s, c)),
+            false,
         ));
     }
-    for (chunk, form) in forms {
-        let (y, g, ga) = run(&*form);
+    for (chunk, form, per_head) in forms {
+        let (y, g, ga) = run(&*form, per_head);
         assert_close(y, y_ref.clone(), &format!("ssm {chunk}: output"));
         for (i, (x, r)) in g.into_iter().zip(g_ref.clone()).enumerate() {
             assert_close(x, r, &format!("ssm {chunk}: gradient {i}"));

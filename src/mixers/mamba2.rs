@@ -697,9 +697,9 @@ pub fn ssd_sequential(
 }
 
 /// Fast form on the CPU: the recurrence, each group of heads in one call of Mamba's fused
-/// [`selective_scan`](super::selective_scan) over its heads' `P` channels each (Δ and A, one
-/// per head, broadcast to their channels; B and C the group's), whose state never leaves the
-/// cache. On the CPU this beats the dual form's matmuls, whose many small products and
+/// [`selective_scan`](super::selective_scan) over its heads' `P` channels each (Δ one per
+/// head, which the scan reads for the head's channels; A one per channel, shared by its state
+/// rows; B and C the group's), whose state never leaves the cache. On the CPU this beats the dual form's matmuls, whose many small products and
 /// layout copies (about a third of a layer's time in copies) cost more than the
 /// recurrence's arithmetic saves. Elsewhere, [`ssd_chunked`] with chunks of `chunk`.
 /// Arguments and result as [`ssd_sequential`].
@@ -758,12 +758,8 @@ fn ssd_fused_kept(
     let (mut ys, mut states) = (Vec::with_capacity(g), Vec::with_capacity(g));
     for group in 0..g {
         let heads = |x: Tensor<4>| x.narrow(2, group * per_group, per_group);
-        let delta = dt
-            .clone()
-            .narrow(2, group * per_group, per_group)
-            .unsqueeze_dim::<4>(3)
-            .expand([bsz, t, per_group, p])
-            .reshape([bsz, t, width]);
+        // Δ per head, `[b, t, heads]`: the scan reads each head's for its channels.
+        let delta = dt.clone().narrow(2, group * per_group, per_group);
         // One A per channel, `[width, 1]`: the scan shares it across the state rows.
         let a = A
             .clone()

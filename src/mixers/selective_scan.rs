@@ -30,9 +30,9 @@ use crate::vector_math::add_lanes;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SelectiveScanBackend: Backend {
-    /// Δ, u `[b, T, D]`, A `[D, N]` (or `[D, 1]`: see [`Dims::shared`]), B, C `[b, T, N]`,
-    /// h0 `[b, D, N]`, the skip D `[D]` → y `[b, T, D]` (`C·h + D·u`) and the final state
-    /// `[b, D, N]`.
+    /// Δ `[b, T, D]` (or `[b, T, H]`: see [`Dims::heads`]), u `[b, T, D]`, A `[D, N]` (or
+    /// `[D, 1]`: see [`Dims::shared`]), B, C `[b, T, N]`, h0 `[b, D, N]`, the skip D `[D]` →
+    /// y `[b, T, D]` (`C·h + D·u`) and the final state `[b, D, N]`.
     fn selective_scan(
         delta: FloatTensor<Self>,
         u: FloatTensor<Self>,
@@ -85,8 +85,10 @@ pub static FORWARD_CALLS: RunCount = RunCount::new();
 
 /// The fused scan: y `[b, T, D]` and the final state `[b, D, N]`; y gets the skip
 /// `D·u` where `skip` (`[D]`) is given (Mamba-2's; mamba_ssm's kernel takes it too), which
-/// saves the separate products and sums of `y + D·u` and their backwards. Registered for
-/// flex and its autodiff ([`crate::device::is_flex`]).
+/// saves the separate products and sums of `y + D·u` and their backwards. Δ is `[b, T, D]`
+/// or, one per head of consecutive channels, `[b, T, H]`; A `[D, N]` or, shared by the state
+/// rows, `[D, 1]` (Mamba-2's both). Registered for flex and its autodiff
+/// ([`crate::device::is_flex`]).
 pub fn selective_scan(
     delta: Tensor<3>,
     u: Tensor<3>,
@@ -164,11 +166,20 @@ struct Dims {
     /// scalar A per head): a step's decay is then one exp per channel, not one per row, the
     /// backward sums `λ ⊙ h` over rows before it multiplies by the decay, and dA is `[D, 1]`.
     shared: bool,
+    /// Δ's last size: `d`, one Δ per channel (Mamba's), or H dividing `d`, one per head of
+    /// `d / H` consecutive channels (Mamba-2's), read as such: no `[b, T, D]` copy of it,
+    /// and its gradient summed over each head's channels inside the backward.
+    heads: usize,
 }
 
 impl Dims {
-    fn of(delta: &FlexTensor, a: &FlexTensor, b: &FlexTensor) -> Self {
-        let s = delta.shape();
+    fn of(delta: &FlexTensor, u: &FlexTensor, a: &FlexTensor, b: &FlexTensor) -> Self {
+        let (s, heads) = (u.shape(), delta.shape()[2]);
+        assert!(
+            heads > 0 && s[2] % heads == 0,
+            "the scan's Δ has {heads} columns, which do not divide its {} channels",
+            s[2]
+        );
         let n = b.shape()[2];
         Self {
             b: s[0],
@@ -176,7 +187,13 @@ impl Dims {
             d: s[2],
             n,
             shared: a.shape()[1] == 1 && n > 1,
+            heads,
         }
+    }
+
+    /// Channels per Δ (1: one per channel).
+    fn head_dim(self) -> usize {
+        self.d / self.heads
     }
 
     /// A's columns: 1 where [`Self::shared`], else `n`.
@@ -303,6 +320,17 @@ fn load_rows<V: F32x16, const G: usize>(rows: &[Lanes; G]) -> [V; G] {
     out
 }
 
+/// How a chunk's lanes read Δ ([`Dims::heads`]).
+#[derive(Clone, Copy)]
+enum DeltaLanes {
+    /// One Δ per channel: the lanes' values lie side by side.
+    PerChannel,
+    /// Every lane in this one head: one value, broadcast.
+    OneHead(usize),
+    /// Lanes across heads: each its head's value.
+    Heads,
+}
+
 /// One chunk: sequence `i`, channels `c0 .. c0 + width` (`width ≤ LANES`). Lanes past the
 /// width read as zeros: Δ = 0 there, so their states stay zero and add nothing.
 struct Chunk<'a> {
@@ -311,16 +339,72 @@ struct Chunk<'a> {
     i: usize,
     c0: usize,
     width: usize,
+    delta_lanes: DeltaLanes,
 }
 
 impl<'a> Chunk<'a> {
     fn new(x: &'a Inputs<'a>, dims: Dims, (i, c0, width): (usize, usize, usize)) -> Self {
+        let p = dims.head_dim();
+        let delta_lanes = if p == 1 {
+            DeltaLanes::PerChannel
+        } else if width == LANES && c0 / p == (c0 + width - 1) / p {
+            DeltaLanes::OneHead(c0 / p)
+        } else {
+            DeltaLanes::Heads
+        };
         Self {
             x,
             dims,
             i,
             c0,
             width,
+            delta_lanes,
+        }
+    }
+
+    /// This chunk's lanes of Δ from one step's row of it (`[heads]` values).
+    #[inline(always)]
+    fn delta_lanes<V: F32x16>(&self, row: &[f32]) -> V {
+        match self.delta_lanes {
+            DeltaLanes::PerChannel => {
+                // The next chunk's line of this row, read after this chunk's steps.
+                prefetch(row.as_ptr().wrapping_add(self.c0 + LANES));
+                V::load_first(&row[self.c0..], self.width)
+            }
+            DeltaLanes::OneHead(h) => V::splat(row[h]),
+            DeltaLanes::Heads => {
+                let p = self.dims.head_dim();
+                let mut lanes = [0f32; LANES];
+                for (l, v) in lanes[..self.width].iter_mut().enumerate() {
+                    *v = row[(self.c0 + l) / p];
+                }
+                V::load(&lanes)
+            }
+        }
+    }
+
+    /// The gradient `g` of this chunk's Δ lanes at `step`: into `d_delta` where Δ is per
+    /// channel, else summed over each head's lanes into `heads`.
+    ///
+    /// # Safety
+    /// No other task writes this chunk's channels of `d_delta`.
+    #[inline(always)]
+    unsafe fn add_delta_grad<V: F32x16>(
+        &self,
+        (d_delta, heads): (Output, &mut HeadGrads),
+        step: usize,
+        g: V,
+    ) {
+        match self.delta_lanes {
+            // SAFETY: as the caller promises.
+            DeltaLanes::PerChannel => unsafe { self.store(d_delta, step, g) },
+            DeltaLanes::OneHead(h) => heads.add(step, h, add_lanes(g.to_array())),
+            DeltaLanes::Heads => {
+                let p = self.dims.head_dim();
+                for (l, v) in g.to_array()[..self.width].iter().enumerate() {
+                    heads.add(step, (self.c0 + l) / p, *v);
+                }
+            }
         }
     }
 
@@ -608,13 +692,14 @@ impl<'s> Steps<'s> {
         let StepLanes { dl, u, dlu } = lanes;
         let (dl, u, dlu) = (&mut dl[..len], &mut u[..len], &mut dlu[..len]);
         let (at, d, width) = (chunk.row(start), chunk.dims.d, chunk.width);
-        let rows = chunk.x.delta[at..].chunks(d).zip(chunk.x.u[at..].chunks(d));
+        let heads = chunk.dims.heads;
+        let deltas = chunk.x.delta[(chunk.i * chunk.dims.t + start) * heads..].chunks(heads);
+        let rows = deltas.zip(chunk.x.u[at..].chunks(d));
         let out = dl.iter_mut().zip(u.iter_mut()).zip(dlu.iter_mut());
         for (((dl, u), dlu), (row_dl, row_u)) in out.zip(rows) {
-            // The next chunk's lines of these rows, read after this chunk's steps.
-            prefetch(row_dl.as_ptr().wrapping_add(LANES));
+            // The next chunk's line of this row, read after this chunk's steps.
             prefetch(row_u.as_ptr().wrapping_add(LANES));
-            let (vd, vu) = (V::load_first(row_dl, width), V::load_first(row_u, width));
+            let (vd, vu) = (chunk.delta_lanes::<V>(row_dl), V::load_first(row_u, width));
             vd.store(dl);
             vu.store(u);
             vd.mul(vu).store(dlu);
@@ -725,6 +810,7 @@ fn backward_task_in<V: F32x16>(
         gy: gy_steps,
         work,
     } = buffers;
+    let mut g_heads = HeadGrads::of_task(dims, (d0, w));
     // Per chunk: λ (from the final state's gradient), dA, and the state entering each
     // segment, `[n]` lanes each.
     let mut lam: Vec<Vec<Lanes>> = chunks.iter().map(|c| c.read_state(gh)).collect();
@@ -774,7 +860,8 @@ fn backward_task_in<V: F32x16>(
                 g_skip_c = gy.mul_add(u, g_skip_c);
                 // SAFETY: this chunk's channels of this step's row.
                 unsafe {
-                    chunk.store(d_delta, step, via_input.mul_add(u, via_decay));
+                    let g_delta = via_input.mul_add(u, via_decay);
+                    chunk.add_delta_grad((d_delta, &mut g_heads), step, g_delta);
                     chunk.store(d_u, step, skip.mul_add(gy, via_input.mul(dl)));
                 }
             }
@@ -804,7 +891,48 @@ fn backward_task_in<V: F32x16>(
         let at = chunk.c0 - d0;
         part_skip[at..at + chunk.width].copy_from_slice(&g_skip[..chunk.width]);
     }
-    (i, d0, w, part_a, g_b, g_c, part_skip)
+    BackwardPart {
+        task: (i, d0, w),
+        a: part_a,
+        b: g_b,
+        c: g_c,
+        skip: part_skip,
+        heads: g_heads,
+    }
+}
+
+/// A task's dΔ where Δ is per head: `[t, heads]` from its first head, each summed over the
+/// task's channels of the head (a head may span two tasks, so each keeps its own sums).
+struct HeadGrads {
+    first: usize,
+    heads: usize,
+    values: Vec<f32>,
+}
+
+impl HeadGrads {
+    /// Room for the heads of channels `d0 .. d0 + w`; none where Δ is per channel.
+    fn of_task(dims: Dims, (d0, w): (usize, usize)) -> Self {
+        if dims.heads == dims.d {
+            return Self {
+                first: 0,
+                heads: 0,
+                values: Vec::new(),
+            };
+        }
+        let p = dims.head_dim();
+        let (first, last) = (d0 / p, (d0 + w - 1) / p);
+        let heads = last + 1 - first;
+        Self {
+            first,
+            heads,
+            values: vec![0.0; dims.t * heads],
+        }
+    }
+
+    #[inline(always)]
+    fn add(&mut self, step: usize, head: usize, v: f32) {
+        self.values[step * self.heads + head - self.first] += v;
+    }
 }
 
 /// A task's sequence, first channel and width.
@@ -869,8 +997,19 @@ impl SegmentBuffers {
     }
 }
 
-/// [`backward_task`]'s shares of the sums: sequence, first channel, width, dA, dB, dC, dD.
-type BackwardPart = (usize, usize, usize, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+/// [`backward_task`]'s shares of the sums.
+struct BackwardPart {
+    task: Task,
+    /// dA `[w, n]` (`[w, 1]` shared), this sequence's share.
+    a: Vec<f32>,
+    /// dB, dC `[t, n]`, this block of channels' share.
+    b: Vec<f32>,
+    c: Vec<f32>,
+    /// dD `[w]`, this sequence's share.
+    skip: Vec<f32>,
+    /// dΔ where Δ is per head (empty where per channel: written in place).
+    heads: HeadGrads,
+}
 
 /// An output that the tasks write in disjoint pieces, in parallel, allocated but not zeroed:
 /// each task writes its own channels of each step's row (and its rows of a state), and
@@ -944,7 +1083,7 @@ impl SelectiveScanBackend for Flex {
         h0: FlexTensor,
         skip: FlexTensor,
     ) -> (FlexTensor, FlexTensor) {
-        let (dims, dtype) = (Dims::of(&delta, &a, &b), delta.dtype());
+        let (dims, dtype) = (Dims::of(&delta, &u, &a, &b), u.dtype());
         let tensors = [delta, u, a, b, c, h0, skip];
         let x = Inputs::read(&tensors);
         let Dims {
@@ -1000,14 +1139,16 @@ impl SelectiveScanBackend for Flex {
         FlexTensor,
         FlexTensor,
     ) {
-        let (dims, dtype) = (Dims::of(&delta, &a, &b), delta.dtype());
+        let (dims, dtype) = (Dims::of(&delta, &u, &a, &b), u.dtype());
         let tensors = [delta, u, a, b, c, h0, skip];
         let x = Inputs::read(&tensors);
         let (gy, gh) = (flex_f32(&gy), flex_f32(&gh));
         let Dims {
             b: nb, t, d: dd, n, ..
         } = dims;
-        let (g_delta, d_delta) = Output::alloc(nb * t * dd);
+        // Δ per channel: its gradient written in place; per head: summed from the tasks'.
+        let per_channel = dims.heads == dd;
+        let (g_delta, d_delta) = Output::alloc(if per_channel { nb * t * dd } else { 0 });
         let (g_u, d_u) = Output::alloc(nb * t * dd);
         let (g_h0, d_h0) = Output::alloc(nb * dd * n);
         let parts: Vec<_> = dims
@@ -1025,7 +1166,7 @@ impl SelectiveScanBackend for Flex {
             let rows = nb * t * dd;
             let states = nb * dd * n;
             (
-                Output::finish(g_delta, rows),
+                Output::finish(g_delta, if per_channel { rows } else { 0 }),
                 Output::finish(g_u, rows),
                 Output::finish(g_h0, states),
             )
@@ -1034,22 +1175,31 @@ impl SelectiveScanBackend for Flex {
         let (mut g_a, mut g_skip) = (vec![0f32; dd * cols], vec![0f32; dd]);
         let mut g_b = vec![0f32; nb * t * n];
         let mut g_c = vec![0f32; nb * t * n];
-        for (i, d0, w, pa, pb, pc, pd) in parts {
-            for (acc, v) in g_skip[d0..d0 + w].iter_mut().zip(pd) {
-                *acc += v;
-            }
-            for (acc, v) in g_a[d0 * cols..(d0 + w) * cols].iter_mut().zip(pa) {
-                *acc += v;
-            }
-            for (acc, v) in g_b[i * t * n..(i + 1) * t * n].iter_mut().zip(pb) {
-                *acc += v;
-            }
-            for (acc, v) in g_c[i * t * n..(i + 1) * t * n].iter_mut().zip(pc) {
-                *acc += v;
+        let heads = dims.heads;
+        let mut g_delta = if per_channel {
+            g_delta
+        } else {
+            vec![0f32; nb * t * heads]
+        };
+        for part in parts {
+            let (i, d0, w) = part.task;
+            let add = |acc: &mut [f32], values: &[f32]| {
+                for (acc, v) in acc.iter_mut().zip(values) {
+                    *acc += v;
+                }
+            };
+            add(&mut g_skip[d0..d0 + w], &part.skip);
+            add(&mut g_a[d0 * cols..(d0 + w) * cols], &part.a);
+            add(&mut g_b[i * t * n..(i + 1) * t * n], &part.b);
+            add(&mut g_c[i * t * n..(i + 1) * t * n], &part.c);
+            let h = &part.heads;
+            for (step, values) in h.values.chunks_exact(h.heads.max(1)).enumerate() {
+                let at = (i * t + step) * heads + h.first;
+                add(&mut g_delta[at..at + h.heads], values);
             }
         }
         (
-            flex_from_f32(g_delta, [nb, t, dd], dtype),
+            flex_from_f32(g_delta, [nb, t, heads], dtype),
             flex_from_f32(g_u, [nb, t, dd], dtype),
             flex_from_f32(g_a, [dd, cols], dtype),
             flex_from_f32(g_b, [nb, t, n], dtype),
@@ -1082,7 +1232,7 @@ impl<B: Backend + SelectiveScanBackend> Backward<B, 7> for ScanBackward {
     fn backward(self, ops: Ops<Self::State, 7>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let (gy, gh) = if self.packed {
-            let y_shape = ops.state.inputs[0].shape();
+            let y_shape = ops.state.inputs[1].shape();
             let (gy, gh) = unpack::<B>(grad, y_shape, ops.state.h_shape.clone());
             (gy, Some(gh))
         } else {
