@@ -473,9 +473,12 @@ impl<'a> Chunk<'a> {
         let mut rows = vec![[0f32; LANES]; n];
         let block = &values[at..at + self.width * n];
         // A state of zeros (a fresh scan's, the gradient of a final state left unused) needs
-        // no transposing. Rows outer: written in order, where channels outer compiled to
-        // scatters, each some dozens of cycles.
-        if block.iter().any(|v| v.to_bits() != 0) {
+        // no transposing. (Its test ORs the bits 16 values at a time, which vectorises, where
+        // `any` stopping at the first non-zero compiled to a scalar loop: 3% of a backward.)
+        // Rows outer: written in order, where channels outer compiled to scatters, each some
+        // dozens of cycles.
+        let bits = |values: &[f32]| values.iter().fold(0, |acc, v| acc | v.to_bits());
+        if block.chunks(LANES).any(|values| bits(values) != 0) {
             for (k, row) in rows.iter_mut().enumerate() {
                 for (l, v) in row[..self.width].iter_mut().enumerate() {
                     *v = block[l * n + k];
