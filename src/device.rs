@@ -264,7 +264,17 @@ pub fn overwrite_f32(
 /// while the other core waits).
 pub fn zeroed(piece: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
     piece.fill(std::mem::MaybeUninit::new(0.0));
-    // SAFETY: every element was initialised just above; MaybeUninit<f32> has f32's layout.
+    // SAFETY: every element was initialised just above.
+    unsafe { written(piece) }
+}
+
+/// A piece of an output as f32s, once a kernel has written every element of it (where
+/// [`zeroed`]'s fill would be one more pass over memory).
+///
+/// # Safety
+/// Every element of `piece` has been written.
+pub unsafe fn written(piece: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: initialised, as the caller promises; MaybeUninit<f32> has f32's layout.
     unsafe { &mut *(piece as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
 }
 

@@ -79,18 +79,19 @@ fn conv(x: Tensor<3>, history: Option<Tensor<3>>, weight: Tensor<3>, bias: Tenso
     y
 }
 
-/// `silu(conv(..))` ([`CausalConv1d::forward_silu`]): fused on flex.
+/// `silu(conv(..))` ([`CausalConv1d::forward_silu`]): fused on flex for kernels up to
+/// [`MAX_KERNEL`](super::fused_conv1d::MAX_KERNEL) taps.
 fn conv_silu(
     x: Tensor<3>,
     history: Option<Tensor<3>>,
     weight: Tensor<3>,
     bias: Tensor<1>,
 ) -> Tensor<3> {
-    if !crate::device::is_flex(&x.device()) {
+    let kernel = weight.dims()[2];
+    if !crate::device::is_flex(&x.device()) || kernel > super::fused_conv1d::MAX_KERNEL {
         return crate::activations::silu(conv(x, history, weight, bias));
     }
     let [b, _, ch] = x.dims();
-    let kernel = weight.dims()[2];
     let history = history.unwrap_or_else(|| Tensor::zeros([b, kernel - 1, ch], &x.device()));
     super::fused_conv1d::conv1d_silu(x, history, weight, bias)
 }

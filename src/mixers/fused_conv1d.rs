@@ -1,8 +1,10 @@
 //! Mamba's and Mamba-2's depthwise causal conv and the SiLU after it, fused, as a Burn
 //! backend extension on flex: `y_s = silu(bias + Σ_j w_j ⊙ p_(s+j))` over the sequence `p`
-//! = history then x, channels innermost so every loop is element-wise. The backward
-//! recomputes the pre-activation from the inputs and gathers each input row's gradient from
-//! the `kernel` outputs that read it, so no two tasks write the same row.
+//! = history then x, channels innermost. Each block of 16 channels runs through the steps
+//! with the kernel's rows in registers (`K ≤ 4` taps, causal-conv1d's limit too; wider
+//! kernels take the reference), and the SiLU then runs row by row. The backward recomputes
+//! the pre-activation from the inputs and gathers each input row's gradient from the
+//! `kernel` outputs that read it, so no two tasks write the same row.
 //!
 //! The reference is [`super::causal_conv1d::CausalConv1d::forward`] followed by
 //! [`crate::activations::silu`]: a concatenation, `kernel` slices, products and sums, each
@@ -20,9 +22,11 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use crate::activations::sigmoid_and_exp_in;
-use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients, zeroed};
+use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients, written};
+
 use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_f32x16};
 use crate::vector_math::{Real, has_fma};
+use std::mem::MaybeUninit;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait ConvSiluBackend: Backend {
@@ -72,6 +76,72 @@ pub fn conv1d_silu(
 
 /// Output rows per parallel task, so one long sequence still spreads over every core.
 const PIECE: usize = 256;
+
+/// The widest kernel the fused conv takes (causal-conv1d's CUDA kernel's too): its taps'
+/// rows, weights and gradient sums stay in registers.
+pub const MAX_KERNEL: usize = 4;
+
+/// Channels per block of the time loops: one [`F32x16`].
+const LANES: usize = 16;
+
+/// Runs `$body` with `$k` a constant equal to `$kernel` (1 ..= [`MAX_KERNEL`]), so that each
+/// kernel width gets its own code, its taps in registers.
+macro_rules! with_kernel {
+    ($kernel:expr, $k:ident => $body:expr) => {
+        match $kernel {
+            1 => {
+                const $k: usize = 1;
+                $body
+            }
+            2 => {
+                const $k: usize = 2;
+                $body
+            }
+            3 => {
+                const $k: usize = 3;
+                $body
+            }
+            4 => {
+                const $k: usize = 4;
+                $body
+            }
+            k => panic!("the fused conv takes kernels of 1 to {MAX_KERNEL} taps, not {k}"),
+        }
+    };
+}
+
+/// A block's `width` lanes of `values` from `c0` (the rest 0).
+#[inline(always)]
+fn load_block<V: F32x16>(values: &[f32], c0: usize, width: usize) -> V {
+    V::load_first(&values[c0..], width)
+}
+
+/// `v`'s first `width` lanes into `out` from `c0`, which need not have been written
+/// before: the kernels write every element of their outputs once, with no zero fill first.
+#[inline(always)]
+fn store_block<V: F32x16>(v: V, out: &mut [MaybeUninit<f32>], c0: usize, width: usize) {
+    let out = &mut out[c0..c0 + width];
+    if width == LANES {
+        // SAFETY: 16 elements from `c0`, checked by the slicing above; unaligned write.
+        unsafe {
+            out.as_mut_ptr()
+                .cast::<[f32; LANES]>()
+                .write_unaligned(v.to_array())
+        }
+    } else {
+        for (o, v) in out.iter_mut().zip(v.to_array()) {
+            o.write(v);
+        }
+    }
+}
+
+thread_local! {
+    /// Each thread's buffer for a piece's ∂L/∂z, kept from call to call: allocated and
+    /// zeroed per piece it was one more pass over memory than the kernel's own. (Borrowed
+    /// outside the kernels: a closure inside one is a function boundary that the vector
+    /// intrinsics are not inlined across.)
+    static GRAD_Z: std::cell::RefCell<Vec<MaybeUninit<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// The inputs as f32, the weight transposed to `[kernel][ch]`.
 struct Inputs<'a> {
@@ -125,18 +195,132 @@ impl<'a> Inputs<'a> {
         }
     }
 
-    /// The pre-activation at output step `s` of sequence `i` into `z` `[ch]`.
+    /// Padded rows `r..` of sequence `i` where they all lie in x (`r ≥ kernel − 1`), side
+    /// by side: one slice for all of a step's taps.
     #[inline(always)]
-    fn conv_at(&self, i: usize, s: usize, z: &mut [f32]) {
-        let ch = self.ch;
-        let z = &mut z[..ch];
-        z.copy_from_slice(&self.bias[..ch]);
-        for j in 0..self.kernel {
-            let (w, p) = (&self.w[j * ch..(j + 1) * ch], self.row(i, s + j));
-            for c in 0..ch {
-                z[c] += w[c] * p[c];
+    fn x_rows(&self, i: usize, r: usize) -> &[f32] {
+        let (t, ch) = (self.t, self.ch);
+        &self.x[(i * t + r + 1 - self.kernel) * ch..(i + 1) * t * ch]
+    }
+
+    /// `Σ_j w_j ⊙ p_(s+j)` over a block's lanes, `acc` added.
+    #[inline(always)]
+    fn taps_at<V: F32x16, const K: usize>(
+        &self,
+        (i, s): (usize, usize),
+        (c0, width): (usize, usize),
+        w: &[V; K],
+        mut acc: V,
+    ) -> V {
+        if s + 1 >= K {
+            let rows = self.x_rows(i, s);
+            for j in 0..K {
+                acc = w[j].mul_add(load_block(&rows[j * self.ch..], c0, width), acc);
+            }
+        } else {
+            for (j, w) in w.iter().enumerate() {
+                acc = w.mul_add(load_block(self.row(i, s + j), c0, width), acc);
             }
         }
+        acc
+    }
+
+    /// The pre-activations `bias + Σ_j w_j ⊙ p_(s+j)` of output steps `first..` of sequence
+    /// `i` into `z` (`[steps][ch]`). Each block of channels runs through the steps with its
+    /// `K` weights in registers: one store per step, where a pass per tap over each row
+    /// loaded and stored z `K` times. (The rows are loaded afresh at each step, from L1: a
+    /// window shifted in registers compiled to a copy through the stack.)
+    #[inline(always)]
+    fn conv_rows<V: F32x16, const K: usize>(
+        &self,
+        i: usize,
+        first: usize,
+        z: &mut [MaybeUninit<f32>],
+    ) {
+        let ch = self.ch;
+        for c0 in (0..ch).step_by(LANES) {
+            let block = (c0, (ch - c0).min(LANES));
+            let w = self.taps::<V, K>(block);
+            let bias = load_block::<V>(&self.bias, c0, block.1);
+            for (s, z) in (first..).zip(z.chunks_exact_mut(ch)) {
+                let acc = self.taps_at::<V, K>((i, s), block, &w, bias);
+                store_block(acc, z, c0, block.1);
+            }
+        }
+    }
+
+    /// The weights of a block's channels, `[K]` lanes.
+    #[inline(always)]
+    fn taps<V: F32x16, const K: usize>(&self, (c0, width): (usize, usize)) -> [V; K] {
+        let mut w = [V::zero(); K];
+        for (j, w) in w.iter_mut().enumerate() {
+            *w = load_block(&self.w[j * self.ch..], c0, width);
+        }
+        w
+    }
+
+    /// The gradients of padded rows `rows` (from `first`) into `out` (`[rows][ch]`): row r
+    /// is read by output steps `r − j` (j < K) with weight `w_j`. `gz` holds ∂L/∂z of step
+    /// s in its row `s − first + K − 1`, with rows of zeros for the steps outside the
+    /// piece, so every row reads its K steps unconditionally.
+    #[inline(always)]
+    fn gather_rows<V: F32x16, const K: usize>(
+        &self,
+        (gz, first): (&[f32], usize),
+        rows: std::ops::Range<usize>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let ch = self.ch;
+        for c0 in (0..ch).step_by(LANES) {
+            let block = (c0, (ch - c0).min(LANES));
+            let w = self.taps::<V, K>(block);
+            for (r, out) in rows.clone().zip(out.chunks_exact_mut(ch)) {
+                // Step r − j sits in row r − j − first + K − 1: rows r − first .. from here.
+                let steps = &gz[(r - first) * ch..];
+                let mut acc = V::zero();
+                for j in 0..K {
+                    let g = load_block(&steps[(K - 1 - j) * ch..], c0, block.1);
+                    acc = w[j].mul_add(g, acc);
+                }
+                store_block(acc, out, c0, block.1);
+            }
+        }
+    }
+
+    /// Output steps `steps`' shares of the weight's and bias's gradients (`[K][ch]`, `[ch]`)
+    /// from their ∂L/∂z, `gz` (from the first of them): per block, the sums in registers.
+    #[inline(always)]
+    fn weight_grads<V: F32x16, const K: usize>(
+        &self,
+        i: usize,
+        gz: &[f32],
+        steps: std::ops::Range<usize>,
+    ) -> Sums {
+        let ch = self.ch;
+        let (mut g_w, mut g_b) = (vec![0f32; K * ch], vec![0f32; ch]);
+        for c0 in (0..ch).step_by(LANES) {
+            let width = (ch - c0).min(LANES);
+            let (mut gw, mut gb) = ([V::zero(); K], V::zero());
+            for (s, g) in steps.clone().zip(gz.chunks_exact(ch)) {
+                let g = load_block::<V>(g, c0, width);
+                gb = gb.add(g);
+                if s + 1 >= K {
+                    let rows = self.x_rows(i, s);
+                    for j in 0..K {
+                        gw[j] = g.mul_add(load_block(&rows[j * ch..], c0, width), gw[j]);
+                    }
+                } else {
+                    for (j, gw) in gw.iter_mut().enumerate() {
+                        *gw = g.mul_add(load_block(self.row(i, s + j), c0, width), *gw);
+                    }
+                }
+            }
+            for j in 0..K {
+                gw[j].store_partial(&mut g_w[j * ch + c0..j * ch + c0 + width]);
+            }
+            gb.store_partial(&mut g_b[c0..c0 + width]);
+        }
+        (g_w, g_b)
     }
 }
 
@@ -147,19 +331,26 @@ impl<'a> Inputs<'a> {
     "x86_64+sse4.2",
     "aarch64+neon"
 ))]
-fn forward_piece(x: &Inputs, i: usize, s0: usize, out: &mut [f32]) {
+fn forward_piece(x: &Inputs, i: usize, s0: usize, out: &mut [MaybeUninit<f32>]) {
     const FMA: bool = has_fma!();
-    with_f32x16!(V => forward_piece_in::<V, FMA>(x, i, s0, out))
+    with_f32x16!(V => with_kernel!(x.kernel, K => forward_piece_in::<V, K, FMA>(x, i, s0, out)))
 }
 
 /// [`forward_piece`], the SiLU in [`Quad`]s where the lanes take them (`quad_part`; the
 /// rest one by one, the same arithmetic).
 #[inline(always)]
-fn forward_piece_in<V: F32x16, const FMA: bool>(x: &Inputs, i: usize, s0: usize, out: &mut [f32]) {
+fn forward_piece_in<V: F32x16, const K: usize, const FMA: bool>(
+    x: &Inputs,
+    i: usize,
+    s0: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
     let ch = x.ch;
     let full = quad_part::<V>(ch);
-    for (k, y) in out.chunks_exact_mut(ch).enumerate() {
-        x.conv_at(i, s0 + k, y);
+    x.conv_rows::<V, K>(i, s0, out);
+    // SAFETY: conv_rows wrote every channel of every row.
+    let out = unsafe { written(out) };
+    for y in out.chunks_exact_mut(ch) {
         for c in (0..full).step_by(QUAD) {
             let z = Quad::<V>::load(&y[c..]);
             (z * sigmoid_and_exp_in::<_, FMA>(z).0).store(&mut y[c..]);
@@ -186,60 +377,53 @@ fn silu_backward<R: Real, const FMA: bool>(z: R, g: R) -> R {
 }
 
 impl Inputs<'_> {
-    /// ∂L/∂z at output steps `first..last` of sequence `i`, `[last − first][ch]`, from the
-    /// output's gradient: the pre-activation z recomputed, `silu'(z) = σ(z)(1 + z(1 − σ(z)))`.
-    /// In [`Quad`]s where the lanes take them (`quad_part`; the rest one by one, the same
-    /// arithmetic).
+    /// ∂L/∂z at output steps `first..last` of sequence `i` from the output's gradient (the
+    /// pre-activation z recomputed, `silu'(z) = σ(z)(1 + z(1 − σ(z)))`), laid out for
+    /// [`Self::gather_rows`]: `K − 1` rows of zeros, the steps' rows, then zeros up to
+    /// `rows` rows in all. In [`Quad`]s where the lanes take them (`quad_part`; the rest one
+    /// by one, the same arithmetic).
     #[inline(always)]
-    fn grad_z<V: F32x16, const FMA: bool>(
+    fn grad_z<'b, V: F32x16, const K: usize, const FMA: bool>(
         &self,
         grad: &[f32],
-        i: usize,
-        (first, last): (usize, usize),
-    ) -> Vec<f32> {
+        (i, first, last): (usize, usize, usize),
+        rows: usize,
+        buffer: &'b mut Vec<MaybeUninit<f32>>,
+    ) -> &'b [f32] {
         let (t, ch) = (self.t, self.ch);
         let full = quad_part::<V>(ch);
-        let mut gz = vec![0f32; (last - first) * ch];
-        let mut z = vec![0f32; ch];
-        for (k, gz) in gz.chunks_exact_mut(ch).enumerate() {
-            let s = first + k;
-            self.conv_at(i, s, &mut z);
+        if buffer.len() < rows * ch {
+            buffer.resize(rows * ch, MaybeUninit::new(0.0));
+        }
+        let buffer = &mut buffer[..rows * ch];
+        let (before, rest) = buffer.split_at_mut((K - 1) * ch);
+        let (steps, after) = rest.split_at_mut((last - first) * ch);
+        before.fill(MaybeUninit::new(0.0));
+        after.fill(MaybeUninit::new(0.0));
+        // First z, then ∂L/∂z in its place.
+        self.conv_rows::<V, K>(i, first, steps);
+        // SAFETY: conv_rows wrote every channel of every row.
+        let steps = unsafe { written(steps) };
+        for (s, gz) in (first..).zip(steps.chunks_exact_mut(ch)) {
             let g = &grad[(i * t + s) * ch..(i * t + s + 1) * ch];
             for c in (0..full).step_by(QUAD) {
-                let [z, g] = Quad::<V>::load_each([&z, g], c);
+                let [z, g] = Quad::<V>::load_each([&*gz, g], c);
                 silu_backward::<_, FMA>(z, g).store(&mut gz[c..]);
             }
             if V::QUADS && full < ch {
                 let (z, g) = (
-                    Quad::<V>::load_padded(&z[full..]),
+                    Quad::<V>::load_padded(&gz[full..]),
                     Quad::<V>::load_padded(&g[full..]),
                 );
                 silu_backward::<_, FMA>(z, g).store_first(&mut gz[full..]);
             } else {
                 for c in full..ch {
-                    gz[c] = silu_backward::<_, FMA>(z[c], g[c]);
+                    gz[c] = silu_backward::<_, FMA>(gz[c], g[c]);
                 }
             }
         }
-        gz
-    }
-
-    /// The gradient of padded row `r` into `out` `[ch]`: row r is read by output steps
-    /// `r − j` (j < kernel) with weight `w_j`; `gz` holds ∂L/∂z from step `first`.
-    #[inline(always)]
-    fn gather(&self, gz: &[f32], first: usize, r: usize, out: &mut [f32]) {
-        let ch = self.ch;
-        let out = &mut out[..ch];
-        out.fill(0.0);
-        for j in 0..self.kernel {
-            if r >= j + first && r - j < self.t {
-                let s = r - j - first;
-                let (w, g) = (&self.w[j * ch..(j + 1) * ch], &gz[s * ch..(s + 1) * ch]);
-                for c in 0..ch {
-                    out[c] += g[c] * w[c];
-                }
-            }
-        }
+        // SAFETY: every row written: the margins' zeros above, the steps' ∂L/∂z.
+        unsafe { written(buffer) }
     }
 }
 
@@ -252,41 +436,32 @@ impl Inputs<'_> {
     "x86_64+sse4.2",
     "aarch64+neon"
 ))]
-fn backward_piece(x: &Inputs, grad: &[f32], (i, s0): (usize, usize), gx: &mut [f32]) -> Sums {
-    const FMA: bool = has_fma!();
-    with_f32x16!(V => backward_piece_in::<V, FMA>(x, grad, (i, s0), gx))
-}
-
-/// [`backward_piece`] on lanes `V`.
-#[inline(always)]
-fn backward_piece_in<V: F32x16, const FMA: bool>(
+fn backward_piece(
     x: &Inputs,
     grad: &[f32],
     (i, s0): (usize, usize),
-    gx: &mut [f32],
+    (gx, buffer): (&mut [MaybeUninit<f32>], &mut Vec<MaybeUninit<f32>>),
 ) -> Sums {
-    let (t, ch, kernel) = (x.t, x.ch, x.kernel);
-    let h = kernel - 1;
+    const FMA: bool = has_fma!();
+    with_f32x16!(V => with_kernel!(x.kernel, K => backward_piece_in::<V, K, FMA>(x, grad, (i, s0), gx, buffer)))
+}
+
+/// [`backward_piece`] on lanes `V`, `K` taps.
+#[inline(always)]
+fn backward_piece_in<V: F32x16, const K: usize, const FMA: bool>(
+    x: &Inputs,
+    grad: &[f32],
+    (i, s0): (usize, usize),
+    gx: &mut [MaybeUninit<f32>],
+    buffer: &mut Vec<MaybeUninit<f32>>,
+) -> Sums {
+    let (t, ch, h) = (x.t, x.ch, K - 1);
     let s1 = s0 + gx.len() / ch;
-    // x's row s is padded row s + h, read by steps s .. s + h.
-    let gz = x.grad_z::<V, FMA>(grad, i, (s0, (s1 + h).min(t)));
-    for (k, row) in gx.chunks_exact_mut(ch).enumerate() {
-        x.gather(&gz, s0, s0 + k + h, row);
-    }
-    let (mut g_w, mut g_b) = (vec![0f32; kernel * ch], vec![0f32; ch]);
-    for s in s0..s1 {
-        let g = &gz[(s - s0) * ch..(s - s0 + 1) * ch];
-        for c in 0..ch {
-            g_b[c] += g[c];
-        }
-        for j in 0..kernel {
-            let (gw, p) = (&mut g_w[j * ch..(j + 1) * ch], x.row(i, s + j));
-            for c in 0..ch {
-                gw[c] += g[c] * p[c];
-            }
-        }
-    }
-    (g_w, g_b)
+    // x's row s is padded row s + h, read by steps s .. s + h (those before t).
+    let steps = (i, s0, (s1 + h).min(t));
+    let gz = x.grad_z::<V, K, FMA>(grad, steps, s1 - s0 + 2 * h, buffer);
+    x.gather_rows::<V, K>((gz, s0), s0 + h..s1 + h, gx);
+    x.weight_grads::<V, K>(i, &gz[h * ch..], s0..s1)
 }
 
 /// The gradient of sequence `i`'s history rows into `g_history` `[kernel − 1][ch]`.
@@ -296,13 +471,19 @@ fn backward_piece_in<V: F32x16, const FMA: bool>(
     "x86_64+sse4.2",
     "aarch64+neon"
 ))]
-fn history_backward(x: &Inputs, grad: &[f32], i: usize, g_history: &mut [f32]) {
+fn history_backward(
+    x: &Inputs,
+    grad: &[f32],
+    i: usize,
+    (g_history, buffer): (&mut [MaybeUninit<f32>], &mut Vec<MaybeUninit<f32>>),
+) {
     const FMA: bool = has_fma!();
     let h = x.kernel - 1;
-    let gz = with_f32x16!(V => x.grad_z::<V, FMA>(grad, i, (0, h.min(x.t))));
-    for (r, row) in g_history.chunks_exact_mut(x.ch).enumerate() {
-        x.gather(&gz, 0, r, row);
-    }
+    with_f32x16!(V => with_kernel!(x.kernel, K => {
+        // History row r is read by steps r − j ≥ 0 (those before t).
+        let gz = x.grad_z::<V, K, FMA>(grad, (i, 0, h.min(x.t)), 2 * h, buffer);
+        x.gather_rows::<V, K>((gz, 0), 0..h, g_history);
+    }))
 }
 
 /// A weight gradient `[kernel][ch]` and a bias gradient `[ch]`, partial or summed.
@@ -331,7 +512,7 @@ impl ConvSiluBackend for Flex {
             sequences.enumerate().for_each(|(i, seq)| {
                 seq.par_chunks_mut(PIECE * ch)
                     .enumerate()
-                    .for_each(|(p, out)| forward_piece(&inputs, i, p * PIECE, zeroed(out)));
+                    .for_each(|(p, out)| forward_piece(&inputs, i, p * PIECE, out));
             });
         }
         // SAFETY: the pieces above cover all `len` elements (none when t or ch is 0).
@@ -368,7 +549,10 @@ impl ConvSiluBackend for Flex {
                         .enumerate()
                         .map(move |(p, gx)| (i, p, gx))
                 })
-                .map(|(i, p, gx)| backward_piece(&inputs, &grad, (i, p * PIECE), zeroed(gx)))
+                .map(|(i, p, gx)| {
+                    let piece = (i, p * PIECE);
+                    GRAD_Z.with_borrow_mut(|b| backward_piece(&inputs, &grad, piece, (gx, b)))
+                })
                 .collect();
             parts.into_iter().fold(zero(), add_sums)
         } else {
@@ -377,10 +561,15 @@ impl ConvSiluBackend for Flex {
         // SAFETY: the pieces above cover all `len` elements (none when t or ch is 0).
         unsafe { gx.set_len(len) };
         if t > 0 && h > 0 && ch > 0 {
+            // Every row written: a history row that no output step reads (t < h) gets 0s.
             g_history
                 .par_chunks_mut(h * ch)
                 .enumerate()
-                .for_each(|(i, gh)| history_backward(&inputs, &grad, i, gh));
+                .for_each(|(i, gh)| {
+                    // SAFETY: f32s are written, never read uninitialised, through the view.
+                    let gh = unsafe { &mut *(gh as *mut [f32] as *mut [MaybeUninit<f32>]) };
+                    GRAD_Z.with_borrow_mut(|b| history_backward(&inputs, &grad, i, (gh, b)))
+                });
         }
         (
             flex_from_f32(gx, x_shape, dtype),
@@ -478,6 +667,9 @@ mod tests {
             (2, 2, 5, 4),
             (2, 9, 6, 1),
             (2, 7, QUAD + 5, 4),
+            // Every kernel width the fused conv takes, more channels than one block.
+            (2, 11, 19, 3),
+            (2, 5, 33, 2),
         ];
         for (b, t, ch, kernel) in shapes {
             let normal = |shape: [usize; 3]| {
