@@ -1,8 +1,9 @@
 //! Mamba's and Mamba-2's depthwise causal conv and the SiLU after it, fused, as a Burn
 //! backend extension on flex: `y_s = silu(bias + Σ_j w_j ⊙ p_(s+j))` over the sequence `p`
 //! = history then x, channels innermost. Each block of 16 channels runs through the steps
-//! with the kernel's rows in registers (`K ≤ 4` taps, causal-conv1d's limit too; wider
-//! kernels take the reference), and the SiLU then runs row by row. The backward recomputes
+//! with its taps' weights (and in the backward their gradient sums) in registers (`K ≤ 4`
+//! taps, causal-conv1d's limit too; wider kernels take the reference), and the SiLU then
+//! runs row by row. The backward recomputes
 //! the pre-activation from the inputs and gathers each input row's gradient from the
 //! `kernel` outputs that read it, so no two tasks write the same row.
 //!
@@ -23,7 +24,6 @@ use rayon::prelude::*;
 
 use crate::activations::sigmoid_and_exp_in;
 use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients, written};
-
 use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_f32x16};
 use crate::vector_math::{Real, has_fma};
 use std::mem::MaybeUninit;
@@ -78,7 +78,7 @@ pub fn conv1d_silu(
 const PIECE: usize = 256;
 
 /// The widest kernel the fused conv takes (causal-conv1d's CUDA kernel's too): its taps'
-/// rows, weights and gradient sums stay in registers.
+/// weights and gradient sums stay in registers.
 pub const MAX_KERNEL: usize = 4;
 
 /// Channels per block of the time loops: one [`F32x16`].

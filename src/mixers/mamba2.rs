@@ -698,10 +698,10 @@ pub fn ssd_sequential(
 
 /// Fast form on the CPU: the recurrence, each group of heads in one call of Mamba's fused
 /// [`selective_scan`](super::selective_scan) over its heads' `P` channels each (Δ one per
-/// head, which the scan reads for the head's channels; A one per channel, shared by its state
-/// rows; B and C the group's), whose state never leaves the cache. On the CPU this beats the dual form's matmuls, whose many small products and
-/// layout copies (about a third of a layer's time in copies) cost more than the
-/// recurrence's arithmetic saves. Elsewhere, [`ssd_chunked`] with chunks of `chunk`.
+/// head, which the scan reads for the head's channels; A one per channel, shared by its
+/// state rows; B and C the group's), whose state never leaves the cache. On the CPU this
+/// beats the dual form's matmuls, whose many small products and layout copies (about a
+/// third of a layer's time in copies) cost more than the recurrence's arithmetic saves. Elsewhere, [`ssd_chunked`] with chunks of `chunk`.
 /// Arguments and result as [`ssd_sequential`].
 pub fn ssd_fused(
     x: Tensor<4>,

@@ -770,9 +770,10 @@ fn forward_task_in<V: F32x16>(
     }
 }
 
-/// One task's backward: dΔ, du and dh0 written to its channels of `outputs`; dA `[w, n]` (`[w, 1]` shared)
-/// (this sequence's share), dB and dC `[t, n]` (this block's share) returned. The states
-/// are recomputed a segment at a time, from the state entering each.
+/// One task's backward: dΔ (where per channel), du and dh0 written to its channels of
+/// `outputs`; dA `[w, n]` (`[w, 1]` where shared: this sequence's share), dB and dC
+/// `[t, n]` (this block's share) and dΔ where per head returned. The states are recomputed
+/// a segment at a time, from the state entering each.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
