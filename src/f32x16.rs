@@ -613,6 +613,24 @@ macro_rules! with_f32x16 {
 }
 pub(crate) use with_f32x16;
 
+/// Runs `$body` with `$name` a `usize` constant equal to `$value`, one of the listed sizes,
+/// so that each size gets its own code: a kernel's `[V; N]` arrays (state rows, a conv's
+/// taps) then live in registers. Any other value panics.
+macro_rules! with_const {
+    ($value:expr, $name:ident in [$($n:literal),+] => $body:expr) => {
+        match $value {
+            $(
+                $n => {
+                    const $name: usize = $n;
+                    $body
+                }
+            )+
+            other => panic!("no kernel for {} = {other}", stringify!($name)),
+        }
+    };
+}
+pub(crate) use with_const;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use crate::activations::sigmoid_and_exp_in;
 use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients, written};
-use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_f32x16};
+use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_const, with_f32x16};
 use crate::vector_math::{Real, has_fma};
 use std::mem::MaybeUninit;
 
@@ -83,32 +83,6 @@ pub const MAX_KERNEL: usize = 4;
 
 /// Channels per block of the time loops: one [`F32x16`].
 const LANES: usize = 16;
-
-/// Runs `$body` with `$k` a constant equal to `$kernel` (1 ..= [`MAX_KERNEL`]), so that each
-/// kernel width gets its own code, its taps in registers.
-macro_rules! with_kernel {
-    ($kernel:expr, $k:ident => $body:expr) => {
-        match $kernel {
-            1 => {
-                const $k: usize = 1;
-                $body
-            }
-            2 => {
-                const $k: usize = 2;
-                $body
-            }
-            3 => {
-                const $k: usize = 3;
-                $body
-            }
-            4 => {
-                const $k: usize = 4;
-                $body
-            }
-            k => panic!("the fused conv takes kernels of 1 to {MAX_KERNEL} taps, not {k}"),
-        }
-    };
-}
 
 /// A block's `width` lanes of `values` from `c0` (the rest 0).
 #[inline(always)]
@@ -333,7 +307,7 @@ impl<'a> Inputs<'a> {
 ))]
 fn forward_piece(x: &Inputs, i: usize, s0: usize, out: &mut [MaybeUninit<f32>]) {
     const FMA: bool = has_fma!();
-    with_f32x16!(V => with_kernel!(x.kernel, K => forward_piece_in::<V, K, FMA>(x, i, s0, out)))
+    with_f32x16!(V => with_const!(x.kernel, K in [1, 2, 3, 4] => forward_piece_in::<V, K, FMA>(x, i, s0, out)))
 }
 
 /// [`forward_piece`], the SiLU in [`Quad`]s where the lanes take them (`quad_part`; the
@@ -443,7 +417,7 @@ fn backward_piece(
     (gx, buffer): (&mut [MaybeUninit<f32>], &mut Vec<MaybeUninit<f32>>),
 ) -> Sums {
     const FMA: bool = has_fma!();
-    with_f32x16!(V => with_kernel!(x.kernel, K => backward_piece_in::<V, K, FMA>(x, grad, (i, s0), gx, buffer)))
+    with_f32x16!(V => with_const!(x.kernel, K in [1, 2, 3, 4] => backward_piece_in::<V, K, FMA>(x, grad, (i, s0), gx, buffer)))
 }
 
 /// [`backward_piece`] on lanes `V`, `K` taps.
@@ -479,7 +453,7 @@ fn history_backward(
 ) {
     const FMA: bool = has_fma!();
     let h = x.kernel - 1;
-    with_f32x16!(V => with_kernel!(x.kernel, K => {
+    with_f32x16!(V => with_const!(x.kernel, K in [1, 2, 3, 4] => {
         // History row r is read by steps r − j ≥ 0 (those before t).
         let gz = x.grad_z::<V, K, FMA>(grad, (i, 0, h.min(x.t)), 2 * h, buffer);
         x.gather_rows::<V, K>((gz, 0), 0..h, g_history);

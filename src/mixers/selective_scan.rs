@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use std::borrow::Cow;
 
 use crate::device::{RunCount, SendPtr, flex_f32, flex_from_f32, register_gradients};
-use crate::f32x16::{F32x16, prefetch, with_f32x16};
+use crate::f32x16::{F32x16, prefetch, with_const, with_f32x16};
 use crate::vector_math::add_lanes;
 
 #[backend_extension(Flex, Autodiff)]
@@ -278,35 +278,6 @@ fn groups(n: usize) -> Vec<(usize, usize)> {
         }
     }
     out
-}
-
-/// Runs `$body` with `$g` a constant equal to `$rows` (one of [`GROUPS`]), so that each
-/// group size gets its own code, its rows in registers.
-macro_rules! with_group {
-    ($rows:expr, $g:ident => $body:expr) => {
-        match $rows {
-            16 => {
-                const $g: usize = 16;
-                $body
-            }
-            8 => {
-                const $g: usize = 8;
-                $body
-            }
-            4 => {
-                const $g: usize = 4;
-                $body
-            }
-            2 => {
-                const $g: usize = 2;
-                $body
-            }
-            _ => {
-                const $g: usize = 1;
-                $body
-            }
-        }
-    };
 }
 
 /// `rows` as lanes `V`. (A loop: `std::array::from_fn`'s closure would be a function
@@ -754,7 +725,7 @@ fn forward_task_in<V: F32x16>(
             let y = &mut y[..end - start];
             y.fill([0.0; LANES]);
             for (k0, rows) in groups(dims.n) {
-                with_group!(rows, G => chunk.forward::<V, G>(k0, &steps, &mut h, Some(&mut *y)));
+                with_const!(rows, G in [8, 4, 2, 1] => chunk.forward::<V, G>(k0, &steps, &mut h, Some(&mut *y)));
             }
             let skip = chunk.skip::<V>();
             // SAFETY: this chunk's channels of the segment's rows.
@@ -830,7 +801,7 @@ fn backward_task_in<V: F32x16>(
             let steps = Steps::gather::<V>(chunk, range, lanes);
             let mut h = states[segment - 1].clone();
             for &(k0, rows) in &groups {
-                with_group!(rows, G => chunk.forward::<V, G>(k0, &steps, &mut h, None));
+                with_const!(rows, G in [8, 4, 2, 1] => chunk.forward::<V, G>(k0, &steps, &mut h, None));
             }
             states.push(h);
         }
@@ -849,7 +820,7 @@ fn backward_task_in<V: F32x16>(
             work.via[..2 * len].fill([0.0; LANES]);
             for &(k0, rows) in &groups {
                 let carried = (&mut lam[c][..], &mut g_a[c][..]);
-                with_group!(rows, G => chunk.backward_segment::<V, G>(
+                with_const!(rows, G in [8, 4, 2, 1] => chunk.backward_segment::<V, G>(
                     k0, (&steps, gy_steps), &entering[c][segment], carried, work
                 ));
             }
