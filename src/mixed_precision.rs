@@ -74,10 +74,7 @@ pub fn linear_low<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     match low_dtype(&x) {
         Some(dtype) => {
             let y = matmul_rows_in(x, w, Some(dtype));
-            match b {
-                Some(b) => y + b.cast(dtype).unsqueeze::<D>(),
-                None => y,
-            }
+            with_bias(y, b.map(|b| b.cast(dtype)))
         }
         None => project(x, w, b),
     }
@@ -90,7 +87,11 @@ fn low_dtype<const D: usize>(x: &Tensor<D>) -> Option<FloatDType> {
 
 /// `x · w + b`, the bias (if any) added after the product.
 fn project<const D: usize>(x: Tensor<D>, w: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
-    let y = matmul_rows(x, w);
+    with_bias(matmul_rows(x, w), bias)
+}
+
+/// `y + b` along the last dim, where there is a bias.
+fn with_bias<const D: usize>(y: Tensor<D>, bias: Option<Tensor<1>>) -> Tensor<D> {
     match bias {
         Some(b) => y + b.unsqueeze::<D>(),
         None => y,
@@ -127,10 +128,7 @@ pub fn linear_split<const D: usize, const N: usize>(
         let piece = piece.reshape(dims);
         let b = bias.clone().map(|b| b.narrow(0, start, width));
         start += width;
-        match b {
-            Some(b) => piece + b.unsqueeze::<D>(),
-            None => piece,
-        }
+        with_bias(piece, b)
     })
 }
 

@@ -402,19 +402,24 @@ mod tests {
     use crate::testing::max_relative_difference;
     use burn::tensor::Distribution;
 
+    /// Every test's shape: more rows than one task's, channels in a [`QUAD`] and past it.
+    const SHAPE: [usize; 3] = [2, ROWS + 13, QUAD + 24];
+
+    /// A tracked input of [`SHAPE`], N(0, 1.5²).
+    fn leaf(device: &Device) -> Tensor<3> {
+        Tensor::<3>::random(SHAPE, Distribution::Normal(0.0, 1.5), device).require_grad()
+    }
+
     /// The fused gate equals the tensor ops, output and the gradients of y, u, D and z,
     /// over more rows than one task's, channels in a [`QUAD`] and past it.
     #[test]
     fn fused_gate_equals_the_reference() {
         let device = Device::flex().autodiff();
         device.seed(17);
-        let (b, t, w) = (2, ROWS + 13, QUAD + 24);
-        let normal = |shape: [usize; 3]| {
-            Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.5), &device).require_grad()
-        };
-        let (y, u, z) = (normal([b, t, w]), normal([b, t, w]), normal([b, t, w]));
-        let d = Tensor::<1>::random([w], Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let probe = Tensor::<3>::random([b, t, w], Distribution::Normal(0.0, 1.0), &device);
+        let (y, u, z) = (leaf(&device), leaf(&device), leaf(&device));
+        let d =
+            Tensor::<1>::random([SHAPE[2]], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let probe = Tensor::<3>::random(SHAPE, Distribution::Normal(0.0, 1.0), &device);
         let run = |fused: bool| {
             let (y, u, d, z) = (y.clone(), u.clone(), d.clone(), z.clone());
             let out = if fused {
@@ -455,12 +460,8 @@ mod tests {
     fn fused_gate_without_skip_equals_the_reference() {
         let device = Device::flex().autodiff();
         device.seed(19);
-        let (b, t, w) = (2, ROWS + 13, QUAD + 24);
-        let normal = |shape: [usize; 3]| {
-            Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.5), &device).require_grad()
-        };
-        let (y, z) = (normal([b, t, w]), normal([b, t, w]));
-        let probe = Tensor::<3>::random([b, t, w], Distribution::Normal(0.0, 1.0), &device);
+        let (y, z) = (leaf(&device), leaf(&device));
+        let probe = Tensor::<3>::random(SHAPE, Distribution::Normal(0.0, 1.0), &device);
         let run = |fused: bool| {
             let (y, z) = (y.clone(), z.clone());
             let out = if fused {

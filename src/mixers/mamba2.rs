@@ -701,8 +701,9 @@ pub fn ssd_sequential(
 /// head, which the scan reads for the head's channels; A one per channel, shared by its
 /// state rows; B and C the group's), whose state never leaves the cache. On the CPU this
 /// beats the dual form's matmuls, whose many small products and layout copies (about a
-/// third of a layer's time in copies) cost more than the recurrence's arithmetic saves. Elsewhere, [`ssd_chunked`] with chunks of `chunk`.
-/// Arguments and result as [`ssd_sequential`].
+/// third of a layer's time in copies) cost more than the recurrence's arithmetic saves.
+/// Elsewhere, [`ssd_chunked`] with chunks of `chunk`. Arguments and result as
+/// [`ssd_sequential`].
 pub fn ssd_fused(
     x: Tensor<4>,
     dt: Tensor<3>,

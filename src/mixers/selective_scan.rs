@@ -1168,9 +1168,11 @@ impl SelectiveScanBackend for Flex {
             add(&mut g_b[i * t * n..(i + 1) * t * n], &part.b);
             add(&mut g_c[i * t * n..(i + 1) * t * n], &part.c);
             let h = &part.heads;
-            for (step, values) in h.values.chunks_exact(h.heads.max(1)).enumerate() {
-                let at = (i * t + step) * heads + h.first;
-                add(&mut g_delta[at..at + h.heads], values);
+            if !per_channel {
+                for (step, values) in h.values.chunks_exact(h.heads).enumerate() {
+                    let at = (i * t + step) * heads + h.first;
+                    add(&mut g_delta[at..at + h.heads], values);
+                }
             }
         }
         (
