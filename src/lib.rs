@@ -20,6 +20,7 @@
 pub mod activations;
 pub mod attention;
 pub mod bf16_gemm;
+pub mod bias_add;
 pub mod components;
 pub mod data;
 pub mod device;

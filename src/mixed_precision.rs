@@ -93,7 +93,7 @@ fn project<const D: usize>(x: Tensor<D>, w: Tensor<2>, bias: Option<Tensor<1>>) 
 /// `y + b` along the last dim, where there is a bias.
 fn with_bias<const D: usize>(y: Tensor<D>, bias: Option<Tensor<1>>) -> Tensor<D> {
     match bias {
-        Some(b) => y + b.unsqueeze::<D>(),
+        Some(b) => crate::bias_add::add_bias(y, b),
         None => y,
     }
 }

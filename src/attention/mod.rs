@@ -9,6 +9,7 @@
 pub mod exp_scores;
 pub mod flash;
 pub mod fused_softmax;
+pub mod heads;
 pub mod merge;
 pub mod naive;
 pub mod tiled;
@@ -16,20 +17,9 @@ pub mod visibility;
 
 use burn::prelude::*;
 
+pub use heads::{merge_heads, split_heads};
 pub use merge::merge;
 pub use visibility::Visibility;
-
-/// `[b, t, heads · head_dim]` → `[b, heads, t, head_dim]`.
-pub fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
-    let [b, t, d] = x.dims();
-    x.reshape([b, t, heads, d / heads]).swap_dims(1, 2)
-}
-
-/// `[b, heads, t, head_dim]` → `[b, t, heads · head_dim]`.
-pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
-    let [b, h, t, hd] = x.dims();
-    x.swap_dims(1, 2).reshape([b, t, h * hd])
-}
 
 /// Grouped-query attention: each of `[b, kv_heads, t, hd]`'s heads serves `groups`
 /// consecutive query heads.

@@ -1,8 +1,9 @@
 //! The trainer's parts, split by concern as torchtitan's components are: checkpoints,
-//! optimizer, LR schedule, loss scaler, metrics. Each owns its options (its recipe section)
+//! optimizer, gradient clipping, LR schedule, loss scaler, metrics. Each owns its options (its recipe section)
 //! beside its code and knows nothing of the loop that uses it.
 
 pub mod checkpoint;
+pub mod grad_clip;
 pub mod loss_scaler;
 pub mod lr_schedule;
 pub mod metrics;

@@ -1,5 +1,5 @@
-//! AdamW (Loshchilov & Hutter) with PyTorch's update rule, global-norm gradient clipping,
-//! and weight decay only on the weights of linear maps (see [`decays`]).
+//! AdamW (Loshchilov & Hutter) with PyTorch's update rule and weight decay only on the
+//! weights of linear maps (see [`decays`]); clipping is [`super::grad_clip`]'s.
 //!
 //! Burn's own AdamW decays every parameter alike and keys its state by random parameter
 //! ids; this one keys its state by parameter path (`layers.0.mixer.q_proj.weight`), so a
@@ -423,41 +423,6 @@ fn fused_update(
     (tensor(p), tensor(m), tensor(v))
 }
 
-/// The global L2 norm of all gradients (one number over every parameter, as
-/// `torch.nn.utils.clip_grad_norm_` computes it).
-pub fn global_grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
-    struct SumSquares<'a> {
-        grads: &'a GradientsParams,
-        total: Option<Tensor<1>>,
-    }
-    impl ModuleVisitor for SumSquares<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.grads.get::<D>(param.id) {
-                let s = g.square().sum();
-                self.total = Some(match self.total.take() {
-                    Some(t) => t + s,
-                    None => s,
-                });
-            }
-        }
-    }
-    let mut v = SumSquares { grads, total: None };
-    model.visit(&mut v);
-    v.total
-        .map(|t| (t.into_scalar::<f32>() as f64).sqrt())
-        .unwrap_or(0.0)
-}
-
-/// The factor that brings a gradient of norm `norm` within `max_norm` (1 when it already is,
-/// or when clipping is off).
-pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
-    if max_norm > 0.0 && norm > max_norm {
-        max_norm / (norm + 1e-6)
-    } else {
-        1.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,25 +514,11 @@ mod tests {
     }
 
     #[test]
-    fn decay_rule_and_global_norm() {
+    fn decay_rule() {
         assert!(decays("Struct:Linear", 2));
         assert!(!decays("Struct:Linear", 1));
         assert!(!decays("Struct:Embedding", 2));
         assert!(!decays("Struct:Ssm", 2));
-
-        let device = Device::flex();
-        let model = linear([[0.0; 2]; 3], [0.0; 2], &device);
-        let mut grads = GradientsParams::new();
-        grads.register(model.weight.id, Tensor::<2>::full([3, 2], 2.0, &device));
-        grads.register(
-            model.bias.as_ref().unwrap().id,
-            Tensor::<1>::full([2], 3.0, &device),
-        );
-        let norm = global_grad_norm(&model, &grads);
-        assert!((norm - (6.0f64 * 4.0 + 2.0 * 9.0).sqrt()).abs() < 1e-9);
-        assert!((clip_factor(norm, 1.0) * norm - 1.0).abs() < 1e-5);
-        assert_eq!(clip_factor(0.5, 1.0), 1.0);
-        assert_eq!(clip_factor(10.0, 0.0), 1.0);
     }
 }
 

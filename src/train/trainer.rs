@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Ranks;
 use crate::components::checkpoint::{CheckpointReader, CheckpointWriter, Stateful};
-use crate::components::optimizer::{clip_factor, global_grad_norm};
+use crate::components::grad_clip::{clip_factor, global_grad_norm};
 use crate::components::{AdamW, LossScaler, LrSchedule};
 use crate::data::{TokenSplit, WindowSampler};
 use crate::mixed_precision::autocast;
