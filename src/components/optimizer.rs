@@ -347,7 +347,7 @@ struct Hyper {
 }
 
 /// Elements per parallel task of [`fused_update`].
-const PIECE: usize = 32 * 1024;
+const PIECE: usize = 4 * 1024;
 
 /// One step's AdamW constants, in f32.
 struct AdamWStep {
