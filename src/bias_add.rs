@@ -208,6 +208,12 @@ mod tests {
             };
             let before = CALLS.get();
             let (ours, reference) = (run(true), run(false));
+            // A tensor held elsewhere is left as it was.
+            let held = input(x.clone());
+            let _ = add_bias(held.clone(), b.clone());
+            let unchanged = held.into_data().try_into_vec::<f32>().unwrap();
+            let expected = input(x.clone()).into_data().try_into_vec::<f32>().unwrap();
+            assert_eq!(unchanged, expected, "held input (strided: {strided})");
             assert!(CALLS.get() > before, "the extension ran");
             assert_eq!(ours.0, reference.0, "output (strided: {strided})");
             assert_eq!(ours.1, reference.1, "y's gradient (strided: {strided})");

@@ -57,16 +57,21 @@ fn swap(x: Tensor<4>, copy: bool) -> Tensor<4> {
 
 impl HeadsBackend for Flex {
     fn swap_heads(x: FlexTensor, copy: bool) -> FlexTensor {
-        if !copy {
-            return Flex::float_swap_dims(x, 1, 2);
+        let view = Flex::float_swap_dims(x.clone(), 1, 2);
+        // A view where one was asked for, where it is already contiguous (one head, or one
+        // step), or for a dtype other than f32 (which the forward never passes; whatever
+        // reads the view copies it).
+        if !copy || view.layout().contiguous_offsets().is_some() || x.dtype() != DType::F32 {
+            return view;
         }
         COPIES.record();
         let [b, a, c, d]: [usize; 4] = x.shape().to_vec().try_into().expect("4 dims");
         let (layout, values) = (x.layout(), x.storage::<f32>());
         let (start, s) = (layout.start_offset() as isize, layout.strides().to_vec());
-        let mut out = Vec::<f32>::with_capacity(b * c * a * d);
+        let len = b * c * a * d;
+        let mut out = Vec::<f32>::with_capacity(len);
         // One task per output row block `[a, d]`, (batch, c) in order.
-        out.spare_capacity_mut()
+        out.spare_capacity_mut()[..len]
             .par_chunks_mut((a * d).max(1))
             .enumerate()
             .for_each(|(i, block)| {
@@ -87,7 +92,7 @@ impl HeadsBackend for Flex {
                 }
             });
         // SAFETY: each block's a runs of d were written above.
-        unsafe { out.set_len(b * c * a * d) };
+        unsafe { out.set_len(len) };
         flex_from_f32(out, [b, c, a, d], DType::F32)
     }
 }
@@ -124,7 +129,7 @@ mod tests {
     use burn::tensor::Distribution;
 
     /// Split and merge equal Burn's `swap_dims` and `reshape`, outputs and gradients, with
-    /// the extension's copies made both ways; also from a strided input (a transposed view).
+    /// the extension's copies made both ways.
     #[test]
     fn heads_equal_swapped_views() {
         let device = Device::flex().autodiff();
@@ -134,34 +139,48 @@ mod tests {
         let (b, t, h, hd) = (2, 7, 3, 5);
         let probe = normal([b, t, h * hd]);
         let v = |t: Tensor<3>| t.into_data().try_into_vec::<f32>().unwrap();
-        for strided in [false, true] {
-            let x = match strided {
-                false => normal([b, t, h * hd]),
-                true => normal([b, h * hd, t]),
-            }
-            .require_grad();
-            let input = |x: Tensor<3>| if strided { x.swap_dims(1, 2) } else { x };
-            let run = |ours: bool| {
-                let heads = match ours {
-                    true => split_heads(input(x.clone()), h),
-                    false => input(x.clone()).reshape([b, t, h, hd]).swap_dims(1, 2),
-                };
-                // Something per head, so the gradient is not a plain copy of the probe's.
-                let factors: Vec<f32> = (1..=h).map(|i| i as f32).collect();
-                let heads = heads
-                    * Tensor::<1>::from_data(TensorData::new(factors, [h]), &device)
-                        .reshape([1, h, 1, 1]);
-                let out = match ours {
-                    true => merge_heads(heads),
-                    false => heads.swap_dims(1, 2).reshape([b, t, h * hd]),
-                };
-                let g = (out.clone() * probe.clone()).sum().backward();
-                (v(out), v(x.grad(&g).unwrap()))
+        let x = normal([b, t, h * hd]).require_grad();
+        let run = |ours: bool| {
+            let heads = match ours {
+                true => split_heads(x.clone(), h),
+                false => x.clone().reshape([b, t, h, hd]).swap_dims(1, 2),
             };
-            let before = COPIES.get();
-            let (ours, reference) = (run(true), run(false));
-            assert!(COPIES.get() >= before + 2, "copies both ways");
-            assert_eq!(ours, reference, "strided: {strided}");
+            // Something per head, so the gradient is not a plain copy of the probe's.
+            let factors: Vec<f32> = (1..=h).map(|i| i as f32).collect();
+            let heads = heads
+                * Tensor::<1>::from_data(TensorData::new(factors, [h]), &device)
+                    .reshape([1, h, 1, 1]);
+            let out = match ours {
+                true => merge_heads(heads),
+                false => heads.swap_dims(1, 2).reshape([b, t, h * hd]),
+            };
+            let g = (out.clone() * probe.clone()).sum().backward();
+            (v(out), v(x.grad(&g).unwrap()))
+        };
+        let before = COPIES.get();
+        let (ours, reference) = (run(true), run(false));
+        assert!(COPIES.get() >= before + 2, "copies both ways");
+        assert_eq!(ours, reference);
+    }
+
+    /// The copy reads any layout: an offset start (a narrowed view), a last dim that is not
+    /// contiguous (a transposed view), a negative stride (a flip); one head is a view.
+    #[test]
+    fn the_copy_reads_strided_layouts() {
+        let device = Device::flex();
+        let x = Tensor::<4>::random([2, 5, 4, 6], Distribution::Normal(0.0, 1.0), &device);
+        let layouts = [
+            x.clone().narrow(1, 1, 3),
+            x.clone().swap_dims(2, 3),
+            x.clone().flip([3]),
+            x.clone().narrow(1, 2, 1),
+        ];
+        for (i, y) in layouts.into_iter().enumerate() {
+            let expected = y.clone().swap_dims(1, 2).into_data();
+            let swapped = Tensor::<4>::from_dispatch(
+                <burn::backend::Dispatch as HeadsBackend>::swap_heads(y.into_dispatch(), true),
+            );
+            assert_eq!(swapped.into_data(), expected, "layout {i}");
         }
     }
 }
