@@ -120,9 +120,7 @@ impl BiasGradient for Flex {
             .collect();
         let mut sum = vec![0f32; n];
         for partial in &partials {
-            for (s, p) in sum.iter_mut().zip(partial) {
-                *s += p;
-            }
+            sum_piece(partial, &mut sum);
         }
         flex_from_f32(sum, [n], DType::F32)
     }

@@ -19,6 +19,7 @@ use burn::tensor::DType;
 use rayon::prelude::*;
 
 use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex};
+use crate::vector_math::sum_map;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SumSquaresBackend: Backend {
@@ -84,8 +85,8 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
 /// any number of threads.
 const PIECE: usize = 16 * 1024;
 
-/// `Σ x²` of one piece, compiled for each target so the loop vectorises (64 partial sums,
-/// so it is not one dependent chain).
+/// `Σ x²` of one piece ([`sum_map`]'s 16 lanes), compiled for each target so the loop
+/// vectorises.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
@@ -93,15 +94,7 @@ const PIECE: usize = 16 * 1024;
     "aarch64+neon"
 ))]
 fn piece_sum_squares(piece: &[f32]) -> f64 {
-    let mut lanes = [0f32; 64];
-    let mut chunks = piece.chunks_exact(64);
-    for chunk in &mut chunks {
-        for (s, x) in lanes.iter_mut().zip(chunk) {
-            *s += x * x;
-        }
-    }
-    let tail: f32 = chunks.remainder().iter().map(|x| x * x).sum();
-    lanes.iter().map(|&s| s as f64).sum::<f64>() + tail as f64
+    sum_map(piece, |x| x * x) as f64
 }
 
 /// Sums the extension has run in this process (for a test that the norm took the path).
@@ -165,5 +158,21 @@ mod tests {
         assert!((clip_factor(norm, 1.0) * norm - 1.0).abs() < 1e-5);
         assert_eq!(clip_factor(0.5, 1.0), 1.0);
         assert_eq!(clip_factor(10.0, 0.0), 1.0);
+    }
+
+    /// A norm known by hand: a 3 × 2 weight's gradient of 2s and a bias's of 3s.
+    #[test]
+    fn global_norm_of_known_gradients() {
+        let device = Device::flex();
+        let model = Linear {
+            weight: Param::from_tensor(Tensor::zeros([3, 2], &device)),
+            bias: Some(Param::from_tensor(Tensor::zeros([2], &device))),
+        };
+        let mut grads = GradientsParams::new();
+        grads.register(model.weight.id, Tensor::<2>::full([3, 2], 2.0, &device));
+        let bias = model.bias.as_ref().unwrap().id;
+        grads.register(bias, Tensor::<1>::full([2], 3.0, &device));
+        let norm = global_grad_norm(&model, &grads);
+        assert!((norm - (6.0f64 * 4.0 + 2.0 * 9.0).sqrt()).abs() < 1e-9);
     }
 }
