@@ -1,11 +1,13 @@
 //! Mamba's and Mamba-2's depthwise causal conv and the SiLU after it, fused, as a Burn
 //! backend extension on flex: `y_s = silu(bias + Σ_j w_j ⊙ p_(s+j))` over the sequence `p`
-//! = history then x, channels innermost. Each block of 16 channels runs through the steps
-//! with its taps' weights (and in the backward their gradient sums) in registers (`K ≤ 4`
-//! taps, causal-conv1d's limit too; wider kernels take the reference), and the SiLU then
-//! runs row by row. The backward recomputes
-//! the pre-activation from the inputs and gathers each input row's gradient from the
-//! `kernel` outputs that read it, so no two tasks write the same row.
+//! = history then x, channels innermost (`K ≤ 4` taps, causal-conv1d's limit too; wider
+//! kernels take the reference). The output is formed row by row, 64 channels at a time,
+//! the SiLU applied as each group's sums come out, so memory is read in order. The backward
+//! recomputes the pre-activation from the inputs, row by row again, and gathers each input
+//! row's gradient from the `kernel` outputs that read it, so no two tasks write the same
+//! row; the weight's gradient sums run down the steps 64 channels at a time, in registers.
+//! (Blocks of 16 channels each down all the steps, the order before, read one 64-byte line
+//! per 1 KB row: a stride that missed L1 at each step, 1.4× the time of this order.)
 //!
 //! The reference is [`super::causal_conv1d::CausalConv1d::forward`] followed by
 //! [`crate::activations::silu`]: a concatenation, `kernel` slices, products and sums, each
@@ -24,7 +26,7 @@ use rayon::prelude::*;
 
 use crate::activations::sigmoid_and_exp_in;
 use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients, written};
-use crate::f32x16::{F32x16, QUAD, Quad, prefetch, quad_part, with_const, with_f32x16};
+use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_const, with_f32x16};
 use crate::vector_math::{Real, has_fma};
 use std::mem::MaybeUninit;
 
@@ -77,9 +79,6 @@ pub fn conv1d_silu(
 /// Output rows per parallel task, so one long sequence still spreads over every core.
 const PIECE: usize = 256;
 
-/// How many rows ahead of its step a block's conv prefetches x.
-const AHEAD: usize = 8;
-
 /// The widest kernel the fused conv takes (causal-conv1d's CUDA kernel's too): its taps'
 /// weights and gradient sums stay in registers.
 pub const MAX_KERNEL: usize = 4;
@@ -91,25 +90,6 @@ const LANES: usize = 16;
 #[inline(always)]
 fn load_block<V: F32x16>(values: &[f32], c0: usize, width: usize) -> V {
     V::load_first(&values[c0..], width)
-}
-
-/// `v`'s first `width` lanes into `out` from `c0`, which need not have been written
-/// before: the kernels write every element of their outputs once, with no zero fill first.
-#[inline(always)]
-fn store_block<V: F32x16>(v: V, out: &mut [MaybeUninit<f32>], c0: usize, width: usize) {
-    let out = &mut out[c0..c0 + width];
-    if width == LANES {
-        // SAFETY: 16 elements from `c0`, checked by the slicing above; unaligned write.
-        unsafe {
-            out.as_mut_ptr()
-                .cast::<[f32; LANES]>()
-                .write_unaligned(v.to_array())
-        }
-    } else {
-        for (o, v) in out.iter_mut().zip(v.to_array()) {
-            o.write(v);
-        }
-    }
 }
 
 thread_local! {
@@ -172,129 +152,125 @@ impl<'a> Inputs<'a> {
         }
     }
 
-    /// Padded rows `r..` of sequence `i` where they all lie in x (`r ≥ kernel − 1`), side
-    /// by side: one slice for all of a step's taps.
+    /// The padded rows `s .. s + K` that output step `s` of sequence `i` reads.
     #[inline(always)]
-    fn x_rows(&self, i: usize, r: usize) -> &[f32] {
-        let (t, ch) = (self.t, self.ch);
-        &self.x[(i * t + r + 1 - self.kernel) * ch..(i + 1) * t * ch]
+    fn taps_rows<const K: usize>(&self, i: usize, s: usize) -> [&[f32]; K] {
+        // (A loop: `std::array::from_fn` was a call per step, 7% of the backward.)
+        let mut rows: [&[f32]; K] = [&[]; K];
+        for (j, row) in rows.iter_mut().enumerate() {
+            *row = self.row(i, s + j);
+        }
+        rows
     }
 
-    /// `Σ_j w_j ⊙ p_(s+j)` over a block's lanes, `acc` added.
+    /// The pre-activations `bias + Σ_j w_j ⊙ p_(s+j)` at channels `c .. c + QUAD` of a
+    /// step whose rows are `rows` (the taps added in order j = 0, 1, …).
     #[inline(always)]
-    fn taps_at<V: F32x16, const K: usize>(
+    fn pre_activation_quad<V: F32x16, const K: usize, const FMA: bool>(
         &self,
-        (i, s): (usize, usize),
+        rows: &[&[f32]; K],
+        c: usize,
+    ) -> Quad<V> {
+        let mut z = Quad::<V>::load(&self.bias[c..]);
+        for (j, row) in rows.iter().enumerate() {
+            z = Quad::load(&self.w[j * self.ch + c..]).mul_add::<FMA>(Quad::load(&row[c..]), z);
+        }
+        z
+    }
+
+    /// [`Self::pre_activation_quad`] at a block's lanes, the same arithmetic.
+    #[inline(always)]
+    fn pre_activation_block<V: F32x16, const K: usize>(
+        &self,
+        rows: &[&[f32]; K],
         (c0, width): (usize, usize),
-        w: &[V; K],
-        mut acc: V,
     ) -> V {
-        if s + 1 >= K {
-            let rows = self.x_rows(i, s);
-            for j in 0..K {
-                acc = w[j].mul_add(load_block(&rows[j * self.ch..], c0, width), acc);
-            }
-        } else {
-            for (j, w) in w.iter().enumerate() {
-                acc = w.mul_add(load_block(self.row(i, s + j), c0, width), acc);
-            }
+        let mut z = load_block::<V>(&self.bias, c0, width);
+        for (j, row) in rows.iter().enumerate() {
+            let w = load_block::<V>(&self.w[j * self.ch..], c0, width);
+            z = w.mul_add(load_block(row, c0, width), z);
         }
-        acc
-    }
-
-    /// The pre-activations `bias + Σ_j w_j ⊙ p_(s+j)` of output steps `first..` of sequence
-    /// `i` into `z` (`[steps][ch]`). Each block of channels runs through the steps with its
-    /// `K` weights in registers: one store per step, where a pass per tap over each row
-    /// loaded and stored z `K` times. (The rows are loaded afresh at each step, from L1: a
-    /// window shifted in registers compiled to a copy through the stack.)
-    #[inline(always)]
-    fn conv_rows<V: F32x16, const K: usize>(
-        &self,
-        i: usize,
-        first: usize,
-        z: &mut [MaybeUninit<f32>],
-    ) {
-        let ch = self.ch;
-        for c0 in (0..ch).step_by(LANES) {
-            let block = (c0, (ch - c0).min(LANES));
-            let w = self.taps::<V, K>(block);
-            let bias = load_block::<V>(&self.bias, c0, block.1);
-            for (s, z) in (first..).zip(z.chunks_exact_mut(ch)) {
-                // The block's line AHEAD rows on: rows lie `ch` apart, a stride the
-                // hardware's prefetch did not hide (perf: a fifth of the backward's samples
-                // on the taps' loads). A hint only; past the end it reads nothing.
-                let ahead = (i * self.t + s + AHEAD) * ch + c0;
-                prefetch(self.x.as_ptr().wrapping_add(ahead));
-                let acc = self.taps_at::<V, K>((i, s), block, &w, bias);
-                store_block(acc, z, c0, block.1);
-            }
-        }
-    }
-
-    /// The weights of a block's channels, `[K]` lanes.
-    #[inline(always)]
-    fn taps<V: F32x16, const K: usize>(&self, (c0, width): (usize, usize)) -> [V; K] {
-        let mut w = [V::zero(); K];
-        for (j, w) in w.iter_mut().enumerate() {
-            *w = load_block(&self.w[j * self.ch..], c0, width);
-        }
-        w
+        z
     }
 
     /// The gradients of padded rows `rows` (from `first`) into `out` (`[rows][ch]`): row r
     /// is read by output steps `r − j` (j < K) with weight `w_j`. `gz` holds ∂L/∂z of step
     /// s in its row `s − first + K − 1`, with rows of zeros for the steps outside the
-    /// piece, so every row reads its K steps unconditionally.
+    /// piece, so every row reads its K steps unconditionally. Row by row, the rows read in
+    /// order (a block of channels down all the rows read one line per 1 KB row, a stride
+    /// that missed L1 at every step).
     #[inline(always)]
-    fn gather_rows<V: F32x16, const K: usize>(
+    fn gather_rows<V: F32x16, const K: usize, const FMA: bool>(
         &self,
         (gz, first): (&[f32], usize),
         rows: std::ops::Range<usize>,
-        out: &mut [MaybeUninit<f32>],
+        out: &mut [f32],
     ) {
         let ch = self.ch;
-        for c0 in (0..ch).step_by(LANES) {
-            let block = (c0, (ch - c0).min(LANES));
-            let w = self.taps::<V, K>(block);
-            for (r, out) in rows.clone().zip(out.chunks_exact_mut(ch)) {
-                // Step r − j sits in row r − j − first + K − 1: rows r − first .. from here.
-                let steps = &gz[(r - first) * ch..];
-                let mut acc = V::zero();
-                for j in 0..K {
-                    let g = load_block(&steps[(K - 1 - j) * ch..], c0, block.1);
-                    acc = w[j].mul_add(g, acc);
+        let full = quad_part::<V>(ch);
+        for (r, out) in rows.zip(out.chunks_exact_mut(ch)) {
+            // Step r − j sits in row r − j − first + K − 1: rows r − first .. from here.
+            let mut steps: [&[f32]; K] = [&[]; K];
+            for (j, step) in steps.iter_mut().enumerate() {
+                *step = &gz[(r - first + K - 1 - j) * ch..][..ch];
+            }
+            for c in (0..full).step_by(QUAD) {
+                let mut acc = Quad::<V>::splat(0.0);
+                for (j, step) in steps.iter().enumerate() {
+                    acc = Quad::load(&self.w[j * ch + c..])
+                        .mul_add::<FMA>(Quad::load(&step[c..]), acc);
                 }
-                store_block(acc, out, c0, block.1);
+                acc.store(&mut out[c..]);
+            }
+            for c0 in (full..ch).step_by(LANES) {
+                let width = (ch - c0).min(LANES);
+                let mut acc = V::zero();
+                for (j, step) in steps.iter().enumerate() {
+                    let w = load_block::<V>(&self.w[j * ch..], c0, width);
+                    acc = w.mul_add(load_block(step, c0, width), acc);
+                }
+                acc.store_partial(&mut out[c0..c0 + width]);
             }
         }
     }
 
     /// Output steps `steps`' shares of the weight's and bias's gradients (`[K][ch]`, `[ch]`)
-    /// from their ∂L/∂z, `gz` (from the first of them): per block, the sums in registers.
+    /// from their ∂L/∂z, `gz` (from the first of them), each channel's terms added in step
+    /// order: a [`Quad`] of channels at a time down the steps, its sums in registers; the
+    /// channels past the Quads row by row, their sums in memory.
     #[inline(always)]
-    fn weight_grads<V: F32x16, const K: usize>(
+    fn weight_grads<V: F32x16, const K: usize, const FMA: bool>(
         &self,
         i: usize,
         gz: &[f32],
         steps: std::ops::Range<usize>,
     ) -> Sums {
         let ch = self.ch;
+        let full = quad_part::<V>(ch);
         let (mut g_w, mut g_b) = (vec![0f32; K * ch], vec![0f32; ch]);
-        for c0 in (0..ch).step_by(LANES) {
+        let terms = || steps.clone().zip(gz.chunks_exact(ch));
+        for c in (0..full).step_by(QUAD) {
+            let (mut gw, mut gb) = ([Quad::<V>::splat(0.0); K], Quad::<V>::splat(0.0));
+            for (s, g) in terms() {
+                let (g, rows) = (Quad::<V>::load(&g[c..]), self.taps_rows::<K>(i, s));
+                gb = gb + g;
+                for j in 0..K {
+                    gw[j] = g.mul_add::<FMA>(Quad::load(&rows[j][c..]), gw[j]);
+                }
+            }
+            for j in 0..K {
+                gw[j].store(&mut g_w[j * ch + c..]);
+            }
+            gb.store(&mut g_b[c..]);
+        }
+        for c0 in (full..ch).step_by(LANES) {
             let width = (ch - c0).min(LANES);
             let (mut gw, mut gb) = ([V::zero(); K], V::zero());
-            for (s, g) in steps.clone().zip(gz.chunks_exact(ch)) {
-                let g = load_block::<V>(g, c0, width);
+            for (s, g) in terms() {
+                let (g, rows) = (load_block::<V>(g, c0, width), self.taps_rows::<K>(i, s));
                 gb = gb.add(g);
-                if s + 1 >= K {
-                    let rows = self.x_rows(i, s);
-                    for j in 0..K {
-                        gw[j] = g.mul_add(load_block(&rows[j * ch..], c0, width), gw[j]);
-                    }
-                } else {
-                    for (j, gw) in gw.iter_mut().enumerate() {
-                        *gw = g.mul_add(load_block(self.row(i, s + j), c0, width), *gw);
-                    }
+                for j in 0..K {
+                    gw[j] = g.mul_add(load_block(rows[j], c0, width), gw[j]);
                 }
             }
             for j in 0..K {
@@ -329,13 +305,21 @@ fn forward_piece_in<V: F32x16, const K: usize, const FMA: bool>(
 ) {
     let ch = x.ch;
     let full = quad_part::<V>(ch);
-    x.conv_rows::<V, K>(i, s0, out);
-    // SAFETY: conv_rows wrote every channel of every row.
-    let out = unsafe { written(out) };
-    for y in out.chunks_exact_mut(ch) {
+    // SAFETY: f32s are written, never read uninitialised, through the view: every channel
+    // of every row below, before the tail's SiLU reads it.
+    let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+    // Row by row, the SiLU on each Quad as its sums are formed (a block of channels down
+    // all the rows, then the SiLU in a pass of its own, read one line per 1 KB row).
+    for (s, y) in (s0..).zip(out.chunks_exact_mut(ch)) {
+        let rows = x.taps_rows::<K>(i, s);
         for c in (0..full).step_by(QUAD) {
-            let z = Quad::<V>::load(&y[c..]);
+            let z = x.pre_activation_quad::<V, K, FMA>(&rows, c);
             (z * sigmoid_and_exp_in::<_, FMA>(z).0).store(&mut y[c..]);
+        }
+        for c0 in (full..ch).step_by(LANES) {
+            let width = (ch - c0).min(LANES);
+            let z = x.pre_activation_block::<V, K>(&rows, (c0, width));
+            z.store_partial(&mut y[c0..c0 + width]);
         }
         let rest = &mut y[full..];
         if V::QUADS && !rest.is_empty() {
@@ -382,15 +366,21 @@ impl Inputs<'_> {
         let (steps, after) = rest.split_at_mut((last - first) * ch);
         before.fill(MaybeUninit::new(0.0));
         after.fill(MaybeUninit::new(0.0));
-        // First z, then ∂L/∂z in its place.
-        self.conv_rows::<V, K>(i, first, steps);
-        // SAFETY: conv_rows wrote every channel of every row.
-        let steps = unsafe { written(steps) };
+        // SAFETY: f32s are written, never read uninitialised, through the view: every
+        // channel of every row below (the tail's z first, then its ∂L/∂z in place).
+        let steps = unsafe { &mut *(steps as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        // Row by row, as the forward.
         for (s, gz) in (first..).zip(steps.chunks_exact_mut(ch)) {
             let g = &grad[(i * t + s) * ch..(i * t + s + 1) * ch];
+            let rows = self.taps_rows::<K>(i, s);
             for c in (0..full).step_by(QUAD) {
-                let [z, g] = Quad::<V>::load_each([&*gz, g], c);
-                silu_backward::<_, FMA>(z, g).store(&mut gz[c..]);
+                let z = self.pre_activation_quad::<V, K, FMA>(&rows, c);
+                silu_backward::<_, FMA>(z, Quad::load(&g[c..])).store(&mut gz[c..]);
+            }
+            for c0 in (full..ch).step_by(LANES) {
+                let width = (ch - c0).min(LANES);
+                let z = self.pre_activation_block::<V, K>(&rows, (c0, width));
+                z.store_partial(&mut gz[c0..c0 + width]);
             }
             if V::QUADS && full < ch {
                 let (z, g) = (
@@ -442,8 +432,10 @@ fn backward_piece_in<V: F32x16, const K: usize, const FMA: bool>(
     // x's row s is padded row s + h, read by steps s .. s + h (those before t).
     let steps = (i, s0, (s1 + h).min(t));
     let gz = x.grad_z::<V, K, FMA>(grad, steps, s1 - s0 + 2 * h, buffer);
-    x.gather_rows::<V, K>((gz, s0), s0 + h..s1 + h, gx);
-    x.weight_grads::<V, K>(i, &gz[h * ch..], s0..s1)
+    // SAFETY: f32s are written, never read uninitialised, through the view: every row.
+    let gx = unsafe { &mut *(gx as *mut [MaybeUninit<f32>] as *mut [f32]) };
+    x.gather_rows::<V, K, FMA>((gz, s0), s0 + h..s1 + h, gx);
+    x.weight_grads::<V, K, FMA>(i, &gz[h * ch..], s0..s1)
 }
 
 /// The gradient of sequence `i`'s history rows into `g_history` `[kernel − 1][ch]`.
@@ -457,14 +449,14 @@ fn history_backward(
     x: &Inputs,
     grad: &[f32],
     i: usize,
-    (g_history, buffer): (&mut [MaybeUninit<f32>], &mut Vec<MaybeUninit<f32>>),
+    (g_history, buffer): (&mut [f32], &mut Vec<MaybeUninit<f32>>),
 ) {
     const FMA: bool = has_fma!();
     let h = x.kernel - 1;
     with_f32x16!(V => with_const!(x.kernel, K in [1, 2, 3, 4] => {
         // History row r is read by steps r − j ≥ 0 (those before t).
         let gz = x.grad_z::<V, K, FMA>(grad, (i, 0, h.min(x.t)), 2 * h, buffer);
-        x.gather_rows::<V, K>((gz, 0), 0..h, g_history);
+        x.gather_rows::<V, K, FMA>((gz, 0), 0..h, g_history);
     }))
 }
 
@@ -548,8 +540,6 @@ impl ConvSiluBackend for Flex {
                 .par_chunks_mut(h * ch)
                 .enumerate()
                 .for_each(|(i, gh)| {
-                    // SAFETY: f32s are written, never read uninitialised, through the view.
-                    let gh = unsafe { &mut *(gh as *mut [f32] as *mut [MaybeUninit<f32>]) };
                     GRAD_Z.with_borrow_mut(|b| history_backward(&inputs, &grad, i, (gh, b)))
                 });
         }

@@ -576,10 +576,10 @@ impl<'a> Chunk<'a> {
             let b = b[k0..k0 + G].try_into().unwrap();
             let decay = decay.try_into().unwrap();
             self.step::<V, G>((V::load(dl), V::load(dlu), b), (&a, &mut h), Some(decay));
-            let gy = V::load(gy);
-            for g in 0..G {
-                let sum = &mut sum_c[k0 + g];
-                gy.mul_add(h[g], V::load(sum)).store(sum);
+            let (gy, sum_c): (V, &mut [Lanes; G]) =
+                (V::load(gy), (&mut sum_c[k0..k0 + G]).try_into().unwrap());
+            for (h, sum) in h.iter().zip(sum_c) {
+                gy.mul_add(*h, V::load(sum)).store(sum);
             }
         }
         // Back in time through y_t = C_t · h_t and h_t = e ⊙ h_(t−1) + Δ·u·B_t.
@@ -595,8 +595,11 @@ impl<'a> Chunk<'a> {
             for ((((states, decays), (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
                 let (dl, dlu, gy, e) =
                     (V::load(dl), V::load(dlu), V::load(gy), V::load(&decays[0]));
-                let (b, c) = (&b[k0..k0 + G], &c[k0..k0 + G]);
-                let sum_b = &mut sum_b[k0..k0 + G];
+                let (b, c): (&[f32; G], &[f32; G]) = (
+                    b[k0..k0 + G].try_into().unwrap(),
+                    c[k0..k0 + G].try_into().unwrap(),
+                );
+                let sum_b: &mut [Lanes; G] = (&mut sum_b[k0..k0 + G]).try_into().unwrap();
                 let (mut held, mut via_input) = (V::zero(), V::load(&via[1]));
                 for g in 0..G {
                     let lam = gy.mul_add(V::splat(c[g]), lam_r[g]);
@@ -619,8 +622,11 @@ impl<'a> Chunk<'a> {
         let mut ga_r: [V; G] = load_rows(g_a[k0..k0 + G].try_into().unwrap());
         for ((((states, decays), (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
             let (dl, dlu, gy) = (V::load(dl), V::load(dlu), V::load(gy));
-            let (b, c) = (&b[k0..k0 + G], &c[k0..k0 + G]);
-            let sum_b = &mut sum_b[k0..k0 + G];
+            let (b, c): (&[f32; G], &[f32; G]) = (
+                b[k0..k0 + G].try_into().unwrap(),
+                c[k0..k0 + G].try_into().unwrap(),
+            );
+            let sum_b: &mut [Lanes; G] = (&mut sum_b[k0..k0 + G]).try_into().unwrap();
             // Σ_k λ_k·A_k·e_k·h_(t−1),k and Σ_k λ_k·B_k per channel: dΔ and du follow.
             let (mut via_decay, mut via_input) = (V::load(&via[0]), V::load(&via[1]));
             for g in 0..G {
