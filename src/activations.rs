@@ -14,8 +14,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::prelude::*;
 
-use crate::device::{RunCount, flex_map};
-use crate::vector_math::{Real, erf, exp_nonpositive, exp_nonpositive_of, ln_1p_unit_of};
+use crate::device::{RealMap, RunCount, flex_map_real};
+use crate::vector_math::{Real, erf_and_gauss_of, erf_of, exp_nonpositive_of, ln_1p_unit_of};
 
 /// Forward passes the extension has run in this process (for a test that it took the path).
 pub static FORWARD_CALLS: RunCount = RunCount::new();
@@ -82,25 +82,15 @@ pub fn apply<const D: usize>(x: Tensor<D>, f: Pointwise) -> Tensor<D> {
     ))
 }
 
-/// `ln(1 + eˣ)`, as `max(x, 0) + ln(1 + e^(−|x|))`, which cannot overflow.
-#[inline(always)]
-pub(crate) fn softplus_of(x: f32) -> f32 {
-    softplus_in::<f32, false>(x)
-}
-
-/// [`softplus_of`] in any [`Real`], fused multiply-adds where `FMA`.
+/// `ln(1 + eˣ)`, as `max(x, 0) + ln(1 + e^(−|x|))`, which cannot overflow, in any
+/// [`Real`], fused multiply-adds where `FMA`.
 #[inline(always)]
 pub(crate) fn softplus_in<R: Real, const FMA: bool>(x: R) -> R {
     x.max(0.0) + ln_1p_unit_of::<R, FMA>(sigmoid_and_exp_in::<R, FMA>(x).1)
 }
 
-/// `sigmoid(x)` and `e^(−|x|)`, from one exp that cannot overflow.
-#[inline(always)]
-pub(crate) fn sigmoid_and_exp(x: f32) -> (f32, f32) {
-    sigmoid_and_exp_in::<f32, false>(x)
-}
-
-/// [`sigmoid_and_exp`] in any [`Real`], fused multiply-adds where `FMA`.
+/// `sigmoid(x)` and `e^(−|x|)`, from one exp that cannot overflow, in any [`Real`], fused
+/// multiply-adds where `FMA`.
 #[inline(always)]
 pub(crate) fn sigmoid_and_exp_in<R: Real, const FMA: bool>(x: R) -> (R, R) {
     let e = exp_nonpositive_of::<R, FMA>(-x.abs());
@@ -108,45 +98,64 @@ pub(crate) fn sigmoid_and_exp_in<R: Real, const FMA: bool>(x: R) -> (R, R) {
     (s, e)
 }
 
-impl ActivationBackend for Flex {
-    fn activation(x: FlexTensor, f: Pointwise) -> FlexTensor {
-        FORWARD_CALLS.record();
-        match f {
-            Pointwise::Gelu => flex_map(x, None, |x, _| {
-                0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
-            }),
-            Pointwise::Silu => flex_map(x, None, |x, _| x * sigmoid_and_exp(x).0),
-            Pointwise::Softplus => flex_map(x, None, |x, _| softplus_of(x)),
+/// 1/√(2π), the normal density's factor.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `f(x)`, the second operand unused.
+struct Forward(Pointwise);
+
+impl RealMap for Forward {
+    #[inline(always)]
+    fn apply<R: Real, const FMA: bool>(&self, x: R, _: R) -> R {
+        match self.0 {
+            Pointwise::Gelu => {
+                x * 0.5 * (erf_of::<R, FMA>(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
+            }
+            Pointwise::Silu => x * sigmoid_and_exp_in::<R, FMA>(x).0,
+            Pointwise::Softplus => softplus_in::<R, FMA>(x),
+            // x + 1 above 0, eˣ at or below (the exp's argument kept ≤ 0, min(x, 0)).
             Pointwise::EluPlusOne => {
-                flex_map(
-                    x,
-                    None,
-                    |x, _| {
-                        if x > 0.0 { x + 1.0 } else { exp_nonpositive(x) }
-                    },
-                )
+                let below = exp_nonpositive_of::<R, FMA>(-(-x).max(0.0));
+                R::select_nonnegative(-x, below, x + 1.0)
             }
         }
     }
+}
+
+/// `grad · f'(x)`, the gradient the second operand.
+struct Derivative(Pointwise);
+
+impl RealMap for Derivative {
+    #[inline(always)]
+    fn apply<R: Real, const FMA: bool>(&self, x: R, g: R) -> R {
+        match self.0 {
+            Pointwise::Gelu => {
+                // One exp for both: e^(−(x/√2)²) is the density's e^(−x²/2).
+                let (erf, gauss) = erf_and_gauss_of::<R, FMA>(x * std::f32::consts::FRAC_1_SQRT_2);
+                let (cdf, pdf) = ((erf + 1.0) * 0.5, gauss * INV_SQRT_2PI);
+                g * x.mul_add::<FMA>(pdf, cdf)
+            }
+            Pointwise::Silu => {
+                let s = sigmoid_and_exp_in::<R, FMA>(x).0;
+                g * s * (x * (-s + 1.0) + 1.0)
+            }
+            Pointwise::Softplus => g * sigmoid_and_exp_in::<R, FMA>(x).0,
+            Pointwise::EluPlusOne => {
+                let below = g * exp_nonpositive_of::<R, FMA>(-(-x).max(0.0));
+                R::select_nonnegative(-x, below, g)
+            }
+        }
+    }
+}
+
+impl ActivationBackend for Flex {
+    fn activation(x: FlexTensor, f: Pointwise) -> FlexTensor {
+        FORWARD_CALLS.record();
+        flex_map_real(x, None, Forward(f))
+    }
 
     fn activation_backward(x: FlexTensor, grad: FlexTensor, f: Pointwise) -> FlexTensor {
-        // 1/√(2π)
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
-        match f {
-            Pointwise::Gelu => flex_map(x, Some(grad), |x, g| {
-                let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = INV_SQRT_2PI * exp_nonpositive(-0.5 * x * x);
-                g * (cdf + x * pdf)
-            }),
-            Pointwise::Silu => flex_map(x, Some(grad), |x, g| {
-                let s = sigmoid_and_exp(x).0;
-                g * s * (1.0 + x * (1.0 - s))
-            }),
-            Pointwise::Softplus => flex_map(x, Some(grad), |x, g| g * sigmoid_and_exp(x).0),
-            Pointwise::EluPlusOne => flex_map(x, Some(grad), |x, g| {
-                if x > 0.0 { g } else { g * exp_nonpositive(x) }
-            }),
-        }
+        flex_map_real(x, Some(grad), Derivative(f))
     }
 }
 
@@ -239,6 +248,41 @@ mod tests {
                 let err = crate::testing::max_relative_difference(a, b);
                 assert!(err < 2e-6, "{name} {what}: max difference {err}");
             }
+        }
+    }
+
+    /// Without autodiff, on a tensor nothing else holds (a product's fresh output), the
+    /// forward overwrites its input: the same values as Burn's form.
+    #[test]
+    fn activations_in_place_equal_burns() {
+        use burn::tensor::activation as burns;
+        let device = Device::flex();
+        device.seed(6);
+        let x = Tensor::<2>::random([37, 70], Distribution::Normal(0.0, 8.0), &device);
+        let fresh = || x.clone().mul_scalar(1.0);
+        let v = |t: Tensor<2>| {
+            t.into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap()
+        };
+        let cases: [(&str, Tensor<2>, Tensor<2>); 4] = [
+            ("gelu", gelu(fresh()), burns::gelu(x.clone())),
+            ("silu", silu(fresh()), burns::silu(x.clone())),
+            (
+                "softplus",
+                softplus(fresh()),
+                burns::softplus(x.clone(), 1.0),
+            ),
+            (
+                "elu + 1",
+                elu_plus_one(fresh()),
+                burns::elu(x.clone(), 1.0).add_scalar(1.0),
+            ),
+        ];
+        for (name, ours, burns) in cases {
+            let err = crate::testing::max_relative_difference(&v(ours), &v(burns));
+            assert!(err < 2e-6, "{name}: max difference {err}");
         }
     }
 }

@@ -7,6 +7,10 @@ use burn::prelude::Device;
 use burn::tensor::FloatDType;
 
 use serde::{Deserialize, Serialize};
+use std::mem::MaybeUninit;
+
+use crate::f32x16::{QUAD, Quad, quad_part, with_f32x16};
+use crate::vector_math::{Real, has_fma};
 
 /// One plain device per rank from `specs` on `backend`, each checked to support
 /// `precision`.
@@ -282,18 +286,62 @@ pub unsafe fn written(piece: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
 /// in parallel pieces: the body of the element-wise backend extensions. Without `other`,
 /// in place where [`unshared_f32`] allows.
 pub fn flex_map(
-    mut x: burn::backend::flex::FlexTensor,
+    x: burn::backend::flex::FlexTensor,
     other: Option<burn::backend::flex::FlexTensor>,
     f: impl Fn(f32, f32) -> f32 + Sync,
+) -> burn::backend::flex::FlexTensor {
+    map_pieces(
+        x,
+        other,
+        |values| map_piece_in_place(values, &f),
+        |out, x, other| map_piece(out, x, other, &f),
+    )
+}
+
+/// An element-wise function `f(x, other)` written once over [`Real`], so that
+/// [`flex_map_real`] runs it on four vectors side by side ([`Quad`]): one vector at a
+/// time, a chain of dependent operations as long as an erf's ran at a fraction of its
+/// arithmetic's rate (out-of-order execution did not hide its latency), as a closure over
+/// single f32s did.
+pub trait RealMap: Sync {
+    fn apply<R: Real, const FMA: bool>(&self, x: R, other: R) -> R;
+}
+
+/// [`flex_map`] of a [`RealMap`], in [`Quad`]s where the lanes take them ([`quad_part`];
+/// the rest one by one, the same arithmetic), fused multiply-adds where the CPU has them.
+pub fn flex_map_real(
+    x: burn::backend::flex::FlexTensor,
+    other: Option<burn::backend::flex::FlexTensor>,
+    f: impl RealMap,
+) -> burn::backend::flex::FlexTensor {
+    map_pieces(
+        x,
+        other,
+        |values| map_real_in_place(values, &f),
+        |out, x, other| {
+            // SAFETY: f32s are written, never read uninitialised, through the view: every
+            // element, by map_real.
+            let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            map_real(out, x, other, &f)
+        },
+    )
+}
+
+/// [`flex_map`]'s plumbing: `in_place` over the pieces of x's own values where it owns
+/// them and there is no `other`, else `piece` writing each piece of a new buffer from x's
+/// (and `other`'s) piece.
+fn map_pieces(
+    mut x: burn::backend::flex::FlexTensor,
+    other: Option<burn::backend::flex::FlexTensor>,
+    in_place: impl Fn(&mut [f32]) + Sync,
+    piece: impl Fn(&mut [MaybeUninit<f32>], &[f32], Option<&[f32]>) + Sync,
 ) -> burn::backend::flex::FlexTensor {
     use burn::backend::TensorMetadata;
     use rayon::prelude::*;
     if other.is_none()
         && let Some(values) = unshared_f32(&mut x)
     {
-        values
-            .par_chunks_mut(MAP_PIECE)
-            .for_each(|piece| map_piece_in_place(piece, &f));
+        values.par_chunks_mut(MAP_PIECE).for_each(&in_place);
         return x;
     }
     let (shape, dtype) = (x.shape(), x.dtype());
@@ -309,9 +357,10 @@ pub fn flex_map(
             let other = other_values
                 .as_ref()
                 .map(|o| &o[i * MAP_PIECE..i * MAP_PIECE + x.len()]);
-            map_piece(out, x, other, &f)
+            assert_eq!(out.len(), x.len(), "every output element is written");
+            piece(out, x, other)
         });
-    // SAFETY: map_piece wrote each of the x_values.len() elements.
+    // SAFETY: each piece wrote its x.len() elements.
     unsafe { out.set_len(x_values.len()) };
     flex_from_f32(out, shape, dtype)
 }
@@ -324,12 +373,11 @@ pub fn flex_map(
     "aarch64+neon"
 ))]
 fn map_piece(
-    out: &mut [std::mem::MaybeUninit<f32>],
+    out: &mut [MaybeUninit<f32>],
     x: &[f32],
     other: Option<&[f32]>,
     f: &impl Fn(f32, f32) -> f32,
 ) {
-    assert_eq!(out.len(), x.len(), "every output element is written");
     match other {
         Some(o) => {
             for ((y, &x), &o) in out.iter_mut().zip(x).zip(o) {
@@ -355,6 +403,61 @@ fn map_piece_in_place(values: &mut [f32], f: &impl Fn(f32, f32) -> f32) {
     for v in values.iter_mut() {
         *v = f(*v, 0.0);
     }
+}
+
+/// [`flex_map_real`]'s loop over one piece: `out` from x (and `other`, or 0s).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn map_real(out: &mut [f32], x: &[f32], other: Option<&[f32]>, f: &impl RealMap) {
+    const FMA: bool = has_fma!();
+    with_f32x16!(V => {
+        let full = quad_part::<V>(x.len());
+        match other {
+            Some(o) => {
+                for c in (0..full).step_by(QUAD) {
+                    let [x, o] = Quad::<V>::load_each([x, o], c);
+                    f.apply::<_, FMA>(x, o).store(&mut out[c..]);
+                }
+                for c in full..x.len() {
+                    out[c] = f.apply::<f32, FMA>(x[c], o[c]);
+                }
+            }
+            None => {
+                for c in (0..full).step_by(QUAD) {
+                    let x = Quad::<V>::load(&x[c..]);
+                    f.apply::<_, FMA>(x, Quad::splat(0.0)).store(&mut out[c..]);
+                }
+                for c in full..x.len() {
+                    out[c] = f.apply::<f32, FMA>(x[c], 0.0);
+                }
+            }
+        }
+    })
+}
+
+/// [`flex_map_real`]'s loop over one piece of an unshared tensor, `other` 0.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn map_real_in_place(values: &mut [f32], f: &impl RealMap) {
+    const FMA: bool = has_fma!();
+    with_f32x16!(V => {
+        let full = quad_part::<V>(values.len());
+        for c in (0..full).step_by(QUAD) {
+            let x = Quad::<V>::load(&values[c..]);
+            f.apply::<_, FMA>(x, Quad::splat(0.0)).store(&mut values[c..]);
+        }
+        for v in &mut values[full..] {
+            *v = f.apply::<f32, FMA>(*v, 0.0);
+        }
+    })
 }
 
 /// A flex tensor of `values` with `shape`, stored as `dtype` (the inputs' dtype, which the

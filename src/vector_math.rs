@@ -224,6 +224,13 @@ pub fn erf(x: f32) -> f32 {
 /// [`erf`] in any [`Real`], [`mul_add`]s fused where `FMA`.
 #[inline(always)]
 pub fn erf_of<R: Real, const FMA: bool>(x: R) -> R {
+    erf_and_gauss_of::<R, FMA>(x).0
+}
+
+/// [`erf_of`] and the `e^(−x²)` it is formed from (GELU's derivative needs both: the
+/// normal density at `x√2` is that exp over √(2π)).
+#[inline(always)]
+pub fn erf_and_gauss_of<R: Real, const FMA: bool>(x: R) -> (R, R) {
     let z = x.abs();
     let t = R::splat(1.0) / z.mul_add::<FMA>(R::splat(0.327_591_1), R::splat(1.0));
     let mut p = R::splat(1.061_405_4);
@@ -231,8 +238,9 @@ pub fn erf_of<R: Real, const FMA: bool>(x: R) -> R {
     p = p.mul_add::<FMA>(t, R::splat(1.421_413_8));
     p = p.mul_add::<FMA>(t, R::splat(-0.284_496_74));
     p = p.mul_add::<FMA>(t, R::splat(0.254_829_6));
-    let y = -(p * t * exp_nonpositive_of::<R, FMA>(-(z * z))) + 1.0;
-    y.copysign(x)
+    let gauss = exp_nonpositive_of::<R, FMA>(-(z * z));
+    let y = -(p * t * gauss) + 1.0;
+    (y.copysign(x), gauss)
 }
 
 /// What the functions above are written in: one f32, or four vectors of them
