@@ -14,8 +14,12 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::prelude::*;
 
-use crate::device::{RealMap, RunCount, flex_map_real};
-use crate::vector_math::{Real, erf_and_gauss_of, erf_of, exp_nonpositive_of, ln_1p_unit_of};
+use crate::device::{RunCount, map_pieces};
+use crate::f32x16::{QUAD, Quad, quad_part, with_f32x16};
+use crate::vector_math::{
+    Real, erf_and_gauss_of, erf_of, exp_nonpositive_of, has_fma, sigmoid_and_exp_in, softplus_in,
+};
+use std::mem::MaybeUninit;
 
 /// Forward passes the extension has run in this process (for a test that it took the path).
 pub static FORWARD_CALLS: RunCount = RunCount::new();
@@ -82,20 +86,88 @@ pub fn apply<const D: usize>(x: Tensor<D>, f: Pointwise) -> Tensor<D> {
     ))
 }
 
-/// `ln(1 + eˣ)`, as `max(x, 0) + ln(1 + e^(−|x|))`, which cannot overflow, in any
-/// [`Real`], fused multiply-adds where `FMA`.
-#[inline(always)]
-pub(crate) fn softplus_in<R: Real, const FMA: bool>(x: R) -> R {
-    x.max(0.0) + ln_1p_unit_of::<R, FMA>(sigmoid_and_exp_in::<R, FMA>(x).1)
+/// An element-wise function `f(x, other)` written once over [`Real`], so that
+/// [`flex_map_real`] runs it on four vectors side by side ([`Quad`]): one vector at a
+/// time, a chain of dependent operations as long as an erf's ran at a fraction of its
+/// arithmetic's rate (out-of-order execution did not hide its latency), as a closure over
+/// single f32s did.
+pub trait RealMap: Sync {
+    fn apply<R: Real, const FMA: bool>(&self, x: R, other: R) -> R;
 }
 
-/// `sigmoid(x)` and `e^(−|x|)`, from one exp that cannot overflow, in any [`Real`], fused
-/// multiply-adds where `FMA`.
-#[inline(always)]
-pub(crate) fn sigmoid_and_exp_in<R: Real, const FMA: bool>(x: R) -> (R, R) {
-    let e = exp_nonpositive_of::<R, FMA>(-x.abs());
-    let s = R::select_nonnegative(x, R::splat(1.0), e) / (e + 1.0);
-    (s, e)
+/// [`flex_map`] of a [`RealMap`], in [`Quad`]s where the lanes take them ([`quad_part`];
+/// the rest one by one, the same arithmetic), fused multiply-adds where the CPU has them.
+pub fn flex_map_real(
+    x: burn::backend::flex::FlexTensor,
+    other: Option<burn::backend::flex::FlexTensor>,
+    f: impl RealMap,
+) -> burn::backend::flex::FlexTensor {
+    map_pieces(
+        x,
+        other,
+        |values| map_real_in_place(values, &f),
+        |out, x, other| {
+            // SAFETY: f32s are written, never read uninitialised, through the view: every
+            // element, by map_real.
+            let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            map_real(out, x, other, &f)
+        },
+    )
+}
+
+/// [`flex_map_real`]'s loop over one piece: `out` from x (and `other`, or 0s).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn map_real(out: &mut [f32], x: &[f32], other: Option<&[f32]>, f: &impl RealMap) {
+    const FMA: bool = has_fma!();
+    with_f32x16!(V => {
+        let full = quad_part::<V>(x.len());
+        match other {
+            Some(o) => {
+                for c in (0..full).step_by(QUAD) {
+                    let [x, o] = Quad::<V>::load_each([x, o], c);
+                    f.apply::<_, FMA>(x, o).store(&mut out[c..]);
+                }
+                for c in full..x.len() {
+                    out[c] = f.apply::<f32, FMA>(x[c], o[c]);
+                }
+            }
+            None => {
+                for c in (0..full).step_by(QUAD) {
+                    let x = Quad::<V>::load(&x[c..]);
+                    f.apply::<_, FMA>(x, Quad::splat(0.0)).store(&mut out[c..]);
+                }
+                for c in full..x.len() {
+                    out[c] = f.apply::<f32, FMA>(x[c], 0.0);
+                }
+            }
+        }
+    })
+}
+
+/// [`flex_map_real`]'s loop over one piece of an unshared tensor, `other` 0.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn map_real_in_place(values: &mut [f32], f: &impl RealMap) {
+    const FMA: bool = has_fma!();
+    with_f32x16!(V => {
+        let full = quad_part::<V>(values.len());
+        for c in (0..full).step_by(QUAD) {
+            let x = Quad::<V>::load(&values[c..]);
+            f.apply::<_, FMA>(x, Quad::splat(0.0)).store(&mut values[c..]);
+        }
+        for v in &mut values[full..] {
+            *v = f.apply::<f32, FMA>(*v, 0.0);
+        }
+    })
 }
 
 /// 1/√(2π), the normal density's factor.

@@ -9,9 +9,6 @@ use burn::tensor::FloatDType;
 use serde::{Deserialize, Serialize};
 use std::mem::MaybeUninit;
 
-use crate::f32x16::{QUAD, Quad, quad_part, with_f32x16};
-use crate::vector_math::{Real, has_fma};
-
 /// One plain device per rank from `specs` on `backend`, each checked to support
 /// `precision`.
 pub fn open_ranks(
@@ -298,39 +295,10 @@ pub fn flex_map(
     )
 }
 
-/// An element-wise function `f(x, other)` written once over [`Real`], so that
-/// [`flex_map_real`] runs it on four vectors side by side ([`Quad`]): one vector at a
-/// time, a chain of dependent operations as long as an erf's ran at a fraction of its
-/// arithmetic's rate (out-of-order execution did not hide its latency), as a closure over
-/// single f32s did.
-pub trait RealMap: Sync {
-    fn apply<R: Real, const FMA: bool>(&self, x: R, other: R) -> R;
-}
-
-/// [`flex_map`] of a [`RealMap`], in [`Quad`]s where the lanes take them ([`quad_part`];
-/// the rest one by one, the same arithmetic), fused multiply-adds where the CPU has them.
-pub fn flex_map_real(
-    x: burn::backend::flex::FlexTensor,
-    other: Option<burn::backend::flex::FlexTensor>,
-    f: impl RealMap,
-) -> burn::backend::flex::FlexTensor {
-    map_pieces(
-        x,
-        other,
-        |values| map_real_in_place(values, &f),
-        |out, x, other| {
-            // SAFETY: f32s are written, never read uninitialised, through the view: every
-            // element, by map_real.
-            let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
-            map_real(out, x, other, &f)
-        },
-    )
-}
-
-/// [`flex_map`]'s plumbing: `in_place` over the pieces of x's own values where it owns
-/// them and there is no `other`, else `piece` writing each piece of a new buffer from x's
-/// (and `other`'s) piece.
-fn map_pieces(
+/// The plumbing of [`flex_map`] and its kin: `in_place` over the pieces of x's own values
+/// where it owns them and there is no `other`, else `piece` writing each piece of a new
+/// buffer from x's (and `other`'s) piece.
+pub fn map_pieces(
     mut x: burn::backend::flex::FlexTensor,
     other: Option<burn::backend::flex::FlexTensor>,
     in_place: impl Fn(&mut [f32]) + Sync,
@@ -403,61 +371,6 @@ fn map_piece_in_place(values: &mut [f32], f: &impl Fn(f32, f32) -> f32) {
     for v in values.iter_mut() {
         *v = f(*v, 0.0);
     }
-}
-
-/// [`flex_map_real`]'s loop over one piece: `out` from x (and `other`, or 0s).
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
-    "x86_64+avx2+fma",
-    "x86_64+sse4.2",
-    "aarch64+neon"
-))]
-fn map_real(out: &mut [f32], x: &[f32], other: Option<&[f32]>, f: &impl RealMap) {
-    const FMA: bool = has_fma!();
-    with_f32x16!(V => {
-        let full = quad_part::<V>(x.len());
-        match other {
-            Some(o) => {
-                for c in (0..full).step_by(QUAD) {
-                    let [x, o] = Quad::<V>::load_each([x, o], c);
-                    f.apply::<_, FMA>(x, o).store(&mut out[c..]);
-                }
-                for c in full..x.len() {
-                    out[c] = f.apply::<f32, FMA>(x[c], o[c]);
-                }
-            }
-            None => {
-                for c in (0..full).step_by(QUAD) {
-                    let x = Quad::<V>::load(&x[c..]);
-                    f.apply::<_, FMA>(x, Quad::splat(0.0)).store(&mut out[c..]);
-                }
-                for c in full..x.len() {
-                    out[c] = f.apply::<f32, FMA>(x[c], 0.0);
-                }
-            }
-        }
-    })
-}
-
-/// [`flex_map_real`]'s loop over one piece of an unshared tensor, `other` 0.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
-    "x86_64+avx2+fma",
-    "x86_64+sse4.2",
-    "aarch64+neon"
-))]
-fn map_real_in_place(values: &mut [f32], f: &impl RealMap) {
-    const FMA: bool = has_fma!();
-    with_f32x16!(V => {
-        let full = quad_part::<V>(values.len());
-        for c in (0..full).step_by(QUAD) {
-            let x = Quad::<V>::load(&values[c..]);
-            f.apply::<_, FMA>(x, Quad::splat(0.0)).store(&mut values[c..]);
-        }
-        for v in &mut values[full..] {
-            *v = f.apply::<f32, FMA>(*v, 0.0);
-        }
-    })
 }
 
 /// A flex tensor of `values` with `shape`, stored as `dtype` (the inputs' dtype, which the

@@ -735,8 +735,9 @@ mod tests {
     fn avx512_quads_equal_f32_functions() {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
-            use crate::activations::{sigmoid_and_exp_in, softplus_in};
-            use crate::vector_math::{erf_of, exp_nonpositive_of, ln_1p_unit_of};
+            use crate::vector_math::{
+                erf_of, exp_nonpositive_of, ln_1p_unit_of, sigmoid_and_exp_in, softplus_in,
+            };
             type Q = Quad<Avx512>;
             /// # Safety
             /// The CPU has AVX-512F and DQ.

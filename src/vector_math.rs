@@ -243,6 +243,22 @@ pub fn erf_and_gauss_of<R: Real, const FMA: bool>(x: R) -> (R, R) {
     (y.copysign(x), gauss)
 }
 
+/// `ln(1 + eˣ)`, as `max(x, 0) + ln(1 + e^(−|x|))`, which cannot overflow, in any
+/// [`Real`], fused multiply-adds where `FMA`.
+#[inline(always)]
+pub fn softplus_in<R: Real, const FMA: bool>(x: R) -> R {
+    x.max(0.0) + ln_1p_unit_of::<R, FMA>(sigmoid_and_exp_in::<R, FMA>(x).1)
+}
+
+/// `sigmoid(x)` and `e^(−|x|)`, from one exp that cannot overflow, in any [`Real`], fused
+/// multiply-adds where `FMA`.
+#[inline(always)]
+pub fn sigmoid_and_exp_in<R: Real, const FMA: bool>(x: R) -> (R, R) {
+    let e = exp_nonpositive_of::<R, FMA>(-x.abs());
+    let s = R::select_nonnegative(x, R::splat(1.0), e) / (e + 1.0);
+    (s, e)
+}
+
 /// What the functions above are written in: one f32, or four vectors of them
 /// ([`crate::f32x16::Quad`]), on which the element-wise kernels call them.
 pub trait Real:

@@ -24,10 +24,9 @@ use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use rayon::prelude::*;
 
-use crate::activations::sigmoid_and_exp_in;
 use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients, written};
 use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_const, with_f32x16};
-use crate::vector_math::{Real, has_fma};
+use crate::vector_math::{Real, has_fma, sigmoid_and_exp_in};
 use std::mem::MaybeUninit;
 
 #[backend_extension(Flex, Autodiff)]

@@ -18,9 +18,10 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use rayon::prelude::*;
 
-use crate::activations::{sigmoid_and_exp_in, silu};
+use crate::activations::silu;
 use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, register_gradients, zeroed};
 use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_f32x16};
+use crate::vector_math::sigmoid_and_exp_in;
 use crate::vector_math::{Real, has_fma};
 
 #[backend_extension(Flex, Autodiff)]
