@@ -6,16 +6,16 @@
 //! checkpoint's optimizer state is readable, survives re-initialisation of the model, and
 //! a resumed run continues bit for bit.
 //!
-//! On flex (the CPU backend) each parameter's update is one pass over its values
-//! ([`fused_update`]) instead of a dozen tensor ops, each allocating and sweeping memory;
-//! the tensor-op form is the reference, and other backends' path (tests hold both to
-//! PyTorch's rule).
+//! On flex (the CPU backend) the update is one parallel pass over all parameters' values
+//! ([`fused_update`]) instead of a dozen tensor ops per parameter, each allocating and
+//! sweeping memory; the tensor-op form is the reference, and other backends' path (tests
+//! hold both to PyTorch's rule).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
@@ -134,6 +134,9 @@ impl AdamW {
         grad_scale: f64,
     ) -> M {
         self.step += 1;
+        if self.fused {
+            return self.fused_step(lr, model, grads, grad_scale);
+        }
         let mut mapper = UpdateMapper {
             opt: self,
             lr,
@@ -142,6 +145,53 @@ impl AdamW {
             at: ParamPath::default(),
         };
         model.map(&mut mapper)
+    }
+
+    /// [`Self::step`] on flex: every parameter's values taken out of the model, updated in
+    /// one parallel pass over all of them ([`fused_update`]), and put back. Updated one
+    /// parameter at a time, a small one (a bias, a norm's weight) was one task on one
+    /// thread while the other waited, and each parameter ended in a join.
+    fn fused_step<M: Module>(
+        &mut self,
+        lr: f64,
+        model: M,
+        grads: &mut GradientsParams,
+        grad_scale: f64,
+    ) -> M {
+        let mut take = TakeValues {
+            opt: self,
+            lr,
+            grads,
+            at: ParamPath::default(),
+            taken: Vec::new(),
+        };
+        let model = model.map(&mut take);
+        let mut taken = take.taken;
+        let c = &self.config;
+        let base = Hyper {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            step: self.step as i32,
+            grad_scale,
+        };
+        fused_update(&mut taken, &base);
+        let device = self.device.clone();
+        let tensor = |x: Vec<f32>| {
+            let n = x.len();
+            Tensor::<1>::from_data(TensorData::new(x, [n]), &device)
+        };
+        let mut updated = HashMap::new();
+        for t in taken {
+            let moments = Moments {
+                exp_avg: tensor(t.m),
+                exp_avg_sq: tensor(t.v),
+            };
+            self.moments.insert(t.path, moments);
+            updated.insert(t.id, (tensor(t.p), t.dims, t.require_grad));
+        }
+        model.map(&mut PutValues { updated })
     }
 
     /// Save moments and step count to a safetensors file (PyTorch's names: `exp_avg`,
@@ -259,28 +309,7 @@ impl ModuleMapper for UpdateMapper<'_> {
         } else {
             1.0
         };
-        let (updated, moments) = if self.opt.fused {
-            let h = Hyper {
-                lr: self.lr,
-                beta1: c.beta1,
-                beta2: c.beta2,
-                eps: c.eps,
-                step: t,
-                decay,
-                grad_scale: self.grad_scale,
-            };
-            let previous = self.opt.moments.remove(&path);
-            let (p, m, v) = fused_update(p, grad.reshape([n]), previous, &h);
-            (
-                p,
-                Moments {
-                    exp_avg: m,
-                    exp_avg_sq: v,
-                },
-            )
-        } else {
-            self.update_ops(p, grad.reshape([n]), &path, t, decay)
-        };
+        let (updated, moments) = self.update_ops(p, grad.reshape([n]), &path, t, decay);
         let updated = updated.reshape(dims);
         self.opt.moments.insert(path, moments);
 
@@ -341,8 +370,6 @@ struct Hyper {
     eps: f64,
     /// The update's number, from 1 (bias correction).
     step: i32,
-    /// The weight's decay factor `1 − lr·weight_decay` (1 without decay).
-    decay: f64,
     grad_scale: f64,
 }
 
@@ -380,31 +407,114 @@ fn adamw_piece(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], r: &AdamW
     }
 }
 
-/// PyTorch's AdamW rule for one flat parameter in one pass over its values: `p`, `g` and
-/// the moments (`None` before the first update) read once, the new ones written once.
-/// Returns the parameter and both moments, on `p`'s device.
-fn fused_update(
-    p: Tensor<1>,
-    g: Tensor<1>,
-    moments: Option<Moments>,
-    h: &Hyper,
-) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+/// One parameter's values out of the model for [`fused_update`]: the parameter, its
+/// gradient and both moments (0s before the first update), flat.
+struct Taken {
+    id: ParamId,
+    path: String,
+    dims: Vec<usize>,
+    require_grad: bool,
+    /// The weight's decay factor `1 − lr·weight_decay` (1 without decay).
+    decay: f64,
+    p: Vec<f32>,
+    g: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// Takes each parameter that has a gradient out of the model, with its gradient and
+/// moments, leaving an empty tensor in its place until [`PutValues`].
+struct TakeValues<'a> {
+    opt: &'a mut AdamW,
+    lr: f64,
+    grads: &'a mut GradientsParams,
+    at: ParamPath,
+    taken: Vec<Taken>,
+}
+
+impl ModuleMapper for TakeValues<'_> {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.at.enter(name, container);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.at.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(grad) = self.grads.remove::<D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let c = &self.opt.config;
+        let decay = if self.at.decays(D) && c.weight_decay > 0.0 {
+            1.0 - self.lr * c.weight_decay
+        } else {
+            1.0
+        };
+        let path = self.at.path();
+        let n: usize = tensor.dims().iter().product();
+        let (m, v) = match self.opt.moments.remove(&path) {
+            Some(mo) => (values(mo.exp_avg), values(mo.exp_avg_sq)),
+            None => (vec![0.0; n], vec![0.0; n]),
+        };
+        let (dims, require_grad, device) = (
+            tensor.dims().to_vec(),
+            tensor.is_require_grad(),
+            tensor.device(),
+        );
+        self.taken.push(Taken {
+            id,
+            path,
+            dims,
+            require_grad,
+            decay,
+            p: values(tensor.inner().reshape([n])),
+            g: values(grad.reshape([n])),
+            m,
+            v,
+        });
+        // Its values are taken (no copy where the model held the only reference); the
+        // updated ones go in by id.
+        let empty = Tensor::<D>::empty([0; D], &device);
+        Param::from_mapped_value(id, empty, mapper)
+    }
+}
+
+/// Puts each updated parameter back in place of the empty tensor [`TakeValues`] left.
+struct PutValues {
+    updated: HashMap<ParamId, (Tensor<1>, Vec<usize>, bool)>,
+}
+
+impl ModuleMapper for PutValues {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some((flat, dims, require_grad)) = self.updated.remove(&id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let dims: [usize; D] = dims.try_into().expect("the rank it was taken with");
+        let mut updated = Tensor::from_inner(flat.reshape(dims));
+        if require_grad {
+            updated = updated.require_grad();
+        }
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+/// A flat tensor's values as f32 (without a copy where nothing else holds them).
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 values")
+}
+
+/// PyTorch's AdamW rule over every taken parameter in one parallel pass: `p`, `g` and the
+/// moments read once, the new ones written in their place. `h` holds the step's scalars;
+/// each parameter has its own decay.
+fn fused_update(taken: &mut [Taken], h: &Hyper) {
     use rayon::prelude::*;
-    let device = p.device();
-    let values = |t: Tensor<1>| -> Vec<f32> {
-        t.into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32 values")
-    };
-    let n = p.dims()[0];
-    let mut p = values(p);
-    let g = values(g);
-    let (mut m, mut v) = match moments {
-        Some(mo) => (values(mo.exp_avg), values(mo.exp_avg_sq)),
-        None => (vec![0.0; n], vec![0.0; n]),
-    };
-    let rule = AdamWStep {
+    let rule = |decay: f64| AdamWStep {
         b1: h.beta1 as f32,
         b2: h.beta2 as f32,
         one_b1: (1.0 - h.beta1) as f32,
@@ -412,16 +522,17 @@ fn fused_update(
         sqrt_bias2: (1.0 - h.beta2.powi(h.step)).sqrt() as f32,
         step_size: (h.lr / (1.0 - h.beta1.powi(h.step))) as f32,
         eps: h.eps as f32,
-        decay: h.decay as f32,
+        decay: decay as f32,
         scale: h.grad_scale as f32,
     };
-    p.par_chunks_mut(PIECE)
-        .zip(m.par_chunks_mut(PIECE))
-        .zip(v.par_chunks_mut(PIECE))
-        .zip(g.par_chunks(PIECE))
-        .for_each(|(((p, m), v), g)| adamw_piece(p, m, v, g, &rule));
-    let tensor = |x: Vec<f32>| Tensor::<1>::from_data(TensorData::new(x, [n]), &device);
-    (tensor(p), tensor(m), tensor(v))
+    taken.par_iter_mut().for_each(|t| {
+        let rule = rule(t.decay);
+        t.p.par_chunks_mut(PIECE)
+            .zip(t.m.par_chunks_mut(PIECE))
+            .zip(t.v.par_chunks_mut(PIECE))
+            .zip(t.g.par_chunks(PIECE))
+            .for_each(|(((p, m), v), g)| adamw_piece(p, m, v, g, &rule));
+    });
 }
 
 #[cfg(test)]
