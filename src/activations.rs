@@ -95,7 +95,7 @@ pub trait RealMap: Sync {
     fn apply<R: Real, const FMA: bool>(&self, x: R, other: R) -> R;
 }
 
-/// [`flex_map`] of a [`RealMap`], in [`Quad`]s where the lanes take them ([`quad_part`];
+/// [`crate::device::flex_map`] of a [`RealMap`], in [`Quad`]s where the lanes take them ([`quad_part`];
 /// the rest one by one, the same arithmetic), fused multiply-adds where the CPU has them.
 pub fn flex_map_real(
     x: burn::backend::flex::FlexTensor,
@@ -106,12 +106,7 @@ pub fn flex_map_real(
         x,
         other,
         |values| map_real_in_place(values, &f),
-        |out, x, other| {
-            // SAFETY: f32s are written, never read uninitialised, through the view: every
-            // element, by map_real.
-            let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
-            map_real(out, x, other, &f)
-        },
+        |out, x, other| map_real(out, x, other, &f),
     )
 }
 
@@ -122,7 +117,7 @@ pub fn flex_map_real(
     "x86_64+sse4.2",
     "aarch64+neon"
 ))]
-fn map_real(out: &mut [f32], x: &[f32], other: Option<&[f32]>, f: &impl RealMap) {
+fn map_real(out: &mut [MaybeUninit<f32>], x: &[f32], other: Option<&[f32]>, f: &impl RealMap) {
     const FMA: bool = has_fma!();
     with_f32x16!(V => {
         let full = quad_part::<V>(x.len());
@@ -130,19 +125,19 @@ fn map_real(out: &mut [f32], x: &[f32], other: Option<&[f32]>, f: &impl RealMap)
             Some(o) => {
                 for c in (0..full).step_by(QUAD) {
                     let [x, o] = Quad::<V>::load_each([x, o], c);
-                    f.apply::<_, FMA>(x, o).store(&mut out[c..]);
+                    f.apply::<_, FMA>(x, o).store_uninit(&mut out[c..]);
                 }
                 for c in full..x.len() {
-                    out[c] = f.apply::<f32, FMA>(x[c], o[c]);
+                    out[c].write(f.apply::<f32, FMA>(x[c], o[c]));
                 }
             }
             None => {
                 for c in (0..full).step_by(QUAD) {
                     let x = Quad::<V>::load(&x[c..]);
-                    f.apply::<_, FMA>(x, Quad::splat(0.0)).store(&mut out[c..]);
+                    f.apply::<_, FMA>(x, Quad::splat(0.0)).store_uninit(&mut out[c..]);
                 }
                 for c in full..x.len() {
-                    out[c] = f.apply::<f32, FMA>(x[c], 0.0);
+                    out[c].write(f.apply::<f32, FMA>(x[c], 0.0));
                 }
             }
         }
@@ -185,10 +180,9 @@ impl RealMap for Forward {
             }
             Pointwise::Silu => x * sigmoid_and_exp_in::<R, FMA>(x).0,
             Pointwise::Softplus => softplus_in::<R, FMA>(x),
-            // x + 1 above 0, eˣ at or below (the exp's argument kept ≤ 0, min(x, 0)).
+            // x + 1 from 0 up (eˣ is 1 at 0 too), eˣ below; a NaN stays NaN.
             Pointwise::EluPlusOne => {
-                let below = exp_nonpositive_of::<R, FMA>(-(-x).max(0.0));
-                R::select_nonnegative(-x, below, x + 1.0)
+                R::select_nonnegative(x, x + 1.0, exp_nonpositive_of::<R, FMA>(x))
             }
         }
     }
@@ -213,8 +207,7 @@ impl RealMap for Derivative {
             }
             Pointwise::Softplus => g * sigmoid_and_exp_in::<R, FMA>(x).0,
             Pointwise::EluPlusOne => {
-                let below = g * exp_nonpositive_of::<R, FMA>(-(-x).max(0.0));
-                R::select_nonnegative(-x, below, g)
+                R::select_nonnegative(x, g, g * exp_nonpositive_of::<R, FMA>(x))
             }
         }
     }

@@ -263,8 +263,8 @@ pub fn overwrite_f32(
 /// in its own cache, in place of `vec![0.0; len]`'s serial pass over the whole output
 /// before the tasks start (three 786 KB buffers in a default Mamba layer's gate backward,
 /// while the other core waits).
-pub fn zeroed(piece: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
-    piece.fill(std::mem::MaybeUninit::new(0.0));
+pub fn zeroed(piece: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    piece.fill(MaybeUninit::new(0.0));
     // SAFETY: every element was initialised just above.
     unsafe { written(piece) }
 }
@@ -274,9 +274,9 @@ pub fn zeroed(piece: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
 ///
 /// # Safety
 /// Every element of `piece` has been written.
-pub unsafe fn written(piece: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+pub unsafe fn written(piece: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     // SAFETY: initialised, as the caller promises; MaybeUninit<f32> has f32's layout.
-    unsafe { &mut *(piece as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+    unsafe { &mut *(piece as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// `f(x, other)` element by element over a flex tensor (and another of its shape, or 0s),

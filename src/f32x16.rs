@@ -42,6 +42,20 @@ pub trait F32x16: Copy {
         self.store(&mut lanes);
         out.copy_from_slice(&lanes[..out.len()]);
     }
+    /// The first `out.len()` (at most 16) lanes into `out`, which need not have been
+    /// written before: a kernel's output, each element written once, with no zero fill.
+    #[inline(always)]
+    fn store_uninit(self, out: &mut [std::mem::MaybeUninit<f32>]) {
+        let lanes = self.to_array();
+        if let Ok(out) = <&mut [std::mem::MaybeUninit<f32>; 16]>::try_from(&mut *out) {
+            // SAFETY: 16 elements, checked by the conversion; an unaligned write.
+            unsafe { out.as_mut_ptr().cast::<[f32; 16]>().write_unaligned(lanes) }
+        } else {
+            for (o, v) in out.iter_mut().zip(lanes) {
+                o.write(v);
+            }
+        }
+    }
     fn add(self, other: Self) -> Self;
     fn mul(self, other: Self) -> Self;
     /// `self · b + c`, fused where the CPU has FMA.
@@ -459,6 +473,15 @@ impl<V: F32x16> Quad<V> {
     pub fn store_first(self, out: &mut [f32]) {
         for (v, part) in self.0.iter().zip(out.chunks_mut(16)) {
             v.store_partial(part);
+        }
+    }
+
+    /// Writes the 64 values to the start of `out`, which need not have been written
+    /// before ([`F32x16::store_uninit`]).
+    #[inline(always)]
+    pub fn store_uninit(self, out: &mut [std::mem::MaybeUninit<f32>]) {
+        for (v, o) in self.0.iter().zip(out[..QUAD].chunks_exact_mut(16)) {
+            v.store_uninit(o);
         }
     }
 

@@ -177,21 +177,24 @@ impl AdamW {
             grad_scale,
         };
         fused_update(&mut taken, &base);
-        let device = self.device.clone();
-        let tensor = |x: Vec<f32>| {
-            let n = x.len();
-            Tensor::<1>::from_data(TensorData::new(x, [n]), &device)
-        };
         let mut updated = HashMap::new();
         for t in taken {
+            let tensor = |x: Vec<f32>| {
+                let n = x.len();
+                Tensor::<1>::from_data(TensorData::new(x, [n]), &t.device)
+            };
             let moments = Moments {
                 exp_avg: tensor(t.m),
                 exp_avg_sq: tensor(t.v),
             };
+            let p = tensor(t.p);
             self.moments.insert(t.path, moments);
-            updated.insert(t.id, (tensor(t.p), t.dims, t.require_grad));
+            updated.insert(t.id, (p, t.dims, t.require_grad));
         }
-        model.map(&mut PutValues { updated })
+        let mut put = PutValues { updated };
+        let model = model.map(&mut put);
+        debug_assert!(put.updated.is_empty(), "every taken parameter is put back");
+        model
     }
 
     /// Save moments and step count to a safetensors file (PyTorch's names: `exp_avg`,
@@ -413,6 +416,8 @@ struct Taken {
     id: ParamId,
     path: String,
     dims: Vec<usize>,
+    /// The device of the values (under autodiff, where the parameter trains).
+    device: Device,
     require_grad: bool,
     /// The weight's decay factor `1 − lr·weight_decay` (1 without decay).
     decay: f64,
@@ -458,25 +463,28 @@ impl ModuleMapper for TakeValues<'_> {
             Some(mo) => (values(mo.exp_avg), values(mo.exp_avg_sq)),
             None => (vec![0.0; n], vec![0.0; n]),
         };
-        let (dims, require_grad, device) = (
+        let (dims, require_grad, param_device) = (
             tensor.dims().to_vec(),
             tensor.is_require_grad(),
             tensor.device(),
         );
+        // The values, on the device under autodiff (where the update builds them again).
+        let p = tensor.inner().reshape([n]);
         self.taken.push(Taken {
             id,
             path,
             dims,
+            device: p.device(),
             require_grad,
             decay,
-            p: values(tensor.inner().reshape([n])),
+            p: values(p),
             g: values(grad.reshape([n])),
             m,
             v,
         });
         // Its values are taken (no copy where the model held the only reference); the
         // updated ones go in by id.
-        let empty = Tensor::<D>::empty([0; D], &device);
+        let empty = Tensor::<D>::empty([0; D], &param_device);
         Param::from_mapped_value(id, empty, mapper)
     }
 }
@@ -526,6 +534,12 @@ fn fused_update(taken: &mut [Taken], h: &Hyper) {
         scale: h.grad_scale as f32,
     };
     taken.par_iter_mut().for_each(|t| {
+        let n = t.p.len();
+        debug_assert!(
+            [t.g.len(), t.m.len(), t.v.len()] == [n; 3],
+            "{}: lengths",
+            t.path
+        );
         let rule = rule(t.decay);
         t.p.par_chunks_mut(PIECE)
             .zip(t.m.par_chunks_mut(PIECE))
@@ -623,6 +637,37 @@ mod tests {
             );
         }
         assert_eq!(opt.step_count(), 3);
+    }
+
+    /// On the device the trainer uses (autodiff), a parameter without a gradient keeps its
+    /// values, and the updated one keeps its shape and still requires a gradient: both
+    /// forms (the fused one takes every updated parameter out of the model and puts it
+    /// back).
+    #[test]
+    fn updates_only_parameters_with_gradients_and_keeps_their_shape() {
+        let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+        for fused in [true, false] {
+            let device = Device::flex().autodiff();
+            let w0 = [[0.5f32, -0.25], [0.125, 1.0], [-2.0, 0.75]];
+            let b0 = [0.3f32, -0.6];
+            let mut model = linear(w0, b0, &device);
+            let mut opt = AdamW::new(OptimizerConfig::default(), &device);
+            opt.fused = fused;
+            let mut grads = GradientsParams::new();
+            grads.register(model.weight.id, Tensor::<2>::ones([3, 2], &device));
+            model = opt.step(0.01, model, &mut grads, 1.0);
+            let w = model.weight.val();
+            assert_eq!(w.dims(), [3, 2], "fused={fused}");
+            assert!(w.is_require_grad(), "fused={fused}: still trains");
+            let before = values(Tensor::from_data(TensorData::from(w0), &device));
+            let after = values(w);
+            assert!(
+                before.iter().zip(&after).all(|(a, b)| a != b),
+                "fused={fused}"
+            );
+            let b: Vec<f32> = model.bias.unwrap().val().into_data().try_to_vec().unwrap();
+            assert_eq!(b, b0.to_vec(), "fused={fused}: no gradient, no update");
+        }
     }
 
     #[test]

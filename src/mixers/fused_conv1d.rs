@@ -78,11 +78,11 @@ pub fn conv1d_silu(
 /// Output rows per parallel task, so one long sequence still spreads over every core.
 const PIECE: usize = 256;
 
-/// The widest kernel the fused conv takes (causal-conv1d's CUDA kernel's too): its taps'
-/// weights and gradient sums stay in registers.
+/// The widest kernel the fused conv takes (causal-conv1d's CUDA kernel's too): the weight
+/// gradient's sums of a group of channels stay in registers.
 pub const MAX_KERNEL: usize = 4;
 
-/// Channels per block of the time loops: one [`F32x16`].
+/// Channels per block past the [`Quad`]s: one [`F32x16`].
 const LANES: usize = 16;
 
 /// A block's `width` lanes of `values` from `c0` (the rest 0).
@@ -203,12 +203,12 @@ impl<'a> Inputs<'a> {
         &self,
         (gz, first): (&[f32], usize),
         rows: std::ops::Range<usize>,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
     ) {
         let ch = self.ch;
         let full = quad_part::<V>(ch);
         for (r, out) in rows.zip(out.chunks_exact_mut(ch)) {
-            // Step r − j sits in row r − j − first + K − 1: rows r − first .. from here.
+            // Step r − j sits in row r − j − first + K − 1.
             let mut steps: [&[f32]; K] = [&[]; K];
             for (j, step) in steps.iter_mut().enumerate() {
                 *step = &gz[(r - first + K - 1 - j) * ch..][..ch];
@@ -219,7 +219,7 @@ impl<'a> Inputs<'a> {
                     acc = Quad::load(&self.w[j * ch + c..])
                         .mul_add::<FMA>(Quad::load(&step[c..]), acc);
                 }
-                acc.store(&mut out[c..]);
+                acc.store_uninit(&mut out[c..]);
             }
             for c0 in (full..ch).step_by(LANES) {
                 let width = (ch - c0).min(LANES);
@@ -228,15 +228,15 @@ impl<'a> Inputs<'a> {
                     let w = load_block::<V>(&self.w[j * ch..], c0, width);
                     acc = w.mul_add(load_block(step, c0, width), acc);
                 }
-                acc.store_partial(&mut out[c0..c0 + width]);
+                acc.store_uninit(&mut out[c0..c0 + width]);
             }
         }
     }
 
     /// Output steps `steps`' shares of the weight's and bias's gradients (`[K][ch]`, `[ch]`)
     /// from their ∂L/∂z, `gz` (from the first of them), each channel's terms added in step
-    /// order: a [`Quad`] of channels at a time down the steps, its sums in registers; the
-    /// channels past the Quads row by row, their sums in memory.
+    /// order: a [`Quad`] of channels at a time down the steps, then the channels past the
+    /// Quads a block of [`LANES`] at a time, the sums in registers.
     #[inline(always)]
     fn weight_grads<V: F32x16, const K: usize, const FMA: bool>(
         &self,
@@ -304,23 +304,21 @@ fn forward_piece_in<V: F32x16, const K: usize, const FMA: bool>(
 ) {
     let ch = x.ch;
     let full = quad_part::<V>(ch);
-    // SAFETY: f32s are written, never read uninitialised, through the view: every channel
-    // of every row below, before the tail's SiLU reads it.
-    let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
-    // Row by row, the SiLU on each Quad as its sums are formed (a block of channels down
-    // all the rows, then the SiLU in a pass of its own, read one line per 1 KB row).
+    // Row by row, the SiLU on each Quad as its sums are formed (was: a block of channels
+    // down all the rows, then the SiLU in a pass of its own).
     for (s, y) in (s0..).zip(out.chunks_exact_mut(ch)) {
         let rows = x.taps_rows::<K>(i, s);
         for c in (0..full).step_by(QUAD) {
             let z = x.pre_activation_quad::<V, K, FMA>(&rows, c);
-            (z * sigmoid_and_exp_in::<_, FMA>(z).0).store(&mut y[c..]);
+            (z * sigmoid_and_exp_in::<_, FMA>(z).0).store_uninit(&mut y[c..]);
         }
         for c0 in (full..ch).step_by(LANES) {
             let width = (ch - c0).min(LANES);
             let z = x.pre_activation_block::<V, K>(&rows, (c0, width));
-            z.store_partial(&mut y[c0..c0 + width]);
+            z.store_uninit(&mut y[c0..c0 + width]);
         }
-        let rest = &mut y[full..];
+        // SAFETY: the loops above wrote every channel of the row.
+        let rest = &mut unsafe { written(y) }[full..];
         if V::QUADS && !rest.is_empty() {
             // One more Quad, padded, where the tail went one element at a time (Mamba-2's
             // B and C convs, 16 channels each, are all tail).
@@ -365,22 +363,22 @@ impl Inputs<'_> {
         let (steps, after) = rest.split_at_mut((last - first) * ch);
         before.fill(MaybeUninit::new(0.0));
         after.fill(MaybeUninit::new(0.0));
-        // SAFETY: f32s are written, never read uninitialised, through the view: every
-        // channel of every row below (the tail's z first, then its ∂L/∂z in place).
-        let steps = unsafe { &mut *(steps as *mut [MaybeUninit<f32>] as *mut [f32]) };
-        // Row by row, as the forward.
+        // Row by row, as the forward: the Quads' ∂L/∂z at once, the tail's z first, then
+        // its ∂L/∂z in place.
         for (s, gz) in (first..).zip(steps.chunks_exact_mut(ch)) {
             let g = &grad[(i * t + s) * ch..(i * t + s + 1) * ch];
             let rows = self.taps_rows::<K>(i, s);
             for c in (0..full).step_by(QUAD) {
                 let z = self.pre_activation_quad::<V, K, FMA>(&rows, c);
-                silu_backward::<_, FMA>(z, Quad::load(&g[c..])).store(&mut gz[c..]);
+                silu_backward::<_, FMA>(z, Quad::load(&g[c..])).store_uninit(&mut gz[c..]);
             }
             for c0 in (full..ch).step_by(LANES) {
                 let width = (ch - c0).min(LANES);
                 let z = self.pre_activation_block::<V, K>(&rows, (c0, width));
-                z.store_partial(&mut gz[c0..c0 + width]);
+                z.store_uninit(&mut gz[c0..c0 + width]);
             }
+            // SAFETY: the loops above wrote every channel of the row.
+            let gz = unsafe { written(gz) };
             if V::QUADS && full < ch {
                 let (z, g) = (
                     Quad::<V>::load_padded(&gz[full..]),
@@ -431,8 +429,6 @@ fn backward_piece_in<V: F32x16, const K: usize, const FMA: bool>(
     // x's row s is padded row s + h, read by steps s .. s + h (those before t).
     let steps = (i, s0, (s1 + h).min(t));
     let gz = x.grad_z::<V, K, FMA>(grad, steps, s1 - s0 + 2 * h, buffer);
-    // SAFETY: f32s are written, never read uninitialised, through the view: every row.
-    let gx = unsafe { &mut *(gx as *mut [MaybeUninit<f32>] as *mut [f32]) };
     x.gather_rows::<V, K, FMA>((gz, s0), s0 + h..s1 + h, gx);
     x.weight_grads::<V, K, FMA>(i, &gz[h * ch..], s0..s1)
 }
@@ -448,7 +444,7 @@ fn history_backward(
     x: &Inputs,
     grad: &[f32],
     i: usize,
-    (g_history, buffer): (&mut [f32], &mut Vec<MaybeUninit<f32>>),
+    (g_history, buffer): (&mut [MaybeUninit<f32>], &mut Vec<MaybeUninit<f32>>),
 ) {
     const FMA: bool = has_fma!();
     let h = x.kernel - 1;
@@ -539,6 +535,8 @@ impl ConvSiluBackend for Flex {
                 .par_chunks_mut(h * ch)
                 .enumerate()
                 .for_each(|(i, gh)| {
+                    // SAFETY: f32s are written, never read uninitialised, through the view.
+                    let gh = unsafe { &mut *(gh as *mut [f32] as *mut [MaybeUninit<f32>]) };
                     GRAD_Z.with_borrow_mut(|b| history_backward(&inputs, &grad, i, (gh, b)))
                 });
         }

@@ -27,8 +27,7 @@ use crate::activations::softplus;
 use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, register_gradients, zeroed};
 use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_f32x16};
 use crate::mixed_precision::{linear, working_dtype};
-use crate::vector_math::{Real, dot_fma, has_fma, mul_add};
-use crate::vector_math::{sigmoid_and_exp_in, softplus_in};
+use crate::vector_math::{Real, dot_fma, has_fma, mul_add, sigmoid_and_exp_in, softplus_in};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DeltaBackend: Backend {

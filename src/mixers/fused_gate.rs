@@ -21,8 +21,7 @@ use rayon::prelude::*;
 use crate::activations::silu;
 use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, register_gradients, zeroed};
 use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_f32x16};
-use crate::vector_math::sigmoid_and_exp_in;
-use crate::vector_math::{Real, has_fma};
+use crate::vector_math::{Real, has_fma, sigmoid_and_exp_in};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait SkipGateBackend: Backend {
