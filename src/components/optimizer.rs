@@ -78,6 +78,16 @@ impl ParamPath {
     fn decays(&self, rank: usize) -> bool {
         decays(self.owners.last().map_or("", String::as_str), rank)
     }
+
+    /// The factor `1 − lr·weight_decay` the parameter here is multiplied by before its
+    /// update (1 where it does not decay).
+    fn decay_factor(&self, rank: usize, lr: f64, c: &OptimizerConfig) -> f64 {
+        if self.decays(rank) && c.weight_decay > 0.0 {
+            1.0 - lr * c.weight_decay
+        } else {
+            1.0
+        }
+    }
 }
 
 /// Every parameter of `model` by path, with whether [`decays`] decays it.
@@ -134,60 +144,59 @@ impl AdamW {
         grad_scale: f64,
     ) -> M {
         self.step += 1;
-        if self.fused {
-            return self.fused_step(lr, model, grads, grad_scale);
-        }
-        let mut mapper = UpdateMapper {
-            opt: self,
-            lr,
-            grad_scale,
-            grads,
-            at: ParamPath::default(),
-        };
-        model.map(&mut mapper)
-    }
-
-    /// [`Self::step`] on flex: every parameter's values taken out of the model, updated in
-    /// one parallel pass over all of them ([`fused_update`]), and put back. Updated one
-    /// parameter at a time, a small one (a bias, a norm's weight) was one task on one
-    /// thread while the other waited, and each parameter ended in a join.
-    fn fused_step<M: Module>(
-        &mut self,
-        lr: f64,
-        model: M,
-        grads: &mut GradientsParams,
-        grad_scale: f64,
-    ) -> M {
         let mut take = TakeValues {
-            opt: self,
             lr,
+            config: &self.config,
             grads,
             at: ParamPath::default(),
             taken: Vec::new(),
         };
         let model = model.map(&mut take);
-        let mut taken = take.taken;
-        let c = &self.config;
-        let base = Hyper {
+        let h = Hyper {
             lr,
-            beta1: c.beta1,
-            beta2: c.beta2,
-            eps: c.eps,
+            beta1: self.config.beta1,
+            beta2: self.config.beta2,
+            eps: self.config.eps,
             step: self.step as i32,
             grad_scale,
         };
-        fused_update(&mut taken, &base);
+        let mut taken = take.taken;
+        let updates: Vec<(Tensor<1>, Moments)> = if self.fused {
+            // Every parameter's values at once, updated in one parallel pass: one at a
+            // time, a small one (a bias, a norm's weight) was one task on one thread while
+            // the other waited, and each parameter ended in a join.
+            let mut flat: Vec<FlatValues> = taken
+                .iter_mut()
+                .map(|t| FlatValues::take(t, self.moments.remove(&t.path)))
+                .collect();
+            fused_update(&mut flat, &h);
+            taken
+                .iter()
+                .zip(flat)
+                .map(|(t, f)| {
+                    let tensor = |x: Vec<f32>| {
+                        let n = x.len();
+                        Tensor::<1>::from_data(TensorData::new(x, [n]), &t.device)
+                    };
+                    let moments = Moments {
+                        exp_avg: tensor(f.m),
+                        exp_avg_sq: tensor(f.v),
+                    };
+                    (tensor(f.p), moments)
+                })
+                .collect()
+        } else {
+            taken
+                .iter_mut()
+                .map(|t| {
+                    let previous = self.moments.remove(&t.path);
+                    let (p, g) = (t.p.take().expect("taken"), t.g.take().expect("taken"));
+                    update_ops(p, g, previous, (&self.config, &h, t.decay))
+                })
+                .collect()
+        };
         let mut updated = HashMap::new();
-        for t in taken {
-            let tensor = |x: Vec<f32>| {
-                let n = x.len();
-                Tensor::<1>::from_data(TensorData::new(x, [n]), &t.device)
-            };
-            let moments = Moments {
-                exp_avg: tensor(t.m),
-                exp_avg_sq: tensor(t.v),
-            };
-            let p = tensor(t.p);
+        for (t, (p, moments)) in taken.into_iter().zip(updates) {
             self.moments.insert(t.path, moments);
             updated.insert(t.id, (p, t.dims, t.require_grad));
         }
@@ -278,91 +287,37 @@ impl AdamW {
     }
 }
 
-struct UpdateMapper<'a> {
-    opt: &'a mut AdamW,
-    lr: f64,
-    grad_scale: f64,
-    grads: &'a mut GradientsParams,
-    at: ParamPath,
-}
-
-impl ModuleMapper for UpdateMapper<'_> {
-    fn enter_module(&mut self, name: &str, container: &str) {
-        self.at.enter(name, container);
-    }
-
-    fn exit_module(&mut self, _name: &str, _container: &str) {
-        self.at.exit();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let (id, tensor, mapper) = param.consume();
-        let Some(grad) = self.grads.remove::<D>(id) else {
-            return Param::from_mapped_value(id, tensor, mapper);
-        };
-        let c = &self.opt.config;
-        let path = self.at.path();
-        let dims = tensor.dims();
-        let n: usize = dims.iter().product();
-        let require_grad = tensor.is_require_grad();
-        let p = tensor.inner().reshape([n]);
-        let t = self.opt.step as i32;
-        let decay = if self.at.decays(D) && c.weight_decay > 0.0 {
-            1.0 - self.lr * c.weight_decay
-        } else {
-            1.0
-        };
-        let (updated, moments) = self.update_ops(p, grad.reshape([n]), &path, t, decay);
-        let updated = updated.reshape(dims);
-        self.opt.moments.insert(path, moments);
-
-        let mut updated = Tensor::from_inner(updated);
-        if require_grad {
-            updated = updated.require_grad();
-        }
-        Param::from_mapped_value(id, updated, mapper)
-    }
-}
-
-impl UpdateMapper<'_> {
-    /// The reference update in tensor ops (every backend but flex): the new flat parameter
-    /// and moments.
-    fn update_ops(
-        &mut self,
-        p: Tensor<1>,
-        g: Tensor<1>,
-        path: &str,
-        t: i32,
-        decay: f64,
-    ) -> (Tensor<1>, Moments) {
-        let c = &self.opt.config;
-        let g = g.mul_scalar(self.grad_scale);
-        let moments = match self.opt.moments.remove(path) {
-            Some(m) => Moments {
-                exp_avg: m.exp_avg.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1),
-                exp_avg_sq: m.exp_avg_sq.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2),
-            },
-            None => Moments {
-                exp_avg: g.clone().mul_scalar(1.0 - c.beta1),
-                exp_avg_sq: g.square().mul_scalar(1.0 - c.beta2),
-            },
-        };
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
-        let denom = moments
-            .exp_avg_sq
-            .clone()
-            .sqrt()
-            .div_scalar(bias2.sqrt())
-            .add_scalar(c.eps);
-        let update = moments
-            .exp_avg
-            .clone()
-            .div(denom)
-            .mul_scalar(self.lr / bias1);
-        let decayed = if decay != 1.0 { p.mul_scalar(decay) } else { p };
-        (decayed - update, moments)
-    }
+/// The reference update in tensor ops (every backend but flex) of one flat parameter `p`
+/// given its gradient `g` and moments (`None` before the first update), decayed by
+/// `decay`: the new parameter and moments.
+fn update_ops(
+    p: Tensor<1>,
+    g: Tensor<1>,
+    moments: Option<Moments>,
+    (c, h, decay): (&OptimizerConfig, &Hyper, f64),
+) -> (Tensor<1>, Moments) {
+    let g = g.mul_scalar(h.grad_scale);
+    let moments = match moments {
+        Some(m) => Moments {
+            exp_avg: m.exp_avg.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1),
+            exp_avg_sq: m.exp_avg_sq.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2),
+        },
+        None => Moments {
+            exp_avg: g.clone().mul_scalar(1.0 - c.beta1),
+            exp_avg_sq: g.square().mul_scalar(1.0 - c.beta2),
+        },
+    };
+    let bias1 = 1.0 - c.beta1.powi(h.step);
+    let bias2 = 1.0 - c.beta2.powi(h.step);
+    let denom = moments
+        .exp_avg_sq
+        .clone()
+        .sqrt()
+        .div_scalar(bias2.sqrt())
+        .add_scalar(c.eps);
+    let update = moments.exp_avg.clone().div(denom).mul_scalar(h.lr / bias1);
+    let decayed = if decay != 1.0 { p.mul_scalar(decay) } else { p };
+    (decayed - update, moments)
 }
 
 /// The scalars of one AdamW update.
@@ -410,28 +365,27 @@ fn adamw_piece(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], r: &AdamW
     }
 }
 
-/// One parameter's values out of the model for [`fused_update`]: the parameter, its
-/// gradient and both moments (0s before the first update), flat.
+/// One parameter taken out of the model with its gradient, both flat, on the device under
+/// autodiff (where the update builds the new values).
 struct Taken {
     id: ParamId,
     path: String,
     dims: Vec<usize>,
-    /// The device of the values (under autodiff, where the parameter trains).
     device: Device,
     require_grad: bool,
     /// The weight's decay factor `1 − lr·weight_decay` (1 without decay).
     decay: f64,
-    p: Vec<f32>,
-    g: Vec<f32>,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    /// The values and the gradient (taken by the update).
+    p: Option<Tensor<1>>,
+    g: Option<Tensor<1>>,
 }
 
-/// Takes each parameter that has a gradient out of the model, with its gradient and
-/// moments, leaving an empty tensor in its place until [`PutValues`].
+/// Takes each parameter that has a gradient out of the model, with its gradient, leaving
+/// an empty tensor in its place until [`PutValues`]. (Flex's update runs over every
+/// parameter at once; the tensor-op form goes one by one over the same list.)
 struct TakeValues<'a> {
-    opt: &'a mut AdamW,
     lr: f64,
+    config: &'a OptimizerConfig,
     grads: &'a mut GradientsParams,
     at: ParamPath,
     taken: Vec<Taken>,
@@ -451,41 +405,55 @@ impl ModuleMapper for TakeValues<'_> {
         let Some(grad) = self.grads.remove::<D>(id) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
-        let c = &self.opt.config;
-        let decay = if self.at.decays(D) && c.weight_decay > 0.0 {
-            1.0 - self.lr * c.weight_decay
-        } else {
-            1.0
-        };
-        let path = self.at.path();
         let n: usize = tensor.dims().iter().product();
-        let (m, v) = match self.opt.moments.remove(&path) {
-            Some(mo) => (values(mo.exp_avg), values(mo.exp_avg_sq)),
-            None => (vec![0.0; n], vec![0.0; n]),
-        };
         let (dims, require_grad, param_device) = (
             tensor.dims().to_vec(),
             tensor.is_require_grad(),
             tensor.device(),
         );
-        // The values, on the device under autodiff (where the update builds them again).
         let p = tensor.inner().reshape([n]);
         self.taken.push(Taken {
             id,
-            path,
+            path: self.at.path(),
             dims,
             device: p.device(),
             require_grad,
-            decay,
-            p: values(p),
-            g: values(grad.reshape([n])),
-            m,
-            v,
+            decay: self.at.decay_factor(D, self.lr, self.config),
+            p: Some(p),
+            g: Some(grad.reshape([n])),
         });
         // Its values are taken (no copy where the model held the only reference); the
         // updated ones go in by id.
         let empty = Tensor::<D>::empty([0; D], &param_device);
         Param::from_mapped_value(id, empty, mapper)
+    }
+}
+
+/// A parameter's values, gradient and moments as f32 for [`fused_update`].
+struct FlatValues {
+    p: Vec<f32>,
+    g: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    decay: f64,
+}
+
+impl FlatValues {
+    /// `t`'s values (taken from it) and `moments` (0s before the first update).
+    fn take(t: &mut Taken, moments: Option<Moments>) -> Self {
+        let p = values(t.p.take().expect("taken"));
+        let n = p.len();
+        let (m, v) = match moments {
+            Some(mo) => (values(mo.exp_avg), values(mo.exp_avg_sq)),
+            None => (vec![0.0; n], vec![0.0; n]),
+        };
+        Self {
+            p,
+            g: values(t.g.take().expect("taken")),
+            m,
+            v,
+            decay: t.decay,
+        }
     }
 }
 
@@ -520,7 +488,7 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// PyTorch's AdamW rule over every taken parameter in one parallel pass: `p`, `g` and the
 /// moments read once, the new ones written in their place. `h` holds the step's scalars;
 /// each parameter has its own decay.
-fn fused_update(taken: &mut [Taken], h: &Hyper) {
+fn fused_update(taken: &mut [FlatValues], h: &Hyper) {
     use rayon::prelude::*;
     let rule = |decay: f64| AdamWStep {
         b1: h.beta1 as f32,
@@ -535,11 +503,7 @@ fn fused_update(taken: &mut [Taken], h: &Hyper) {
     };
     taken.par_iter_mut().for_each(|t| {
         let n = t.p.len();
-        debug_assert!(
-            [t.g.len(), t.m.len(), t.v.len()] == [n; 3],
-            "{}: lengths",
-            t.path
-        );
+        debug_assert!([t.g.len(), t.m.len(), t.v.len()] == [n; 3], "equal lengths");
         let rule = rule(t.decay);
         t.p.par_chunks_mut(PIECE)
             .zip(t.m.par_chunks_mut(PIECE))
