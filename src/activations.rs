@@ -1,9 +1,10 @@
-//! GELU (exact), SiLU and softplus as one Burn backend extension on flex: each forward and
-//! each derivative in a single pass, with the vectorisable exp, erf and log1p of
-//! [`crate::vector_math`]. Burn's own forms on flex are a scalar libm call per element
-//! (GELU's erf was ~8% of a default-recipe step) and, for SiLU and softplus, chains of 2–6
-//! ops with as many more in backward (~13% of an SSM step). Elsewhere Burn's forms run; they
-//! are the reference, and the tests hold the two equal, gradients included.
+//! GELU (exact), SiLU, softplus and elu + 1 as one Burn backend extension on flex: each
+//! forward and each derivative in a single pass, with the vectorisable exp, erf and log1p
+//! of [`crate::vector_math`], four vectors at a time ([`RealMap`]). Burn's own forms on
+//! flex are a scalar libm call per element (GELU's erf was ~8% of a default-recipe step)
+//! and, for SiLU and softplus, chains of 2–6 ops with as many more in backward (~13% of an
+//! SSM step). Elsewhere Burn's forms run; they are the reference, and the tests hold the two
+//! equal, gradients included.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -95,8 +96,9 @@ pub trait RealMap: Sync {
     fn apply<R: Real, const FMA: bool>(&self, x: R, other: R) -> R;
 }
 
-/// [`crate::device::flex_map`] of a [`RealMap`], in [`Quad`]s where the lanes take them ([`quad_part`];
-/// the rest one by one, the same arithmetic), fused multiply-adds where the CPU has them.
+/// [`crate::device::flex_map`] of a [`RealMap`], in [`Quad`]s where the lanes take them
+/// ([`quad_part`]; the rest one by one, the same arithmetic), fused multiply-adds where the
+/// CPU has them.
 pub fn flex_map_real(
     x: burn::backend::flex::FlexTensor,
     other: Option<burn::backend::flex::FlexTensor>,
