@@ -1,6 +1,6 @@
 //! The trainer's parts, split by concern as torchtitan's components are: checkpoints,
-//! optimizer, gradient clipping, LR schedule, loss scaler, metrics. Each owns its options (its recipe section)
-//! beside its code and knows nothing of the loop that uses it.
+//! optimizer, gradient clipping, LR schedule, loss scaler, metrics. Each owns its options
+//! (its recipe section) beside its code and knows nothing of the loop that uses it.
 
 pub mod checkpoint;
 pub mod grad_clip;

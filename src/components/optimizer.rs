@@ -154,9 +154,6 @@ impl AdamW {
         let model = model.map(&mut take);
         let h = Hyper {
             lr,
-            beta1: self.config.beta1,
-            beta2: self.config.beta2,
-            eps: self.config.eps,
             step: self.step as i32,
             grad_scale,
         };
@@ -169,7 +166,7 @@ impl AdamW {
                 .iter_mut()
                 .map(|t| FlatValues::take(t, self.moments.remove(&t.path)))
                 .collect();
-            fused_update(&mut flat, &h);
+            fused_update(&mut flat, (&self.config, &h));
             taken
                 .iter()
                 .zip(flat)
@@ -320,12 +317,9 @@ fn update_ops(
     (decayed - update, moments)
 }
 
-/// The scalars of one AdamW update.
+/// The scalars of one AdamW update beside the config's.
 struct Hyper {
     lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
     /// The update's number, from 1 (bias correction).
     step: i32,
     grad_scale: f64,
@@ -486,18 +480,18 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 }
 
 /// PyTorch's AdamW rule over every taken parameter in one parallel pass: `p`, `g` and the
-/// moments read once, the new ones written in their place. `h` holds the step's scalars;
-/// each parameter has its own decay.
-fn fused_update(taken: &mut [FlatValues], h: &Hyper) {
+/// moments read once, the new ones written in their place. Each parameter has its own
+/// decay.
+fn fused_update(taken: &mut [FlatValues], (c, h): (&OptimizerConfig, &Hyper)) {
     use rayon::prelude::*;
     let rule = |decay: f64| AdamWStep {
-        b1: h.beta1 as f32,
-        b2: h.beta2 as f32,
-        one_b1: (1.0 - h.beta1) as f32,
-        one_b2: (1.0 - h.beta2) as f32,
-        sqrt_bias2: (1.0 - h.beta2.powi(h.step)).sqrt() as f32,
-        step_size: (h.lr / (1.0 - h.beta1.powi(h.step))) as f32,
-        eps: h.eps as f32,
+        b1: c.beta1 as f32,
+        b2: c.beta2 as f32,
+        one_b1: (1.0 - c.beta1) as f32,
+        one_b2: (1.0 - c.beta2) as f32,
+        sqrt_bias2: (1.0 - c.beta2.powi(h.step)).sqrt() as f32,
+        step_size: (h.lr / (1.0 - c.beta1.powi(h.step))) as f32,
+        eps: c.eps as f32,
         decay: decay as f32,
         scale: h.grad_scale as f32,
     };
