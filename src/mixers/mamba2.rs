@@ -755,7 +755,6 @@ fn ssd_fused_kept(
     let [_, _, g, n] = B.dims();
     let per_group = h / g;
     let width = per_group * p;
-    let initial = initial.unwrap_or_else(|| Tensor::zeros([bsz, h, p, n], &x.device()));
     let (mut ys, mut states) = (Vec::with_capacity(g), Vec::with_capacity(g));
     for group in 0..g {
         let heads = |x: Tensor<4>| x.narrow(2, group * per_group, per_group);
@@ -771,10 +770,12 @@ fn ssd_fused_kept(
         let of_group = |x: Tensor<4>| x.narrow(2, group, 1).reshape([bsz, t, n]);
         let u = heads(x.clone()).reshape([bsz, t, width]);
         let (b, c) = (of_group(B.clone()), of_group(C.clone()));
-        let h0 = initial
-            .clone()
-            .narrow(1, group * per_group, per_group)
-            .reshape([bsz, width, n]);
+        // No initial state: the scan's own zeros (no tensor to fill, read and differentiate).
+        let h0 = initial.clone().map(|initial| {
+            initial
+                .narrow(1, group * per_group, per_group)
+                .reshape([bsz, width, n])
+        });
         // The group's heads' D, one per channel.
         let skip = skip.clone().map(|d| {
             d.narrow(0, group * per_group, per_group)

@@ -31,8 +31,9 @@ use crate::vector_math::add_lanes;
 #[backend_extension(Flex, Autodiff)]
 pub trait SelectiveScanBackend: Backend {
     /// Δ `[b, T, D]` (or `[b, T, H]`: see [`Dims::heads`]), u `[b, T, D]`, A `[D, N]` (or
-    /// `[D, 1]`: see [`Dims::shared`]), B, C `[b, T, N]`, h0 `[b, D, N]`, the skip D `[D]` →
-    /// y `[b, T, D]` (`C·h + D·u`) and the final state `[b, D, N]`.
+    /// `[D, 1]`: see [`Dims::shared`]), B, C `[b, T, N]`, h0 `[b, D, N]` (or, zeros, `[b, D,
+    /// 0]`: see [`no_state`]), the skip D `[D]` → y `[b, T, D]` (`C·h + D·u`) and the final
+    /// state `[b, D, N]`.
     fn selective_scan(
         delta: FloatTensor<Self>,
         u: FloatTensor<Self>,
@@ -57,7 +58,8 @@ pub trait SelectiveScanBackend: Backend {
     ) -> FloatTensor<Self>;
 
     /// The gradients of [`Self::selective_scan`]'s inputs (Δ, u, A, B, C, h0, D) given those
-    /// of its outputs (`gy` `[b, T, D]`, `gh` `[b, D, N]`).
+    /// of its outputs (`gy` `[b, T, D]`, `gh` `[b, D, N]` or, zeros, `[b, D, 0]`); h0's
+    /// `[b, D, 0]` where h0 is.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn selective_scan_backward(
         delta: FloatTensor<Self>,
@@ -95,9 +97,10 @@ pub fn selective_scan(
     a: Tensor<2>,
     b: Tensor<3>,
     c: Tensor<3>,
-    (h0, skip): (Tensor<3>, Option<Tensor<1>>),
+    (h0, skip): (Option<Tensor<3>>, Option<Tensor<1>>),
 ) -> (Tensor<3>, Tensor<3>) {
     let skip = skip_or_zeros(skip, &u);
+    let h0 = h0.unwrap_or_else(|| no_state(&u));
     let (y, h) = <burn::backend::Dispatch as SelectiveScanBackend>::selective_scan(
         delta.into_dispatch(),
         u.into_dispatch(),
@@ -117,9 +120,10 @@ pub fn selective_scan_output(
     a: Tensor<2>,
     b: Tensor<3>,
     c: Tensor<3>,
-    (h0, skip): (Tensor<3>, Option<Tensor<1>>),
+    (h0, skip): (Option<Tensor<3>>, Option<Tensor<1>>),
 ) -> Tensor<3> {
     let skip = skip_or_zeros(skip, &u);
+    let h0 = h0.unwrap_or_else(|| no_state(&u));
     Tensor::from_dispatch(
         <burn::backend::Dispatch as SelectiveScanBackend>::selective_scan_output(
             delta.into_dispatch(),
@@ -131,6 +135,13 @@ pub fn selective_scan_output(
             skip.into_dispatch(),
         ),
     )
+}
+
+/// A state of zeros for a scan over `u` `[b, T, D]`, as `[b, D, 0]`: no buffer to fill
+/// and read back, and no gradient of it to write (a fresh scan's state is no parameter).
+fn no_state(u: &Tensor<3>) -> Tensor<3> {
+    let [b, _, d] = u.dims();
+    Tensor::zeros([b, d, 0], &u.device())
 }
 
 /// The skip D, zeros `[D]` (no skip) where not given: the kernel's one extra multiply-add
@@ -151,8 +162,8 @@ const BLOCK_WIDTHS: [usize; 4] = [256, 128, 64, 32];
 /// cores end as soon as 24 of half the width would.)
 const MIN_TASKS: usize = 12;
 
-/// Steps per segment of the backward's recompute: one segment's states and decays of a
-/// group (32 KB each) and its dB, dC terms stay in cache, where all T steps' would not.
+/// Steps per segment of the backward's recompute: one segment's states of a group (32 KB)
+/// and its dB, dC terms stay in cache, where all T steps' would not. (32 was slower.)
 pub const SEGMENT: usize = 64;
 
 /// The sizes of a scan.
@@ -221,7 +232,9 @@ impl Dims {
 struct Inputs<'a> {
     delta: Cow<'a, [f32]>,
     u: Cow<'a, [f32]>,
-    a: Cow<'a, [f32]>,
+    /// A·log₂e as lanes, `[D / 16][a_cols]` (see [`Chunk::a_rows`]): laid out once for all
+    /// tasks, where each chunk of every sequence's task gathered its channels' values.
+    a_lanes: Vec<Lanes>,
     b: Cow<'a, [f32]>,
     c: Cow<'a, [f32]>,
     h0: Cow<'a, [f32]>,
@@ -230,12 +243,19 @@ struct Inputs<'a> {
 
 impl<'a> Inputs<'a> {
     /// Δ, u, A, B, C, h0, D as f32.
-    fn read(tensors: &'a [FlexTensor; 7]) -> Self {
+    fn read(tensors: &'a [FlexTensor; 7], dims: Dims) -> Self {
         let [delta, u, a, b, c, h0, skip] = tensors.each_ref().map(flex_f32);
+        let cols = dims.a_cols();
+        let mut a_lanes = vec![[0f32; LANES]; dims.d.div_ceil(LANES) * cols];
+        for (channel, row) in a.chunks_exact(cols).enumerate() {
+            for (k, v) in row.iter().enumerate() {
+                a_lanes[channel / LANES * cols + k][channel % LANES] = v * std::f32::consts::LOG2_E;
+            }
+        }
         Self {
             delta,
             u,
-            a,
+            a_lanes,
             b,
             c,
             h0,
@@ -253,12 +273,47 @@ const LANES: usize = 16;
 /// One value per channel of a chunk, in memory.
 type Lanes = [f32; LANES];
 
-/// `rows` (`[n]` lanes) as channel-major `[width][n]` values, `width` from `out`'s length.
+/// `rows` (`[n]` lanes) as channel-major `[width][n]` values, `width` from `out`'s length:
+/// 16 rows at a time by [`F32x16::transpose`], the rest element by element.
 #[inline(always)]
-fn lanes_to_channels(rows: &[Lanes], out: &mut [f32]) {
-    for (l, channel) in (0..LANES).zip(out.chunks_exact_mut(rows.len())) {
-        for (v, row) in channel.iter_mut().zip(rows) {
-            *v = row[l];
+fn lanes_to_channels<V: F32x16>(rows: &[Lanes], out: &mut [f32]) {
+    let n = rows.len();
+    let mut block = [[0f32; LANES]; LANES];
+    for k0 in (0..n).step_by(LANES) {
+        if let Ok(square) = <&[Lanes; LANES]>::try_from(&rows[k0..(k0 + LANES).min(n)]) {
+            V::transpose(square, &mut block);
+            for (channel, column) in out.chunks_exact_mut(n).zip(&block) {
+                channel[k0..k0 + LANES].copy_from_slice(column);
+            }
+        } else {
+            for (l, channel) in out.chunks_exact_mut(n).enumerate() {
+                for (v, row) in channel[k0..].iter_mut().zip(&rows[k0..]) {
+                    *v = row[l];
+                }
+            }
+        }
+    }
+}
+
+/// Channel-major `[width][n]` values (`width ≤ 16`) as `rows` (`[n]` lanes; lanes past the
+/// width left as they are): [`lanes_to_channels`] undone.
+#[inline(always)]
+fn channels_to_lanes<V: F32x16>(values: &[f32], rows: &mut [Lanes]) {
+    let n = rows.len();
+    let mut block = [[0f32; LANES]; LANES];
+    for k0 in (0..n).step_by(LANES) {
+        if n - k0 >= LANES {
+            for (column, channel) in block.iter_mut().zip(values.chunks_exact(n)) {
+                column.copy_from_slice(&channel[k0..k0 + LANES]);
+            }
+            let square: &mut [Lanes; LANES] = (&mut rows[k0..k0 + LANES]).try_into().unwrap();
+            V::transpose(&block, square);
+        } else {
+            for (l, channel) in values.chunks_exact(n).enumerate() {
+                for (row, v) in rows[k0..].iter_mut().zip(&channel[k0..]) {
+                    row[l] = *v;
+                }
+            }
         }
     }
 }
@@ -425,36 +480,31 @@ impl<'a> Chunk<'a> {
     /// cheaper exponential.
     #[inline(always)]
     fn a_rows<V: F32x16, const G: usize>(&self, k0: usize) -> [V; G] {
-        let (cols, shared) = (self.dims.a_cols(), self.dims.shared);
-        let mut rows = [[0f32; LANES]; G];
-        for l in 0..self.width {
-            for (g, row) in rows.iter_mut().enumerate() {
-                let col = if shared { 0 } else { k0 + g };
-                row[l] = self.x.a[(self.c0 + l) * cols + col] * std::f32::consts::LOG2_E;
-            }
+        let cols = self.dims.a_cols();
+        let lanes = &self.x.a_lanes[self.c0 / LANES * cols..][..cols];
+        if self.dims.shared {
+            return [V::load(&lanes[0]); G];
         }
-        load_rows(&rows)
+        load_rows(lanes[k0..k0 + G].try_into().unwrap())
     }
 
     /// All `n` rows of this chunk's state in a `[b, d, n]` array, as `[n]` lanes.
     #[inline(always)]
-    fn read_state(&self, values: &[f32]) -> Vec<Lanes> {
+    fn read_state<V: F32x16>(&self, values: &[f32]) -> Vec<Lanes> {
         let n = self.dims.n;
         let at = (self.i * self.dims.d + self.c0) * n;
         let mut rows = vec![[0f32; LANES]; n];
+        if values.is_empty() {
+            // A state of zeros given as `[b, D, 0]` (see `no_state`).
+            return rows;
+        }
         let block = &values[at..at + self.width * n];
         // A state of zeros (a fresh scan's, the gradient of a final state left unused) needs
         // no transposing. (Its test ORs the bits 16 values at a time, which vectorises, where
         // `any` stopping at the first non-zero compiled to a scalar loop: 3% of a backward.)
-        // Rows outer: written in order, where channels outer compiled to scatters, each some
-        // dozens of cycles.
         let bits = |values: &[f32]| values.iter().fold(0, |acc, v| acc | v.to_bits());
         if block.chunks(LANES).any(|values| bits(values) != 0) {
-            for (k, row) in rows.iter_mut().enumerate() {
-                for (l, v) in row[..self.width].iter_mut().enumerate() {
-                    *v = block[l * n + k];
-                }
-            }
+            channels_to_lanes::<V>(block, &mut rows);
         }
         rows
     }
@@ -464,32 +514,26 @@ impl<'a> Chunk<'a> {
     /// # Safety
     /// No other task writes this chunk's channels of `out`.
     #[inline(always)]
-    unsafe fn write_state(&self, out: Output, rows: &[Lanes]) {
+    unsafe fn write_state<V: F32x16>(&self, out: Output, rows: &[Lanes]) {
         let n = self.dims.n;
         let mut values = vec![0f32; self.width * n];
-        lanes_to_channels(rows, &mut values);
+        lanes_to_channels::<V>(rows, &mut values);
         // SAFETY: as the caller promises; the chunk's channels are consecutive.
         unsafe { out.write((self.i * self.dims.d + self.c0) * n, &values) };
     }
 
     /// One step of rows `k0 .. k0 + G` (`a` from [`Self::a_rows`]), given the step's Δ, Δ·u
-    /// and its B rows: `h ← e ⊙ h + Δ·u·B`, `e = exp(Δ·A)`; the decays written to `decays`
-    /// where given (where A is shared, the one decay to the first row alone).
+    /// and its B rows: `h ← e ⊙ h + Δ·u·B`, `e = exp(Δ·A)`.
     #[inline(always)]
     fn step<V: F32x16, const G: usize>(
         &self,
         (dl, dlu, b): (V, V, &[f32; G]),
         (a, h): (&[V; G], &mut [V; G]),
-        mut decays: Option<&mut [Lanes; G]>,
     ) {
         // (Branches, not closures: a closure is a function boundary that the intrinsics
         // behind `V` are not inlined across.)
         let shared = if self.dims.shared {
-            let e = dl.mul(a[0]).exp2_nonpositive();
-            if let Some(decays) = decays.as_deref_mut() {
-                e.store(&mut decays[0]);
-            }
-            e
+            dl.mul(a[0]).exp2_nonpositive()
         } else {
             V::zero()
         };
@@ -497,11 +541,7 @@ impl<'a> Chunk<'a> {
             let e = if self.dims.shared {
                 shared
             } else {
-                let e = dl.mul(a[g]).exp2_nonpositive();
-                if let Some(decays) = decays.as_deref_mut() {
-                    e.store(&mut decays[g]);
-                }
-                e
+                dl.mul(a[g]).exp2_nonpositive()
             };
             h[g] = e.mul_add(h[g], dlu.mul(V::splat(b[g])));
         }
@@ -523,7 +563,7 @@ impl<'a> Chunk<'a> {
         let inputs = steps.dl.iter().zip(steps.dlu).zip(steps.b.chunks_exact(n));
         for (s, ((dl, dlu), b)) in inputs.enumerate() {
             let b = b[k0..k0 + G].try_into().unwrap();
-            self.step::<V, G>((V::load(dl), V::load(dlu), b), (&a, &mut hr), None);
+            self.step::<V, G>((V::load(dl), V::load(dlu), b), (&a, &mut hr));
             if let Some(y) = y.as_deref_mut() {
                 let c: &[f32; G] = steps.c[s * n + k0..s * n + k0 + G].try_into().unwrap();
                 let mut acc = V::load(&y[s]);
@@ -554,28 +594,25 @@ impl<'a> Chunk<'a> {
         let (n, len) = (self.dims.n, steps.dl.len());
         let a = self.a_rows::<V, G>(k0);
         // Slices of the segment's length, walked by iterators: no bounds check per row.
-        let (states, decays) = (
-            &mut buffers.states[..len * G],
-            &mut buffers.decays[..len * G],
-        );
+        let states = &mut buffers.states[..len * G];
         let (sums_b, sums_c) = (
             &mut buffers.sums_b[..len * n],
             &mut buffers.sums_c[..len * n],
         );
         let via = &mut buffers.via[..2 * len];
         let inputs = || steps.dl.iter().zip(steps.dlu).zip(gy);
-        // Recompute the segment's states h_(t−1) and decays from its entering state, and
-        // dC's terms gy ⊙ h_t on the way.
+        // Recompute the segment's states h_(t−1) from its entering state, and dC's terms
+        // gy ⊙ h_t on the way. (The decays are recomputed again on the way back: a buffer
+        // of them, written here and read there, made the backward 2% slower.)
         let mut h: [V; G] = load_rows(entering[k0..k0 + G].try_into().unwrap());
-        let kept = states.chunks_exact_mut(G).zip(decays.chunks_exact_mut(G));
+        let kept = states.chunks_exact_mut(G);
         let rows = steps.b.chunks_exact(n).zip(sums_c.chunks_exact_mut(n));
-        for (((state, decay), (b, sum_c)), ((dl, dlu), gy)) in kept.zip(rows).zip(inputs()) {
+        for ((state, (b, sum_c)), ((dl, dlu), gy)) in kept.zip(rows).zip(inputs()) {
             for g in 0..G {
                 h[g].store(&mut state[g]);
             }
             let b = b[k0..k0 + G].try_into().unwrap();
-            let decay = decay.try_into().unwrap();
-            self.step::<V, G>((V::load(dl), V::load(dlu), b), (&a, &mut h), Some(decay));
+            self.step::<V, G>((V::load(dl), V::load(dlu), b), (&a, &mut h));
             let (gy, sum_c): (V, &mut [Lanes; G]) =
                 (V::load(gy), (&mut sum_c[k0..k0 + G]).try_into().unwrap());
             for (h, sum) in h.iter().zip(sum_c) {
@@ -584,7 +621,7 @@ impl<'a> Chunk<'a> {
         }
         // Back in time through y_t = C_t · h_t and h_t = e ⊙ h_(t−1) + Δ·u·B_t.
         let mut lam_r: [V; G] = load_rows(lam[k0..k0 + G].try_into().unwrap());
-        let kept = states.chunks_exact(G).zip(decays.chunks_exact(G));
+        let kept = states.chunks_exact(G);
         let rows = steps.b.chunks_exact(n).zip(steps.c.chunks_exact(n));
         let sums = sums_b.chunks_exact_mut(n).zip(via.chunks_exact_mut(2));
         let back_in_time = kept.zip(rows).zip(sums).zip(inputs()).rev();
@@ -592,9 +629,9 @@ impl<'a> Chunk<'a> {
             // One decay e and one A per channel: Σ_k λ_k·e·h_(t−1),k·A = e·A·Σ_k λ_k·h_(t−1),k,
             // so the rows need only the sum; dA is one row, `g_a[0]`.
             let mut ga = V::load(&g_a[0]);
-            for ((((states, decays), (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
-                let (dl, dlu, gy, e) =
-                    (V::load(dl), V::load(dlu), V::load(gy), V::load(&decays[0]));
+            for (((states, (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
+                let (dl, dlu, gy) = (V::load(dl), V::load(dlu), V::load(gy));
+                let e = dl.mul(a[0]).exp2_nonpositive();
                 let (b, c): (&[f32; G], &[f32; G]) = (
                     b[k0..k0 + G].try_into().unwrap(),
                     c[k0..k0 + G].try_into().unwrap(),
@@ -620,7 +657,7 @@ impl<'a> Chunk<'a> {
             return;
         }
         let mut ga_r: [V; G] = load_rows(g_a[k0..k0 + G].try_into().unwrap());
-        for ((((states, decays), (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
+        for (((states, (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
             let (dl, dlu, gy) = (V::load(dl), V::load(dlu), V::load(gy));
             let (b, c): (&[f32; G], &[f32; G]) = (
                 b[k0..k0 + G].try_into().unwrap(),
@@ -630,7 +667,7 @@ impl<'a> Chunk<'a> {
             // Σ_k λ_k·A_k·e_k·h_(t−1),k and Σ_k λ_k·B_k per channel: dΔ and du follow.
             let (mut via_decay, mut via_input) = (V::load(&via[0]), V::load(&via[1]));
             for g in 0..G {
-                let (e, h_prev) = (V::load(&decays[g]), V::load(&states[g]));
+                let (e, h_prev) = (dl.mul(a[g]).exp2_nonpositive(), V::load(&states[g]));
                 let lam = gy.mul_add(V::splat(c[g]), lam_r[g]);
                 lam.mul_add(dlu, V::load(&sum_b[g])).store(&mut sum_b[g]);
                 let back = lam.mul(e).mul(h_prev);
@@ -694,7 +731,7 @@ impl<'s> Steps<'s> {
     }
 }
 
-/// One task's forward: its channels' y and final states.
+/// One task's forward: its channels' y and, where `h_out` is given, final states.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
@@ -706,7 +743,7 @@ fn forward_task(
     dims: Dims,
     task: Task,
     buffers: &mut SegmentBuffers,
-    outputs: (Output, Output),
+    outputs: (Output, Option<Output>),
 ) {
     with_f32x16!(V => forward_task_in::<V>(x, dims, task, buffers, outputs))
 }
@@ -718,13 +755,13 @@ fn forward_task_in<V: F32x16>(
     dims: Dims,
     (i, d0, w): Task,
     buffers: &mut SegmentBuffers,
-    (y_out, h_out): (Output, Output),
+    (y_out, h_out): (Output, Option<Output>),
 ) {
     buffers.fit(SEGMENT.min(dims.t), dims.n);
     let SegmentBuffers { lanes, gy: y, .. } = buffers;
     for c0 in (d0..d0 + w).step_by(LANES) {
         let chunk = Chunk::new(x, dims, (i, c0, (d0 + w - c0).min(LANES)));
-        let mut h = chunk.read_state(&x.h0);
+        let mut h = chunk.read_state::<V>(&x.h0);
         for start in (0..dims.t).step_by(SEGMENT) {
             let end = (start + SEGMENT).min(dims.t);
             let steps = Steps::gather::<V>(&chunk, (start, end), lanes);
@@ -742,8 +779,10 @@ fn forward_task_in<V: F32x16>(
                 }
             }
         }
-        // SAFETY: this chunk's rows of the final state.
-        unsafe { chunk.write_state(h_out, &h) };
+        if let Some(h_out) = h_out {
+            // SAFETY: this chunk's rows of the final state.
+            unsafe { chunk.write_state::<V>(h_out, &h) };
+        }
     }
 }
 
@@ -794,14 +833,14 @@ fn backward_task_in<V: F32x16>(
     let mut g_heads = HeadGrads::of_task(dims, (d0, w));
     // Per chunk: λ (from the final state's gradient), dA, and the state entering each
     // segment, `[n]` lanes each.
-    let mut lam: Vec<Vec<Lanes>> = chunks.iter().map(|c| c.read_state(gh)).collect();
+    let mut lam: Vec<Vec<Lanes>> = chunks.iter().map(|c| c.read_state::<V>(gh)).collect();
     let mut g_a = vec![vec![[0f32; LANES]; n]; chunks.len()];
     // Per chunk: the skip D's gradient, Σ_t gy·u.
     let mut g_skip = vec![[0f32; LANES]; chunks.len()];
     // (A loop, not a closure: `V`'s intrinsics are not inlined across a closure.)
     let mut entering = Vec::with_capacity(chunks.len());
     for chunk in &chunks {
-        let mut states = vec![chunk.read_state(&x.h0)];
+        let mut states = vec![chunk.read_state::<V>(&x.h0)];
         for segment in 1..segments {
             let range = ((segment - 1) * SEGMENT, segment * SEGMENT);
             let steps = Steps::gather::<V>(chunk, range, lanes);
@@ -865,10 +904,12 @@ fn backward_task_in<V: F32x16>(
     let cols = dims.a_cols();
     let (mut part_a, mut part_skip) = (vec![0f32; w * cols], vec![0f32; w]);
     for (chunk, ((lam, g_a), g_skip)) in chunks.iter().zip(lam.iter().zip(&g_a).zip(&g_skip)) {
-        // SAFETY: this chunk's rows of the start state.
-        unsafe { chunk.write_state(d_h0, lam) };
+        if !x.h0.is_empty() {
+            // SAFETY: this chunk's rows of the start state.
+            unsafe { chunk.write_state::<V>(d_h0, lam) };
+        }
         let at = (chunk.c0 - d0) * cols;
-        lanes_to_channels(&g_a[..cols], &mut part_a[at..at + chunk.width * cols]);
+        lanes_to_channels::<V>(&g_a[..cols], &mut part_a[at..at + chunk.width * cols]);
         let at = chunk.c0 - d0;
         part_skip[at..at + chunk.width].copy_from_slice(&g_skip[..chunk.width]);
     }
@@ -943,13 +984,12 @@ thread_local! {
     static BUFFERS: std::cell::RefCell<SegmentBuffers> = Default::default();
 }
 
-/// A group's recomputed states h_(t−1) and decays (`[SEGMENT][GROUPS[0]]` lanes each), the
+/// A group's recomputed states h_(t−1) (`[SEGMENT][GROUPS[0]]` lanes), the
 /// per-channel terms of dB and dC (`[SEGMENT][n]` lanes), and the per-step sums for dΔ and
 /// du (`[SEGMENT][2]` lanes).
 #[derive(Default)]
 struct SegmentWork {
     states: Vec<Lanes>,
-    decays: Vec<Lanes>,
     sums_b: Vec<Lanes>,
     sums_c: Vec<Lanes>,
     via: Vec<Lanes>,
@@ -966,7 +1006,6 @@ impl SegmentBuffers {
             (&mut self.lanes.dlu, len),
             (&mut self.gy, len),
             (&mut work.states, len * group),
-            (&mut work.decays, len * group),
             (&mut work.sums_b, len * n),
             (&mut work.sums_c, len * n),
             (&mut work.via, 2 * len),
@@ -1054,6 +1093,36 @@ impl Output {
     }
 }
 
+/// The fused forward on flex: y, and the final state where `state` (its transpose out of
+/// the lanes skipped where only y is wanted).
+fn flex_forward(tensors: [FlexTensor; 7], state: bool) -> (FlexTensor, Option<FlexTensor>) {
+    let [delta, u, a, b] = [0, 1, 2, 3].map(|i| &tensors[i]);
+    let (dims, dtype) = (Dims::of(delta, u, a, b), u.dtype());
+    let x = Inputs::read(&tensors, dims);
+    let Dims {
+        b: nb, t, d: dd, n, ..
+    } = dims;
+    let (y, y_out) = Output::alloc(nb * t * dd);
+    let (h_last, h_out) = Output::alloc(if state { nb * dd * n } else { 0 });
+    let h_out = state.then_some(h_out);
+    dims.tasks().into_par_iter().for_each(|task| {
+        BUFFERS.with_borrow_mut(|buffers| forward_task(&x, dims, task, buffers, (y_out, h_out)))
+    });
+    // SAFETY: the tasks cover every sequence and channel: every step's row and, where
+    // asked for, state.
+    let (y, h_last) = unsafe {
+        (
+            Output::finish(y, nb * t * dd),
+            state.then(|| Output::finish(h_last, nb * dd * n)),
+        )
+    };
+    FORWARD_CALLS.record();
+    (
+        flex_from_f32(y, [nb, t, dd], dtype),
+        h_last.map(|h| flex_from_f32(h, [nb, dd, n], dtype)),
+    )
+}
+
 impl SelectiveScanBackend for Flex {
     fn selective_scan(
         delta: FlexTensor,
@@ -1064,29 +1133,8 @@ impl SelectiveScanBackend for Flex {
         h0: FlexTensor,
         skip: FlexTensor,
     ) -> (FlexTensor, FlexTensor) {
-        let (dims, dtype) = (Dims::of(&delta, &u, &a, &b), u.dtype());
-        let tensors = [delta, u, a, b, c, h0, skip];
-        let x = Inputs::read(&tensors);
-        let Dims {
-            b: nb, t, d: dd, n, ..
-        } = dims;
-        let ((y, y_out), (h_last, h_out)) =
-            (Output::alloc(nb * t * dd), Output::alloc(nb * dd * n));
-        dims.tasks().into_par_iter().for_each(|task| {
-            BUFFERS.with_borrow_mut(|buffers| forward_task(&x, dims, task, buffers, (y_out, h_out)))
-        });
-        // SAFETY: the tasks cover every sequence and channel: every step's row and state.
-        let (y, h_last) = unsafe {
-            (
-                Output::finish(y, nb * t * dd),
-                Output::finish(h_last, nb * dd * n),
-            )
-        };
-        FORWARD_CALLS.record();
-        (
-            flex_from_f32(y, [nb, t, dd], dtype),
-            flex_from_f32(h_last, [nb, dd, n], dtype),
-        )
+        let (y, h) = flex_forward([delta, u, a, b, c, h0, skip], true);
+        (y, h.expect("the final state was asked for"))
     }
 
     fn selective_scan_output(
@@ -1098,7 +1146,7 @@ impl SelectiveScanBackend for Flex {
         h0: FlexTensor,
         skip: FlexTensor,
     ) -> FlexTensor {
-        Self::selective_scan(delta, u, a, b, c, h0, skip).0
+        flex_forward([delta, u, a, b, c, h0, skip], false).0
     }
 
     fn selective_scan_backward(
@@ -1122,7 +1170,7 @@ impl SelectiveScanBackend for Flex {
     ) {
         let (dims, dtype) = (Dims::of(&delta, &u, &a, &b), u.dtype());
         let tensors = [delta, u, a, b, c, h0, skip];
-        let x = Inputs::read(&tensors);
+        let x = Inputs::read(&tensors, dims);
         let (gy, gh) = (flex_f32(&gy), flex_f32(&gh));
         let Dims {
             b: nb, t, d: dd, n, ..
@@ -1131,7 +1179,9 @@ impl SelectiveScanBackend for Flex {
         let per_channel = dims.heads == dd;
         let (g_delta, d_delta) = Output::alloc(if per_channel { nb * t * dd } else { 0 });
         let (g_u, d_u) = Output::alloc(nb * t * dd);
-        let (g_h0, d_h0) = Output::alloc(nb * dd * n);
+        // h0 given as `[b, D, 0]` (zeros, see `no_state`): its gradient as the same.
+        let h0_n = if x.h0.is_empty() { 0 } else { n };
+        let (g_h0, d_h0) = Output::alloc(nb * dd * h0_n);
         let parts: Vec<_> = dims
             .tasks()
             .into_par_iter()
@@ -1145,7 +1195,7 @@ impl SelectiveScanBackend for Flex {
         // SAFETY: the tasks cover every sequence and channel: every step's row and state.
         let (g_delta, g_u, g_h0) = unsafe {
             let rows = nb * t * dd;
-            let states = nb * dd * n;
+            let states = nb * dd * h0_n;
             (
                 Output::finish(g_delta, if per_channel { rows } else { 0 }),
                 Output::finish(g_u, rows),
@@ -1187,7 +1237,7 @@ impl SelectiveScanBackend for Flex {
             flex_from_f32(g_a, [dd, cols], dtype),
             flex_from_f32(g_b, [nb, t, n], dtype),
             flex_from_f32(g_c, [nb, t, n], dtype),
-            flex_from_f32(g_h0, [nb, dd, n], dtype),
+            flex_from_f32(g_h0, [nb, dd, h0_n], dtype),
             flex_from_f32(g_skip, [dd], dtype),
         )
     }
@@ -1233,7 +1283,12 @@ fn register_scan_gradients<B: Backend + SelectiveScanBackend>(
 ) {
     let Saved { inputs, h_shape } = ops.state;
     let [delta, u, a, b, c, h0, skip] = inputs;
-    let gh = gh.unwrap_or_else(|| B::float_zeros(h_shape, &delta.device(), delta.dtype().into()));
+    // The final state's gradient, where none reached it, as zeros `[b, D, 0]` (see
+    // `no_state`).
+    let gh = gh.unwrap_or_else(|| {
+        let shape = [h_shape[0], h_shape[1], 0].into();
+        B::float_zeros(shape, &delta.device(), delta.dtype().into())
+    });
     let (gd, gu, ga, gb, gc, gh0, gs) =
         B::selective_scan_backward(delta, u, a, b, c, h0, skip, gy, gh);
     register_gradients::<B, _>(
@@ -1355,5 +1410,48 @@ impl<B: Backend + SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBack
         unreachable!(
             "the scan's backward runs on the inner backend; it is not differentiated again"
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lanes to channel-major values and back, 16 rows at a time and the rest one by one,
+    /// for full and partial chunks: `out[l][k] = rows[k][l]` for the chunk's lanes, and the
+    /// round trip gives the rows back (lanes past the width 0).
+    #[test]
+    fn lanes_and_channels_convert_both_ways() {
+        fn check<V: F32x16>(form: &str) {
+            for (n, width) in [(5, 16), (16, 16), (16, 11), (21, 7), (37, 16)] {
+                let rows: Vec<Lanes> = (0..n)
+                    .map(|k| {
+                        std::array::from_fn(|l| if l < width { (k * 100 + l) as f32 } else { 0.0 })
+                    })
+                    .collect();
+                let mut values = vec![f32::NAN; width * n];
+                lanes_to_channels::<V>(&rows, &mut values);
+                for (l, channel) in values.chunks_exact(n).enumerate() {
+                    for (k, v) in channel.iter().enumerate() {
+                        assert_eq!(*v, rows[k][l], "{form} n={n} width={width}: ({k}, {l})");
+                    }
+                }
+                let mut back = vec![[0f32; LANES]; n];
+                channels_to_lanes::<V>(&values, &mut back);
+                assert_eq!(back, rows, "{form} n={n} width={width}: round trip");
+            }
+        }
+        check::<crate::f32x16::Portable<true>>("portable");
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            /// # Safety
+            /// The CPU has AVX-512F.
+            #[target_feature(enable = "avx512f")]
+            unsafe fn check_avx512() {
+                check::<crate::f32x16::Avx512>("AVX-512");
+            }
+            // SAFETY: checked above.
+            unsafe { check_avx512() };
+        }
     }
 }

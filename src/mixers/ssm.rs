@@ -137,10 +137,9 @@ impl Ssm {
             Tensor::cat(vec![history.clone(), u.clone()], 1).narrow(1, t, kernel - 1)
         };
         let u = dir.conv1d.forward_silu(u, Some(history));
-        let dbc = linear(dir.x_proj, u.clone());
-        let dt = dbc.clone().narrow(2, 0, r);
-        let b = dbc.clone().narrow(2, r, n);
-        let c = dbc.narrow(2, r + n, n);
+        // Each piece its own product: contiguous for the kernels that read it, and no
+        // gradient of a slice (a zero-filled tensor of the whole, summed) behind them.
+        let [dt, b, c] = linear_split(dir.x_proj, u.clone(), [r, n, n]);
         let mut delta = fused_delta::delta(dir.dt_proj, dt);
         if let Some(p) = padding {
             delta = delta * p.column();
@@ -422,8 +421,6 @@ fn fused_selective_scan(
     skip: Option<Tensor<1>>,
     keep_state: bool,
 ) -> (Tensor<3>, Option<Tensor<3>>) {
-    let [bsz, _, di] = s.u.dims();
-    let h = h.unwrap_or_else(|| Tensor::zeros([bsz, di, s.b.dims()[2]], &s.u.device()));
     if !keep_state {
         let y = selective_scan::selective_scan_output(s.delta, s.u, s.a, s.b, s.c, (h, skip));
         return (y, None);
