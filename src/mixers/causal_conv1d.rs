@@ -91,8 +91,9 @@ fn conv_silu(
     if !crate::device::is_flex(&x.device()) || kernel > super::fused_conv1d::MAX_KERNEL {
         return crate::activations::silu(conv(x, history, weight, bias));
     }
+    // No history: the kernel's zeros, given as `[b, 0, ch]`.
     let [b, _, ch] = x.dims();
-    let history = history.unwrap_or_else(|| Tensor::zeros([b, kernel - 1, ch], &x.device()));
+    let history = history.unwrap_or_else(|| Tensor::zeros([b, 0, ch], &x.device()));
     super::fused_conv1d::conv1d_silu(x, history, weight, bias)
 }
 

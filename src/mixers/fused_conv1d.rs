@@ -31,8 +31,9 @@ use std::mem::MaybeUninit;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait ConvSiluBackend: Backend {
-    /// x `[b, t, ch]` after history `[b, kernel − 1, ch]`, weight `[ch, 1, kernel]`, bias
-    /// `[ch]` → `silu(conv)` `[b, t, ch]`.
+    /// x `[b, t, ch]` after history `[b, kernel − 1, ch]` (or, zeros, `[b, 0, ch]`: a
+    /// sequence's start, with no buffer to fill and no gradient to write), weight
+    /// `[ch, 1, kernel]`, bias `[ch]` → `silu(conv)` `[b, t, ch]`.
     fn conv1d_silu(
         x: FloatTensor<Self>,
         history: FloatTensor<Self>,
@@ -40,7 +41,8 @@ pub trait ConvSiluBackend: Backend {
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 
-    /// The gradients of x, history, weight and bias given the output's.
+    /// The gradients of x, history (`[b, 0, ch]` where it is), weight and bias given the
+    /// output's.
     #[allow(clippy::type_complexity)]
     fn conv1d_silu_backward(
         x: FloatTensor<Self>,
@@ -102,7 +104,10 @@ thread_local! {
 /// The inputs as f32, the weight transposed to `[kernel][ch]`.
 struct Inputs<'a> {
     x: std::borrow::Cow<'a, [f32]>,
+    /// `[b, kernel − 1, ch]`, or empty: zeros (see [`ConvSiluBackend::conv1d_silu`]).
     history: std::borrow::Cow<'a, [f32]>,
+    /// A row of zeros, the history's rows where it is empty.
+    zeros: Vec<f32>,
     /// `[kernel][ch]`.
     w: Vec<f32>,
     bias: std::borrow::Cow<'a, [f32]>,
@@ -130,6 +135,7 @@ impl<'a> Inputs<'a> {
         Self {
             x: flex_f32(x),
             history: flex_f32(history),
+            zeros: vec![0.0; ch],
             w,
             bias: flex_f32(bias),
             t,
@@ -143,7 +149,9 @@ impl<'a> Inputs<'a> {
     #[inline(always)]
     fn row(&self, i: usize, r: usize) -> &[f32] {
         let (ch, h) = (self.ch, self.kernel - 1);
-        if r < h {
+        if r < h && self.history.is_empty() {
+            &self.zeros
+        } else if r < h {
             &self.history[(i * h + r) * ch..(i * h + r + 1) * ch]
         } else {
             let s = r - h;
@@ -529,7 +537,7 @@ impl ConvSiluBackend for Flex {
         };
         // SAFETY: the pieces above cover all `len` elements (none when t or ch is 0).
         unsafe { gx.set_len(len) };
-        if t > 0 && h > 0 && ch > 0 {
+        if t > 0 && h > 0 && ch > 0 && !inputs.history.is_empty() {
             // Every row written: a history row that no output step reads (t < h) gets 0s.
             g_history
                 .par_chunks_mut(h * ch)
@@ -626,7 +634,8 @@ mod tests {
 
     /// The fused conv + SiLU equals the reference, output and the gradients of x, history,
     /// weight and bias: across a piece boundary, with fewer steps than the history, and
-    /// with channels in a [`QUAD`] and past it.
+    /// with channels in a [`QUAD`] and past it; from a given history and from none (zeros,
+    /// which the fused conv takes as `[b, 0, ch]`).
     #[test]
     fn fused_conv_silu_equals_the_reference() {
         let device = Device::flex().autodiff();
@@ -650,11 +659,12 @@ mod tests {
             let bias = Tensor::<1>::random([ch], Distribution::Normal(0.0, 0.5), &device);
             conv.bias = burn::module::Param::from_tensor(bias);
             let probe = Tensor::<3>::random([b, t, ch], Distribution::Normal(0.0, 1.0), &device);
-            let run = |fused: bool| {
+            let run = |fused: bool, given: bool| {
+                let start = given.then(|| history.clone());
                 let y = if fused {
-                    conv.forward_silu(x.clone(), Some(history.clone()))
+                    conv.forward_silu(x.clone(), start)
                 } else {
-                    crate::activations::silu(conv.forward(x.clone(), Some(history.clone())))
+                    crate::activations::silu(conv.forward(x.clone(), start))
                 };
                 let g = (y.clone() * probe.clone()).sum().backward();
                 let v = |t: Tensor<3>| {
@@ -672,27 +682,35 @@ mod tests {
                 [
                     v(y),
                     v(x.grad(&g).unwrap()),
-                    // An empty history (kernel 1) has no gradient.
-                    history.grad(&g).map(v).unwrap_or_default(),
+                    // An empty history (kernel 1), or none given, has no gradient.
+                    match given {
+                        true => history.grad(&g).map(v).unwrap_or_default(),
+                        false => Vec::new(),
+                    },
                     v(conv.weight.grad(&g).unwrap()),
                     v1(conv.bias.grad(&g).unwrap()),
                 ]
             };
-            let calls = FORWARD_CALLS.get();
-            let fused = run(true);
-            assert!(FORWARD_CALLS.get() > calls, "the extension ran");
-            let reference = run(false);
-            let names = ["output", "dx", "dhistory", "dweight", "dbias"];
-            for ((name, a), r) in names.iter().zip(&fused).zip(&reference) {
-                let err = crate::testing::max_relative_difference(a, r);
-                // The weight's and bias's gradients are sums over all b·t positions, added
-                // in another order than the reference's: 1.7e-5 was seen at 879 of them.
-                let tolerance = if name.starts_with("dw") || name.starts_with("db") {
-                    1e-4
-                } else {
-                    1e-5
-                };
-                assert!(err < tolerance, "{b}×{t}×{ch} k={kernel} {name}: {err:e}");
+            for given in [true, false] {
+                let calls = FORWARD_CALLS.get();
+                let fused = run(true, given);
+                assert!(FORWARD_CALLS.get() > calls, "the extension ran");
+                let reference = run(false, given);
+                let names = ["output", "dx", "dhistory", "dweight", "dbias"];
+                for ((name, a), r) in names.iter().zip(&fused).zip(&reference) {
+                    let err = crate::testing::max_relative_difference(a, r);
+                    // The weight's and bias's gradients are sums over all b·t positions, added
+                    // in another order than the reference's: 1.7e-5 was seen at 879 of them.
+                    let tolerance = if name.starts_with("dw") || name.starts_with("db") {
+                        1e-4
+                    } else {
+                        1e-5
+                    };
+                    assert!(
+                        err < tolerance,
+                        "{b}×{t}×{ch} k={kernel} history given {given}: {name}: {err:e}"
+                    );
+                }
             }
         }
     }

@@ -128,15 +128,17 @@ impl Ssm {
         let [bsz, t, di] = u.dims();
         let (n, r) = (self.d_state, self.dt_rank);
         let kernel = dir.conv1d.weight.dims()[2];
-        let history = history.unwrap_or_else(|| Tensor::zeros([bsz, kernel - 1, di], &u.device()));
         // The last kernel − 1 conv inputs, from u alone unless it is shorter than that (a
         // concatenation of the whole of u was a copy per layer, mostly thrown away).
         let next_history = if t >= kernel - 1 {
             u.clone().narrow(1, t - (kernel - 1), kernel - 1)
         } else {
-            Tensor::cat(vec![history.clone(), u.clone()], 1).narrow(1, t, kernel - 1)
+            let history = history
+                .clone()
+                .unwrap_or_else(|| Tensor::zeros([bsz, kernel - 1, di], &u.device()));
+            Tensor::cat(vec![history, u.clone()], 1).narrow(1, t, kernel - 1)
         };
-        let u = dir.conv1d.forward_silu(u, Some(history));
+        let u = dir.conv1d.forward_silu(u, history);
         // Each piece its own product: contiguous for the kernels that read it, and no
         // gradient of a slice (a zero-filled tensor of the whole, summed) behind them.
         let [dt, b, c] = linear_split(dir.x_proj, u.clone(), [r, n, n]);
