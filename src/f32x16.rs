@@ -361,9 +361,9 @@ impl F32x16 for Avx512 {
     }
 
     /// Four rounds of 16 shuffles (pairs of lanes, of 64-bit pairs, then twice of 128-bit
-    /// blocks), where the element loop compiled to gathers: a final state's or a gradient's
-    /// transpose per chunk was a tenth of a short scan's time. (Loops, not `from_fn`: its
-    /// closure is a function the intrinsics are not inlined into.)
+    /// blocks), where the element loop compiled to gathers (with A's lanes, gathered then
+    /// too, a fifth of a 4-step scan's samples). (Loops, not `from_fn`: its closure is a
+    /// function the intrinsics are not inlined into.)
     #[inline(always)]
     fn transpose(rows: &[[f32; 16]; 16], out: &mut [[f32; 16]; 16]) {
         use std::arch::x86_64::*;

@@ -1,9 +1,10 @@
 //! A projection cut into column blocks, `x · [w₀ | w₁ | …]` → `[x·w₀, x·w₁, …]` (Mamba's
 //! in_proj into u and z, Mamba-2's into z, x, B, C and dt), as a Burn backend extension on
 //! flex. Forward, each wide piece is its own product, so each comes out contiguous for what
-//! reads it (neighbouring narrow ones one product, cut into pieces). Backward, `dx = Σ gᵢ · wᵢᵀ` accumulates in one buffer and each `xᵀ · gᵢ` is written
-//! into its columns of w's gradient: a product each way per piece (narrow pieces first
-//! gathered side by side, as one), and no sums outside them.
+//! reads it (neighbouring narrow ones are one product, cut into pieces). Backward,
+//! `dx = Σ gᵢ · wᵢᵀ` accumulates in one buffer and each `xᵀ · gᵢ` is written into its
+//! columns of w's gradient: a product each way per piece (narrow pieces first gathered side
+//! by side, as one), and no sums outside them.
 //!
 //! As Burn ops (a product per piece with a narrowed weight, [`split_product_reference`])
 //! autodiff sums the pieces' gradients of x with Burn's add, on one thread, and each
@@ -106,9 +107,8 @@ impl SplitProductBackend for Flex {
                 pieces.push(product);
                 continue;
             }
-            // Neighbouring narrow pieces: one product (one packing of x, at a wide
-            // product's speed, where a product each was three at a quarter of it), its
-            // columns then copied out piece by piece.
+            // Neighbouring narrow pieces: one product (x packed once, where a product per
+            // piece packed it for each), its columns then copied out piece by piece.
             let product = flex_f32(&product);
             if width == 0 {
                 let empty = || flex_from_f32(Vec::new(), [rows, 0], DType::F32);

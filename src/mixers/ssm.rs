@@ -139,8 +139,8 @@ impl Ssm {
             Tensor::cat(vec![history, u.clone()], 1).narrow(1, t, kernel - 1)
         };
         let u = dir.conv1d.forward_silu(u, history);
-        // Each piece its own product: contiguous for the kernels that read it, and no
-        // gradient of a slice (a zero-filled tensor of the whole, summed) behind them.
+        // dt, B and C as a split product: each contiguous for the kernel that reads it, and
+        // no gradient of a slice (a zero-filled tensor of the whole, summed) behind them.
         let [dt, b, c] = linear_split(dir.x_proj, u.clone(), [r, n, n]);
         let mut delta = fused_delta::delta(dir.dt_proj, dt);
         if let Some(p) = padding {
