@@ -110,16 +110,11 @@ impl SplitProductBackend for Flex {
             // Neighbouring narrow pieces: one product (x packed once, where a product per
             // piece packed it for each), its columns then copied out piece by piece.
             let product = flex_f32(&product);
-            if width == 0 {
-                let empty = || flex_from_f32(Vec::new(), [rows, 0], DType::F32);
-                pieces.extend(run.map(|_| empty()));
-                continue;
-            }
             let mut at = 0;
             for &piece in &widths[run] {
                 let mut values = Vec::with_capacity(rows * piece);
-                for row in product.chunks_exact(width) {
-                    values.extend_from_slice(&row[at..at + piece]);
+                for r in 0..rows {
+                    values.extend_from_slice(&product[r * width + at..][..piece]);
                 }
                 pieces.push(flex_from_f32(values, [rows, piece], DType::F32));
                 at += piece;

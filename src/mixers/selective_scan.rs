@@ -1096,7 +1096,7 @@ impl Output {
 /// The fused forward on flex: y, and the final state where `state` (its transpose out of
 /// the lanes skipped where only y is wanted).
 fn flex_forward(tensors: [FlexTensor; 7], state: bool) -> (FlexTensor, Option<FlexTensor>) {
-    let [delta, u, a, b] = [0, 1, 2, 3].map(|i| &tensors[i]);
+    let [delta, u, a, b, ..] = &tensors;
     let (dims, dtype) = (Dims::of(delta, u, a, b), u.dtype());
     let x = Inputs::read(&tensors, dims);
     let Dims {
