@@ -105,26 +105,54 @@ pub fn exp_nonpositive_fma<const FMA: bool>(x: f32) -> f32 {
     exp_nonpositive_of::<f32, FMA>(x)
 }
 
-/// [`exp_nonpositive_fma`] in any [`Real`].
+/// [`exp_nonpositive_fma`] in any [`Real`]: [`Real::exp_nonpositive`], which is
+/// [`exp_nonpositive_formula`] but where the type has a faster form (the same values from
+/// −87 to 0).
 #[inline(always)]
 pub fn exp_nonpositive_of<R: Real, const FMA: bool>(x: R) -> R {
+    x.exp_nonpositive::<FMA>()
+}
+
+/// [`exp_nonpositive_fma`]'s steps in any [`Real`]. The coefficients and the split of ln 2
+/// are [`EXP_R`] and [`LN_2_PARTS`].
+#[inline(always)]
+pub fn exp_nonpositive_formula<R: Real, const FMA: bool>(x: R) -> R {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     let x = x.clamp(-87.0, 0.0);
     let shifted = x.mul_add::<FMA>(R::splat(LOG2_E), R::splat(MAGIC));
     let k = shifted - MAGIC;
     // x = k·ln 2 + r, |r| ≤ ln 2 / 2; ln 2 split in two so k·ln 2 is exact.
-    let r = k.mul_add::<FMA>(
-        R::splat(2.121_944_4e-4),
-        (-k).mul_add::<FMA>(R::splat(0.693_359_4), x),
-    );
-    let mut p = R::splat(1.987_569_1e-4);
-    p = p.mul_add::<FMA>(r, R::splat(1.398_199_9e-3));
-    p = p.mul_add::<FMA>(r, R::splat(8.333_452e-3));
-    p = p.mul_add::<FMA>(r, R::splat(4.166_579_6e-2));
-    p = p.mul_add::<FMA>(r, R::splat(1.666_666_5e-1));
-    p = p.mul_add::<FMA>(r, R::splat(0.5));
-    let e_r = (p * r).mul_add::<FMA>(r, r) + 1.0;
+    let e_r = exp_reduced::<R, FMA>(x, k);
     e_r * shifted.pow2_of_shifted()
+}
+
+/// ln 2 in two parts, the first with few enough bits that `k · LN_2_PARTS[0]` is exact.
+pub(crate) const LN_2_PARTS: [f32; 2] = [0.693_359_4, -2.121_944_4e-4];
+
+/// Cephes' `expf` polynomial `p(r) ≈ (e^r − 1 − r) / r²` on `|r| ≤ ln 2 / 2`, highest
+/// power first.
+pub(crate) const EXP_R: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+/// `e^r` for `r = x − k ln 2` (`k` the integer nearest `x log₂ e`): the reduction and the
+/// polynomial that every form of [`exp_nonpositive_fma`] shares.
+#[inline(always)]
+pub(crate) fn exp_reduced<R: Real, const FMA: bool>(x: R, k: R) -> R {
+    let r = (-k).mul_add::<FMA>(
+        R::splat(LN_2_PARTS[1]),
+        (-k).mul_add::<FMA>(R::splat(LN_2_PARTS[0]), x),
+    );
+    let mut p = R::splat(EXP_R[0]);
+    for c in &EXP_R[1..] {
+        p = p.mul_add::<FMA>(r, R::splat(*c));
+    }
+    (p * r).mul_add::<FMA>(r, r) + 1.0
 }
 
 /// Adding 1.5·2^23 rounds to an integer held in the low mantissa bits: k = round(x·log2 e)
@@ -288,6 +316,12 @@ pub trait Real:
     fn select_nonnegative(x: Self, a: Self, b: Self) -> Self;
     /// [`pow2_of_shifted`] of each element.
     fn pow2_of_shifted(self) -> Self;
+    /// [`exp_nonpositive_fma`] of each element: [`exp_nonpositive_formula`] unless the
+    /// type has a faster form (the same values from −87 to 0).
+    #[inline(always)]
+    fn exp_nonpositive<const FMA: bool>(self) -> Self {
+        exp_nonpositive_formula::<Self, FMA>(self)
+    }
 }
 
 impl Real for f32 {

@@ -25,9 +25,9 @@ use rayon::prelude::*;
 
 use crate::activations::softplus;
 use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, register_gradients, zeroed};
-use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_f32x16};
+use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_const, with_f32x16};
 use crate::mixed_precision::{linear, working_dtype};
-use crate::vector_math::{Real, dot_fma, has_fma, mul_add, sigmoid_and_exp_in, softplus_in};
+use crate::vector_math::{Real, has_fma, mul_add, sigmoid_and_exp_in, softplus_in};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DeltaBackend: Backend {
@@ -147,8 +147,54 @@ fn forward_rows_in<V: F32x16, const FMA: bool>(
     }
 }
 
+/// Rows whose pre-activation gradients the backward holds at once (`[BLOCK][d]`, in L1)
+/// for the two products that take W's and dt's gradients from them.
+const BLOCK: usize = 16;
+
+/// Accumulators per group: dt_rank's columns whose sums one pass keeps in registers (8 of
+/// AVX-512's 32; [`crate::f32x16::Portable`] lanes are two AVX2 registers each, of 16).
+fn group<V: F32x16>() -> usize {
+    if V::QUADS { 8 } else { 4 }
+}
+
+/// A `[G][16]` panel: 16 columns of a group of `G` rows.
+type Panel<const G: usize> = [[f32; 16]; G];
+
+/// `[r, d]` values (W) as panels, `[⌈r/G⌉][⌈d/16⌉]` of them, zeros past `r` and `d`: the
+/// order in which the backward's products read them, with no index to check per vector.
+fn to_panels<const G: usize>(values: &[f32], d: usize) -> Vec<Panel<G>> {
+    let (groups, vectors) = ((values.len() / d).div_ceil(G), d.div_ceil(16));
+    let mut panels = vec![[[0f32; 16]; G]; groups * vectors];
+    for (row, values) in values.chunks_exact(d).enumerate() {
+        let panels = &mut panels[row / G * vectors..][..vectors];
+        for (panel, values) in panels.iter_mut().zip(values.chunks(16)) {
+            panel[row % G][..values.len()].copy_from_slice(values);
+        }
+    }
+    panels
+}
+
+/// [`to_panels`] undone: the panels' values added into `out` `[r, d]`.
+fn add_panels<const G: usize>(panels: &[Panel<G>], d: usize, out: &mut [f32]) {
+    let vectors = d.div_ceil(16);
+    for (row, out) in out.chunks_exact_mut(d).enumerate() {
+        let panels = &panels[row / G * vectors..][..vectors];
+        for (panel, out) in panels.iter().zip(out.chunks_mut(16)) {
+            out.iter_mut()
+                .zip(&panel[row % G])
+                .for_each(|(o, v)| *o += v);
+        }
+    }
+}
+
 /// The backward over a task's rows: dt's gradient written to `g_dt` `[rows, r]`, the rows'
-/// shares of W's and b's gradients added to `g_w` `[r, d]` and `g_b` `[d]`.
+/// shares of W's and b's gradients added to `g_w` `[r, d]` and `g_b` `[d]`. A block of rows
+/// at a time: the pre-activations' gradients `g` (softplus' = sigmoid, of the recomputed
+/// pre-activations); then `g_w += dtᵀ·g` and `g_b += Σ g` a column vector at a time, a
+/// group of W's rows in registers summed down the block; then `g_dt = g·Wᵀ` a row at a
+/// time, a group of dot products side by side, whose lanes [`F32x16::sum_rows`] adds 16 at
+/// once. (A dot product and a W-row update per row and input, one after another, ran at
+/// the latency of each dot's single chain.)
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
@@ -162,44 +208,106 @@ fn backward_rows(
     (g_w, g_b): (&mut [f32], &mut [f32]),
 ) {
     const FMA: bool = has_fma!();
-    with_f32x16!(V => backward_rows_in::<V, FMA>((dt, grad), (w, b), g_dt, (g_w, g_b)))
+    with_f32x16!(V => with_const!(group::<V>(), G in [4, 8] =>
+        backward_rows_in::<V, G, FMA>((dt, grad), (w, b), g_dt, (g_w, g_b))))
 }
 
-/// [`backward_rows`] on lanes `V`.
+/// [`backward_rows`] on lanes `V`, `G` accumulators per group.
 #[inline(always)]
-fn backward_rows_in<V: F32x16, const FMA: bool>(
+fn backward_rows_in<V: F32x16, const G: usize, const FMA: bool>(
     (dt, grad): (&[f32], &[f32]),
     (w, b): (&[f32], &[f32]),
     g_dt: &mut [f32],
     (g_w, g_b): (&mut [f32], &mut [f32]),
 ) {
     let (d, r) = (b.len(), w.len() / b.len());
+    let (groups, vectors) = (r.div_ceil(G), d.div_ceil(16));
     let full = quad_part::<V>(d);
-    let mut g_pre = vec![0f32; d];
-    let rows = dt.chunks_exact(r).zip(grad.chunks_exact(d));
-    for ((dt_row, grad), g_dt) in rows.zip(g_dt.chunks_exact_mut(r)) {
-        // softplus' = sigmoid.
-        for c0 in (0..full).step_by(QUAD) {
-            let pre = pre_activation_quad::<V, FMA>(dt_row, (w, b), c0);
-            let sig = sigmoid_and_exp_in::<Quad<V>, FMA>(pre).0;
-            (Quad::<V>::load(&grad[c0..]) * sig).store(&mut g_pre[c0..]);
-        }
-        let rest = &mut g_pre[full..];
-        pre_activation_rest::<FMA>(dt_row, (w, b), full, rest);
-        for (p, &g) in rest.iter_mut().zip(&grad[full..]) {
-            *p = g * sigmoid_and_exp_in::<f32, FMA>(*p).0;
-        }
-        for (p, gb) in g_pre.iter().zip(g_b.iter_mut()) {
-            *gb += p;
-        }
-        let w_rows = w.chunks_exact(d).zip(g_w.chunks_exact_mut(d));
-        for ((&x, g), (w_row, g_w_row)) in dt_row.iter().zip(g_dt.iter_mut()).zip(w_rows) {
-            *g = dot_fma::<FMA>(&g_pre, w_row);
-            for (&p, gw) in g_pre.iter().zip(g_w_row.iter_mut()) {
-                *gw = mul_add::<FMA>(x, p, *gw);
+    let w_panels = to_panels::<G>(w, d);
+    let mut g_w_panels = vec![[[0f32; 16]; G]; groups * vectors];
+    let mut g_b_lanes = vec![[0f32; 16]; vectors];
+    // The block's rows of g (zeros past d) and of dt in groups (zeros past r), and dt's
+    // gradients padded so (slot i·groups·G + k: row i's dot with W's row k).
+    let mut g = vec![[0f32; 16]; BLOCK * vectors];
+    let mut x = vec![[0f32; G]; BLOCK * groups];
+    let mut sums = vec![0f32; BLOCK * groups * G];
+    let blocks = dt.chunks(BLOCK * r).zip(grad.chunks(BLOCK * d));
+    for ((dt, grad), g_dt) in blocks.zip(g_dt.chunks_mut(BLOCK * r)) {
+        let rows = grad.len() / d;
+        let rows_of_g = g.chunks_exact_mut(vectors).zip(x.chunks_exact_mut(groups));
+        let inputs = dt.chunks_exact(r).zip(grad.chunks_exact(d));
+        for ((dt_row, grad), (g, x)) in inputs.zip(rows_of_g) {
+            x.as_flattened_mut()[..r].copy_from_slice(dt_row);
+            let g = &mut g.as_flattened_mut()[..d];
+            for c0 in (0..full).step_by(QUAD) {
+                let pre = pre_activation_quad::<V, FMA>(dt_row, (w, b), c0);
+                let sig = sigmoid_and_exp_in::<Quad<V>, FMA>(pre).0;
+                (Quad::<V>::load(&grad[c0..]) * sig).store(&mut g[c0..]);
+            }
+            let rest = &mut g[full..];
+            pre_activation_rest::<FMA>(dt_row, (w, b), full, rest);
+            for (p, &gr) in rest.iter_mut().zip(&grad[full..]) {
+                *p = gr * sigmoid_and_exp_in::<f32, FMA>(*p).0;
             }
         }
+        let (g, x) = (&g[..rows * vectors], &x[..rows * groups]);
+        for (c, g_b) in g_b_lanes.iter_mut().enumerate() {
+            // Loops, not `fold(.., V::add)`: the function passed would be a call per vector.
+            let column = || g.iter().skip(c).step_by(vectors);
+            let mut bias = V::load(g_b);
+            for gv in column() {
+                bias = bias.add(V::load(gv));
+            }
+            bias.store(g_b);
+            for k in 0..groups {
+                let panel = &mut g_w_panels[k * vectors + c];
+                let mut acc = [V::zero(); G];
+                for (a, p) in acc.iter_mut().zip(panel.iter()) {
+                    *a = V::load(p);
+                }
+                for (gv, xs) in column().zip(x.iter().skip(k).step_by(groups)) {
+                    let gv = V::load(gv);
+                    for (a, &xv) in acc.iter_mut().zip(xs) {
+                        *a = V::splat(xv).mul_add(gv, *a);
+                    }
+                }
+                for (a, p) in acc.iter().zip(panel.iter_mut()) {
+                    a.store(p);
+                }
+            }
+        }
+        let mut lanes = [[0f32; 16]; 16];
+        let mut slot = 0;
+        for g_row in g.chunks_exact(vectors) {
+            for panels in w_panels.chunks_exact(vectors) {
+                let mut acc = [V::zero(); G];
+                for (gv, panel) in g_row.iter().zip(panels) {
+                    let gv = V::load(gv);
+                    for (a, wv) in acc.iter_mut().zip(panel) {
+                        *a = gv.mul_add(V::load(wv), *a);
+                    }
+                }
+                for a in acc {
+                    a.store(&mut lanes[slot % 16]);
+                    slot += 1;
+                    if slot % 16 == 0 {
+                        V::sum_rows(&lanes).store_partial(&mut sums[slot - 16..slot]);
+                    }
+                }
+            }
+        }
+        if slot % 16 != 0 {
+            V::sum_rows(&lanes).store_partial(&mut sums[slot / 16 * 16..slot]);
+        }
+        for (out, s) in g_dt.chunks_exact_mut(r).zip(sums.chunks_exact(groups * G)) {
+            out.copy_from_slice(&s[..r]);
+        }
     }
+    add_panels(&g_w_panels, d, g_w);
+    let g_b_values = g_b_lanes.as_flattened();
+    g_b.iter_mut()
+        .zip(g_b_values)
+        .for_each(|(acc, v)| *acc += v);
 }
 
 impl DeltaBackend for Flex {
@@ -311,6 +419,64 @@ mod tests {
     use crate::testing::max_relative_difference;
     use burn::nn::LinearConfig;
     use burn::tensor::Distribution;
+
+    /// The backward's blocked products, on portable lanes with groups of 4 and of 8 (the
+    /// AVX2 and AVX-512 sizes; a CPU runs one of them), equal plain loops over rows, where
+    /// rows, dt_rank and d are no multiples of the block, the group or 16 (padding).
+    #[test]
+    fn blocked_backward_equals_plain_loops() {
+        use crate::f32x16::Portable;
+        let (rows, r, d) = (BLOCK + 5, 11, 2 * 16 + 7);
+        let value = |i: usize, scale: f32| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * scale;
+        let dt: Vec<f32> = (0..rows * r).map(|i| value(i, 1.0)).collect();
+        let grad: Vec<f32> = (0..rows * d).map(|i| value(i + 3, 1.0)).collect();
+        let w: Vec<f32> = (0..r * d).map(|i| value(i + 7, 0.5)).collect();
+        let b: Vec<f32> = (0..d).map(|i| value(i + 11, 2.0)).collect();
+        let (mut want_dt, mut want_w, mut want_b) =
+            (vec![0f64; rows * r], vec![0f64; r * d], vec![0f64; d]);
+        for i in 0..rows {
+            for c in 0..d {
+                let pre = b[c] as f64
+                    + (0..r)
+                        .map(|k| (dt[i * r + k] * w[k * d + c]) as f64)
+                        .sum::<f64>();
+                let g = grad[i * d + c] as f64 / (1.0 + (-pre).exp());
+                want_b[c] += g;
+                for k in 0..r {
+                    want_dt[i * r + k] += g * w[k * d + c] as f64;
+                    want_w[k * d + c] += g * dt[i * r + k] as f64;
+                }
+            }
+        }
+        let close = |ours: &[f32], want: &[f64], what: &str| {
+            for (j, (o, w)) in ours.iter().zip(want).enumerate() {
+                assert!(
+                    (*o as f64 - w).abs() < 1e-5 * (1.0 + w.abs()),
+                    "{what}[{j}]: {o} against {w}"
+                );
+            }
+        };
+        let (mut g_dt, mut g_w, mut g_b) = (vec![0f32; rows * r], vec![0f32; r * d], vec![0f32; d]);
+        backward_rows_in::<Portable<true>, 4, true>(
+            (&dt, &grad),
+            (&w, &b),
+            &mut g_dt,
+            (&mut g_w, &mut g_b),
+        );
+        close(&g_dt, &want_dt, "groups of 4: d dt");
+        close(&g_w, &want_w, "groups of 4: dW");
+        close(&g_b, &want_b, "groups of 4: db");
+        let (mut g_dt, mut g_w, mut g_b) = (vec![0f32; rows * r], vec![0f32; r * d], vec![0f32; d]);
+        backward_rows_in::<Portable<false>, 8, false>(
+            (&dt, &grad),
+            (&w, &b),
+            &mut g_dt,
+            (&mut g_w, &mut g_b),
+        );
+        close(&g_dt, &want_dt, "groups of 8: d dt");
+        close(&g_w, &want_w, "groups of 8: dW");
+        close(&g_b, &want_b, "groups of 8: db");
+    }
 
     /// The fused Δ equals the projection and softplus, output and the gradients of dt, W
     /// and b, over more rows than one task's, pre-activations of both signs, and columns

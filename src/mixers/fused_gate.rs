@@ -19,7 +19,9 @@ use burn::tensor::DType;
 use rayon::prelude::*;
 
 use crate::activations::silu;
-use crate::device::{RunCount, flex_f32, flex_from_f32, is_flex, register_gradients, zeroed};
+use crate::device::{
+    RunCount, flex_f32, flex_from_f32, is_flex, register_gradients, unshared_f32, zeroed,
+};
 use crate::f32x16::{F32x16, QUAD, Quad, quad_part, with_f32x16};
 use crate::vector_math::{Real, has_fma, sigmoid_and_exp_in};
 
@@ -51,6 +53,9 @@ pub trait SkipGateBackend: Backend {
 
 /// Fused gates run in this process (for a test that the extension took this path).
 pub static FORWARD_CALLS: RunCount = RunCount::new();
+
+/// Backwards of the gate without its skip run in place ([`backward_in_place`]), for a test.
+pub static IN_PLACE_CALLS: RunCount = RunCount::new();
 
 /// `(y + D ⊙ u) ⊙ silu(z)`: the extension for f32 on flex, [`skip_gate_reference`]
 /// elsewhere.
@@ -91,6 +96,9 @@ pub fn skip_gate_reference(y: Tensor<3>, u: Tensor<3>, d: Tensor<1>, z: Tensor<3
 
 /// Rows (positions) per parallel task.
 const ROWS: usize = 64;
+
+/// Elements per parallel task of the in-place backward ([`backward_in_place`]).
+const PIECE: usize = 16 * 1024;
 
 /// The inputs as f32 slices. u and D empty: no skip (see [`gate`]).
 struct Inputs<'a> {
@@ -176,6 +184,32 @@ fn gate_backward<R: Real, const FMA: bool>(x: R, z: R, g: R) -> (R, R) {
     // silu'(z) = σ(z)(1 + z(1 − σ(z))).
     let gz = g * x * sig * (z * (-sig + 1.0) + 1.0);
     (g_x, gz)
+}
+
+/// [`gated`]'s backward without the skip, element by element and in place: `g` (the
+/// output's gradient) becomes y's, `z` becomes z's. Each line is read before it is written,
+/// so no output buffer is filled or fetched (fresh buffers, zero-filled or not, cost the
+/// gate's backward about as much as its arithmetic).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn backward_in_place(y: &[f32], z: &mut [f32], g: &mut [f32]) {
+    const FMA: bool = has_fma!();
+    with_f32x16!(V => {
+        let full = quad_part::<V>(y.len());
+        for c in (0..full).step_by(QUAD) {
+            let [yq, zq, gq] = Quad::<V>::load_each([y, z, g], c);
+            let (g_y, g_z) = gate_backward::<_, FMA>(yq, zq, gq);
+            g_y.store(&mut g[c..]);
+            g_z.store(&mut z[c..]);
+        }
+        for c in full..y.len() {
+            (g[c], z[c]) = gate_backward::<_, FMA>(y[c], z[c], g[c]);
+        }
+    })
 }
 
 /// The gradients of y, u (with the skip) and z at rows `first..`, and these rows' share
@@ -287,6 +321,21 @@ impl SkipGateBackend for Flex {
         grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
         let (shape, u_shape, d_shape, dtype) = (y.shape(), u.shape(), d.shape(), y.dtype());
+        let (mut z, mut grad) = (z, grad);
+        if d.shape().num_elements() == 0
+            && let Some(y_values) = y.as_slice::<f32>()
+            && let (Some(zs), Some(gs)) = (unshared_f32(&mut z), unshared_f32(&mut grad))
+            && zs.len() == y_values.len()
+            && gs.len() == y_values.len()
+        {
+            zs.par_chunks_mut(PIECE)
+                .zip(gs.par_chunks_mut(PIECE))
+                .zip(y_values.par_chunks(PIECE))
+                .for_each(|((z, g), y)| backward_in_place(y, z, g));
+            IN_PLACE_CALLS.record();
+            let empty = |shape| flex_from_f32(Vec::new(), shape, dtype);
+            return (grad, empty(u_shape), empty(d_shape), z);
+        }
         let tensors = [y, u, d, z];
         let x = Inputs::read(&tensors);
         let grad = flex_f32(&grad);
@@ -455,32 +504,42 @@ mod tests {
     }
 
     /// Without the skip, the fused gate equals `y ⊙ silu(z)`, output and the gradients of
-    /// y and z.
+    /// y and z: with y and z leaves (their buffers shared with the caller's tensors: new
+    /// buffers for the gradients) and fresh intermediates (the backward in place).
     #[test]
     fn fused_gate_without_skip_equals_the_reference() {
         let device = Device::flex().autodiff();
         device.seed(19);
         let (y, z) = (leaf(&device), leaf(&device));
         let probe = Tensor::<3>::random(SHAPE, Distribution::Normal(0.0, 1.0), &device);
-        let run = |fused: bool| {
-            let (y, z) = (y.clone(), z.clone());
-            let out = if fused {
-                gate(y.clone(), z.clone())
-            } else {
-                y.clone() * silu(z.clone())
+        for fresh in [false, true] {
+            let run = |fused: bool| {
+                let (y_in, z_in) = match fresh {
+                    true => (y.clone().mul_scalar(1.0), z.clone().mul_scalar(1.0)),
+                    false => (y.clone(), z.clone()),
+                };
+                let out = if fused {
+                    gate(y_in, z_in)
+                } else {
+                    y_in * silu(z_in)
+                };
+                let g = (out.clone() * probe.clone()).sum().backward();
+                let v = |t: Tensor<3>| t.into_data().try_into_vec::<f32>().unwrap();
+                (v(out), [y.grad(&g), z.grad(&g)].map(|t| v(t.unwrap())))
             };
-            let g = (out.clone() * probe.clone()).sum().backward();
-            let v = |t: Tensor<3>| t.into_data().try_into_vec::<f32>().unwrap();
-            (v(out), [y.grad(&g), z.grad(&g)].map(|t| v(t.unwrap())))
-        };
-        let calls = FORWARD_CALLS.get();
-        let (ours, reference) = (run(true), run(false));
-        assert!(FORWARD_CALLS.get() > calls, "the extension ran");
-        let err = max_relative_difference(&ours.0, &reference.0);
-        assert!(err < 1e-5, "output: max difference {err}");
-        for (part, (a, r)) in ["dy", "dz"].iter().zip(ours.1.iter().zip(&reference.1)) {
-            let err = max_relative_difference(a, r);
-            assert!(err < 1e-5, "{part}: max difference {err}");
+            let (calls, in_place) = (FORWARD_CALLS.get(), IN_PLACE_CALLS.get());
+            let (ours, reference) = (run(true), run(false));
+            assert!(FORWARD_CALLS.get() > calls, "the extension ran");
+            // (Other tests run gates too, so only "it ran" can be checked, not "it did not".)
+            if fresh {
+                assert!(IN_PLACE_CALLS.get() > in_place, "the backward ran in place");
+            }
+            let err = max_relative_difference(&ours.0, &reference.0);
+            assert!(err < 1e-5, "output: max difference {err}");
+            for (part, (a, r)) in ["dy", "dz"].iter().zip(ours.1.iter().zip(&reference.1)) {
+                let err = max_relative_difference(a, r);
+                assert!(err < 1e-5, "{part} (fresh: {fresh}): max difference {err}");
+            }
         }
     }
 }
