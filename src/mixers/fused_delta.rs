@@ -226,15 +226,17 @@ fn backward_rows_in<V: F32x16, const G: usize, const FMA: bool>(
     let w_panels = to_panels::<G>(w, d);
     let mut g_w_panels = vec![[[0f32; 16]; G]; groups * vectors];
     let mut g_b_lanes = vec![[0f32; 16]; vectors];
-    // The block's rows of g (zeros past d) and of dt in groups (zeros past r), and dt's
-    // gradients padded so (slot i·groups·G + k: row i's dot with W's row k).
+    // The block's rows of g (zeros past d), of dt in groups (zeros past r), and of dt's
+    // gradient as wide (slot i·groups·G + k: row i's dot product with W's row k).
     let mut g = vec![[0f32; 16]; BLOCK * vectors];
-    let mut x = vec![[0f32; G]; BLOCK * groups];
+    let mut dt_groups = vec![[0f32; G]; BLOCK * groups];
     let mut sums = vec![0f32; BLOCK * groups * G];
     let blocks = dt.chunks(BLOCK * r).zip(grad.chunks(BLOCK * d));
     for ((dt, grad), g_dt) in blocks.zip(g_dt.chunks_mut(BLOCK * r)) {
         let rows = grad.len() / d;
-        let rows_of_g = g.chunks_exact_mut(vectors).zip(x.chunks_exact_mut(groups));
+        let rows_of_g = g
+            .chunks_exact_mut(vectors)
+            .zip(dt_groups.chunks_exact_mut(groups));
         let inputs = dt.chunks_exact(r).zip(grad.chunks_exact(d));
         for ((dt_row, grad), (g, x)) in inputs.zip(rows_of_g) {
             x.as_flattened_mut()[..r].copy_from_slice(dt_row);
@@ -250,7 +252,7 @@ fn backward_rows_in<V: F32x16, const G: usize, const FMA: bool>(
                 *p = gr * sigmoid_and_exp_in::<f32, FMA>(*p).0;
             }
         }
-        let (g, x) = (&g[..rows * vectors], &x[..rows * groups]);
+        let (g, x) = (&g[..rows * vectors], &dt_groups[..rows * groups]);
         for (c, g_b) in g_b_lanes.iter_mut().enumerate() {
             // Loops, not `fold(.., V::add)`: the function passed would be a call per vector.
             let column = || g.iter().skip(c).step_by(vectors);
@@ -456,26 +458,19 @@ mod tests {
                 );
             }
         };
-        let (mut g_dt, mut g_w, mut g_b) = (vec![0f32; rows * r], vec![0f32; r * d], vec![0f32; d]);
-        backward_rows_in::<Portable<true>, 4, true>(
-            (&dt, &grad),
-            (&w, &b),
-            &mut g_dt,
-            (&mut g_w, &mut g_b),
-        );
-        close(&g_dt, &want_dt, "groups of 4: d dt");
-        close(&g_w, &want_w, "groups of 4: dW");
-        close(&g_b, &want_b, "groups of 4: db");
-        let (mut g_dt, mut g_w, mut g_b) = (vec![0f32; rows * r], vec![0f32; r * d], vec![0f32; d]);
-        backward_rows_in::<Portable<false>, 8, false>(
-            (&dt, &grad),
-            (&w, &b),
-            &mut g_dt,
-            (&mut g_w, &mut g_b),
-        );
-        close(&g_dt, &want_dt, "groups of 8: d dt");
-        close(&g_w, &want_w, "groups of 8: dW");
-        close(&g_b, &want_b, "groups of 8: db");
+        type Kernel = fn((&[f32], &[f32]), (&[f32], &[f32]), &mut [f32], (&mut [f32], &mut [f32]));
+        let kernels: [(&str, Kernel); 2] = [
+            ("groups of 4", backward_rows_in::<Portable<true>, 4, true>),
+            ("groups of 8", backward_rows_in::<Portable<false>, 8, false>),
+        ];
+        for (form, kernel) in kernels {
+            let (mut g_dt, mut g_w, mut g_b) =
+                (vec![0f32; rows * r], vec![0f32; r * d], vec![0f32; d]);
+            kernel((&dt, &grad), (&w, &b), &mut g_dt, (&mut g_w, &mut g_b));
+            close(&g_dt, &want_dt, &format!("{form}: d dt"));
+            close(&g_w, &want_w, &format!("{form}: dW"));
+            close(&g_b, &want_b, &format!("{form}: db"));
+        }
     }
 
     /// The fused Δ equals the projection and softplus, output and the gradients of dt, W

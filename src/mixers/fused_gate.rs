@@ -317,11 +317,10 @@ impl SkipGateBackend for Flex {
         y: FlexTensor,
         u: FlexTensor,
         d: FlexTensor,
-        z: FlexTensor,
-        grad: FlexTensor,
+        mut z: FlexTensor,
+        mut grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
         let (shape, u_shape, d_shape, dtype) = (y.shape(), u.shape(), d.shape(), y.dtype());
-        let (mut z, mut grad) = (z, grad);
         if d.shape().num_elements() == 0
             && let Some(y_values) = y.as_slice::<f32>()
             && let (Some(zs), Some(gs)) = (unshared_f32(&mut z), unshared_f32(&mut grad))
