@@ -775,71 +775,86 @@ pub(crate) use with_const;
 mod tests {
     use super::*;
 
-    /// [`Avx512`]'s `2^x` is [`Portable`]'s, bit for bit, over the whole range, and past it
-    /// (below −126) no more than 2^−126 (where the CPU has AVX-512F; elsewhere there is no
-    /// `Avx512` to compare).
-    #[test]
-    fn avx512_exp2_equals_the_portable_one() {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") {
-            /// # Safety
-            /// The CPU has AVX-512F.
-            #[target_feature(enable = "avx512f")]
-            unsafe fn exp2_avx512(x: &[f32; 16]) -> [f32; 16] {
-                Avx512::load(x).exp2_nonpositive().to_array()
-            }
-            let xs: Vec<f32> = (0..16 * 20_000)
-                .map(|i| -130.0 * i as f32 / 320_000.0)
-                .collect();
-            for lanes in xs.chunks_exact(16) {
-                let lanes: &[f32; 16] = lanes.try_into().unwrap();
-                // SAFETY: checked above.
-                let ours = unsafe { exp2_avx512(lanes) };
-                let portable = Portable::<true>::load(lanes).exp2_nonpositive().to_array();
-                for ((x, ours), portable) in lanes.iter().zip(ours).zip(portable) {
-                    if *x >= -126.0 {
-                        assert_eq!(ours.to_bits(), portable.to_bits(), "2^{x}");
-                    } else {
-                        assert!((0.0..=2f32.powi(-126)).contains(&ours), "2^{x}: {ours}");
-                    }
-                }
+    /// Runs `avx512` (a function of 16 lanes, AVX-512F enabled) and `portable` over
+    /// 320,000 points from 0 down to `lo`, and `extra` values in the first lanes, and hands
+    /// `check` each point with both results. Where the CPU has no AVX-512F there is no
+    /// `Avx512` to compare: nothing runs.
+    #[cfg(target_arch = "x86_64")]
+    fn against_portable(
+        (lo, extra): (f32, &[f32]),
+        avx512: unsafe fn(&[f32; 16]) -> [f32; 16],
+        portable: fn(Portable<true>) -> Portable<true>,
+        check: impl Fn(f32, f32, f32),
+    ) {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut xs: Vec<f32> = (0..16 * 20_000)
+            .map(|i| lo * i as f32 / 320_000.0)
+            .collect();
+        xs[..extra.len()].copy_from_slice(extra);
+        for lanes in xs.chunks_exact(16) {
+            let lanes: &[f32; 16] = lanes.try_into().unwrap();
+            // SAFETY: the CPU has AVX-512F, checked above.
+            let ours = unsafe { avx512(lanes) };
+            let theirs = portable(Portable::<true>::load(lanes)).to_array();
+            for ((x, ours), theirs) in lanes.iter().zip(ours).zip(theirs) {
+                check(*x, ours, theirs);
             }
         }
+    }
+
+    /// [`Avx512`]'s `2^x` is [`Portable`]'s, bit for bit, over the whole range, and past it
+    /// (below −126) no more than 2^−126.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_exp2_equals_the_portable_one() {
+        /// # Safety
+        /// The CPU has AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn exp2_avx512(x: &[f32; 16]) -> [f32; 16] {
+            Avx512::load(x).exp2_nonpositive().to_array()
+        }
+        against_portable(
+            (-130.0, &[]),
+            exp2_avx512,
+            |p| p.exp2_nonpositive(),
+            |x, ours, theirs| {
+                if x >= -126.0 {
+                    assert_eq!(ours.to_bits(), theirs.to_bits(), "2^{x}");
+                } else {
+                    assert!((0.0..=2f32.powi(-126)).contains(&ours), "2^{x}: {ours}");
+                }
+            },
+        );
     }
 
     /// [`Avx512`]'s `e^x` is the portable one's, bit for bit, from −87 to 0; below, no more
     /// than e^−87 (the portable form's floor); NaN stays NaN.
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn avx512_exp_equals_the_portable_one() {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") {
-            /// # Safety
-            /// The CPU has AVX-512F.
-            #[target_feature(enable = "avx512f")]
-            unsafe fn exp_avx512(x: &[f32; 16]) -> [f32; 16] {
-                Avx512::load(x).exp_nonpositive().to_array()
-            }
-            let mut xs: Vec<f32> = (0..16 * 20_000)
-                .map(|i| -120.0 * i as f32 / 320_000.0)
-                .collect();
-            xs[5] = f32::NAN;
-            xs[6] = f32::NEG_INFINITY;
-            for lanes in xs.chunks_exact(16) {
-                let lanes: &[f32; 16] = lanes.try_into().unwrap();
-                // SAFETY: checked above.
-                let ours = unsafe { exp_avx512(lanes) };
-                let portable = Portable::<true>::load(lanes).exp_nonpositive().to_array();
-                for ((x, ours), portable) in lanes.iter().zip(ours).zip(portable) {
-                    if x.is_nan() {
-                        assert!(ours.is_nan(), "e^NaN: {ours}");
-                    } else if *x >= -87.0 {
-                        assert_eq!(ours.to_bits(), portable.to_bits(), "e^{x}");
-                    } else {
-                        assert!((0.0..=portable).contains(&ours), "e^{x}: {ours}");
-                    }
-                }
-            }
+        /// # Safety
+        /// The CPU has AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn exp_avx512(x: &[f32; 16]) -> [f32; 16] {
+            Avx512::load(x).exp_nonpositive().to_array()
         }
+        let extra = [0.0, -0.0, f32::NAN, f32::NEG_INFINITY];
+        against_portable(
+            (-120.0, &extra),
+            exp_avx512,
+            |p| p.exp_nonpositive(),
+            |x, ours, theirs| {
+                if x.is_nan() {
+                    assert!(ours.is_nan(), "e^NaN: {ours}");
+                } else if x >= -87.0 {
+                    assert_eq!(ours.to_bits(), theirs.to_bits(), "e^{x}");
+                } else {
+                    assert!((0.0..=theirs).contains(&ours), "e^{x}: {ours}");
+                }
+            },
+        );
     }
 
     /// [`Avx512`]'s shuffled transpose and the portable element loop both give
