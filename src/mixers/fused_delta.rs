@@ -223,6 +223,8 @@ fn backward_rows_in<V: F32x16, const G: usize, const FMA: bool>(
     let (d, r) = (b.len(), w.len() / b.len());
     let (groups, vectors) = (r.div_ceil(G), d.div_ceil(16));
     let full = quad_part::<V>(d);
+    // Per task, as G is the clone's (W is 8 KB at the default size: about a microsecond,
+    // against the task's ten).
     let w_panels = to_panels::<G>(w, d);
     let mut g_w_panels = vec![[[0f32; 16]; G]; groups * vectors];
     let mut g_b_lanes = vec![[0f32; 16]; vectors];
