@@ -15,7 +15,7 @@ use burn::tensor::{DType, FloatDType};
 
 use crate::device::{BackendKind, Precision};
 use crate::half_rounding::HalfFormat;
-use crate::split_product::split_product;
+use crate::split_product::{split_product, split_product_and_input};
 
 thread_local! {
     static WORKING_DTYPE: Cell<Option<FloatDType>> = const { Cell::new(None) };
@@ -110,26 +110,57 @@ pub fn linear_split<const D: usize, const N: usize>(
     x: Tensor<D>,
     widths: [usize; N],
 ) -> [Tensor<D>; N] {
+    linear_split_in(layer, x, widths, false).0
+}
+
+/// [`linear_split`] and x itself, for another reader of x: in f32 on flex the product's
+/// backward then sums x's two gradients in its own products
+/// ([`split_product_and_input`]), where autodiff would add them with Burn's add.
+pub fn linear_split_and_input<const D: usize, const N: usize>(
+    layer: &Linear,
+    x: Tensor<D>,
+    widths: [usize; N],
+) -> ([Tensor<D>; N], Tensor<D>) {
+    let (pieces, x) = linear_split_in(layer, x, widths, true);
+    (pieces, x.expect("asked for"))
+}
+
+fn linear_split_in<const D: usize, const N: usize>(
+    layer: &Linear,
+    x: Tensor<D>,
+    widths: [usize; N],
+    and_input: bool,
+) -> ([Tensor<D>; N], Option<Tensor<D>>) {
     let (w, bias) = (layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
     let mut dims = x.dims();
     let rows = dims[..D - 1].iter().product::<usize>();
     let x = x.reshape([rows, dims[D - 1]]);
-    let pieces = match working_dtype() {
-        None => split_product(x, w, widths),
-        Some(_) => std::array::from_fn(|i| {
-            let start = widths[..i].iter().sum();
-            matmul_rows(x.clone(), w.clone().narrow(1, start, widths[i]))
-        }),
+    let (pieces, input) = match working_dtype() {
+        None if and_input => {
+            let (pieces, x) = split_product_and_input(x, w, widths);
+            (pieces, Some(x))
+        }
+        None => (split_product(x, w, widths), None),
+        Some(_) => {
+            let input = and_input.then(|| x.clone());
+            let pieces = std::array::from_fn(|i| {
+                let start = widths[..i].iter().sum();
+                matmul_rows(x.clone(), w.clone().narrow(1, start, widths[i]))
+            });
+            (pieces, input)
+        }
     };
+    let input = input.map(|x| x.reshape(dims));
     let mut start = 0;
-    pieces.map(|piece| {
+    let pieces = pieces.map(|piece| {
         let width = piece.dims()[1];
         dims[D - 1] = width;
         let piece = piece.reshape(dims);
         let b = bias.clone().map(|b| b.narrow(0, start, width));
         start += width;
         with_bias(piece, b)
-    })
+    });
+    (pieces, input)
 }
 
 /// `x · w` for `x` `[.., k]` and a weight `w` `[k, n]`, as one `[rows, k] · [k, n]` product

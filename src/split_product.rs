@@ -12,6 +12,11 @@
 //! written in, summed again: in Mamba-2's in_proj four adds of x's gradient and five fills
 //! and four adds of w's. A test holds the two equal.
 //!
+//! Where x has another reader too (Mamba's x_proj input is also the scan's), the product can
+//! hand x itself on as one more output ([`split_product_and_input`]): that reader's gradient
+//! then starts dx's sum, the products adding into it, where autodiff would add the two
+//! gradients of x with Burn's add, on one thread.
+//!
 //! Burn's autodiff gives an op one output, so each piece is an op of its own on one shared
 //! node, the product's: a piece's backward leaves its gradient in a slot the product holds,
 //! and the product's backward, which Burn runs after every piece's (the pieces lie deeper in
@@ -36,22 +41,25 @@ use crate::matmul::{Blocks, MatmulBackend, Matrices, gemm_into_bands};
 #[backend_extension(Flex, Autodiff)]
 pub trait SplitProductBackend: Backend {
     /// `x` `[rows, k]` times the column blocks of `w` `[k, n]` that are `widths` wide
-    /// (summing to n): `[rows, width]` each.
+    /// (summing to n): `[rows, width]` each; with `and_input`, x itself after them.
     fn split_product(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         widths: Vec<usize>,
+        and_input: bool,
     ) -> Vec<FloatTensor<Self>>;
 }
 
 /// The backward, on the backend under autodiff (outside the extension trait: Burn's
 /// dispatch does not route a `Vec` of tensors into a function).
 pub trait SplitProductBackward: Backend {
-    /// The gradients of x and w given the pieces' (in order, `[rows, width]` each).
+    /// The gradients of x and w given the pieces' (in order, `[rows, width]` each), x's
+    /// added to `dx_from` where given (the gradient of x handed on).
     fn split_product_backward(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         grads: Vec<FloatTensor<Self>>,
+        dx_from: Option<FloatTensor<Self>>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -65,17 +73,40 @@ pub fn split_product<const N: usize>(
     w: Tensor<2>,
     widths: [usize; N],
 ) -> [Tensor<2>; N] {
+    split_product_in(x, w, widths, false).0
+}
+
+/// [`split_product`] and x itself, for another reader of x: its gradient and the
+/// product's are summed inside the product's backward (see the module).
+pub fn split_product_and_input<const N: usize>(
+    x: Tensor<2>,
+    w: Tensor<2>,
+    widths: [usize; N],
+) -> ([Tensor<2>; N], Tensor<2>) {
+    let (pieces, x) = split_product_in(x, w, widths, true);
+    (pieces, x.expect("asked for"))
+}
+
+fn split_product_in<const N: usize>(
+    x: Tensor<2>,
+    w: Tensor<2>,
+    widths: [usize; N],
+    and_input: bool,
+) -> ([Tensor<2>; N], Option<Tensor<2>>) {
     let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
     if !f32s || !crate::device::is_flex(&x.device()) {
-        return split_product_reference(x, w, widths);
+        let input = and_input.then(|| x.clone());
+        return (split_product_reference(x, w, widths), input);
     }
     let pieces = <burn::backend::Dispatch as SplitProductBackend>::split_product(
         x.into_dispatch(),
         w.into_dispatch(),
         widths.to_vec(),
+        and_input,
     );
     let mut pieces = pieces.into_iter().map(Tensor::from_dispatch);
-    std::array::from_fn(|_| pieces.next().expect("one piece per width"))
+    let products = std::array::from_fn(|_| pieces.next().expect("one piece per width"));
+    (products, pieces.next())
 }
 
 /// The reference: a product per piece with its narrowed block of `w`.
@@ -91,7 +122,12 @@ pub fn split_product_reference<const N: usize>(
 }
 
 impl SplitProductBackend for Flex {
-    fn split_product(x: FlexTensor, w: FlexTensor, widths: Vec<usize>) -> Vec<FlexTensor> {
+    fn split_product(
+        x: FlexTensor,
+        w: FlexTensor,
+        widths: Vec<usize>,
+        and_input: bool,
+    ) -> Vec<FlexTensor> {
         CALLS.record();
         let (rows, k) = (x.shape()[0], w.shape()[0]);
         let mut start = 0;
@@ -120,6 +156,9 @@ impl SplitProductBackend for Flex {
                 at += piece;
             }
         }
+        if and_input {
+            pieces.push(x);
+        }
         pieces
     }
 }
@@ -129,6 +168,7 @@ impl SplitProductBackward for Flex {
         x: FlexTensor,
         w: FlexTensor,
         grads: Vec<FlexTensor>,
+        dx_from: Option<FlexTensor>,
     ) -> (FlexTensor, FlexTensor) {
         let (rows, k, n) = (x.shape()[0], x.shape()[1], w.shape()[1]);
         let widths: Vec<usize> = grads.iter().map(|g| g.shape()[1]).collect();
@@ -137,19 +177,30 @@ impl SplitProductBackward for Flex {
             n,
             "split product: piece widths"
         );
+        // dx's buffer: the given gradient's own where nothing else holds it (as a fresh
+        // gradient is), else a copy of it, or a new one that the first product writes.
+        let mut dx_from = dx_from.map(|mut g| match crate::device::unshared_f32(&mut g) {
+            Some(_) => g,
+            None => flex_from_f32(flex_f32(&g).into_owned(), [rows, k], DType::F32),
+        });
         if rows == 0 || k == 0 || n == 0 {
             let zeros = |len, shape: [usize; 2]| flex_from_f32(vec![0.0; len], shape, DType::F32);
-            return (zeros(rows * k, [rows, k]), zeros(k * n, [k, n]));
+            let dx = dx_from.unwrap_or_else(|| zeros(rows * k, [rows, k]));
+            return (dx, zeros(k * n, [k, n]));
         }
         let pieces: Vec<_> = grads.iter().map(flex_f32).collect();
         let (x, w) = (Matrices::of(&x), Matrices::of(&w));
         let ((x0, (x_rs, x_cs)), (w0, (w_rs, w_cs))) =
             ((x.first(0), x.strides), (w.first(0), w.strides));
-        let (mut dx, mut dw) = (
-            Vec::<f32>::with_capacity(rows * k),
-            Vec::<f32>::with_capacity(k * n),
-        );
-        let (mut column, mut written) = (0, false);
+        let mut dx = Vec::<f32>::with_capacity(if dx_from.is_some() { 0 } else { rows * k });
+        let dx_out = match dx_from.as_mut() {
+            Some(g) => crate::device::unshared_f32(g)
+                .expect("unshared")
+                .as_mut_ptr(),
+            None => dx.as_mut_ptr(),
+        };
+        let mut dw = Vec::<f32>::with_capacity(k * n);
+        let (mut column, mut written) = (0, dx_from.is_some());
         for run in runs(&widths) {
             let width: usize = widths[run.clone()].iter().sum();
             if width == 0 {
@@ -163,14 +214,15 @@ impl SplitProductBackward for Flex {
                 &gathered
             };
             let g = (g.as_ptr(), (width as isize, 1));
-            // SAFETY: dx `[rows, k]` and dw `[k, n]` have the capacity reserved above; the
-            // first run writes every element of dx and the others add to it; each run
+            // SAFETY: dx `[rows, k]` (`dx_from`'s values, or capacity reserved above) and dw
+            // `[k, n]` (capacity reserved above); the first run writes every element of dx
+            // unless it holds `dx_from`'s, and the others add to it; each run
             // writes its own columns of dw, and together they cover all n. x, w and the
             // gradients are alive for the calls, their strides their layouts'.
             unsafe {
                 // dx (+)= g · w[:, column..]ᵀ
                 let w_block = (w0.offset(column as isize * w_cs), (w_cs, w_rs));
-                gemm_into_bands((dx.as_mut_ptr(), k), (rows, width, k), g, w_block, written);
+                gemm_into_bands((dx_out, k), (rows, width, k), g, w_block, written);
                 // dw[:, column..] = xᵀ · g
                 let out = (dw.as_mut_ptr().add(column), n);
                 gemm_into_bands(out, (k, rows, width), (x0, (x_cs, x_rs)), g, false);
@@ -179,10 +231,12 @@ impl SplitProductBackward for Flex {
         }
         // SAFETY: every element of both was written above (n > 0, so some run was).
         unsafe {
-            dx.set_len(rows * k);
+            if dx_from.is_none() {
+                dx.set_len(rows * k);
+            }
             dw.set_len(k * n);
         }
-        let dx = flex_from_f32(dx, [rows, k], DType::F32);
+        let dx = dx_from.unwrap_or_else(|| flex_from_f32(dx, [rows, k], DType::F32));
         (dx, flex_from_f32(dw, [k, n], DType::F32))
     }
 }
@@ -251,7 +305,12 @@ impl<B: Backend + SplitProductBackward> Backward<B, 2> for ProductBackward {
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (x, w, widths, slots) = ops.state;
-        let filled = std::mem::take(&mut *slots.0.lock().expect("slots"));
+        let mut filled = std::mem::take(&mut *slots.0.lock().expect("slots"));
+        // The slot past the pieces' is x's own, where x was handed on.
+        let dx_from = match filled.len() > widths.len() {
+            true => filled.pop().flatten(),
+            false => None,
+        };
         let (rows, dtype) = (x.shape()[0], x.dtype());
         let device = x.device();
         let pieces = filled
@@ -261,7 +320,7 @@ impl<B: Backend + SplitProductBackward> Backward<B, 2> for ProductBackward {
                 grad.unwrap_or_else(|| B::float_zeros([rows, width].into(), &device, dtype.into()))
             })
             .collect();
-        let (dx, dw) = B::split_product_backward(x, w, pieces);
+        let (dx, dw) = B::split_product_backward(x, w, pieces, dx_from);
         register_gradients::<B, 2>(grads, ops.parents.map(|p| p.map(|n| n.id)), [dx, dw]);
     }
 }
@@ -273,11 +332,12 @@ impl<B: Backend + SplitProductBackend + SplitProductBackward, C: CheckpointStrat
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         widths: Vec<usize>,
+        and_input: bool,
     ) -> Vec<FloatTensor<Self>> {
         let nodes = [x.node(), w.node()];
         let (x, w) = (x.into_primitive(), w.into_primitive());
-        let pieces = B::split_product(x.clone(), w.clone(), widths.clone());
-        let slots = Slots(Arc::new(Mutex::new(vec![None; widths.len()])));
+        let pieces = B::split_product(x.clone(), w.clone(), widths.clone(), and_input);
+        let slots = Slots(Arc::new(Mutex::new(vec![None; pieces.len()])));
         // The shared node: its output is never read (w's buffer stands in, uncopied).
         let product = match ProductBackward
             .prepare::<C>(nodes)
@@ -310,9 +370,24 @@ mod tests {
     use crate::testing::max_relative_difference;
     use burn::tensor::Distribution;
 
+    /// How a test's loss reads x where the product hands it on.
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum InputRead {
+        /// Not handed on: the plain split product.
+        NotAsked,
+        /// Weighted by a probe: its gradient is fresh, and the product adds into it.
+        Probe,
+        /// Added to a piece-shaped product of its own: its gradient is the add's, shared with
+        /// that other parent, so the product copies it first.
+        SharedGradient,
+        /// Handed on but never read: no gradient reaches it.
+        Unread,
+    }
+
     /// The extension equals a product per narrowed block, pieces and the gradients of x and
     /// w, with wide pieces and narrow ones as Mamba-2's Δ; a piece that no gradient reaches
-    /// gives zeros in its block of w's gradient.
+    /// gives zeros in its block of w's gradient. Where x is handed on, its gradient there
+    /// joins dx as autodiff would add it.
     #[test]
     fn split_product_equals_the_reference() {
         let device = Device::flex().autodiff();
@@ -324,36 +399,71 @@ mod tests {
         let x = Tensor::<2>::random([rows, k], normal, &device).require_grad();
         let w = Tensor::<2>::random([k, n], normal, &device).require_grad();
         let probes = widths.map(|width| Tensor::<2>::random([rows, width], normal, &device));
-        for used in [5, 4] {
+        let x_probe = Tensor::<2>::random([rows, k], normal, &device);
+        let reads = [
+            InputRead::NotAsked,
+            InputRead::Probe,
+            InputRead::SharedGradient,
+            InputRead::Unread,
+        ];
+        for (used, read) in [5, 4].into_iter().flat_map(|u| reads.map(|r| (u, r))) {
             let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
             let run = |fused: bool| {
                 let calls = CALLS.get();
-                let pieces = match fused {
-                    true => split_product(x.clone(), w.clone(), widths),
-                    false => split_product_reference(x.clone(), w.clone(), widths),
+                let (pieces, input) = match (fused, read) {
+                    (true, InputRead::NotAsked) => {
+                        (split_product(x.clone(), w.clone(), widths), None)
+                    }
+                    (true, _) => {
+                        let (pieces, x) = split_product_and_input(x.clone(), w.clone(), widths);
+                        (pieces, Some(x))
+                    }
+                    (false, _) => (
+                        split_product_reference(x.clone(), w.clone(), widths),
+                        Some(x.clone()),
+                    ),
                 };
                 assert_eq!(CALLS.get() > calls, fused, "took the extension where asked");
                 let outputs: Vec<_> = pieces.iter().map(|p| values(p.clone().inner())).collect();
-                let loss = pieces
+                let mut loss = pieces
                     .into_iter()
                     .zip(probes.clone())
                     .take(used)
                     .map(|(p, probe)| (p * probe).sum())
                     .reduce(|a, b| a + b)
                     .unwrap();
+                let input = || input.clone().expect("x handed on");
+                match read {
+                    InputRead::NotAsked | InputRead::Unread => {}
+                    InputRead::Probe => loss = loss + (input() * x_probe.clone()).sum(),
+                    InputRead::SharedGradient => {
+                        let other = x.clone().mul_scalar(0.5);
+                        loss = loss + ((input() + other) * x_probe.clone()).sum();
+                    }
+                }
                 let grads = loss.backward();
                 let (dx, dw) = (x.grad(&grads).unwrap(), w.grad(&grads).unwrap());
                 let unused = dw.clone().narrow(1, n - widths[4], widths[4]);
                 (outputs, values(dx), values(dw), values(unused))
             };
             let (fused, reference) = (run(true), run(false));
+            let case = format!("{used} pieces read, x {read:?}");
             for (a, b) in fused.0.iter().zip(&reference.0) {
-                assert!(max_relative_difference(a, b) < 1e-5, "pieces");
+                assert!(max_relative_difference(a, b) < 1e-5, "pieces, {case}");
             }
-            assert!(max_relative_difference(&fused.1, &reference.1) < 1e-5, "dx");
-            assert!(max_relative_difference(&fused.2, &reference.2) < 1e-5, "dw");
+            assert!(
+                max_relative_difference(&fused.1, &reference.1) < 1e-5,
+                "dx, {case}"
+            );
+            assert!(
+                max_relative_difference(&fused.2, &reference.2) < 1e-5,
+                "dw, {case}"
+            );
             if used < widths.len() {
-                assert!(fused.3.iter().all(|&v| v == 0.0), "an unused piece's block");
+                assert!(
+                    fused.3.iter().all(|&v| v == 0.0),
+                    "an unused piece's block, {case}"
+                );
             }
         }
     }

@@ -33,7 +33,7 @@ use super::fused_delta;
 use super::fused_gate::{gate, skip_gate};
 use super::selective_scan;
 use super::{MixerContext, MixerOptions, ShardedForm, TokenMixer, normal_linear};
-use crate::mixed_precision::{linear, linear_split};
+use crate::mixed_precision::{linear, linear_split, linear_split_and_input};
 use crate::options::{OptionError, at_least_one, fail, positive};
 use crate::padding::Padding;
 use crate::parallel::SequenceParallel;
@@ -141,7 +141,9 @@ impl Ssm {
         let u = dir.conv1d.forward_silu(u, history);
         // dt, B and C as a split product: each contiguous for the kernel that reads it, and
         // no gradient of a slice (a zero-filled tensor of the whole, summed) behind them.
-        let [dt, b, c] = linear_split(dir.x_proj, u.clone(), [r, n, n]);
+        // u comes back out of it for the scan, so that its two gradients are summed inside
+        // the product's backward.
+        let ([dt, b, c], u) = linear_split_and_input(dir.x_proj, u, [r, n, n]);
         let mut delta = fused_delta::delta(dir.dt_proj, dt);
         if let Some(p) = padding {
             delta = delta * p.column();
