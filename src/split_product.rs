@@ -3,9 +3,9 @@
 //! flex. Forward, each wide piece is its own product, so each comes out contiguous for what
 //! reads it (neighbouring narrow ones are one product, cut into pieces). Backward,
 //! `dx = Σ gᵢ · wᵢᵀ` accumulates in one buffer (wᵀ laid out once, row-major, for those
-//! products) and each `xᵀ · gᵢ` is written into its
-//! columns of w's gradient: a product each way per piece (narrow pieces first gathered side
-//! by side, as one), and no sums outside them.
+//! products) and each `xᵀ · gᵢ` is written into its columns of w's gradient: a product each
+//! way per piece (narrow pieces first gathered side by side, as one), and no sums outside
+//! them.
 //!
 //! As Burn ops (a product per piece with a narrowed weight, [`split_product_reference`])
 //! autodiff sums the pieces' gradients of x with Burn's add, on one thread, and each
