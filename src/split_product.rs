@@ -220,11 +220,11 @@ impl SplitProductBackward for Flex {
             };
             let g = (g.as_ptr(), (width as isize, 1));
             // SAFETY: dx `[rows, k]` (`dx_from`'s values, or capacity reserved above) and dw
-            // `[k, n]` (capacity reserved above); wᵀ `[n, k]`, its rows from `column` on
-            // the block's; the first run writes every element of dx
-            // unless it holds `dx_from`'s, and the others add to it; each run
-            // writes its own columns of dw, and together they cover all n. x, w and the
-            // gradients are alive for the calls, their strides their layouts'.
+            // `[k, n]` (capacity reserved above); wᵀ `[n, k]`, its rows from `column` on the
+            // block's. The first run writes every element of dx unless it holds
+            // `dx_from`'s, and the others add to it; each run writes its own columns of dw,
+            // and together they cover all n. x, w and the gradients are alive for the
+            // calls, their strides their layouts'.
             unsafe {
                 // dx (+)= g · w[:, column..]ᵀ
                 let w_block = (wt.as_ptr().add(column * k), (k as isize, 1));
