@@ -36,7 +36,7 @@ use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use burn::tensor::{DType, Slice};
 
-use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients};
+use crate::device::{RunCount, flex_f32, flex_from_f32, register_gradients, unshared_f32};
 use crate::matmul::{Blocks, MatmulBackend, Matrices, gemm_into_bands};
 
 #[backend_extension(Flex, Autodiff)]
@@ -180,7 +180,7 @@ impl SplitProductBackward for Flex {
         );
         // dx's buffer: the given gradient's own where nothing else holds it (as a fresh
         // gradient is), else a copy of it, or a new one that the first product writes.
-        let mut dx_from = dx_from.map(|mut g| match crate::device::unshared_f32(&mut g) {
+        let mut dx_from = dx_from.map(|mut g| match unshared_f32(&mut g) {
             Some(_) => g,
             None => flex_from_f32(flex_f32(&g).into_owned(), [rows, k], DType::F32),
         });
@@ -199,9 +199,7 @@ impl SplitProductBackward for Flex {
         let wt = transposed((w0, (w_rs, w_cs)), (k, n));
         let mut dx = Vec::<f32>::with_capacity(if dx_from.is_some() { 0 } else { rows * k });
         let dx_out = match dx_from.as_mut() {
-            Some(g) => crate::device::unshared_f32(g)
-                .expect("unshared")
-                .as_mut_ptr(),
+            Some(g) => unshared_f32(g).expect("unshared").as_mut_ptr(),
             None => dx.as_mut_ptr(),
         };
         let mut dw = Vec::<f32>::with_capacity(k * n);
