@@ -1020,14 +1020,18 @@ mod tests {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
     }
 
-    /// Runs `avx512` (a function of 16 lanes, AVX-512F enabled) and `portable` over
+    /// A function of 16 lanes compiled for a target feature the CPU may lack.
+    #[cfg(target_arch = "x86_64")]
+    type LaneFunction = unsafe fn(&[f32; 16]) -> [f32; 16];
+
+    /// Runs `ours` (a function of 16 lanes, AVX-512F or AVX2 enabled) and `portable` over
     /// 320,000 points from 0 down to `lo`, and `extra` values in the first lanes, and hands
-    /// `check` each point with both results. Where the CPU lacks what `avx512` needs (`has`)
+    /// `check` each point with both results. Where the CPU lacks what `ours` needs (`has`)
     /// there is nothing to compare: nothing runs.
     #[cfg(target_arch = "x86_64")]
     fn against_portable(
         (lo, extra): (f32, &[f32]),
-        (has, avx512): (fn() -> bool, unsafe fn(&[f32; 16]) -> [f32; 16]),
+        (has, ours): (fn() -> bool, LaneFunction),
         portable: fn(Portable<true>) -> Portable<true>,
         check: impl Fn(f32, f32, f32),
     ) {
@@ -1040,11 +1044,11 @@ mod tests {
         xs[..extra.len()].copy_from_slice(extra);
         for lanes in xs.chunks_exact(16) {
             let lanes: &[f32; 16] = lanes.try_into().unwrap();
-            // SAFETY: the CPU has AVX-512F, checked above.
-            let ours = unsafe { avx512(lanes) };
+            // SAFETY: the CPU has what `ours` needs, checked above.
+            let got = unsafe { ours(lanes) };
             let theirs = portable(Portable::<true>::load(lanes)).to_array();
-            for ((x, ours), theirs) in lanes.iter().zip(ours).zip(theirs) {
-                check(*x, ours, theirs);
+            for ((x, got), theirs) in lanes.iter().zip(got).zip(theirs) {
+                check(*x, got, theirs);
             }
         }
     }
