@@ -1,12 +1,13 @@
-//! Sixteen f32 lanes as one value: one AVX-512 register where the CPU has them, an array
-//! that LLVM vectorises otherwise (on AVX2, as well as two registers written out by hand:
-//! tried, and no faster). Kernels written against [`F32x16`] keep a value per lane
+//! Sixteen f32 lanes as one value: one AVX-512 register where the CPU has them, two AVX2
+//! registers where it has AVX2 and FMA ([`Avx2`]), an array that LLVM vectorises otherwise
+//! ([`Portable`]). Kernels written against [`F32x16`] keep a value per lane
 //! in a register across a loop, where plain arrays of lanes let LLVM vectorise across the
 //! wrong loop (gathers and scatters of every lane; see `mixers::selective_scan`).
 //!
 //! A kernel is generic over the type and picks it inside a `#[multiversion]` function with
-//! [`with_f32x16`], so that [`Avx512`] is only ever built in a clone for a CPU with AVX-512.
-//! Its intrinsics inline only into code compiled for AVX-512, that is, into that clone
+//! [`with_f32x16`], so that [`Avx512`] is only ever built in a clone for a CPU with AVX-512
+//! (and [`Avx2`] in one for AVX2 and FMA). Intrinsics inline only into code compiled for
+//! their features, that is, into that clone
 //! through `#[inline(always)]` functions: a closure is a function of its own, so a kernel
 //! uses loops, not closures, around these operations (one closure made a backward 14×
 //! slower, an intrinsic call per vector).
@@ -18,10 +19,11 @@ use crate::vector_math::{
 
 /// Sixteen f32 lanes and the element-wise operations kernels use on them.
 pub trait F32x16: Copy {
-    /// Whether a [`Quad`] of these runs as four registers side by side, so that kernels
-    /// take it. [`Portable`] lanes are arrays LLVM vectorises one operation at a time; four
-    /// of them as one value came out 4× slower than a plain loop over elements (AVX2, a
-    /// probe of softplus and sigmoid), so kernels loop over elements there.
+    /// Whether a [`Quad`] of these runs as registers side by side (four AVX-512, eight
+    /// AVX2), so that kernels take it. [`Portable`] lanes are arrays LLVM vectorises one
+    /// operation at a time; four of them as one value came out 4× slower than a plain loop
+    /// over elements (AVX2, a probe of softplus and sigmoid), so kernels loop over elements
+    /// there (which LLVM may leave scalar: GELU's was, hence [`Avx2`]).
     const QUADS: bool;
     /// Every lane `x`.
     fn splat(x: f32) -> Self;
@@ -956,8 +958,8 @@ impl<V: F32x16> Real for Quad<V> {
 }
 
 /// Runs `$body` with `$v` the [`F32x16`] type for the multiversion clone this expands in:
-/// [`Avx512`] where its target has AVX-512F, [`Portable`] otherwise. Only inside a
-/// `#[multiversion]` function's body.
+/// [`Avx512`] where its target has AVX-512F, [`Avx2`] where it has AVX2 and FMA, [`Portable`]
+/// otherwise. Only inside a `#[multiversion]` function's body.
 macro_rules! with_f32x16 {
     ($v:ident => $body:expr) => {{
         #[cfg(target_arch = "x86_64")]
