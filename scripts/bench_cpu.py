@@ -162,7 +162,8 @@ def main():
             + (f"{p['tokens_per_s']:,.0f} | {p['cpu_pct']}% | {r['ratio']:.2f}× | " if p else "– | – | – | ")
             + (f"{r['to_default']:.2f}× |" if "seq 64" in name or "default size" in name
                or name in F32_MODEL else "– |"))
-    lines += [""] + [f"{name}: {why}." for name, why in skipped.items()] if skipped else []
+    if skipped:
+        lines += [""] + [f"{name}: {why}." for name, why in skipped.items()]
     result["skipped"] = skipped
     out = ROOT / a.out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1015,6 +1015,9 @@ pub(crate) use with_const;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vector_math::{
+        erf_of, exp_nonpositive_of, ln_1p_unit_of, sigmoid_and_exp_in, softplus_in,
+    };
 
     /// Whether the CPU has AVX2 and FMA, what [`Avx2`] needs.
     #[cfg(target_arch = "x86_64")]
@@ -1271,9 +1274,6 @@ mod tests {
     /// function needs them, `−|x|` or `|x|` up to 1).
     #[inline(always)]
     fn on_quads<V: F32x16>(x: &[f32]) -> [[f32; QUAD]; 6] {
-        use crate::vector_math::{
-            erf_of, exp_nonpositive_of, ln_1p_unit_of, sigmoid_and_exp_in, softplus_in,
-        };
         let q = Quad::<V>::load(x);
         let results = [
             exp_nonpositive_of::<Quad<V>, true>(-q.abs()),
@@ -1294,9 +1294,6 @@ mod tests {
     /// arguments of both signs, zeros, large magnitudes and a NaN, but where `floor` allows
     /// values under e^−87 (1.6e-38) to differ from the portable exp's floor.
     fn check_quads(quads: impl Fn(&[f32]) -> [[f32; QUAD]; 6], floor: bool) {
-        use crate::vector_math::{
-            erf_of, exp_nonpositive_of, ln_1p_unit_of, sigmoid_and_exp_in, softplus_in,
-        };
         let scalar: [fn(f32) -> f32; 6] = [
             |x| exp_nonpositive_of::<f32, true>(-x.abs()),
             |x| ln_1p_unit_of::<f32, true>(x.abs().clamp(0.0, 1.0)),
