@@ -149,7 +149,7 @@ def main():
         f"CPU training throughput, f32 where a row does not say bf16, medians of {a.rounds} alternating rounds; each ratio "
         f"is the median of the rounds' ratios (a mixer's to the default model, to a run of "
         f"that model just before it; a bf16 row's to its f32 model) "
-        f"(`python3 scripts/bench_cpu.py`): {c['model']}, {c['cores']} cores, flags "
+        f"(`python3 scripts/bench_cpu.py --rounds {a.rounds} --out {a.out}`): {c['model']}, {c['cores']} cores, flags "
         f"{', '.join(c['flags'])}; PyTorch {torch_version} eager (`scripts/pytorch_bench.py`).",
         "",
         "| model | metamix tokens/s | CPU | page faults | PyTorch tokens/s | CPU | metamix / PyTorch | / f32 model (default, or the row's own) |",

@@ -523,17 +523,23 @@ impl<'a> Chunk<'a> {
     }
 
     /// One step of rows `k0 .. k0 + G` (`a` from [`Self::a_rows`]), given the step's Δ, Δ·u
-    /// and its B rows: `h ← e ⊙ h + Δ·u·B`, `e = exp(Δ·A)`.
+    /// and its B rows: `h ← e ⊙ h + Δ·u·B`, `e = exp(Δ·A)`. The decays e go to `decays`
+    /// where given (one, at 0, where A is shared).
     #[inline(always)]
     fn step<V: F32x16, const G: usize>(
         &self,
         (dl, dlu, b): (V, V, &[f32; G]),
         (a, h): (&[V; G], &mut [V; G]),
+        mut decays: Option<&mut [Lanes]>,
     ) {
         // (Branches, not closures: a closure is a function boundary that the intrinsics
         // behind `V` are not inlined across.)
         let shared = if self.dims.shared {
-            dl.mul(a[0]).exp2_nonpositive()
+            let e = dl.mul(a[0]).exp2_nonpositive();
+            if let Some(decays) = decays.as_deref_mut() {
+                e.store(&mut decays[0]);
+            }
+            e
         } else {
             V::zero()
         };
@@ -541,7 +547,11 @@ impl<'a> Chunk<'a> {
             let e = if self.dims.shared {
                 shared
             } else {
-                dl.mul(a[g]).exp2_nonpositive()
+                let e = dl.mul(a[g]).exp2_nonpositive();
+                if let Some(decays) = decays.as_deref_mut() {
+                    e.store(&mut decays[g]);
+                }
+                e
             };
             h[g] = e.mul_add(h[g], dlu.mul(V::splat(b[g])));
         }
@@ -563,7 +573,7 @@ impl<'a> Chunk<'a> {
         let inputs = steps.dl.iter().zip(steps.dlu).zip(steps.b.chunks_exact(n));
         for (s, ((dl, dlu), b)) in inputs.enumerate() {
             let b = b[k0..k0 + G].try_into().unwrap();
-            self.step::<V, G>((V::load(dl), V::load(dlu), b), (&a, &mut hr));
+            self.step::<V, G>((V::load(dl), V::load(dlu), b), (&a, &mut hr), None);
             if let Some(y) = y.as_deref_mut() {
                 let c: &[f32; G] = steps.c[s * n + k0..s * n + k0 + G].try_into().unwrap();
                 let mut acc = V::load(&y[s]);
@@ -601,18 +611,22 @@ impl<'a> Chunk<'a> {
         );
         let via = &mut buffers.via[..2 * len];
         let inputs = || steps.dl.iter().zip(steps.dlu).zip(gy);
-        // Recompute the segment's states h_(t−1) from its entering state, and dC's terms
-        // gy ⊙ h_t on the way. (The decays are recomputed again on the way back: a buffer
-        // of them, written here and read there, made the backward 2% slower.)
+        // Recompute the segment's states h_(t−1) and decays from its entering state, and
+        // dC's terms gy ⊙ h_t on the way. (The way back reads the decays from a buffer
+        // beside the states: recomputing them there took 28% more instructions in the
+        // backward and ~14% more time on an AVX2 CPU; an earlier measurement on an
+        // AVX-512 CPU had the buffer 2% slower: worth re-measuring there.)
         let mut h: [V; G] = load_rows(entering[k0..k0 + G].try_into().unwrap());
-        let kept = states.chunks_exact_mut(G);
+        let decays = &mut buffers.decays[..len * G];
+        let kept = states.chunks_exact_mut(G).zip(decays.chunks_exact_mut(G));
         let rows = steps.b.chunks_exact(n).zip(sums_c.chunks_exact_mut(n));
-        for ((state, (b, sum_c)), ((dl, dlu), gy)) in kept.zip(rows).zip(inputs()) {
+        for (((state, decay), (b, sum_c)), ((dl, dlu), gy)) in kept.zip(rows).zip(inputs()) {
             for g in 0..G {
                 h[g].store(&mut state[g]);
             }
             let b = b[k0..k0 + G].try_into().unwrap();
-            self.step::<V, G>((V::load(dl), V::load(dlu), b), (&a, &mut h));
+            let inputs = (V::load(dl), V::load(dlu), b);
+            self.step::<V, G>(inputs, (&a, &mut h), Some(decay));
             let (gy, sum_c): (V, &mut [Lanes; G]) =
                 (V::load(gy), (&mut sum_c[k0..k0 + G]).try_into().unwrap());
             for (h, sum) in h.iter().zip(sum_c) {
@@ -621,7 +635,7 @@ impl<'a> Chunk<'a> {
         }
         // Back in time through y_t = C_t · h_t and h_t = e ⊙ h_(t−1) + Δ·u·B_t.
         let mut lam_r: [V; G] = load_rows(lam[k0..k0 + G].try_into().unwrap());
-        let kept = states.chunks_exact(G);
+        let kept = states.chunks_exact(G).zip(decays.chunks_exact(G));
         let rows = steps.b.chunks_exact(n).zip(steps.c.chunks_exact(n));
         let sums = sums_b.chunks_exact_mut(n).zip(via.chunks_exact_mut(2));
         let back_in_time = kept.zip(rows).zip(sums).zip(inputs()).rev();
@@ -629,9 +643,9 @@ impl<'a> Chunk<'a> {
             // One decay e and one A per channel: Σ_k λ_k·e·h_(t−1),k·A = e·A·Σ_k λ_k·h_(t−1),k,
             // so the rows need only the sum; dA is one row, `g_a[0]`.
             let mut ga = V::load(&g_a[0]);
-            for (((states, (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
+            for ((((states, decay), (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
                 let (dl, dlu, gy) = (V::load(dl), V::load(dlu), V::load(gy));
-                let e = dl.mul(a[0]).exp2_nonpositive();
+                let e = V::load(&decay[0]);
                 let (b, c): (&[f32; G], &[f32; G]) = (
                     b[k0..k0 + G].try_into().unwrap(),
                     c[k0..k0 + G].try_into().unwrap(),
@@ -657,7 +671,7 @@ impl<'a> Chunk<'a> {
             return;
         }
         let mut ga_r: [V; G] = load_rows(g_a[k0..k0 + G].try_into().unwrap());
-        for (((states, (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
+        for ((((states, decays), (b, c)), (sum_b, via)), ((dl, dlu), gy)) in back_in_time {
             let (dl, dlu, gy) = (V::load(dl), V::load(dlu), V::load(gy));
             let (b, c): (&[f32; G], &[f32; G]) = (
                 b[k0..k0 + G].try_into().unwrap(),
@@ -667,7 +681,7 @@ impl<'a> Chunk<'a> {
             // Σ_k λ_k·A_k·e_k·h_(t−1),k and Σ_k λ_k·B_k per channel: dΔ and du follow.
             let (mut via_decay, mut via_input) = (V::load(&via[0]), V::load(&via[1]));
             for g in 0..G {
-                let (e, h_prev) = (dl.mul(a[g]).exp2_nonpositive(), V::load(&states[g]));
+                let (e, h_prev) = (V::load(&decays[g]), V::load(&states[g]));
                 let lam = gy.mul_add(V::splat(c[g]), lam_r[g]);
                 lam.mul_add(dlu, V::load(&sum_b[g])).store(&mut sum_b[g]);
                 let back = lam.mul(e).mul(h_prev);
@@ -984,12 +998,13 @@ thread_local! {
     static BUFFERS: std::cell::RefCell<SegmentBuffers> = Default::default();
 }
 
-/// A group's recomputed states h_(t−1) (`[SEGMENT][GROUPS[0]]` lanes), the
+/// A group's recomputed states h_(t−1) and decays (`[SEGMENT][GROUPS[0]]` lanes each), the
 /// per-channel terms of dB and dC (`[SEGMENT][n]` lanes), and the per-step sums for dΔ and
 /// du (`[SEGMENT][2]` lanes).
 #[derive(Default)]
 struct SegmentWork {
     states: Vec<Lanes>,
+    decays: Vec<Lanes>,
     sums_b: Vec<Lanes>,
     sums_c: Vec<Lanes>,
     via: Vec<Lanes>,
@@ -1006,6 +1021,7 @@ impl SegmentBuffers {
             (&mut self.lanes.dlu, len),
             (&mut self.gy, len),
             (&mut work.states, len * group),
+            (&mut work.decays, len * group),
             (&mut work.sums_b, len * n),
             (&mut work.sums_c, len * n),
             (&mut work.via, 2 * len),
