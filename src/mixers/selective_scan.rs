@@ -613,8 +613,8 @@ impl<'a> Chunk<'a> {
         let inputs = || steps.dl.iter().zip(steps.dlu).zip(gy);
         // Recompute the segment's states h_(t−1) and decays from its entering state, and
         // dC's terms gy ⊙ h_t on the way. (The way back reads the decays from a buffer
-        // beside the states: recomputing them there took 28% more instructions in the
-        // backward and ~14% more time on an AVX2 CPU; an earlier measurement on an
+        // beside the states: recomputing them there took 40% more instructions in the
+        // backward and 12–16% more time on an AVX2 CPU; an earlier measurement on an
         // AVX-512 CPU had the buffer 2% slower: worth re-measuring there.)
         let mut h: [V; G] = load_rows(entering[k0..k0 + G].try_into().unwrap());
         let decays = &mut buffers.decays[..len * G];
