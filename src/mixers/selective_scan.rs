@@ -625,8 +625,8 @@ impl<'a> Chunk<'a> {
                 h[g].store(&mut state[g]);
             }
             let b = b[k0..k0 + G].try_into().unwrap();
-            let inputs = (V::load(dl), V::load(dlu), b);
-            self.step::<V, G>(inputs, (&a, &mut h), Some(decay));
+            let step = (V::load(dl), V::load(dlu), b);
+            self.step::<V, G>(step, (&a, &mut h), Some(decay));
             let (gy, sum_c): (V, &mut [Lanes; G]) =
                 (V::load(gy), (&mut sum_c[k0..k0 + G]).try_into().unwrap());
             for (h, sum) in h.iter().zip(sum_c) {
