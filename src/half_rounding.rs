@@ -50,10 +50,11 @@ pub fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor
 pub(crate) fn round(v: f32) -> f32 {
     let x = v.to_bits();
     let nan = x & 0x7fff_ffff > 0x7f80_0000;
-    // Round half to even: up when the dropped half is over ½, or exactly ½ with an odd
-    // kept part. A carry into the exponent is the right result (the next binade, or ∞).
-    let up = (x & 0x8000 != 0) && (x & 0x1_7fff != 0);
-    let rounded = ((x >> 16) + up as u32) << 16;
+    // Round half to even: adding just under half of the dropped part's range, plus the
+    // kept part's lowest bit, carries up exactly when the dropped half is over ½, or ½
+    // with an odd kept part. A carry into the exponent is the right result (the next
+    // binade, or ∞); only a NaN could wrap, and it takes the other branch.
+    let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) & 0xffff_0000;
     // A NaN keeps its sign and top mantissa bits and is made quiet.
     let quiet = (x | 0x0040_0000) & 0xffff_0000;
     f32::from_bits(if nan { quiet } else { rounded })
@@ -63,7 +64,7 @@ pub(crate) fn round(v: f32) -> f32 {
 /// mantissa bits kept (ties to even) in f16's normal range, multiples of 2⁻²⁴ below it (its
 /// subnormals), ±∞ past 65504.
 #[inline(always)]
-fn round_f16(v: f32) -> f32 {
+pub(crate) fn round_f16(v: f32) -> f32 {
     let x = v.to_bits();
     let magnitude = x & 0x7fff_ffff;
     let nan = magnitude > 0x7f80_0000;

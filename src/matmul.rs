@@ -66,9 +66,22 @@ pub trait MatmulBackend: Backend {
     /// them strided, over the blocks `blocks` names.
     fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>, blocks: Blocks) -> FloatTensor<Self>;
 
-    /// bf16 autocast's product of f32 operands: `a` and `b` rounded to bf16, multiplied and
-    /// summed in f32, the result rounded to bf16 ([`matmul_rounded`]).
-    fn matmul_bf16(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// bf16 or f16 autocast's product of f32 operands: `a` and `b` rounded to `format`,
+    /// multiplied and summed in f32, the result rounded to `format` ([`matmul_rounded`]).
+    fn matmul_half(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        format: HalfFormat,
+    ) -> FloatTensor<Self>;
+
+    /// `a · b` (dense) with each value of the product rounded to `format`: for operands
+    /// already rounded, autocast's product. Each thread rounds its own band of the output
+    /// right after computing it, while it is in cache.
+    fn matmul_round_output(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        format: HalfFormat,
+    ) -> FloatTensor<Self>;
 }
 
 /// `a · b`: the extension for f32 on flex with equal batch dims, Burn's `matmul` otherwise.
@@ -95,15 +108,19 @@ pub fn matmul_blocks<const D: usize>(a: Tensor<D>, b: Tensor<D>, blocks: Blocks)
 /// bf16 or f16 autocast's product of f32 operands on flex, in f32:
 /// `round(round(a) · round(b))`, each rounding to `format` ([`round_to_half`], whose
 /// backward rounds the gradient), so in backward `da = round(round(g) · round(b)ᵀ)` and
-/// `db = round(round(a)ᵀ · round(g))`: the same product again. bf16's is one kernel where
-/// [`crate::bf16_gemm::available`], which rounds as it packs and stores; otherwise the
-/// roundings around the f32 product, its reference.
+/// `db = round(round(a)ᵀ · round(g))`: the same product again. One op
+/// ([`MatmulBackend::matmul_half`]): bf16's one kernel where [`crate::bf16_gemm::available`],
+/// which rounds as it packs and stores; elsewhere the operands (and in backward the
+/// gradient) rounded once, and f32 products that round their outputs in their own threads
+/// ([`MatmulBackend::matmul_round_output`]). The roundings around the f32 product, as
+/// separate ops, are the reference, and the path where the batch dims differ.
 pub fn matmul_rounded<const D: usize>(a: Tensor<D>, b: Tensor<D>, format: HalfFormat) -> Tensor<D> {
     let same_batch = a.dims()[..D - 2] == b.dims()[..D - 2];
-    if format == HalfFormat::Bf16 && same_batch && crate::bf16_gemm::available() {
-        return Tensor::from_dispatch(<burn::backend::Dispatch as MatmulBackend>::matmul_bf16(
+    if same_batch {
+        return Tensor::from_dispatch(<burn::backend::Dispatch as MatmulBackend>::matmul_half(
             a.into_dispatch(),
             b.into_dispatch(),
+            format,
         ));
     }
     let round = |x| round_to_half::<D>(x, format);
@@ -188,11 +205,28 @@ pub(crate) unsafe fn gemm_add_into(
 /// # Safety
 /// As [`gemm_into`], and as [`gemm_add_into`] where `accumulate`.
 pub(crate) unsafe fn gemm_into_bands(
+    out: (*mut f32, usize),
+    mkn: (usize, usize, usize),
+    a: (*const f32, (isize, isize)),
+    b: (*const f32, (isize, isize)),
+    accumulate: bool,
+) {
+    // SAFETY: as the caller promises.
+    unsafe { gemm_bands_rounding(out, mkn, a, b, accumulate, None) }
+}
+
+/// [`gemm_into_bands`], each band of the output then rounded to `round` where given, by the
+/// thread that computed it.
+///
+/// # Safety
+/// As [`gemm_into_bands`].
+unsafe fn gemm_bands_rounding(
     (out, ld): (*mut f32, usize),
     (m, k, n): (usize, usize, usize),
     (a, (a_rs, a_cs)): (*const f32, (isize, isize)),
     (b, (b_rs, b_cs)): (*const f32, (isize, isize)),
     accumulate: bool,
+    round: Option<HalfFormat>,
 ) {
     let split_rows = m >= n;
     let long = if split_rows { m } else { n };
@@ -200,7 +234,7 @@ pub(crate) unsafe fn gemm_into_bands(
     if bands < 2 {
         let (a, b) = ((a, (a_rs, a_cs)), (b, (b_rs, b_cs)));
         // SAFETY: as the caller promises.
-        return unsafe {
+        unsafe {
             gemm_call(
                 (out, ld),
                 (m, k, n),
@@ -208,8 +242,10 @@ pub(crate) unsafe fn gemm_into_bands(
                 b,
                 accumulate,
                 gemm::Parallelism::Rayon(0),
-            )
-        };
+            );
+            round_block((out, ld), (m, n), round);
+        }
+        return;
     }
     let width = long.div_ceil(bands);
     let (out, a, b) = (SendPtr(out), SendPtr(a), SendPtr(b));
@@ -233,11 +269,47 @@ pub(crate) unsafe fn gemm_into_bands(
                         let b = (b.offset(at * b_cs), (b_rs, b_cs));
                         ((out.add(start), ld), (m, k, size), (a, (a_rs, a_cs)), b)
                     };
-                    gemm_call(out, mkn, a, b, accumulate, gemm::Parallelism::None)
+                    gemm_call(out, mkn, a, b, accumulate, gemm::Parallelism::None);
+                    round_block(out, (mkn.0, mkn.2), round);
                 }
             });
         }
     });
+}
+
+/// Each value of a `[rows, cols]` block of a row-major output (rows `ld` apart) rounded to
+/// `round`, where given.
+///
+/// # Safety
+/// The block lies inside one live buffer that no other thread touches meanwhile.
+unsafe fn round_block(
+    (out, ld): (*mut f32, usize),
+    (rows, cols): (usize, usize),
+    round: Option<HalfFormat>,
+) {
+    let Some(format) = round else { return };
+    for r in 0..rows {
+        // SAFETY: row r of the block, as the caller promises.
+        let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * ld), cols) };
+        match format {
+            HalfFormat::Bf16 => round_in_place(row, crate::half_rounding::round),
+            HalfFormat::F16 => round_in_place(row, crate::half_rounding::round_f16),
+        }
+    }
+}
+
+/// Each of `values` rounded by `round` (one of [`crate::half_rounding`]'s, inlined: the
+/// loop vectorises).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon"
+))]
+fn round_in_place(values: &mut [f32], round: impl Fn(f32) -> f32) {
+    for v in values {
+        *v = round(*v);
+    }
 }
 
 /// gemm's `out = (read_dst ? out : 0) + a · b`.
@@ -350,63 +422,80 @@ fn matmul_blocks_flex(
     out
 }
 
+/// Flex's product over `blocks`, its output rounded to `round` where given (dense products
+/// only: [`MatmulBackend::matmul_round_output`]).
+fn flex_product(
+    a: FlexTensor,
+    b: FlexTensor,
+    blocks: Blocks,
+    round: Option<HalfFormat>,
+) -> FlexTensor {
+    CALLS.record();
+    let (sa, sb) = (a.shape(), b.shape());
+    let r = sa.num_dims();
+    let (m, k, n) = (sa[r - 2], sa[r - 1], sb[r - 1]);
+    assert_eq!(sb[r - 2], k, "matmul: {sa:?} · {sb:?}");
+    let mut shape = sa.to_vec();
+    shape[r - 1] = n;
+    let batches: usize = shape[..r - 2].iter().product();
+    let size = m * n;
+    if k == 0 || size == 0 {
+        return flex_from_f32(vec![0.0; batches * size], shape, DType::F32);
+    }
+    let (a, b) = (Matrices::of(&a), Matrices::of(&b));
+    if blocks != Blocks::Dense {
+        let out = matmul_blocks_flex((&a, &b), (m, k, n), batches, blocks);
+        return flex_from_f32(out, shape, DType::F32);
+    }
+    let one = |out: *mut f32, i: usize, split: bool| {
+        let (a, b) = ((a.first(i), a.strides), (b.first(i), b.strides));
+        // SAFETY: `out` is matrix i's own m × n piece of the output; a's and b's
+        // matrices i lie within their layouts.
+        unsafe {
+            if split {
+                gemm_bands_rounding((out, n), (m, k, n), a, b, false, round)
+            } else {
+                gemm_into((out, n), (m, k, n), a, b);
+                round_block((out, n), (m, n), round);
+            }
+        }
+    };
+    let mut out = Vec::<f32>::with_capacity(batches * size);
+    let work = m * n * k;
+    let large = work >= PARALLEL_FROM && (k >= NARROW_K || work >= NARROW_PARALLEL_FROM);
+    if large || batches == 1 {
+        // Large matrices (or one): each split across threads.
+        for i in 0..batches {
+            // SAFETY: within the capacity reserved above.
+            one(unsafe { out.as_mut_ptr().add(i * size) }, i, large);
+        }
+    } else {
+        // Many small matrices: one per task.
+        use rayon::prelude::*;
+        out.spare_capacity_mut()
+            .par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(i, piece)| one(piece.as_mut_ptr().cast(), i, false));
+    }
+    // SAFETY: every matrix of the output was written above.
+    unsafe { out.set_len(batches * size) };
+    flex_from_f32(out, shape, DType::F32)
+}
+
 impl MatmulBackend for Flex {
     fn matmul(a: FlexTensor, b: FlexTensor, blocks: Blocks) -> FlexTensor {
-        CALLS.record();
-        let (sa, sb) = (a.shape(), b.shape());
-        let r = sa.num_dims();
-        let (m, k, n) = (sa[r - 2], sa[r - 1], sb[r - 1]);
-        assert_eq!(sb[r - 2], k, "matmul: {sa:?} · {sb:?}");
-        let mut shape = sa.to_vec();
-        shape[r - 1] = n;
-        let batches: usize = shape[..r - 2].iter().product();
-        let size = m * n;
-        if k == 0 || size == 0 {
-            return flex_from_f32(vec![0.0; batches * size], shape, DType::F32);
-        }
-        let (a, b) = (Matrices::of(&a), Matrices::of(&b));
-        if blocks != Blocks::Dense {
-            let out = matmul_blocks_flex((&a, &b), (m, k, n), batches, blocks);
-            return flex_from_f32(out, shape, DType::F32);
-        }
-        let one = |out: *mut f32, i: usize, split: bool| {
-            let (a, b) = ((a.first(i), a.strides), (b.first(i), b.strides));
-            // SAFETY: `out` is matrix i's own m × n piece of the output; a's and b's
-            // matrices i lie within their layouts.
-            unsafe {
-                if split {
-                    gemm_into_bands((out, n), (m, k, n), a, b, false)
-                } else {
-                    gemm_into((out, n), (m, k, n), a, b)
-                }
-            }
-        };
-        let mut out = Vec::<f32>::with_capacity(batches * size);
-        let work = m * n * k;
-        let large = work >= PARALLEL_FROM && (k >= NARROW_K || work >= NARROW_PARALLEL_FROM);
-        if large || batches == 1 {
-            // Large matrices (or one): each split across threads.
-            for i in 0..batches {
-                // SAFETY: within the capacity reserved above.
-                one(unsafe { out.as_mut_ptr().add(i * size) }, i, large);
-            }
-        } else {
-            // Many small matrices: one per task.
-            use rayon::prelude::*;
-            out.spare_capacity_mut()
-                .par_chunks_mut(size)
-                .enumerate()
-                .for_each(|(i, piece)| one(piece.as_mut_ptr().cast(), i, false));
-        }
-        // SAFETY: every matrix of the output was written above.
-        unsafe { out.set_len(batches * size) };
-        flex_from_f32(out, shape, DType::F32)
+        flex_product(a, b, blocks, None)
     }
 
-    fn matmul_bf16(a: FlexTensor, b: FlexTensor) -> FlexTensor {
-        if !crate::bf16_gemm::available() {
-            let round = |x| <Self as HalfRoundingBackend>::round_to_half(x, HalfFormat::Bf16);
-            return round(Self::matmul(round(a), round(b), Blocks::Dense));
+    fn matmul_round_output(a: FlexTensor, b: FlexTensor, format: HalfFormat) -> FlexTensor {
+        ROUNDING_CALLS.record();
+        flex_product(a, b, Blocks::Dense, Some(format))
+    }
+
+    fn matmul_half(a: FlexTensor, b: FlexTensor, format: HalfFormat) -> FlexTensor {
+        if format != HalfFormat::Bf16 || !crate::bf16_gemm::available() {
+            let round = |x| <Self as HalfRoundingBackend>::round_to_half(x, format);
+            return Self::matmul_round_output(round(a), round(b), format);
         }
         CALLS.record();
         BF16_CALLS.record();
@@ -439,14 +528,24 @@ impl MatmulBackend for Flex {
     }
 }
 
-/// Products [`MatmulBackend::matmul_bf16`] ran with the bf16 kernel.
+/// Products [`MatmulBackend::matmul_half`] ran with the bf16 kernel.
 pub static BF16_CALLS: RunCount = RunCount::new();
 
-#[derive(Debug)]
-struct Bf16Backward;
+/// Products [`MatmulBackend::matmul_round_output`] ran on flex.
+pub static ROUNDING_CALLS: RunCount = RunCount::new();
 
-impl<B: Backend + MatmulBackend> Backward<B, 2> for Bf16Backward {
-    /// Both inputs (unrounded: the product rounds them again, the same bf16 values).
+/// The backward of autocast's product ([`MatmulBackend::matmul_half`]).
+#[derive(Debug)]
+struct HalfBackward {
+    format: HalfFormat,
+    /// The bf16 kernel's: the inputs are kept as given, and each backward product rounds
+    /// its operands as it packs them. Otherwise the inputs are kept rounded, the gradient
+    /// is rounded once, and the products round only their outputs.
+    kernel: bool,
+}
+
+impl<B: Backend + MatmulBackend + HalfRoundingBackend> Backward<B, 2> for HalfBackward {
+    /// Both inputs (rounded unless `kernel`).
     type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -455,11 +554,40 @@ impl<B: Backend + MatmulBackend> Backward<B, 2> for Bf16Backward {
         let [node_a, node_b] = ops.parents;
         let r = grad.shape().num_dims();
         let t = |x: FloatTensor<B>| B::float_swap_dims(x, r - 2, r - 1);
+        let format = self.format;
+        let (grad, product): (_, fn(_, _, _) -> _) = if self.kernel {
+            (grad, B::matmul_half)
+        } else {
+            (B::round_to_half(grad, format), B::matmul_round_output)
+        };
         if let Some(node) = node_a {
-            grads.register::<B>(node.id, B::matmul_bf16(grad.clone(), t(b)));
+            grads.register::<B>(node.id, product(grad.clone(), t(b), format));
         }
         if let Some(node) = node_b {
-            grads.register::<B>(node.id, B::matmul_bf16(t(a), grad));
+            grads.register::<B>(node.id, product(t(a), grad, format));
+        }
+    }
+}
+
+/// The backward of [`MatmulBackend::matmul_round_output`]: the rounding's (the gradient
+/// rounded), then the product's.
+#[derive(Debug)]
+struct RoundOutputBackward(HalfFormat);
+
+impl<B: Backend + MatmulBackend + HalfRoundingBackend> Backward<B, 2> for RoundOutputBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = B::round_to_half(grads.consume::<B>(&ops.node), self.0);
+        let (a, b) = ops.state;
+        let [node_a, node_b] = ops.parents;
+        let r = grad.shape().num_dims();
+        let t = |x: FloatTensor<B>| B::float_swap_dims(x, r - 2, r - 1);
+        if let Some(node) = node_a {
+            grads.register::<B>(node.id, B::matmul(grad.clone(), t(b), Blocks::Dense));
+        }
+        if let Some(node) = node_b {
+            grads.register::<B>(node.id, B::matmul(t(a), grad, Blocks::Dense));
         }
     }
 }
@@ -496,7 +624,9 @@ impl<B: Backend + MatmulBackend> Backward<B, 2> for MatmulBackward {
     }
 }
 
-impl<B: Backend + MatmulBackend, C: CheckpointStrategy> MatmulBackend for Autodiff<B, C> {
+impl<B: Backend + MatmulBackend + HalfRoundingBackend, C: CheckpointStrategy> MatmulBackend
+    for Autodiff<B, C>
+{
     fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>, blocks: Blocks) -> FloatTensor<Self> {
         match MatmulBackward
             .prepare::<C>([a.node(), b.node()])
@@ -514,20 +644,56 @@ impl<B: Backend + MatmulBackend, C: CheckpointStrategy> MatmulBackend for Autodi
         }
     }
 
-    fn matmul_bf16(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
-        match Bf16Backward
+    fn matmul_half(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        format: HalfFormat,
+    ) -> FloatTensor<Self> {
+        let kernel = format == HalfFormat::Bf16 && crate::bf16_gemm::available();
+        let backward = HalfBackward { format, kernel };
+        match backward
             .prepare::<C>([a.node(), b.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
                 let (a, b) = (a.into_primitive(), b.into_primitive());
-                let y = B::matmul_bf16(a.clone(), b.clone());
+                if kernel {
+                    let y = B::matmul_half(a.clone(), b.clone(), format);
+                    return prep.finish((a, b), y);
+                }
+                let (a, b) = (B::round_to_half(a, format), B::round_to_half(b, format));
+                let y = B::matmul_round_output(a.clone(), b.clone(), format);
                 prep.finish((a, b), y)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::matmul_bf16(a.into_primitive(), b.into_primitive()))
+            OpsKind::UnTracked(prep) => prep.finish(B::matmul_half(
+                a.into_primitive(),
+                b.into_primitive(),
+                format,
+            )),
+        }
+    }
+
+    fn matmul_round_output(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        format: HalfFormat,
+    ) -> FloatTensor<Self> {
+        match RoundOutputBackward(format)
+            .prepare::<C>([a.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (a, b) = (a.into_primitive(), b.into_primitive());
+                let y = B::matmul_round_output(a.clone(), b.clone(), format);
+                prep.finish((a, b), y)
             }
+            OpsKind::UnTracked(prep) => prep.finish(B::matmul_round_output(
+                a.into_primitive(),
+                b.into_primitive(),
+                format,
+            )),
         }
     }
 }
@@ -653,54 +819,118 @@ mod tests {
         }
     }
 
-    /// bf16 autocast's product equals its reference, the roundings around the f32 product
-    /// (to summation order, so to one bf16 step where the order tips a rounding), output
-    /// and both gradients, a transposed weight among them; and it ran the bf16 kernel where
-    /// the CPU has it.
+    /// bf16 and f16 autocast's product equals its reference, the roundings around the f32
+    /// product (to summation order, so to one step of the format where the order tips a
+    /// rounding), output and both gradients (whose products read a transposed operand),
+    /// a transposed weight among them; sizes that split in bands of rows, that are large
+    /// with too few rows for bands (columns), and small; and it ran the bf16 kernel where
+    /// the CPU has it, f32 products rounding their outputs elsewhere.
     #[test]
-    fn bf16_product_equals_the_roundings_around_the_f32_one() {
+    fn half_products_equal_the_roundings_around_the_f32_one() {
         let device = Device::flex().autodiff();
         device.seed(6);
         let r = |s: [usize; 2]| Tensor::<2>::random(s, Distribution::Normal(0.0, 1.0), &device);
-        for (m, k, n) in [(70, 300, 45), (5, 3, 7)] {
-            let (a, w) = (r([m, k]), r([m, n]));
-            for b in [r([k, n]), r([n, k]).transpose()] {
+        for format in [HalfFormat::Bf16, HalfFormat::F16] {
+            for (m, k, n) in [(300, 200, 70), (70, 300, 45), (5, 3, 7)] {
+                let (a, w) = (r([m, k]), r([m, n]));
+                for b in [r([k, n]), r([n, k]).transpose()] {
+                    let run = |fused: bool| {
+                        let (a, b) = (a.clone().require_grad(), b.clone().require_grad());
+                        let y = if fused {
+                            matmul_rounded(a.clone(), b.clone(), format)
+                        } else {
+                            let round = |x| round_to_half::<2>(x, format);
+                            round(matmul(round(a.clone()), round(b.clone())))
+                        };
+                        let g = (y.clone() * w.clone()).sum().backward();
+                        let v = |t: Tensor<2>| t.into_data().try_into_vec::<f32>().unwrap();
+                        [v(y), v(a.grad(&g).unwrap()), v(b.grad(&g).unwrap())]
+                    };
+                    let (kernel, rounded) = (BF16_CALLS.get(), ROUNDING_CALLS.get());
+                    let (ours, reference) = (run(true), run(false));
+                    let on_kernel = format == HalfFormat::Bf16 && crate::bf16_gemm::available();
+                    assert_eq!(
+                        (
+                            BF16_CALLS.get() >= kernel + 3,
+                            ROUNDING_CALLS.get() >= rounded + 3
+                        ),
+                        (on_kernel, !on_kernel),
+                        "{format:?}: the bf16 kernel ran where it can, the rounding product elsewhere"
+                    );
+                    for (part, (x, y)) in ["output", "da", "db"]
+                        .iter()
+                        .zip(ours.iter().zip(&reference))
+                    {
+                        // One bf16 step is 2^-8 to 2^-7 of the value (f16's, 2^-11 to 2^-10).
+                        let err = max_relative_difference(x, y);
+                        let step = match format {
+                            HalfFormat::Bf16 => 2f32.powi(-7),
+                            HalfFormat::F16 => 2f32.powi(-10),
+                        };
+                        assert!(
+                            err <= step,
+                            "{format:?} {m}x{k}x{n} {part}: max difference {err}"
+                        );
+                        let same = x.iter().zip(y).filter(|(x, y)| x == y).count();
+                        assert!(
+                            same * 10 >= x.len() * 9,
+                            "{format:?} {m}x{k}x{n} {part}: {same} of {} equal",
+                            x.len()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The product with its output rounded equals the rounding of Burn's product, output
+    /// and both gradients (the rounding's backward rounds the gradient): sizes that split in
+    /// bands of rows, of columns, and one that stays on one thread.
+    #[test]
+    fn round_output_product_equals_the_rounded_product() {
+        let device = Device::flex().autodiff();
+        device.seed(8);
+        let r = |s: [usize; 2]| Tensor::<2>::random(s, Distribution::Normal(0.0, 1.0), &device);
+        for format in [HalfFormat::Bf16, HalfFormat::F16] {
+            for (m, k, n) in [(300, 200, 70), (70, 300, 400), (9, 5, 6)] {
+                let (a, b, w) = (r([m, k]), r([k, n]), r([m, n]));
                 let run = |fused: bool| {
                     let (a, b) = (a.clone().require_grad(), b.clone().require_grad());
                     let y = if fused {
-                        matmul_rounded(a.clone(), b.clone(), HalfFormat::Bf16)
+                        Tensor::<2>::from_dispatch(
+                            <burn::backend::Dispatch as MatmulBackend>::matmul_round_output(
+                                a.clone().into_dispatch(),
+                                b.clone().into_dispatch(),
+                                format,
+                            ),
+                        )
                     } else {
-                        let round = |x| round_to_half::<2>(x, HalfFormat::Bf16);
-                        round(matmul(round(a.clone()), round(b.clone())))
+                        round_to_half(a.clone().matmul(b.clone()), format)
                     };
                     let g = (y.clone() * w.clone()).sum().backward();
                     let v = |t: Tensor<2>| t.into_data().try_into_vec::<f32>().unwrap();
                     [v(y), v(a.grad(&g).unwrap()), v(b.grad(&g).unwrap())]
                 };
-                let calls = BF16_CALLS.get();
+                let calls = ROUNDING_CALLS.get();
                 let (ours, reference) = (run(true), run(false));
-                let ran = BF16_CALLS.get() >= calls + 3;
-                assert_eq!(
-                    ran,
-                    crate::bf16_gemm::available(),
-                    "the bf16 kernel ran where it can"
-                );
+                assert!(ROUNDING_CALLS.get() > calls, "the extension ran");
                 for (part, (x, y)) in ["output", "da", "db"]
                     .iter()
                     .zip(ours.iter().zip(&reference))
                 {
-                    // One bf16 step is 2^-8 to 2^-7 of the value.
+                    let rounded = x.iter().all(|&v| {
+                        let again = match format {
+                            HalfFormat::Bf16 => crate::half_rounding::round(v),
+                            HalfFormat::F16 => crate::half_rounding::round_f16(v),
+                        };
+                        again == v
+                    });
+                    assert!(
+                        rounded || *part != "output",
+                        "{format:?}: output not rounded"
+                    );
                     let err = max_relative_difference(x, y);
-                    assert!(
-                        err <= 2f32.powi(-7),
-                        "{m}x{k}x{n} {part}: max difference {err}"
-                    );
-                    let same = x.iter().zip(y).filter(|(x, y)| x == y).count();
-                    assert!(
-                        same * 10 >= x.len() * 9,
-                        "{m}x{k}x{n} {part}: {same} of {} equal",
-                        x.len()
-                    );
+                    assert!(err <= 2f32.powi(-7), "{format:?} {m}x{k}x{n} {part}: {err}");
                 }
             }
         }
