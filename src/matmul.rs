@@ -422,6 +422,19 @@ fn matmul_blocks_flex(
     out
 }
 
+/// `a · b`'s shape, its number of matrices and their (m, k, n), for `a` `[.., m, k]` and
+/// `b` `[.., k, n]`.
+fn product_dims(a: &FlexTensor, b: &FlexTensor) -> (Vec<usize>, usize, (usize, usize, usize)) {
+    let (sa, sb) = (a.shape(), b.shape());
+    let r = sa.num_dims();
+    let (m, k, n) = (sa[r - 2], sa[r - 1], sb[r - 1]);
+    assert_eq!(sb[r - 2], k, "matmul: {sa:?} · {sb:?}");
+    let mut shape = sa.to_vec();
+    shape[r - 1] = n;
+    let batches = shape[..r - 2].iter().product();
+    (shape, batches, (m, k, n))
+}
+
 /// Flex's product over `blocks`, its output rounded to `round` where given (dense products
 /// only: [`MatmulBackend::matmul_round_output`]).
 fn flex_product(
@@ -431,13 +444,7 @@ fn flex_product(
     round: Option<HalfFormat>,
 ) -> FlexTensor {
     CALLS.record();
-    let (sa, sb) = (a.shape(), b.shape());
-    let r = sa.num_dims();
-    let (m, k, n) = (sa[r - 2], sa[r - 1], sb[r - 1]);
-    assert_eq!(sb[r - 2], k, "matmul: {sa:?} · {sb:?}");
-    let mut shape = sa.to_vec();
-    shape[r - 1] = n;
-    let batches: usize = shape[..r - 2].iter().product();
+    let (shape, batches, (m, k, n)) = product_dims(&a, &b);
     let size = m * n;
     if k == 0 || size == 0 {
         return flex_from_f32(vec![0.0; batches * size], shape, DType::F32);
@@ -499,13 +506,7 @@ impl MatmulBackend for Flex {
         }
         CALLS.record();
         BF16_CALLS.record();
-        let (sa, sb) = (a.shape(), b.shape());
-        let r = sa.num_dims();
-        let (m, k, n) = (sa[r - 2], sa[r - 1], sb[r - 1]);
-        assert_eq!(sb[r - 2], k, "matmul: {sa:?} · {sb:?}");
-        let mut shape = sa.to_vec();
-        shape[r - 1] = n;
-        let batches: usize = shape[..r - 2].iter().product();
+        let (shape, batches, (m, k, n)) = product_dims(&a, &b);
         let (a, b) = (Matrices::of(&a), Matrices::of(&b));
         let mut out = Vec::<f32>::with_capacity(batches * m * n);
         for i in 0..batches {
