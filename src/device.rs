@@ -360,14 +360,15 @@ fn map_piece(
     }
 }
 
-/// [`flex_map`]'s loop over one piece of an unshared tensor.
+/// [`flex_map`]'s loop over one piece of an unshared tensor (and the rounding of a
+/// product's band, [`crate::matmul`]).
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
     "x86_64+avx2+fma",
     "x86_64+sse4.2",
     "aarch64+neon"
 ))]
-fn map_piece_in_place(values: &mut [f32], f: &impl Fn(f32, f32) -> f32) {
+pub(crate) fn map_piece_in_place(values: &mut [f32], f: &impl Fn(f32, f32) -> f32) {
     for v in values.iter_mut() {
         *v = f(*v, 0.0);
     }

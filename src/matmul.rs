@@ -22,7 +22,7 @@ use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use crate::device::{RunCount, SendPtr, flex_from_f32};
+use crate::device::{RunCount, SendPtr, flex_from_f32, map_piece_in_place};
 use crate::half_rounding::{HalfFormat, HalfRoundingBackend, round_to_half};
 
 /// Products the extension has run in this process (for a test that it took the path).
@@ -291,24 +291,11 @@ unsafe fn round_block(
     for r in 0..rows {
         // SAFETY: row r of the block, as the caller promises.
         let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * ld), cols) };
+        // One closure per format, inlined into the vectorised loop.
         match format {
-            HalfFormat::Bf16 => round_in_place(row, crate::half_rounding::round),
-            HalfFormat::F16 => round_in_place(row, crate::half_rounding::round_f16),
+            HalfFormat::Bf16 => map_piece_in_place(row, &|v, _| crate::half_rounding::round(v)),
+            HalfFormat::F16 => map_piece_in_place(row, &|v, _| crate::half_rounding::round_f16(v)),
         }
-    }
-}
-
-/// Each of `values` rounded by `round` (one of [`crate::half_rounding`]'s, inlined: the
-/// loop vectorises).
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
-    "x86_64+avx2+fma",
-    "x86_64+sse4.2",
-    "aarch64+neon"
-))]
-fn round_in_place(values: &mut [f32], round: impl Fn(f32) -> f32) {
-    for v in values {
-        *v = round(*v);
     }
 }
 
