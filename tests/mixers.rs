@@ -6,7 +6,7 @@ mod common;
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use common::{assert_tensors_close, tiny_lm, tiny_lm_with};
+use common::{assert_tensors_close, random_tensor, tiny_lm, tiny_lm_with};
 use metamix::attention::tiled::{attend_tiled, attend_tiled_ops};
 use metamix::attention::{Visibility, naive};
 use metamix::mixers::linear_attention::{self, LinearInputs};
@@ -21,19 +21,24 @@ fn device() -> Device {
 }
 
 fn leaf<const D: usize>(shape: [usize; D], dist: Distribution) -> Tensor<D> {
-    Tensor::random(shape, dist, &device()).require_grad()
+    random_tensor(shape, dist, &device()).require_grad()
 }
 
 fn normal<const D: usize>(shape: [usize; D]) -> Tensor<D> {
     leaf(shape, Distribution::Normal(0.0, 1.0))
 }
 
-/// Per element: |a − e| ≤ atol + rtol·|e| (the fast forms reorder f32 sums, nothing more).
+/// Per element: |a − e| ≤ ATOL·max(1, max|e|) + RTOL·|e|. The fast forms reorder f32 sums,
+/// nothing more, and an element that sums many terms which cancel (Δ's gradient with one
+/// Δ for every channel sums hundreds) carries the rounding of its terms, not of its own
+/// small value: the tensor's largest element is the measure of those terms. Over 60 random
+/// draws of the scan tests the worst error was 1.8e-6 of that measure.
 const RTOL: f32 = 1e-4;
 const ATOL: f32 = 1e-5;
 
 fn assert_close<const D: usize>(a: Tensor<D>, b: Tensor<D>, what: &str) {
-    assert_tensors_close(a, b, RTOL, ATOL, what);
+    let scale = b.clone().abs().max().into_scalar::<f32>().max(1.0);
+    assert_tensors_close(a, b, RTOL, ATOL * scale, what);
 }
 
 /// Run `f` on the leaves and return its output and the gradients of a fixed random
@@ -59,7 +64,7 @@ fn compare_forms<const D: usize, const L: usize>(
     reference: impl Fn(&[Tensor<L>]) -> Tensor<D>,
     fast: impl Fn(&[Tensor<L>]) -> Tensor<D>,
 ) {
-    let probe = Tensor::<D>::random(out_shape, Distribution::Normal(0.0, 1.0), &device());
+    let probe = random_tensor::<D>(out_shape, Distribution::Normal(0.0, 1.0), &device());
     let (out_ref, g_ref) = with_grads(leaves, &probe, reference);
     let (out_fast, g_fast) = with_grads(leaves, &probe, fast);
     assert_close(out_fast, out_ref, &format!("{name}: output"));
@@ -236,7 +241,7 @@ fn linear_attention_chunkwise_recurrent_and_quadratic_agree() {
             if decay == "data-dependent" {
                 // The gate is learned: its gradient must match too.
                 let probe =
-                    Tensor::<4>::random([b, h, t, dv], Distribution::Normal(0.0, 1.0), &device());
+                    random_tensor::<4>([b, h, t, dv], Distribution::Normal(0.0, 1.0), &device());
                 let grad_of = |f: &dyn Fn() -> Tensor<4>| {
                     let g = (f() * probe.clone()).sum().backward();
                     log_decay.grad(&g).unwrap()
@@ -402,7 +407,7 @@ fn scan_forms_equal_sequential_with(
         b: b_in.clone(),
         c: c_in.clone(),
     };
-    let probe = Tensor::<3>::random([b, t, di], Distribution::Normal(0.0, 1.0), &device());
+    let probe = random_tensor::<3>([b, t, di], Distribution::Normal(0.0, 1.0), &device());
     let run = |f: &dyn Fn(ScanInputs) -> Tensor<3>, per_head: bool| {
         let y = f(inputs(per_head));
         let g = (y.clone() * probe.clone()).sum().backward();
@@ -453,8 +458,8 @@ fn ssm_fused_scan_carries_state_like_the_reference() {
     let c_in = normal([b, t, n]);
     let a = leaf([di, n], Distribution::Uniform(-4.0, -0.5));
     let h0 = normal([b, di, n]);
-    let probe_y = Tensor::<3>::random([b, t, di], Distribution::Normal(0.0, 1.0), &device());
-    let probe_h = Tensor::<3>::random([b, di, n], Distribution::Normal(0.0, 1.0), &device());
+    let probe_y = random_tensor::<3>([b, t, di], Distribution::Normal(0.0, 1.0), &device());
+    let probe_h = random_tensor::<3>([b, di, n], Distribution::Normal(0.0, 1.0), &device());
     let run = |f: &dyn Fn(ScanInputs, Option<Tensor<3>>) -> (Tensor<3>, Tensor<3>)| {
         let inputs = ScanInputs {
             u: u.clone(),
@@ -646,7 +651,7 @@ fn moh_with_every_head_shared_is_weighted_multi_head_attention() {
     let device = Device::flex();
     let m = moh(3, 3, 0);
     let a = &m.attention;
-    let x = Tensor::<3>::random([2, 7, 12], Distribution::Normal(0.0, 1.0), &device);
+    let x = random_tensor::<3>([2, 7, 12], Distribution::Normal(0.0, 1.0), &device);
     let split = |y: Tensor<3>| y.reshape([2, 7, 3, 4]).swap_dims(1, 2);
     let heads = naive::attend(
         split(a.q_proj.forward(x.clone())),
@@ -672,7 +677,7 @@ fn moh_with_every_head_shared_is_weighted_multi_head_attention() {
 fn moh_aux_loss_is_the_balance_loss_times_its_coefficient() {
     let device = Device::flex();
     let m = moh(4, 1, 2);
-    let x = Tensor::<3>::random([2, 5, 12], Distribution::Normal(0.0, 1.0), &device);
+    let x = random_tensor::<3>([2, 5, 12], Distribution::Normal(0.0, 1.0), &device);
     let balance = m
         .gates(x.clone())
         .balance_loss
@@ -693,7 +698,7 @@ fn moh_router_picks_exactly_k_routed_heads() {
     let device = Device::flex();
     for (n_heads, shared, k) in [(6, 2, 2), (6, 0, 3), (4, 1, 1)] {
         let m = moh(n_heads, shared, k);
-        let x = Tensor::<3>::random([3, 9, 12], Distribution::Normal(0.0, 1.0), &device);
+        let x = random_tensor::<3>([3, 9, 12], Distribution::Normal(0.0, 1.0), &device);
         let gates = m.gates(x);
         let routed = gates
             .gates

@@ -145,6 +145,42 @@ pub fn assert_tensors_close<const D: usize>(
     assert_close(&values(actual), &values(expected), rtol, atol, what);
 }
 
+/// A tensor of `shape` drawn from `dist` by this thread's own generator, seeded from the
+/// thread's name: libtest runs each test on a thread named after it, so a test draws the
+/// same values on every run and machine, whatever runs beside it (Flex's one process-wide
+/// generator is shared by the tests running in parallel).
+pub fn random_tensor<const D: usize>(
+    shape: [usize; D],
+    dist: burn::tensor::Distribution,
+    device: &burn::prelude::Device,
+) -> burn::prelude::Tensor<D> {
+    use rand::{Rng, SeedableRng};
+    use std::hash::{Hash, Hasher};
+    thread_local! {
+        static RNG: std::cell::RefCell<rand::rngs::StdRng> = std::cell::RefCell::new({
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::thread::current().name().hash(&mut h);
+            rand::rngs::StdRng::seed_from_u64(h.finish())
+        });
+    }
+    let n = shape.iter().product();
+    let values: Vec<f32> = RNG.with_borrow_mut(|rng| {
+        (0..n)
+            .map(|_| match dist {
+                burn::tensor::Distribution::Uniform(lo, hi) => rng.random_range(lo..hi) as f32,
+                // Box–Muller: rand 0.9 has no normal distribution of its own.
+                burn::tensor::Distribution::Normal(mean, std) => {
+                    let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random());
+                    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                    (mean + std * z) as f32
+                }
+                other => panic!("random_tensor: {other:?} is not drawn here"),
+            })
+            .collect()
+    });
+    burn::prelude::Tensor::from_data(burn::tensor::TensorData::new(values, shape), device)
+}
+
 /// A tensor's values as f32.
 pub fn values<const D: usize>(x: burn::prelude::Tensor<D>) -> Vec<f32> {
     x.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
