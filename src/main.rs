@@ -574,6 +574,7 @@ fn serve(port: u16) -> anyhow::Result<()> {
     use burn::prelude::Device;
     use burn::server::{RemoteServer, WebSocketTransport};
     eprintln!("serving the CPU device on ws://0.0.0.0:{port} (Ctrl+C to stop)");
+    install_serve_reporting();
     RemoteServer::new([Device::flex()])
         .serve(WebSocketTransport::new(port))
         .map_err(|e| anyhow::anyhow!("serve on port {port}: {e:?}"))?;
@@ -584,6 +585,35 @@ fn serve(port: u16) -> anyhow::Result<()> {
         println!("peak memory: {}", line.trim_start_matches("VmHWM:").trim());
     }
     Ok(())
+}
+
+/// What `serve` prints. Logs: `RUST_LOG`'s filter, or by default burn-remote's own (info,
+/// wgpu at warn) without its line per tensor transfer between ranks (`external_comm`:
+/// hundreds a step, which bury the sessions and warnings); burn-remote installs its
+/// subscriber only where none is. Panics: see below.
+#[cfg(feature = "remote")]
+fn install_serve_reporting() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,wgpu=warn,burn_communication::external_comm=warn")
+    });
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    // A rank that stops (Ctrl+C, or its run ending) drops the connections other servers
+    // opened to it without a closing handshake; the tasks serving them, and the sessions
+    // that needed them, panic on their own threads while the server goes on: one line
+    // each, not a backtrace, unless RUST_BACKTRACE asks for it.
+    let default_hook = std::panic::take_hook();
+    let details = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+    std::panic::set_hook(Box::new(move |info| {
+        let on_main = std::thread::current().name() == Some("main");
+        match (details || on_main, info.payload_as_str()) {
+            (false, Some(message)) => eprintln!(
+                "serve: a session or connection ended: {message} (still serving; \
+                 RUST_BACKTRACE=1 shows where)"
+            ),
+            _ => default_hook(info),
+        }
+    }));
 }
 
 #[cfg(not(feature = "remote"))]

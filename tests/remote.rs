@@ -7,6 +7,7 @@ mod common;
 
 use std::net::TcpListener;
 use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 use common::{assert_losses_follow, step_outputs, tiny_recipe};
 
@@ -55,4 +56,74 @@ fn sequence_parallel_across_two_serve_processes_follows_one_device() {
     all.extend(["parallelism.sequence_parallel_degree=2", &devices]);
     let (outs, _, _) = step_outputs(&tiny_recipe(tmp.path(), &all), 2);
     assert_losses_follow(&outs, &reference, 1e-5, "across two serve processes");
+}
+
+/// A rank that stops mid-run ends the run with an error that names the step and the last
+/// good checkpoint, and that checkpoint stays on disk.
+#[test]
+#[cfg_attr(
+    not(feature = "remote"),
+    ignore = "needs `cargo test --features remote`"
+)]
+fn a_rank_that_stops_mid_run_ends_it_with_an_error_naming_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("tiny.toml");
+    std::fs::write(&recipe, common::TINY).unwrap();
+    let (_a, url_a) = serve();
+    let (mut b, url_b) = serve();
+    let sets = [
+        format!("checkpoint.folder=\"{}\"", tmp.path().display()),
+        "training.steps=1000000".into(),
+        "parallelism.sequence_parallel_degree=2".into(),
+        format!("parallelism.devices=[\"{url_a}\",\"{url_b}\"]"),
+    ];
+    let mut args = vec![
+        "train".to_string(),
+        recipe.display().to_string(),
+        "--quiet".into(),
+    ];
+    args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
+    let errors = tmp.path().join("stderr.txt");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_metamix"))
+        .args(&args)
+        .stderr(std::fs::File::create(&errors).unwrap())
+        .spawn()
+        .expect("start metamix train");
+    let checkpoints = tmp.path().join("tiny").join("checkpoints");
+    let waited = |done: &mut dyn FnMut() -> bool, what: &str| {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "waited 2 min for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    waited(&mut || checkpoints.join("step-4").exists(), "a checkpoint");
+    let _ = b.0.kill();
+    let _ = b.0.wait();
+    let mut status = None;
+    waited(
+        &mut || {
+            status = run.try_wait().unwrap();
+            status.is_some()
+        },
+        "the run to stop",
+    );
+    let text = std::fs::read_to_string(&errors).unwrap();
+    assert!(!status.unwrap().success(), "{text}");
+    assert!(
+        text.contains("a remote rank in parallelism.devices failed"),
+        "{text}"
+    );
+    let named = text
+        .split("the last good checkpoint, ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("no checkpoint named in: {text}"));
+    assert!(
+        checkpoints.join(named).join("model.safetensors").exists(),
+        "{named}"
+    );
 }

@@ -201,6 +201,11 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
         );
     }
 
+    let remote = recipe
+        .parallelism
+        .devices
+        .iter()
+        .any(|d| matches!(d, crate::device::DeviceSpec::Remote(_)));
     let start = Instant::now();
     let first_step = trainer.progress.step;
     let tokens_per_step = (t.batch_size * recipe.seq_len()) as u64;
@@ -213,9 +218,25 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> anyhow::Result<TrainSummar
             break;
         }
         let step = trainer.progress.step;
-        let out = match &data {
+        // A remote rank that stops or restarts mid-step surfaces as a panic where a tensor
+        // is read: stop with the step, the rank's cause, what was saved and what to do.
+        let out = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &data {
             RunData::Text(d) => trainer.step(&d.train),
             RunData::Task(d) => trainer.step_task(d),
+        })) {
+            Ok(out) => out,
+            Err(panic) if !remote => std::panic::resume_unwind(panic),
+            Err(_) => {
+                bar.abandon();
+                bail!(
+                    "step {}: a remote rank in parallelism.devices failed (its error is above); \
+                     stopping. {}. Check that every `metamix serve` is running (a server whose \
+                     peer restarted keeps a dead connection to it: restart them all), then \
+                     continue with `metamix train <recipe> --resume`",
+                    step + 1,
+                    checkpoints.last_good()
+                );
+            }
         };
         let loss = out.loss;
         if out.skipped {
