@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use common::{assert_losses_follow, step_outputs, tiny_recipe};
 
-/// A `metamix serve` child, stopped when dropped.
-struct Server(Child);
+/// A `metamix` child (a server, a run), stopped when dropped.
+struct Process(Child);
 
-impl Drop for Server {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -29,7 +29,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn serve() -> (Server, String) {
+fn serve() -> (Process, String) {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_metamix"))
         .args(["serve", "--port", &port.to_string()])
@@ -37,7 +37,7 @@ fn serve() -> (Server, String) {
         .spawn()
         .expect("start metamix serve");
     // The client waits for a server that is still starting.
-    (Server(child), format!("ws://127.0.0.1:{port}"))
+    (Process(child), format!("ws://127.0.0.1:{port}"))
 }
 
 #[test]
@@ -84,11 +84,13 @@ fn a_rank_that_stops_mid_run_ends_it_with_an_error_naming_the_last_checkpoint() 
     ];
     args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
     let errors = tmp.path().join("stderr.txt");
-    let mut run = Command::new(env!("CARGO_BIN_EXE_metamix"))
-        .args(&args)
-        .stderr(std::fs::File::create(&errors).unwrap())
-        .spawn()
-        .expect("start metamix train");
+    let mut run = Process(
+        Command::new(env!("CARGO_BIN_EXE_metamix"))
+            .args(&args)
+            .stderr(std::fs::File::create(&errors).unwrap())
+            .spawn()
+            .expect("start metamix train"),
+    );
     let checkpoints = tmp.path().join("tiny").join("checkpoints");
     let waited = |done: &mut dyn FnMut() -> bool, what: &str| {
         let start = Instant::now();
@@ -106,7 +108,7 @@ fn a_rank_that_stops_mid_run_ends_it_with_an_error_naming_the_last_checkpoint() 
     let mut status = None;
     waited(
         &mut || {
-            status = run.try_wait().unwrap();
+            status = run.0.try_wait().unwrap();
             status.is_some()
         },
         "the run to stop",
