@@ -41,8 +41,8 @@ pub mod run;
 pub mod sample;
 pub mod split_product;
 pub mod tasks;
-#[cfg(test)]
-mod testing;
+#[doc(hidden)]
+pub mod testing;
 #[cfg(feature = "tch")]
 pub mod torch_kernels;
 pub mod train;

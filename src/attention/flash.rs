@@ -501,25 +501,12 @@ fn backward<B: Backend>(
 mod tests {
     use super::*;
     use crate::device::flex_f32;
-    use crate::testing::max_relative_difference;
+    use crate::testing::{SeededValues, max_relative_difference};
 
-    /// A flex tensor of normal values (a seeded LCG and Box–Muller: no device RNG, which
-    /// tests running beside this one draw from too).
+    /// A flex tensor of normal values, drawn without the device's generator.
     fn normal(shape: [usize; 4], seed: u64) -> FloatTensor<Flex> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        let mut uniform = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 + 0.5) / (1u64 << 24) as f32
-        };
         let n = shape.iter().product();
-        let values = (0..n)
-            .map(|_| {
-                let (a, b) = (uniform(), uniform());
-                (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
-            })
-            .collect();
+        let values = SeededValues::new(seed).draw(n, burn::tensor::Distribution::Normal(0.0, 1.0));
         flex_from_f32(values, shape, DType::F32)
     }
 

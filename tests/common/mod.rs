@@ -154,30 +154,16 @@ pub fn random_tensor<const D: usize>(
     dist: burn::tensor::Distribution,
     device: &burn::prelude::Device,
 ) -> burn::prelude::Tensor<D> {
-    use rand::{Rng, SeedableRng};
+    use metamix::testing::SeededValues;
     use std::hash::{Hash, Hasher};
     thread_local! {
-        static RNG: std::cell::RefCell<rand::rngs::StdRng> = std::cell::RefCell::new({
+        static VALUES: std::cell::RefCell<SeededValues> = std::cell::RefCell::new({
             let mut h = std::collections::hash_map::DefaultHasher::new();
             std::thread::current().name().hash(&mut h);
-            rand::rngs::StdRng::seed_from_u64(h.finish())
+            SeededValues::new(h.finish())
         });
     }
-    let n = shape.iter().product();
-    let values: Vec<f32> = RNG.with_borrow_mut(|rng| {
-        (0..n)
-            .map(|_| match dist {
-                burn::tensor::Distribution::Uniform(lo, hi) => rng.random_range(lo..hi) as f32,
-                // Box–Muller: rand 0.9 has no normal distribution of its own.
-                burn::tensor::Distribution::Normal(mean, std) => {
-                    let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random());
-                    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-                    (mean + std * z) as f32
-                }
-                other => panic!("random_tensor: {other:?} is not drawn here"),
-            })
-            .collect()
-    });
+    let values = VALUES.with_borrow_mut(|v| v.draw(shape.iter().product(), dist));
     burn::prelude::Tensor::from_data(burn::tensor::TensorData::new(values, shape), device)
 }
 
