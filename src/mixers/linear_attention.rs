@@ -69,7 +69,7 @@ impl LinearAttention {
         split_heads(x, self.n_heads)
     }
 
-    fn feature_map(&self, x: Tensor<4>) -> Tensor<4> {
+    fn feature_map<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match self.options.feature_map {
             FeatureMap::EluPlusOne => elu_plus_one(x),
             FeatureMap::Relu => relu(x),
@@ -101,14 +101,18 @@ impl LinearAttention {
                     .swap_dims(1, 2)
             }
         };
-        let mut k = self.feature_map(self.split_heads(linear(&self.k_proj, x.clone())));
+        // The feature map runs before the head split, on the projection's contiguous output:
+        // after it, its input is a strided view that flex copies on one thread, forward and
+        // backward (perf: 2–4% of a linear-attention step), and the fused scan reads the
+        // strided q and k in place either way.
+        let mut k = self.split_heads(self.feature_map(linear(&self.k_proj, x.clone())));
         let mut log_decay = log_decay;
         if let Some(p) = padding {
             k = k * p.valid.clone().unsqueeze_dim::<3>(1).unsqueeze_dim(3);
             log_decay = log_decay * p.valid.clone().unsqueeze_dim(1);
         }
         LinearInputs {
-            q: self.feature_map(self.split_heads(linear(&self.q_proj, x.clone()))),
+            q: self.split_heads(self.feature_map(linear(&self.q_proj, x.clone()))),
             k,
             v: self.split_heads(linear(&self.v_proj, x)),
             log_decay,
