@@ -5,8 +5,10 @@ anything), and of the SSM, Mamba-2, linear attention and GLA models against the 
 
 Usage: python3 scripts/bench_cpu.py [--rounds 3] [--out results/cpu_throughput]
 Writes OUT.md and OUT.json: the CPU, its flags and cores, each figure's median over the
-rounds, each ratio as the median of the rounds' ratios, CPU utilisation (from /usr/bin/time: 200% = both cores of two busy), page faults,
-and the ratios. Needs python with torch for the PyTorch side: $METAMIX_TORCH_PYTHON, the
+rounds, each ratio as the median of the rounds' ratios, the cores busy during the timed steps
+(CPU time per second of them, every thread: 2.00 = two cores busy throughout; for metamix also
+how much of that its pool threads spent spinning with no work), page faults of the whole
+process (/usr/bin/time), and the ratios. Needs python with torch for the PyTorch side: $METAMIX_TORCH_PYTHON, the
 venv of scripts/setup_libtorch.sh, or python3. The binary: $METAMIX_BIN or a release build.
 """
 import argparse
@@ -74,12 +76,16 @@ def timed(cmd):
 
 def metamix(binary, args):
     text, usage = timed([str(binary), "bench"] + args)
+    busy, waiting = re.search(r"([\d.]+) cores busy, ([\d.]+) of them waiting", text).groups()
+    usage.update(step_cores=float(busy), waiting_cores=float(waiting))
     return float(re.search(r"([\d.]+) tokens/s \(", text).group(1)), usage
 
 
 def pytorch(args):
     text, usage = timed([str(TORCH_PY), "scripts/pytorch_bench.py", "--json"] + args)
-    return json.loads(text.strip().splitlines()[-1])["tokens_per_s"], usage
+    out = json.loads(text.strip().splitlines()[-1])
+    usage.update(step_cores=out["cpu_cores"])
+    return out["tokens_per_s"], usage
 
 
 def cpu_info():
@@ -121,7 +127,8 @@ def main():
             if theirs and torch_version and not torch_bf16_collapsed(name):
                 runs[name]["pytorch"].append(pytorch(theirs))
             print(f"round {r + 1}: {name}: " + ", ".join(
-                f"{k} {v[-1][0]:,.0f} tokens/s ({v[-1][1]['cpu_pct']}% CPU)" for k, v in runs[name].items() if v),
+                f"{k} {v[-1][0]:,.0f} tokens/s ({v[-1][1]['step_cores']:.2f} cores busy"
+                + (f", {v[-1][1]['waiting_cores']:.2f} waiting)" if "waiting_cores" in v[-1][1] else ")") for k, v in runs[name].items() if v),
                 flush=True)
 
     def summary(samples):
@@ -129,6 +136,9 @@ def main():
             return None
         return {"tokens_per_s": statistics.median(s[0] for s in samples),
                 "cpu_pct": statistics.median(s[1]["cpu_pct"] for s in samples),
+                "step_cores": statistics.median(s[1]["step_cores"] for s in samples),
+                "waiting_cores": (statistics.median(s[1]["waiting_cores"] for s in samples)
+                                  if "waiting_cores" in samples[0][1] else None),
                 "faults": statistics.median(s[1]["faults"] for s in samples),
                 "all": [s[0] for s in samples]}
 
@@ -152,14 +162,18 @@ def main():
         f"(`python3 scripts/bench_cpu.py --rounds {a.rounds} --out {a.out}`): {c['model']}, {c['cores']} cores, flags "
         f"{', '.join(c['flags'])}; PyTorch {torch_version} eager (`scripts/pytorch_bench.py`).",
         "",
-        "| model | metamix tokens/s | CPU | page faults | PyTorch tokens/s | CPU | metamix / PyTorch | / f32 model (default, or the row's own) |",
+        "Cores busy: CPU time of every thread per second of the timed steps (spinning counts); "
+        "for metamix, in brackets, how much of it its pool threads spent spinning with no work.",
+        "",
+        "| model | metamix tokens/s | cores busy (waiting) | page faults | PyTorch tokens/s | cores busy | metamix / PyTorch | / f32 model (default, or the row's own) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in result["models"].items():
         m, p = r["metamix"], r["pytorch"]
         lines.append(
-            f"| {name} | {m['tokens_per_s']:,.0f} | {m['cpu_pct']}% | {m['faults']:,} | "
-            + (f"{p['tokens_per_s']:,.0f} | {p['cpu_pct']}% | {r['ratio']:.2f}× | " if p else "– | – | – | ")
+            f"| {name} | {m['tokens_per_s']:,.0f} | {m['step_cores']:.2f} ({m['waiting_cores']:.2f}) | "
+            f"{m['faults']:,} | "
+            + (f"{p['tokens_per_s']:,.0f} | {p['step_cores']:.2f} | {r['ratio']:.2f}× | " if p else "– | – | – | ")
             + (f"{r['to_default']:.2f}× |" if "seq 64" in name or "default size" in name
                or name in F32_MODEL else "– |"))
     if skipped:

@@ -43,16 +43,20 @@ report() { # report <label> <tokens/s or "failed">
 
 metamix() { # metamix <label> <binary> <flags...>
   local label=$1 bin=$2; shift 2
-  local tps
-  tps=$("$bin" bench "$R" --warmup 3 --steps "$STEPS" "$@" 2>&1 |
-        grep -oE '[0-9]+ tokens/s \(' | grep -oE '^[0-9]+' | head -1) || tps=failed
+  local out tps
+  out=$("$bin" bench "$R" --warmup 3 --steps "$STEPS" "$@" 2>&1) || true
+  tps=$(grep -oE '[0-9]+ tokens/s \(' <<<"$out" | grep -oE '^[0-9]+' | head -1) || true
   report "$label" "${tps:-failed}"
+  # A run that failed says why (its last lines), rather than only "failed".
+  [ -n "$tps" ] || tail -n 5 <<<"$out" | sed 's/^/    /'
 }
 
 metamix "metamix libtorch bf16" "$BIN_TCH" --backend libtorch --device 0 --precision bf16
 metamix "metamix wgpu f16" "$BIN_WGPU" --backend wgpu --device 0 --precision f16
 metamix "metamix wgpu f32" "$BIN_WGPU" --backend wgpu --device 0 --precision f32
-tps=$(python scripts/pytorch_bench.py --device cuda --vocab 50304 --d-model 768 --layers 12 \
-        --heads 12 --seq-len 1024 --batch 8 --precision bf16 --warmup 3 --steps "$STEPS" --json |
-      python3 -c 'import json,sys; print(round(json.loads(sys.stdin.readlines()[-1])["tokens_per_s"]))') || tps=failed
+out=$(python scripts/pytorch_bench.py --device cuda --vocab 50304 --d-model 768 --layers 12 \
+        --heads 12 --seq-len 1024 --batch 8 --precision bf16 --warmup 3 --steps "$STEPS" --json 2>&1) || true
+tps=$(python3 -c 'import json,sys; print(round(json.loads(sys.stdin.readlines()[-1])["tokens_per_s"]))' \
+      <<<"$out" 2>/dev/null) || tps=failed
 report "pytorch eager bf16" "$tps"
+[ "$tps" != failed ] || tail -n 5 <<<"$out" | sed 's/^/    /'

@@ -125,11 +125,14 @@ def main():
     for _ in range(a.warmup):
         step()
     sync()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(a.steps):
         loss = step()
     sync()
     elapsed = time.perf_counter() - start
+    # Every thread's CPU time over the timed steps, per second of them (metamix bench's
+    # "cores busy"; OpenMP's threads spin between ops and count as busy, as metamix's do).
+    cpu_cores = (time.process_time() - cpu_start) / elapsed
     tokens_per_s = a.batch * a.seq_len * a.steps / elapsed
 
     n_params = sum(p.numel() for p in model.parameters())  # tied head counted once
@@ -140,7 +143,8 @@ def main():
     mfu = tflops / a.peak_tflops if a.peak_tflops else None
     result = {"impl": "pytorch", "precision": a.precision, "tokens_per_s": round(tokens_per_s, 1),
               "device": a.device, "threads": torch.get_num_threads(), "params": n_params,
-              "tflops": round(tflops, 3), "mfu": mfu and round(mfu, 4), "torch": torch.__version__}
+              "tflops": round(tflops, 3), "mfu": mfu and round(mfu, 4), "torch": torch.__version__,
+              "cpu_cores": round(cpu_cores, 2)}
     if a.json:
         print(json.dumps(result))
         return
@@ -148,7 +152,7 @@ def main():
     print(f"torch {torch.__version__} on {name}: {n_params / 1e6:.2f}M params, {a.precision}, "
           f"batch {a.batch} x seq {a.seq_len}, attention {a.attn}, dropout {a.dropout}")
     print(f"{a.steps} steps after {a.warmup} warm-up: {elapsed / a.steps * 1e3:.1f} ms/step, "
-          f"{tokens_per_s:,.0f} tokens/s, {tflops:.3f} TFLOP/s"
+          f"{tokens_per_s:,.0f} tokens/s, {tflops:.3f} TFLOP/s, CPU {cpu_cores:.2f} cores busy"
           + (f", MFU {mfu:.1%} of {a.peak_tflops} TFLOP/s" if mfu else "")
           + f", last loss {loss.item():.3f}")
 

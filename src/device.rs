@@ -144,17 +144,40 @@ impl Drop for BusyPool {
 /// How long a pool thread spins without finding work before it naps.
 const SPIN_FOR: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// Time the pool's threads have spent in [`take_work_until`] finding nothing to run, summed
+/// over threads, in nanoseconds: the waits between and inside a step's ops, which the
+/// process's CPU time counts as busy since the threads spin through them. `bench` reports
+/// it beside CPU utilisation.
+static WAITED_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Pool threads' time spent waiting for work so far, summed over threads (see
+/// [`BusyPool`]). Each wait is timed from its first empty poll to its last, so a few
+/// hundred nanoseconds per wait go uncounted: a lower bound.
+pub fn time_waiting_for_work() -> std::time::Duration {
+    std::time::Duration::from_nanos(WAITED_NANOS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// Runs the pool's pending work on this pool thread as it appears, until `done`.
 fn take_work_until(done: &std::sync::atomic::AtomicBool) {
-    let mut idle_since = std::time::Instant::now();
+    use std::time::Instant;
+    let record = |from: Instant, to: Instant| {
+        let nanos = (to - from).as_nanos() as u64;
+        WAITED_NANOS.fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+    };
+    let (mut idle_since, mut last_idle_poll) = (Instant::now(), Instant::now());
     let mut idle_polls = 0u32;
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
         if let Some(rayon::Yield::Executed) = rayon::yield_now() {
+            if idle_polls > 0 {
+                record(idle_since, last_idle_poll);
+            }
             idle_polls = 0;
             continue;
         }
+        // Read the clock only after an empty poll: a thread with nothing to do pays for it.
+        last_idle_poll = Instant::now();
         if idle_polls == 0 {
-            idle_since = std::time::Instant::now();
+            idle_since = last_idle_poll;
         }
         idle_polls += 1;
         // A few pause hints between polls: each poll reads the other threads' queues, and
@@ -162,9 +185,12 @@ fn take_work_until(done: &std::sync::atomic::AtomicBool) {
         for _ in 0..8 {
             std::hint::spin_loop();
         }
-        if idle_polls.is_multiple_of(1024) && idle_since.elapsed() > SPIN_FOR {
+        if idle_polls.is_multiple_of(1024) && last_idle_poll - idle_since > SPIN_FOR {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+    }
+    if idle_polls > 0 {
+        record(idle_since, last_idle_poll);
     }
 }
 
@@ -616,5 +642,35 @@ mod tests {
         assert!(panicked.is_err());
         // The pool still takes work after both.
         assert_eq!((0..1000u32).into_par_iter().sum::<u32>(), 499_500);
+    }
+
+    /// A pool thread that spins with nothing to run has its wait counted: what `bench`
+    /// reports as cores waiting for work.
+    #[test]
+    fn spinning_without_work_is_counted_as_waiting() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let before = time_waiting_for_work();
+        let start = std::time::Instant::now();
+        pool.install(|| {
+            let busy = BusyPool::start();
+            assert!(busy.is_spinning());
+            // The other thread has nothing to do meanwhile.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        });
+        // The spinning thread records its wait as it stops, after the guard is dropped.
+        let counted = loop {
+            let counted = time_waiting_for_work() - before;
+            if counted >= std::time::Duration::from_millis(10) || start.elapsed().as_secs() > 5 {
+                break counted;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        assert!(
+            counted >= std::time::Duration::from_millis(10),
+            "50 ms without work counted as {counted:?} of waiting"
+        );
     }
 }

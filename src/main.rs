@@ -419,6 +419,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.tokens_per_s,
                 r.steps
             );
+            if let Some(cores) = r.cpu_cores {
+                // Spinning pool threads count as busy to the OS: say how much of it was that.
+                println!(
+                    "CPU in the timed steps: {cores:.2} cores busy, {:.2} of them waiting for work",
+                    r.waiting_cores
+                );
+            }
             if r.rank_peak_bytes.iter().any(Option::is_some) {
                 let mib: Vec<String> = r
                     .rank_peak_bytes

@@ -1,7 +1,7 @@
 //! `bench`: steady-state training throughput of a recipe's model, without checkpoints or
 //! eval: a few warm-up steps, then timed steps. Speed lives here, never in tests.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Ranks, RunData, Trainer};
 use crate::recipe::Recipe;
@@ -17,10 +17,63 @@ pub struct BenchResult {
     /// backend reports it (wgpu; not flex or libtorch). Logical ranks sharing a device
     /// report the same, shared pool.
     pub rank_peak_bytes: Vec<Option<u64>>,
+    /// The process's CPU time over the timed steps per second of them (every thread, user
+    /// and system: 2.0 = two cores busy throughout), where the platform reports it.
+    pub cpu_cores: Option<f64>,
+    /// Of that, the CPU backend's pool threads spinning with nothing to run
+    /// ([`crate::device::time_waiting_for_work`]): busy to the OS, idle to the step.
+    pub waiting_cores: f64,
+}
+
+/// Where the timed steps start: wall clock, the process's CPU time, pool threads' waits.
+struct Span {
+    wall: Instant,
+    cpu: Option<Duration>,
+    waited: Duration,
+}
+
+impl Span {
+    fn start() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: process_cpu_time(),
+            waited: crate::device::time_waiting_for_work(),
+        }
+    }
+
+    /// (CPU cores, waiting cores) from the start to now.
+    fn cores(&self) -> (Option<f64>, f64) {
+        let wall = self.wall.elapsed().as_secs_f64();
+        let cpu = process_cpu_time()
+            .zip(self.cpu)
+            .map(|(now, then)| (now - then).as_secs_f64() / wall);
+        let waited = crate::device::time_waiting_for_work() - self.waited;
+        (cpu, waited.as_secs_f64() / wall)
+    }
+}
+
+/// The CPU time of the whole process so far, every thread, user and system (what Python's
+/// `time.process_time` reads, so `scripts/pytorch_bench.py` measures PyTorch alike).
+fn process_cpu_time() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime only writes the timespec it is handed.
+        let ok = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) } == 0;
+        ok.then(|| Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
 }
 
 pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<BenchResult> {
     use burn::module::Module;
+    anyhow::ensure!(steps > 0, "bench --steps 0: time at least one step");
     let t = &recipe.training;
     // A text file is prepared in memory: a bench leaves no run folder behind.
     let data = RunData::open(recipe, None, true)?;
@@ -30,7 +83,11 @@ pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<Ben
     };
     let parameters = trainer.model().num_params();
     let mut timed = 0.0;
+    let mut span = None;
     for i in 0..warmup + steps {
+        if i == warmup {
+            span = Some(Span::start());
+        }
         let start = Instant::now();
         let out = match &data {
             RunData::Text(d) => trainer.step(&d.train),
@@ -45,6 +102,7 @@ pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<Ben
             timed += start.elapsed().as_secs_f64();
         }
     }
+    let (cpu_cores, waiting_cores) = span.expect("steps > 0").cores();
     let tokens_per_step = t.batch_size * recipe.seq_len();
     let ranks = &trainer.ranks;
     let rank_peak_bytes = (0..ranks.len())
@@ -62,6 +120,8 @@ pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<Ben
         seconds_per_step: timed / steps as f64,
         tokens_per_s: (tokens_per_step * steps) as f64 / timed,
         rank_peak_bytes,
+        cpu_cores,
+        waiting_cores,
     })
 }
 
