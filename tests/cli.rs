@@ -120,3 +120,34 @@ fn user_errors_are_clear_and_fail() {
         assert!(text(&out).contains(expected), "{args:?}: {}", text(&out));
     }
 }
+
+/// `bench` prints tokens/s and the cores busy in its timed steps (with how much of that was
+/// the pool spinning for work), leaves no run folder behind, and refuses zero timed steps.
+#[test]
+fn bench_reports_throughput_and_cores_busy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(tmp.path());
+    let out = metamix(&["bench", &recipe, "--steps", "3", "--warmup", "1"]);
+    let printed = text(&out);
+    assert!(out.status.success(), "{printed}");
+    let number_before = |marker: &str| -> f64 {
+        let head = &printed[..printed.find(marker).unwrap_or_else(|| panic!("{printed}"))];
+        let word = head.split_whitespace().last().unwrap();
+        word.parse()
+            .unwrap_or_else(|_| panic!("{word:?} in {printed}"))
+    };
+    assert!(number_before(" tokens/s (3 timed steps") > 0.0, "{printed}");
+    let busy = number_before(" cores busy,");
+    let waiting = number_before(" of them waiting for work");
+    let cores = std::thread::available_parallelism().unwrap().get() as f64;
+    assert!(busy > 0.0 && busy <= cores + 0.5, "{printed}");
+    assert!((0.0..=busy + 0.5).contains(&waiting), "{printed}");
+    assert!(
+        !tmp.path().join("runs").exists(),
+        "bench wrote a run folder"
+    );
+
+    let out = metamix(&["bench", &recipe, "--steps", "0"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--steps 0"), "{}", text(&out));
+}
