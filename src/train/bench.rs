@@ -25,9 +25,8 @@ pub struct BenchResult {
     pub waiting_cores: f64,
 }
 
-/// Where the timed steps start: wall clock, the process's CPU time, pool threads' waits.
+/// Where the timed steps start: the process's CPU time and the pool threads' waits.
 struct Span {
-    wall: Instant,
     cpu: Option<Duration>,
     waited: Duration,
 }
@@ -35,20 +34,18 @@ struct Span {
 impl Span {
     fn start() -> Self {
         Self {
-            wall: Instant::now(),
             cpu: process_cpu_time(),
             waited: crate::device::time_waiting_for_work(),
         }
     }
 
-    /// (CPU cores, waiting cores) from the start to now.
-    fn cores(&self) -> (Option<f64>, f64) {
-        let wall = self.wall.elapsed().as_secs_f64();
+    /// (CPU cores, waiting cores) from the start to now, over the steps' `seconds`.
+    fn cores(&self, seconds: f64) -> (Option<f64>, f64) {
         let cpu = process_cpu_time()
             .zip(self.cpu)
-            .map(|(now, then)| (now - then).as_secs_f64() / wall);
+            .map(|(now, then)| (now - then).as_secs_f64() / seconds);
         let waited = crate::device::time_waiting_for_work() - self.waited;
-        (cpu, waited.as_secs_f64() / wall)
+        (cpu, waited.as_secs_f64() / seconds)
     }
 }
 
@@ -102,7 +99,7 @@ pub fn bench(recipe: &Recipe, warmup: usize, steps: usize) -> anyhow::Result<Ben
             timed += start.elapsed().as_secs_f64();
         }
     }
-    let (cpu_cores, waiting_cores) = span.expect("steps > 0").cores();
+    let (cpu_cores, waiting_cores) = span.expect("steps > 0").cores(timed);
     let tokens_per_step = t.batch_size * recipe.seq_len();
     let ranks = &trainer.ranks;
     let rank_peak_bytes = (0..ranks.len())
